@@ -1,0 +1,313 @@
+//! `tunnel join <TOKEN> <HOST[:PORT]>`: the other side.
+//!
+//! The whole token is validated before the host is touched. The interface
+//! comes up with the token's invite key; the invite is redeemed over the
+//! tunnel for a key made here, and the device switches to that key.
+
+use super::{EndpointArgs, Failure, Shutdown};
+use crate::control::{self, ControlError};
+use crate::keys::PrivateKey;
+use crate::net::{Netlink, validate_ifname};
+use crate::state::{Endpoint, JoinedState, StateDir};
+use crate::token::Token;
+use crate::wg::{self, DeviceSpec, PeerSpec, WgDevice};
+use anyhow::{Context, anyhow};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::{IsTerminal, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Joiners are often behind NAT; 25 s keeps typical mappings alive.
+pub const KEEPALIVE: u16 = 25;
+/// After a handshake with the invite key, how long an unanswered redeem means
+/// the server knows the invite but no longer admits it.
+const USED_AFTER: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// The join token printed by `tunnel serve` ("-" reads it from stdin, keeping it out of the process list)
+    pub token: String,
+    /// The server's address as reachable from here: HOST or HOST:PORT (the port defaults to the token's)
+    pub server: String,
+    #[command(flatten)]
+    pub common: EndpointArgs,
+    /// How long to wait for the tunnel to carry traffic
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `HOST`, `HOST:PORT`, `IPv6` or `[IPv6]:PORT`, resolved to one address.
+pub async fn resolve(server: &str, default_port: u16) -> Result<SocketAddr, Failure> {
+    if let Ok(sa) = server.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    if let Ok(ip) = server
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<IpAddr>()
+    {
+        return Ok(SocketAddr::new(ip, default_port));
+    }
+    let (host, port) = match server.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => {
+            let port = p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| Failure::input(anyhow!("{server:?}: {p:?} is not a port")))?;
+            (h, port)
+        }
+        _ => (server, default_port),
+    };
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
+    if !valid {
+        return Err(Failure::input(anyhow!("{server:?} is not HOST[:PORT]")));
+    }
+    let mut addrs = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| Failure::input(anyhow!("cannot resolve {host}: {e}")))?;
+    addrs
+        .next()
+        .ok_or_else(|| Failure::input(anyhow!("{host} has no address")))
+}
+
+fn read_token(arg: &str) -> Result<Token, Failure> {
+    let text = if arg == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the token from stdin")?;
+        zeroize::Zeroizing::new(s)
+    } else {
+        zeroize::Zeroizing::new(arg.to_owned())
+    };
+    Token::decode(&text).map_err(Failure::input)
+}
+
+fn spinner() -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("valid template"),
+    );
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> {
+    let started = Instant::now();
+    // Everything about the input is checked before the host is touched.
+    let token = read_token(&args.token)?;
+    token
+        .check_expiry(SystemTime::now())
+        .map_err(Failure::input)?;
+    let iface = args.common.iface.clone();
+    validate_ifname(&iface)?;
+    let endpoint = resolve(&args.server, token.port).await?;
+    crate::sys::require_net_admin()?;
+    let store = StateDir::new(&args.common.state_dir);
+    if let Some(Endpoint::Server(_)) = store.load(&iface)? {
+        return Err(Failure::input(anyhow!(
+            "{} holds a server for {iface}; use another --iface or --state-dir",
+            store.file(&iface).display()
+        )));
+    }
+
+    let own_key = PrivateKey::generate();
+    let spec = DeviceSpec {
+        name: iface.clone(),
+        private_key: token.invite_key.clone(),
+        listen_port: 0,
+        peers: vec![PeerSpec {
+            public_key: token.server_public_key,
+            endpoint: Some(endpoint),
+            allowed_ips: vec![token.subnet],
+            keepalive: Some(KEEPALIVE),
+        }],
+        addresses: vec![token.assigned_network()],
+        mtu: args.common.mtu,
+    };
+    let net = Arc::new(Netlink::connect()?);
+    let device: Arc<dyn WgDevice> = Arc::from(
+        wg::create(&spec, args.common.backend, net)
+            .await
+            .context(format!("creating {iface}"))?,
+    );
+    tracing::info!(
+        "{iface} is up ({} backend) as {}",
+        device.backend(),
+        token.assigned_network()
+    );
+
+    let progress = spinner();
+    let result = bring_up(
+        &args,
+        &token,
+        endpoint,
+        &own_key,
+        device.as_ref(),
+        &store,
+        &progress,
+        started,
+    )
+    .await;
+    progress.finish_and_clear();
+    if result.is_ok() {
+        shutdown.wait().await;
+    }
+    let teardown = device.destroy().await.context(format!("removing {iface}"));
+    tracing::info!("{iface} removed");
+    result?;
+    Ok(teardown?)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn bring_up(
+    args: &JoinArgs,
+    token: &Token,
+    endpoint: SocketAddr,
+    own_key: &PrivateKey,
+    device: &dyn WgDevice,
+    store: &StateDir,
+    progress: &ProgressBar,
+    started: Instant,
+) -> Result<(), Failure> {
+    let deadline = started + args.timeout;
+    let api = SocketAddr::new(token.server_address, control::CONTROL_PORT);
+    let iface = &args.common.iface;
+
+    progress.set_message(format!("handshaking with {endpoint}"));
+    let mut handshake_at: Option<Instant> = None;
+    let redeemed = loop {
+        let attempt =
+            Duration::from_millis(700).min(deadline.saturating_duration_since(Instant::now()));
+        match control::redeem_invite(api, &own_key.public_key(), attempt).await {
+            Ok(r) => break r,
+            Err(ControlError::Refused(why)) => {
+                return Err(Failure::input(anyhow!(
+                    "the server refused this token: {why}"
+                )));
+            }
+            Err(e) => tracing::debug!("redeem attempt: {e}"),
+        }
+        if handshake_at.is_none()
+            && device
+                .peers()
+                .await?
+                .iter()
+                .any(|p| p.last_handshake.is_some())
+        {
+            handshake_at = Some(Instant::now());
+            progress.set_message("redeeming the invite");
+        }
+        if handshake_at.is_some_and(|t| t.elapsed() > USED_AFTER) {
+            return Err(Failure::input(anyhow!(
+                "the token was already used: the server at {endpoint} recognised it but no longer admits it; ask for a new token"
+            )));
+        }
+        if Instant::now() >= deadline {
+            return Err(anyhow!(
+                "server unreachable: no WireGuard handshake with {endpoint} within {} (is `tunnel serve` running there, and UDP port {} open?)",
+                humantime::format_duration(args.timeout),
+                endpoint.port()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if redeemed.address != token.assigned_network() {
+        return Err(anyhow!(
+            "the server assigned {} but the token says {}",
+            redeemed.address,
+            token.assigned_network()
+        )
+        .into());
+    }
+
+    // Saved before the switch: once the server has our key, losing it would
+    // strand this site.
+    store.save(
+        iface,
+        &Endpoint::Joined(JoinedState {
+            private_key: own_key.clone(),
+            server_public_key: token.server_public_key,
+            endpoint: args.server.clone(),
+            port: endpoint.port(),
+            address: token.assigned_network(),
+            server_address: token.server_address,
+            subnet: token.subnet,
+        }),
+    )?;
+    device.set_private_key(own_key).await?;
+    tracing::info!(
+        "invite redeemed; now using this host's own key {}",
+        own_key.public_key()
+    );
+
+    progress.set_message("waiting for traffic with our own key");
+    loop {
+        let attempt =
+            Duration::from_millis(300).min(deadline.saturating_duration_since(Instant::now()));
+        match control::ping(api, attempt).await {
+            Ok(()) => break,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(anyhow!(
+                    "the server admitted this host but traffic does not flow: {e}"
+                )
+                .into());
+            }
+            Err(e) => tracing::debug!("ping: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first_packet = started.elapsed();
+    progress.finish_and_clear();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "joined {iface} as {}, server {} at {endpoint}, first packet after {} ms",
+        token.assigned_network(),
+        token.server_address,
+        first_packet.as_millis()
+    )
+    .and_then(|_| out.flush())
+    .context("writing to stdout")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn server_address_forms() {
+        assert_eq!(
+            resolve("192.0.2.1", 51820).await.unwrap().to_string(),
+            "192.0.2.1:51820"
+        );
+        assert_eq!(
+            resolve("192.0.2.1:1234", 51820).await.unwrap().to_string(),
+            "192.0.2.1:1234"
+        );
+        assert_eq!(
+            resolve("fd00::1", 5).await.unwrap().to_string(),
+            "[fd00::1]:5"
+        );
+        assert_eq!(
+            resolve("[fd00::1]:7", 5).await.unwrap().to_string(),
+            "[fd00::1]:7"
+        );
+        assert_eq!(resolve("localhost:9", 5).await.unwrap().port(), 9);
+        for bad in ["", "a b", "host:0", "host:x", "192.0.2.1:99999"] {
+            let f = resolve(bad, 5).await.unwrap_err();
+            assert_eq!(f.code, 2, "{bad}");
+        }
+    }
+}

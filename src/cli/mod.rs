@@ -1,0 +1,156 @@
+//! The command line: one file per command, each with its args and `run`.
+//!
+//! Exit codes: 0 success, 2 bad usage or input (including a bad token,
+//! address or name, and missing privileges), 1 runtime failure.
+
+pub mod join;
+pub mod serve;
+
+use crate::wg::BackendChoice;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use tokio::sync::watch;
+
+pub const EXIT_CODES: &str = "Exit codes: 0 success, 2 bad usage or input, 1 runtime failure.";
+
+/// Site-to-site WireGuard tunnels: `tunnel serve` on one host, `tunnel join <token> <ip>` on the other.
+#[derive(Debug, Parser)]
+#[command(name = "tunnel", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub verbosity: Verbosity,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Verbosity {
+    /// More logs on stderr (-v debug, -vv trace); RUST_LOG overrides
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Fewer logs on stderr (-q warnings only, -qq errors only)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    pub quiet: u8,
+}
+
+impl Verbosity {
+    /// The tracing filter for this verbosity: our crate at the chosen level,
+    /// dependencies one step quieter.
+    pub fn filter(&self) -> String {
+        let level = match (self.verbose, self.quiet) {
+            (0, 0) => "info",
+            (1, _) => "debug",
+            (v, _) if v >= 2 => "trace",
+            (_, 1) => "warn",
+            _ => "error",
+        };
+        let deps = if self.verbose >= 2 { "debug" } else { "warn" };
+        format!("{deps},tunnel={level}")
+    }
+}
+
+/// Flags shared by every command that brings up an endpoint.
+#[derive(Debug, Clone, Args)]
+pub struct EndpointArgs {
+    /// WireGuard interface name (unique on this host: the UAPI socket directory is shared by all namespaces)
+    #[arg(long, default_value = "wg-tunnel")]
+    pub iface: String,
+    /// Directory for keys and peers (created 0700)
+    #[arg(long, default_value = "/var/lib/tunnel", env = "TUNNEL_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// WireGuard implementation: kernel module, embedded userspace (gotatun), or auto (kernel when available)
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    pub backend: BackendChoice,
+    /// Interface MTU (1420 suits WireGuard over IPv4 UDP on a 1500-byte path)
+    #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u32).range(1280..=9000))]
+    pub mtu: u32,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the hub endpoint, print join tokens on stdout, run until SIGINT/SIGTERM
+    Serve(serve::ServeArgs),
+    /// Join a hub with a token and run until SIGINT/SIGTERM
+    Join(join::JoinArgs),
+}
+
+/// A failed command: its exit code and the one line to print.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub error: anyhow::Error,
+}
+
+impl Failure {
+    pub fn input(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code: 2,
+            error: error.into(),
+        }
+    }
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        let error = e.into();
+        Self {
+            code: classify(&error),
+            error,
+        }
+    }
+}
+
+/// Bad input, names and privileges exit 2; the rest 1.
+fn classify(e: &anyhow::Error) -> u8 {
+    use crate::net::NetError;
+    use crate::wg::WgError;
+    for cause in e.chain() {
+        if cause.downcast_ref::<crate::token::TokenError>().is_some()
+            || cause.downcast_ref::<crate::sys::SysError>().is_some()
+            || cause.downcast_ref::<crate::ipam::IpamError>().is_some()
+        {
+            return 2;
+        }
+        let net = cause
+            .downcast_ref::<NetError>()
+            .or(match cause.downcast_ref::<WgError>() {
+                Some(WgError::Net(n)) => Some(n),
+                _ => None,
+            });
+        if matches!(
+            net,
+            Some(NetError::Permission(_) | NetError::Exists(_) | NetError::BadName(..))
+        ) {
+            return 2;
+        }
+        if matches!(
+            cause.downcast_ref::<WgError>(),
+            Some(WgError::TunPermission | WgError::UapiInUse(..) | WgError::PortInUse(_))
+        ) {
+            return 2;
+        }
+    }
+    1
+}
+
+/// Fires once on SIGINT/SIGTERM; clone it into every task that must stop.
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl Shutdown {
+    pub fn new() -> (watch::Sender<bool>, Self) {
+        let (tx, rx) = watch::channel(false);
+        (tx, Self(rx))
+    }
+
+    pub async fn wait(&mut self) {
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+pub async fn run(command: Command, shutdown: Shutdown) -> Result<(), Failure> {
+    match command {
+        Command::Serve(args) => serve::run(args, shutdown).await,
+        Command::Join(args) => join::run(args, shutdown).await,
+    }
+}

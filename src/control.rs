@@ -1,0 +1,222 @@
+//! The redemption API: HTTP (axum on the server, hyper on the joiner) over
+//! the tunnel itself.
+//!
+//! The server binds it to its tunnel address only, so nothing outside the
+//! tunnel can reach it, and WireGuard's cryptokey routing guarantees that a
+//! request from an invite's address comes from the invite's holder.
+
+use crate::hub::{Hub, RedeemError};
+use crate::keys::PublicKey;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The TCP port of the API on the server's tunnel address.
+pub const CONTROL_PORT: u16 = 51821;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("no answer from {0}")]
+    Timeout(SocketAddr),
+    #[error("connecting to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("talking to {addr}: {detail}")]
+    Http { addr: SocketAddr, detail: String },
+    #[error("the server refused: {0}")]
+    Refused(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RedeemRequest {
+    pub public_key: PublicKey,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RedeemResponse {
+    pub address: IpNetwork,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ErrorBody {
+    error: String,
+}
+
+type Reply<T> = Result<Json<T>, (StatusCode, Json<ErrorBody>)>;
+
+fn refuse(status: StatusCode, e: impl ToString) -> (StatusCode, Json<ErrorBody>) {
+    (
+        status,
+        Json(ErrorBody {
+            error: e.to_string(),
+        }),
+    )
+}
+
+/// Normalizes IPv4-mapped IPv6 peers, which a dual-stack listener could report.
+fn source(addr: SocketAddr) -> IpAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+async fn redeem(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(req): Json<RedeemRequest>,
+) -> Reply<RedeemResponse> {
+    let src = source(peer);
+    match hub.redeem(src, req.public_key, SystemTime::now()).await {
+        Ok(address) => Ok(Json(RedeemResponse { address })),
+        Err(e) => {
+            tracing::warn!("refused redeem from {src}: {e}");
+            let status = match e {
+                RedeemError::NoInvite(_) => StatusCode::FORBIDDEN,
+                RedeemError::AlreadyUsed | RedeemError::KeyInUse => StatusCode::CONFLICT,
+                RedeemError::Expired => StatusCode::GONE,
+                RedeemError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Err(refuse(status, e))
+        }
+    }
+}
+
+async fn pong(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<&'static str, (StatusCode, Json<ErrorBody>)> {
+    let src = source(peer);
+    if hub.knows(src).await {
+        Ok("pong\n")
+    } else {
+        Err(refuse(
+            StatusCode::FORBIDDEN,
+            format!("{src} is neither a peer nor invited"),
+        ))
+    }
+}
+
+pub fn router(hub: Arc<Hub>) -> Router {
+    Router::new()
+        .route("/v1/redeem", post(redeem))
+        .route("/v1/ping", get(pong))
+        .with_state(hub)
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, ControlError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ControlError::Bind { addr, source })
+}
+
+/// Serves the API until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(hub).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// One HTTP/1.1 exchange on a fresh connection, bounded by `timeout`.
+async fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), ControlError> {
+    let work = async {
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ControlError::Connect { addr, source })?;
+        let http = |e: &dyn std::fmt::Display| ControlError::Http {
+            addr,
+            detail: e.to_string(),
+        };
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| http(&e))?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| http(&e))?;
+        let resp = sender.send_request(req).await.map_err(|e| http(&e))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| http(&e))?
+            .to_bytes();
+        Ok((status, bytes))
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ControlError::Timeout(addr))?
+}
+
+fn refused(body: &Bytes, status: StatusCode) -> ControlError {
+    let msg = serde_json::from_slice::<ErrorBody>(body)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| format!("HTTP {status}"));
+    ControlError::Refused(msg)
+}
+
+/// Asks the server to admit `key` in place of the invite we hold.
+pub async fn redeem_invite(
+    server: SocketAddr,
+    key: &PublicKey,
+    timeout: Duration,
+) -> Result<RedeemResponse, ControlError> {
+    let body = serde_json::to_vec(&RedeemRequest { public_key: *key }).expect("serializes");
+    let (status, bytes) = exchange(server, "POST", "/v1/redeem", Some(body), timeout).await?;
+    if !status.is_success() {
+        return Err(refused(&bytes, status));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ControlError::Http {
+        addr: server,
+        detail: e.to_string(),
+    })
+}
+
+/// A round trip through the tunnel: proof that traffic flows.
+pub async fn ping(server: SocketAddr, timeout: Duration) -> Result<(), ControlError> {
+    let (status, bytes) = exchange(server, "GET", "/v1/ping", None, timeout).await?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(refused(&bytes, status))
+    }
+}

@@ -1,0 +1,519 @@
+//! The server's bookkeeping: invites, redemption, and the key swap.
+//!
+//! Redemption happens over the tunnel, authenticated by the invite key: a
+//! request from the invite's address can only come from the invite's holder.
+//! The swap from invite key to the joiner's own key is done in two steps so
+//! that the reply to the redeem request still reaches the joiner:
+//! 1. on redeem, the joiner's key is added as a peer *without* allowed IPs
+//!    (a handshake needs none) and the state is saved;
+//! 2. once that key has completed a handshake (the joiner has switched), the
+//!    address moves from the invite to the joiner's key.
+//!
+//! A redeemed invite stays a peer without allowed IPs until it expires, so
+//! that a reused token completes a handshake but gets no answer: the joiner
+//! can then say "already used" instead of "server unreachable".
+
+use crate::ipam::{IpamError, Pool};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::state::{Endpoint, InviteRecord, PeerRecord, ServerState, StateDir, StateError};
+use crate::token::Token;
+use crate::wg::{PeerSpec, WgDevice, WgError};
+use ipnetwork::IpNetwork;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::Mutex;
+
+/// How long a redeemed key may take to show up before the address moves anyway.
+const SWAP_GRACE: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Wg(#[from] WgError),
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+}
+
+/// Why a redeem request was refused. The text goes back to the joiner.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RedeemError {
+    #[error("no invite is waiting for {0}")]
+    NoInvite(IpAddr),
+    #[error("this token was already used")]
+    AlreadyUsed,
+    #[error("this token has expired")]
+    Expired,
+    #[error("that public key is already in use on this server")]
+    KeyInUse,
+    #[error("server error: {0}")]
+    Internal(String),
+}
+
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The single-address network of a host: /32 or /128.
+pub fn host_net(addr: IpAddr) -> IpNetwork {
+    IpNetwork::new(addr, if addr.is_ipv4() { 32 } else { 128 }).expect("full prefix is valid")
+}
+
+/// The peers a server device starts with, from its saved state.
+pub fn device_peers(state: &ServerState, now: SystemTime) -> Vec<PeerSpec> {
+    let now = unix(now);
+    let peers = state.peers.iter().map(|p| PeerSpec {
+        public_key: p.public_key,
+        endpoint: None,
+        allowed_ips: vec![host_net(p.address)],
+        keepalive: None,
+    });
+    let invites = state
+        .invites
+        .iter()
+        .filter(|i| i.expires > now)
+        .map(|i| PeerSpec {
+            public_key: i.public_key,
+            endpoint: None,
+            allowed_ips: if i.redeemed_by.is_some() {
+                vec![]
+            } else {
+                vec![host_net(i.address)]
+            },
+            keepalive: None,
+        });
+    peers.chain(invites).collect()
+}
+
+struct Pending {
+    invite: PublicKey,
+    peer: PublicKey,
+    address: IpAddr,
+    since: Instant,
+}
+
+struct Inner {
+    state: ServerState,
+    pool: Pool,
+    pending: Vec<Pending>,
+}
+
+pub struct Hub {
+    wg: Arc<dyn WgDevice>,
+    store: StateDir,
+    iface: String,
+    inner: Mutex<Inner>,
+}
+
+impl Hub {
+    pub fn new(
+        wg: Arc<dyn WgDevice>,
+        store: StateDir,
+        iface: &str,
+        state: ServerState,
+    ) -> Result<Self, HubError> {
+        let mut pool = Pool::new(state.subnet)?;
+        for a in state
+            .peers
+            .iter()
+            .map(|p| p.address)
+            .chain(state.invites.iter().map(|i| i.address))
+        {
+            pool.reserve(a);
+        }
+        Ok(Self {
+            wg,
+            store,
+            iface: iface.to_owned(),
+            inner: Mutex::new(Inner {
+                state,
+                pool,
+                pending: Vec::new(),
+            }),
+        })
+    }
+
+    pub fn server_address(subnet: IpNetwork) -> Result<IpAddr, HubError> {
+        Ok(Pool::new(subnet)?.server_address())
+    }
+
+    fn save(&self, state: &ServerState) -> Result<(), HubError> {
+        Ok(self
+            .store
+            .save(&self.iface, &Endpoint::Server(state.clone()))?)
+    }
+
+    /// Issues `count` invites valid for `ttl` and returns their tokens.
+    pub async fn mint(
+        &self,
+        count: usize,
+        ttl: Duration,
+        now: SystemTime,
+        endpoint_hint: Option<&str>,
+    ) -> Result<Vec<Token>, HubError> {
+        let mut inner = self.inner.lock().await;
+        let expires = unix(now + ttl);
+        let mut tokens = Vec::with_capacity(count);
+        for _ in 0..count {
+            let address = inner.pool.allocate()?;
+            let invite_key = PrivateKey::generate();
+            self.wg
+                .upsert_peer(&PeerSpec {
+                    public_key: invite_key.public_key(),
+                    endpoint: None,
+                    allowed_ips: vec![host_net(address)],
+                    keepalive: None,
+                })
+                .await?;
+            inner.state.invites.push(InviteRecord {
+                public_key: invite_key.public_key(),
+                address,
+                expires,
+                redeemed_by: None,
+            });
+            tokens.push(Token {
+                server_public_key: inner.state.private_key.public_key(),
+                invite_key,
+                port: inner.state.port,
+                subnet: inner.state.subnet,
+                assigned: address,
+                server_address: inner.pool.server_address(),
+                expires,
+                endpoint_hint: endpoint_hint.map(str::to_owned),
+            });
+        }
+        self.save(&inner.state)?;
+        Ok(tokens)
+    }
+
+    /// Admits `key` in place of the invite held by `src`.
+    pub async fn redeem(
+        &self,
+        src: IpAddr,
+        key: PublicKey,
+        now: SystemTime,
+    ) -> Result<IpNetwork, RedeemError> {
+        let mut inner = self.inner.lock().await;
+        let now_s = unix(now);
+        let subnet = inner.state.subnet;
+        let assigned = IpNetwork::new(src, subnet.prefix())
+            .map_err(|e| RedeemError::Internal(e.to_string()))?;
+        let idx = inner
+            .state
+            .invites
+            .iter()
+            .position(|i| i.address == src)
+            .ok_or(RedeemError::NoInvite(src))?;
+        let invite = inner.state.invites[idx].clone();
+        match invite.redeemed_by {
+            // A retry after a lost reply: the same key again is fine.
+            Some(k) if k == key => return Ok(assigned),
+            Some(_) => return Err(RedeemError::AlreadyUsed),
+            None => {}
+        }
+        if invite.expires <= now_s {
+            return Err(RedeemError::Expired);
+        }
+        let taken = key == inner.state.private_key.public_key()
+            || inner.state.peers.iter().any(|p| p.public_key == key)
+            || inner.state.invites.iter().any(|i| i.public_key == key);
+        if taken {
+            return Err(RedeemError::KeyInUse);
+        }
+        let internal = |e: WgError| RedeemError::Internal(e.to_string());
+        self.wg
+            .upsert_peer(&PeerSpec {
+                public_key: key,
+                endpoint: None,
+                allowed_ips: vec![],
+                keepalive: None,
+            })
+            .await
+            .map_err(internal)?;
+        inner.state.invites[idx].redeemed_by = Some(key);
+        inner.state.peers.push(PeerRecord {
+            public_key: key,
+            address: src,
+            joined_at: now_s,
+        });
+        if let Err(e) = self.save(&inner.state) {
+            // Undo, so that memory, device and disk agree.
+            inner.state.invites[idx].redeemed_by = None;
+            inner.state.peers.pop();
+            let _ = self.wg.remove_peer(&key).await;
+            return Err(RedeemError::Internal(e.to_string()));
+        }
+        tracing::info!("{src} redeemed its invite; admitting public key {key}");
+        inner.pending.push(Pending {
+            invite: invite.public_key,
+            peer: key,
+            address: src,
+            since: Instant::now(),
+        });
+        Ok(assigned)
+    }
+
+    pub async fn has_pending(&self) -> bool {
+        !self.inner.lock().await.pending.is_empty()
+    }
+
+    /// Moves addresses from redeemed invites to the keys that replaced them,
+    /// once those keys have completed a handshake. Returns how many moved.
+    pub async fn complete_swaps(&self, now: Instant) -> Result<usize, HubError> {
+        let mut inner = self.inner.lock().await;
+        if inner.pending.is_empty() {
+            return Ok(0);
+        }
+        let peers = self.wg.peers().await?;
+        let ready = |p: &Pending| {
+            now.duration_since(p.since) > SWAP_GRACE
+                || peers
+                    .iter()
+                    .any(|s| s.public_key == p.peer && s.last_handshake.is_some())
+        };
+        let (done, waiting): (Vec<_>, Vec<_>) = inner.pending.drain(..).partition(ready);
+        inner.pending = waiting;
+        for p in &done {
+            self.wg.set_allowed_ips(&p.invite, &[]).await?;
+            self.wg
+                .set_allowed_ips(&p.peer, &[host_net(p.address)])
+                .await?;
+            tracing::info!("{} now routes to {}", p.address, p.peer);
+        }
+        Ok(done.len())
+    }
+
+    /// Forgets expired invites: unused ones give their address back.
+    pub async fn prune(&self, now: SystemTime) -> Result<usize, HubError> {
+        let mut inner = self.inner.lock().await;
+        let now = unix(now);
+        let (expired, live): (Vec<_>, Vec<_>) = inner
+            .state
+            .invites
+            .drain(..)
+            .partition(|i| i.expires <= now);
+        inner.state.invites = live;
+        for i in &expired {
+            self.wg.remove_peer(&i.public_key).await?;
+            if i.redeemed_by.is_none() {
+                inner.pool.release(i.address);
+            }
+        }
+        if !expired.is_empty() {
+            self.save(&inner.state)?;
+        }
+        Ok(expired.len())
+    }
+
+    /// Whether `addr` belongs to an admitted peer or a waiting invite.
+    pub async fn knows(&self, addr: IpAddr) -> bool {
+        let inner = self.inner.lock().await;
+        inner.state.peers.iter().any(|p| p.address == addr)
+            || inner.state.invites.iter().any(|i| i.address == addr)
+    }
+
+    pub async fn snapshot(&self) -> ServerState {
+        self.inner.lock().await.state.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wg::fake::FakeWg;
+
+    fn setup() -> (tempfile::TempDir, FakeWg, Hub) {
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = FakeWg::default();
+        let state = ServerState {
+            private_key: PrivateKey::generate(),
+            port: 51820,
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            peers: vec![],
+            invites: vec![],
+        };
+        let hub = Hub::new(
+            Arc::new(fake.clone()),
+            StateDir::new(tmp.path()),
+            "wgt0",
+            state,
+        )
+        .unwrap();
+        (tmp, fake, hub)
+    }
+
+    fn t0() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    #[tokio::test]
+    async fn mint_allocates_in_order_and_persists() {
+        let (tmp, fake, hub) = setup();
+        let tokens = hub
+            .mint(2, Duration::from_secs(3600), t0(), Some("h:1"))
+            .await
+            .unwrap();
+        assert_eq!(tokens[0].assigned.to_string(), "10.77.0.2");
+        assert_eq!(tokens[1].assigned.to_string(), "10.77.0.3");
+        assert_eq!(tokens[0].server_address.to_string(), "10.77.0.1");
+        assert_eq!(tokens[0].expires, unix(t0()) + 3600);
+        assert_eq!(fake.peers().await.unwrap().len(), 2);
+        let saved = StateDir::new(tmp.path())
+            .load_server("wgt0")
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved.invites.len(), 2);
+        // The state keeps only the invite's public half.
+        let text = std::fs::read_to_string(tmp.path().join("wgt0.json")).unwrap();
+        assert!(!text.contains(tokens[0].invite_key.to_base64().as_str()));
+    }
+
+    #[tokio::test]
+    async fn redeem_then_swap_after_handshake() {
+        let (_tmp, fake, hub) = setup();
+        let tok = hub
+            .mint(1, Duration::from_secs(60), t0(), None)
+            .await
+            .unwrap()
+            .remove(0);
+        let joiner = PrivateKey::generate().public_key();
+        let net = hub.redeem(tok.assigned, joiner, t0()).await.unwrap();
+        assert_eq!(net.to_string(), "10.77.0.2/24");
+        // The reply must still route to the invite: the new key has no address yet.
+        assert!(fake.peer(&joiner).unwrap().allowed_ips.is_empty());
+        assert_eq!(hub.complete_swaps(Instant::now()).await.unwrap(), 0);
+        fake.handshake(&joiner);
+        assert_eq!(hub.complete_swaps(Instant::now()).await.unwrap(), 1);
+        assert_eq!(
+            fake.peer(&joiner).unwrap().allowed_ips,
+            vec![host_net(tok.assigned)]
+        );
+        assert!(
+            fake.peer(&tok.invite_key.public_key())
+                .unwrap()
+                .allowed_ips
+                .is_empty()
+        );
+        assert!(!hub.has_pending().await);
+    }
+
+    #[tokio::test]
+    async fn reuse_is_refused_but_a_retry_with_the_same_key_is_not() {
+        let (_tmp, _fake, hub) = setup();
+        let tok = hub
+            .mint(1, Duration::from_secs(60), t0(), None)
+            .await
+            .unwrap()
+            .remove(0);
+        let first = PrivateKey::generate().public_key();
+        hub.redeem(tok.assigned, first, t0()).await.unwrap();
+        assert!(hub.redeem(tok.assigned, first, t0()).await.is_ok());
+        let second = PrivateKey::generate().public_key();
+        assert_eq!(
+            hub.redeem(tok.assigned, second, t0()).await,
+            Err(RedeemError::AlreadyUsed)
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_address_expired_and_key_conflicts() {
+        let (_tmp, _fake, hub) = setup();
+        let tok = hub
+            .mint(2, Duration::from_secs(60), t0(), None)
+            .await
+            .unwrap();
+        let k = PrivateKey::generate().public_key();
+        let stranger: IpAddr = "10.77.0.9".parse().unwrap();
+        assert_eq!(
+            hub.redeem(stranger, k, t0()).await,
+            Err(RedeemError::NoInvite(stranger))
+        );
+        let late = t0() + Duration::from_secs(61);
+        assert_eq!(
+            hub.redeem(tok[0].assigned, k, late).await,
+            Err(RedeemError::Expired)
+        );
+        let invite2 = tok[1].invite_key.public_key();
+        assert_eq!(
+            hub.redeem(tok[0].assigned, invite2, t0()).await,
+            Err(RedeemError::KeyInUse)
+        );
+    }
+
+    #[tokio::test]
+    async fn prune_frees_unused_addresses_only() {
+        let (_tmp, fake, hub) = setup();
+        let tok = hub
+            .mint(2, Duration::from_secs(60), t0(), None)
+            .await
+            .unwrap();
+        let k = PrivateKey::generate().public_key();
+        hub.redeem(tok[0].assigned, k, t0()).await.unwrap();
+        assert_eq!(hub.prune(t0() + Duration::from_secs(61)).await.unwrap(), 2);
+        let peers = fake.peers().await.unwrap();
+        assert_eq!(peers.len(), 1, "only the admitted key stays");
+        // .3 is free again; .2 stays with the admitted peer.
+        let next = hub
+            .mint(
+                1,
+                Duration::from_secs(60),
+                t0() + Duration::from_secs(62),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(next[0].assigned.to_string(), "10.77.0.3");
+    }
+
+    #[test]
+    fn device_peers_from_state() {
+        let k = PrivateKey::generate();
+        let inv = PrivateKey::generate().public_key();
+        let used = PrivateKey::generate().public_key();
+        let state = ServerState {
+            private_key: k,
+            port: 1,
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            peers: vec![PeerRecord {
+                public_key: used,
+                address: "10.77.0.2".parse().unwrap(),
+                joined_at: 0,
+            }],
+            invites: vec![
+                InviteRecord {
+                    public_key: inv,
+                    address: "10.77.0.3".parse().unwrap(),
+                    expires: unix(t0()) + 10,
+                    redeemed_by: None,
+                },
+                InviteRecord {
+                    public_key: PrivateKey::generate().public_key(),
+                    address: "10.77.0.2".parse().unwrap(),
+                    expires: unix(t0()) + 10,
+                    redeemed_by: Some(used),
+                },
+                InviteRecord {
+                    public_key: PrivateKey::generate().public_key(),
+                    address: "10.77.0.4".parse().unwrap(),
+                    expires: unix(t0()) - 1,
+                    redeemed_by: None,
+                },
+            ],
+        };
+        let peers = device_peers(&state, t0());
+        assert_eq!(peers.len(), 3);
+        assert_eq!(
+            peers[0].allowed_ips,
+            vec!["10.77.0.2/32".parse::<IpNetwork>().unwrap()]
+        );
+        assert_eq!(
+            peers[1].allowed_ips,
+            vec!["10.77.0.3/32".parse::<IpNetwork>().unwrap()]
+        );
+        assert!(peers[2].allowed_ips.is_empty());
+    }
+}

@@ -1,0 +1,151 @@
+//! WireGuard keys: private keys are zeroized on drop and never shown in `Debug`.
+//!
+//! Keys are X25519 (`x25519-dalek`); the text form is standard base64, as
+//! `wg(8)` uses, so that `wg show` output and our output agree.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use rand_core::OsRng;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use x25519_dalek::StaticSecret;
+
+/// Errors from parsing keys.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KeyError {
+    #[error("a WireGuard key is 32 bytes of base64 (44 characters ending in '=')")]
+    Malformed,
+}
+
+/// A private key. Zeroized on drop (`x25519-dalek`'s `zeroize` feature);
+/// `Debug` prints only the matching public key.
+#[derive(Clone)]
+pub struct PrivateKey(StaticSecret);
+
+impl PrivateKey {
+    /// A new random key from the OS RNG.
+    pub fn generate() -> Self {
+        Self(StaticSecret::random_from_rng(OsRng))
+    }
+
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(StaticSecret::from(bytes))
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(x25519_dalek::PublicKey::from(&self.0).to_bytes())
+    }
+
+    /// The raw secret, for the WireGuard backends and the token encoder only.
+    pub fn to_bytes(&self) -> zeroize::Zeroizing<[u8; 32]> {
+        zeroize::Zeroizing::new(self.0.to_bytes())
+    }
+
+    pub fn as_secret(&self) -> &StaticSecret {
+        &self.0
+    }
+
+    /// The base64 text form, for state files and `tunnel export` only.
+    pub fn to_base64(&self) -> zeroize::Zeroizing<String> {
+        zeroize::Zeroizing::new(STANDARD.encode(self.to_bytes().as_ref()))
+    }
+
+    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+        Ok(Self::from_bytes(decode32(s)?))
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PrivateKey(<redacted>, public {})", self.public_key())
+    }
+}
+
+impl PartialEq for PrivateKey {
+    fn eq(&self, other: &Self) -> bool {
+        // Comparing public keys avoids a non-constant-time compare of secrets.
+        self.public_key() == other.public_key()
+    }
+}
+
+impl Serialize for PrivateKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_base64())
+    }
+}
+
+impl<'de> Deserialize<'de> for PrivateKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = zeroize::Zeroizing::new(String::deserialize(d)?);
+        Self::from_base64(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn from_base64(s: &str) -> Result<Self, KeyError> {
+        Ok(Self(decode32(s)?))
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&STANDARD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl Serialize for PublicKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::from_base64(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+fn decode32(s: &str) -> Result<[u8; 32], KeyError> {
+    let bytes =
+        zeroize::Zeroizing::new(STANDARD.decode(s.trim()).map_err(|_| KeyError::Malformed)?);
+    bytes.as_slice().try_into().map_err(|_| KeyError::Malformed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let k = PrivateKey::generate();
+        let dbg = format!("{k:?}");
+        assert!(!dbg.contains(k.to_base64().as_str()));
+        assert!(dbg.contains(&k.public_key().to_string()));
+    }
+
+    #[test]
+    fn base64_round_trip_matches_wg_format() {
+        let k = PrivateKey::generate();
+        let text = k.to_base64();
+        assert_eq!(text.len(), 44);
+        assert_eq!(PrivateKey::from_base64(&text).unwrap(), k);
+        let p = k.public_key();
+        assert_eq!(PublicKey::from_base64(&p.to_string()).unwrap(), p);
+        assert_eq!(PublicKey::from_base64("abc"), Err(KeyError::Malformed));
+    }
+}

@@ -1,0 +1,75 @@
+//! Links and addresses through rtnetlink. Never shells out to `ip`.
+//!
+//! [`NetOps`] is the small surface the rest of the tool needs; [`Netlink`] is
+//! the real implementation and [`fake::FakeNet`] records calls for unit tests.
+
+pub mod fake;
+mod netlink;
+
+pub use netlink::Netlink;
+
+use async_trait::async_trait;
+use ipnetwork::IpNetwork;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("needs root or CAP_NET_ADMIN ({0} was refused)")]
+    Permission(String),
+    #[error("interface name {0} is already taken")]
+    Exists(String),
+    #[error("no interface named {0}")]
+    NotFound(String),
+    #[error("the kernel has no WireGuard support (creating a wireguard link: {0})")]
+    NotSupported(String),
+    #[error("invalid interface name {0:?}: {1}")]
+    BadName(String, &'static str),
+    #[error("netlink: {0}")]
+    Other(String),
+}
+
+/// What the tool asks of the host's network stack.
+#[async_trait]
+pub trait NetOps: Send + Sync {
+    async fn link_exists(&self, name: &str) -> Result<bool, NetError>;
+    /// Creates a kernel `wireguard` link.
+    async fn create_wireguard(&self, name: &str) -> Result<(), NetError>;
+    /// Sets the MTU, adds the addresses (the kernel adds the subnet routes
+    /// with them) and brings the link up.
+    async fn configure(&self, name: &str, addrs: &[IpNetwork], mtu: u32) -> Result<(), NetError>;
+    async fn delete_link(&self, name: &str) -> Result<(), NetError>;
+}
+
+/// Checks an interface name the way the kernel will (`dev_valid_name`).
+pub fn validate_ifname(name: &str) -> Result<(), NetError> {
+    let bad = |why| Err(NetError::BadName(name.to_owned(), why));
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.len() > 15 {
+        return bad("it is longer than 15 bytes");
+    }
+    if name == "." || name == ".." {
+        return bad("it is a path component");
+    }
+    if name
+        .bytes()
+        .any(|c| c == b'/' || c == b':' || c.is_ascii_whitespace() || !c.is_ascii_graphic())
+    {
+        return bad("it may not hold '/', ':', spaces or control characters");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names() {
+        assert!(validate_ifname("wg-tunnel").is_ok());
+        assert!(validate_ifname("a23456789012345").is_ok());
+        for bad in ["", "a234567890123456", "..", "a/b", "a b", "wg:0", "wé"] {
+            assert!(validate_ifname(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The rtnetlink implementation of [`NetOps`]. rtnetlink types stay in here.
+
+use super::{NetError, NetOps};
+use async_trait::async_trait;
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::{Handle, LinkUnspec, LinkWireguard};
+
+const EPERM: i32 = 1;
+const ENODEV: i32 = 19;
+const EEXIST: i32 = 17;
+const EOPNOTSUPP: i32 = 95;
+
+/// A netlink connection in the calling thread's network namespace.
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens the socket and spawns its driver on the current tokio runtime.
+    pub fn connect() -> Result<Self, NetError> {
+        let (conn, handle, _) = rtnetlink::new_connection()
+            .map_err(|e| NetError::Other(format!("opening a netlink socket: {e}")))?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    async fn index(&self, name: &str) -> Result<Option<u32>, NetError> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_owned())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some(msg.header.index)),
+            Ok(None) => Ok(None),
+            Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
+            Err(e) => Err(classify(e, "reading links", name)),
+        }
+    }
+
+    async fn require_index(&self, name: &str) -> Result<u32, NetError> {
+        self.index(name)
+            .await?
+            .ok_or_else(|| NetError::NotFound(name.to_owned()))
+    }
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+fn classify(e: rtnetlink::Error, what: &str, name: &str) -> NetError {
+    match errno(&e) {
+        Some(EPERM) => NetError::Permission(format!("{what} on {name}")),
+        Some(EEXIST) => NetError::Exists(name.to_owned()),
+        Some(ENODEV) => NetError::NotFound(name.to_owned()),
+        _ => NetError::Other(format!("{what} on {name}: {e}")),
+    }
+}
+
+#[async_trait]
+impl NetOps for Netlink {
+    async fn link_exists(&self, name: &str) -> Result<bool, NetError> {
+        Ok(self.index(name).await?.is_some())
+    }
+
+    async fn create_wireguard(&self, name: &str) -> Result<(), NetError> {
+        let req = self.handle.link().add(LinkWireguard::new(name).build());
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            // Without the module the kernel answers EOPNOTSUPP (unknown kind).
+            Err(e) if errno(&e) == Some(EOPNOTSUPP) => Err(NetError::NotSupported(e.to_string())),
+            Err(e) => Err(classify(e, "creating a wireguard link", name)),
+        }
+    }
+
+    async fn configure(&self, name: &str, addrs: &[IpNetwork], mtu: u32) -> Result<(), NetError> {
+        let index = self.require_index(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(|e| classify(e, "setting the MTU", name))?;
+        for a in addrs {
+            self.handle
+                .address()
+                .add(index, a.ip(), a.prefix())
+                .execute()
+                .await
+                .map_err(|e| classify(e, &format!("adding address {a}"), name))?;
+        }
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(|e| classify(e, "bringing the link up", name))
+    }
+
+    async fn delete_link(&self, name: &str) -> Result<(), NetError> {
+        let index = self.require_index(name).await?;
+        self.handle
+            .link()
+            .del(index)
+            .execute()
+            .await
+            .map_err(|e| classify(e, "deleting the link", name))
+    }
+}

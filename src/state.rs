@@ -1,0 +1,345 @@
+//! Persistent state: keys, peers, allocations and unused invites.
+//!
+//! One JSON file per interface, `<state-dir>/<iface>.json`, with a format
+//! version. The directory is created 0700 and files 0600 at creation time
+//! (never chmod-ed after the fact, so there is no window where a secret is
+//! readable). Writes go to a temporary file that is fsync-ed and renamed over
+//! the old one, then the directory is fsync-ed, so a crash leaves either the
+//! old or the new state, never a mix.
+
+use crate::keys::{PrivateKey, PublicKey};
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: not a tunnel state file: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "{path}: state format version {found} is newer than this tunnel understands ({FORMAT_VERSION})"
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error(
+        "{path}: holds a {found} endpoint, not a {wanted} one; use another --iface or --state-dir"
+    )]
+    Role {
+        path: PathBuf,
+        found: &'static str,
+        wanted: &'static str,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A peer admitted by the server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerRecord {
+    pub public_key: PublicKey,
+    pub address: IpAddr,
+    /// Unix seconds.
+    pub joined_at: u64,
+}
+
+/// An invite the server issued. Only its public half is kept: the private
+/// half lives in the token alone.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InviteRecord {
+    pub public_key: PublicKey,
+    pub address: IpAddr,
+    /// Unix seconds.
+    pub expires: u64,
+    /// Set once redeemed; kept until expiry so that a reuse can be told apart
+    /// from an unreachable server.
+    #[serde(default)]
+    pub redeemed_by: Option<PublicKey>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ServerState {
+    pub private_key: PrivateKey,
+    pub port: u16,
+    pub subnet: IpNetwork,
+    #[serde(default)]
+    pub peers: Vec<PeerRecord>,
+    #[serde(default)]
+    pub invites: Vec<InviteRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JoinedState {
+    pub private_key: PrivateKey,
+    pub server_public_key: PublicKey,
+    /// As given on the command line (`HOST[:PORT]`), resolved again on start.
+    pub endpoint: String,
+    pub port: u16,
+    pub address: IpNetwork,
+    pub server_address: IpAddr,
+    pub subnet: IpNetwork,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "role", rename_all = "lowercase")]
+pub enum Endpoint {
+    Server(ServerState),
+    Joined(JoinedState),
+}
+
+impl Endpoint {
+    fn role(&self) -> &'static str {
+        match self {
+            Endpoint::Server(_) => "server",
+            Endpoint::Joined(_) => "joined",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    version: u32,
+    #[serde(flatten)]
+    endpoint: Endpoint,
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn file(&self, iface: &str) -> PathBuf {
+        self.root.join(format!("{iface}.json"))
+    }
+
+    /// Creates the directory (and parents) with mode 0700 if missing.
+    pub fn ensure(&self) -> Result<(), StateError> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(io_err(&self.root))?;
+        let mode = fs::metadata(&self.root)
+            .map_err(io_err(&self.root))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "state directory {} has mode {:o}; it holds private keys and should be 0700",
+                self.root.display(),
+                mode & 0o777
+            );
+        }
+        Ok(())
+    }
+
+    pub fn load(&self, iface: &str) -> Result<Option<Endpoint>, StateError> {
+        let path = self.file(iface);
+        let bytes = match fs::read(&path) {
+            Ok(b) => zeroize::Zeroizing::new(b),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        #[derive(Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let v: Version = serde_json::from_slice(&bytes).map_err(|source| StateError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        if v.version > FORMAT_VERSION {
+            return Err(StateError::Version {
+                path,
+                found: v.version,
+            });
+        }
+        let disk: OnDisk = serde_json::from_slice(&bytes).map_err(|source| StateError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Some(disk.endpoint))
+    }
+
+    pub fn load_server(&self, iface: &str) -> Result<Option<ServerState>, StateError> {
+        match self.load(iface)? {
+            None => Ok(None),
+            Some(Endpoint::Server(s)) => Ok(Some(s)),
+            Some(other) => Err(StateError::Role {
+                path: self.file(iface),
+                found: other.role(),
+                wanted: "server",
+            }),
+        }
+    }
+
+    pub fn save(&self, iface: &str, endpoint: &Endpoint) -> Result<(), StateError> {
+        self.ensure()?;
+        let disk = OnDisk {
+            version: FORMAT_VERSION,
+            endpoint: endpoint.clone(),
+        };
+        let json =
+            zeroize::Zeroizing::new(serde_json::to_vec_pretty(&disk).expect("state serializes"));
+        write_atomic(&self.file(iface), &json)
+    }
+
+    pub fn remove(&self, iface: &str) -> Result<(), StateError> {
+        let path = self.file(iface);
+        match fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Writes `bytes` to `path` atomically; the file is created 0600.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        f.write_all(bytes).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_err(path))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err(dir))
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server() -> Endpoint {
+        Endpoint::Server(ServerState {
+            private_key: PrivateKey::generate(),
+            port: 51820,
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            peers: vec![PeerRecord {
+                public_key: PrivateKey::generate().public_key(),
+                address: "10.77.0.2".parse().unwrap(),
+                joined_at: 1,
+            }],
+            invites: vec![],
+        })
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn round_trip_with_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path().join("a/b/state"));
+        let s = server();
+        dir.save("wg0", &s).unwrap();
+        assert_eq!(mode(dir.root()), 0o700);
+        assert_eq!(mode(&dir.file("wg0")), 0o600);
+        assert_eq!(dir.load("wg0").unwrap(), Some(s));
+        assert_eq!(dir.load("other").unwrap(), None);
+    }
+
+    #[test]
+    fn save_replaces_atomically_and_leaves_no_temp_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        dir.save("wg0", &server()).unwrap();
+        let second = server();
+        dir.save("wg0", &second).unwrap();
+        assert_eq!(dir.load("wg0").unwrap(), Some(second));
+        let names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["wg0.json".to_string()]);
+    }
+
+    #[test]
+    fn failed_write_keeps_old_content() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let first = server();
+        dir.save("wg0", &first).unwrap();
+        // A directory where the temp file would go makes the write fail.
+        let blocker = tmp
+            .path()
+            .join(format!(".wg0.json.tmp{}", std::process::id()));
+        fs::create_dir(&blocker).unwrap();
+        assert!(dir.save("wg0", &server()).is_err());
+        assert_eq!(dir.load("wg0").unwrap(), Some(first));
+    }
+
+    #[test]
+    fn newer_version_and_garbage_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        fs::write(dir.file("wg0"), br#"{"version": 99, "role": "server"}"#).unwrap();
+        assert!(matches!(
+            dir.load("wg0"),
+            Err(StateError::Version { found: 99, .. })
+        ));
+        fs::write(dir.file("wg1"), b"nope").unwrap();
+        let err = dir.load("wg1").unwrap_err();
+        assert!(err.to_string().contains("wg1.json"), "{err}");
+    }
+
+    #[test]
+    fn role_mismatch_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let joined = Endpoint::Joined(JoinedState {
+            private_key: PrivateKey::generate(),
+            server_public_key: PrivateKey::generate().public_key(),
+            endpoint: "10.0.0.1".into(),
+            port: 51820,
+            address: "10.77.0.2/24".parse().unwrap(),
+            server_address: "10.77.0.1".parse().unwrap(),
+            subnet: "10.77.0.0/24".parse().unwrap(),
+        });
+        dir.save("wg0", &joined).unwrap();
+        assert!(matches!(
+            dir.load_server("wg0"),
+            Err(StateError::Role { .. })
+        ));
+    }
+}

@@ -1,0 +1,182 @@
+//! WireGuard devices behind one trait, whichever backend runs them.
+//!
+//! - [`kernel`]: a kernel `wireguard` link, configured with wireguard-control.
+//! - [`userspace`]: the embedded gotatun device over TUN, in this process,
+//!   with the standard UAPI socket so that stock `wg show` works.
+//!
+//! Both are created by [`create`], which also sets the link's MTU and
+//! addresses, and both are torn down by [`WgDevice::destroy`]. Everything above
+//! this module sees only [`WgDevice`].
+
+pub mod fake;
+pub mod kernel;
+pub mod userspace;
+
+use crate::keys::{PrivateKey, PublicKey};
+use crate::net::{NetError, NetOps};
+use async_trait::async_trait;
+use ipnetwork::IpNetwork;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The directory of UAPI sockets, shared by every network namespace.
+pub const UAPI_DIR: &str = "/var/run/wireguard";
+
+pub fn uapi_socket(name: &str) -> PathBuf {
+    PathBuf::from(UAPI_DIR).join(format!("{name}.sock"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WgError {
+    #[error(transparent)]
+    Net(#[from] NetError),
+    #[error("/dev/net/tun is missing: load the tun module (modprobe tun) or use --backend kernel")]
+    NoTun,
+    #[error("needs root or CAP_NET_ADMIN (opening /dev/net/tun was refused)")]
+    TunPermission,
+    #[error(
+        "interface name {0} is in use by another WireGuard process (its UAPI socket {1} answers)"
+    )]
+    UapiInUse(String, String),
+    #[error("UDP port {0} is already in use")]
+    PortInUse(u16),
+    #[error("userspace WireGuard ({what}): {detail}")]
+    Userspace { what: &'static str, detail: String },
+    #[error("kernel WireGuard ({what}): {detail}")]
+    Kernel { what: &'static str, detail: String },
+}
+
+/// Which implementation to use; `auto` prefers the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendChoice {
+    Auto,
+    Kernel,
+    Userspace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Kernel,
+    Userspace,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Kernel => "kernel",
+            BackendKind::Userspace => "userspace",
+        })
+    }
+}
+
+/// A peer as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerSpec {
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNetwork>,
+    pub keepalive: Option<u16>,
+}
+
+/// A peer as the device reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerStatus {
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNetwork>,
+    /// Time since the last completed handshake.
+    pub last_handshake: Option<Duration>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub keepalive: Option<u16>,
+}
+
+/// What to create.
+#[derive(Debug, Clone)]
+pub struct DeviceSpec {
+    pub name: String,
+    pub private_key: PrivateKey,
+    /// 0 picks a free port.
+    pub listen_port: u16,
+    pub peers: Vec<PeerSpec>,
+    pub addresses: Vec<IpNetwork>,
+    pub mtu: u32,
+}
+
+/// A running WireGuard interface.
+#[async_trait]
+pub trait WgDevice: Send + Sync {
+    fn name(&self) -> &str;
+    fn backend(&self) -> BackendKind;
+    async fn set_private_key(&self, key: &PrivateKey) -> Result<(), WgError>;
+    /// Adds the peer, or replaces all of an existing peer's settings.
+    async fn upsert_peer(&self, peer: &PeerSpec) -> Result<(), WgError>;
+    /// Replaces only the peer's allowed IPs, keeping its learned endpoint.
+    async fn set_allowed_ips(&self, key: &PublicKey, ips: &[IpNetwork]) -> Result<(), WgError>;
+    async fn remove_peer(&self, key: &PublicKey) -> Result<(), WgError>;
+    async fn peers(&self) -> Result<Vec<PeerStatus>, WgError>;
+    async fn listen_port(&self) -> Result<u16, WgError>;
+    /// Removes the interface and everything that came with it. The device
+    /// is unusable afterwards.
+    async fn destroy(&self) -> Result<(), WgError>;
+}
+
+/// Creates the device, configures it, and gives its link its addresses and MTU.
+/// On any error, whatever was created is removed again.
+pub async fn create(
+    spec: &DeviceSpec,
+    choice: BackendChoice,
+    net: Arc<dyn NetOps>,
+) -> Result<Box<dyn WgDevice>, WgError> {
+    crate::net::validate_ifname(&spec.name)?;
+    if net.link_exists(&spec.name).await? {
+        return Err(NetError::Exists(spec.name.clone()).into());
+    }
+    userspace::check_uapi_free(&spec.name)?;
+    if spec.listen_port != 0 {
+        check_port_free(spec.listen_port)?;
+    }
+    let device: Box<dyn WgDevice> = match choice {
+        BackendChoice::Kernel => Box::new(kernel::KernelDevice::create(spec, net.clone()).await?),
+        BackendChoice::Userspace => {
+            Box::new(userspace::UserspaceDevice::create(spec, net.clone()).await?)
+        }
+        BackendChoice::Auto => match kernel::KernelDevice::create(spec, net.clone()).await {
+            Ok(d) => {
+                tracing::info!("backend: kernel WireGuard");
+                Box::new(d)
+            }
+            Err(WgError::Net(NetError::NotSupported(why))) => {
+                tracing::info!(
+                    "backend: userspace (gotatun), as the kernel has no WireGuard: {why}"
+                );
+                Box::new(userspace::UserspaceDevice::create(spec, net.clone()).await?)
+            }
+            Err(e) => return Err(e),
+        },
+    };
+    if let Err(e) = net.configure(&spec.name, &spec.addresses, spec.mtu).await {
+        let _ = device.destroy().await;
+        return Err(e.into());
+    }
+    Ok(device)
+}
+
+/// A UDP port is free when a dual-stack socket can bind it, as the device will.
+pub fn check_port_free(port: u16) -> Result<(), WgError> {
+    use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
+    let in_use = |e: &std::io::Error| e.kind() == std::io::ErrorKind::AddrInUse;
+    match UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)) {
+        Ok(_) => Ok(()),
+        Err(e) if in_use(&e) => Err(WgError::PortInUse(port)),
+        // No IPv6 on this host: check IPv4 alone.
+        Err(_) => match UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+            Err(e) if in_use(&e) => Err(WgError::PortInUse(port)),
+            _ => Ok(()),
+        },
+    }
+}

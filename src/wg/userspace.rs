@@ -1,0 +1,251 @@
+//! The embedded userspace WireGuard: gotatun over a TUN device, in this
+//! process and on its tokio runtime. gotatun types stay in this file.
+//!
+//! The UDP socket lives in the namespace where the device was created; the
+//! UAPI socket is the standard `/var/run/wireguard/<name>.sock`, so stock
+//! `wg show <name>` reads it.
+
+use super::{BackendKind, DeviceSpec, PeerSpec, PeerStatus, WgDevice, WgError, uapi_socket};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::net::NetOps;
+use async_trait::async_trait;
+use gotatun::device::uapi::UapiServer;
+use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder, Peer};
+use gotatun::tun::tun_async_device::TunDevice;
+use gotatun::x25519;
+use ipnetwork::IpNetwork;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::RwLock;
+
+type Gotatun = Device<DefaultDeviceTransports>;
+
+pub struct UserspaceDevice {
+    name: String,
+    /// `None` once destroyed: gotatun's `stop` takes the device by value.
+    device: RwLock<Option<Device<DefaultDeviceTransports>>>,
+    socket: PathBuf,
+    net: Arc<dyn NetOps>,
+}
+
+/// Refuses a name whose UAPI socket answers (another live device uses it:
+/// the socket directory is shared by all namespaces), and removes a stale
+/// socket that a crashed process left behind.
+pub fn check_uapi_free(name: &str) -> Result<(), WgError> {
+    let path = uapi_socket(name);
+    if !path.exists() {
+        return Ok(());
+    }
+    if UnixStream::connect(&path).is_ok() {
+        return Err(WgError::UapiInUse(
+            name.to_owned(),
+            path.display().to_string(),
+        ));
+    }
+    tracing::info!("removing stale UAPI socket {}", path.display());
+    std::fs::remove_file(&path).map_err(|e| WgError::Userspace {
+        what: "removing a stale UAPI socket",
+        detail: format!("{}: {e}", path.display()),
+    })
+}
+
+/// Checks `/dev/net/tun` up front so that its absence gets its own message.
+pub fn check_tun() -> Result<(), WgError> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(WgError::NoTun),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(WgError::TunPermission),
+        Err(e) => Err(WgError::Userspace {
+            what: "opening /dev/net/tun",
+            detail: e.to_string(),
+        }),
+    }
+}
+
+fn to_peer(spec: &PeerSpec) -> Peer {
+    let mut p = Peer::new(x25519::PublicKey::from(*spec.public_key.as_bytes()));
+    p.endpoint = spec.endpoint;
+    p.keepalive = spec.keepalive;
+    p.with_allowed_ips(spec.allowed_ips.iter().copied())
+}
+
+fn err(what: &'static str) -> impl FnOnce(gotatun::device::Error) -> WgError {
+    move |e| match e {
+        gotatun::device::Error::Bind(io, params) if io.kind() == std::io::ErrorKind::AddrInUse => {
+            WgError::PortInUse(params.port)
+        }
+        e => WgError::Userspace {
+            what,
+            detail: e.to_string(),
+        },
+    }
+}
+
+impl UserspaceDevice {
+    pub async fn create(spec: &DeviceSpec, net: Arc<dyn NetOps>) -> Result<Self, WgError> {
+        check_tun()?;
+        // Created with its MTU so that gotatun sizes packets right from the start.
+        let mut config = gotatun::tun::tun::Configuration::default();
+        config
+            .tun_name(&spec.name)
+            .mtu(spec.mtu.min(u16::MAX as u32) as u16);
+        let tun = gotatun::tun::tun::create_as_async(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|t| TunDevice::from_tun_device(t).map_err(|e| e.to_string()))
+            .map_err(|detail| WgError::Userspace {
+                what: "creating the TUN device",
+                detail,
+            })?;
+        let socket = uapi_socket(&spec.name);
+        let uapi = UapiServer::default_unix_socket(&spec.name, None, None).map_err(|e| {
+            WgError::Userspace {
+                what: "opening the UAPI socket",
+                detail: e.to_string(),
+            }
+        })?;
+        let builder = DeviceBuilder::new()
+            .with_default_udp()
+            .with_ip(tun)
+            .with_uapi(uapi)
+            .with_private_key(spec.private_key.as_secret().clone())
+            .with_peers(spec.peers.iter().map(to_peer));
+        // gotatun binds its UDP socket at build only when there are peers, and
+        // otherwise on a reconfiguration; a port change is one, so a peerless
+        // device gets its port (or the port's error) here too.
+        let built = if spec.peers.is_empty() {
+            match builder.build().await {
+                Ok(device) => device
+                    .set_listen_port(spec.listen_port)
+                    .await
+                    .map(|()| device),
+                Err(e) => Err(e),
+            }
+        } else {
+            builder.with_listen_port(spec.listen_port).build().await
+        };
+        match built {
+            Ok(device) => Ok(Self {
+                name: spec.name.clone(),
+                device: RwLock::new(Some(device)),
+                socket,
+                net,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&socket);
+                Err(err("starting the device")(e))
+            }
+        }
+    }
+}
+
+impl UserspaceDevice {
+    async fn with<T>(&self, f: impl AsyncFnOnce(&Gotatun) -> T) -> Result<T, WgError> {
+        let guard = self.device.read().await;
+        let device = guard.as_ref().ok_or(WgError::Userspace {
+            what: "using the device",
+            detail: "it was destroyed".into(),
+        })?;
+        Ok(f(device).await)
+    }
+}
+
+#[async_trait]
+impl WgDevice for UserspaceDevice {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn backend(&self) -> BackendKind {
+        BackendKind::Userspace
+    }
+
+    async fn set_private_key(&self, key: &PrivateKey) -> Result<(), WgError> {
+        let key = key.as_secret().clone();
+        self.with(async |d| d.set_private_key(key).await)
+            .await?
+            .map_err(err("setting the private key"))
+    }
+
+    async fn upsert_peer(&self, peer: &PeerSpec) -> Result<(), WgError> {
+        let peer = to_peer(peer);
+        self.with(async |d| d.add_or_update_peer(peer).await)
+            .await?
+            .map_err(err("configuring a peer"))
+    }
+
+    async fn set_allowed_ips(&self, key: &PublicKey, ips: &[IpNetwork]) -> Result<(), WgError> {
+        let pk = x25519::PublicKey::from(*key.as_bytes());
+        let ips = ips.to_vec();
+        self.with(async |d| {
+            d.write(async |w| {
+                w.modify_peer(&pk, |p| {
+                    p.clear_allowed_ips();
+                    p.add_allowed_ips(ips);
+                })
+                .await
+            })
+            .await
+        })
+        .await?
+        .map_err(err("setting allowed IPs"))?;
+        Ok(())
+    }
+
+    async fn remove_peer(&self, key: &PublicKey) -> Result<(), WgError> {
+        let pk = x25519::PublicKey::from(*key.as_bytes());
+        self.with(async |d| d.remove_peer(&pk).await)
+            .await?
+            .map_err(err("removing a peer"))?;
+        Ok(())
+    }
+
+    async fn peers(&self) -> Result<Vec<PeerStatus>, WgError> {
+        Ok(self
+            .with(async |d| d.peers().await)
+            .await?
+            .into_iter()
+            .map(|p| PeerStatus {
+                public_key: PublicKey(p.peer.public_key.to_bytes()),
+                endpoint: p.peer.endpoint,
+                allowed_ips: p.peer.allowed_ips.clone(),
+                last_handshake: p.stats.last_handshake,
+                rx_bytes: p.stats.rx_bytes as u64,
+                tx_bytes: p.stats.tx_bytes as u64,
+                keepalive: p.peer.keepalive,
+            })
+            .collect())
+    }
+
+    async fn listen_port(&self) -> Result<u16, WgError> {
+        self.with(async |d| d.read(async |r| r.listen_port()).await)
+            .await
+    }
+
+    async fn destroy(&self) -> Result<(), WgError> {
+        let (name, socket, net) = (&self.name, &self.socket, &self.net);
+        let Some(device) = self.device.write().await.take() else {
+            return Ok(());
+        };
+        device.stop().await;
+        let _ = std::fs::remove_file(socket);
+        // The TUN link goes away when its last descriptor closes, which happens
+        // as gotatun's tasks wind down; wait for that, then make sure.
+        for _ in 0..50 {
+            match net.link_exists(name).await {
+                Ok(false) => return Ok(()),
+                Ok(true) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        match net.delete_link(name).await {
+            Ok(()) | Err(crate::net::NetError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
