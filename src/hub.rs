@@ -22,7 +22,7 @@ use ipnetwork::IpNetwork;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 /// How long a redeemed key may take to show up before the address moves anyway.
 const SWAP_GRACE: Duration = Duration::from_secs(30);
@@ -107,6 +107,8 @@ pub struct Hub {
     store: StateDir,
     iface: String,
     inner: Mutex<Inner>,
+    /// Wakes the swap loop as soon as a redeem leaves a swap pending.
+    redeemed: Notify,
 }
 
 impl Hub {
@@ -134,6 +136,7 @@ impl Hub {
                 pool,
                 pending: Vec::new(),
             }),
+            redeemed: Notify::new(),
         })
     }
 
@@ -254,7 +257,13 @@ impl Hub {
             address: src,
             since: Instant::now(),
         });
+        self.redeemed.notify_one();
         Ok(assigned)
+    }
+
+    /// Completes when a redeem has left a swap pending since the last call.
+    pub async fn redeemed(&self) {
+        self.redeemed.notified().await
     }
 
     pub async fn has_pending(&self) -> bool {

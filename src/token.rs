@@ -137,10 +137,19 @@ impl Token {
         if version != VERSION {
             return Err(TokenError::UnsupportedVersion(version));
         }
-        let raw =
-            zeroize::Zeroizing::new(URL_SAFE_NO_PAD.decode(body).map_err(|_| {
-                TokenError::Corrupted("it holds characters that are not base64url")
-            })?);
+        let raw = zeroize::Zeroizing::new(match URL_SAFE_NO_PAD.decode(body) {
+            Ok(raw) => raw,
+            Err(base64::DecodeError::InvalidByte(..)) => {
+                return Err(TokenError::Corrupted(
+                    "it holds characters that are not base64url",
+                ));
+            }
+            // A cut at an odd place leaves a partial last group: decode the
+            // whole groups, and the length checks below report the truncation.
+            Err(_) => URL_SAFE_NO_PAD
+                .decode(&body[..body.len() - body.len() % 4])
+                .map_err(|_| TokenError::Corrupted("it is not valid base64url"))?,
+        });
         let flags = *raw
             .first()
             .ok_or(TokenError::Truncated { got: 0, want: 1 })?;
@@ -317,10 +326,10 @@ mod tests {
     #[test]
     fn truncated() {
         let s = sample(Some("host:1")).encode();
-        for cut in [1, 5, 20, 60] {
+        for cut in 1..s.len() - "tun1_".len() {
             let err = Token::decode(&s[..s.len() - cut]).unwrap_err();
             assert!(
-                matches!(err, TokenError::Truncated { .. } | TokenError::Corrupted(_)),
+                matches!(err, TokenError::Truncated { .. }),
                 "cut {cut}: {err:?}"
             );
         }

@@ -185,6 +185,7 @@ async fn serve(
         };
         tokio::select! {
             _ = shutdown.wait() => break,
+            _ = hub.redeemed() => {}
             _ = tokio::time::sleep(tick) => {}
         }
         hub.complete_swaps(Instant::now()).await?;

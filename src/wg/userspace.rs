@@ -28,6 +28,8 @@ pub struct UserspaceDevice {
     device: RwLock<Option<Device<DefaultDeviceTransports>>>,
     socket: PathBuf,
     net: Arc<dyn NetOps>,
+    /// As configured; 0 means any free port.
+    listen_port: u16,
 }
 
 /// Refuses a name whose UAPI socket answers (another live device uses it:
@@ -135,6 +137,7 @@ impl UserspaceDevice {
                 device: RwLock::new(Some(device)),
                 socket,
                 net,
+                listen_port: spec.listen_port,
             }),
             Err(e) => {
                 let _ = std::fs::remove_file(&socket);
@@ -145,6 +148,27 @@ impl UserspaceDevice {
 }
 
 impl UserspaceDevice {
+    /// Binds the UDP socket again after a rebind lost the race with the old
+    /// socket's closing. A port change is what makes gotatun rebind, so a
+    /// fixed port goes through 0 (any) and back.
+    async fn rebind(&self) -> Result<(), WgError> {
+        let mut last = None;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if self.listen_port != 0 {
+                let _ = self.with(async |d| d.set_listen_port(0).await).await?;
+            }
+            match self
+                .with(async |d| d.set_listen_port(self.listen_port).await)
+                .await?
+            {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(err("binding the UDP socket again")(e)),
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
     async fn with<T>(&self, f: impl AsyncFnOnce(&Gotatun) -> T) -> Result<T, WgError> {
         let guard = self.device.read().await;
         let device = guard.as_ref().ok_or(WgError::Userspace {
@@ -167,9 +191,13 @@ impl WgDevice for UserspaceDevice {
 
     async fn set_private_key(&self, key: &PrivateKey) -> Result<(), WgError> {
         let key = key.as_secret().clone();
-        self.with(async |d| d.set_private_key(key).await)
-            .await?
-            .map_err(err("setting the private key"))
+        let result = self.with(async |d| d.set_private_key(key).await).await?;
+        match result.map_err(err("setting the private key")) {
+            // A new key makes gotatun rebind its socket, and the old one may
+            // not be closed yet: the key is in place, the socket is not.
+            Err(WgError::PortInUse(_)) => self.rebind().await,
+            other => other,
+        }
     }
 
     async fn upsert_peer(&self, peer: &PeerSpec) -> Result<(), WgError> {
