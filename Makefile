@@ -1,0 +1,46 @@
+# tunnel - developer entry points. bench/demo/deps need root.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.NOTPARALLEL:
+.PHONY: all build test lint fmt bench demo deps ci clean help
+
+all: build
+
+help:
+	@echo "make build   - cargo build --release"
+	@echo "make test    - cargo test (unit + end-to-end; e2e needs root)"
+	@echo "make lint    - cargo fmt --check + cargo clippy --all-targets -- -D warnings"
+	@echo "make bench   - raw veth vs wireguard-go vs tunnel throughput + join latency (root)"
+	@echo "make demo    - two namespace sites joined by tunnel: ping + HTTP (root)"
+	@echo "make deps    - apt-get install the runtime tools that are missing (root)"
+	@echo "make ci      - run .ci/run"
+	@echo "make clean   - cargo clean"
+
+build:
+	$(CARGO) build --release
+
+test:
+	$(CARGO) test
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt
+
+bench: deps build
+	./scripts/bench.sh
+
+demo: deps build
+	NO_BUILD=1 ./scripts/demo.sh
+
+deps:
+	@. scripts/netns.sh && ensure_packages "$${NS_RUNTIME_PACKAGES[@]}"
+
+ci:
+	bash .ci/run
+
+clean:
+	$(CARGO) clean
