@@ -29,8 +29,8 @@ const USED_AFTER: Duration = Duration::from_secs(3);
 pub struct JoinArgs {
     /// The join token printed by `tunnel serve` ("-" reads it from stdin, keeping it out of the process list)
     pub token: String,
-    /// The server's address as reachable from here: HOST or HOST:PORT (the port defaults to the token's)
-    pub server: String,
+    /// The server's address as reachable from here: HOST or HOST:PORT (the port defaults to the token's; without it, the token's --endpoint hint is used)
+    pub server: Option<String>,
     #[command(flatten)]
     pub common: EndpointArgs,
     /// How long to wait for the tunnel to carry traffic
@@ -110,7 +110,16 @@ pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> 
         .map_err(Failure::input)?;
     let iface = args.common.iface.clone();
     validate_ifname(&iface)?;
-    let endpoint = resolve(&args.server, token.port).await?;
+    let server = args
+        .server
+        .clone()
+        .or_else(|| token.endpoint_hint.clone())
+        .ok_or_else(|| {
+            Failure::input(anyhow!(
+                "give the server's address (tunnel join <TOKEN> <HOST[:PORT]>): this token carries no endpoint hint"
+            ))
+        })?;
+    let endpoint = resolve(&server, token.port).await?;
     crate::sys::require_net_admin()?;
     let store = StateDir::new(&args.common.state_dir);
     if let Some(Endpoint::Server(_)) = store.load(&iface)? {
@@ -149,6 +158,7 @@ pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> 
     let progress = spinner();
     let result = bring_up(
         &args,
+        &server,
         &token,
         endpoint,
         &own_key,
@@ -171,6 +181,7 @@ pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> 
 #[allow(clippy::too_many_arguments)]
 async fn bring_up(
     args: &JoinArgs,
+    server: &str,
     token: &Token,
     endpoint: SocketAddr,
     own_key: &PrivateKey,
@@ -238,7 +249,7 @@ async fn bring_up(
         &Endpoint::Joined(JoinedState {
             private_key: own_key.clone(),
             server_public_key: token.server_public_key,
-            endpoint: args.server.clone(),
+            endpoint: server.to_owned(),
             port: endpoint.port(),
             address: token.assigned_network(),
             server_address: token.server_address,
@@ -254,7 +265,7 @@ async fn bring_up(
     progress.set_message("waiting for traffic with our own key");
     loop {
         let attempt =
-            Duration::from_millis(300).min(deadline.saturating_duration_since(Instant::now()));
+            Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now()));
         match control::ping(api, attempt).await {
             Ok(()) => break,
             Err(e) if Instant::now() >= deadline => {
