@@ -3,13 +3,15 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .NOTPARALLEL:
-.PHONY: all build test lint fmt bench demo deps ci clean help
+.PHONY: all build test docker-env lint fmt bench demo deps ci clean help
 
 all: build
 
 help:
 	@echo "make build   - cargo build --release"
-	@echo "make test    - cargo test (unit + end-to-end; e2e needs root)"
+	@echo "make test    - cargo test (unit + end-to-end; e2e needs root);"
+	@echo "               as root, runs scripts/docker-env.sh first"
+	@echo "make docker-env - start a local Docker engine, build the test image (root)"
 	@echo "make lint    - cargo fmt --check + cargo clippy --all-targets -- -D warnings"
 	@echo "make bench   - raw veth vs wireguard-go vs tunnel throughput + join latency (root)"
 	@echo "make demo    - two namespace sites joined by tunnel: ping + HTTP (root)"
@@ -20,8 +22,14 @@ help:
 build:
 	$(CARGO) build --release
 
+# As root (sudo make test, CI) the Docker engine and test image are set up
+# first; a non-root run only runs cargo test.
 test:
+	@if [ "$$(id -u)" -eq 0 ]; then bash scripts/docker-env.sh; fi
 	$(CARGO) test
+
+docker-env:
+	bash scripts/docker-env.sh
 
 lint:
 	$(CARGO) fmt --check

@@ -105,6 +105,7 @@ NS_RUNTIME_PACKAGES=(
 	ps:procps
 	ping:iputils-ping
 	setpriv:util-linux
+	dockerd:docker.io
 )
 
 # ns_init - per-run work dir + cleanup traps. Call once, early.
