@@ -33,14 +33,16 @@ pub enum ControlError {
         source: std::io::Error,
     },
     #[error("no answer from {0}")]
-    Timeout(SocketAddr),
-    #[error("connecting to {addr}: {source}")]
+    Timeout(String),
+    #[error("connecting to {target}: {source}")]
     Connect {
-        addr: SocketAddr,
+        target: String,
         source: std::io::Error,
     },
-    #[error("talking to {addr}: {detail}")]
-    Http { addr: SocketAddr, detail: String },
+    #[error("talking to {target}: {detail}")]
+    Http { target: String, detail: String },
+    #[error("{path}: {detail}")]
+    Local { path: String, detail: String },
     #[error("the server refused: {0}")]
     Refused(String),
 }
@@ -48,6 +50,13 @@ pub enum ControlError {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RedeemRequest {
     pub public_key: PublicKey,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub public_key: PublicKey,
+    /// What the endpoint is, for the server's records (e.g. "container cli").
+    pub name: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -103,6 +112,36 @@ async fn redeem(
     }
 }
 
+async fn register(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(req): Json<RegisterRequest>,
+) -> Reply<RedeemResponse> {
+    let src = source(peer);
+    let name: String = req
+        .name
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect();
+    match hub
+        .register(src, req.public_key, &name, SystemTime::now())
+        .await
+    {
+        Ok(address) => Ok(Json(RedeemResponse { address })),
+        Err(e) => {
+            tracing::warn!("refused endpoint registration from {src}: {e}");
+            let status = match e {
+                RedeemError::NoInvite(_) => StatusCode::FORBIDDEN,
+                RedeemError::KeyInUse | RedeemError::AlreadyUsed => StatusCode::CONFLICT,
+                RedeemError::Expired => StatusCode::GONE,
+                RedeemError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            Err(refuse(status, e))
+        }
+    }
+}
+
 async fn pong(
     State(hub): State<Arc<Hub>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -121,6 +160,7 @@ async fn pong(
 pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/v1/redeem", post(redeem))
+        .route("/v1/endpoints", post(register))
         .route("/v1/ping", get(pong))
         .with_state(hub)
 }
@@ -145,7 +185,44 @@ pub async fn serve(
     .await
 }
 
-/// One HTTP/1.1 exchange on a fresh connection, bounded by `timeout`.
+/// One HTTP/1.1 exchange on an open stream.
+async fn exchange_on<S>(
+    stream: S,
+    target: &str,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<(StatusCode, Bytes), ControlError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let http = |e: &dyn std::fmt::Display| ControlError::Http {
+        target: target.to_owned(),
+        detail: e.to_string(),
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| http(&e))?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(hyper::header::HOST, "tunnel")
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|e| http(&e))?;
+    let resp = sender.send_request(req).await.map_err(|e| http(&e))?;
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| http(&e))?
+        .to_bytes();
+    Ok((status, bytes))
+}
+
+/// One exchange with the API over the tunnel, bounded by `timeout`.
 async fn exchange(
     addr: SocketAddr,
     method: &str,
@@ -153,38 +230,87 @@ async fn exchange(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), ControlError> {
+    let target = addr.to_string();
     let work = async {
         let stream = TcpStream::connect(addr)
             .await
-            .map_err(|source| ControlError::Connect { addr, source })?;
-        let http = |e: &dyn std::fmt::Display| ControlError::Http {
-            addr,
-            detail: e.to_string(),
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| http(&e))?;
-        tokio::spawn(conn);
-        let req = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, addr.to_string())
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| http(&e))?;
-        let resp = sender.send_request(req).await.map_err(|e| http(&e))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| http(&e))?
-            .to_bytes();
-        Ok((status, bytes))
+            .map_err(|source| ControlError::Connect {
+                target: target.clone(),
+                source,
+            })?;
+        exchange_on(stream, &target, method, path, body).await
     };
     tokio::time::timeout(timeout, work)
         .await
-        .map_err(|_| ControlError::Timeout(addr))?
+        .map_err(|_| ControlError::Timeout(target.clone()))?
+}
+
+/// One exchange with a running instance over its local socket.
+pub async fn local_exchange(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), ControlError> {
+    let target = socket.display().to_string();
+    let work = async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|source| ControlError::Connect {
+                target: target.clone(),
+                source,
+            })?;
+        exchange_on(stream, &target, method, path, None).await
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ControlError::Timeout(target.clone()))?
+}
+
+/// Binds the local control socket `<state-dir>/<iface>.sock` (0600, in the
+/// 0700 state directory). A socket that answers means the interface is
+/// already served by a running `tunnel`; one that does not is a crash's
+/// leftover and is replaced.
+pub fn bind_local(path: &std::path::Path) -> Result<tokio::net::UnixListener, ControlError> {
+    use std::os::unix::fs::PermissionsExt;
+    let local = |detail: String| ControlError::Local {
+        path: path.display().to_string(),
+        detail,
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(local(
+                "a running tunnel already serves this interface (see `tunnel status`)".into(),
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| local(format!("removing a stale socket: {e}")))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| local(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| local(e.to_string()))?;
+    Ok(listener)
+}
+
+/// Serves the local API (status) until `shutdown`; removes the socket after.
+pub async fn serve_local(
+    listener: tokio::net::UnixListener,
+    path: std::path::PathBuf,
+    source: Arc<dyn crate::status::StatusSource>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    async fn status(
+        State(source): State<Arc<dyn crate::status::StatusSource>>,
+    ) -> Json<Vec<crate::status::EndpointStatus>> {
+        Json(source.report().await)
+    }
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .with_state(source);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 fn refused(body: &Bytes, status: StatusCode) -> ControlError {
@@ -206,7 +332,29 @@ pub async fn redeem_invite(
         return Err(refused(&bytes, status));
     }
     serde_json::from_slice(&bytes).map_err(|e| ControlError::Http {
-        addr: server,
+        target: server.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// Registers another endpoint of this site (a container) with the hub.
+pub async fn register_endpoint(
+    server: SocketAddr,
+    key: &PublicKey,
+    name: &str,
+    timeout: Duration,
+) -> Result<RedeemResponse, ControlError> {
+    let body = serde_json::to_vec(&RegisterRequest {
+        public_key: *key,
+        name: name.to_owned(),
+    })
+    .expect("serializes");
+    let (status, bytes) = exchange(server, "POST", "/v1/endpoints", Some(body), timeout).await?;
+    if !status.is_success() {
+        return Err(refused(&bytes, status));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ControlError::Http {
+        target: server.to_string(),
         detail: e.to_string(),
     })
 }

@@ -15,7 +15,9 @@
 
 use crate::ipam::{IpamError, Pool};
 use crate::keys::{PrivateKey, PublicKey};
-use crate::state::{Endpoint, InviteRecord, PeerRecord, ServerState, StateDir, StateError};
+use crate::state::{
+    ContainerRecord, Endpoint, InviteRecord, PeerRecord, ServerState, StateDir, StateError,
+};
 use crate::token::Token;
 use crate::wg::{PeerSpec, WgDevice, WgError};
 use ipnetwork::IpNetwork;
@@ -86,7 +88,58 @@ pub fn device_peers(state: &ServerState, now: SystemTime) -> Vec<PeerSpec> {
             },
             keepalive: None,
         });
-    peers.chain(invites).collect()
+    let containers = state.containers.iter().map(|c| PeerSpec {
+        public_key: c.private_key.public_key(),
+        endpoint: None,
+        allowed_ips: vec![host_net(c.address)],
+        keepalive: None,
+    });
+    peers.chain(invites).chain(containers).collect()
+}
+
+/// Gives each named container of this host an endpoint record (key made
+/// here, address from the pool), keeping the ones already saved, so that a
+/// restart brings back the same key and address. `iface_of(n)` names the
+/// `n`th endpoint's interface.
+pub fn ensure_containers(
+    state: &mut ServerState,
+    names: &[String],
+    iface_of: impl Fn(usize) -> String,
+) -> Result<(), HubError> {
+    let mut pool = pool_of(state)?;
+    for (n, name) in names.iter().enumerate() {
+        if state.containers.iter().any(|c| &c.container == name) {
+            continue;
+        }
+        let address = pool.allocate()?;
+        let mut iface = iface_of(n);
+        let mut k = n;
+        while state.containers.iter().any(|c| c.iface == iface) {
+            k += 1;
+            iface = iface_of(k);
+        }
+        state.containers.push(ContainerRecord {
+            container: name.clone(),
+            iface,
+            private_key: PrivateKey::generate(),
+            address,
+        });
+    }
+    Ok(())
+}
+
+fn pool_of(state: &ServerState) -> Result<Pool, HubError> {
+    let mut pool = Pool::new(state.subnet)?;
+    let taken = state
+        .peers
+        .iter()
+        .map(|p| p.address)
+        .chain(state.invites.iter().map(|i| i.address))
+        .chain(state.containers.iter().map(|c| c.address));
+    for a in taken {
+        pool.reserve(a);
+    }
+    Ok(pool)
 }
 
 struct Pending {
@@ -118,15 +171,7 @@ impl Hub {
         iface: &str,
         state: ServerState,
     ) -> Result<Self, HubError> {
-        let mut pool = Pool::new(state.subnet)?;
-        for a in state
-            .peers
-            .iter()
-            .map(|p| p.address)
-            .chain(state.invites.iter().map(|i| i.address))
-        {
-            pool.reserve(a);
-        }
+        let pool = pool_of(&state)?;
         Ok(Self {
             wg,
             store,
@@ -242,6 +287,7 @@ impl Hub {
             public_key: key,
             address: src,
             joined_at: now_s,
+            name: None,
         });
         if let Err(e) = self.save(&inner.state) {
             // Undo, so that memory, device and disk agree.
@@ -259,6 +305,80 @@ impl Hub {
         });
         self.redeemed.notify_one();
         Ok(assigned)
+    }
+
+    /// Admits another endpoint of an admitted site (a container on it): the
+    /// request comes over the tunnel from the site's own address, which only
+    /// the site's key can send from. Idempotent for the same key.
+    pub async fn register(
+        &self,
+        src: IpAddr,
+        key: PublicKey,
+        name: &str,
+        now: SystemTime,
+    ) -> Result<IpNetwork, RedeemError> {
+        let mut inner = self.inner.lock().await;
+        let prefix = inner.state.subnet.prefix();
+        let net = |a| IpNetwork::new(a, prefix).map_err(|e| RedeemError::Internal(e.to_string()));
+        if !inner
+            .state
+            .peers
+            .iter()
+            .any(|p| p.address == src && p.name.is_none())
+        {
+            return Err(RedeemError::NoInvite(src));
+        }
+        if let Some(p) = inner.state.peers.iter().find(|p| p.public_key == key) {
+            return net(p.address);
+        }
+        let taken = key == inner.state.private_key.public_key()
+            || inner.state.invites.iter().any(|i| i.public_key == key)
+            || inner
+                .state
+                .containers
+                .iter()
+                .any(|c| c.private_key.public_key() == key);
+        if taken {
+            return Err(RedeemError::KeyInUse);
+        }
+        let address = inner
+            .pool
+            .allocate()
+            .map_err(|e| RedeemError::Internal(e.to_string()))?;
+        let internal = |e: String| RedeemError::Internal(e);
+        if let Err(e) = self
+            .wg
+            .upsert_peer(&PeerSpec {
+                public_key: key,
+                endpoint: None,
+                allowed_ips: vec![host_net(address)],
+                keepalive: None,
+            })
+            .await
+        {
+            inner.pool.release(address);
+            return Err(internal(e.to_string()));
+        }
+        inner.state.peers.push(PeerRecord {
+            public_key: key,
+            address,
+            joined_at: unix(now),
+            name: Some(format!("{name} (via {src})")),
+        });
+        if let Err(e) = self.save(&inner.state) {
+            inner.state.peers.pop();
+            inner.pool.release(address);
+            let _ = self.wg.remove_peer(&key).await;
+            return Err(internal(e.to_string()));
+        }
+        tracing::info!("{src} registered {name} as {address}");
+        net(address)
+    }
+
+    /// Saves the current state (e.g. after container endpoints were added).
+    pub async fn persist(&self) -> Result<(), HubError> {
+        let inner = self.inner.lock().await;
+        self.save(&inner.state)
     }
 
     /// Completes when a redeem has left a swap pending since the last call.
@@ -323,6 +443,15 @@ impl Hub {
         let inner = self.inner.lock().await;
         inner.state.peers.iter().any(|p| p.address == addr)
             || inner.state.invites.iter().any(|i| i.address == addr)
+            || inner.state.containers.iter().any(|c| c.address == addr)
+    }
+
+    pub fn store(&self) -> &StateDir {
+        &self.store
+    }
+
+    pub fn device(&self) -> Arc<dyn WgDevice> {
+        self.wg.clone()
     }
 
     pub async fn snapshot(&self) -> ServerState {
@@ -344,6 +473,7 @@ mod tests {
             subnet: "10.77.0.0/24".parse().unwrap(),
             peers: vec![],
             invites: vec![],
+            containers: vec![],
         };
         let hub = Hub::new(
             Arc::new(fake.clone()),
@@ -478,6 +608,57 @@ mod tests {
         assert_eq!(next[0].assigned.to_string(), "10.77.0.3");
     }
 
+    #[tokio::test]
+    async fn containers_get_stable_records_and_sites_register_theirs() {
+        let (_tmp, fake, hub) = setup();
+        let mut state = hub.snapshot().await;
+        let names = vec!["web".to_string(), "db".to_string()];
+        ensure_containers(&mut state, &names, |n| format!("wgc{n}")).unwrap();
+        let first = state.containers.clone();
+        assert_eq!(first[0].address.to_string(), "10.77.0.2");
+        assert_eq!(first[1].iface, "wgc1");
+        ensure_containers(&mut state, &names, |n| format!("wgc{n}")).unwrap();
+        assert_eq!(
+            state.containers, first,
+            "a restart keeps keys and addresses"
+        );
+
+        // A site registers a container over the tunnel, from its own address only.
+        let tok = hub
+            .mint(1, Duration::from_secs(60), t0(), None)
+            .await
+            .unwrap()
+            .remove(0);
+        let site = PrivateKey::generate().public_key();
+        let cont = PrivateKey::generate().public_key();
+        assert_eq!(
+            hub.register(tok.assigned, cont, "container cli", t0())
+                .await,
+            Err(RedeemError::NoInvite(tok.assigned)),
+            "an unredeemed invite may not register endpoints"
+        );
+        hub.redeem(tok.assigned, site, t0()).await.unwrap();
+        let addr = hub
+            .register(tok.assigned, cont, "container cli", t0())
+            .await
+            .unwrap();
+        assert_eq!(addr.to_string(), "10.77.0.3/24");
+        assert_eq!(
+            hub.register(tok.assigned, cont, "container cli", t0())
+                .await
+                .unwrap(),
+            addr,
+            "idempotent"
+        );
+        assert_eq!(
+            fake.peer(&cont).unwrap().allowed_ips,
+            vec![host_net(addr.ip())]
+        );
+        // A registered container cannot itself register more.
+        let other = PrivateKey::generate().public_key();
+        assert!(hub.register(addr.ip(), other, "x", t0()).await.is_err());
+    }
+
     #[test]
     fn device_peers_from_state() {
         let k = PrivateKey::generate();
@@ -491,6 +672,7 @@ mod tests {
                 public_key: used,
                 address: "10.77.0.2".parse().unwrap(),
                 joined_at: 0,
+                name: None,
             }],
             invites: vec![
                 InviteRecord {
@@ -512,9 +694,19 @@ mod tests {
                     redeemed_by: None,
                 },
             ],
+            containers: vec![ContainerRecord {
+                container: "web".into(),
+                iface: "wgc0".into(),
+                private_key: PrivateKey::generate(),
+                address: "10.77.0.5".parse().unwrap(),
+            }],
         };
         let peers = device_peers(&state, t0());
-        assert_eq!(peers.len(), 3);
+        assert_eq!(peers.len(), 4);
+        assert_eq!(
+            peers[3].allowed_ips,
+            vec![host_net("10.77.0.5".parse().unwrap())]
+        );
         assert_eq!(
             peers[0].allowed_ips,
             vec!["10.77.0.2/32".parse::<IpNetwork>().unwrap()]

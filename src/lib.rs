@@ -11,12 +11,15 @@
 //! [`net::NetOps`] (rtnetlink), each with a fake for unit tests.
 
 pub mod cli;
+pub mod containers;
 pub mod control;
+pub mod docker;
 pub mod hub;
 pub mod ipam;
 pub mod keys;
 pub mod net;
 pub mod state;
+pub mod status;
 pub mod sys;
 pub mod token;
 pub mod wg;

@@ -55,6 +55,18 @@ pub struct PeerRecord {
     pub address: IpAddr,
     /// Unix seconds.
     pub joined_at: u64,
+    /// What it is, when known: e.g. "container cli" for a site's container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A container endpoint of this host: its key is made and kept here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ContainerRecord {
+    pub container: String,
+    pub iface: String,
+    pub private_key: PrivateKey,
+    pub address: IpAddr,
 }
 
 /// An invite the server issued. Only its public half is kept: the private
@@ -80,6 +92,8 @@ pub struct ServerState {
     pub peers: Vec<PeerRecord>,
     #[serde(default)]
     pub invites: Vec<InviteRecord>,
+    #[serde(default)]
+    pub containers: Vec<ContainerRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -92,6 +106,8 @@ pub struct JoinedState {
     pub address: IpNetwork,
     pub server_address: IpAddr,
     pub subnet: IpNetwork,
+    #[serde(default)]
+    pub containers: Vec<ContainerRecord>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -130,6 +146,32 @@ impl StateDir {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The local control socket of the running instance for `iface`.
+    pub fn socket(&self, iface: &str) -> PathBuf {
+        self.root.join(format!("{iface}.sock"))
+    }
+
+    /// The interfaces with saved state, sorted. A missing directory has none.
+    pub fn ifaces(&self) -> Result<Vec<String>, StateError> {
+        let rd = match fs::read_dir(&self.root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(io_err(&self.root)(e)),
+        };
+        let mut out: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".json"))
+                    .map(str::to_owned)
+            })
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        out.sort();
+        Ok(out)
     }
 
     pub fn file(&self, iface: &str) -> PathBuf {
@@ -258,8 +300,10 @@ mod tests {
                 public_key: PrivateKey::generate().public_key(),
                 address: "10.77.0.2".parse().unwrap(),
                 joined_at: 1,
+                name: None,
             }],
             invites: vec![],
+            containers: vec![],
         })
     }
 
@@ -335,6 +379,7 @@ mod tests {
             address: "10.77.0.2/24".parse().unwrap(),
             server_address: "10.77.0.1".parse().unwrap(),
             subnet: "10.77.0.0/24".parse().unwrap(),
+            containers: vec![],
         });
         dir.save("wg0", &joined).unwrap();
         assert!(matches!(

@@ -5,10 +5,13 @@
 //! tunnel for a key made here, and the device switches to that key.
 
 use super::{EndpointArgs, Failure, Shutdown};
+use crate::containers::{EndpointSpec, Follower, endpoint_iface};
 use crate::control::{self, ControlError};
+use crate::docker::ContainerInfo;
 use crate::keys::PrivateKey;
 use crate::net::{Netlink, validate_ifname};
-use crate::state::{Endpoint, JoinedState, StateDir};
+use crate::state::{ContainerRecord, Endpoint, JoinedState, StateDir};
+use crate::status::{EndpointStatus, PeerReport, StatusSource};
 use crate::token::Token;
 use crate::wg::{self, DeviceSpec, PeerSpec, WgDevice};
 use anyhow::{Context, anyhow};
@@ -121,6 +124,7 @@ pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> 
         })?;
     let endpoint = resolve(&server, token.port).await?;
     crate::sys::require_net_admin()?;
+    let docker = super::containers_up_front(&args.common.containers).await?;
     let store = StateDir::new(&args.common.state_dir);
     if let Some(Endpoint::Server(_)) = store.load(&iface)? {
         return Err(Failure::input(anyhow!(
@@ -145,7 +149,7 @@ pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> 
     };
     let net = Arc::new(Netlink::connect()?);
     let device: Arc<dyn WgDevice> = Arc::from(
-        wg::create(&spec, args.common.backend, net)
+        wg::create(&spec, args.common.backend, net.clone(), None)
             .await
             .context(format!("creating {iface}"))?,
     );
@@ -156,21 +160,73 @@ pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> 
     );
 
     let progress = spinner();
-    let result = bring_up(
-        &args,
-        &server,
-        &token,
-        endpoint,
-        &own_key,
-        device.as_ref(),
-        &store,
-        &progress,
-        started,
-    )
+    let mut follower = None;
+    let result = async {
+        let (mut joined, first_packet) = bring_up(
+            &args,
+            &server,
+            &token,
+            endpoint,
+            &own_key,
+            device.as_ref(),
+            &store,
+            &progress,
+            started,
+        )
+        .await?;
+        let mut attached = String::new();
+        if let Some((runtime, infos)) = docker {
+            progress.set_message("attaching containers");
+            let specs = register_containers(&args, &mut joined, &infos, &store).await?;
+            for s in &specs {
+                attached.push_str(&format!(", container {} as {}", s.container, s.address));
+            }
+            let f = follower.insert(Follower::new(
+                runtime,
+                net.clone(),
+                args.common.backend,
+                specs,
+            ));
+            f.reconcile_all().await?;
+        }
+        progress.finish_and_clear();
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "joined {iface} as {}, server {} at {endpoint}, first packet after {} ms{attached}",
+            token.assigned_network(),
+            token.server_address,
+            first_packet.as_millis()
+        )
+        .and_then(|_| out.flush())
+        .context("writing to stdout")?;
+        let socket = store.socket(&iface);
+        let listener = control::bind_local(&socket)?;
+        let source = Arc::new(LiveStatus {
+            device: device.clone(),
+            joined,
+            iface: iface.clone(),
+            containers: follower.as_ref().map(|f| f.status()),
+        });
+        let mut s = shutdown.clone();
+        tokio::spawn(control::serve_local(listener, socket, source, async move {
+            s.wait().await
+        }));
+        Ok::<(), Failure>(())
+    }
     .await;
     progress.finish_and_clear();
     if result.is_ok() {
-        shutdown.wait().await;
+        match follower.as_mut() {
+            Some(f) => {
+                let mut s = shutdown.clone();
+                f.follow(async move { s.wait().await }).await
+            }
+            None => shutdown.wait().await,
+        }
+    }
+    if let Some(f) = follower.as_mut() {
+        f.detach_all().await;
     }
     let teardown = device.destroy().await.context(format!("removing {iface}"));
     tracing::info!("{iface} removed");
@@ -189,7 +245,7 @@ async fn bring_up(
     store: &StateDir,
     progress: &ProgressBar,
     started: Instant,
-) -> Result<(), Failure> {
+) -> Result<(JoinedState, Duration), Failure> {
     let deadline = started + args.timeout;
     let api = SocketAddr::new(token.server_address, control::CONTROL_PORT);
     let iface = &args.common.iface;
@@ -244,18 +300,17 @@ async fn bring_up(
 
     // Saved before the switch: once the server has our key, losing it would
     // strand this site.
-    store.save(
-        iface,
-        &Endpoint::Joined(JoinedState {
-            private_key: own_key.clone(),
-            server_public_key: token.server_public_key,
-            endpoint: server.to_owned(),
-            port: endpoint.port(),
-            address: token.assigned_network(),
-            server_address: token.server_address,
-            subnet: token.subnet,
-        }),
-    )?;
+    let joined = JoinedState {
+        private_key: own_key.clone(),
+        server_public_key: token.server_public_key,
+        endpoint: server.to_owned(),
+        port: endpoint.port(),
+        address: token.assigned_network(),
+        server_address: token.server_address,
+        subnet: token.subnet,
+        containers: vec![],
+    };
+    store.save(iface, &Endpoint::Joined(joined.clone()))?;
     device.set_private_key(own_key).await?;
     tracing::info!(
         "invite redeemed; now using this host's own key {}",
@@ -278,19 +333,85 @@ async fn bring_up(
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let first_packet = started.elapsed();
-    progress.finish_and_clear();
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "joined {iface} as {}, server {} at {endpoint}, first packet after {} ms",
-        token.assigned_network(),
-        token.server_address,
-        first_packet.as_millis()
-    )
-    .and_then(|_| out.flush())
-    .context("writing to stdout")?;
-    Ok(())
+    Ok((joined, started.elapsed()))
+}
+
+/// The joined site's status: live stats of its link to the server.
+struct LiveStatus {
+    device: Arc<dyn WgDevice>,
+    joined: JoinedState,
+    iface: String,
+    containers: Option<Arc<std::sync::Mutex<Vec<EndpointStatus>>>>,
+}
+
+#[async_trait::async_trait]
+impl StatusSource for LiveStatus {
+    async fn report(&self) -> Vec<EndpointStatus> {
+        let mut main =
+            crate::status::from_state(&self.iface, &Endpoint::Joined(self.joined.clone()))
+                .swap_remove(0);
+        main.state = "up".into();
+        main.backend = Some(self.device.backend().to_string());
+        main.listen_port = self.device.listen_port().await.ok();
+        main.peers = self
+            .device
+            .peers()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                PeerReport::from_live(p, Some("server".into()), Some(self.joined.server_address))
+            })
+            .collect();
+        let mut out = vec![main];
+        if let Some(c) = &self.containers {
+            out.extend(c.lock().expect("status lock").iter().cloned());
+        }
+        out
+    }
+}
+
+/// Registers this site's containers with the hub (each with a key made
+/// here) and saves them with the site's state.
+async fn register_containers(
+    args: &JoinArgs,
+    joined: &mut JoinedState,
+    infos: &[ContainerInfo],
+    store: &StateDir,
+) -> Result<Vec<EndpointSpec>, Failure> {
+    let api = SocketAddr::new(joined.server_address, control::CONTROL_PORT);
+    let endpoint = resolve(&joined.endpoint, joined.port).await?;
+    let mut specs = Vec::new();
+    for (n, info) in infos.iter().enumerate() {
+        let key = PrivateKey::generate();
+        let what = format!("container {}", info.name);
+        let got = control::register_endpoint(api, &key.public_key(), &what, Duration::from_secs(5))
+            .await
+            .with_context(|| format!("registering {what} with the server"))?;
+        let record = ContainerRecord {
+            container: info.name.clone(),
+            iface: endpoint_iface(&args.common.iface, n),
+            private_key: key,
+            address: got.address.ip(),
+        };
+        specs.push(EndpointSpec {
+            container: record.container.clone(),
+            iface: record.iface.clone(),
+            key: record.private_key.clone(),
+            address: got.address,
+            hub: PeerSpec {
+                public_key: joined.server_public_key,
+                endpoint: Some(endpoint),
+                allowed_ips: vec![joined.subnet],
+                keepalive: Some(KEEPALIVE),
+            },
+            mtu: args.common.mtu,
+            probe: api,
+        });
+        joined.containers.push(record);
+    }
+    store.save(&args.common.iface, &Endpoint::Joined(joined.clone()))?;
+    Ok(specs)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 pub mod join;
 pub mod serve;
+pub mod status;
 
 use crate::wg::BackendChoice;
 use clap::{Args, Parser, Subcommand};
@@ -45,7 +46,11 @@ impl Verbosity {
             _ => "error",
         };
         let deps = if self.verbose >= 2 { "debug" } else { "warn" };
-        format!("{deps},tunnel={level}")
+        // gotatun logs ERROR for its own tasks ending whenever a device is
+        // stopped or rebinds on a key change, which is routine here; its
+        // messages show from -vv on.
+        let gotatun = if self.verbose >= 2 { "debug" } else { "off" };
+        format!("{deps},gotatun={gotatun},tunnel={level}")
     }
 }
 
@@ -64,6 +69,9 @@ pub struct EndpointArgs {
     /// Interface MTU (1420 suits WireGuard over IPv4 UDP on a 1500-byte path)
     #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u32).range(1280..=9000))]
     pub mtu: u32,
+    /// Put an endpoint inside this Docker container (name or id); repeatable. Each gets its own key and address
+    #[arg(long = "container", value_name = "NAME|ID")]
+    pub containers: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -72,6 +80,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Join a hub with a token and run until SIGINT/SIGTERM
     Join(join::JoinArgs),
+    /// Show endpoints, addresses, containers and peers (live while running, else saved)
+    Status(status::StatusArgs),
 }
 
 /// A failed command: its exit code and the one line to print.
@@ -105,6 +115,14 @@ fn classify(e: &anyhow::Error) -> u8 {
     use crate::net::NetError;
     use crate::wg::WgError;
     for cause in e.chain() {
+        if cause.downcast_ref::<crate::docker::DockerError>().is_some()
+            || matches!(
+                cause.downcast_ref::<crate::containers::ContainerError>(),
+                Some(crate::containers::ContainerError::Docker(_))
+            )
+        {
+            return 2;
+        }
         if cause.downcast_ref::<crate::token::TokenError>().is_some()
             || cause.downcast_ref::<crate::sys::SysError>().is_some()
             || cause.downcast_ref::<crate::ipam::IpamError>().is_some()
@@ -148,9 +166,31 @@ impl Shutdown {
     }
 }
 
+/// Connects to Docker and resolves the containers, when any are asked for:
+/// run before the host is touched, so that a stopped engine or a wrong name
+/// changes nothing.
+pub(crate) async fn containers_up_front(
+    references: &[String],
+) -> Result<
+    Option<(
+        std::sync::Arc<dyn crate::docker::ContainerRuntime>,
+        Vec<crate::docker::ContainerInfo>,
+    )>,
+    Failure,
+> {
+    if references.is_empty() {
+        return Ok(None);
+    }
+    let runtime: std::sync::Arc<dyn crate::docker::ContainerRuntime> =
+        std::sync::Arc::new(crate::docker::Bollard::connect().await?);
+    let infos = crate::docker::resolve_all(runtime.as_ref(), references).await?;
+    Ok(Some((runtime, infos)))
+}
+
 pub async fn run(command: Command, shutdown: Shutdown) -> Result<(), Failure> {
     match command {
         Command::Serve(args) => serve::run(args, shutdown).await,
         Command::Join(args) => join::run(args, shutdown).await,
+        Command::Status(args) => status::run(args).await,
     }
 }

@@ -1,12 +1,14 @@
 //! `tunnel serve`: the hub endpoint.
 
 use super::{EndpointArgs, Failure, Shutdown};
+use crate::containers::{EndpointSpec, Follower, endpoint_iface};
 use crate::control;
 use crate::hub::{self, Hub};
 use crate::keys::PrivateKey;
 use crate::net::{Netlink, validate_ifname};
 use crate::state::{ServerState, StateDir};
-use crate::wg::{self, DeviceSpec, WgDevice};
+use crate::status::{EndpointStatus, PeerReport, StatusSource};
+use crate::wg::{self, DeviceSpec, PeerSpec, WgDevice};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use ipnetwork::IpNetwork;
@@ -84,6 +86,7 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
                 .unwrap_or_else(|| DEFAULT_SUBNET.parse().expect("valid default")),
             peers: vec![],
             invites: vec![],
+            containers: vec![],
         }),
     }
 }
@@ -100,8 +103,14 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         )));
     }
     crate::sys::require_net_admin()?;
+    // Docker and the containers are checked before the host is touched.
+    let docker = super::containers_up_front(&args.common.containers).await?;
     let store = StateDir::new(&args.common.state_dir);
-    let state = load_or_new(&args, &store)?;
+    let mut state = load_or_new(&args, &store)?;
+    if let Some((_, infos)) = &docker {
+        let names: Vec<String> = infos.iter().map(|c| c.name.clone()).collect();
+        hub::ensure_containers(&mut state, &names, |n| endpoint_iface(&iface, n))?;
+    }
     let server_ip = Hub::server_address(state.subnet)?;
     let now = SystemTime::now();
 
@@ -117,7 +126,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         mtu: args.common.mtu,
     };
     let device: Arc<dyn WgDevice> = Arc::from(
-        wg::create(&spec, args.common.backend, net)
+        wg::create(&spec, args.common.backend, net.clone(), None)
             .await
             .context(format!("creating {iface}"))?,
     );
@@ -129,11 +138,55 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         state.private_key.public_key()
     );
 
-    let result = serve(&args, device.clone(), store, state, shutdown).await;
+    let mut follower = docker.map(|(runtime, infos)| {
+        let specs = container_specs(&args, &state, &infos, server_ip);
+        Follower::new(runtime, net.clone(), args.common.backend, specs)
+    });
+    let result = serve(
+        &args,
+        device.clone(),
+        store,
+        state,
+        follower.as_mut(),
+        shutdown,
+    )
+    .await;
+    if let Some(f) = follower.as_mut() {
+        f.detach_all().await;
+    }
     let teardown = device.destroy().await.context(format!("removing {iface}"));
     tracing::info!("{iface} removed");
     result?;
     Ok(teardown?)
+}
+
+/// The endpoints of this host's containers: the hub is their peer, on
+/// loopback, as their UDP sockets live in this namespace too.
+fn container_specs(
+    args: &ServeArgs,
+    state: &ServerState,
+    infos: &[crate::docker::ContainerInfo],
+    server_ip: std::net::IpAddr,
+) -> Vec<EndpointSpec> {
+    infos
+        .iter()
+        .filter_map(|info| state.containers.iter().find(|c| c.container == info.name))
+        .map(|c| EndpointSpec {
+            container: c.container.clone(),
+            iface: c.iface.clone(),
+            key: c.private_key.clone(),
+            address: IpNetwork::new(c.address, state.subnet.prefix())
+                .expect("prefix of the subnet"),
+            hub: PeerSpec {
+                public_key: state.private_key.public_key(),
+                endpoint: Some(SocketAddr::from(([127, 0, 0, 1], state.port))),
+                allowed_ips: vec![state.subnet],
+                keepalive: Some(super::join::KEEPALIVE),
+            },
+            mtu: args.common.mtu,
+            probe: SocketAddr::new(server_ip, control::CONTROL_PORT),
+        })
+        .collect()
 }
 
 async fn serve(
@@ -141,12 +194,17 @@ async fn serve(
     device: Arc<dyn WgDevice>,
     store: StateDir,
     state: ServerState,
+    follower: Option<&mut Follower>,
     mut shutdown: Shutdown,
 ) -> Result<(), Failure> {
+    let iface = &args.common.iface;
+    // The hub relays between its peers (sites and containers).
+    crate::net::enable_forwarding(iface)?;
     let server_ip = Hub::server_address(state.subnet)?;
-    let hub = Arc::new(Hub::new(device, store, &args.common.iface, state)?);
+    let hub = Arc::new(Hub::new(device, store, iface, state)?);
     let now = SystemTime::now();
     hub.prune(now).await?;
+    hub.persist().await?;
 
     let api_addr = SocketAddr::new(server_ip, control::CONTROL_PORT);
     let listener = control::bind(api_addr).await?;
@@ -155,10 +213,30 @@ async fn serve(
         async move { s.wait().await }
     };
     let api = tokio::spawn(control::serve(listener, hub.clone(), api_shutdown));
+    let socket = hub.store().socket(iface);
+    let local = control::bind_local(&socket)?;
+    let source = Arc::new(LiveStatus {
+        hub: hub.clone(),
+        device: hub.device(),
+        iface: iface.clone(),
+        containers: follower.as_ref().map(|f| f.status()),
+    });
+    let local_shutdown = {
+        let mut s = shutdown.clone();
+        async move { s.wait().await }
+    };
+    let local = tokio::spawn(control::serve_local(local, socket, source, local_shutdown));
 
     let tokens = hub
         .mint(args.tokens, args.token_ttl, now, args.endpoint.as_deref())
         .await?;
+    let follower = match follower {
+        Some(f) => {
+            f.reconcile_all().await?;
+            Some(f)
+        }
+        None => None,
+    };
     {
         let mut out = std::io::stdout().lock();
         for t in &tokens {
@@ -175,29 +253,96 @@ async fn serve(
         );
     }
 
-    let mut last_prune = Instant::now();
-    loop {
-        // Poll quickly only while a joiner is switching keys.
-        let tick = if hub.has_pending().await {
-            Duration::from_millis(20)
-        } else {
-            Duration::from_secs(1)
-        };
-        tokio::select! {
-            _ = shutdown.wait() => break,
-            _ = hub.redeemed() => {}
-            _ = tokio::time::sleep(tick) => {}
+    let mut stop_following = shutdown.clone();
+    let follow = async move {
+        if let Some(f) = follower {
+            f.follow(async move { stop_following.wait().await }).await;
         }
-        hub.complete_swaps(Instant::now()).await?;
-        if last_prune.elapsed() > Duration::from_secs(60) {
-            hub.prune(SystemTime::now()).await?;
-            last_prune = Instant::now();
+    };
+    let swaps = async {
+        let mut last_prune = Instant::now();
+        loop {
+            // Poll quickly only while a joiner is switching keys.
+            let tick = if hub.has_pending().await {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_secs(1)
+            };
+            tokio::select! {
+                _ = shutdown.wait() => return Ok::<(), Failure>(()),
+                _ = hub.redeemed() => {}
+                _ = tokio::time::sleep(tick) => {}
+            }
+            hub.complete_swaps(Instant::now()).await?;
+            if last_prune.elapsed() > Duration::from_secs(60) {
+                hub.prune(SystemTime::now()).await?;
+                last_prune = Instant::now();
+            }
+        }
+    };
+    let ((), swapped) = tokio::join!(follow, swaps);
+    for (what, task) in [("control API", api), ("local control socket", local)] {
+        match tokio::time::timeout(Duration::from_secs(3), task).await {
+            Ok(Ok(Err(e))) => tracing::warn!("{what}: {e}"),
+            Err(_) => tracing::warn!("{what} did not stop in time"),
+            _ => {}
         }
     }
-    match tokio::time::timeout(Duration::from_secs(3), api).await {
-        Ok(Ok(Err(e))) => tracing::warn!("control API: {e}"),
-        Err(_) => tracing::warn!("control API did not stop in time"),
-        _ => {}
+    swapped
+}
+
+/// The running server's status: live peer stats, named from the state.
+struct LiveStatus {
+    hub: Arc<Hub>,
+    device: Arc<dyn WgDevice>,
+    iface: String,
+    containers: Option<Arc<std::sync::Mutex<Vec<EndpointStatus>>>>,
+}
+
+#[async_trait::async_trait]
+impl StatusSource for LiveStatus {
+    async fn report(&self) -> Vec<EndpointStatus> {
+        let state = self.hub.snapshot().await;
+        let mut main =
+            crate::status::from_state(&self.iface, &crate::state::Endpoint::Server(state.clone()))
+                .swap_remove(0);
+        main.state = "up".into();
+        main.backend = Some(self.device.backend().to_string());
+        let live = self.device.peers().await.unwrap_or_default();
+        main.peers = live
+            .iter()
+            .map(|p| {
+                let name = if let Some(r) =
+                    state.peers.iter().find(|r| r.public_key == p.public_key)
+                {
+                    (
+                        r.name.clone().unwrap_or_else(|| "site".into()),
+                        Some(r.address),
+                    )
+                } else if let Some(c) = state
+                    .containers
+                    .iter()
+                    .find(|c| c.private_key.public_key() == p.public_key)
+                {
+                    (format!("container {}", c.container), Some(c.address))
+                } else if let Some(i) = state.invites.iter().find(|i| i.public_key == p.public_key)
+                {
+                    let what = if i.redeemed_by.is_some() {
+                        "invite (used)"
+                    } else {
+                        "invite (unused)"
+                    };
+                    (what.to_owned(), Some(i.address))
+                } else {
+                    ("unknown".to_owned(), None)
+                };
+                PeerReport::from_live(p, Some(name.0), name.1)
+            })
+            .collect();
+        let mut out = vec![main];
+        if let Some(c) = &self.containers {
+            out.extend(c.lock().expect("status lock").iter().cloned());
+        }
+        out
     }
-    Ok(())
 }

@@ -12,6 +12,8 @@ pub struct FakeLink {
     pub addrs: Vec<IpNetwork>,
     pub mtu: Option<u32>,
     pub up: bool,
+    /// The pid whose namespace it was moved into.
+    pub netns_pid: Option<u32>,
 }
 
 #[derive(Default)]
@@ -62,6 +64,15 @@ impl NetOps for FakeNet {
         link.addrs.extend_from_slice(addrs);
         link.mtu = Some(mtu);
         link.up = true;
+        Ok(())
+    }
+
+    async fn move_to_netns(&self, name: &str, pid: u32) -> Result<(), NetError> {
+        let mut links = self.links.lock().unwrap();
+        let link = links
+            .get_mut(name)
+            .ok_or_else(|| NetError::NotFound(name.to_owned()))?;
+        link.netns_pid = Some(pid);
         Ok(())
     }
 

@@ -37,6 +37,16 @@ pub trait NetOps: Send + Sync {
     /// with them) and brings the link up.
     async fn configure(&self, name: &str, addrs: &[IpNetwork], mtu: u32) -> Result<(), NetError>;
     async fn delete_link(&self, name: &str) -> Result<(), NetError>;
+    /// Moves the link into the network namespace of process `pid`.
+    async fn move_to_netns(&self, name: &str, pid: u32) -> Result<(), NetError>;
+}
+
+/// Lets the kernel forward packets that arrive on `iface` (the hub relays
+/// between its peers). Per interface, so the host as a whole does not
+/// become a router, and gone with the interface, so nothing to undo.
+pub fn enable_forwarding(iface: &str) -> Result<(), NetError> {
+    let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
+    std::fs::write(&path, "1").map_err(|e| NetError::Other(format!("{path}: {e}")))
 }
 
 /// Checks an interface name the way the kernel will (`dev_valid_name`).

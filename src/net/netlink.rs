@@ -25,6 +25,29 @@ impl Netlink {
         Ok(Self { handle })
     }
 
+    /// Opens the socket inside the network namespace of process `pid`. A
+    /// netlink socket belongs to the namespace it was made in, so it is made
+    /// on a dedicated thread that enters the namespace (never a tokio
+    /// worker), then used from anywhere.
+    pub fn connect_in_netns(pid: u32) -> Result<Self, NetError> {
+        use std::os::fd::AsFd;
+        let path = format!("/proc/{pid}/ns/net");
+        let ns = std::fs::File::open(&path).map_err(|e| NetError::Other(format!("{path}: {e}")))?;
+        let runtime = tokio::runtime::Handle::current();
+        let made = std::thread::spawn(move || {
+            let _enter = runtime.enter();
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| NetError::Other(format!("entering {path}: {e}")))?;
+            rtnetlink::new_connection()
+                .map_err(|e| NetError::Other(format!("netlink socket in {path}: {e}")))
+        })
+        .join()
+        .map_err(|_| NetError::Other("namespace thread panicked".into()))?;
+        let (conn, handle, _) = made?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
     async fn index(&self, name: &str) -> Result<Option<u32>, NetError> {
         let mut links = self
             .handle
@@ -101,6 +124,16 @@ impl NetOps for Netlink {
             .execute()
             .await
             .map_err(|e| classify(e, "bringing the link up", name))
+    }
+
+    async fn move_to_netns(&self, name: &str, pid: u32) -> Result<(), NetError> {
+        let index = self.require_index(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).setns_by_pid(pid).build())
+            .execute()
+            .await
+            .map_err(|e| classify(e, &format!("moving into the namespace of pid {pid}"), name))
     }
 
     async fn delete_link(&self, name: &str) -> Result<(), NetError> {

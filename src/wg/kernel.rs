@@ -38,12 +38,17 @@ pub fn peer_update(spec: &PeerSpec) -> PeerConfigBuilder {
 }
 
 impl KernelDevice {
-    pub async fn create(spec: &DeviceSpec, net: Arc<dyn NetOps>) -> Result<Self, WgError> {
+    /// Made through `host`; `net` is where the link will live (and is deleted).
+    pub async fn create(
+        spec: &DeviceSpec,
+        host: Arc<dyn NetOps>,
+        net: Arc<dyn NetOps>,
+    ) -> Result<Self, WgError> {
         let iface: InterfaceName = spec.name.parse().map_err(|e| WgError::Kernel {
             what: "interface name",
             detail: format!("{e:?}"),
         })?;
-        net.create_wireguard(&spec.name).await?;
+        host.create_wireguard(&spec.name).await?;
         let dev = Self {
             name: spec.name.clone(),
             iface,
@@ -59,7 +64,7 @@ impl KernelDevice {
             update = update.add_peer(peer_update(p));
         }
         if let Err(e) = dev.apply(update, "configuring the device").await {
-            let _ = dev.net.delete_link(&dev.name).await;
+            let _ = host.delete_link(&dev.name).await;
             return Err(e);
         }
         Ok(dev)

@@ -125,27 +125,42 @@ pub trait WgDevice: Send + Sync {
     async fn destroy(&self) -> Result<(), WgError>;
 }
 
-/// Creates the device, configures it, and gives its link its addresses and MTU.
-/// On any error, whatever was created is removed again.
+/// A network namespace to put a device's interface in (a container's).
+pub struct Placement {
+    /// A process in that namespace.
+    pub pid: u32,
+    /// Netlink in that namespace.
+    pub net: Arc<dyn NetOps>,
+}
+
+/// Creates the device, configures it, and gives its link its addresses and
+/// MTU. With `into`, the link is made in the current namespace, where its
+/// UDP socket stays, then moved into the other namespace and configured
+/// there. On any error, whatever was created is removed again.
 pub async fn create(
     spec: &DeviceSpec,
     choice: BackendChoice,
-    net: Arc<dyn NetOps>,
+    host: Arc<dyn NetOps>,
+    into: Option<Placement>,
 ) -> Result<Box<dyn WgDevice>, WgError> {
     crate::net::validate_ifname(&spec.name)?;
-    if net.link_exists(&spec.name).await? {
+    if host.link_exists(&spec.name).await? {
         return Err(NetError::Exists(spec.name.clone()).into());
     }
     userspace::check_uapi_free(&spec.name)?;
     if spec.listen_port != 0 {
         check_port_free(spec.listen_port)?;
     }
+    let link_net = into
+        .as_ref()
+        .map(|p| p.net.clone())
+        .unwrap_or_else(|| host.clone());
+    let kernel = || kernel::KernelDevice::create(spec, host.clone(), link_net.clone());
+    let user = || userspace::UserspaceDevice::create(spec, link_net.clone());
     let device: Box<dyn WgDevice> = match choice {
-        BackendChoice::Kernel => Box::new(kernel::KernelDevice::create(spec, net.clone()).await?),
-        BackendChoice::Userspace => {
-            Box::new(userspace::UserspaceDevice::create(spec, net.clone()).await?)
-        }
-        BackendChoice::Auto => match kernel::KernelDevice::create(spec, net.clone()).await {
+        BackendChoice::Kernel => Box::new(kernel().await?),
+        BackendChoice::Userspace => Box::new(user().await?),
+        BackendChoice::Auto => match kernel().await {
             Ok(d) => {
                 tracing::info!("backend: kernel WireGuard");
                 Box::new(d)
@@ -154,12 +169,24 @@ pub async fn create(
                 tracing::info!(
                     "backend: userspace (gotatun), as the kernel has no WireGuard: {why}"
                 );
-                Box::new(userspace::UserspaceDevice::create(spec, net.clone()).await?)
+                Box::new(user().await?)
             }
             Err(e) => return Err(e),
         },
     };
-    if let Err(e) = net.configure(&spec.name, &spec.addresses, spec.mtu).await {
+    let placed = match &into {
+        Some(p) => host.move_to_netns(&spec.name, p.pid).await,
+        None => Ok(()),
+    };
+    let configured = match placed {
+        Ok(()) => {
+            link_net
+                .configure(&spec.name, &spec.addresses, spec.mtu)
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = configured {
         let _ = device.destroy().await;
         return Err(e.into());
     }

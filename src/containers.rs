@@ -1,0 +1,313 @@
+//! Container endpoints: each attached container gets its own WireGuard
+//! interface, made in this namespace (where its UDP socket stays) and moved
+//! into the container's, and follows the container through restarts and
+//! re-creation via Docker events.
+//!
+//! The tool never starts, stops or removes containers; when a container
+//! stops, its endpoint keeps its key and address and is re-attached when the
+//! container runs again.
+
+use crate::docker::{self, Action, Attached, ContainerRuntime, DockerError, EventKind};
+use crate::keys::PrivateKey;
+use crate::net::{NetOps, Netlink};
+use crate::status::{EndpointStatus, PeerReport};
+use crate::wg::{self, BackendChoice, DeviceSpec, PeerSpec, Placement, WgDevice, WgError};
+use futures::StreamExt;
+use ipnetwork::IpNetwork;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    #[error(transparent)]
+    Docker(#[from] DockerError),
+    #[error("attaching {container}: {source}")]
+    Attach { container: String, source: WgError },
+    #[error("attaching {container}: {detail}")]
+    Namespace { container: String, detail: String },
+}
+
+/// One container endpoint, as configured.
+#[derive(Debug, Clone)]
+pub struct EndpointSpec {
+    /// The container's name (re-created containers are found by name).
+    pub container: String,
+    pub iface: String,
+    pub key: PrivateKey,
+    pub address: IpNetwork,
+    /// The hub, as this endpoint's only peer.
+    pub hub: PeerSpec,
+    pub mtu: u32,
+    /// The hub's control API: probed from inside the container to make the
+    /// first handshake happen now and to prove traffic flows.
+    pub probe: SocketAddr,
+}
+
+struct Slot {
+    spec: EndpointSpec,
+    attached: Option<(Attached, Box<dyn WgDevice>)>,
+}
+
+pub struct Follower {
+    runtime: Arc<dyn ContainerRuntime>,
+    host: Arc<dyn NetOps>,
+    backend: BackendChoice,
+    slots: Vec<Slot>,
+    /// What status reports, updated on every attach and detach.
+    status: Arc<Mutex<Vec<EndpointStatus>>>,
+}
+
+/// Connects to the hub's control API from inside the namespace of `pid`,
+/// retrying until `timeout`. Runs on its own thread: entering a namespace
+/// changes the calling thread, so it is never done on a tokio worker.
+pub async fn probe_from_netns(
+    pid: u32,
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<Duration, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let result = (|| {
+            use std::os::fd::AsFd;
+            let path = format!("/proc/{pid}/ns/net");
+            let ns = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+            nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("entering {path}: {e}"))?;
+            let start = Instant::now();
+            loop {
+                match std::net::TcpStream::connect_timeout(&target, Duration::from_millis(100)) {
+                    Ok(_) => return Ok(start.elapsed()),
+                    Err(e) if start.elapsed() > timeout => {
+                        return Err(format!("no answer from {target}: {e}"));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })();
+        let _ = tx.send(result);
+    });
+    rx.await.map_err(|_| "probe thread died".to_owned())?
+}
+
+impl Follower {
+    pub fn new(
+        runtime: Arc<dyn ContainerRuntime>,
+        host: Arc<dyn NetOps>,
+        backend: BackendChoice,
+        specs: Vec<EndpointSpec>,
+    ) -> Self {
+        let slots = specs
+            .into_iter()
+            .map(|spec| Slot {
+                spec,
+                attached: None,
+            })
+            .collect();
+        let me = Self {
+            runtime,
+            host,
+            backend,
+            slots,
+            status: Arc::default(),
+        };
+        me.publish();
+        me
+    }
+
+    /// A live view of the container endpoints, for status.
+    pub fn status(&self) -> Arc<Mutex<Vec<EndpointStatus>>> {
+        self.status.clone()
+    }
+
+    fn publish(&self) {
+        let all = self
+            .slots
+            .iter()
+            .map(|s| EndpointStatus {
+                iface: s.spec.iface.clone(),
+                role: "container".into(),
+                state: if s.attached.is_some() { "up" } else { "down" }.into(),
+                backend: s.attached.as_ref().map(|(_, d)| d.backend().to_string()),
+                address: s.spec.address,
+                listen_port: None,
+                public_key: s.spec.key.public_key(),
+                container: Some(s.spec.container.clone()),
+                container_id: s.attached.as_ref().map(|(a, _)| a.id.clone()),
+                server: None,
+                peers: vec![PeerReport {
+                    public_key: s.spec.hub.public_key,
+                    name: Some("server".into()),
+                    address: Some(s.spec.probe.ip()),
+                    endpoint: s.spec.hub.endpoint,
+                    last_handshake_secs: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    keepalive: s.spec.hub.keepalive,
+                }],
+            })
+            .collect();
+        *self.status.lock().expect("status lock") = all;
+    }
+
+    /// Brings every endpoint in line with its container. Errors detach
+    /// nothing that was fine; the caller decides whether they are fatal.
+    pub async fn reconcile_all(&mut self) -> Result<(), ContainerError> {
+        let mut first_err = None;
+        for i in 0..self.slots.len() {
+            if let Err(e) = self.reconcile(i).await {
+                tracing::warn!("{e}");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    async fn reconcile(&mut self, i: usize) -> Result<(), ContainerError> {
+        let name = self.slots[i].spec.container.clone();
+        let observed = self.runtime.inspect(&name).await?;
+        let attached = self.slots[i].attached.as_ref().map(|(a, _)| a.clone());
+        for action in docker::plan(attached.as_ref(), observed.as_ref()) {
+            match action {
+                Action::Detach => self.detach(i).await,
+                Action::Attach { id, pid } => self.attach(i, id, pid).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn attach(&mut self, i: usize, id: String, pid: u32) -> Result<(), ContainerError> {
+        let started = Instant::now();
+        let spec = self.slots[i].spec.clone();
+        let ns_err = |detail: String| ContainerError::Namespace {
+            container: spec.container.clone(),
+            detail,
+        };
+        let net = Arc::new(Netlink::connect_in_netns(pid).map_err(|e| ns_err(e.to_string()))?);
+        let device_spec = DeviceSpec {
+            name: spec.iface.clone(),
+            private_key: spec.key.clone(),
+            listen_port: 0,
+            peers: vec![spec.hub.clone()],
+            addresses: vec![spec.address],
+            mtu: spec.mtu,
+        };
+        let device = wg::create(
+            &device_spec,
+            self.backend,
+            self.host.clone(),
+            Some(Placement { pid, net }),
+        )
+        .await
+        .map_err(|source| ContainerError::Attach {
+            container: spec.container.clone(),
+            source,
+        })?;
+        self.slots[i].attached = Some((Attached { id, pid }, device));
+        self.publish();
+        match probe_from_netns(pid, spec.probe, Duration::from_secs(10)).await {
+            Ok(_) => tracing::info!(
+                "attached {} to container {} as {} ({} ms to traffic)",
+                spec.iface,
+                spec.container,
+                spec.address,
+                started.elapsed().as_millis()
+            ),
+            Err(e) => tracing::warn!(
+                "attached {} to container {}, but {e}",
+                spec.iface,
+                spec.container
+            ),
+        }
+        Ok(())
+    }
+
+    async fn detach(&mut self, i: usize) {
+        if let Some((a, device)) = self.slots[i].attached.take() {
+            self.publish();
+            let container = &self.slots[i].spec.container;
+            match device.destroy().await {
+                Ok(()) => tracing::info!(
+                    "detached {} from container {container} ({})",
+                    device.name(),
+                    short(&a.id)
+                ),
+                Err(e) => tracing::warn!(
+                    "detaching {} from container {container}: {e}",
+                    device.name()
+                ),
+            }
+        }
+    }
+
+    pub async fn detach_all(&mut self) {
+        for i in 0..self.slots.len() {
+            self.detach(i).await;
+        }
+    }
+
+    /// Follows Docker events until `stop` completes; reconnects the event
+    /// stream if the engine restarts.
+    pub async fn follow(&mut self, stop: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stop);
+        loop {
+            let mut events = self.runtime.events();
+            // Whatever happened while not listening.
+            let _ = self.reconcile_all().await;
+            loop {
+                tokio::select! {
+                    _ = &mut stop => return,
+                    ev = events.next() => match ev {
+                        Some(Ok(ev)) => {
+                            let hit = self.slots.iter().position(|s| {
+                                s.spec.container == ev.name || s.attached.as_ref().is_some_and(|(a, _)| a.id == ev.id)
+                            });
+                            if let Some(i) = hit {
+                                tracing::debug!("container {} {:?}", ev.name, ev.kind);
+                                if ev.kind == EventKind::Die || ev.kind == EventKind::Destroy {
+                                    self.detach(i).await;
+                                }
+                                if let Err(e) = self.reconcile(i).await {
+                                    tracing::warn!("{e}");
+                                }
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!("Docker events: {e}; retrying");
+                            break;
+                        }
+                        None => break,
+                    },
+                }
+            }
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// The interface name of the `n`th container endpoint of `iface`: unique on
+/// the host (UAPI sockets are shared by all namespaces) and within 15 bytes.
+pub fn endpoint_iface(iface: &str, n: usize) -> String {
+    let suffix = format!("c{n}");
+    let keep = 15 - suffix.len();
+    let base: String = iface.chars().take(keep).collect();
+    format!("{base}{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_names_fit() {
+        assert_eq!(endpoint_iface("wg-tunnel", 0), "wg-tunnelc0");
+        assert_eq!(endpoint_iface("a23456789012345", 12).len(), 15);
+    }
+}

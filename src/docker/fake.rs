@@ -1,0 +1,84 @@
+//! An in-memory [`ContainerRuntime`] for unit tests.
+
+use super::{ContainerEvent, ContainerInfo, ContainerRuntime, DockerError};
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use std::sync::Mutex;
+use tokio::sync::broadcast;
+
+pub struct FakeRuntime {
+    containers: Mutex<Vec<ContainerInfo>>,
+    down: Mutex<bool>,
+    events: broadcast::Sender<ContainerEvent>,
+}
+
+impl Default for FakeRuntime {
+    fn default() -> Self {
+        Self {
+            containers: Mutex::default(),
+            down: Mutex::default(),
+            events: broadcast::channel(64).0,
+        }
+    }
+}
+
+impl FakeRuntime {
+    pub fn set(&self, info: ContainerInfo) {
+        let mut c = self.containers.lock().unwrap();
+        c.retain(|x| x.id != info.id && x.name != info.name);
+        c.push(info);
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.containers.lock().unwrap().retain(|x| x.name != name);
+    }
+
+    pub fn emit(&self, event: ContainerEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Makes every call fail as if the engine were stopped.
+    pub fn down(&self) {
+        *self.down.lock().unwrap() = true;
+    }
+}
+
+#[async_trait]
+impl ContainerRuntime for FakeRuntime {
+    async fn inspect(&self, reference: &str) -> Result<Option<ContainerInfo>, DockerError> {
+        if *self.down.lock().unwrap() {
+            return Err(DockerError::Unavailable("fake engine is down".into()));
+        }
+        Ok(self
+            .containers
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c.name == reference
+                    || c.id == reference
+                    || (reference.len() >= 4 && c.id.starts_with(reference))
+            })
+            .cloned())
+    }
+
+    fn events(&self) -> BoxStream<'static, Result<ContainerEvent, DockerError>> {
+        tokio_stream_like(self.events.subscribe())
+    }
+}
+
+fn tokio_stream_like(
+    rx: broadcast::Receiver<ContainerEvent>,
+) -> BoxStream<'static, Result<ContainerEvent, DockerError>> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) => return Some((Ok(e), rx)),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .boxed()
+}
