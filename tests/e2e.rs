@@ -78,7 +78,8 @@ fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 out.extend(files_under(&p))
-            } else {
+            } else if p.is_file() {
+                // Regular files only: the local control socket lives here too.
                 out.push(p)
             }
         }

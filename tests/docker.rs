@@ -1,0 +1,376 @@
+//! End-to-end with real Docker: containers on two namespace "hosts" talk
+//! over the tunnel, follow restarts and re-creation, and are left running
+//! and clean on exit. The engine and the local image come from
+//! `scripts/docker-env.sh` (run by `make test` and CI as root).
+
+mod common;
+
+use common::{Host, Lab, can_run};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = "tunnel-test-busybox:latest";
+const UP: Duration = Duration::from_secs(30);
+
+fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("spawn docker")
+}
+
+fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Docker and the test image are there; under CI their absence fails.
+fn docker_ready(test: &str) -> bool {
+    if !can_run(test) {
+        return false;
+    }
+    let engine = docker(&["info", "--format", "{{.ServerVersion}}"])
+        .status
+        .success();
+    let image = engine && docker(&["image", "inspect", IMAGE]).status.success();
+    if engine && image {
+        return true;
+    }
+    let msg = format!(
+        "{test}: cannot run, {} (run scripts/docker-env.sh as root)",
+        if engine {
+            "no test image"
+        } else {
+            "no Docker engine answers"
+        }
+    );
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg} (CI is set, so this is a failure, not a skip)");
+    }
+    eprintln!("SKIPPED {msg}");
+    false
+}
+
+/// Containers of one test, removed on drop even when the test fails.
+struct Containers(Vec<String>);
+
+impl Containers {
+    fn run(&mut self, name: &str, cmd: &[&str]) {
+        let mut args = vec!["run", "-d", "--name", name, IMAGE];
+        args.extend_from_slice(cmd);
+        docker_ok(&args);
+        self.0.push(name.to_owned());
+    }
+
+    fn web(&mut self, name: &str, page: &str) {
+        self.run(
+            name,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "mkdir -p /www && echo {page} > /www/index.html && exec httpd -f -p 80 -h /www"
+                ),
+            ],
+        );
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = docker(&["rm", "-f", c]);
+        }
+    }
+}
+
+fn fetch(from: &str, url: &str) -> Option<String> {
+    // busybox wget has no working timeout flag here; `timeout` bounds it.
+    let out = docker(&["exec", from, "timeout", "5", "wget", "-qO-", url]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+fn status_json(lab: &Lab, host: &Host, state: &Path) -> serde_json::Value {
+    let out = lab.tunnel(
+        host,
+        &["status", "--json", "--state-dir", state.to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status --json parses")
+}
+
+fn container_address(status: &serde_json::Value, container: &str) -> String {
+    let ep = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["container"] == container)
+        .unwrap_or_else(|| panic!("no endpoint for {container} in {status}"));
+    let addr = ep["address"].as_str().unwrap();
+    addr.split('/').next().unwrap().to_owned()
+}
+
+fn interfaces_in(container: &str) -> String {
+    docker_ok(&["exec", container, "ip", "-o", "link"])
+}
+
+#[test]
+fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
+    if !docker_ready("containers_on_two_hosts") {
+        return;
+    }
+    let mut lab = Lab::new(2);
+    let (a, b) = (lab.host(0), lab.host(1));
+    let (web, cli, other) = (
+        format!("tnl{}web", lab.id),
+        format!("tnl{}cli", lab.id),
+        format!("tnl{}oth", lab.id),
+    );
+    let page = format!("page-{}", lab.id);
+    let mut cs = Containers(vec![]);
+    cs.web(&web, &page);
+    cs.run(&cli, &["sleep", "3600"]);
+    cs.run(&other, &["sleep", "3600"]);
+
+    let (iface_a, iface_b) = (lab.iface("a"), lab.iface("b"));
+    let (state_a, state_b) = (lab.state_dir("a"), lab.state_dir("b"));
+    let serve = lab.spawn(
+        &a,
+        &[
+            "serve",
+            "--iface",
+            &iface_a,
+            "--state-dir",
+            state_a.to_str().unwrap(),
+            "--backend",
+            "userspace",
+            "--container",
+            &web,
+        ],
+    );
+    let token = lab.proc(serve).wait_lines(1, UP)[0].clone();
+    let join = lab.spawn(
+        &b,
+        &[
+            "join",
+            &token,
+            &a.ip,
+            "--iface",
+            &iface_b,
+            "--state-dir",
+            state_b.to_str().unwrap(),
+            "--backend",
+            "userspace",
+            "--container",
+            &cli,
+        ],
+    );
+    let summary = lab.proc(join).wait_lines(1, UP)[0].clone();
+    assert!(
+        summary.contains(&format!("container {cli} as 10.77.0.")),
+        "{summary}"
+    );
+
+    let web_ip = container_address(&status_json(&lab, &a, &state_a), &web);
+    let url = format!("http://{web_ip}/");
+    assert_eq!(
+        fetch(&cli, &url).as_deref(),
+        Some(page.as_str()),
+        "cli cannot fetch from web over the tunnel"
+    );
+    assert_eq!(
+        fetch(&other, &url),
+        None,
+        "a container that was not attached reached the tunnel"
+    );
+
+    // Human-readable status shows both endpoints and the container.
+    let text = String::from_utf8_lossy(
+        &lab.tunnel(&a, &["status", "--state-dir", state_a.to_str().unwrap()])
+            .stdout,
+    )
+    .into_owned();
+    assert!(text.contains(&format!("container:  {web} (")), "{text}");
+    assert!(text.contains(&format!("{iface_a} (server, up")), "{text}");
+
+    // A restart gives web a new namespace; the endpoint follows it.
+    let t = Instant::now();
+    docker_ok(&["restart", "-t", "1", &web]);
+    let restarted = Instant::now();
+    while fetch(&cli, &url).as_deref() != Some(page.as_str()) {
+        assert!(
+            restarted.elapsed() < UP,
+            "page not reachable after docker restart; {}",
+            lab.proc(serve).stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "docker restart {web}: page reachable again {} ms after `docker restart` returned ({} ms including the restart)",
+        restarted.elapsed().as_millis(),
+        t.elapsed().as_millis()
+    );
+
+    // Removed and re-created under the same name: re-attached.
+    docker_ok(&["rm", "-f", &web]);
+    cs.0.retain(|c| c != &web);
+    cs.web(&web, &page);
+    let recreated = Instant::now();
+    while fetch(&cli, &url).as_deref() != Some(page.as_str()) {
+        assert!(
+            recreated.elapsed() < UP,
+            "page not reachable after re-creating web; {}",
+            lab.proc(serve).stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The same address and key came back.
+    assert_eq!(
+        container_address(&status_json(&lab, &a, &state_a), &web),
+        web_ip
+    );
+
+    // SIGTERM both: the containers keep running, with no WireGuard interface left.
+    assert!(
+        lab.proc(join).terminate().success(),
+        "{}",
+        lab.proc(join).stderr()
+    );
+    assert!(
+        lab.proc(serve).terminate().success(),
+        "{}",
+        lab.proc(serve).stderr()
+    );
+    for (c, endpoint_iface) in [
+        (&web, format!("{iface_a}c0")),
+        (&cli, format!("{iface_b}c0")),
+    ] {
+        assert_eq!(
+            docker_ok(&["inspect", "-f", "{{.State.Running}}", c]),
+            "true",
+            "{c} was stopped"
+        );
+        let links = interfaces_in(c);
+        assert!(
+            !links.contains(&endpoint_iface),
+            "{endpoint_iface} left in {c}: {links}"
+        );
+        assert!(!Path::new(&format!("/var/run/wireguard/{endpoint_iface}.sock")).exists());
+    }
+    assert!(!a.has_link(&iface_a) && !b.has_link(&iface_b));
+    // Status afterwards reports from saved state.
+    let after = status_json(&lab, &a, &state_a);
+    assert!(
+        after
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["state"] == "down"),
+        "{after}"
+    );
+}
+
+#[test]
+fn docker_errors_are_clear_and_change_nothing() {
+    if !docker_ready("docker_errors") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    let a = lab.host(0);
+    let iface = lab.iface("a");
+    let state = lab.state_dir("a");
+    let s = state.to_str().unwrap();
+    let web = format!("tnl{}web", lab.id);
+    let stopped = format!("tnl{}stp", lab.id);
+    let mut cs = Containers(vec![]);
+    cs.web(&web, "x");
+    docker_ok(&["create", "--name", &stopped, IMAGE, "sleep", "1"]);
+    cs.0.push(stopped.clone());
+    let web_id = docker_ok(&["inspect", "-f", "{{.Id}}", &web]);
+
+    let check = |out: Output, want: &str| {
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{want}: {err}");
+        assert!(err.contains(want), "wanted {want:?} in {err:?}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err:?}");
+        assert!(!a.has_link(&iface), "{want}: interface created");
+        assert!(!state.exists(), "{want}: state created");
+        assert!(
+            !interfaces_in(&web).contains(&iface),
+            "{want}: container touched"
+        );
+    };
+    check(
+        lab.tunnel(
+            &a,
+            &[
+                "serve",
+                "--iface",
+                &iface,
+                "--state-dir",
+                s,
+                "--container",
+                "no-such-container-here",
+            ],
+        ),
+        "no container named",
+    );
+    check(
+        lab.tunnel(
+            &a,
+            &[
+                "serve",
+                "--iface",
+                &iface,
+                "--state-dir",
+                s,
+                "--container",
+                &stopped,
+            ],
+        ),
+        "is not running",
+    );
+    check(
+        lab.tunnel(
+            &a,
+            &[
+                "serve",
+                "--iface",
+                &iface,
+                "--state-dir",
+                s,
+                "--container",
+                &web,
+                "--container",
+                &web_id,
+            ],
+        ),
+        "named twice",
+    );
+    // Docker stopped, as far as tunnel can tell: nothing answers at DOCKER_HOST.
+    let out = a.exec(&[
+        "env",
+        "DOCKER_HOST=unix:///nonexistent/docker.sock",
+        common::BIN,
+        "serve",
+        "--iface",
+        &iface,
+        "--state-dir",
+        s,
+        "--container",
+        &web,
+    ]);
+    check(out, "Docker is not running");
+}
