@@ -7,6 +7,7 @@
 
 use crate::hub::{Hub, RedeemError};
 use crate::keys::PublicKey;
+use crate::status::{EndpointStatus, LocalApi, TokenRequest};
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
@@ -291,26 +292,87 @@ pub fn bind_local(path: &std::path::Path) -> Result<tokio::net::UnixListener, Co
     Ok(listener)
 }
 
-/// Serves the local API (status) until `shutdown`; removes the socket after.
+/// Serves the local API until `shutdown`; removes the socket after. `down`
+/// is called for `tunnel down`, and means the same as SIGTERM.
 pub async fn serve_local(
     listener: tokio::net::UnixListener,
     path: std::path::PathBuf,
-    source: Arc<dyn crate::status::StatusSource>,
+    api: Arc<dyn LocalApi>,
+    down: Arc<dyn Fn() + Send + Sync>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    async fn status(
-        State(source): State<Arc<dyn crate::status::StatusSource>>,
-    ) -> Json<Vec<crate::status::EndpointStatus>> {
-        Json(source.report().await)
+    type Api = (Arc<dyn LocalApi>, Arc<dyn Fn() + Send + Sync>);
+    async fn status(State((api, _)): State<Api>) -> Json<Vec<EndpointStatus>> {
+        Json(api.report().await)
+    }
+    async fn tokens(
+        State((api, _)): State<Api>,
+        Json(req): Json<TokenRequest>,
+    ) -> Reply<Vec<String>> {
+        api.tokens(req)
+            .await
+            .map(Json)
+            .map_err(|e| refuse(StatusCode::BAD_REQUEST, e))
+    }
+    #[derive(Deserialize)]
+    struct Revoke {
+        target: String,
+    }
+    async fn revoke(State((api, _)): State<Api>, Json(req): Json<Revoke>) -> Reply<Vec<String>> {
+        match api.revoke(&req.target).await {
+            Ok(removed) if removed.is_empty() => Err(refuse(
+                StatusCode::NOT_FOUND,
+                format!("no peer or invite named or addressed {:?}", req.target),
+            )),
+            Ok(removed) => Ok(Json(removed)),
+            Err(e) => Err(refuse(StatusCode::BAD_REQUEST, e)),
+        }
+    }
+    async fn stop(State((_, down)): State<Api>) -> Json<Vec<String>> {
+        down();
+        Json(vec!["stopping".to_owned()])
     }
     let app = Router::new()
         .route("/v1/status", get(status))
-        .with_state(source);
+        .route("/v1/tokens", post(tokens))
+        .route("/v1/revoke", post(revoke))
+        .route("/v1/down", post(stop))
+        .with_state((api, down));
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
     let _ = std::fs::remove_file(&path);
     result
+}
+
+/// A request to a running instance's local socket, decoded as JSON.
+pub async fn local_call<T: serde::de::DeserializeOwned>(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<T, ControlError> {
+    let target = socket.display().to_string();
+    let work = async {
+        let stream = tokio::net::UnixStream::connect(socket)
+            .await
+            .map_err(|source| ControlError::Connect {
+                target: target.clone(),
+                source,
+            })?;
+        exchange_on(stream, &target, method, path, body).await
+    };
+    let (status, bytes) = tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ControlError::Timeout(target.clone()))??;
+    if !status.is_success() {
+        return Err(refused(&bytes, status));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ControlError::Http {
+        target,
+        detail: e.to_string(),
+    })
 }
 
 fn refused(body: &Bytes, status: StatusCode) -> ControlError {

@@ -70,7 +70,7 @@ pub fn device_peers(state: &ServerState, now: SystemTime) -> Vec<PeerSpec> {
     let now = unix(now);
     let peers = state.peers.iter().map(|p| PeerSpec {
         public_key: p.public_key,
-        endpoint: None,
+        endpoint: p.endpoint,
         allowed_ips: vec![host_net(p.address)],
         keepalive: None,
     });
@@ -202,6 +202,7 @@ impl Hub {
         ttl: Duration,
         now: SystemTime,
         endpoint_hint: Option<&str>,
+        name: Option<&str>,
     ) -> Result<Vec<Token>, HubError> {
         let mut inner = self.inner.lock().await;
         let expires = unix(now + ttl);
@@ -222,6 +223,7 @@ impl Hub {
                 address,
                 expires,
                 redeemed_by: None,
+                name: name.map(str::to_owned),
             });
             tokens.push(Token {
                 server_public_key: inner.state.private_key.public_key(),
@@ -287,7 +289,9 @@ impl Hub {
             public_key: key,
             address: src,
             joined_at: now_s,
-            name: None,
+            name: invite.name.clone(),
+            via: None,
+            endpoint: None,
         });
         if let Err(e) = self.save(&inner.state) {
             // Undo, so that memory, device and disk agree.
@@ -324,7 +328,7 @@ impl Hub {
             .state
             .peers
             .iter()
-            .any(|p| p.address == src && p.name.is_none())
+            .any(|p| p.address == src && p.via.is_none())
         {
             return Err(RedeemError::NoInvite(src));
         }
@@ -363,7 +367,9 @@ impl Hub {
             public_key: key,
             address,
             joined_at: unix(now),
-            name: Some(format!("{name} (via {src})")),
+            name: Some(name.to_owned()),
+            via: Some(src),
+            endpoint: None,
         });
         if let Err(e) = self.save(&inner.state) {
             inner.state.peers.pop();
@@ -373,6 +379,79 @@ impl Hub {
         }
         tracing::info!("{src} registered {name} as {address}");
         net(address)
+    }
+
+    /// Removes a peer (by name or address) at once, with the endpoints it
+    /// registered, or an unused invite; their addresses become free.
+    /// Returns what was removed.
+    pub async fn revoke(&self, target: &str) -> Result<Vec<String>, HubError> {
+        let mut inner = self.inner.lock().await;
+        let matches = |name: &Option<String>, addr: &IpAddr| {
+            name.as_deref() == Some(target) || addr.to_string() == target
+        };
+        let sites: Vec<IpAddr> = inner
+            .state
+            .peers
+            .iter()
+            .filter(|p| matches(&p.name, &p.address))
+            .map(|p| p.address)
+            .collect();
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            inner.state.peers.drain(..).partition(|p| {
+                sites.contains(&p.address) || p.via.is_some_and(|v| sites.contains(&v))
+            });
+        inner.state.peers = kept;
+        let (gone_invites, kept_invites): (Vec<_>, Vec<_>) =
+            inner.state.invites.drain(..).partition(|i| {
+                sites.contains(&i.address)
+                    || (i.redeemed_by.is_none() && matches(&i.name, &i.address))
+            });
+        inner.state.invites = kept_invites;
+        let mut removed = Vec::new();
+        for p in &gone {
+            self.wg.remove_peer(&p.public_key).await?;
+            inner.pool.release(p.address);
+            removed.push(format!(
+                "{} ({})",
+                p.address,
+                p.name.as_deref().unwrap_or("site")
+            ));
+        }
+        for i in &gone_invites {
+            self.wg.remove_peer(&i.public_key).await?;
+            inner.pool.release(i.address);
+            if i.redeemed_by.is_none() {
+                removed.push(format!("{} (unused invite)", i.address));
+            }
+        }
+        inner.pending.retain(|p| !sites.contains(&p.address));
+        if !removed.is_empty() {
+            self.save(&inner.state)?;
+            tracing::info!("revoked {}", removed.join(", "));
+        }
+        Ok(removed)
+    }
+
+    /// Remembers where peers were last seen, saving when that changed.
+    pub async fn record_endpoints(&self) -> Result<(), HubError> {
+        let live = self.wg.peers().await?;
+        let mut inner = self.inner.lock().await;
+        let mut changed = false;
+        for p in inner.state.peers.iter_mut() {
+            if let Some(e) = live
+                .iter()
+                .find(|l| l.public_key == p.public_key)
+                .and_then(|l| l.endpoint)
+                && p.endpoint != Some(e)
+            {
+                p.endpoint = Some(e);
+                changed = true;
+            }
+        }
+        if changed {
+            self.save(&inner.state)?;
+        }
+        Ok(())
     }
 
     /// Saves the current state (e.g. after container endpoints were added).
@@ -470,6 +549,7 @@ mod tests {
         let state = ServerState {
             private_key: PrivateKey::generate(),
             port: 51820,
+            mtu: 1420,
             subnet: "10.77.0.0/24".parse().unwrap(),
             peers: vec![],
             invites: vec![],
@@ -493,7 +573,7 @@ mod tests {
     async fn mint_allocates_in_order_and_persists() {
         let (tmp, fake, hub) = setup();
         let tokens = hub
-            .mint(2, Duration::from_secs(3600), t0(), Some("h:1"))
+            .mint(2, Duration::from_secs(3600), t0(), Some("h:1"), None)
             .await
             .unwrap();
         assert_eq!(tokens[0].assigned.to_string(), "10.77.0.2");
@@ -515,7 +595,7 @@ mod tests {
     async fn redeem_then_swap_after_handshake() {
         let (_tmp, fake, hub) = setup();
         let tok = hub
-            .mint(1, Duration::from_secs(60), t0(), None)
+            .mint(1, Duration::from_secs(60), t0(), None, None)
             .await
             .unwrap()
             .remove(0);
@@ -544,7 +624,7 @@ mod tests {
     async fn reuse_is_refused_but_a_retry_with_the_same_key_is_not() {
         let (_tmp, _fake, hub) = setup();
         let tok = hub
-            .mint(1, Duration::from_secs(60), t0(), None)
+            .mint(1, Duration::from_secs(60), t0(), None, None)
             .await
             .unwrap()
             .remove(0);
@@ -562,7 +642,7 @@ mod tests {
     async fn unknown_address_expired_and_key_conflicts() {
         let (_tmp, _fake, hub) = setup();
         let tok = hub
-            .mint(2, Duration::from_secs(60), t0(), None)
+            .mint(2, Duration::from_secs(60), t0(), None, None)
             .await
             .unwrap();
         let k = PrivateKey::generate().public_key();
@@ -587,7 +667,7 @@ mod tests {
     async fn prune_frees_unused_addresses_only() {
         let (_tmp, fake, hub) = setup();
         let tok = hub
-            .mint(2, Duration::from_secs(60), t0(), None)
+            .mint(2, Duration::from_secs(60), t0(), None, None)
             .await
             .unwrap();
         let k = PrivateKey::generate().public_key();
@@ -601,6 +681,7 @@ mod tests {
                 1,
                 Duration::from_secs(60),
                 t0() + Duration::from_secs(62),
+                None,
                 None,
             )
             .await
@@ -625,7 +706,7 @@ mod tests {
 
         // A site registers a container over the tunnel, from its own address only.
         let tok = hub
-            .mint(1, Duration::from_secs(60), t0(), None)
+            .mint(1, Duration::from_secs(60), t0(), None, None)
             .await
             .unwrap()
             .remove(0);
@@ -667,12 +748,15 @@ mod tests {
         let state = ServerState {
             private_key: k,
             port: 1,
+            mtu: 1420,
             subnet: "10.77.0.0/24".parse().unwrap(),
             peers: vec![PeerRecord {
                 public_key: used,
                 address: "10.77.0.2".parse().unwrap(),
                 joined_at: 0,
                 name: None,
+                via: None,
+                endpoint: None,
             }],
             invites: vec![
                 InviteRecord {
@@ -680,18 +764,21 @@ mod tests {
                     address: "10.77.0.3".parse().unwrap(),
                     expires: unix(t0()) + 10,
                     redeemed_by: None,
+                    name: None,
                 },
                 InviteRecord {
                     public_key: PrivateKey::generate().public_key(),
                     address: "10.77.0.2".parse().unwrap(),
                     expires: unix(t0()) + 10,
                     redeemed_by: Some(used),
+                    name: None,
                 },
                 InviteRecord {
                     public_key: PrivateKey::generate().public_key(),
                     address: "10.77.0.4".parse().unwrap(),
                     expires: unix(t0()) - 1,
                     redeemed_by: None,
+                    name: None,
                 },
             ],
             containers: vec![ContainerRecord {

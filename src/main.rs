@@ -28,22 +28,22 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let (stop, shutdown) = Shutdown::new();
+        let shutdown = Shutdown::new();
+        let stop = shutdown.clone();
         tokio::spawn(async move {
             let (Ok(mut int), Ok(mut term)) = (
                 signal(SignalKind::interrupt()),
                 signal(SignalKind::terminate()),
             ) else {
                 tracing::warn!("cannot watch SIGINT/SIGTERM; stop with SIGKILL");
-                // Keep `stop` alive: dropping it would read as a shutdown.
-                return std::future::pending::<()>().await;
+                return;
             };
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
             }
             tracing::info!("signal received, shutting down");
-            let _ = stop.send(true);
+            stop.trigger();
         });
         cli::run(cli.command, shutdown).await
     });

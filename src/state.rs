@@ -18,6 +18,10 @@ use std::path::{Path, PathBuf};
 
 pub const FORMAT_VERSION: u32 = 1;
 
+fn default_mtu() -> u32 {
+    1420
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("{path}: {source}")]
@@ -55,9 +59,18 @@ pub struct PeerRecord {
     pub address: IpAddr,
     /// Unix seconds.
     pub joined_at: u64,
-    /// What it is, when known: e.g. "container cli" for a site's container.
+    /// What it is, when known: the token's --name for a site, or e.g.
+    /// "container cli" for a site's container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// For an endpoint registered by a site (a container on it): the
+    /// site's address. Revoking the site revokes these too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<IpAddr>,
+    /// Where the peer was last seen, so that a restarted server can reach
+    /// it first instead of waiting for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<std::net::SocketAddr>,
 }
 
 /// A container endpoint of this host: its key is made and kept here.
@@ -81,12 +94,17 @@ pub struct InviteRecord {
     /// from an unreachable server.
     #[serde(default)]
     pub redeemed_by: Option<PublicKey>,
+    /// Given with `tunnel token --name`; the admitted peer takes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ServerState {
     pub private_key: PrivateKey,
     pub port: u16,
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
     pub subnet: IpNetwork,
     #[serde(default)]
     pub peers: Vec<PeerRecord>,
@@ -99,6 +117,11 @@ pub struct ServerState {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JoinedState {
     pub private_key: PrivateKey,
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// "kernel", "userspace" or "auto", as first joined.
+    #[serde(default)]
+    pub backend: Option<String>,
     pub server_public_key: PublicKey,
     /// As given on the command line (`HOST[:PORT]`), resolved again on start.
     pub endpoint: String,
@@ -295,12 +318,15 @@ mod tests {
         Endpoint::Server(ServerState {
             private_key: PrivateKey::generate(),
             port: 51820,
+            mtu: 1420,
             subnet: "10.77.0.0/24".parse().unwrap(),
             peers: vec![PeerRecord {
                 public_key: PrivateKey::generate().public_key(),
                 address: "10.77.0.2".parse().unwrap(),
                 joined_at: 1,
                 name: None,
+                via: None,
+                endpoint: None,
             }],
             invites: vec![],
             containers: vec![],
@@ -373,6 +399,8 @@ mod tests {
         let dir = StateDir::new(tmp.path());
         let joined = Endpoint::Joined(JoinedState {
             private_key: PrivateKey::generate(),
+            mtu: 1420,
+            backend: None,
             server_public_key: PrivateKey::generate().public_key(),
             endpoint: "10.0.0.1".into(),
             port: 51820,

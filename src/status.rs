@@ -46,10 +46,29 @@ pub struct PeerReport {
     pub keepalive: Option<u16>,
 }
 
-/// A running instance's live view of its endpoints.
+/// What a running instance answers on its local control socket.
 #[async_trait]
-pub trait StatusSource: Send + Sync {
+pub trait LocalApi: Send + Sync {
+    /// The live view of its endpoints.
     async fn report(&self) -> Vec<EndpointStatus>;
+
+    /// Mints tokens (servers only).
+    async fn tokens(&self, _req: TokenRequest) -> Result<Vec<String>, String> {
+        Err("this interface is a joined site; only a server mints tokens".into())
+    }
+
+    /// Removes a peer by name or address (servers only).
+    async fn revoke(&self, _target: &str) -> Result<Vec<String>, String> {
+        Err("this interface is a joined site; revoke on the server".into())
+    }
+}
+
+/// `tunnel token`'s request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRequest {
+    pub count: usize,
+    pub ttl_secs: u64,
+    pub name: Option<String>,
 }
 
 impl PeerReport {
@@ -233,12 +252,15 @@ mod tests {
         let state = ServerState {
             private_key: PrivateKey::generate(),
             port: 51820,
+            mtu: 1420,
             subnet: "10.77.0.0/24".parse().unwrap(),
             peers: vec![PeerRecord {
                 public_key: PrivateKey::generate().public_key(),
                 address: "10.77.0.3".parse().unwrap(),
                 joined_at: 0,
                 name: None,
+                via: None,
+                endpoint: None,
             }],
             invites: vec![],
             containers: vec![ContainerRecord {

@@ -7,11 +7,11 @@
 use super::{EndpointArgs, Failure, Shutdown};
 use crate::containers::{EndpointSpec, Follower, endpoint_iface};
 use crate::control::{self, ControlError};
-use crate::docker::ContainerInfo;
+use crate::docker::{ContainerInfo, ContainerRuntime};
 use crate::keys::PrivateKey;
 use crate::net::{Netlink, validate_ifname};
 use crate::state::{ContainerRecord, Endpoint, JoinedState, StateDir};
-use crate::status::{EndpointStatus, PeerReport, StatusSource};
+use crate::status::{EndpointStatus, LocalApi, PeerReport};
 use crate::token::Token;
 use crate::wg::{self, DeviceSpec, PeerSpec, WgDevice};
 use anyhow::{Context, anyhow};
@@ -92,7 +92,7 @@ fn read_token(arg: &str) -> Result<Token, Failure> {
     Token::decode(&text).map_err(Failure::input)
 }
 
-fn spinner() -> ProgressBar {
+pub(crate) fn spinner() -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -104,7 +104,7 @@ fn spinner() -> ProgressBar {
     pb
 }
 
-pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> {
+pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let started = Instant::now();
     // Everything about the input is checked before the host is touched.
     let token = read_token(&args.token)?;
@@ -148,6 +148,7 @@ pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> 
         mtu: args.common.mtu,
     };
     let net = Arc::new(Netlink::connect()?);
+    super::clean_up_after_crash(net.as_ref(), &store, &iface).await?;
     let device: Arc<dyn WgDevice> = Arc::from(
         wg::create(&spec, args.common.backend, net.clone(), None)
             .await
@@ -160,8 +161,7 @@ pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> 
     );
 
     let progress = spinner();
-    let mut follower = None;
-    let result = async {
+    let joined = async {
         let (mut joined, first_packet) = bring_up(
             &args,
             &server,
@@ -174,54 +174,111 @@ pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> 
             started,
         )
         .await?;
+        let containers = match docker {
+            Some((runtime, infos)) => {
+                progress.set_message("registering containers");
+                let specs = register_containers(&args, &mut joined, &infos, &store).await?;
+                Some((runtime, specs))
+            }
+            None => None,
+        };
+        Ok::<_, Failure>((joined, first_packet, containers))
+    }
+    .await;
+    let (joined, first_packet, containers) = match joined {
+        Ok(j) => j,
+        Err(e) => {
+            progress.finish_and_clear();
+            if let Err(t) = device.destroy().await {
+                tracing::warn!("removing {iface}: {t}");
+            }
+            return Err(e);
+        }
+    };
+    let summary = format!(
+        "joined {iface} as {}, server {} at {endpoint}, first packet after {} ms",
+        token.assigned_network(),
+        token.server_address,
+        first_packet.as_millis()
+    );
+    let site = Site {
+        device,
+        net,
+        joined,
+        iface,
+        backend: args.common.backend,
+        store,
+    };
+    run_site(site, containers, summary, progress, shutdown).await
+}
+
+/// A joined site that is up: its device carries its own key.
+pub(crate) struct Site {
+    pub device: Arc<dyn WgDevice>,
+    pub net: Arc<Netlink>,
+    pub joined: JoinedState,
+    pub iface: String,
+    pub backend: crate::wg::BackendChoice,
+    pub store: StateDir,
+}
+
+/// What `join` and `up` share once the site's own endpoint is up: attach
+/// the containers, print the summary, answer on the local socket, follow
+/// the containers until shutdown, then remove everything.
+pub(crate) async fn run_site(
+    site: Site,
+    containers: Option<(Arc<dyn ContainerRuntime>, Vec<EndpointSpec>)>,
+    summary: String,
+    progress: ProgressBar,
+    mut shutdown: Shutdown,
+) -> Result<(), Failure> {
+    let Site {
+        device,
+        net,
+        joined,
+        iface,
+        backend,
+        store,
+    } = site;
+    let mut follower = None;
+    let result = async {
         let mut attached = String::new();
-        if let Some((runtime, infos)) = docker {
+        if let Some((runtime, specs)) = containers {
             progress.set_message("attaching containers");
-            let specs = register_containers(&args, &mut joined, &infos, &store).await?;
             for s in &specs {
                 attached.push_str(&format!(", container {} as {}", s.container, s.address));
             }
-            let f = follower.insert(Follower::new(
-                runtime,
-                net.clone(),
-                args.common.backend,
-                specs,
-            ));
+            let f = follower.insert(Follower::new(runtime, net.clone(), backend, specs));
             f.reconcile_all().await?;
         }
         progress.finish_and_clear();
         let mut out = std::io::stdout().lock();
-        writeln!(
-            out,
-            "joined {iface} as {}, server {} at {endpoint}, first packet after {} ms{attached}",
-            token.assigned_network(),
-            token.server_address,
-            first_packet.as_millis()
-        )
-        .and_then(|_| out.flush())
-        .context("writing to stdout")?;
+        writeln!(out, "{summary}{attached}")
+            .and_then(|_| out.flush())
+            .context("writing to stdout")?;
         let socket = store.socket(&iface);
         let listener = control::bind_local(&socket)?;
-        let source = Arc::new(LiveStatus {
+        let api = Arc::new(SiteApi {
             device: device.clone(),
             joined,
             iface: iface.clone(),
-            containers: follower.as_ref().map(|f| f.status()),
+            containers: follower.as_ref().map(|f: &Follower| f.status()),
         });
-        let mut s = shutdown.clone();
-        tokio::spawn(control::serve_local(listener, socket, source, async move {
-            s.wait().await
-        }));
+        tokio::spawn(control::serve_local(
+            listener,
+            socket,
+            api,
+            shutdown.trigger_fn(),
+            shutdown.waiter(),
+        ));
+        super::notify_ready();
         Ok::<(), Failure>(())
     }
     .await;
     progress.finish_and_clear();
     if result.is_ok() {
         match follower.as_mut() {
-            Some(f) => {
-                let mut s = shutdown.clone();
-                f.follow(async move { s.wait().await }).await
-            }
+            Some(f) => f.follow(shutdown.waiter()).await,
             None => shutdown.wait().await,
         }
     }
@@ -232,6 +289,20 @@ pub async fn run(args: JoinArgs, mut shutdown: Shutdown) -> Result<(), Failure> 
     tracing::info!("{iface} removed");
     result?;
     Ok(teardown?)
+}
+
+/// Probes the server's API through the tunnel until it answers or `deadline`.
+pub(crate) async fn wait_for_flow(api: SocketAddr, deadline: Instant) -> Result<(), ControlError> {
+    loop {
+        let attempt =
+            Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now()));
+        match control::ping(api, attempt).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) => tracing::debug!("ping: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -302,6 +373,8 @@ async fn bring_up(
     // strand this site.
     let joined = JoinedState {
         private_key: own_key.clone(),
+        mtu: args.common.mtu,
+        backend: Some(format!("{:?}", args.common.backend).to_lowercase()),
         server_public_key: token.server_public_key,
         endpoint: server.to_owned(),
         port: endpoint.port(),
@@ -318,26 +391,14 @@ async fn bring_up(
     );
 
     progress.set_message("waiting for traffic with our own key");
-    loop {
-        let attempt =
-            Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now()));
-        match control::ping(api, attempt).await {
-            Ok(()) => break,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(anyhow!(
-                    "the server admitted this host but traffic does not flow: {e}"
-                )
-                .into());
-            }
-            Err(e) => tracing::debug!("ping: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_flow(api, deadline)
+        .await
+        .map_err(|e| anyhow!("the server admitted this host but traffic does not flow: {e}"))?;
     Ok((joined, started.elapsed()))
 }
 
 /// The joined site's status: live stats of its link to the server.
-struct LiveStatus {
+struct SiteApi {
     device: Arc<dyn WgDevice>,
     joined: JoinedState,
     iface: String,
@@ -345,7 +406,7 @@ struct LiveStatus {
 }
 
 #[async_trait::async_trait]
-impl StatusSource for LiveStatus {
+impl LocalApi for SiteApi {
     async fn report(&self) -> Vec<EndpointStatus> {
         let mut main =
             crate::status::from_state(&self.iface, &Endpoint::Joined(self.joined.clone()))

@@ -3,9 +3,12 @@
 //! Exit codes: 0 success, 2 bad usage or input (including a bad token,
 //! address or name, and missing privileges), 1 runtime failure.
 
+pub mod export;
 pub mod join;
+pub mod local;
 pub mod serve;
 pub mod status;
+pub mod up;
 
 use crate::wg::BackendChoice;
 use clap::{Args, Parser, Subcommand};
@@ -74,6 +77,23 @@ pub struct EndpointArgs {
     pub containers: Vec<String>,
 }
 
+/// Which local endpoint a command is about.
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    /// WireGuard interface name of the endpoint
+    #[arg(long, default_value = "wg-tunnel")]
+    pub iface: String,
+    /// Directory for keys and peers
+    #[arg(long, default_value = "/var/lib/tunnel", env = "TUNNEL_STATE_DIR")]
+    pub state_dir: PathBuf,
+}
+
+impl LocalArgs {
+    pub fn socket(&self) -> PathBuf {
+        crate::state::StateDir::new(&self.state_dir).socket(&self.iface)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the hub endpoint, print join tokens on stdout, run until SIGINT/SIGTERM
@@ -82,6 +102,22 @@ pub enum Command {
     Join(join::JoinArgs),
     /// Show endpoints, addresses, containers and peers (live while running, else saved)
     Status(status::StatusArgs),
+    /// Mint more join tokens from the running server (printed on stdout, one per line)
+    Token(local::TokenArgs),
+    /// Remove a peer from the running server at once and free its address
+    Revoke(local::RevokeArgs),
+    /// Bring a joined site back from its saved state, containers included (no token needed)
+    Up(up::UpArgs),
+    /// Stop a running serve/join/up cleanly (same as SIGTERM)
+    Down(local::DownArgs),
+    /// Print a standard wg-quick config for a local endpoint (includes its private key)
+    Export(export::ExportArgs),
+    /// Print shell completions
+    Completions {
+        /// The shell
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// A failed command: its exit code and the one line to print.
@@ -151,18 +187,47 @@ fn classify(e: &anyhow::Error) -> u8 {
     1
 }
 
-/// Fires once on SIGINT/SIGTERM; clone it into every task that must stop.
+/// Fires once, on SIGINT/SIGTERM or `tunnel down`; clone it into every
+/// task that must stop.
 #[derive(Clone)]
-pub struct Shutdown(watch::Receiver<bool>);
+pub struct Shutdown {
+    rx: watch::Receiver<bool>,
+    tx: std::sync::Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Shutdown {
-    pub fn new() -> (watch::Sender<bool>, Self) {
+    pub fn new() -> Self {
         let (tx, rx) = watch::channel(false);
-        (tx, Self(rx))
+        Self {
+            rx,
+            tx: std::sync::Arc::new(tx),
+        }
+    }
+
+    pub fn trigger(&self) {
+        let _ = self.tx.send(true);
     }
 
     pub async fn wait(&mut self) {
-        let _ = self.0.wait_for(|stop| *stop).await;
+        let _ = self.rx.wait_for(|stop| *stop).await;
+    }
+
+    /// A `'static` future that completes on shutdown.
+    pub fn waiter(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut me = self.clone();
+        async move { me.wait().await }
+    }
+
+    /// A trigger for the local API's `down`.
+    pub fn trigger_fn(&self) -> std::sync::Arc<dyn Fn() + Send + Sync> {
+        let me = self.clone();
+        std::sync::Arc::new(move || me.trigger())
     }
 }
 
@@ -187,10 +252,47 @@ pub(crate) async fn containers_up_front(
     Ok(Some((runtime, infos)))
 }
 
+/// Tells systemd (Type=notify) that the tunnel is up; nothing without systemd.
+pub(crate) fn notify_ready() {
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// A `kill -9` leaves a kernel WireGuard link (userspace TUNs die with the
+/// process) and the local control socket behind. A socket that no process
+/// answers, for an interface whose state we hold, marks such a crash: the
+/// link left with it is ours to remove.
+pub(crate) async fn clean_up_after_crash(
+    net: &dyn crate::net::NetOps,
+    store: &crate::state::StateDir,
+    iface: &str,
+) -> Result<(), Failure> {
+    let socket = store.socket(iface);
+    let crashed = socket.exists()
+        && std::os::unix::net::UnixStream::connect(&socket).is_err()
+        && store.file(iface).exists();
+    if crashed && net.link_exists(iface).await? {
+        tracing::warn!("removing {iface}, left behind by a previous run that did not stop cleanly");
+        net.delete_link(iface).await?;
+    }
+    Ok(())
+}
+
 pub async fn run(command: Command, shutdown: Shutdown) -> Result<(), Failure> {
     match command {
         Command::Serve(args) => serve::run(args, shutdown).await,
         Command::Join(args) => join::run(args, shutdown).await,
         Command::Status(args) => status::run(args).await,
+        Command::Token(args) => local::token(args).await,
+        Command::Revoke(args) => local::revoke(args).await,
+        Command::Up(args) => up::run(args, shutdown).await,
+        Command::Down(args) => local::down(args).await,
+        Command::Export(args) => export::run(args).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "tunnel", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }

@@ -7,13 +7,13 @@ use crate::hub::{self, Hub};
 use crate::keys::PrivateKey;
 use crate::net::{Netlink, validate_ifname};
 use crate::state::{ServerState, StateDir};
-use crate::status::{EndpointStatus, PeerReport, StatusSource};
+use crate::status::{EndpointStatus, LocalApi, PeerReport, TokenRequest};
 use crate::wg::{self, DeviceSpec, PeerSpec, WgDevice};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use ipnetwork::IpNetwork;
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,9 +30,9 @@ pub struct ServeArgs {
     /// Tunnel subnet; the server takes its first host address [default: 10.77.0.0/24, or the saved one]
     #[arg(long)]
     pub subnet: Option<IpNetwork>,
-    /// Number of join tokens to print (0 on a restart that needs none)
-    #[arg(long, default_value_t = 1)]
-    pub tokens: usize,
+    /// Number of join tokens to print [default: 1 on the first start, 0 on a restart]
+    #[arg(long)]
+    pub tokens: Option<usize>,
     /// How long a token stays valid (e.g. 30m, 1h, 2d)
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub token_ttl: Duration,
@@ -76,11 +76,15 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
                 "reusing the key and peers saved in {}",
                 store.file(iface).display()
             );
-            Ok(saved)
+            Ok(ServerState {
+                mtu: args.common.mtu,
+                ..saved
+            })
         }
         None => Ok(ServerState {
             private_key: PrivateKey::generate(),
             port: args.port.unwrap_or(DEFAULT_PORT),
+            mtu: args.common.mtu,
             subnet: args
                 .subnet
                 .unwrap_or_else(|| DEFAULT_SUBNET.parse().expect("valid default")),
@@ -106,6 +110,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     // Docker and the containers are checked before the host is touched.
     let docker = super::containers_up_front(&args.common.containers).await?;
     let store = StateDir::new(&args.common.state_dir);
+    let restart = store.load_server(&iface)?.is_some();
     let mut state = load_or_new(&args, &store)?;
     if let Some((_, infos)) = &docker {
         let names: Vec<String> = infos.iter().map(|c| c.name.clone()).collect();
@@ -115,6 +120,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let now = SystemTime::now();
 
     let net = Arc::new(Netlink::connect()?);
+    super::clean_up_after_crash(net.as_ref(), &store, &iface).await?;
     let spec = DeviceSpec {
         name: iface.clone(),
         private_key: state.private_key.clone(),
@@ -123,7 +129,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         addresses: vec![
             IpNetwork::new(server_ip, state.subnet.prefix()).expect("prefix of the subnet"),
         ],
-        mtu: args.common.mtu,
+        mtu: state.mtu,
     };
     let device: Arc<dyn WgDevice> = Arc::from(
         wg::create(&spec, args.common.backend, net.clone(), None)
@@ -139,11 +145,13 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     );
 
     let mut follower = docker.map(|(runtime, infos)| {
-        let specs = container_specs(&args, &state, &infos, server_ip);
+        let specs = container_specs(&state, &infos, server_ip);
         Follower::new(runtime, net.clone(), args.common.backend, specs)
     });
+    let tokens = args.tokens.unwrap_or(if restart { 0 } else { 1 });
     let result = serve(
         &args,
+        tokens,
         device.clone(),
         store,
         state,
@@ -163,10 +171,9 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
 /// The endpoints of this host's containers: the hub is their peer, on
 /// loopback, as their UDP sockets live in this namespace too.
 fn container_specs(
-    args: &ServeArgs,
     state: &ServerState,
     infos: &[crate::docker::ContainerInfo],
-    server_ip: std::net::IpAddr,
+    server_ip: IpAddr,
 ) -> Vec<EndpointSpec> {
     infos
         .iter()
@@ -183,14 +190,28 @@ fn container_specs(
                 allowed_ips: vec![state.subnet],
                 keepalive: Some(super::join::KEEPALIVE),
             },
-            mtu: args.common.mtu,
+            mtu: state.mtu,
             probe: SocketAddr::new(server_ip, control::CONTROL_PORT),
         })
         .collect()
 }
 
+/// After a restart, peers' sessions are gone on this side only; they would
+/// notice after their rekey timeout (~15 s). A packet to each peer seen
+/// before makes this side handshake with it now.
+async fn nudge_known_peers(server_ip: IpAddr, state: &ServerState) {
+    let Ok(sock) = tokio::net::UdpSocket::bind(SocketAddr::new(server_ip, 0)).await else {
+        return;
+    };
+    for p in state.peers.iter().filter(|p| p.endpoint.is_some()) {
+        // The discard port: the packet only has to enter the tunnel.
+        let _ = sock.send_to(b"", SocketAddr::new(p.address, 9)).await;
+    }
+}
+
 async fn serve(
     args: &ServeArgs,
+    tokens: usize,
     device: Arc<dyn WgDevice>,
     store: StateDir,
     state: ServerState,
@@ -201,6 +222,7 @@ async fn serve(
     // The hub relays between its peers (sites and containers).
     crate::net::enable_forwarding(iface)?;
     let server_ip = Hub::server_address(state.subnet)?;
+    nudge_known_peers(server_ip, &state).await;
     let hub = Arc::new(Hub::new(device, store, iface, state)?);
     let now = SystemTime::now();
     hub.prune(now).await?;
@@ -208,27 +230,26 @@ async fn serve(
 
     let api_addr = SocketAddr::new(server_ip, control::CONTROL_PORT);
     let listener = control::bind(api_addr).await?;
-    let api_shutdown = {
-        let mut s = shutdown.clone();
-        async move { s.wait().await }
-    };
-    let api = tokio::spawn(control::serve(listener, hub.clone(), api_shutdown));
+    let api = tokio::spawn(control::serve(listener, hub.clone(), shutdown.waiter()));
     let socket = hub.store().socket(iface);
     let local = control::bind_local(&socket)?;
-    let source = Arc::new(LiveStatus {
+    let local_api = Arc::new(ServerApi {
         hub: hub.clone(),
         device: hub.device(),
         iface: iface.clone(),
+        endpoint_hint: args.endpoint.clone(),
         containers: follower.as_ref().map(|f| f.status()),
     });
-    let local_shutdown = {
-        let mut s = shutdown.clone();
-        async move { s.wait().await }
-    };
-    let local = tokio::spawn(control::serve_local(local, socket, source, local_shutdown));
+    let local = tokio::spawn(control::serve_local(
+        local,
+        socket,
+        local_api,
+        shutdown.trigger_fn(),
+        shutdown.waiter(),
+    ));
 
     let tokens = hub
-        .mint(args.tokens, args.token_ttl, now, args.endpoint.as_deref())
+        .mint(tokens, args.token_ttl, now, args.endpoint.as_deref(), None)
         .await?;
     let follower = match follower {
         Some(f) => {
@@ -252,15 +273,17 @@ async fn serve(
             humantime::format_duration(args.token_ttl)
         );
     }
+    super::notify_ready();
 
-    let mut stop_following = shutdown.clone();
+    let stop_following = shutdown.waiter();
     let follow = async move {
         if let Some(f) = follower {
-            f.follow(async move { stop_following.wait().await }).await;
+            f.follow(stop_following).await;
         }
     };
     let swaps = async {
         let mut last_prune = Instant::now();
+        let mut last_seen = Instant::now();
         loop {
             // Poll quickly only while a joiner is switching keys.
             let tick = if hub.has_pending().await {
@@ -273,7 +296,13 @@ async fn serve(
                 _ = hub.redeemed() => {}
                 _ = tokio::time::sleep(tick) => {}
             }
-            hub.complete_swaps(Instant::now()).await?;
+            let swapped = hub.complete_swaps(Instant::now()).await?;
+            // A fresh peer's endpoint is worth saving at once: a server that
+            // is killed and restarted uses it to reach the peer first.
+            if swapped > 0 || last_seen.elapsed() > Duration::from_secs(10) {
+                hub.record_endpoints().await?;
+                last_seen = Instant::now();
+            }
             if last_prune.elapsed() > Duration::from_secs(60) {
                 hub.prune(SystemTime::now()).await?;
                 last_prune = Instant::now();
@@ -281,6 +310,9 @@ async fn serve(
         }
     };
     let ((), swapped) = tokio::join!(follow, swaps);
+    if let Err(e) = hub.record_endpoints().await {
+        tracing::warn!("saving peer endpoints: {e}");
+    }
     for (what, task) in [("control API", api), ("local control socket", local)] {
         match tokio::time::timeout(Duration::from_secs(3), task).await {
             Ok(Ok(Err(e))) => tracing::warn!("{what}: {e}"),
@@ -291,16 +323,18 @@ async fn serve(
     swapped
 }
 
-/// The running server's status: live peer stats, named from the state.
-struct LiveStatus {
+/// The running server's local API: live status (peer stats named from the
+/// state), tokens and revocation.
+struct ServerApi {
     hub: Arc<Hub>,
     device: Arc<dyn WgDevice>,
     iface: String,
+    endpoint_hint: Option<String>,
     containers: Option<Arc<std::sync::Mutex<Vec<EndpointStatus>>>>,
 }
 
 #[async_trait::async_trait]
-impl StatusSource for LiveStatus {
+impl LocalApi for ServerApi {
     async fn report(&self) -> Vec<EndpointStatus> {
         let state = self.hub.snapshot().await;
         let mut main =
@@ -312,7 +346,7 @@ impl StatusSource for LiveStatus {
         main.peers = live
             .iter()
             .map(|p| {
-                let name = if let Some(r) =
+                let (name, address) = if let Some(r) =
                     state.peers.iter().find(|r| r.public_key == p.public_key)
                 {
                     (
@@ -336,7 +370,7 @@ impl StatusSource for LiveStatus {
                 } else {
                     ("unknown".to_owned(), None)
                 };
-                PeerReport::from_live(p, Some(name.0), name.1)
+                PeerReport::from_live(p, Some(name), address)
             })
             .collect();
         let mut out = vec![main];
@@ -344,5 +378,25 @@ impl StatusSource for LiveStatus {
             out.extend(c.lock().expect("status lock").iter().cloned());
         }
         out
+    }
+
+    async fn tokens(&self, req: TokenRequest) -> Result<Vec<String>, String> {
+        let ttl = Duration::from_secs(req.ttl_secs);
+        let tokens = self
+            .hub
+            .mint(
+                req.count,
+                ttl,
+                SystemTime::now(),
+                self.endpoint_hint.as_deref(),
+                req.name.as_deref(),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(tokens.iter().map(|t| t.encode()).collect())
+    }
+
+    async fn revoke(&self, target: &str) -> Result<Vec<String>, String> {
+        self.hub.revoke(target).await.map_err(|e| e.to_string())
     }
 }

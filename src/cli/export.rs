@@ -1,0 +1,206 @@
+//! `tunnel export`: a standard wg-quick config for a local endpoint, so that
+//! stock `wg-quick`, or `wireguard-go` plus `wg setconf`, can take it over.
+//! It holds the endpoint's private key: it is for this host's root only.
+
+use super::{Failure, LocalArgs};
+use crate::hub::host_net;
+use crate::state::{Endpoint, StateDir};
+use anyhow::{Context, anyhow};
+use clap::Args;
+use ipnetwork::IpNetwork;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::net::SocketAddr;
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub local: LocalArgs,
+    /// Export this container's endpoint instead of the host's
+    #[arg(long)]
+    pub container: Option<String>,
+}
+
+/// `HOST:PORT` for an Endpoint line, whatever form the user gave.
+pub fn endpoint_line(given: &str, port: u16) -> String {
+    if given.parse::<SocketAddr>().is_ok() {
+        return given.to_owned();
+    }
+    match given
+        .trim_matches(|c| c == '[' || c == ']')
+        .parse::<std::net::IpAddr>()
+    {
+        Ok(ip) => SocketAddr::new(ip, port).to_string(),
+        Err(_)
+            if given
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok()) =>
+        {
+            given.to_owned()
+        }
+        Err(_) => format!("{given}:{port}"),
+    }
+}
+
+/// The wg-quick text for the endpoint `iface` (or one of its containers).
+pub fn render(iface: &str, endpoint: &Endpoint, container: Option<&str>) -> Result<String, String> {
+    let mut o = String::new();
+    let iface_part =
+        |o: &mut String, what: &str, address: IpNetwork, key: &str, port: Option<u16>, mtu: u32| {
+            let _ = writeln!(o, "# {what}, exported by tunnel");
+            let _ = writeln!(o, "[Interface]");
+            let _ = writeln!(o, "Address = {address}");
+            if let Some(p) = port {
+                let _ = writeln!(o, "ListenPort = {p}");
+            }
+            let _ = writeln!(o, "PrivateKey = {key}");
+            let _ = writeln!(o, "MTU = {mtu}");
+        };
+    let peer = |o: &mut String,
+                what: &str,
+                key: String,
+                endpoint: Option<String>,
+                allowed: String,
+                keepalive: Option<u16>| {
+        let _ = writeln!(o, "\n# {what}\n[Peer]\nPublicKey = {key}");
+        if let Some(e) = endpoint {
+            let _ = writeln!(o, "Endpoint = {e}");
+        }
+        let _ = writeln!(o, "AllowedIPs = {allowed}");
+        if let Some(k) = keepalive {
+            let _ = writeln!(o, "PersistentKeepalive = {k}");
+        }
+    };
+    match (endpoint, container) {
+        (Endpoint::Joined(j), None) => {
+            iface_part(
+                &mut o,
+                &format!("{iface}: joined site"),
+                j.address,
+                &j.private_key.to_base64(),
+                None,
+                j.mtu,
+            );
+            let e = endpoint_line(&j.endpoint, j.port);
+            peer(
+                &mut o,
+                "server",
+                j.server_public_key.to_string(),
+                Some(e),
+                j.subnet.to_string(),
+                Some(25),
+            );
+        }
+        (Endpoint::Server(s), None) => {
+            let server_ip = crate::ipam::Pool::new(s.subnet)
+                .map_err(|e| e.to_string())?
+                .server_address();
+            let address =
+                IpNetwork::new(server_ip, s.subnet.prefix()).map_err(|e| e.to_string())?;
+            iface_part(
+                &mut o,
+                &format!("{iface}: hub"),
+                address,
+                &s.private_key.to_base64(),
+                Some(s.port),
+                s.mtu,
+            );
+            let _ = writeln!(o, "# The hub relays between its peers:");
+            let _ = writeln!(o, "PostUp = sysctl -q -w net.ipv4.conf.%i.forwarding=1");
+            for p in &s.peers {
+                let what = p.name.clone().unwrap_or_else(|| "site".into());
+                peer(
+                    &mut o,
+                    &what,
+                    p.public_key.to_string(),
+                    p.endpoint.map(|e| e.to_string()),
+                    host_net(p.address).to_string(),
+                    None,
+                );
+            }
+            for c in &s.containers {
+                let what = format!("container {}", c.container);
+                peer(
+                    &mut o,
+                    &what,
+                    c.private_key.public_key().to_string(),
+                    None,
+                    host_net(c.address).to_string(),
+                    None,
+                );
+            }
+        }
+        (endpoint, Some(name)) => {
+            let (containers, subnet, hub_key, hub_endpoint, mtu) = match endpoint {
+                Endpoint::Server(s) => (
+                    &s.containers,
+                    s.subnet,
+                    s.private_key.public_key(),
+                    format!("127.0.0.1:{}", s.port),
+                    s.mtu,
+                ),
+                Endpoint::Joined(j) => (
+                    &j.containers,
+                    j.subnet,
+                    j.server_public_key,
+                    endpoint_line(&j.endpoint, j.port),
+                    j.mtu,
+                ),
+            };
+            let c = containers
+                .iter()
+                .find(|c| c.container == name)
+                .ok_or_else(|| format!("{iface} has no endpoint for container {name:?}"))?;
+            let address = IpNetwork::new(c.address, subnet.prefix()).map_err(|e| e.to_string())?;
+            iface_part(
+                &mut o,
+                &format!("{}: container {name}", c.iface),
+                address,
+                &c.private_key.to_base64(),
+                None,
+                mtu,
+            );
+            peer(
+                &mut o,
+                "server",
+                hub_key.to_string(),
+                Some(hub_endpoint),
+                subnet.to_string(),
+                Some(25),
+            );
+        }
+    }
+    Ok(o)
+}
+
+pub async fn run(args: ExportArgs) -> Result<(), Failure> {
+    let store = StateDir::new(&args.local.state_dir);
+    let endpoint = store.load(&args.local.iface)?.ok_or_else(|| {
+        Failure::input(anyhow!(
+            "no saved endpoint {} in {}",
+            args.local.iface,
+            args.local.state_dir.display()
+        ))
+    })?;
+    let text = render(&args.local.iface, &endpoint, args.container.as_deref())
+        .map_err(|e| Failure::input(anyhow!(e)))?;
+    std::io::stdout()
+        .lock()
+        .write_all(text.as_bytes())
+        .context("writing to stdout")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_forms() {
+        assert_eq!(endpoint_line("192.0.2.1", 51820), "192.0.2.1:51820");
+        assert_eq!(endpoint_line("192.0.2.1:9", 51820), "192.0.2.1:9");
+        assert_eq!(endpoint_line("fd00::1", 5), "[fd00::1]:5");
+        assert_eq!(endpoint_line("vpn.example.org", 5), "vpn.example.org:5");
+        assert_eq!(endpoint_line("vpn.example.org:7", 5), "vpn.example.org:7");
+    }
+}
