@@ -143,6 +143,17 @@ async fn register(
     }
 }
 
+async fn left(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<&'static str, (StatusCode, Json<ErrorBody>)> {
+    match hub.leave(source(peer)).await {
+        Ok(true) => Ok("bye\n"),
+        Ok(false) => Err(refuse(StatusCode::FORBIDDEN, "not a site")),
+        Err(e) => Err(refuse(StatusCode::INTERNAL_SERVER_ERROR, e)),
+    }
+}
+
 async fn pong(
     State(hub): State<Arc<Hub>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -162,6 +173,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route("/v1/redeem", post(redeem))
         .route("/v1/endpoints", post(register))
+        .route("/v1/leave", post(left))
         .route("/v1/ping", get(pong))
         .with_state(hub)
 }
@@ -419,6 +431,16 @@ pub async fn register_endpoint(
         target: server.to_string(),
         detail: e.to_string(),
     })
+}
+
+/// Tells the hub this site is stopping cleanly (best effort).
+pub async fn leave(server: SocketAddr, timeout: Duration) -> Result<(), ControlError> {
+    let (status, bytes) = exchange(server, "POST", "/v1/leave", None, timeout).await?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(refused(&bytes, status))
+    }
 }
 
 /// A round trip through the tunnel: proof that traffic flows.

@@ -432,6 +432,39 @@ impl Hub {
         Ok(removed)
     }
 
+    /// A site that stops cleanly says so. Its peer is removed and added
+    /// again, which clears the handshake replay state: gotatun stamps
+    /// handshakes with TAI64 base 2^62+37 while the kernel and wireguard-go
+    /// use 2^62+10, so without this a stock WireGuard taking the site's key
+    /// over (`tunnel export`) would be refused for ~27 s as a replay.
+    pub async fn leave(&self, src: IpAddr) -> Result<bool, HubError> {
+        let inner = self.inner.lock().await;
+        let Some(p) = inner
+            .state
+            .peers
+            .iter()
+            .find(|p| p.address == src && p.via.is_none())
+        else {
+            return Ok(false);
+        };
+        let live = self.wg.peers().await?;
+        let endpoint = live
+            .iter()
+            .find(|l| l.public_key == p.public_key)
+            .and_then(|l| l.endpoint);
+        self.wg.remove_peer(&p.public_key).await?;
+        self.wg
+            .upsert_peer(&PeerSpec {
+                public_key: p.public_key,
+                endpoint: endpoint.or(p.endpoint),
+                allowed_ips: vec![host_net(p.address)],
+                keepalive: None,
+            })
+            .await?;
+        tracing::info!("{src} left; its peer was reset");
+        Ok(true)
+    }
+
     /// Remembers where peers were last seen, saving when that changed.
     pub async fn record_endpoints(&self) -> Result<(), HubError> {
         let live = self.wg.peers().await?;

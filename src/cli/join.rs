@@ -240,6 +240,7 @@ pub(crate) async fn run_site(
         backend,
         store,
     } = site;
+    let server_address = joined.server_address;
     let mut follower = None;
     let result = async {
         let mut attached = String::new();
@@ -284,6 +285,12 @@ pub(crate) async fn run_site(
     }
     if let Some(f) = follower.as_mut() {
         f.detach_all().await;
+    }
+    if result.is_ok() {
+        let api = SocketAddr::new(server_address, control::CONTROL_PORT);
+        if let Err(e) = control::leave(api, Duration::from_millis(500)).await {
+            tracing::debug!("telling the server we leave: {e}");
+        }
     }
     let teardown = device.destroy().await.context(format!("removing {iface}"));
     tracing::info!("{iface} removed");
