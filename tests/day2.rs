@@ -404,3 +404,29 @@ fn stock_wireguard_go_takes_over_from_export() {
     );
     let _ = s.serve;
 }
+
+#[test]
+fn serve_tells_systemd_it_is_ready() {
+    if !can_run("sd_notify") {
+        return;
+    }
+    let mut lab = Lab::new(1);
+    let a = lab.host(0);
+    let iface = lab.iface("a");
+    let state = lab.state_dir("a");
+    let path = lab.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(UP)).unwrap();
+    let serve = lab.spawn_env(
+        &a,
+        &args(&["serve", "--iface", &iface, "--state-dir", state.to_str().unwrap(), "--backend", "userspace"]),
+        &[("NOTIFY_SOCKET", path.to_str().unwrap())],
+    );
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).expect("a notification within 30 s");
+    let msg = String::from_utf8_lossy(&buf[..n]);
+    assert!(msg.contains("READY=1"), "{msg}");
+    // Ready means up: the interface exists and the token was printed.
+    assert!(a.has_link(&iface));
+    assert_eq!(lab.proc(serve).stdout().lines().count(), 1);
+}

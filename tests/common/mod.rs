@@ -309,6 +309,10 @@ impl Lab {
 
     /// Starts `tunnel ARGS` in `host`; output goes to files in the lab dir.
     pub fn spawn(&mut self, host: &Host, args: &[&str]) -> usize {
+        self.spawn_env(host, args, &[])
+    }
+
+    pub fn spawn_env(&mut self, host: &Host, args: &[&str], env: &[(&str, &str)]) -> usize {
         let n = self.procs.len();
         let stdout = self.dir.path().join(format!("p{n}.out"));
         let stderr = self.dir.path().join(format!("p{n}.err"));
@@ -316,6 +320,7 @@ impl Lab {
             .args(["netns", "exec", &host.ns, BIN])
             .args(args)
             .env("RUST_LOG", "tunnel=debug,warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout).unwrap())
             .stderr(fs::File::create(&stderr).unwrap())
