@@ -64,3 +64,52 @@ fn a_bad_token_is_refused_without_root() {
     assert!(err.contains("truncated"), "{err}");
     assert_eq!(err.trim().lines().count(), 1);
 }
+
+/// `cargo test` builds the examples next to the test binaries.
+fn example(name: &str) -> std::path::PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    deps.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+#[test]
+fn the_token_example_decodes_a_token() {
+    use tunnel::keys::PrivateKey;
+    use tunnel::token::Token;
+    let invite = PrivateKey::generate();
+    let token = Token {
+        server_public_key: PrivateKey::generate().public_key(),
+        invite_key: invite.clone(),
+        port: 51820,
+        subnet: "10.77.0.0/24".parse().unwrap(),
+        assigned: "10.77.0.2".parse().unwrap(),
+        server_address: "10.77.0.1".parse().unwrap(),
+        expires: 4_000_000_000,
+        endpoint_hint: Some("vpn.example.org".into()),
+    };
+    let out = Command::new(example("inspect_token"))
+        .arg(token.encode())
+        .output()
+        .expect("examples are built by cargo test");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("your address      : 10.77.0.2/24"), "{text}");
+    assert!(text.contains("vpn.example.org"), "{text}");
+    assert!(
+        !text.contains(invite.to_base64().as_str()),
+        "the example printed the invite's private key"
+    );
+    let bad = Command::new(example("inspect_token"))
+        .arg("tun1_garbage!")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}
