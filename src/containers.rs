@@ -205,20 +205,25 @@ impl Follower {
         })?;
         self.slots[i].attached = Some((Attached { id, pid }, device));
         self.publish();
-        match probe_from_netns(pid, spec.probe, Duration::from_secs(10)).await {
-            Ok(_) => tracing::info!(
-                "attached {} to container {} as {} ({} ms to traffic)",
-                spec.iface,
-                spec.container,
-                spec.address,
-                started.elapsed().as_millis()
-            ),
-            Err(e) => tracing::warn!(
-                "attached {} to container {}, but {e}",
-                spec.iface,
-                spec.container
-            ),
-        }
+        // The probe makes the first handshake happen now and shows that
+        // traffic flows; it runs on its own so that a shutdown or the next
+        // event never waits for it.
+        tokio::spawn(async move {
+            match probe_from_netns(pid, spec.probe, Duration::from_secs(10)).await {
+                Ok(_) => tracing::info!(
+                    "attached {} to container {} as {} ({} ms to traffic)",
+                    spec.iface,
+                    spec.container,
+                    spec.address,
+                    started.elapsed().as_millis()
+                ),
+                Err(e) => tracing::warn!(
+                    "attached {} to container {}, but {e}",
+                    spec.iface,
+                    spec.container
+                ),
+            }
+        });
         Ok(())
     }
 

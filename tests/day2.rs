@@ -419,7 +419,15 @@ fn serve_tells_systemd_it_is_ready() {
     sock.set_read_timeout(Some(UP)).unwrap();
     let serve = lab.spawn_env(
         &a,
-        &args(&["serve", "--iface", &iface, "--state-dir", state.to_str().unwrap(), "--backend", "userspace"]),
+        &args(&[
+            "serve",
+            "--iface",
+            &iface,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--backend",
+            "userspace",
+        ]),
         &[("NOTIFY_SOCKET", path.to_str().unwrap())],
     );
     let mut buf = [0u8; 256];
