@@ -15,6 +15,10 @@
 #   wait_for_line FILE REGEX SECS [PID]   wait for a complete line matching REGEX
 #   wait_for_tcp NS PORT SECS [PID]       wait for a TCP listener in NS
 #   ensure_packages CMD:PKG...            apt-get install what is missing
+#   ns_docker_run NAME ARGS...   docker run -d --name NAME ARGS...; NAME is
+#                          removed (docker rm -f) by the cleanup trap
+#   ns_remove_containers         remove those containers now
+#   ns_container_pid NAME        pid of the container's init (0 when stopped)
 #
 # Everything created here carries the shell's pid ($$) so that parallel runs do
 # not collide; interface names stay <= 15 characters. Addresses used are only
@@ -34,6 +38,7 @@ NS_PIDS=()        # background pids still to be reaped
 NS_NAMESPACES=()  # namespaces to delete
 NS_IFACES=()      # wg interface names (UAPI sockets live in $NS_WG_RUN_DIR)
 NS_LOGS=()        # files to show when the script fails
+NS_CONTAINERS=()  # Docker containers to remove (names carry $$)
 NS_LAST_PID=""
 NS_STOP_RC=0
 NS_STOP_KILLED=0
@@ -148,6 +153,40 @@ ns_create_sites() {
 		sleep 0.05
 	done
 	die "veth $NS_VETH_A <-> $NS_VETH_B did not come up"
+}
+
+# ns_docker_run NAME ARGS... - `docker run -d --name NAME ARGS...`. NAME is
+# registered first, so the cleanup trap removes it even when the run fails
+# half-way. Output of docker run goes to the work dir.
+ns_docker_run() {
+	local name=$1
+	shift
+	NS_CONTAINERS+=("$name")
+	if ! timeout 60 docker run -d --name "$name" "$@" >"$NS_WORK/docker-run-$name.out" 2>&1; then
+		cat "$NS_WORK/docker-run-$name.out" >&2
+		return 1
+	fi
+}
+
+# ns_container_pid NAME - pid (in the root pid namespace) of the container's
+# init, 0 when it is not running.
+ns_container_pid() {
+	timeout 30 docker inspect -f '{{.State.Pid}}' "$1"
+}
+
+# ns_remove_containers - docker rm -f every container from ns_docker_run;
+# fails when one of them is still listed afterwards.
+ns_remove_containers() {
+	local c bad=0
+	for c in "${NS_CONTAINERS[@]}"; do
+		timeout 60 docker rm -f "$c" >/dev/null 2>&1 || true
+		if timeout 30 docker container inspect "$c" >/dev/null 2>&1; then
+			log_err "container $c still exists"
+			bad=1
+		fi
+	done
+	NS_CONTAINERS=()
+	return "$bad"
 }
 
 # ns_delete_sites - delete our namespaces now (processes must be stopped
@@ -316,9 +355,10 @@ ns_show_logs() {
 	done
 }
 
-# ns_cleanup - EXIT trap: stop processes, delete namespaces (and with them the
-# veth pair and any tun/wg interface inside), drop stale UAPI sockets of our
-# own interface names, remove the work dir. Keeps the exit status.
+# ns_cleanup - EXIT trap: stop processes, show the logs (on failure), remove
+# containers, delete namespaces (and with them the veth pair and any tun/wg
+# interface inside), drop stale UAPI sockets of our own interface names,
+# remove the work dir. Keeps the exit status.
 ns_cleanup() {
 	local rc=$?
 	set +e
@@ -327,10 +367,6 @@ ns_cleanup() {
 		return "$rc"
 	fi
 	NS_CLEANED=1
-	if [ "$rc" -ne 0 ]; then
-		log_err "failed (exit $rc); logs follow"
-		ns_show_logs
-	fi
 	local pid ns iface i
 	for pid in "${NS_PIDS[@]}"; do
 		ns_alive "$pid" && kill -TERM "$pid" 2>/dev/null
@@ -344,10 +380,22 @@ ns_cleanup() {
 		sleep 0.05
 	done
 	for pid in "${NS_PIDS[@]}"; do
-		ns_alive "$pid" && kill -KILL "$pid" 2>/dev/null
+		if ns_alive "$pid"; then
+			log_err "pid $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | cut -c1-60)) did not exit within 5s after SIGTERM; sending SIGKILL"
+			kill -KILL "$pid" 2>/dev/null
+		fi
 		wait "$pid" 2>/dev/null
 	done
 	NS_PIDS=()
+	# logs after the processes stopped, so that they include their last words
+	if [ "$rc" -ne 0 ]; then
+		log_err "failed (exit $rc); logs follow"
+		ns_show_logs
+	fi
+	# after our processes (a tunnel detaches from its containers on exit)
+	if [ "${#NS_CONTAINERS[@]}" -gt 0 ]; then
+		ns_remove_containers
+	fi
 	for ns in "${NS_NAMESPACES[@]}"; do
 		# anything still running inside our namespace was started by us
 		for pid in $(ip netns pids "$ns" 2>/dev/null); do
