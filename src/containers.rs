@@ -28,6 +28,32 @@ pub enum ContainerError {
     Namespace { container: String, detail: String },
 }
 
+/// The container endpoints as status shows them, with their devices while
+/// attached, shared between the follower and the local API.
+#[derive(Clone, Default)]
+pub struct ContainerView(Arc<Mutex<Vec<ViewEntry>>>);
+
+type ViewEntry = (EndpointStatus, Option<Arc<dyn WgDevice>>);
+
+impl ContainerView {
+    /// The endpoints, with live handshake and traffic figures where attached.
+    pub async fn report(&self) -> Vec<EndpointStatus> {
+        let entries = self.0.lock().expect("status lock").clone();
+        let mut out = Vec::with_capacity(entries.len());
+        for (mut e, device) in entries {
+            if let Some(d) = device
+                && let Ok(peers) = d.peers().await
+            {
+                for (report, live) in e.peers.iter_mut().zip(peers.iter()) {
+                    *report = PeerReport::from_live(live, report.name.clone(), report.address);
+                }
+            }
+            out.push(e);
+        }
+        out
+    }
+}
+
 /// One container endpoint, as configured.
 #[derive(Debug, Clone)]
 pub struct EndpointSpec {
@@ -46,7 +72,7 @@ pub struct EndpointSpec {
 
 struct Slot {
     spec: EndpointSpec,
-    attached: Option<(Attached, Box<dyn WgDevice>)>,
+    attached: Option<(Attached, Arc<dyn WgDevice>)>,
 }
 
 pub struct Follower {
@@ -55,7 +81,7 @@ pub struct Follower {
     backend: BackendChoice,
     slots: Vec<Slot>,
     /// What status reports, updated on every attach and detach.
-    status: Arc<Mutex<Vec<EndpointStatus>>>,
+    status: ContainerView,
 }
 
 /// Connects to the hub's control API from inside the namespace of `pid`,
@@ -109,14 +135,14 @@ impl Follower {
             host,
             backend,
             slots,
-            status: Arc::default(),
+            status: ContainerView::default(),
         };
         me.publish();
         me
     }
 
     /// A live view of the container endpoints, for status.
-    pub fn status(&self) -> Arc<Mutex<Vec<EndpointStatus>>> {
+    pub fn status(&self) -> ContainerView {
         self.status.clone()
     }
 
@@ -124,30 +150,35 @@ impl Follower {
         let all = self
             .slots
             .iter()
-            .map(|s| EndpointStatus {
-                iface: s.spec.iface.clone(),
-                role: "container".into(),
-                state: if s.attached.is_some() { "up" } else { "down" }.into(),
-                backend: s.attached.as_ref().map(|(_, d)| d.backend().to_string()),
-                address: s.spec.address,
-                listen_port: None,
-                public_key: s.spec.key.public_key(),
-                container: Some(s.spec.container.clone()),
-                container_id: s.attached.as_ref().map(|(a, _)| a.id.clone()),
-                server: None,
-                peers: vec![PeerReport {
-                    public_key: s.spec.hub.public_key,
-                    name: Some("server".into()),
-                    address: Some(s.spec.probe.ip()),
-                    endpoint: s.spec.hub.endpoint,
-                    last_handshake_secs: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                    keepalive: s.spec.hub.keepalive,
-                }],
+            .map(|s| {
+                (
+                    EndpointStatus {
+                        iface: s.spec.iface.clone(),
+                        role: "container".into(),
+                        state: if s.attached.is_some() { "up" } else { "down" }.into(),
+                        backend: s.attached.as_ref().map(|(_, d)| d.backend().to_string()),
+                        address: s.spec.address,
+                        listen_port: None,
+                        public_key: s.spec.key.public_key(),
+                        container: Some(s.spec.container.clone()),
+                        container_id: s.attached.as_ref().map(|(a, _)| a.id.clone()),
+                        server: None,
+                        peers: vec![PeerReport {
+                            public_key: s.spec.hub.public_key,
+                            name: Some("server".into()),
+                            address: Some(s.spec.probe.ip()),
+                            endpoint: s.spec.hub.endpoint,
+                            last_handshake_secs: None,
+                            rx_bytes: 0,
+                            tx_bytes: 0,
+                            keepalive: s.spec.hub.keepalive,
+                        }],
+                    },
+                    s.attached.as_ref().map(|(_, d)| d.clone()),
+                )
             })
             .collect();
-        *self.status.lock().expect("status lock") = all;
+        *self.status.0.lock().expect("status lock") = all;
     }
 
     /// Brings every endpoint in line with its container. Errors detach
@@ -203,7 +234,7 @@ impl Follower {
             container: spec.container.clone(),
             source,
         })?;
-        self.slots[i].attached = Some((Attached { id, pid }, device));
+        self.slots[i].attached = Some((Attached { id, pid }, Arc::from(device)));
         self.publish();
         // The probe makes the first handshake happen now and shows that
         // traffic flows; it runs on its own so that a shutdown or the next

@@ -205,6 +205,24 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
         "cli has no tunnel route"
     );
 
+    // Container endpoints report live figures too.
+    let st = status_json(&lab, &a, &state_a);
+    let web_ep = st
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["container"] == web.as_str())
+        .unwrap();
+    assert_eq!(web_ep["state"], "up");
+    assert!(
+        web_ep["peers"][0]["last_handshake_secs"].is_u64(),
+        "{web_ep}"
+    );
+    assert!(
+        web_ep["peers"][0]["rx_bytes"].as_u64().unwrap() > 0,
+        "{web_ep}"
+    );
+
     // Human-readable status shows both endpoints and the container.
     let text = String::from_utf8_lossy(
         &lab.tunnel(&a, &["status", "--state-dir", state_a.to_str().unwrap()])

@@ -409,7 +409,7 @@ struct SiteApi {
     device: Arc<dyn WgDevice>,
     joined: JoinedState,
     iface: String,
-    containers: Option<Arc<std::sync::Mutex<Vec<EndpointStatus>>>>,
+    containers: Option<crate::containers::ContainerView>,
 }
 
 #[async_trait::async_trait]
@@ -433,7 +433,7 @@ impl LocalApi for SiteApi {
             .collect();
         let mut out = vec![main];
         if let Some(c) = &self.containers {
-            out.extend(c.lock().expect("status lock").iter().cloned());
+            out.extend(c.report().await);
         }
         out
     }

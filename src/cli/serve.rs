@@ -330,7 +330,7 @@ struct ServerApi {
     device: Arc<dyn WgDevice>,
     iface: String,
     endpoint_hint: Option<String>,
-    containers: Option<Arc<std::sync::Mutex<Vec<EndpointStatus>>>>,
+    containers: Option<crate::containers::ContainerView>,
 }
 
 #[async_trait::async_trait]
@@ -362,9 +362,9 @@ impl LocalApi for ServerApi {
                 } else if let Some(i) = state.invites.iter().find(|i| i.public_key == p.public_key)
                 {
                     let what = if i.redeemed_by.is_some() {
-                        "invite (used)"
+                        "used invite"
                     } else {
-                        "invite (unused)"
+                        "unused invite"
                     };
                     (what.to_owned(), Some(i.address))
                 } else {
@@ -375,7 +375,7 @@ impl LocalApi for ServerApi {
             .collect();
         let mut out = vec![main];
         if let Some(c) = &self.containers {
-            out.extend(c.lock().expect("status lock").iter().cloned());
+            out.extend(c.report().await);
         }
         out
     }
