@@ -98,19 +98,28 @@ async fn redeem(
     Json(req): Json<RedeemRequest>,
 ) -> Reply<RedeemResponse> {
     let src = source(peer);
-    match hub.redeem(src, req.public_key, SystemTime::now()).await {
-        Ok(address) => Ok(Json(RedeemResponse { address })),
-        Err(e) => {
-            tracing::warn!("refused redeem from {src}: {e}");
+    let result = hub.redeem(src, req.public_key, SystemTime::now()).await;
+    admission("redeem", src, result)
+}
+
+/// The answer to a redeem or registration: the address, or why not.
+fn admission(
+    what: &str,
+    src: IpAddr,
+    result: Result<IpNetwork, RedeemError>,
+) -> Reply<RedeemResponse> {
+    result
+        .map(|address| Json(RedeemResponse { address }))
+        .map_err(|e| {
+            tracing::warn!("refused {what} from {src}: {e}");
             let status = match e {
                 RedeemError::NoInvite(_) => StatusCode::FORBIDDEN,
                 RedeemError::AlreadyUsed | RedeemError::KeyInUse => StatusCode::CONFLICT,
                 RedeemError::Expired => StatusCode::GONE,
                 RedeemError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             };
-            Err(refuse(status, e))
-        }
-    }
+            refuse(status, e)
+        })
 }
 
 async fn register(
@@ -125,22 +134,10 @@ async fn register(
         .filter(|c| !c.is_control())
         .take(64)
         .collect();
-    match hub
+    let result = hub
         .register(src, req.public_key, &name, SystemTime::now())
-        .await
-    {
-        Ok(address) => Ok(Json(RedeemResponse { address })),
-        Err(e) => {
-            tracing::warn!("refused endpoint registration from {src}: {e}");
-            let status = match e {
-                RedeemError::NoInvite(_) => StatusCode::FORBIDDEN,
-                RedeemError::KeyInUse | RedeemError::AlreadyUsed => StatusCode::CONFLICT,
-                RedeemError::Expired => StatusCode::GONE,
-                RedeemError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            Err(refuse(status, e))
-        }
-    }
+        .await;
+    admission("endpoint registration", src, result)
 }
 
 async fn left(

@@ -119,6 +119,16 @@ fn serve_and_join_carry_traffic_both_ways_and_leave_nothing_behind() {
     tcp_exchange(&p.a, &p.b, "10.77.0.1:7001".parse().unwrap());
     tcp_exchange(&p.b, &p.a, "10.77.0.2:7002".parse().unwrap());
 
+    // The hub forwards between its peers, on its own interface only.
+    let fwd = |h: &Host, i: &str| {
+        h.run(&["cat", &format!("/proc/sys/net/ipv4/conf/{i}/forwarding")])
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(fwd(&p.a, &p.iface_a), "1");
+    assert_eq!(fwd(&p.a, "all"), "0");
+    assert_eq!(fwd(&p.b, &p.iface_b), "0");
+
     // Stock `wg show` reads both userspace devices and sees a recent handshake.
     let ages_a = handshake_ages(&p.a, &p.iface_a);
     assert!(

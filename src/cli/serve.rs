@@ -152,6 +152,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let result = serve(
         &args,
         tokens,
+        net.as_ref(),
         device.clone(),
         store,
         state,
@@ -209,9 +210,11 @@ async fn nudge_known_peers(server_ip: IpAddr, state: &ServerState) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     args: &ServeArgs,
     tokens: usize,
+    net: &dyn crate::net::NetOps,
     device: Arc<dyn WgDevice>,
     store: StateDir,
     state: ServerState,
@@ -220,7 +223,7 @@ async fn serve(
 ) -> Result<(), Failure> {
     let iface = &args.common.iface;
     // The hub relays between its peers (sites and containers).
-    crate::net::enable_forwarding(iface)?;
+    net.enable_forwarding(iface).await?;
     let server_ip = Hub::server_address(state.subnet)?;
     nudge_known_peers(server_ip, &state).await;
     let hub = Arc::new(Hub::new(device, store, iface, state)?);

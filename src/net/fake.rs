@@ -14,6 +14,7 @@ pub struct FakeLink {
     pub up: bool,
     /// The pid whose namespace it was moved into.
     pub netns_pid: Option<u32>,
+    pub forwarding: bool,
 }
 
 #[derive(Default)]
@@ -73,6 +74,15 @@ impl NetOps for FakeNet {
             .get_mut(name)
             .ok_or_else(|| NetError::NotFound(name.to_owned()))?;
         link.netns_pid = Some(pid);
+        Ok(())
+    }
+
+    async fn enable_forwarding(&self, name: &str) -> Result<(), NetError> {
+        let mut links = self.links.lock().unwrap();
+        let link = links
+            .get_mut(name)
+            .ok_or_else(|| NetError::NotFound(name.to_owned()))?;
+        link.forwarding = true;
         Ok(())
     }
 

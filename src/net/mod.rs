@@ -39,14 +39,11 @@ pub trait NetOps: Send + Sync {
     async fn delete_link(&self, name: &str) -> Result<(), NetError>;
     /// Moves the link into the network namespace of process `pid`.
     async fn move_to_netns(&self, name: &str, pid: u32) -> Result<(), NetError>;
-}
-
-/// Lets the kernel forward packets that arrive on `iface` (the hub relays
-/// between its peers). Per interface, so the host as a whole does not
-/// become a router, and gone with the interface, so nothing to undo.
-pub fn enable_forwarding(iface: &str) -> Result<(), NetError> {
-    let path = format!("/proc/sys/net/ipv4/conf/{iface}/forwarding");
-    std::fs::write(&path, "1").map_err(|e| NetError::Other(format!("{path}: {e}")))
+    /// Lets the kernel forward IPv4 packets that arrive on the link (the hub
+    /// relays between its peers). Per interface, so the host as a whole
+    /// does not become a router, and gone with the interface, so nothing to
+    /// undo. Set over netlink, as /proc/sys is read-only in containers.
+    async fn enable_forwarding(&self, name: &str) -> Result<(), NetError>;
 }
 
 /// Checks an interface name the way the kernel will (`dev_valid_name`).

@@ -4,12 +4,35 @@ use super::{NetError, NetOps};
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
+use rtnetlink::packet_core::DefaultNla;
+use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard};
 
 const EPERM: i32 = 1;
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
 const EOPNOTSUPP: i32 = 95;
+
+const IFLA_AF_SPEC: u16 = 26;
+const AF_INET: u16 = 2;
+const IFLA_INET_CONF: u16 = 1;
+const IPV4_DEVCONF_FORWARDING: u16 = 1;
+
+/// `IFLA_AF_SPEC { AF_INET { IFLA_INET_CONF { FORWARDING = 1 } } }`, the
+/// netlink form of `net.ipv4.conf.<iface>.forwarding=1`. Built by hand:
+/// netlink-packet-route's devconf type would write every setting, not one.
+fn forwarding_af_spec() -> Vec<u8> {
+    fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
+        let len = 4 + value.len() as u16;
+        let mut out = Vec::with_capacity(len as usize);
+        out.extend_from_slice(&len.to_ne_bytes());
+        out.extend_from_slice(&kind.to_ne_bytes());
+        out.extend_from_slice(value);
+        out
+    }
+    let setting = nla(IPV4_DEVCONF_FORWARDING, &1u32.to_ne_bytes());
+    nla(AF_INET, &nla(IFLA_INET_CONF, &setting))
+}
 
 /// A netlink connection in the calling thread's network namespace.
 pub struct Netlink {
@@ -136,6 +159,21 @@ impl NetOps for Netlink {
             .map_err(|e| classify(e, &format!("moving into the namespace of pid {pid}"), name))
     }
 
+    async fn enable_forwarding(&self, name: &str) -> Result<(), NetError> {
+        let index = self.require_index(name).await?;
+        let attr = LinkAttribute::Other(DefaultNla::new(IFLA_AF_SPEC, forwarding_af_spec()));
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .append_extra_attribute(attr)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| classify(e, "enabling forwarding", name))
+    }
+
     async fn delete_link(&self, name: &str) -> Result<(), NetError> {
         let index = self.require_index(name).await?;
         self.handle
@@ -144,5 +182,19 @@ impl NetOps for Netlink {
             .execute()
             .await
             .map_err(|e| classify(e, "deleting the link", name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn forwarding_attribute_layout() {
+        // len 16, AF_INET { len 12, INET_CONF { len 8, FORWARDING, 1 } }
+        let mut want = Vec::new();
+        for half in [16u16, 2, 12, 1, 8, 1] {
+            want.extend_from_slice(&half.to_ne_bytes());
+        }
+        want.extend_from_slice(&1u32.to_ne_bytes());
+        assert_eq!(super::forwarding_af_spec(), want);
     }
 }

@@ -191,7 +191,28 @@ impl WgDevice for UserspaceDevice {
 
     async fn set_private_key(&self, key: &PrivateKey) -> Result<(), WgError> {
         let key = key.as_secret().clone();
-        let result = self.with(async |d| d.set_private_key(key).await).await?;
+        let any_port = self.listen_port == 0;
+        // gotatun applies a new key to its peers before it replaces the
+        // connection, so a packet leaving in between starts a handshake from
+        // the old socket; the reply is lost and the peer waits out the 5 s
+        // rekey timeout. Suspending first means no packet leaves until the
+        // new key has its new socket. With no fixed port, any port will do,
+        // which also avoids racing the old socket's close.
+        let result = self
+            .with(async |d| {
+                d.suspend().await;
+                let written = d
+                    .write(async |w| {
+                        w.set_private_key(key).await;
+                        if any_port {
+                            w.set_listen_port(0);
+                        }
+                    })
+                    .await;
+                let resumed = d.resume().await;
+                written.and(resumed)
+            })
+            .await?;
         match result.map_err(err("setting the private key")) {
             // A new key makes gotatun rebind its socket, and the old one may
             // not be closed yet: the key is in place, the socket is not.

@@ -260,6 +260,14 @@ impl Lab {
         for i in 0..n {
             let ns = format!("tnl{id}h{i}");
             sh(&["ip", "netns", "add", &ns]);
+            // A new namespace inherits forwarding from the root one, which
+            // Docker turns on; start from a plain host's default instead.
+            for key in [
+                "net.ipv4.conf.all.forwarding=0",
+                "net.ipv4.conf.default.forwarding=0",
+            ] {
+                sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", key]);
+            }
             lab.hosts.push(Host {
                 ns,
                 ip: format!("10.231.0.{}", i + 1),
