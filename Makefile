@@ -3,18 +3,20 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .NOTPARALLEL:
-.PHONY: all build test docker-env lint fmt bench demo deps ci clean help
+.PHONY: all build test docker-env lint fmt bench demo deps ci clean help image compose-demo
 
 all: build
 
 help:
 	@echo "make build   - cargo build --release"
 	@echo "make test    - cargo test (unit + end-to-end; e2e needs root);"
-	@echo "               as root, runs scripts/docker-env.sh first"
+	@echo "               as root, runs scripts/docker-env.sh first and make demo, make compose-demo after"
 	@echo "make docker-env - start a local Docker engine, build the test image (root)"
 	@echo "make lint    - cargo fmt --check + cargo clippy --all-targets -- -D warnings"
-	@echo "make bench   - raw veth vs wireguard-go vs tunnel throughput + join latency (root)"
-	@echo "make demo    - two namespace sites joined by tunnel: ping + HTTP (root)"
+	@echo "make bench   - raw veth vs wireguard-go vs tunnel throughput, join latency, container attach/restart times (root)"
+	@echo "make demo    - two namespace sites with a container each, page fetched across the tunnel (root)"
+	@echo "make image   - build the runtime image tunnel:latest offline (docker import)"
+	@echo "make compose-demo - compose/: two container sites, web <- client over the tunnel (root)"
 	@echo "make deps    - apt-get install the runtime tools that are missing (root)"
 	@echo "make ci      - run .ci/run"
 	@echo "make clean   - cargo clean"
@@ -23,10 +25,13 @@ build:
 	$(CARGO) build --release
 
 # As root (sudo make test, CI) the Docker engine and test image are set up
-# first; a non-root run only runs cargo test.
+# first, and the two demos run after the tests: they are what a newcomer runs
+# first, so they are tested too. A non-root run only runs cargo test.
 test:
 	@if [ "$$(id -u)" -eq 0 ]; then bash scripts/docker-env.sh; fi
 	$(CARGO) test
+	@if [ "$$(id -u)" -eq 0 ]; then $(MAKE) --no-print-directory demo compose-demo; \
+	else echo "not root: make demo and make compose-demo were not run"; fi
 
 docker-env:
 	bash scripts/docker-env.sh
@@ -43,6 +48,13 @@ bench: deps build
 
 demo: deps build
 	NO_BUILD=1 ./scripts/demo.sh
+
+# The runtime image, from target/release/tunnel + busybox-static (no registry).
+image:
+	bash scripts/image.sh
+
+compose-demo:
+	bash scripts/compose-demo.sh
 
 deps:
 	@. scripts/netns.sh && ensure_packages "$${NS_RUNTIME_PACKAGES[@]}"
