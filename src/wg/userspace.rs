@@ -22,6 +22,10 @@ use tokio::sync::RwLock;
 
 type Gotatun = Device<DefaultDeviceTransports>;
 
+/// Socket buffers as wireguard-go sizes them (7 MiB): bursts at line rate
+/// overflow the default ~200 KiB and are dropped.
+const UDP_BUFFER: usize = 7 << 20;
+
 pub struct UserspaceDevice {
     name: String,
     /// `None` once destroyed: gotatun's `stop` takes the device by value.
@@ -113,6 +117,8 @@ impl UserspaceDevice {
         })?;
         let builder = DeviceBuilder::new()
             .with_default_udp()
+            .udp_recv_buffer_size(UDP_BUFFER)
+            .udp_send_buffer_size(UDP_BUFFER)
             .with_ip(tun)
             .with_uapi(uapi)
             .with_private_key(spec.private_key.as_secret().clone())
