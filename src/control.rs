@@ -391,14 +391,15 @@ fn refused(body: &Bytes, status: StatusCode) -> ControlError {
     ControlError::Refused(msg)
 }
 
-/// Asks the server to admit `key` in place of the invite we hold.
-pub async fn redeem_invite(
+/// POSTs `body` as JSON over the tunnel and decodes the JSON answer.
+async fn post_json<T: serde::de::DeserializeOwned>(
     server: SocketAddr,
-    key: &PublicKey,
+    path: &str,
+    body: &impl Serialize,
     timeout: Duration,
-) -> Result<RedeemResponse, ControlError> {
-    let body = serde_json::to_vec(&RedeemRequest { public_key: *key }).expect("serializes");
-    let (status, bytes) = exchange(server, "POST", "/v1/redeem", Some(body), timeout).await?;
+) -> Result<T, ControlError> {
+    let body = serde_json::to_vec(body).expect("serializes");
+    let (status, bytes) = exchange(server, "POST", path, Some(body), timeout).await?;
     if !status.is_success() {
         return Err(refused(&bytes, status));
     }
@@ -408,6 +409,21 @@ pub async fn redeem_invite(
     })
 }
 
+/// Asks the server to admit `key` in place of the invite we hold.
+pub async fn redeem_invite(
+    server: SocketAddr,
+    key: &PublicKey,
+    timeout: Duration,
+) -> Result<RedeemResponse, ControlError> {
+    post_json(
+        server,
+        "/v1/redeem",
+        &RedeemRequest { public_key: *key },
+        timeout,
+    )
+    .await
+}
+
 /// Registers another endpoint of this site (a container) with the hub.
 pub async fn register_endpoint(
     server: SocketAddr,
@@ -415,19 +431,11 @@ pub async fn register_endpoint(
     name: &str,
     timeout: Duration,
 ) -> Result<RedeemResponse, ControlError> {
-    let body = serde_json::to_vec(&RegisterRequest {
+    let req = RegisterRequest {
         public_key: *key,
         name: name.to_owned(),
-    })
-    .expect("serializes");
-    let (status, bytes) = exchange(server, "POST", "/v1/endpoints", Some(body), timeout).await?;
-    if !status.is_success() {
-        return Err(refused(&bytes, status));
-    }
-    serde_json::from_slice(&bytes).map_err(|e| ControlError::Http {
-        target: server.to_string(),
-        detail: e.to_string(),
-    })
+    };
+    post_json(server, "/v1/endpoints", &req, timeout).await
 }
 
 /// Tells the hub this site is stopping cleanly (best effort).
