@@ -232,6 +232,30 @@ where
     Ok((status, bytes))
 }
 
+/// Connects with `connect`, then one exchange; all bounded by `timeout`.
+async fn exchange_via<S>(
+    target: String,
+    connect: impl Future<Output = std::io::Result<S>>,
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), ControlError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let work = async {
+        let stream = connect.await.map_err(|source| ControlError::Connect {
+            target: target.clone(),
+            source,
+        })?;
+        exchange_on(stream, &target, method, path, body).await
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| ControlError::Timeout(target.clone()))?
+}
+
 /// One exchange with the API over the tunnel, bounded by `timeout`.
 async fn exchange(
     addr: SocketAddr,
@@ -240,41 +264,15 @@ async fn exchange(
     body: Option<Vec<u8>>,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), ControlError> {
-    let target = addr.to_string();
-    let work = async {
-        let stream = TcpStream::connect(addr)
-            .await
-            .map_err(|source| ControlError::Connect {
-                target: target.clone(),
-                source,
-            })?;
-        exchange_on(stream, &target, method, path, body).await
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| ControlError::Timeout(target.clone()))?
-}
-
-/// One exchange with a running instance over its local socket.
-pub async fn local_exchange(
-    socket: &std::path::Path,
-    method: &str,
-    path: &str,
-    timeout: Duration,
-) -> Result<(StatusCode, Bytes), ControlError> {
-    let target = socket.display().to_string();
-    let work = async {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|source| ControlError::Connect {
-                target: target.clone(),
-                source,
-            })?;
-        exchange_on(stream, &target, method, path, None).await
-    };
-    tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| ControlError::Timeout(target.clone()))?
+    exchange_via(
+        addr.to_string(),
+        TcpStream::connect(addr),
+        method,
+        path,
+        body,
+        timeout,
+    )
+    .await
 }
 
 /// Binds the local control socket `<state-dir>/<iface>.sock` (0600, in the
@@ -363,18 +361,9 @@ pub async fn local_call<T: serde::de::DeserializeOwned>(
     timeout: Duration,
 ) -> Result<T, ControlError> {
     let target = socket.display().to_string();
-    let work = async {
-        let stream = tokio::net::UnixStream::connect(socket)
-            .await
-            .map_err(|source| ControlError::Connect {
-                target: target.clone(),
-                source,
-            })?;
-        exchange_on(stream, &target, method, path, body).await
-    };
-    let (status, bytes) = tokio::time::timeout(timeout, work)
-        .await
-        .map_err(|_| ControlError::Timeout(target.clone()))??;
+    let connect = tokio::net::UnixStream::connect(socket);
+    let (status, bytes) =
+        exchange_via(target.clone(), connect, method, path, body, timeout).await?;
     if !status.is_success() {
         return Err(refused(&bytes, status));
     }

@@ -29,19 +29,15 @@ pub async fn run(args: StatusArgs) -> Result<(), Failure> {
         let Some(saved) = store.load(&iface)? else {
             continue;
         };
-        let live = match control::local_exchange(
+        let live: Option<Vec<EndpointStatus>> = control::local_call(
             &store.socket(&iface),
             "GET",
             "/v1/status",
+            None,
             Duration::from_secs(3),
         )
         .await
-        {
-            Ok((code, body)) if code.is_success() => {
-                serde_json::from_slice::<Vec<EndpointStatus>>(&body).ok()
-            }
-            Ok(_) | Err(_) => None,
-        };
+        .ok();
         endpoints.extend(live.unwrap_or_else(|| status::from_state(&iface, &saved)));
     }
     let mut out = std::io::stdout().lock();

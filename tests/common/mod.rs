@@ -198,24 +198,11 @@ impl Proc {
         }
     }
 
-    /// SIGTERM, then waits for the exit status.
+    /// SIGTERM, then waits (at most 10 s) for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "tunnel did not exit within 10s of SIGTERM; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait(Duration::from_secs(10))
     }
 
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
