@@ -48,6 +48,9 @@ CLIENT=tunnel-demo-client
 EXPECTED_PAGE="hello from site A over the tunnel"
 PROJECT_LABEL=com.docker.compose.project=$PROJECT
 
+# shellcheck source=scripts/netns.sh
+. "$(dirname "${BASH_SOURCE[0]}")/netns.sh"
+
 step() { printf '==> %s\n' "$*" >&2; }
 info() { printf '    %s\n' "$*" >&2; }
 fail() {
@@ -66,20 +69,6 @@ done
 COMPOSE_CMD=()
 dc() { "${COMPOSE_CMD[@]}" -p "$PROJECT" "${FILES[@]}" "$@"; }
 
-pkg_installed() {
-	[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" = "install ok installed" ]
-}
-
-apt_install() {
-	info "apt-get install $*"
-	if ! NEEDRESTART_SUSPEND=1 apt-get install -y -q --no-install-recommends "$@" >&2; then
-		info "install failed; running apt-get update and retrying"
-		apt-get update -q >&2 || fail "apt-get update failed"
-		NEEDRESTART_SUSPEND=1 apt-get install -y -q --no-install-recommends "$@" >&2 ||
-			fail "apt-get install $* failed"
-	fi
-}
-
 find_compose() {
 	if [ -n "${COMPOSE:-}" ]; then
 		read -r -a COMPOSE_CMD <<<"$COMPOSE"
@@ -89,7 +78,7 @@ find_compose() {
 		COMPOSE_CMD=(docker compose)
 	else
 		step "installing docker-compose (Debian package; no Compose found)"
-		apt_install docker-compose
+		ensure_packages docker-compose:docker-compose >&2 || fail "cannot install docker-compose"
 		command -v docker-compose >/dev/null 2>&1 || fail "docker-compose still missing after install"
 		COMPOSE_CMD=(docker-compose)
 	fi

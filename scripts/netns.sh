@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # shellcheck disable=SC2034  # variables here are used by the scripts that source this file
-# Shared helpers for scripts/bench.sh, scripts/demo.sh and .ci/run.
+# Shared helpers for scripts/bench.sh, scripts/demo.sh, scripts/compose-demo.sh and .ci/run.
 #
 # Source this file; it only defines functions and variables, it runs nothing.
 #

@@ -402,7 +402,6 @@ fn stock_wireguard_go_takes_over_from_export() {
         hub.contains("ListenPort = 51820") && hub.contains("AllowedIPs = 10.77.0.2/32"),
         "{hub}"
     );
-    let _ = s.serve;
 }
 
 #[test]

@@ -122,6 +122,19 @@ fn container_address(status: &serde_json::Value, container: &str) -> String {
     addr.split('/').next().unwrap().to_owned()
 }
 
+/// Fetches from `from` until the page comes back, failing after `UP`.
+fn wait_for_page(from: &str, url: &str, page: &str, when: &str, lab: &mut Lab, serve: usize) {
+    let since = Instant::now();
+    while fetch(from, url).as_deref() != Some(page) {
+        assert!(
+            since.elapsed() < UP,
+            "page not reachable {when}; {}",
+            lab.proc(serve).stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn interfaces_in(container: &str) -> String {
     docker_ok(&["exec", container, "ip", "-o", "link"])
 }
@@ -236,14 +249,7 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
     let t = Instant::now();
     docker_ok(&["restart", "-t", "1", &web]);
     let restarted = Instant::now();
-    while fetch(&cli, &url).as_deref() != Some(page.as_str()) {
-        assert!(
-            restarted.elapsed() < UP,
-            "page not reachable after docker restart; {}",
-            lab.proc(serve).stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_page(&cli, &url, &page, "after docker restart", &mut lab, serve);
     eprintln!(
         "docker restart {web}: page reachable again {} ms after `docker restart` returned ({} ms including the restart)",
         restarted.elapsed().as_millis(),
@@ -254,15 +260,7 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
     docker_ok(&["rm", "-f", &web]);
     cs.0.retain(|c| c != &web);
     cs.web(&web, &page);
-    let recreated = Instant::now();
-    while fetch(&cli, &url).as_deref() != Some(page.as_str()) {
-        assert!(
-            recreated.elapsed() < UP,
-            "page not reachable after re-creating web; {}",
-            lab.proc(serve).stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_page(&cli, &url, &page, "after re-creating web", &mut lab, serve);
     // The same address and key came back.
     assert_eq!(
         container_address(&status_json(&lab, &a, &state_a), &web),
@@ -328,10 +326,12 @@ fn docker_errors_are_clear_and_change_nothing() {
     let web_id = docker_ok(&["inspect", "-f", "{{.Id}}", &web]);
 
     let check = |out: Output, want: &str| {
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(2), "{want}: {err}");
-        assert!(err.contains(want), "wanted {want:?} in {err:?}");
-        assert_eq!(err.trim().lines().count(), 1, "one line: {err:?}");
+        let err = common::failed_with(&out, 2, want);
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "nothing but the error: {err:?}"
+        );
         assert!(!a.has_link(&iface), "{want}: interface created");
         assert!(!state.exists(), "{want}: state created");
         assert!(

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Host, Lab, can_run, handshake_ages, tcp_exchange};
+use common::{Host, Lab, can_run, failed_with, handshake_ages, tcp_exchange};
 use std::path::Path;
 use std::time::Duration;
 
@@ -223,9 +223,7 @@ fn a_used_token_is_refused() {
             "15s",
         ],
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("already used"), "{err}");
+    failed_with(&out, 2, "already used");
     assert!(out.stdout.is_empty());
     assert!(!c.has_link(&iface_c));
     assert!(!Path::new(&format!("/var/run/wireguard/{iface_c}.sock")).exists());
@@ -271,10 +269,12 @@ fn bad_tokens_are_refused_before_anything_is_created() {
                 state_b.to_str().unwrap(),
             ],
         );
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{want}: {err}");
-        assert!(err.contains(want), "wanted {want:?} in {err:?}");
-        assert_eq!(err.trim().lines().count(), 1, "one line: {err:?}");
+        let err = failed_with(&out, 2, want);
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "nothing but the error: {err:?}"
+        );
         assert!(!p.b.has_link(&p.iface_b), "{want}: interface created");
         assert!(!state_b.exists(), "{want}: state dir created");
     }
@@ -303,12 +303,7 @@ fn host_errors_are_one_clear_line_and_change_nothing() {
             "51999",
         ],
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("already taken") || err.contains("in use"),
-        "{err}"
-    );
+    failed_with(&out, 2, "already taken");
     // ... or held by a device in another namespace (shared UAPI directory).
     let out = p.lab.tunnel(
         &p.b,
@@ -322,9 +317,7 @@ fn host_errors_are_one_clear_line_and_change_nothing() {
             "51999",
         ],
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("in use by another WireGuard process"), "{err}");
+    failed_with(&out, 2, "in use by another WireGuard process");
     assert!(!p.b.has_link(&p.iface_a));
 
     // The port is in use.
@@ -332,9 +325,7 @@ fn host_errors_are_one_clear_line_and_change_nothing() {
     let out = p
         .lab
         .tunnel(&p.a, &["serve", "--iface", &other, "--state-dir", s2]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("UDP port 51820 is already in use"), "{err}");
+    failed_with(&out, 2, "UDP port 51820 is already in use");
     assert!(!p.a.has_link(&other));
     assert!(!Path::new(&format!("/var/run/wireguard/{other}.sock")).exists());
     assert!(
@@ -358,9 +349,7 @@ fn host_errors_are_one_clear_line_and_change_nothing() {
         "--port",
         "51998",
     ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("needs root or CAP_NET_ADMIN"), "{err}");
+    failed_with(&out, 2, "needs root or CAP_NET_ADMIN");
     assert!(!p.a.has_link(&other));
 
     // A bad address and a bad name.
@@ -384,9 +373,7 @@ fn host_errors_are_one_clear_line_and_change_nothing() {
             "this-name-is-too-long",
         ],
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("longer than 15"), "{err}");
+    failed_with(&out, 2, "longer than 15");
     assert!(!p.b.has_link(&p.iface_b));
 }
 
@@ -414,9 +401,7 @@ fn an_unreachable_server_times_out_cleanly() {
             "2s",
         ],
     );
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("server unreachable"), "{err}");
+    failed_with(&out, 1, "server unreachable");
     assert!(!p.b.has_link(&p.iface_b));
     assert!(!Path::new(&format!("/var/run/wireguard/{}.sock", p.iface_b)).exists());
     assert!(!p.b.routes().contains("10.77.0."));

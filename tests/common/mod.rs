@@ -364,6 +364,26 @@ impl Drop for Lab {
     }
 }
 
+/// Asserts that a command failed with `code` and that stderr ends with one
+/// `error:` line holding `want`; returns all of stderr.
+pub fn failed_with(out: &Output, code: i32, want: &str) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "wanted exit {code} and {want:?}: {err}"
+    );
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "one error line: {err:?}");
+    assert!(errors[0].contains(want), "wanted {want:?} in {err:?}");
+    assert_eq!(
+        err.trim().lines().last(),
+        Some(errors[0]),
+        "the error comes last: {err:?}"
+    );
+    err
+}
+
 /// The `wg show IFACE latest-handshakes` age in seconds of every peer.
 pub fn handshake_ages(host: &Host, iface: &str) -> Vec<Option<u64>> {
     let now = std::time::SystemTime::now()
