@@ -41,7 +41,10 @@ fn main() {
         "invite key        : public {} (private half redacted)",
         token.invite_key.public_key()
     );
-    let expires = humantime::format_rfc3339_seconds(token.expires_at());
+    let expires = token
+        .expires_at()
+        .map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|| format!("{} s after 1970", token.expires));
     match token.check_expiry(SystemTime::now()) {
         Ok(()) => println!("expires           : {expires}"),
         Err(e) => println!("expires           : {expires} ({e})"),

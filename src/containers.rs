@@ -10,7 +10,7 @@
 use crate::docker::{self, Action, Attached, ContainerRuntime, DockerError, EventKind};
 use crate::keys::PrivateKey;
 use crate::net::{NetOps, Netlink};
-use crate::status::{EndpointStatus, PeerReport};
+use crate::status::{EndpointStatus, PeerReport, Role, State};
 use crate::wg::{self, BackendChoice, DeviceSpec, PeerSpec, Placement, WgDevice, WgError};
 use futures::StreamExt;
 use ipnetwork::IpNetwork;
@@ -154,9 +154,13 @@ impl Follower {
                 (
                     EndpointStatus {
                         iface: s.spec.iface.clone(),
-                        role: "container".into(),
-                        state: if s.attached.is_some() { "up" } else { "down" }.into(),
-                        backend: s.attached.as_ref().map(|(_, d)| d.backend().to_string()),
+                        role: Role::Container,
+                        state: if s.attached.is_some() {
+                            State::Up
+                        } else {
+                            State::Down
+                        },
+                        backend: s.attached.as_ref().map(|(_, d)| d.backend()),
                         address: s.spec.address,
                         listen_port: None,
                         public_key: s.spec.key.public_key(),

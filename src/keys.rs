@@ -41,6 +41,18 @@ impl PrivateKey {
         zeroize::Zeroizing::new(self.0.to_bytes())
     }
 
+    /// The static-static X25519 secret with `peer`, as WireGuard's
+    /// handshake also computes it. `None` for a low-order `peer` key, whose
+    /// "secret" anyone could compute.
+    pub fn shared_secret(&self, peer: &PublicKey) -> Option<zeroize::Zeroizing<[u8; 32]>> {
+        let shared = self
+            .0
+            .diffie_hellman(&x25519_dalek::PublicKey::from(peer.0));
+        shared
+            .was_contributory()
+            .then(|| zeroize::Zeroizing::new(*shared.as_bytes()))
+    }
+
     pub fn as_secret(&self) -> &StaticSecret {
         &self.0
     }
@@ -136,6 +148,20 @@ mod tests {
         let dbg = format!("{k:?}");
         assert!(!dbg.contains(k.to_base64().as_str()));
         assert!(dbg.contains(&k.public_key().to_string()));
+    }
+
+    #[test]
+    fn shared_secret_agrees_and_refuses_low_order_keys() {
+        let (a, b) = (PrivateKey::generate(), PrivateKey::generate());
+        assert_eq!(
+            *a.shared_secret(&b.public_key()).unwrap(),
+            *b.shared_secret(&a.public_key()).unwrap()
+        );
+        // The identity point (all zeros) and a point of order 8.
+        assert!(a.shared_secret(&PublicKey([0; 32])).is_none());
+        let mut order8 = [0u8; 32];
+        order8[0] = 1;
+        assert!(a.shared_secret(&PublicKey(order8)).is_none());
     }
 
     #[test]

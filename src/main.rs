@@ -7,6 +7,10 @@ use tracing_subscriber::EnvFilter;
 use tunnel::cli::{self, Cli, Shutdown};
 
 fn main() -> ExitCode {
+    // Everything this process creates (state, sockets, the UAPI socket that
+    // answers with private keys) is for root alone, before anything can
+    // connect to it, whatever umask it was started with.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(cli.verbosity.filter()));

@@ -35,6 +35,8 @@ pub enum StateError {
         "{path}: state format version {found} is newer than this tunnel understands ({FORMAT_VERSION})"
     )]
     Version { path: PathBuf, found: u32 },
+    #[error("{path}: the state is inconsistent: {detail}; restore it from a backup or remove it")]
+    Invalid { path: PathBuf, detail: String },
     #[error(
         "{path}: holds a {found} endpoint, not a {wanted} one; use another --iface or --state-dir"
     )]
@@ -119,9 +121,9 @@ pub struct JoinedState {
     pub private_key: PrivateKey,
     #[serde(default = "default_mtu")]
     pub mtu: u32,
-    /// "kernel", "userspace" or "auto", as first joined.
+    /// As first joined.
     #[serde(default)]
-    pub backend: Option<String>,
+    pub backend: Option<crate::wg::BackendChoice>,
     pub server_public_key: PublicKey,
     /// As given on the command line (`HOST[:PORT]`), resolved again on start.
     pub endpoint: String,
@@ -146,6 +148,113 @@ impl Endpoint {
             Endpoint::Server(_) => "server",
             Endpoint::Joined(_) => "joined",
         }
+    }
+
+    /// What serde cannot check: addresses inside the subnet and of its
+    /// family, no address twice, values in range. Everything that reads
+    /// state may then rely on these, and nothing it loads can panic later.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Endpoint::Server(s) => s.validate(),
+            Endpoint::Joined(j) => j.validate(),
+        }
+    }
+}
+
+fn check_mtu(mtu: u32) -> Result<(), String> {
+    if (1280..=9000).contains(&mtu) {
+        Ok(())
+    } else {
+        Err(format!("MTU {mtu} is outside 1280-9000"))
+    }
+}
+
+/// A pool for `subnet`, or why the subnet cannot be one.
+fn pool_for(subnet: IpNetwork) -> Result<crate::ipam::Pool, String> {
+    crate::ipam::Pool::new(subnet).map_err(|e| e.to_string())
+}
+
+/// Checks that `addr` is a host address of the pool's subnet and not yet
+/// seen, then marks it seen.
+fn claim(
+    pool: &crate::ipam::Pool,
+    seen: &mut std::collections::BTreeSet<IpAddr>,
+    what: &str,
+    addr: IpAddr,
+) -> Result<(), String> {
+    if !pool.contains_host(addr) {
+        return Err(format!(
+            "{what} address {addr} is not a host address of {}",
+            pool.subnet()
+        ));
+    }
+    if !seen.insert(addr) {
+        return Err(format!("{what} address {addr} is used twice"));
+    }
+    Ok(())
+}
+
+impl ServerState {
+    fn validate(&self) -> Result<(), String> {
+        let pool = pool_for(self.subnet)?;
+        check_mtu(self.mtu)?;
+        if self.port == 0 {
+            return Err("listen port 0".into());
+        }
+        let mut seen = std::collections::BTreeSet::from([pool.server_address()]);
+        for p in &self.peers {
+            claim(&pool, &mut seen, "peer", p.address)?;
+            if let Some(v) = p.via
+                && !self.peers.iter().any(|s| s.address == v && s.via.is_none())
+            {
+                return Err(format!(
+                    "peer {} was registered by {v}, which is not a site",
+                    p.address
+                ));
+            }
+        }
+        for i in &self.invites {
+            // A redeemed invite shares its address with the peer it admitted.
+            if i.redeemed_by.is_some() {
+                if !pool.contains_host(i.address) {
+                    return Err(format!(
+                        "invite address {} is outside {}",
+                        i.address, self.subnet
+                    ));
+                }
+            } else {
+                claim(&pool, &mut seen, "invite", i.address)?;
+            }
+        }
+        for c in &self.containers {
+            claim(&pool, &mut seen, "container", c.address)?;
+            crate::net::validate_ifname(&c.iface).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
+impl JoinedState {
+    fn validate(&self) -> Result<(), String> {
+        let pool = pool_for(self.subnet)?;
+        check_mtu(self.mtu)?;
+        if self.address.prefix() != self.subnet.prefix() {
+            return Err(format!(
+                "address {} does not carry the prefix of {}",
+                self.address, self.subnet
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        claim(&pool, &mut seen, "server", self.server_address)?;
+        claim(&pool, &mut seen, "site", self.address.ip())?;
+        for c in &self.containers {
+            claim(&pool, &mut seen, "container", c.address)?;
+            crate::net::validate_ifname(&c.iface).map_err(|e| e.to_string())?;
+        }
+        if self.port == 0 {
+            return Err("server port 0".into());
+        }
+        Ok(())
     }
 }
 
@@ -247,6 +356,9 @@ impl StateDir {
             path: path.clone(),
             source,
         })?;
+        disk.endpoint
+            .validate()
+            .map_err(|detail| StateError::Invalid { path, detail })?;
         Ok(Some(disk.endpoint))
     }
 
@@ -273,6 +385,29 @@ impl StateDir {
         write_atomic(&self.file(iface), &json)
     }
 
+    /// Removes temp files that an interrupted save of `iface` left behind.
+    /// Called at start, once this process owns `iface`.
+    pub fn clean_stale_temps(&self, iface: &str) {
+        let prefix = format!(".{iface}.json.tmp");
+        let Ok(rd) = fs::read_dir(&self.root) else {
+            return;
+        };
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+            {
+                match fs::remove_file(e.path()) {
+                    Ok(()) => tracing::info!(
+                        "removed {}, left by an interrupted save",
+                        e.path().display()
+                    ),
+                    Err(err) => tracing::warn!("removing {}: {err}", e.path().display()),
+                }
+            }
+        }
+    }
+
     pub fn remove(&self, iface: &str) -> Result<(), StateError> {
         let path = self.file(iface);
         match fs::remove_file(&path) {
@@ -289,7 +424,12 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    // A random suffix: a stale temp left by a crash, even by a process that
+    // had the same pid (pid 1 in a container), never blocks a save.
+    let mut suffix = [0u8; 6];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut suffix);
+    let suffix: String = suffix.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = dir.join(format!(".{name}.tmp{suffix}"));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -365,18 +505,69 @@ mod tests {
     }
 
     #[test]
-    fn failed_write_keeps_old_content() {
+    fn failed_write_keeps_old_content_and_leaves_no_temp() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::new(tmp.path());
         let first = server();
         dir.save("wg0", &first).unwrap();
-        // A directory where the temp file would go makes the write fail.
-        let blocker = tmp
+        // The rename fails (even for root) when a directory holds the name.
+        fs::create_dir_all(tmp.path().join("wg1.json/keep")).unwrap();
+        assert!(dir.save("wg1", &server()).is_err());
+        assert!(tmp.path().join("wg1.json/keep").is_dir());
+        if !nix::unistd::geteuid().is_root() {
+            // A read-only directory: the temp file cannot even be made.
+            fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o500)).unwrap();
+            let failed = dir.save("wg0", &server());
+            fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o700)).unwrap();
+            assert!(failed.is_err());
+        }
+        assert_eq!(dir.load("wg0").unwrap(), Some(first));
+        let mut names: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["wg0.json", "wg1.json"], "no temp left");
+    }
+
+    #[test]
+    fn stale_temps_never_block_a_save_and_are_cleaned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        // What a crash of a process with our pid would have left.
+        let stale = tmp
             .path()
             .join(format!(".wg0.json.tmp{}", std::process::id()));
-        fs::create_dir(&blocker).unwrap();
-        assert!(dir.save("wg0", &server()).is_err());
-        assert_eq!(dir.load("wg0").unwrap(), Some(first));
+        fs::write(&stale, b"half").unwrap();
+        let other = tmp.path().join(".wg1.json.tmpabc");
+        fs::write(&other, b"x").unwrap();
+        dir.save("wg0", &server()).unwrap();
+        dir.clean_stale_temps("wg0");
+        assert!(!stale.exists());
+        assert!(other.exists(), "another interface's temp is not ours");
+    }
+
+    #[test]
+    fn inconsistent_state_is_refused_with_its_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path());
+        let Endpoint::Server(mut s) = server() else {
+            unreachable!()
+        };
+        s.peers[0].address = "10.78.0.2".parse().unwrap();
+        dir.save("a", &Endpoint::Server(s.clone())).unwrap();
+        let e = dir.load("a").unwrap_err().to_string();
+        assert!(e.contains("not a host address of 10.77.0.0/24"), "{e}");
+        // An IPv4 address under an IPv6 subnet (this panicked `status`).
+        s.subnet = "fd00::/64".parse().unwrap();
+        s.peers[0].address = "10.77.0.2".parse().unwrap();
+        dir.save("b", &Endpoint::Server(s.clone())).unwrap();
+        assert!(matches!(dir.load("b"), Err(StateError::Invalid { .. })));
+        s.subnet = "10.77.0.0/24".parse().unwrap();
+        s.peers[0].address = "10.77.0.1".parse().unwrap();
+        dir.save("c", &Endpoint::Server(s)).unwrap();
+        let e = dir.load("c").unwrap_err().to_string();
+        assert!(e.contains("used twice"), "{e}");
     }
 
     #[test]

@@ -4,23 +4,57 @@
 
 use crate::keys::PublicKey;
 use crate::state::Endpoint;
-use crate::wg::PeerStatus;
-use async_trait::async_trait;
+use crate::wg::{BackendKind, PeerStatus};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write;
 use std::net::{IpAddr, SocketAddr};
 
+/// What an endpoint is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Server,
+    Joined,
+    Container,
+}
+
+/// Whether a `tunnel` process runs it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum State {
+    Up,
+    Down,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Server => "server",
+            Role::Joined => "joined",
+            Role::Container => "container",
+        })
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Up => "up",
+            State::Down => "down",
+        })
+    }
+}
+
 /// One WireGuard endpoint: the host's own, or one inside a container.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EndpointStatus {
     pub iface: String,
-    /// "server", "joined" or "container".
-    pub role: String,
-    /// "up" while a `tunnel` process runs it, else "down".
-    pub state: String,
-    /// "kernel" or "userspace"; absent when down.
-    pub backend: Option<String>,
+    pub role: Role,
+    /// Up while a `tunnel` process runs it.
+    pub state: State,
+    /// Absent when down.
+    pub backend: Option<BackendKind>,
     pub address: IpNetwork,
     pub listen_port: Option<u16>,
     pub public_key: PublicKey,
@@ -44,31 +78,6 @@ pub struct PeerReport {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub keepalive: Option<u16>,
-}
-
-/// What a running instance answers on its local control socket.
-#[async_trait]
-pub trait LocalApi: Send + Sync {
-    /// The live view of its endpoints.
-    async fn report(&self) -> Vec<EndpointStatus>;
-
-    /// Mints tokens (servers only).
-    async fn tokens(&self, _req: TokenRequest) -> Result<Vec<String>, String> {
-        Err("this interface is a joined site; only a server mints tokens".into())
-    }
-
-    /// Removes a peer by name or address (servers only).
-    async fn revoke(&self, _target: &str) -> Result<Vec<String>, String> {
-        Err("this interface is a joined site; revoke on the server".into())
-    }
-}
-
-/// `tunnel token`'s request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TokenRequest {
-    pub count: usize,
-    pub ttl_secs: u64,
-    pub name: Option<String>,
 }
 
 impl PeerReport {
@@ -99,12 +108,23 @@ impl PeerReport {
     }
 }
 
+/// How status names a hub's peer: a site by its name, a site's container
+/// as "container NAME".
+pub fn peer_name(p: &crate::state::PeerRecord) -> String {
+    match (p.via, p.name.as_deref()) {
+        (Some(_), Some(n)) => format!("container {n}"),
+        (Some(_), None) => "container".to_owned(),
+        (None, Some(n)) => n.to_owned(),
+        (None, None) => "site".to_owned(),
+    }
+}
+
 /// The endpoints of a saved state, all marked down.
 pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
-    let down = |iface: &str, role: &str, address: IpNetwork, key: PublicKey| EndpointStatus {
+    let down = |iface: &str, role: Role, address: IpNetwork, key: PublicKey| EndpointStatus {
         iface: iface.to_owned(),
-        role: role.to_owned(),
-        state: "down".to_owned(),
+        role,
+        state: State::Down,
         backend: None,
         address,
         listen_port: None,
@@ -114,6 +134,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
         server: None,
         peers: vec![],
     };
+    // Saved state is validated when loaded: its addresses fit its subnet.
     let net = |a: IpAddr, prefix: u8| IpNetwork::new(a, prefix).expect("prefix of the subnet");
     match endpoint {
         Endpoint::Server(s) => {
@@ -123,7 +144,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
                 .unwrap_or(s.subnet.ip());
             let mut main = down(
                 iface,
-                "server",
+                Role::Server,
                 net(server_ip, prefix),
                 s.private_key.public_key(),
             );
@@ -131,13 +152,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
             main.peers = s
                 .peers
                 .iter()
-                .map(|p| {
-                    PeerReport::saved(
-                        p.public_key,
-                        p.name.as_deref().unwrap_or("site"),
-                        Some(p.address),
-                    )
-                })
+                .map(|p| PeerReport::saved(p.public_key, &peer_name(p), Some(p.address)))
                 .chain(s.containers.iter().map(|c| {
                     PeerReport::saved(
                         c.private_key.public_key(),
@@ -150,7 +165,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
             for c in &s.containers {
                 let mut e = down(
                     &c.iface,
-                    "container",
+                    Role::Container,
                     net(c.address, prefix),
                     c.private_key.public_key(),
                 );
@@ -160,7 +175,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
             out
         }
         Endpoint::Joined(j) => {
-            let mut main = down(iface, "joined", j.address, j.private_key.public_key());
+            let mut main = down(iface, Role::Joined, j.address, j.private_key.public_key());
             main.server = Some(j.endpoint.clone());
             main.peers = vec![PeerReport::saved(
                 j.server_public_key,
@@ -171,7 +186,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
             for c in &j.containers {
                 let mut e = down(
                     &c.iface,
-                    "container",
+                    Role::Container,
                     net(c.address, j.subnet.prefix()),
                     c.private_key.public_key(),
                 );
@@ -273,7 +288,7 @@ mod tests {
         let eps = from_state("wg-tunnel", &Endpoint::Server(state));
         assert_eq!(eps.len(), 2);
         assert_eq!(eps[0].address.to_string(), "10.77.0.1/24");
-        assert_eq!(eps[0].state, "down");
+        assert_eq!(eps[0].state, State::Down);
         assert_eq!(eps[0].peers.len(), 2);
         assert_eq!(eps[1].container.as_deref(), Some("web"));
         let text = render(&eps);
@@ -282,6 +297,8 @@ mod tests {
         // The JSON is the documented shape.
         let json = serde_json::to_value(&eps).unwrap();
         assert_eq!(json[1]["container"], "web");
+        assert_eq!(json[0]["role"], "server");
+        assert_eq!(json[0]["state"], "down");
         assert!(json[0]["peers"][0]["last_handshake_secs"].is_null());
     }
 }

@@ -1,4 +1,5 @@
-//! Checks of the process's privileges, made before anything is touched.
+//! The process and its host: privileges, checked before anything is
+//! touched, and readiness, told to systemd.
 
 const CAP_NET_ADMIN: u32 = 12;
 
@@ -26,5 +27,12 @@ pub fn require_net_admin() -> Result<(), SysError> {
         Ok(())
     } else {
         Err(SysError::NoNetAdmin)
+    }
+}
+
+/// Tells systemd (Type=notify) that the tunnel is up; nothing without systemd.
+pub fn notify_ready() {
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::debug!("sd_notify: {e}");
     }
 }

@@ -77,8 +77,10 @@ impl fmt::Debug for Token {
 }
 
 impl Token {
-    pub fn expires_at(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(self.expires)
+    /// `None` when the expiry is beyond what the clock can represent: only a
+    /// forged token says so.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        UNIX_EPOCH.checked_add(Duration::from_secs(self.expires))
     }
 
     /// The token's address with the subnet's prefix, as configured on the joiner.
@@ -86,8 +88,22 @@ impl Token {
         IpNetwork::new(self.assigned, self.subnet.prefix()).expect("prefix checked on decode")
     }
 
+    /// Refuses an expired token, and one that claims to stay valid longer
+    /// than any server mints (a forgery: the CRC is not a MAC).
     pub fn check_expiry(&self, now: SystemTime) -> Result<(), TokenError> {
-        let at = self.expires_at();
+        let latest = now
+            .checked_add(crate::limits::MAX_TOKEN_TTL + Duration::from_secs(24 * 3600))
+            .unwrap_or(now);
+        let at = match self.expires_at() {
+            Some(at) if at <= latest => at,
+            _ => {
+                return Err(TokenError::Invalid(format!(
+                    "it claims to stay valid until {} s after 1970, beyond the longest TTL a server grants ({})",
+                    self.expires,
+                    humantime::format_duration(crate::limits::MAX_TOKEN_TTL)
+                )));
+            }
+        };
         match now.duration_since(at) {
             Ok(ago) => Err(TokenError::Expired {
                 at: humantime::format_rfc3339_seconds(at).to_string(),
@@ -399,6 +415,20 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("2033-05-18T03:33:20Z"), "{err}");
+    }
+
+    #[test]
+    fn a_forged_far_future_expiry_is_invalid_not_a_panic() {
+        let now = UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        for expires in [u64::MAX, u64::MAX / 2, 2_000_000_000 + 400 * 24 * 3600] {
+            let mut t = sample(None);
+            t.expires = expires;
+            let t = Token::decode(&t.encode()).unwrap();
+            assert!(
+                matches!(t.check_expiry(now), Err(TokenError::Invalid(_))),
+                "{expires}"
+            );
+        }
     }
 
     #[test]

@@ -2,31 +2,22 @@
 //!
 //! The whole token is validated before the host is touched. The interface
 //! comes up with the token's invite key; the invite is redeemed over the
-//! tunnel for a key made here, and the device switches to that key.
+//! tunnel for a key made here, and the device switches to that key
+//! ([`crate::site`] does the work).
 
-use super::{EndpointArgs, Failure, Shutdown};
-use crate::containers::{EndpointSpec, Follower, endpoint_iface};
-use crate::control::{self, ControlError};
-use crate::docker::{ContainerInfo, ContainerRuntime};
+use super::{EndpointArgs, Failure, spinner};
 use crate::keys::PrivateKey;
 use crate::net::{Netlink, validate_ifname};
-use crate::state::{ContainerRecord, Endpoint, JoinedState, StateDir};
-use crate::status::{EndpointStatus, LocalApi, PeerReport};
+use crate::shutdown::Shutdown;
+use crate::site::{self, Containers, Invitation, Site};
+use crate::state::{Endpoint, StateDir};
 use crate::token::Token;
-use crate::wg::{self, DeviceSpec, PeerSpec, WgDevice};
 use anyhow::{Context, anyhow};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::io::{IsTerminal, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-
-/// Joiners are often behind NAT; 25 s keeps typical mappings alive.
-pub const KEEPALIVE: u16 = 25;
-/// After a handshake with the invite key, how long an unanswered redeem means
-/// the server knows the invite but no longer admits it.
-const USED_AFTER: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Args)]
 pub struct JoinArgs {
@@ -92,18 +83,6 @@ fn read_token(arg: &str) -> Result<Token, Failure> {
     Token::decode(&text).map_err(Failure::input)
 }
 
-pub(crate) fn spinner() -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    pb.set_style(
-        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("valid template"),
-    );
-    pb.enable_steady_tick(Duration::from_millis(100));
-    pb
-}
-
 pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let started = Instant::now();
     // Everything about the input is checked before the host is touched.
@@ -133,56 +112,44 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         )));
     }
 
-    let own_key = PrivateKey::generate();
-    let spec = DeviceSpec {
-        name: iface.clone(),
-        private_key: token.invite_key.clone(),
-        listen_port: 0,
-        peers: vec![PeerSpec {
-            public_key: token.server_public_key,
-            endpoint: Some(endpoint),
-            allowed_ips: vec![token.subnet],
-            keepalive: Some(KEEPALIVE),
-        }],
-        addresses: vec![token.assigned_network()],
+    let inv = Invitation {
+        token: &token,
+        server: &server,
+        endpoint,
+        iface: &iface,
         mtu: args.common.mtu,
+        backend: args.common.backend,
     };
     let net = Arc::new(Netlink::connect()?);
-    super::clean_up_after_crash(net.as_ref(), &store, &iface).await?;
-    let device: Arc<dyn WgDevice> = Arc::from(
-        wg::create(&spec, args.common.backend, net.clone(), None)
-            .await
-            .context(format!("creating {iface}"))?,
-    );
-    tracing::info!(
-        "{iface} is up ({} backend) as {}",
-        device.backend(),
-        token.assigned_network()
-    );
+    let device =
+        crate::endpoint::create(&inv.device_spec(), args.common.backend, net.clone(), &store)
+            .await?;
 
+    let own_key = PrivateKey::generate();
     let progress = spinner();
     let joined = async {
-        let (mut joined, first_packet) = bring_up(
-            &args,
-            &server,
-            &token,
-            endpoint,
+        let mut joined = site::redeem_and_switch(
+            &inv,
             &own_key,
             device.as_ref(),
             &store,
             &progress,
-            started,
+            started + args.timeout,
+            args.timeout,
         )
         .await?;
+        let first_packet = started.elapsed();
         let containers = match docker {
             Some((runtime, infos)) => {
                 progress.set_message("registering containers");
-                let specs = register_containers(&args, &mut joined, &infos, &store).await?;
-                Some((runtime, specs))
+                let specs =
+                    site::register_containers(&mut joined, &iface, &infos, endpoint, &store)
+                        .await?;
+                Some(Containers { runtime, specs })
             }
             None => None,
         };
-        Ok::<_, Failure>((joined, first_packet, containers))
+        Ok::<_, site::SiteError>((joined, first_packet, containers))
     }
     .await;
     let (joined, first_packet, containers) = match joined {
@@ -192,7 +159,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
             if let Err(t) = device.destroy().await {
                 tracing::warn!("removing {iface}: {t}");
             }
-            return Err(e);
+            return Err(e.into());
         }
     };
     let summary = format!(
@@ -209,277 +176,11 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         backend: args.common.backend,
         store,
     };
-    run_site(site, containers, summary, progress, shutdown).await
-}
-
-/// A joined site that is up: its device carries its own key.
-pub(crate) struct Site {
-    pub device: Arc<dyn WgDevice>,
-    pub net: Arc<Netlink>,
-    pub joined: JoinedState,
-    pub iface: String,
-    pub backend: crate::wg::BackendChoice,
-    pub store: StateDir,
-}
-
-/// What `join` and `up` share once the site's own endpoint is up: attach
-/// the containers, print the summary, answer on the local socket, follow
-/// the containers until shutdown, then remove everything.
-pub(crate) async fn run_site(
-    site: Site,
-    containers: Option<(Arc<dyn ContainerRuntime>, Vec<EndpointSpec>)>,
-    summary: String,
-    progress: ProgressBar,
-    mut shutdown: Shutdown,
-) -> Result<(), Failure> {
-    let Site {
-        device,
-        net,
-        joined,
-        iface,
-        backend,
-        store,
-    } = site;
-    let server_address = joined.server_address;
-    let mut follower = None;
-    let result = async {
-        let mut attached = String::new();
-        if let Some((runtime, specs)) = containers {
-            progress.set_message("attaching containers");
-            for s in &specs {
-                attached.push_str(&format!(", container {} as {}", s.container, s.address));
-            }
-            let f = follower.insert(Follower::new(runtime, net.clone(), backend, specs));
-            f.reconcile_all().await?;
-        }
-        progress.finish_and_clear();
+    let ready = |attached: &str| {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{summary}{attached}")
-            .and_then(|_| out.flush())
-            .context("writing to stdout")?;
-        let socket = store.socket(&iface);
-        let listener = control::bind_local(&socket)?;
-        let api = Arc::new(SiteApi {
-            device: device.clone(),
-            joined,
-            iface: iface.clone(),
-            containers: follower.as_ref().map(|f: &Follower| f.status()),
-        });
-        tokio::spawn(control::serve_local(
-            listener,
-            socket,
-            api,
-            shutdown.trigger_fn(),
-            shutdown.waiter(),
-        ));
-        super::notify_ready();
-        Ok::<(), Failure>(())
-    }
-    .await;
-    progress.finish_and_clear();
-    if result.is_ok() {
-        match follower.as_mut() {
-            Some(f) => f.follow(shutdown.waiter()).await,
-            None => shutdown.wait().await,
-        }
-    }
-    if let Some(f) = follower.as_mut() {
-        f.detach_all().await;
-    }
-    if result.is_ok() {
-        let api = SocketAddr::new(server_address, control::CONTROL_PORT);
-        if let Err(e) = control::leave(api, Duration::from_millis(500)).await {
-            tracing::debug!("telling the server we leave: {e}");
-        }
-    }
-    let teardown = device.destroy().await.context(format!("removing {iface}"));
-    tracing::info!("{iface} removed");
-    result?;
-    Ok(teardown?)
-}
-
-/// Probes the server's API through the tunnel until it answers or `deadline`.
-pub(crate) async fn wait_for_flow(api: SocketAddr, deadline: Instant) -> Result<(), ControlError> {
-    loop {
-        let attempt =
-            Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now()));
-        match control::ping(api, attempt).await {
-            Ok(()) => return Ok(()),
-            Err(e) if Instant::now() >= deadline => return Err(e),
-            Err(e) => tracing::debug!("ping: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn bring_up(
-    args: &JoinArgs,
-    server: &str,
-    token: &Token,
-    endpoint: SocketAddr,
-    own_key: &PrivateKey,
-    device: &dyn WgDevice,
-    store: &StateDir,
-    progress: &ProgressBar,
-    started: Instant,
-) -> Result<(JoinedState, Duration), Failure> {
-    let deadline = started + args.timeout;
-    let api = SocketAddr::new(token.server_address, control::CONTROL_PORT);
-    let iface = &args.common.iface;
-
-    progress.set_message(format!("handshaking with {endpoint}"));
-    let mut handshake_at: Option<Instant> = None;
-    let redeemed = loop {
-        let attempt =
-            Duration::from_millis(700).min(deadline.saturating_duration_since(Instant::now()));
-        match control::redeem_invite(api, &own_key.public_key(), attempt).await {
-            Ok(r) => break r,
-            Err(ControlError::Refused(why)) => {
-                return Err(Failure::input(anyhow!(
-                    "the server refused this token: {why}"
-                )));
-            }
-            Err(e) => tracing::debug!("redeem attempt: {e}"),
-        }
-        if handshake_at.is_none()
-            && device
-                .peers()
-                .await?
-                .iter()
-                .any(|p| p.last_handshake.is_some())
-        {
-            handshake_at = Some(Instant::now());
-            progress.set_message("redeeming the invite");
-        }
-        if handshake_at.is_some_and(|t| t.elapsed() > USED_AFTER) {
-            return Err(Failure::input(anyhow!(
-                "the token was already used: the server at {endpoint} recognised it but no longer admits it; ask for a new token"
-            )));
-        }
-        if Instant::now() >= deadline {
-            return Err(anyhow!(
-                "server unreachable: no WireGuard handshake with {endpoint} within {} (is `tunnel serve` running there, and UDP port {} open?)",
-                humantime::format_duration(args.timeout),
-                endpoint.port()
-            )
-            .into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        writeln!(out, "{summary}{attached}").and_then(|_| out.flush())
     };
-    if redeemed.address != token.assigned_network() {
-        return Err(anyhow!(
-            "the server assigned {} but the token says {}",
-            redeemed.address,
-            token.assigned_network()
-        )
-        .into());
-    }
-
-    // Saved before the switch: once the server has our key, losing it would
-    // strand this site.
-    let joined = JoinedState {
-        private_key: own_key.clone(),
-        mtu: args.common.mtu,
-        backend: Some(format!("{:?}", args.common.backend).to_lowercase()),
-        server_public_key: token.server_public_key,
-        endpoint: server.to_owned(),
-        port: endpoint.port(),
-        address: token.assigned_network(),
-        server_address: token.server_address,
-        subnet: token.subnet,
-        containers: vec![],
-    };
-    store.save(iface, &Endpoint::Joined(joined.clone()))?;
-    device.set_private_key(own_key).await?;
-    tracing::info!(
-        "invite redeemed; now using this host's own key {}",
-        own_key.public_key()
-    );
-
-    progress.set_message("waiting for traffic with our own key");
-    wait_for_flow(api, deadline)
-        .await
-        .map_err(|e| anyhow!("the server admitted this host but traffic does not flow: {e}"))?;
-    Ok((joined, started.elapsed()))
-}
-
-/// The joined site's status: live stats of its link to the server.
-struct SiteApi {
-    device: Arc<dyn WgDevice>,
-    joined: JoinedState,
-    iface: String,
-    containers: Option<crate::containers::ContainerView>,
-}
-
-#[async_trait::async_trait]
-impl LocalApi for SiteApi {
-    async fn report(&self) -> Vec<EndpointStatus> {
-        let mut main =
-            crate::status::from_state(&self.iface, &Endpoint::Joined(self.joined.clone()))
-                .swap_remove(0);
-        main.state = "up".into();
-        main.backend = Some(self.device.backend().to_string());
-        main.listen_port = self.device.listen_port().await.ok();
-        main.peers = self
-            .device
-            .peers()
-            .await
-            .unwrap_or_default()
-            .iter()
-            .map(|p| {
-                PeerReport::from_live(p, Some("server".into()), Some(self.joined.server_address))
-            })
-            .collect();
-        let mut out = vec![main];
-        if let Some(c) = &self.containers {
-            out.extend(c.report().await);
-        }
-        out
-    }
-}
-
-/// Registers this site's containers with the hub (each with a key made
-/// here) and saves them with the site's state.
-async fn register_containers(
-    args: &JoinArgs,
-    joined: &mut JoinedState,
-    infos: &[ContainerInfo],
-    store: &StateDir,
-) -> Result<Vec<EndpointSpec>, Failure> {
-    let api = SocketAddr::new(joined.server_address, control::CONTROL_PORT);
-    let endpoint = resolve(&joined.endpoint, joined.port).await?;
-    let mut specs = Vec::new();
-    for (n, info) in infos.iter().enumerate() {
-        let key = PrivateKey::generate();
-        let what = format!("container {}", info.name);
-        let got = control::register_endpoint(api, &key.public_key(), &what, Duration::from_secs(5))
-            .await
-            .with_context(|| format!("registering {what} with the server"))?;
-        let record = ContainerRecord {
-            container: info.name.clone(),
-            iface: endpoint_iface(&args.common.iface, n),
-            private_key: key,
-            address: got.address.ip(),
-        };
-        specs.push(EndpointSpec {
-            container: record.container.clone(),
-            iface: record.iface.clone(),
-            key: record.private_key.clone(),
-            address: got.address,
-            hub: PeerSpec {
-                public_key: joined.server_public_key,
-                endpoint: Some(endpoint),
-                allowed_ips: vec![joined.subnet],
-                keepalive: Some(KEEPALIVE),
-            },
-            mtu: args.common.mtu,
-            probe: api,
-        });
-        joined.containers.push(record);
-    }
-    store.save(&args.common.iface, &Endpoint::Joined(joined.clone()))?;
-    Ok(specs)
+    Ok(site::run(site, containers, ready, progress, shutdown).await?)
 }
 
 #[cfg(test)]

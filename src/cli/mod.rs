@@ -3,17 +3,19 @@
 //! Exit codes: 0 success, 2 bad usage or input (including a bad token,
 //! address or name, and missing privileges), 1 runtime failure.
 
+pub mod down;
 pub mod export;
 pub mod join;
-pub mod local;
+pub mod revoke;
 pub mod serve;
 pub mod status;
+pub mod token;
 pub mod up;
 
+pub use crate::shutdown::Shutdown;
 use crate::wg::BackendChoice;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use tokio::sync::watch;
 
 pub const EXIT_CODES: &str = "Exit codes: 0 success, 2 bad usage or input, 1 runtime failure.";
 
@@ -103,13 +105,13 @@ pub enum Command {
     /// Show endpoints, addresses, containers and peers (live while running, else saved)
     Status(status::StatusArgs),
     /// Mint more join tokens from the running server (printed on stdout, one per line)
-    Token(local::TokenArgs),
+    Token(token::TokenArgs),
     /// Remove a peer from the running server at once and free its address
-    Revoke(local::RevokeArgs),
+    Revoke(revoke::RevokeArgs),
     /// Bring a joined site back from its saved state, containers included (no token needed)
     Up(up::UpArgs),
     /// Stop a running serve/join/up cleanly (same as SIGTERM)
-    Down(local::DownArgs),
+    Down(down::DownArgs),
     /// Print a standard wg-quick config for a local endpoint (includes its private key)
     Export(export::ExportArgs),
     /// Print shell completions
@@ -162,6 +164,13 @@ fn classify(e: &anyhow::Error) -> u8 {
         if cause.downcast_ref::<crate::token::TokenError>().is_some()
             || cause.downcast_ref::<crate::sys::SysError>().is_some()
             || cause.downcast_ref::<crate::ipam::IpamError>().is_some()
+            || cause.downcast_ref::<crate::limits::LimitError>().is_some()
+        {
+            return 2;
+        }
+        if cause
+            .downcast_ref::<crate::site::SiteError>()
+            .is_some_and(|e| e.is_input())
         {
             return 2;
         }
@@ -187,47 +196,34 @@ fn classify(e: &anyhow::Error) -> u8 {
     1
 }
 
-/// Fires once, on SIGINT/SIGTERM or `tunnel down`; clone it into every
-/// task that must stop.
-#[derive(Clone)]
-pub struct Shutdown {
-    rx: watch::Receiver<bool>,
-    tx: std::sync::Arc<watch::Sender<bool>>,
-}
-
-impl Default for Shutdown {
-    fn default() -> Self {
-        Self::new()
+/// A spinner on stderr while a bring-up waits, when stderr is a terminal.
+pub(crate) fn spinner() -> indicatif::ProgressBar {
+    use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return ProgressBar::hidden();
     }
+    let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})").expect("valid template"),
+    );
+    pb.enable_steady_tick(std::time::Duration::from_millis(100));
+    pb
 }
 
-impl Shutdown {
-    pub fn new() -> Self {
-        let (tx, rx) = watch::channel(false);
-        Self {
-            rx,
-            tx: std::sync::Arc::new(tx),
+/// The error of a command that needs a running instance.
+pub(crate) fn not_running(local: &LocalArgs, e: crate::control::ControlError) -> Failure {
+    use crate::control::ControlError;
+    match e {
+        ControlError::Connect { .. } => anyhow::anyhow!(
+            "no running tunnel serves {} (no answer on {}); start it with `tunnel serve` or `tunnel up`",
+            local.iface,
+            local.socket().display()
+        )
+        .into(),
+        ControlError::Refused { status, message } if status < 500 => {
+            Failure::input(anyhow::anyhow!("{message}"))
         }
-    }
-
-    pub fn trigger(&self) {
-        let _ = self.tx.send(true);
-    }
-
-    pub async fn wait(&mut self) {
-        let _ = self.rx.wait_for(|stop| *stop).await;
-    }
-
-    /// A `'static` future that completes on shutdown.
-    pub fn waiter(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut me = self.clone();
-        async move { me.wait().await }
-    }
-
-    /// A trigger for the local API's `down`.
-    pub fn trigger_fn(&self) -> std::sync::Arc<dyn Fn() + Send + Sync> {
-        let me = self.clone();
-        std::sync::Arc::new(move || me.trigger())
+        other => other.into(),
     }
 }
 
@@ -252,42 +248,15 @@ pub(crate) async fn containers_up_front(
     Ok(Some((runtime, infos)))
 }
 
-/// Tells systemd (Type=notify) that the tunnel is up; nothing without systemd.
-pub(crate) fn notify_ready() {
-    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
-        tracing::debug!("sd_notify: {e}");
-    }
-}
-
-/// A `kill -9` leaves a kernel WireGuard link (userspace TUNs die with the
-/// process) and the local control socket behind. A socket that no process
-/// answers, for an interface whose state we hold, marks such a crash: the
-/// link left with it is ours to remove.
-pub(crate) async fn clean_up_after_crash(
-    net: &dyn crate::net::NetOps,
-    store: &crate::state::StateDir,
-    iface: &str,
-) -> Result<(), Failure> {
-    let socket = store.socket(iface);
-    let crashed = socket.exists()
-        && std::os::unix::net::UnixStream::connect(&socket).is_err()
-        && store.file(iface).exists();
-    if crashed && net.link_exists(iface).await? {
-        tracing::warn!("removing {iface}, left behind by a previous run that did not stop cleanly");
-        net.delete_link(iface).await?;
-    }
-    Ok(())
-}
-
 pub async fn run(command: Command, shutdown: Shutdown) -> Result<(), Failure> {
     match command {
         Command::Serve(args) => serve::run(args, shutdown).await,
         Command::Join(args) => join::run(args, shutdown).await,
         Command::Status(args) => status::run(args).await,
-        Command::Token(args) => local::token(args).await,
-        Command::Revoke(args) => local::revoke(args).await,
+        Command::Token(args) => token::run(args).await,
+        Command::Revoke(args) => revoke::run(args).await,
         Command::Up(args) => up::run(args, shutdown).await,
-        Command::Down(args) => local::down(args).await,
+        Command::Down(args) => down::run(args).await,
         Command::Export(args) => export::run(args).await,
         Command::Completions { shell } => {
             use clap::CommandFactory;

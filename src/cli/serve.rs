@@ -1,14 +1,17 @@
 //! `tunnel serve`: the hub endpoint.
 
-use super::{EndpointArgs, Failure, Shutdown};
+use super::{EndpointArgs, Failure};
 use crate::containers::{EndpointSpec, Follower, endpoint_iface};
-use crate::control;
-use crate::hub::{self, Hub};
+use crate::control::{self, CONTROL_PORT};
+use crate::hub::api::HubApi;
+use crate::hub::{self, Hub, Ledger, MintRequest};
 use crate::keys::PrivateKey;
+use crate::limits;
 use crate::net::{Netlink, validate_ifname};
+use crate::shutdown::Shutdown;
+use crate::site::KEEPALIVE;
 use crate::state::{ServerState, StateDir};
-use crate::status::{EndpointStatus, LocalApi, PeerReport, TokenRequest};
-use crate::wg::{self, DeviceSpec, PeerSpec, WgDevice};
+use crate::wg::{DeviceSpec, PeerSpec};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use ipnetwork::IpNetwork;
@@ -30,15 +33,18 @@ pub struct ServeArgs {
     /// Tunnel subnet; the server takes its first host address [default: 10.77.0.0/24, or the saved one]
     #[arg(long)]
     pub subnet: Option<IpNetwork>,
-    /// Number of join tokens to print [default: 1 on the first start, 0 on a restart]
-    #[arg(long)]
-    pub tokens: Option<usize>,
-    /// How long a token stays valid (e.g. 30m, 1h, 2d)
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    /// Number of join tokens to print, at most 1000 [default: 1 on the first start, 0 on a restart]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(0..=1000))]
+    pub tokens: Option<u16>,
+    /// How long a token stays valid (e.g. 30m, 1h, 2d; at most 366d)
+    #[arg(long, default_value = "1h", value_parser = limits::parse_ttl)]
     pub token_ttl: Duration,
     /// HOST[:PORT] at which joiners reach this server; a hint baked into tokens
     #[arg(long)]
     pub endpoint: Option<String>,
+    /// How many endpoints (containers) one joined site may register
+    #[arg(long, default_value_t = limits::DEFAULT_ENDPOINTS_PER_SITE, value_parser = clap::value_parser!(u16).range(0..=4096))]
+    pub endpoints_per_site: u16,
 }
 
 fn check_hint(hint: &str) -> Result<(), Failure> {
@@ -116,29 +122,26 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         let names: Vec<String> = infos.iter().map(|c| c.name.clone()).collect();
         hub::ensure_containers(&mut state, &names, |n| endpoint_iface(&iface, n))?;
     }
-    let server_ip = Hub::server_address(state.subnet)?;
-    let now = SystemTime::now();
+    let mut ledger = Ledger::new(state, args.endpoints_per_site.into())?;
+    // Expired invites never reach the device.
+    ledger.prune(SystemTime::now());
+    let server_ip = ledger.server_address();
+    let state = ledger.state().clone();
 
     let net = Arc::new(Netlink::connect()?);
-    super::clean_up_after_crash(net.as_ref(), &store, &iface).await?;
     let spec = DeviceSpec {
         name: iface.clone(),
         private_key: state.private_key.clone(),
         listen_port: state.port,
-        peers: hub::device_peers(&state, now),
+        peers: ledger.desired().into_values().collect(),
         addresses: vec![
             IpNetwork::new(server_ip, state.subnet.prefix()).expect("prefix of the subnet"),
         ],
         mtu: state.mtu,
     };
-    let device: Arc<dyn WgDevice> = Arc::from(
-        wg::create(&spec, args.common.backend, net.clone(), None)
-            .await
-            .context(format!("creating {iface}"))?,
-    );
+    let device = crate::endpoint::create(&spec, args.common.backend, net.clone(), &store).await?;
     tracing::info!(
-        "{iface} is up ({} backend): {server_ip}/{} on UDP port {}, public key {}",
-        device.backend(),
+        "hub {server_ip}/{} on UDP port {}, public key {}",
         state.subnet.prefix(),
         state.port,
         state.private_key.public_key()
@@ -148,14 +151,16 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         let specs = container_specs(&state, &infos, server_ip);
         Follower::new(runtime, net.clone(), args.common.backend, specs)
     });
-    let tokens = args.tokens.unwrap_or(if restart { 0 } else { 1 });
+    let tokens = args
+        .tokens
+        .map(usize::from)
+        .unwrap_or(if restart { 0 } else { 1 });
+    let hub = Arc::new(Hub::new(device.clone(), store, &iface, ledger));
     let result = serve(
         &args,
         tokens,
         net.as_ref(),
-        device.clone(),
-        store,
-        state,
+        hub,
         follower.as_mut(),
         shutdown,
     )
@@ -189,10 +194,10 @@ fn container_specs(
                 public_key: state.private_key.public_key(),
                 endpoint: Some(SocketAddr::from(([127, 0, 0, 1], state.port))),
                 allowed_ips: vec![state.subnet],
-                keepalive: Some(super::join::KEEPALIVE),
+                keepalive: Some(KEEPALIVE),
             },
             mtu: state.mtu,
-            probe: SocketAddr::new(server_ip, control::CONTROL_PORT),
+            probe: SocketAddr::new(server_ip, CONTROL_PORT),
         })
         .collect()
 }
@@ -210,40 +215,41 @@ async fn nudge_known_peers(server_ip: IpAddr, state: &ServerState) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn serve(
     args: &ServeArgs,
     tokens: usize,
     net: &dyn crate::net::NetOps,
-    device: Arc<dyn WgDevice>,
-    store: StateDir,
-    state: ServerState,
+    hub: Arc<Hub>,
     follower: Option<&mut Follower>,
     mut shutdown: Shutdown,
 ) -> Result<(), Failure> {
     let iface = &args.common.iface;
     // The hub relays between its peers (sites and containers).
     net.enable_forwarding(iface).await?;
-    let server_ip = Hub::server_address(state.subnet)?;
+    let state = hub.snapshot().await;
+    let server_ip = crate::ipam::Pool::new(state.subnet)?.server_address();
     nudge_known_peers(server_ip, &state).await;
-    let hub = Arc::new(Hub::new(device, store, iface, state)?);
-    let now = SystemTime::now();
-    hub.prune(now).await?;
-    hub.persist().await?;
+    // The first save: a state dir that cannot be written stops us here,
+    // before any token is handed out.
+    hub.store()
+        .save(iface, &crate::state::Endpoint::Server(state))
+        .context("saving the hub's state")?;
 
-    let api_addr = SocketAddr::new(server_ip, control::CONTROL_PORT);
-    let listener = control::bind(api_addr).await?;
-    let api = tokio::spawn(control::serve(listener, hub.clone(), shutdown.waiter()));
+    let listener = control::tunnel::bind(SocketAddr::new(server_ip, CONTROL_PORT), iface)?;
+    let api = tokio::spawn(control::tunnel::serve(
+        listener,
+        hub.clone(),
+        shutdown.waiter(),
+    ));
     let socket = hub.store().socket(iface);
-    let local = control::bind_local(&socket)?;
-    let local_api = Arc::new(ServerApi {
+    let local = control::local::bind(&socket)?;
+    let local_api = Arc::new(HubApi {
         hub: hub.clone(),
-        device: hub.device(),
         iface: iface.clone(),
         endpoint_hint: args.endpoint.clone(),
         containers: follower.as_ref().map(|f| f.status()),
     });
-    let local = tokio::spawn(control::serve_local(
+    let local = tokio::spawn(control::local::serve(
         local,
         socket,
         local_api,
@@ -251,9 +257,16 @@ async fn serve(
         shutdown.waiter(),
     ));
 
+    let req = MintRequest {
+        count: tokens,
+        ttl: args.token_ttl,
+        endpoint_hint: args.endpoint.clone(),
+        name: None,
+    };
     let tokens = hub
-        .mint(tokens, args.token_ttl, now, args.endpoint.as_deref(), None)
-        .await?;
+        .mint(&req, SystemTime::now())
+        .await
+        .map_err(|e| anyhow!(e).context("minting tokens"))?;
     let follower = match follower {
         Some(f) => {
             f.reconcile_all().await?;
@@ -276,7 +289,7 @@ async fn serve(
             humantime::format_duration(args.token_ttl)
         );
     }
-    super::notify_ready();
+    crate::sys::notify_ready();
 
     let stop_following = shutdown.waiter();
     let follow = async move {
@@ -284,8 +297,7 @@ async fn serve(
             f.follow(stop_following).await;
         }
     };
-    let swaps = async {
-        let mut last_prune = Instant::now();
+    let housekeeping = async {
         let mut last_seen = Instant::now();
         loop {
             // Poll quickly only while a joiner is switching keys.
@@ -295,111 +307,44 @@ async fn serve(
                 Duration::from_secs(1)
             };
             tokio::select! {
-                _ = shutdown.wait() => return Ok::<(), Failure>(()),
+                _ = shutdown.wait() => return,
                 _ = hub.redeemed() => {}
                 _ = tokio::time::sleep(tick) => {}
             }
-            let swapped = hub.complete_swaps(Instant::now()).await?;
+            // Nothing here may stop the hub: a failure is logged, and the
+            // next tick tries again.
+            let swapped = match hub.complete_swaps(Instant::now()).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::warn!("completing key swaps: {:#}", anyhow!(e));
+                    0
+                }
+            };
             // A fresh peer's endpoint is worth saving at once: a server that
             // is killed and restarted uses it to reach the peer first.
             if swapped > 0 || last_seen.elapsed() > Duration::from_secs(10) {
-                hub.record_endpoints().await?;
+                if let Err(e) = hub.record_endpoints().await {
+                    tracing::warn!("recording peer endpoints: {:#}", anyhow!(e));
+                }
                 last_seen = Instant::now();
             }
-            if last_prune.elapsed() > Duration::from_secs(60) {
-                hub.prune(SystemTime::now()).await?;
-                last_prune = Instant::now();
+            if let Err(e) = hub.prune(SystemTime::now()).await {
+                tracing::warn!("removing expired invites: {:#}", anyhow!(e));
             }
+            hub.retry_save().await;
         }
     };
-    let ((), swapped) = tokio::join!(follow, swaps);
+    tokio::join!(follow, housekeeping);
     if let Err(e) = hub.record_endpoints().await {
-        tracing::warn!("saving peer endpoints: {e}");
+        tracing::warn!("saving peer endpoints: {:#}", anyhow!(e));
     }
     for (what, task) in [("control API", api), ("local control socket", local)] {
-        match tokio::time::timeout(Duration::from_secs(3), task).await {
-            Ok(Ok(Err(e))) => tracing::warn!("{what}: {e}"),
-            Err(_) => tracing::warn!("{what} did not stop in time"),
-            _ => {}
-        }
-    }
-    swapped
-}
-
-/// The running server's local API: live status (peer stats named from the
-/// state), tokens and revocation.
-struct ServerApi {
-    hub: Arc<Hub>,
-    device: Arc<dyn WgDevice>,
-    iface: String,
-    endpoint_hint: Option<String>,
-    containers: Option<crate::containers::ContainerView>,
-}
-
-#[async_trait::async_trait]
-impl LocalApi for ServerApi {
-    async fn report(&self) -> Vec<EndpointStatus> {
-        let state = self.hub.snapshot().await;
-        let mut main =
-            crate::status::from_state(&self.iface, &crate::state::Endpoint::Server(state.clone()))
-                .swap_remove(0);
-        main.state = "up".into();
-        main.backend = Some(self.device.backend().to_string());
-        let live = self.device.peers().await.unwrap_or_default();
-        main.peers = live
-            .iter()
-            .map(|p| {
-                let (name, address) = if let Some(r) =
-                    state.peers.iter().find(|r| r.public_key == p.public_key)
-                {
-                    (
-                        r.name.clone().unwrap_or_else(|| "site".into()),
-                        Some(r.address),
-                    )
-                } else if let Some(c) = state
-                    .containers
-                    .iter()
-                    .find(|c| c.private_key.public_key() == p.public_key)
-                {
-                    (format!("container {}", c.container), Some(c.address))
-                } else if let Some(i) = state.invites.iter().find(|i| i.public_key == p.public_key)
-                {
-                    let what = if i.redeemed_by.is_some() {
-                        "used invite"
-                    } else {
-                        "unused invite"
-                    };
-                    (what.to_owned(), Some(i.address))
-                } else {
-                    ("unknown".to_owned(), None)
-                };
-                PeerReport::from_live(p, Some(name), address)
-            })
-            .collect();
-        let mut out = vec![main];
-        if let Some(c) = &self.containers {
-            out.extend(c.report().await);
-        }
-        out
-    }
-
-    async fn tokens(&self, req: TokenRequest) -> Result<Vec<String>, String> {
-        let ttl = Duration::from_secs(req.ttl_secs);
-        let tokens = self
-            .hub
-            .mint(
-                req.count,
-                ttl,
-                SystemTime::now(),
-                self.endpoint_hint.as_deref(),
-                req.name.as_deref(),
-            )
+        if tokio::time::timeout(Duration::from_secs(3), task)
             .await
-            .map_err(|e| e.to_string())?;
-        Ok(tokens.iter().map(|t| t.encode()).collect())
+            .is_err()
+        {
+            tracing::warn!("{what} did not stop in time");
+        }
     }
-
-    async fn revoke(&self, target: &str) -> Result<Vec<String>, String> {
-        self.hub.revoke(target).await.map_err(|e| e.to_string())
-    }
+    Ok(())
 }

@@ -29,15 +29,9 @@ pub async fn run(args: StatusArgs) -> Result<(), Failure> {
         let Some(saved) = store.load(&iface)? else {
             continue;
         };
-        let live: Option<Vec<EndpointStatus>> = control::local_call(
-            &store.socket(&iface),
-            "GET",
-            "/v1/status",
-            None,
-            Duration::from_secs(3),
-        )
-        .await
-        .ok();
+        let live = control::local::status_of(&store.socket(&iface), Duration::from_secs(3))
+            .await
+            .ok();
         endpoints.extend(live.unwrap_or_else(|| status::from_state(&iface, &saved)));
     }
     let mut out = std::io::stdout().lock();

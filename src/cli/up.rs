@@ -1,18 +1,17 @@
 //! `tunnel up`: brings a joined site back from its saved state (its own
 //! key, the server, its containers), with no new token.
 
-use super::join::{KEEPALIVE, Site, resolve, run_site, spinner, wait_for_flow};
-use super::{Failure, LocalArgs, Shutdown};
-use crate::containers::EndpointSpec;
-use crate::control;
+use super::join::resolve;
+use super::{Failure, LocalArgs, spinner};
 use crate::docker::{Bollard, ContainerRuntime};
 use crate::net::Netlink;
+use crate::shutdown::Shutdown;
+use crate::site::{self, Containers, Site};
 use crate::state::{Endpoint, StateDir};
-use crate::wg::{self, BackendChoice, DeviceSpec, PeerSpec, WgDevice};
-use anyhow::{Context, anyhow};
+use crate::wg::{BackendChoice, DeviceSpec};
+use anyhow::anyhow;
 use clap::Args;
-use ipnetwork::IpNetwork;
-use std::net::SocketAddr;
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,11 +47,10 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
             )));
         }
     };
-    let backend = args.backend.unwrap_or(match joined.backend.as_deref() {
-        Some("kernel") => BackendChoice::Kernel,
-        Some("userspace") => BackendChoice::Userspace,
-        _ => BackendChoice::Auto,
-    });
+    let backend = args
+        .backend
+        .or(joined.backend)
+        .unwrap_or(BackendChoice::Auto);
     let endpoint = resolve(&joined.endpoint, joined.port).await?;
     // Containers need Docker, but may be stopped now: they are attached
     // when they start.
@@ -62,37 +60,20 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         Some(Arc::new(Bollard::connect().await?))
     };
 
-    let hub = PeerSpec {
-        public_key: joined.server_public_key,
-        endpoint: Some(endpoint),
-        allowed_ips: vec![joined.subnet],
-        keepalive: Some(KEEPALIVE),
-    };
     let spec = DeviceSpec {
         name: iface.clone(),
         private_key: joined.private_key.clone(),
         listen_port: 0,
-        peers: vec![hub.clone()],
+        peers: vec![site::hub_peer(&joined, endpoint)],
         addresses: vec![joined.address],
         mtu: joined.mtu,
     };
     let net = Arc::new(Netlink::connect()?);
-    super::clean_up_after_crash(net.as_ref(), &store, &iface).await?;
-    let device: Arc<dyn WgDevice> = Arc::from(
-        wg::create(&spec, backend, net.clone(), None)
-            .await
-            .context(format!("creating {iface}"))?,
-    );
-    tracing::info!(
-        "{iface} is up ({} backend) as {}",
-        device.backend(),
-        joined.address
-    );
+    let device = crate::endpoint::create(&spec, backend, net.clone(), &store).await?;
 
     let progress = spinner();
     progress.set_message(format!("waiting for the server at {endpoint}"));
-    let api = SocketAddr::new(joined.server_address, control::CONTROL_PORT);
-    let flow = match wait_for_flow(api, started + args.timeout).await {
+    let flow = match site::wait_for_flow(site::api(&joined), started + args.timeout).await {
         Ok(()) => format!("first packet after {} ms", started.elapsed().as_millis()),
         Err(e) => {
             tracing::warn!(
@@ -105,22 +86,9 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         "up {iface} as {}, server {} at {endpoint}, {flow}",
         joined.address, joined.server_address
     );
-    let containers = runtime.map(|rt| {
-        let specs = joined
-            .containers
-            .iter()
-            .map(|c| EndpointSpec {
-                container: c.container.clone(),
-                iface: c.iface.clone(),
-                key: c.private_key.clone(),
-                address: IpNetwork::new(c.address, joined.subnet.prefix())
-                    .expect("prefix of the subnet"),
-                hub: hub.clone(),
-                mtu: joined.mtu,
-                probe: api,
-            })
-            .collect();
-        (rt, specs)
+    let containers = runtime.map(|runtime| Containers {
+        runtime,
+        specs: site::saved_containers(&joined, endpoint),
     });
     let site = Site {
         device,
@@ -130,5 +98,9 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         backend,
         store,
     };
-    run_site(site, containers, summary, progress, shutdown).await
+    let ready = |attached: &str| {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{summary}{attached}").and_then(|_| out.flush())
+    };
+    Ok(site::run(site, containers, ready, progress, shutdown).await?)
 }

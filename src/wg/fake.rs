@@ -8,11 +8,37 @@ use ipnetwork::IpNetwork;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-#[derive(Default)]
 pub struct FakeState {
     pub public_key: Option<PublicKey>,
     pub peers: Vec<PeerStatus>,
     pub destroyed: bool,
+    /// Peer changes that still succeed before one fails (then all succeed again).
+    pub budget: usize,
+}
+
+impl Default for FakeState {
+    fn default() -> Self {
+        Self {
+            public_key: None,
+            peers: vec![],
+            destroyed: false,
+            budget: usize::MAX,
+        }
+    }
+}
+
+impl FakeState {
+    fn spend(&mut self) -> Result<(), WgError> {
+        if self.budget == 0 {
+            self.budget = usize::MAX;
+            return Err(WgError::Userspace {
+                what: "configuring a peer",
+                detail: "the fake device was told to fail".into(),
+            });
+        }
+        self.budget -= 1;
+        Ok(())
+    }
 }
 
 #[derive(Clone, Default)]
@@ -21,6 +47,11 @@ pub struct FakeWg {
 }
 
 impl FakeWg {
+    /// The next `n` peer changes succeed, the one after fails, the rest succeed.
+    pub fn fail_after(&self, n: usize) {
+        self.state.lock().unwrap().budget = n;
+    }
+
     pub fn handshake(&self, key: &PublicKey) {
         let mut s = self.state.lock().unwrap();
         if let Some(p) = s.peers.iter_mut().find(|p| &p.public_key == key) {
@@ -56,6 +87,7 @@ impl WgDevice for FakeWg {
 
     async fn upsert_peer(&self, peer: &PeerSpec) -> Result<(), WgError> {
         let mut s = self.state.lock().unwrap();
+        s.spend()?;
         s.peers.retain(|p| p.public_key != peer.public_key);
         for p in s.peers.iter_mut() {
             p.allowed_ips.retain(|ip| !peer.allowed_ips.contains(ip));
@@ -74,6 +106,7 @@ impl WgDevice for FakeWg {
 
     async fn set_allowed_ips(&self, key: &PublicKey, ips: &[IpNetwork]) -> Result<(), WgError> {
         let mut s = self.state.lock().unwrap();
+        s.spend()?;
         for p in s.peers.iter_mut() {
             if &p.public_key == key {
                 p.allowed_ips = ips.to_vec();
@@ -86,11 +119,9 @@ impl WgDevice for FakeWg {
     }
 
     async fn remove_peer(&self, key: &PublicKey) -> Result<(), WgError> {
-        self.state
-            .lock()
-            .unwrap()
-            .peers
-            .retain(|p| &p.public_key != key);
+        let mut s = self.state.lock().unwrap();
+        s.spend()?;
+        s.peers.retain(|p| &p.public_key != key);
         Ok(())
     }
 

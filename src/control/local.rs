@@ -1,0 +1,302 @@
+//! Each running instance's API on `<state-dir>/<iface>.sock` (mode 0600 in
+//! the 0700 state directory, so root on this host only): what `status`,
+//! `token`, `revoke` and `down` ask of it.
+
+use super::{Call, ControlError, Refusal, decode, exchange_via, refuse};
+use crate::status::EndpointStatus;
+use async_trait::async_trait;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const STATUS: &str = "/v1/status";
+pub const TOKENS: &str = "/v1/tokens";
+pub const REVOKE: &str = "/v1/revoke";
+pub const DOWN: &str = "/v1/down";
+
+/// `tunnel token`'s request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRequest {
+    pub count: u64,
+    pub ttl_secs: u64,
+    pub name: Option<String>,
+}
+
+/// `tunnel revoke`'s request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokeRequest {
+    /// A name or a tunnel address.
+    pub target: String,
+}
+
+/// Why the running instance did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("this interface is a joined site; only a server does that (run it on the server)")]
+    NotAServer,
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl LocalError {
+    fn status(&self) -> StatusCode {
+        match self {
+            LocalError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            LocalError::NotFound(_) => StatusCode::NOT_FOUND,
+            LocalError::NotAServer => StatusCode::CONFLICT,
+            LocalError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// What a running instance answers on its local socket.
+#[async_trait]
+pub trait LocalApi: Send + Sync {
+    /// The live view of its endpoints.
+    async fn report(&self) -> Vec<EndpointStatus>;
+
+    /// Mints tokens (servers only). The request is within the limits.
+    async fn tokens(&self, _req: TokenRequest) -> Result<Vec<String>, LocalError> {
+        Err(LocalError::NotAServer)
+    }
+
+    /// Removes a peer by name or address (servers only).
+    async fn revoke(&self, _target: &str) -> Result<Vec<String>, LocalError> {
+        Err(LocalError::NotAServer)
+    }
+}
+
+type Api = (Arc<dyn LocalApi>, Arc<dyn Fn() + Send + Sync>);
+
+fn local_refusal(e: LocalError) -> Refusal {
+    refuse(e.status(), e)
+}
+
+async fn status(State((api, _)): State<Api>) -> axum::Json<Vec<EndpointStatus>> {
+    axum::Json(api.report().await)
+}
+
+async fn tokens(
+    State((api, _)): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Vec<String>>, Refusal> {
+    let req: TokenRequest =
+        serde_json::from_slice(&body).map_err(|e| refuse(StatusCode::BAD_REQUEST, e))?;
+    crate::limits::check_count(req.count, 1).map_err(|e| refuse(StatusCode::BAD_REQUEST, e))?;
+    crate::limits::check_ttl(Duration::from_secs(req.ttl_secs))
+        .map_err(|e| refuse(StatusCode::BAD_REQUEST, e))?;
+    if let Some(n) = &req.name {
+        crate::limits::check_name(n).map_err(|e| refuse(StatusCode::BAD_REQUEST, e))?;
+    }
+    api.tokens(req).await.map(axum::Json).map_err(local_refusal)
+}
+
+async fn revoke(
+    State((api, _)): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Vec<String>>, Refusal> {
+    let req: RevokeRequest =
+        serde_json::from_slice(&body).map_err(|e| refuse(StatusCode::BAD_REQUEST, e))?;
+    api.revoke(&req.target)
+        .await
+        .map(axum::Json)
+        .map_err(local_refusal)
+}
+
+async fn stop(State((_, down)): State<Api>) -> axum::Json<Vec<String>> {
+    down();
+    axum::Json(vec!["stopping".to_owned()])
+}
+
+/// `down` is called for `tunnel down`, and means the same as SIGTERM.
+pub fn router(api: Arc<dyn LocalApi>, down: Arc<dyn Fn() + Send + Sync>) -> Router {
+    Router::new()
+        .route(STATUS, get(status))
+        .route(TOKENS, post(tokens))
+        .route(REVOKE, post(revoke))
+        .route(DOWN, post(stop))
+        .with_state((api, down))
+}
+
+/// Binds the local control socket. A socket that answers means the
+/// interface is already served by a running `tunnel`; one that does not is
+/// a crash's leftover and is replaced. The process umask (077) makes the
+/// socket owner-only from its creation; the mode is then set to 0600.
+pub fn bind(path: &Path) -> Result<tokio::net::UnixListener, ControlError> {
+    use std::os::unix::fs::PermissionsExt;
+    let bind_err = |source| ControlError::Bind {
+        addr: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(bind_err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "a running tunnel already serves this interface (see `tunnel status`)",
+            )));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    Ok(listener)
+}
+
+/// Serves the local API until `shutdown`; removes the socket after.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+    api: Arc<dyn LocalApi>,
+    down: Arc<dyn Fn() + Send + Sync>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    super::server::serve(listener, router(api, down), super::server::LOCAL, shutdown).await;
+    let _ = std::fs::remove_file(&path);
+}
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn call<T: serde::de::DeserializeOwned>(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> Result<T, ControlError> {
+    let target = socket.display().to_string();
+    let connect = tokio::net::UnixStream::connect(socket);
+    let call = Call {
+        method,
+        path,
+        body,
+        authorization: None,
+    };
+    decode(
+        &target,
+        exchange_via(&target, connect, call, timeout).await?,
+    )
+}
+
+/// The live status of the instance behind `socket`.
+pub async fn status_of(
+    socket: &Path,
+    timeout: Duration,
+) -> Result<Vec<EndpointStatus>, ControlError> {
+    call(socket, "GET", STATUS, vec![], timeout).await
+}
+
+pub async fn request_tokens(
+    socket: &Path,
+    req: &TokenRequest,
+) -> Result<Vec<String>, ControlError> {
+    let body = serde_json::to_vec(req).expect("serializes");
+    call(socket, "POST", TOKENS, body, TIMEOUT).await
+}
+
+pub async fn request_revoke(socket: &Path, target: &str) -> Result<Vec<String>, ControlError> {
+    let body = serde_json::to_vec(&RevokeRequest {
+        target: target.to_owned(),
+    })
+    .expect("serializes");
+    call(socket, "POST", REVOKE, body, TIMEOUT).await
+}
+
+pub async fn request_down(socket: &Path) -> Result<(), ControlError> {
+    call::<Vec<String>>(socket, "POST", DOWN, vec![], TIMEOUT)
+        .await
+        .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    struct Minter;
+
+    #[async_trait]
+    impl LocalApi for Minter {
+        async fn report(&self) -> Vec<EndpointStatus> {
+            vec![]
+        }
+        async fn tokens(&self, req: TokenRequest) -> Result<Vec<String>, LocalError> {
+            Ok(vec!["tun1_x".to_owned(); req.count as usize])
+        }
+    }
+
+    struct Site;
+
+    #[async_trait]
+    impl LocalApi for Site {
+        async fn report(&self) -> Vec<EndpointStatus> {
+            vec![]
+        }
+    }
+
+    async fn post(api: Arc<dyn LocalApi>, path: &str, body: &str) -> (StatusCode, String) {
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(path)
+            .body(axum::body::Body::from(body.to_owned()))
+            .unwrap();
+        let resp = router(api, Arc::new(|| {})).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn token_requests_are_bounded_before_the_api_sees_them() {
+        let api: Arc<dyn LocalApi> = Arc::new(Minter);
+        let (status, text) = post(
+            api.clone(),
+            TOKENS,
+            r#"{"count": 1000000000, "ttl_secs": 60, "name": null}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        for bad in [
+            r#"{"count": 0, "ttl_secs": 60, "name": null}"#,
+            r#"{"count": 1, "ttl_secs": 18446744073709551615, "name": null}"#,
+            r#"{"count": 1, "ttl_secs": 0, "name": null}"#,
+            r#"{"count": 1, "ttl_secs": 60, "name": "a b"}"#,
+            r#"{"count": -1, "ttl_secs": 60}"#,
+            r#"not json"#,
+        ] {
+            assert_eq!(
+                post(api.clone(), TOKENS, bad).await.0,
+                StatusCode::BAD_REQUEST,
+                "{bad}"
+            );
+        }
+        let (status, text) =
+            post(api, TOKENS, r#"{"count": 2, "ttl_secs": 60, "name": null}"#).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(serde_json::from_str::<Vec<String>>(&text).unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_site_says_it_mints_and_revokes_nothing() {
+        let api: Arc<dyn LocalApi> = Arc::new(Site);
+        let (status, text) = post(
+            api.clone(),
+            TOKENS,
+            r#"{"count": 1, "ttl_secs": 60, "name": null}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert!(text.contains("joined site"), "{text}");
+        let (status, _) = post(api, REVOKE, r#"{"target": "x"}"#).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+    }
+}

@@ -1,0 +1,628 @@
+//! The hub's API over the tunnel: axum on the hub's tunnel address, hyper
+//! on the sites.
+//!
+//! - `POST /v1/redeem` (signed with a token's invite key): admit the
+//!   joiner's own key in place of the invite.
+//! - `POST /v1/endpoints` (signed with a site's key): admit one more
+//!   endpoint of that site (a container).
+//! - `POST /v1/leave` (signed with a site's key): the site stops cleanly.
+//! - `GET /v1/ping`: a round trip through the tunnel; changes nothing.
+//!
+//! A signed request must also come from the signer's tunnel address, so it
+//! travelled through the signer's own WireGuard session.
+
+use super::auth::{AuthError, Proof, Signer};
+use super::{Call, ControlError, ErrorBody, Refusal, decode, exchange_via, refuse, refused};
+use crate::hub::{Caller, Denied, Hub, LeaveError, RedeemError, RegisterError};
+use crate::keys::PublicKey;
+use axum::Router;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::routing::{get, post};
+use hyper::body::Bytes;
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::net::TcpStream;
+
+pub const REDEEM: &str = "/v1/redeem";
+pub const REGISTER: &str = "/v1/endpoints";
+pub const LEAVE: &str = "/v1/leave";
+pub const PING: &str = "/v1/ping";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RedeemRequest {
+    /// The joiner's own key, which replaces the invite's.
+    pub public_key: PublicKey,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RegisterRequest {
+    pub public_key: PublicKey,
+    /// The container's name; unique within the site.
+    pub name: String,
+}
+
+/// The answer to a redeem or a registration.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Admitted {
+    pub address: IpNetwork,
+}
+
+fn source(addr: SocketAddr) -> IpAddr {
+    super::server::Source::ip(&addr).expect("TCP peers have an address")
+}
+
+fn unauthorized(e: AuthError, now: SystemTime) -> Refusal {
+    let server_time = matches!(e, AuthError::Skew(_)).then(|| crate::hub::unix(now));
+    let status = match e {
+        AuthError::Flood => StatusCode::TOO_MANY_REQUESTS,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    (
+        status,
+        axum::Json(ErrorBody {
+            error: e.to_string(),
+            server_time,
+        }),
+    )
+}
+
+/// Authenticates a request and checks that it came from the signer's
+/// own tunnel address.
+async fn caller(
+    hub: &Hub,
+    src: IpAddr,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Caller, Refusal> {
+    let now = SystemTime::now();
+    let header = headers
+        .get(hyper::header::AUTHORIZATION)
+        .ok_or(AuthError::Missing)
+        .and_then(|h| h.to_str().map_err(|_| AuthError::Malformed("not text")))
+        .and_then(Proof::parse)
+        .map_err(|e| unauthorized(e, now))?;
+    let caller = hub
+        .authenticate(&header, method.as_str(), uri.path(), body, now)
+        .await
+        .map_err(|e| {
+            tracing::warn!("refused {} {} from {src}: {e}", method, uri.path());
+            unauthorized(e, now)
+        })?;
+    let from = match caller {
+        Caller::Invite { address } | Caller::Site { address } => address,
+    };
+    if from != src {
+        tracing::warn!(
+            "refused {} from {src}: signed by the key of {from}",
+            uri.path()
+        );
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            format!("the signing key belongs to {from}, not to {src}"),
+        ));
+    }
+    Ok(caller)
+}
+
+fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| refuse(StatusCode::BAD_REQUEST, e))
+}
+
+fn denied<E: std::error::Error + 'static>(
+    what: &str,
+    src: IpAddr,
+    d: Denied<E>,
+    status: impl Fn(&E) -> StatusCode,
+) -> Refusal {
+    match d {
+        Denied::Refused(e) => {
+            tracing::warn!("refused {what} from {src}: {e}");
+            refuse(status(&e), e)
+        }
+        Denied::Unavailable(e) => {
+            tracing::error!("{what} from {src} failed: {:#}", anyhow::Error::from(e));
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the hub cannot make this change now; try again",
+            )
+        }
+    }
+}
+
+async fn redeem(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<Admitted>, Refusal> {
+    let src = source(peer);
+    let Caller::Invite { address } = caller(&hub, src, &method, &uri, &headers, &body).await?
+    else {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "only a token's invite key redeems",
+        ));
+    };
+    let req: RedeemRequest = json(&body)?;
+    hub.redeem(address, req.public_key, SystemTime::now())
+        .await
+        .map(|address| axum::Json(Admitted { address }))
+        .map_err(|d| {
+            denied("redeem", src, d, |e| match e {
+                RedeemError::NoInvite(_) => StatusCode::FORBIDDEN,
+                RedeemError::AlreadyUsed | RedeemError::KeyInUse => StatusCode::CONFLICT,
+                RedeemError::Expired => StatusCode::GONE,
+                RedeemError::WeakKey => StatusCode::BAD_REQUEST,
+            })
+        })
+}
+
+async fn register(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<Admitted>, Refusal> {
+    let src = source(peer);
+    let Caller::Site { address } = caller(&hub, src, &method, &uri, &headers, &body).await? else {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "only an admitted site registers endpoints",
+        ));
+    };
+    let req: RegisterRequest = json(&body)?;
+    hub.register(address, req.public_key, &req.name, SystemTime::now())
+        .await
+        .map(|address| axum::Json(Admitted { address }))
+        .map_err(|d| {
+            denied("endpoint registration", src, d, |e| match e {
+                RegisterError::NotASite(_) | RegisterError::Quota(_) => StatusCode::FORBIDDEN,
+                RegisterError::KeyInUse | RegisterError::NameTaken(_) => StatusCode::CONFLICT,
+                RegisterError::WeakKey | RegisterError::Name(_) => StatusCode::BAD_REQUEST,
+                RegisterError::Exhausted(_) => StatusCode::INSUFFICIENT_STORAGE,
+            })
+        })
+}
+
+async fn leave(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<axum::Json<()>, Refusal> {
+    let src = source(peer);
+    let Caller::Site { address } = caller(&hub, src, &method, &uri, &headers, &body).await? else {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "only an admitted site leaves",
+        ));
+    };
+    match hub.leave(address).await {
+        Ok(()) => Ok(axum::Json(())),
+        Err(e @ LeaveError::TooSoon) => Err(refuse(StatusCode::TOO_MANY_REQUESTS, e)),
+        Err(e @ LeaveError::NotASite(_)) => Err(refuse(StatusCode::FORBIDDEN, e)),
+        Err(e) => {
+            tracing::warn!("leave from {src}: {:#}", anyhow::Error::from(e));
+            Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "try again"))
+        }
+    }
+}
+
+async fn pong(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<&'static str, Refusal> {
+    let src = source(peer);
+    if hub.knows(src).await {
+        Ok("pong\n")
+    } else {
+        Err(refuse(
+            StatusCode::FORBIDDEN,
+            format!("{src} is neither a peer nor invited"),
+        ))
+    }
+}
+
+pub fn router(hub: Arc<Hub>) -> Router {
+    Router::new()
+        .route(REDEEM, post(redeem))
+        .route(REGISTER, post(register))
+        .route(LEAVE, post(leave))
+        .route(PING, get(pong))
+        .with_state(hub)
+}
+
+/// Binds the API on the hub's tunnel address, for connections that arrive
+/// on the tunnel interface only.
+pub fn bind(addr: SocketAddr, iface: &str) -> Result<tokio::net::TcpListener, ControlError> {
+    super::server::bind_on_device(addr, iface).map_err(|source| ControlError::Bind {
+        addr: format!("{addr} on {iface}"),
+        source,
+    })
+}
+
+/// Serves the API until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    hub: Arc<Hub>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
+    super::server::serve(listener, router(hub), super::server::TUNNEL, shutdown).await
+}
+
+async fn exchange(
+    api: SocketAddr,
+    call: Call<'_>,
+    timeout: Duration,
+) -> Result<(StatusCode, Bytes), ControlError> {
+    let target = api.to_string();
+    exchange_via(&target, TcpStream::connect(api), call, timeout).await
+}
+
+/// A signed POST; signs again once with the hub's clock if ours is off.
+async fn signed_post<T: serde::de::DeserializeOwned>(
+    api: SocketAddr,
+    signer: &Signer,
+    path: &str,
+    body: &impl Serialize,
+    timeout: Duration,
+) -> Result<T, ControlError> {
+    let body = serde_json::to_vec(body).expect("request types serialize");
+    let mut resynced = false;
+    loop {
+        let authorization = signer.sign("POST", path, &body, SystemTime::now());
+        let call = Call {
+            method: "POST",
+            path,
+            body: body.clone(),
+            authorization: Some(authorization),
+        };
+        let (status, bytes) = exchange(api, call, timeout).await?;
+        if status == StatusCode::UNAUTHORIZED && !resynced {
+            let (err, server_time) = refused(status, &bytes);
+            match server_time {
+                Some(t) => {
+                    tracing::warn!("this host's clock is off from the hub's; using the hub's time");
+                    signer.adjust_clock(t, SystemTime::now());
+                    resynced = true;
+                    continue;
+                }
+                None => return Err(err),
+            }
+        }
+        return decode(&api.to_string(), (status, bytes));
+    }
+}
+
+/// Asks the hub to admit `key` in place of the invite that `invite` signs with.
+pub async fn redeem_invite(
+    api: SocketAddr,
+    invite: &Signer,
+    key: &PublicKey,
+    timeout: Duration,
+) -> Result<Admitted, ControlError> {
+    signed_post(
+        api,
+        invite,
+        REDEEM,
+        &RedeemRequest { public_key: *key },
+        timeout,
+    )
+    .await
+}
+
+/// Registers another endpoint of this site (a container) with the hub.
+pub async fn register_endpoint(
+    api: SocketAddr,
+    site: &Signer,
+    key: &PublicKey,
+    name: &str,
+    timeout: Duration,
+) -> Result<Admitted, ControlError> {
+    let req = RegisterRequest {
+        public_key: *key,
+        name: name.to_owned(),
+    };
+    signed_post(api, site, REGISTER, &req, timeout).await
+}
+
+/// Tells the hub this site is stopping cleanly (best effort).
+pub async fn leave_hub(
+    api: SocketAddr,
+    site: &Signer,
+    timeout: Duration,
+) -> Result<(), ControlError> {
+    signed_post::<()>(api, site, LEAVE, &serde_json::json!({}), timeout).await
+}
+
+/// A round trip through the tunnel: proof that traffic flows.
+pub async fn ping(api: SocketAddr, timeout: Duration) -> Result<(), ControlError> {
+    let call = Call {
+        method: "GET",
+        path: PING,
+        body: vec![],
+        authorization: None,
+    };
+    let (status, bytes) = exchange(api, call, timeout).await?;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(refused(status, &bytes).0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The router in-process, with spoofed peer addresses (as innernet's
+    //! server tests do): no sockets, no root.
+    use super::*;
+    use crate::hub::{Ledger, MintRequest};
+    use crate::keys::PrivateKey;
+    use crate::state::{ServerState, StateDir};
+    use crate::token::Token;
+    use crate::wg::fake::FakeWg;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    struct Api {
+        _tmp: tempfile::TempDir,
+        hub: Arc<Hub>,
+        fake: FakeWg,
+        server: PublicKey,
+    }
+
+    fn api() -> Api {
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = FakeWg::default();
+        let state = ServerState {
+            private_key: PrivateKey::generate(),
+            port: 51820,
+            mtu: 1420,
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            peers: vec![],
+            invites: vec![],
+            containers: vec![],
+        };
+        let server = state.private_key.public_key();
+        let hub = Arc::new(Hub::new(
+            Arc::new(fake.clone()),
+            StateDir::new(tmp.path()),
+            "wgt0",
+            Ledger::new(state, 2).unwrap(),
+        ));
+        Api {
+            _tmp: tmp,
+            hub,
+            fake,
+            server,
+        }
+    }
+
+    impl Api {
+        async fn token(&self) -> Token {
+            let req = MintRequest {
+                count: 1,
+                ttl: Duration::from_secs(600),
+                endpoint_hint: None,
+                name: None,
+            };
+            self.hub
+                .mint(&req, SystemTime::now())
+                .await
+                .unwrap()
+                .remove(0)
+        }
+
+        async fn call(
+            &self,
+            from: IpAddr,
+            method: &str,
+            path: &str,
+            body: &[u8],
+            signer: Option<&Signer>,
+        ) -> (StatusCode, String) {
+            let mut req = hyper::Request::builder().method(method).uri(path);
+            if let Some(s) = signer {
+                req = req.header(
+                    "authorization",
+                    s.sign(method, path, body, SystemTime::now()),
+                );
+            }
+            let mut req = req.body(axum::body::Body::from(body.to_vec())).unwrap();
+            req.extensions_mut()
+                .insert(ConnectInfo(SocketAddr::new(from, 40000)));
+            let resp = router(self.hub.clone()).oneshot(req).await.unwrap();
+            let status = resp.status();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+
+        /// A site admitted and swapped in, with its signer.
+        async fn site(&self) -> (IpAddr, PrivateKey, Signer) {
+            let tok = self.token().await;
+            let own = PrivateKey::generate();
+            let invite = Signer::new(&tok.invite_key, &self.server).unwrap();
+            let body = serde_json::to_vec(&RedeemRequest {
+                public_key: own.public_key(),
+            })
+            .unwrap();
+            let (status, text) = self
+                .call(tok.assigned, "POST", REDEEM, &body, Some(&invite))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+            self.fake.handshake(&own.public_key());
+            self.hub
+                .complete_swaps(std::time::Instant::now())
+                .await
+                .unwrap();
+            let signer = Signer::new(&own, &self.server).unwrap();
+            (tok.assigned, own, signer)
+        }
+    }
+
+    fn register_body(name: &str) -> Vec<u8> {
+        serde_json::to_vec(&RegisterRequest {
+            public_key: PrivateKey::generate().public_key(),
+            name: name.into(),
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn redeem_needs_the_invite_key_of_that_address() {
+        let a = api();
+        let tok = a.token().await;
+        let body = serde_json::to_vec(&RedeemRequest {
+            public_key: PrivateKey::generate().public_key(),
+        })
+        .unwrap();
+        // Unsigned, as any process on the joining host could send it.
+        let (status, _) = a.call(tok.assigned, "POST", REDEEM, &body, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        // Signed with a key of its own.
+        let stranger = Signer::new(&PrivateKey::generate(), &a.server).unwrap();
+        let (status, _) = a
+            .call(tok.assigned, "POST", REDEEM, &body, Some(&stranger))
+            .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        // The right key, from another address.
+        let invite = Signer::new(&tok.invite_key, &a.server).unwrap();
+        let other: IpAddr = "10.77.0.9".parse().unwrap();
+        let (status, _) = a.call(other, "POST", REDEEM, &body, Some(&invite)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, text) = a
+            .call(tok.assigned, "POST", REDEEM, &body, Some(&invite))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let got: Admitted = serde_json::from_str(&text).unwrap();
+        assert_eq!(got.address.ip(), tok.assigned);
+    }
+
+    #[tokio::test]
+    async fn redeeming_with_a_hub_container_key_is_key_in_use() {
+        let a = api();
+        let mut state = a.hub.snapshot().await;
+        crate::hub::ensure_containers(&mut state, &["web".into()], |n| format!("c{n}")).unwrap();
+        let container = state.containers[0].private_key.public_key();
+        let hub = Arc::new(Hub::new(
+            Arc::new(a.fake.clone()),
+            a.hub.store().clone(),
+            "wgt0",
+            Ledger::new(state, 2).unwrap(),
+        ));
+        let a = Api { hub, ..a };
+        let tok = a.token().await;
+        let invite = Signer::new(&tok.invite_key, &a.server).unwrap();
+        let body = serde_json::to_vec(&RedeemRequest {
+            public_key: container,
+        })
+        .unwrap();
+        let (status, text) = a
+            .call(tok.assigned, "POST", REDEEM, &body, Some(&invite))
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{text}");
+        assert!(text.contains("already in use"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn register_needs_the_site_key_and_keeps_names_unique() {
+        let a = api();
+        let (site, _, signer) = a.site().await;
+        let (status, _) = a
+            .call(site, "POST", REGISTER, &register_body("web"), None)
+            .await;
+        assert_eq!(
+            status,
+            StatusCode::UNAUTHORIZED,
+            "unsigned, as `nobody` on the site would send it"
+        );
+        let (status, text) = a
+            .call(site, "POST", REGISTER, &register_body("web"), Some(&signer))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let (status, text) = a
+            .call(site, "POST", REGISTER, &register_body("web"), Some(&signer))
+            .await;
+        assert_eq!(status, StatusCode::CONFLICT, "{text}");
+        let (status, _) = a
+            .call(site, "POST", REGISTER, &register_body("db"), Some(&signer))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, text) = a
+            .call(site, "POST", REGISTER, &register_body("x"), Some(&signer))
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "over the quota of 2: {text}");
+        let (status, _) = a
+            .call(site, "POST", REGISTER, b"{not json", Some(&signer))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn a_replayed_request_is_refused() {
+        let a = api();
+        let (site, _, signer) = a.site().await;
+        let body = register_body("web");
+        let header = signer.sign("POST", REGISTER, &body, SystemTime::now());
+        let send = || {
+            let mut req = hyper::Request::builder()
+                .method("POST")
+                .uri(REGISTER)
+                .header("authorization", header.clone())
+                .body(axum::body::Body::from(body.clone()))
+                .unwrap();
+            req.extensions_mut()
+                .insert(ConnectInfo(SocketAddr::new(site, 1)));
+            router(a.hub.clone()).oneshot(req)
+        };
+        assert_eq!(send().await.unwrap().status(), StatusCode::OK);
+        assert_eq!(send().await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn leave_is_signed_and_rate_limited() {
+        let a = api();
+        let (site, _, signer) = a.site().await;
+        let (status, _) = a.call(site, "POST", LEAVE, b"{}", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = a.call(site, "POST", LEAVE, b"{}", Some(&signer)).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = a.call(site, "POST", LEAVE, b"{}", Some(&signer)).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    }
+
+    #[tokio::test]
+    async fn a_skewed_clock_gets_the_server_time() {
+        let a = api();
+        let (site, _, signer) = a.site().await;
+        signer.adjust_clock(1_000, SystemTime::now());
+        let (status, text) = a.call(site, "POST", LEAVE, b"{}", Some(&signer)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let body: ErrorBody = serde_json::from_str(&text).unwrap();
+        assert!(body.server_time.unwrap() > 1_700_000_000, "{text}");
+    }
+
+    #[tokio::test]
+    async fn ping_answers_known_addresses_only() {
+        let a = api();
+        let tok = a.token().await;
+        let (status, _) = a.call(tok.assigned, "GET", PING, b"", None).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = a
+            .call("10.77.0.99".parse().unwrap(), "GET", PING, b"", None)
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+}

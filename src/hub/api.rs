@@ -1,0 +1,96 @@
+//! What a running hub answers on its local socket: live status (peer
+//! stats named from the ledger), tokens and revocation.
+
+use super::{Denied, Hub, MintError, MintRequest, RevokeError};
+use crate::containers::ContainerView;
+use crate::control::local::{LocalApi, LocalError, TokenRequest};
+use crate::state::Endpoint;
+use crate::status::{self, EndpointStatus, PeerReport};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+pub struct HubApi {
+    pub hub: Arc<Hub>,
+    pub iface: String,
+    pub endpoint_hint: Option<String>,
+    pub containers: Option<ContainerView>,
+}
+
+fn unavailable<E: std::error::Error>(d: Denied<E>) -> LocalError {
+    match d {
+        Denied::Refused(e) => LocalError::BadRequest(e.to_string()),
+        Denied::Unavailable(e) => LocalError::Unavailable(format!("{:#}", anyhow::Error::from(e))),
+    }
+}
+
+#[async_trait::async_trait]
+impl LocalApi for HubApi {
+    async fn report(&self) -> Vec<EndpointStatus> {
+        let state = self.hub.snapshot().await;
+        let device = self.hub.device();
+        let mut main =
+            status::from_state(&self.iface, &Endpoint::Server(state.clone())).swap_remove(0);
+        main.state = status::State::Up;
+        main.backend = Some(device.backend());
+        let live = device.peers().await.unwrap_or_default();
+        main.peers = live
+            .iter()
+            .map(|p| {
+                let (name, address) = if let Some(r) =
+                    state.peers.iter().find(|r| r.public_key == p.public_key)
+                {
+                    (status::peer_name(r), Some(r.address))
+                } else if let Some(c) = state
+                    .containers
+                    .iter()
+                    .find(|c| c.private_key.public_key() == p.public_key)
+                {
+                    (format!("container {}", c.container), Some(c.address))
+                } else if let Some(i) = state.invites.iter().find(|i| i.public_key == p.public_key)
+                {
+                    let what = if i.redeemed_by.is_some() {
+                        "used invite"
+                    } else {
+                        "unused invite"
+                    };
+                    (what.to_owned(), Some(i.address))
+                } else {
+                    ("unknown".to_owned(), None)
+                };
+                PeerReport::from_live(p, Some(name), address)
+            })
+            .collect();
+        let mut out = vec![main];
+        if let Some(c) = &self.containers {
+            out.extend(c.report().await);
+        }
+        out
+    }
+
+    async fn tokens(&self, req: TokenRequest) -> Result<Vec<String>, LocalError> {
+        let req = MintRequest {
+            count: usize::try_from(req.count).unwrap_or(usize::MAX),
+            ttl: Duration::from_secs(req.ttl_secs),
+            endpoint_hint: self.endpoint_hint.clone(),
+            name: req.name,
+        };
+        let tokens = self
+            .hub
+            .mint(&req, SystemTime::now())
+            .await
+            .map_err(|d| match d {
+                Denied::Refused(e @ MintError::Exhausted(_)) => {
+                    LocalError::Unavailable(e.to_string())
+                }
+                d => unavailable(d),
+            })?;
+        Ok(tokens.iter().map(|t| t.encode()).collect())
+    }
+
+    async fn revoke(&self, target: &str) -> Result<Vec<String>, LocalError> {
+        self.hub.revoke(target).await.map_err(|d| match d {
+            Denied::Refused(e @ RevokeError::NotFound(_)) => LocalError::NotFound(e.to_string()),
+            d => unavailable(d),
+        })
+    }
+}

@@ -1,0 +1,1026 @@
+//! The hub's bookkeeping, pure: decisions over state and time. Nothing
+//! here touches a device, a file or a clock; every method takes `now`.
+//!
+//! What the device should hold follows from the ledger alone
+//! ([`Ledger::desired`]), so a change is applied by diffing the desired
+//! peers before and after it ([`diff`]), and undone by the reverse diff.
+//!
+//! The key swap is done in two steps so that the reply to a redeem still
+//! reaches the joiner:
+//! 1. on redeem, the joiner's key becomes a peer *without* allowed IPs (a
+//!    handshake needs none), and a swap is pending;
+//! 2. once that key has completed a handshake (the joiner has switched),
+//!    the address moves from the invite to it.
+//!
+//! A redeemed invite stays a peer without allowed IPs until it expires, so
+//! that a reused token completes a handshake but gets no answer: the joiner
+//! can then say "already used" instead of "server unreachable".
+
+use crate::ipam::{IpamError, Pool};
+use crate::keys::{PrivateKey, PublicKey};
+use crate::limits::{self, LimitError};
+use crate::state::{ContainerRecord, InviteRecord, PeerRecord, ServerState};
+use crate::token::Token;
+use crate::wg::{PeerSpec, PeerStatus};
+use ipnetwork::IpNetwork;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long a redeemed key may take to show up before the address moves anyway.
+pub const SWAP_GRACE: Duration = Duration::from_secs(30);
+
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The single-address network of a host: /32 or /128.
+pub fn host_net(addr: IpAddr) -> IpNetwork {
+    IpNetwork::new(addr, if addr.is_ipv4() { 32 } else { 128 }).expect("full prefix is valid")
+}
+
+/// Why a redeem was refused. The text goes back to the joiner.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RedeemError {
+    #[error("no invite is waiting for {0}")]
+    NoInvite(IpAddr),
+    #[error("this token was already used")]
+    AlreadyUsed,
+    #[error("this token has expired")]
+    Expired,
+    #[error("that public key is already in use on this server")]
+    KeyInUse,
+    #[error("that public key is a low-order X25519 point and cannot be used")]
+    WeakKey,
+}
+
+/// Why a site's registration of an endpoint was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegisterError {
+    #[error("{0} is not an admitted site")]
+    NotASite(IpAddr),
+    #[error("that public key is already in use on this server")]
+    KeyInUse,
+    #[error("that public key is a low-order X25519 point and cannot be used")]
+    WeakKey,
+    #[error("this site already has an endpoint named {0:?} with another key")]
+    NameTaken(String),
+    #[error("this site has reached its quota of {0} endpoints")]
+    Quota(usize),
+    #[error(transparent)]
+    Name(#[from] LimitError),
+    #[error(transparent)]
+    Exhausted(#[from] IpamError),
+}
+
+/// Why tokens were not minted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MintError {
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    #[error("the name {0:?} is already taken by a site or an unused token")]
+    NameTaken(String),
+    #[error("a name belongs to one site: mint named tokens one at a time")]
+    NamedBatch,
+    #[error(transparent)]
+    Exhausted(#[from] IpamError),
+}
+
+/// Why nothing was revoked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RevokeError {
+    #[error("no peer or unused token is named or addressed {0:?}")]
+    NotFound(String),
+    #[error("{target:?} is ambiguous: it names {}; revoke by address instead", candidates.join(", "))]
+    Ambiguous {
+        target: String,
+        candidates: Vec<String>,
+    },
+    #[error(
+        "{0} is one of this hub's own containers; drop its --container from `tunnel serve` instead"
+    )]
+    HubContainer(String),
+}
+
+/// Who holds the key that signed a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The invite key of a token, issued for `address`.
+    Invite { address: IpAddr },
+    /// An admitted site.
+    Site { address: IpAddr },
+}
+
+/// What `tunnel token` and `serve --tokens` ask for.
+#[derive(Debug, Clone)]
+pub struct MintRequest {
+    pub count: usize,
+    pub ttl: Duration,
+    pub endpoint_hint: Option<String>,
+    pub name: Option<String>,
+}
+
+/// A change the device must make.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    Upsert(PeerSpec),
+    SetAllowedIps(PublicKey, Vec<IpNetwork>),
+    Remove(PublicKey),
+}
+
+/// The ops that take a device from `before` to `after`. Endpoints and
+/// keepalives only matter when a peer is added: the device learns them.
+pub fn diff(
+    before: &BTreeMap<PublicKey, PeerSpec>,
+    after: &BTreeMap<PublicKey, PeerSpec>,
+) -> Vec<Op> {
+    let mut ops = Vec::new();
+    // Removals and narrowed peers first, so that an address moving between
+    // two peers is never on both.
+    for (k, old) in before {
+        match after.get(k) {
+            None => ops.push(Op::Remove(*k)),
+            Some(new) if new.allowed_ips != old.allowed_ips && new.allowed_ips.is_empty() => {
+                ops.push(Op::SetAllowedIps(*k, vec![]))
+            }
+            _ => {}
+        }
+    }
+    for (k, new) in after {
+        match before.get(k) {
+            None => ops.push(Op::Upsert(new.clone())),
+            Some(old) if old.allowed_ips != new.allowed_ips && !new.allowed_ips.is_empty() => {
+                ops.push(Op::SetAllowedIps(*k, new.allowed_ips.clone()))
+            }
+            _ => {}
+        }
+    }
+    ops
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    invite: PublicKey,
+    peer: PublicKey,
+    address: IpAddr,
+    since: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    state: ServerState,
+    pool: Pool,
+    pending: Vec<Pending>,
+    /// Endpoints one site may register.
+    quota: usize,
+    /// Whether `state` changed since [`Ledger::take_changed`]: it must be saved.
+    changed: bool,
+}
+
+/// Gives each named container of this host an endpoint record (key made
+/// here, address from the pool), keeping the ones already saved, so that a
+/// restart brings back the same key and address. `iface_of(n)` names the
+/// `n`th endpoint's interface.
+pub fn ensure_containers(
+    state: &mut ServerState,
+    names: &[String],
+    iface_of: impl Fn(usize) -> String,
+) -> Result<(), IpamError> {
+    let mut pool = pool_of(state)?;
+    for (n, name) in names.iter().enumerate() {
+        if state.containers.iter().any(|c| &c.container == name) {
+            continue;
+        }
+        let address = pool.allocate()?;
+        let mut iface = iface_of(n);
+        let mut k = n;
+        while state.containers.iter().any(|c| c.iface == iface) {
+            k += 1;
+            iface = iface_of(k);
+        }
+        state.containers.push(ContainerRecord {
+            container: name.clone(),
+            iface,
+            private_key: PrivateKey::generate(),
+            address,
+        });
+    }
+    Ok(())
+}
+
+fn pool_of(state: &ServerState) -> Result<Pool, IpamError> {
+    let mut pool = Pool::new(state.subnet)?;
+    let taken = state
+        .peers
+        .iter()
+        .map(|p| p.address)
+        .chain(state.invites.iter().map(|i| i.address))
+        .chain(state.containers.iter().map(|c| c.address));
+    for a in taken {
+        pool.reserve(a);
+    }
+    Ok(pool)
+}
+
+impl Ledger {
+    pub fn new(state: ServerState, quota: usize) -> Result<Self, IpamError> {
+        let pool = pool_of(&state)?;
+        Ok(Self {
+            state,
+            pool,
+            pending: Vec::new(),
+            quota,
+            changed: false,
+        })
+    }
+
+    pub fn state(&self) -> &ServerState {
+        &self.state
+    }
+
+    /// Every change to the saved state goes through here.
+    fn state_mut(&mut self) -> &mut ServerState {
+        self.changed = true;
+        &mut self.state
+    }
+
+    /// Whether the saved state changed since the last call.
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    pub fn server_address(&self) -> IpAddr {
+        self.pool.server_address()
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The peers the device should have, by key.
+    pub fn desired(&self) -> BTreeMap<PublicKey, PeerSpec> {
+        let swapping = |k: &PublicKey| self.pending.iter().any(|p| &p.peer == k);
+        let invite_keeps = |k: &PublicKey| self.pending.iter().any(|p| &p.invite == k);
+        let spec = |k: PublicKey, endpoint, allowed: Vec<IpNetwork>| {
+            (
+                k,
+                PeerSpec {
+                    public_key: k,
+                    endpoint,
+                    allowed_ips: allowed,
+                    keepalive: None,
+                },
+            )
+        };
+        let peers = self.state.peers.iter().map(|p| {
+            let allowed = if swapping(&p.public_key) {
+                vec![]
+            } else {
+                vec![host_net(p.address)]
+            };
+            spec(p.public_key, p.endpoint, allowed)
+        });
+        let invites = self.state.invites.iter().map(|i| {
+            let allowed = if i.redeemed_by.is_none() || invite_keeps(&i.public_key) {
+                vec![host_net(i.address)]
+            } else {
+                vec![]
+            };
+            spec(i.public_key, None, allowed)
+        });
+        let containers = self
+            .state
+            .containers
+            .iter()
+            .map(|c| spec(c.private_key.public_key(), None, vec![host_net(c.address)]));
+        peers.chain(invites).chain(containers).collect()
+    }
+
+    /// The one check of whether a key is taken: the server's own, a peer's
+    /// (sites and their endpoints), an invite's, or a hub container's.
+    pub fn key_in_use(&self, key: &PublicKey) -> bool {
+        *key == self.state.private_key.public_key()
+            || self.state.peers.iter().any(|p| p.public_key == *key)
+            || self.state.invites.iter().any(|i| i.public_key == *key)
+            || self
+                .state
+                .containers
+                .iter()
+                .any(|c| c.private_key.public_key() == *key)
+    }
+
+    /// Whether a key could never authenticate (and so never be admitted).
+    fn weak(&self, key: &PublicKey) -> bool {
+        self.state.private_key.shared_secret(key).is_none()
+    }
+
+    /// Who holds `key`, for authenticating a request signed with it.
+    pub fn identify(&self, key: &PublicKey) -> Option<Caller> {
+        if let Some(i) = self.state.invites.iter().find(|i| i.public_key == *key) {
+            return Some(Caller::Invite { address: i.address });
+        }
+        self.state
+            .peers
+            .iter()
+            .find(|p| p.public_key == *key && p.via.is_none())
+            .map(|p| Caller::Site { address: p.address })
+    }
+
+    /// The admitted site at `addr`.
+    pub fn site(&self, addr: IpAddr) -> Option<&PeerRecord> {
+        self.state
+            .peers
+            .iter()
+            .find(|p| p.address == addr && p.via.is_none())
+    }
+
+    /// Whether `addr` belongs to an admitted peer, a waiting invite or a
+    /// hub container.
+    pub fn knows(&self, addr: IpAddr) -> bool {
+        self.state.peers.iter().any(|p| p.address == addr)
+            || self.state.invites.iter().any(|i| i.address == addr)
+            || self.state.containers.iter().any(|c| c.address == addr)
+    }
+
+    fn name_taken(&self, name: &str) -> bool {
+        self.state
+            .peers
+            .iter()
+            .any(|p| p.via.is_none() && p.name.as_deref() == Some(name))
+            || self
+                .state
+                .invites
+                .iter()
+                .any(|i| i.redeemed_by.is_none() && i.name.as_deref() == Some(name))
+    }
+
+    /// Issues invites and returns their tokens.
+    pub fn mint(&mut self, req: &MintRequest, now: SystemTime) -> Result<Vec<Token>, MintError> {
+        let count = limits::check_count(req.count as u64, 0)?;
+        let ttl = limits::check_ttl(req.ttl)?;
+        if let Some(n) = &req.name {
+            limits::check_name(n)?;
+            if count > 1 {
+                return Err(MintError::NamedBatch);
+            }
+            if self.name_taken(n) {
+                return Err(MintError::NameTaken(n.clone()));
+            }
+        }
+        let expires = unix(now).saturating_add(ttl.as_secs());
+        let mut tokens = Vec::with_capacity(count);
+        for _ in 0..count {
+            let address = self.pool.allocate()?;
+            let invite_key = PrivateKey::generate();
+            self.state_mut().invites.push(InviteRecord {
+                public_key: invite_key.public_key(),
+                address,
+                expires,
+                redeemed_by: None,
+                name: req.name.clone(),
+            });
+            tokens.push(Token {
+                server_public_key: self.state.private_key.public_key(),
+                invite_key,
+                port: self.state.port,
+                subnet: self.state.subnet,
+                assigned: address,
+                server_address: self.pool.server_address(),
+                expires,
+                endpoint_hint: req.endpoint_hint.clone(),
+            });
+        }
+        Ok(tokens)
+    }
+
+    /// Admits `key` in place of the invite for `address`, whose key signed
+    /// the request. A retry with the same key (the reply was lost) gets the
+    /// same answer.
+    pub fn redeem(
+        &mut self,
+        address: IpAddr,
+        key: PublicKey,
+        now: SystemTime,
+        since: Instant,
+    ) -> Result<IpNetwork, RedeemError> {
+        let assigned = IpNetwork::new(address, self.state.subnet.prefix())
+            .map_err(|_| RedeemError::NoInvite(address))?;
+        let idx = self
+            .state
+            .invites
+            .iter()
+            .position(|i| i.address == address)
+            .ok_or(RedeemError::NoInvite(address))?;
+        let invite = self.state.invites[idx].clone();
+        match invite.redeemed_by {
+            Some(k) if k == key => return Ok(assigned),
+            Some(_) => return Err(RedeemError::AlreadyUsed),
+            None => {}
+        }
+        if invite.expires <= unix(now) {
+            return Err(RedeemError::Expired);
+        }
+        if self.key_in_use(&key) {
+            return Err(RedeemError::KeyInUse);
+        }
+        if self.weak(&key) {
+            return Err(RedeemError::WeakKey);
+        }
+        self.state_mut().invites[idx].redeemed_by = Some(key);
+        self.state_mut().peers.push(PeerRecord {
+            public_key: key,
+            address,
+            joined_at: unix(now),
+            name: invite.name.clone(),
+            via: None,
+            endpoint: None,
+        });
+        self.pending.push(Pending {
+            invite: invite.public_key,
+            peer: key,
+            address,
+            since,
+        });
+        Ok(assigned)
+    }
+
+    /// Admits another endpoint (a container) of the site at `site`.
+    /// Idempotent for the same key and name.
+    pub fn register(
+        &mut self,
+        site: IpAddr,
+        key: PublicKey,
+        name: &str,
+        now: SystemTime,
+    ) -> Result<IpNetwork, RegisterError> {
+        let prefix = self.state.subnet.prefix();
+        let net = |a| IpNetwork::new(a, prefix).expect("an address of the subnet");
+        if self.site(site).is_none() {
+            return Err(RegisterError::NotASite(site));
+        }
+        limits::check_name(name)?;
+        if let Some(p) = self.state.peers.iter().find(|p| p.public_key == key) {
+            return if p.via == Some(site) && p.name.as_deref() == Some(name) {
+                Ok(net(p.address))
+            } else {
+                Err(RegisterError::KeyInUse)
+            };
+        }
+        if self.key_in_use(&key) {
+            return Err(RegisterError::KeyInUse);
+        }
+        if self.weak(&key) {
+            return Err(RegisterError::WeakKey);
+        }
+        let mine = self.state.peers.iter().filter(|p| p.via == Some(site));
+        let mut count = 0;
+        for p in mine {
+            if p.name.as_deref() == Some(name) {
+                return Err(RegisterError::NameTaken(name.to_owned()));
+            }
+            count += 1;
+        }
+        if count >= self.quota {
+            return Err(RegisterError::Quota(self.quota));
+        }
+        let address = self.pool.allocate()?;
+        self.state_mut().peers.push(PeerRecord {
+            public_key: key,
+            address,
+            joined_at: unix(now),
+            name: Some(name.to_owned()),
+            via: Some(site),
+            endpoint: None,
+        });
+        Ok(net(address))
+    }
+
+    /// What `target` (a name or an address) names, as "address (what)".
+    fn candidates(&self, target: &str) -> Vec<(IpAddr, String)> {
+        let addr: Option<IpAddr> = target.parse().ok();
+        let hit = |name: &Option<String>, a: IpAddr| {
+            Some(a) == addr || (addr.is_none() && name.as_deref() == Some(target))
+        };
+        let mut out = Vec::new();
+        for p in &self.state.peers {
+            if hit(&p.name, p.address) {
+                let what = match (p.via, &p.name) {
+                    (None, Some(n)) => n.clone(),
+                    (None, None) => "site".to_owned(),
+                    (Some(v), n) => {
+                        format!(
+                            "container {} on {}",
+                            n.as_deref().unwrap_or("?"),
+                            self.site_label(v)
+                        )
+                    }
+                };
+                out.push((p.address, what));
+            }
+        }
+        for i in self
+            .state
+            .invites
+            .iter()
+            .filter(|i| i.redeemed_by.is_none())
+        {
+            if hit(&i.name, i.address) {
+                let what = match &i.name {
+                    Some(n) => format!("unused token {n}"),
+                    None => "unused token".to_owned(),
+                };
+                out.push((i.address, what));
+            }
+        }
+        out
+    }
+
+    fn site_label(&self, addr: IpAddr) -> String {
+        match self.site(addr).and_then(|s| s.name.as_deref()) {
+            Some(n) => n.to_owned(),
+            None => format!("site {addr}"),
+        }
+    }
+
+    /// Removes a peer (by name or address) with the endpoints it
+    /// registered, or an unused invite; their addresses become free.
+    /// Returns what was removed, as "address (what)".
+    pub fn revoke(&mut self, target: &str) -> Result<Vec<String>, RevokeError> {
+        let found = self.candidates(target);
+        let (addr, what) = match found.as_slice() {
+            [] => {
+                if let Some(c) = self
+                    .state
+                    .containers
+                    .iter()
+                    .find(|c| c.container == target || c.address.to_string() == target)
+                {
+                    return Err(RevokeError::HubContainer(c.container.clone()));
+                }
+                return Err(RevokeError::NotFound(target.to_owned()));
+            }
+            [one] => one.clone(),
+            many => {
+                return Err(RevokeError::Ambiguous {
+                    target: target.to_owned(),
+                    candidates: many.iter().map(|(a, w)| format!("{a} ({w})")).collect(),
+                });
+            }
+        };
+        let mut removed = vec![format!("{addr} ({what})")];
+        let is_site = self.site(addr).is_some();
+        let gone = |p: &PeerRecord| p.address == addr || (is_site && p.via == Some(addr));
+        let (out, kept): (Vec<_>, Vec<_>) = self.state_mut().peers.drain(..).partition(gone);
+        self.state.peers = kept;
+        for p in &out {
+            self.pool.release(p.address);
+            if p.address != addr {
+                removed.push(format!(
+                    "{} (container {})",
+                    p.address,
+                    p.name.as_deref().unwrap_or("?")
+                ));
+            }
+        }
+        // The invite at that address goes too, used or not.
+        self.state.invites.retain(|i| i.address != addr);
+        self.pool.release(addr);
+        let keys: Vec<PublicKey> = out.iter().map(|p| p.public_key).collect();
+        self.pending
+            .retain(|p| p.address != addr && !keys.contains(&p.peer));
+        Ok(removed)
+    }
+
+    /// Forgets expired invites; unused ones give their address back.
+    pub fn prune(&mut self, now: SystemTime) -> usize {
+        let now = unix(now);
+        if !self.state.invites.iter().any(|i| i.expires <= now) {
+            return 0;
+        }
+        let (expired, live): (Vec<_>, Vec<_>) = self
+            .state_mut()
+            .invites
+            .drain(..)
+            .partition(|i| i.expires <= now);
+        self.state.invites = live;
+        for i in &expired {
+            if i.redeemed_by.is_none() {
+                self.pool.release(i.address);
+            }
+            self.pending.retain(|p| p.invite != i.public_key);
+        }
+        expired.len()
+    }
+
+    /// Moves addresses from redeemed invites to the keys that replaced
+    /// them, once `handshaked(key)` says the key is in use, or after
+    /// [`SWAP_GRACE`]. Returns the moves made.
+    pub fn complete_swaps(
+        &mut self,
+        handshaked: impl Fn(&PublicKey) -> bool,
+        now: Instant,
+    ) -> Vec<(IpAddr, PublicKey)> {
+        let (done, waiting): (Vec<_>, Vec<_>) = self
+            .pending
+            .drain(..)
+            .partition(|p| now.duration_since(p.since) > SWAP_GRACE || handshaked(&p.peer));
+        self.pending = waiting;
+        done.into_iter().map(|p| (p.address, p.peer)).collect()
+    }
+
+    /// Remembers where peers were last seen; true when that changed.
+    pub fn record_endpoints(&mut self, live: &[PeerStatus]) -> bool {
+        let mut changed = false;
+        for p in self.state.peers.iter_mut() {
+            if let Some(e) = live
+                .iter()
+                .find(|l| l.public_key == p.public_key)
+                .and_then(|l| l.endpoint)
+                && p.endpoint != Some(e)
+            {
+                p.endpoint = Some(e);
+                changed = true;
+            }
+        }
+        self.changed |= changed;
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> ServerState {
+        ServerState {
+            private_key: PrivateKey::generate(),
+            port: 51820,
+            mtu: 1420,
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            peers: vec![],
+            invites: vec![],
+            containers: vec![],
+        }
+    }
+
+    fn ledger() -> Ledger {
+        Ledger::new(state(), 2).unwrap()
+    }
+
+    fn t0() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    fn mint(l: &mut Ledger, count: usize, name: Option<&str>) -> Vec<Token> {
+        l.mint(
+            &MintRequest {
+                count,
+                ttl: Duration::from_secs(60),
+                endpoint_hint: None,
+                name: name.map(str::to_owned),
+            },
+            t0(),
+        )
+        .unwrap()
+    }
+
+    fn key() -> PublicKey {
+        PrivateKey::generate().public_key()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// A site admitted and swapped in at .2 (from a first token).
+    fn site(l: &mut Ledger, name: Option<&str>) -> (IpAddr, PublicKey) {
+        let t = mint(l, 1, name).remove(0);
+        let k = key();
+        l.redeem(t.assigned, k, t0(), Instant::now()).unwrap();
+        l.complete_swaps(|_| true, Instant::now());
+        (t.assigned, k)
+    }
+
+    #[test]
+    fn mint_allocates_in_order_and_keeps_only_the_public_half() {
+        let mut l = ledger();
+        let before = l.desired();
+        let tokens = mint(&mut l, 2, None);
+        assert_eq!(tokens[0].assigned, ip("10.77.0.2"));
+        assert_eq!(tokens[1].assigned, ip("10.77.0.3"));
+        assert_eq!(tokens[0].server_address, ip("10.77.0.1"));
+        assert_eq!(tokens[0].expires, unix(t0()) + 60);
+        let ops = diff(&before, &l.desired());
+        assert_eq!(ops.len(), 2);
+        assert!(
+            matches!(&ops[0], Op::Upsert(p) if p.allowed_ips == vec![host_net(ip("10.77.0.2"))] || p.allowed_ips == vec![host_net(ip("10.77.0.3"))])
+        );
+        let json = serde_json::to_string(l.state()).unwrap();
+        assert!(!json.contains(tokens[0].invite_key.to_base64().as_str()));
+    }
+
+    #[test]
+    fn mint_bounds_and_names() {
+        let mut l = ledger();
+        let req = |count, ttl: u64, name: Option<&str>| MintRequest {
+            count,
+            ttl: Duration::from_secs(ttl),
+            endpoint_hint: None,
+            name: name.map(str::to_owned),
+        };
+        assert!(matches!(
+            l.mint(&req(1001, 60, None), t0()),
+            Err(MintError::Limit(_))
+        ));
+        assert!(matches!(
+            l.mint(&req(1, u64::MAX, None), t0()),
+            Err(MintError::Limit(_))
+        ));
+        assert!(matches!(
+            l.mint(&req(1, 60, Some("a b")), t0()),
+            Err(MintError::Limit(_))
+        ));
+        assert_eq!(
+            l.mint(&req(2, 60, Some("x")), t0()).unwrap_err(),
+            MintError::NamedBatch
+        );
+        l.mint(&req(1, 60, Some("x")), t0()).unwrap();
+        assert_eq!(
+            l.mint(&req(1, 60, Some("x")), t0()).unwrap_err(),
+            MintError::NameTaken("x".into())
+        );
+        assert!(l.state().invites.len() == 1, "refusals change nothing");
+    }
+
+    #[test]
+    fn redeem_then_swap_after_handshake() {
+        let mut l = ledger();
+        let tok = mint(&mut l, 1, None).remove(0);
+        let invite = tok.invite_key.public_key();
+        let joiner = key();
+        let before = l.desired();
+        let net = l
+            .redeem(tok.assigned, joiner, t0(), Instant::now())
+            .unwrap();
+        assert_eq!(net.to_string(), "10.77.0.2/24");
+        // The reply must still route to the invite: the new key has no address yet.
+        assert_eq!(
+            diff(&before, &l.desired()),
+            vec![Op::Upsert(PeerSpec {
+                public_key: joiner,
+                endpoint: None,
+                allowed_ips: vec![],
+                keepalive: None
+            })]
+        );
+        assert!(l.complete_swaps(|_| false, Instant::now()).is_empty());
+        let before = l.desired();
+        assert_eq!(l.complete_swaps(|k| *k == joiner, Instant::now()).len(), 1);
+        let ops = diff(&before, &l.desired());
+        assert_eq!(
+            ops,
+            vec![
+                Op::SetAllowedIps(invite, vec![]),
+                Op::SetAllowedIps(joiner, vec![host_net(tok.assigned)])
+            ]
+        );
+        assert!(!l.has_pending());
+        // A swap also completes after the grace period, handshake or not.
+        let tok = mint(&mut l, 1, None).remove(0);
+        let start = Instant::now();
+        l.redeem(tok.assigned, key(), t0(), start).unwrap();
+        assert!(l.complete_swaps(|_| false, start + SWAP_GRACE).is_empty());
+        assert_eq!(
+            l.complete_swaps(|_| false, start + SWAP_GRACE + Duration::from_secs(1))
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn reuse_is_refused_but_a_retry_with_the_same_key_is_not() {
+        let mut l = ledger();
+        let tok = mint(&mut l, 1, None).remove(0);
+        let first = key();
+        l.redeem(tok.assigned, first, t0(), Instant::now()).unwrap();
+        let snapshot = l.state().clone();
+        assert!(l.redeem(tok.assigned, first, t0(), Instant::now()).is_ok());
+        assert_eq!(l.state(), &snapshot, "a retry changes nothing");
+        assert_eq!(
+            l.redeem(tok.assigned, key(), t0(), Instant::now()),
+            Err(RedeemError::AlreadyUsed)
+        );
+    }
+
+    #[test]
+    fn one_key_in_use_check_covers_server_peers_invites_and_containers() {
+        let mut l = ledger();
+        let mut s = l.state().clone();
+        ensure_containers(&mut s, &["web".into()], |n| format!("wgc{n}")).unwrap();
+        let container_key = s.containers[0].private_key.public_key();
+        let server_key = s.private_key.public_key();
+        l = Ledger::new(s, 2).unwrap();
+        let (site_addr, site_key) = site(&mut l, None);
+        let toks = mint(&mut l, 2, None);
+        let other_invite = toks[1].invite_key.public_key();
+        for taken in [container_key, server_key, site_key, other_invite] {
+            assert_eq!(
+                l.redeem(toks[0].assigned, taken, t0(), Instant::now()),
+                Err(RedeemError::KeyInUse)
+            );
+            assert_eq!(
+                l.register(site_addr, taken, "x", t0()),
+                Err(RegisterError::KeyInUse)
+            );
+        }
+        assert_eq!(
+            l.redeem(toks[0].assigned, PublicKey([0; 32]), t0(), Instant::now()),
+            Err(RedeemError::WeakKey)
+        );
+        assert_eq!(
+            l.register(site_addr, PublicKey([0; 32]), "x", t0()),
+            Err(RegisterError::WeakKey)
+        );
+    }
+
+    #[test]
+    fn unknown_address_and_expiry() {
+        let mut l = ledger();
+        let tok = mint(&mut l, 1, None).remove(0);
+        let stranger = ip("10.77.0.9");
+        assert_eq!(
+            l.redeem(stranger, key(), t0(), Instant::now()),
+            Err(RedeemError::NoInvite(stranger))
+        );
+        let late = t0() + Duration::from_secs(61);
+        assert_eq!(
+            l.redeem(tok.assigned, key(), late, Instant::now()),
+            Err(RedeemError::Expired)
+        );
+    }
+
+    #[test]
+    fn register_quota_names_and_idempotence() {
+        let mut l = ledger();
+        let (site_addr, _) = site(&mut l, Some("b"));
+        let k1 = key();
+        let a1 = l.register(site_addr, k1, "web", t0()).unwrap();
+        assert_eq!(
+            l.register(site_addr, k1, "web", t0()).unwrap(),
+            a1,
+            "idempotent"
+        );
+        assert_eq!(
+            l.register(site_addr, key(), "web", t0()),
+            Err(RegisterError::NameTaken("web".into()))
+        );
+        assert_eq!(
+            l.register(site_addr, k1, "db", t0()),
+            Err(RegisterError::KeyInUse)
+        );
+        l.register(site_addr, key(), "db", t0()).unwrap();
+        assert_eq!(
+            l.register(site_addr, key(), "cache", t0()),
+            Err(RegisterError::Quota(2))
+        );
+        assert!(matches!(
+            l.register(site_addr, key(), "bad name", t0()),
+            Err(RegisterError::Name(_))
+        ));
+        // Only sites register; not an invite's address, not an endpoint's.
+        let tok = mint(&mut l, 1, None).remove(0);
+        assert_eq!(
+            l.register(tok.assigned, key(), "x", t0()),
+            Err(RegisterError::NotASite(tok.assigned))
+        );
+        assert_eq!(
+            l.register(a1.ip(), key(), "x", t0()),
+            Err(RegisterError::NotASite(a1.ip()))
+        );
+    }
+
+    #[test]
+    fn identify_tells_invites_from_sites() {
+        let mut l = ledger();
+        let (site_addr, site_key) = site(&mut l, None);
+        let tok = mint(&mut l, 1, None).remove(0);
+        let ep = key();
+        l.register(site_addr, ep, "web", t0()).unwrap();
+        assert_eq!(
+            l.identify(&site_key),
+            Some(Caller::Site { address: site_addr })
+        );
+        assert_eq!(
+            l.identify(&tok.invite_key.public_key()),
+            Some(Caller::Invite {
+                address: tok.assigned
+            })
+        );
+        assert_eq!(
+            l.identify(&ep),
+            None,
+            "an endpoint cannot sign for its site"
+        );
+        assert_eq!(l.identify(&key()), None);
+    }
+
+    #[test]
+    fn revoke_removes_a_site_with_its_endpoints_and_refuses_ambiguity() {
+        let mut l = Ledger::new(state(), 8).unwrap();
+        let (b, _) = site(&mut l, Some("b"));
+        let (c, _) = site(&mut l, Some("c"));
+        l.register(b, key(), "web", t0()).unwrap();
+        l.register(c, key(), "web", t0()).unwrap();
+        let before = l.state().clone();
+        let err = l.revoke("web").unwrap_err();
+        assert!(
+            matches!(&err, RevokeError::Ambiguous { candidates, .. } if candidates.len() == 2),
+            "{err}"
+        );
+        assert!(err.to_string().contains("(container web on b)"), "{err}");
+        assert_eq!(l.state(), &before, "a refusal changes nothing");
+        assert_eq!(l.revoke("nope"), Err(RevokeError::NotFound("nope".into())));
+
+        let desired = l.desired();
+        let removed = l.revoke("b").unwrap();
+        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert_eq!(removed[0], format!("{b} (b)"));
+        let ops = diff(&desired, &l.desired());
+        assert_eq!(
+            ops.iter().filter(|o| matches!(o, Op::Remove(_))).count(),
+            3,
+            "site, its endpoint, its used invite: {ops:?}"
+        );
+        // The other web is now unique; addresses are free again.
+        assert_eq!(l.revoke("web").unwrap().len(), 1);
+        let t = mint(&mut l, 1, None).remove(0);
+        assert_eq!(t.assigned, b);
+    }
+
+    #[test]
+    fn revoke_cancels_unused_tokens_but_not_hub_containers() {
+        let mut s = state();
+        ensure_containers(&mut s, &["web".into()], |n| format!("wgc{n}")).unwrap();
+        let mut l = Ledger::new(s, 2).unwrap();
+        mint(&mut l, 1, Some("branch"));
+        assert_eq!(
+            l.revoke("branch").unwrap(),
+            vec!["10.77.0.3 (unused token branch)".to_string()]
+        );
+        assert!(l.state().invites.is_empty());
+        assert_eq!(
+            l.revoke("web"),
+            Err(RevokeError::HubContainer("web".into()))
+        );
+    }
+
+    #[test]
+    fn prune_frees_unused_addresses_only() {
+        let mut l = ledger();
+        let tok = mint(&mut l, 2, None);
+        l.redeem(tok[0].assigned, key(), t0(), Instant::now())
+            .unwrap();
+        let before = l.desired();
+        assert_eq!(l.prune(t0() + Duration::from_secs(61)), 2);
+        let ops = diff(&before, &l.desired());
+        assert_eq!(ops.iter().filter(|o| matches!(o, Op::Remove(_))).count(), 2);
+        assert!(
+            !l.has_pending(),
+            "a pending swap of an expired invite is dropped"
+        );
+        // .3 is free again; .2 stays with the admitted peer.
+        assert_eq!(mint(&mut l, 1, None)[0].assigned, ip("10.77.0.3"));
+    }
+
+    #[test]
+    fn containers_get_stable_records() {
+        let mut s = state();
+        let names = vec!["web".to_string(), "db".to_string()];
+        ensure_containers(&mut s, &names, |n| format!("wgc{n}")).unwrap();
+        let first = s.containers.clone();
+        assert_eq!(first[0].address, ip("10.77.0.2"));
+        assert_eq!(first[1].iface, "wgc1");
+        ensure_containers(&mut s, &names, |n| format!("wgc{n}")).unwrap();
+        assert_eq!(s.containers, first, "a restart keeps keys and addresses");
+    }
+
+    #[test]
+    fn record_endpoints_reports_changes() {
+        let mut l = ledger();
+        let (_, k) = site(&mut l, None);
+        let live = |e: &str| PeerStatus {
+            public_key: k,
+            endpoint: Some(e.parse().unwrap()),
+            allowed_ips: vec![],
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            keepalive: None,
+        };
+        assert!(l.record_endpoints(&[live("192.0.2.1:5")]));
+        assert!(!l.record_endpoints(&[live("192.0.2.1:5")]));
+        assert!(l.record_endpoints(&[live("192.0.2.1:6")]));
+    }
+}

@@ -1,0 +1,560 @@
+//! The hub: its [`ledger`] (pure bookkeeping) applied to a WireGuard
+//! device and saved.
+//!
+//! Every change is one transaction: the ledger decides, the device gets
+//! the diff of desired peers, and the state is saved. A refused or failed
+//! change leaves ledger, device and disk as they were. Changes that grant
+//! something (tokens, admissions) must be saved before they are answered;
+//! the others (revocations, expiry, swaps, endpoints) take effect at once,
+//! and a failed save of them is logged and retried, so that a full or
+//! read-only disk never takes the tunnel down.
+
+pub mod api;
+pub mod ledger;
+
+pub use ledger::{
+    Caller, Ledger, MintError, MintRequest, RedeemError, RegisterError, RevokeError,
+    ensure_containers, host_net, unix,
+};
+
+use crate::control::auth::{AuthError, Proof, ReplayGuard};
+use crate::keys::PublicKey;
+use crate::state::{Endpoint, ServerState, StateDir, StateError};
+use crate::token::Token;
+use crate::wg::{PeerSpec, WgDevice, WgError};
+use ipnetwork::IpNetwork;
+use ledger::{Op, diff};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{Mutex, Notify};
+
+/// How often one site may announce that it leaves (each resets its session).
+const LEAVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often a failing save is logged again.
+const SAVE_NAG: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("changing the WireGuard device")]
+    Wg(#[from] WgError),
+    #[error("saving the hub's state")]
+    State(#[from] StateError),
+}
+
+/// A hub operation that did not happen: refused by the ledger, or the
+/// device or disk failed (and the change was undone).
+#[derive(Debug, thiserror::Error)]
+pub enum Denied<E: std::error::Error + 'static> {
+    #[error(transparent)]
+    Refused(E),
+    #[error("the hub cannot make this change now")]
+    Unavailable(#[source] HubError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaveError {
+    #[error("{0} is not an admitted site")]
+    NotASite(IpAddr),
+    #[error("this site announced it leaves less than {}s ago", LEAVE_INTERVAL.as_secs())]
+    TooSoon,
+    #[error("resetting the site's peer")]
+    Hub(#[from] HubError),
+}
+
+pub struct Hub {
+    wg: Arc<dyn WgDevice>,
+    store: StateDir,
+    iface: String,
+    ledger: Mutex<Ledger>,
+    replay: std::sync::Mutex<ReplayGuard>,
+    leaves: std::sync::Mutex<HashMap<PublicKey, Instant>>,
+    /// The last failed save and when it was last logged; `None` when the
+    /// disk holds the current state.
+    unsaved: std::sync::Mutex<Option<Instant>>,
+    /// Wakes the swap loop as soon as a redeem leaves a swap pending.
+    redeemed: Notify,
+}
+
+async fn apply(wg: &dyn WgDevice, ops: &[Op]) -> Result<(), WgError> {
+    for op in ops {
+        match op {
+            Op::Upsert(spec) => wg.upsert_peer(spec).await?,
+            Op::SetAllowedIps(k, ips) => wg.set_allowed_ips(k, ips).await?,
+            Op::Remove(k) => wg.remove_peer(k).await?,
+        }
+    }
+    Ok(())
+}
+
+/// Undoes what may have been applied of a change; an op that was never
+/// applied fails harmlessly here.
+async fn undo(wg: &dyn WgDevice, ops: &[Op]) {
+    for op in ops {
+        let _ = apply(wg, std::slice::from_ref(op)).await;
+    }
+}
+
+impl Hub {
+    pub fn new(wg: Arc<dyn WgDevice>, store: StateDir, iface: &str, ledger: Ledger) -> Self {
+        Self {
+            wg,
+            store,
+            iface: iface.to_owned(),
+            ledger: Mutex::new(ledger),
+            replay: Default::default(),
+            leaves: Default::default(),
+            unsaved: Default::default(),
+            redeemed: Notify::new(),
+        }
+    }
+
+    fn save(&self, state: &ServerState) -> Result<(), StateError> {
+        self.store
+            .save(&self.iface, &Endpoint::Server(state.clone()))
+    }
+
+    fn saved(&self, result: Result<(), StateError>) {
+        let mut unsaved = self.unsaved.lock().expect("unsaved lock");
+        match result {
+            Ok(()) => {
+                if unsaved.take().is_some() {
+                    tracing::info!(
+                        "the state is saved again in {}",
+                        self.store.file(&self.iface).display()
+                    );
+                }
+            }
+            Err(e) => {
+                let nag = unsaved.is_none_or(|at| at.elapsed() >= SAVE_NAG);
+                if nag {
+                    tracing::error!(
+                        "cannot save the state ({e}); the tunnel stays up, the file keeps the last saved state, and saving is retried"
+                    );
+                    *unsaved = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Runs `decide` on the ledger and makes the device and the disk
+    /// follow, all or nothing. `durable`: the change must be on disk
+    /// before it counts.
+    async fn transact<T, E: std::error::Error + 'static>(
+        &self,
+        durable: bool,
+        decide: impl FnOnce(&mut Ledger) -> Result<T, E>,
+    ) -> Result<T, Denied<E>> {
+        let mut ledger = self.ledger.lock().await;
+        let snapshot = ledger.clone();
+        let before = ledger.desired();
+        let value = match decide(&mut ledger) {
+            Ok(v) => v,
+            Err(e) => {
+                *ledger = snapshot;
+                return Err(Denied::Refused(e));
+            }
+        };
+        let after = ledger.desired();
+        let ops = diff(&before, &after);
+        if let Err(e) = apply(self.wg.as_ref(), &ops).await {
+            undo(self.wg.as_ref(), &diff(&after, &before)).await;
+            *ledger = snapshot;
+            return Err(Denied::Unavailable(e.into()));
+        }
+        if ledger.take_changed() {
+            let saved = self.save(ledger.state());
+            if durable && let Err(e) = saved {
+                undo(self.wg.as_ref(), &diff(&after, &before)).await;
+                *ledger = snapshot;
+                return Err(Denied::Unavailable(e.into()));
+            }
+            self.saved(saved);
+        }
+        Ok(value)
+    }
+
+    /// Who signed a request, once its proof checks out: the MAC with this
+    /// hub's key, the clock, and that it was not seen before.
+    pub async fn authenticate(
+        &self,
+        proof: &Proof,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        now: SystemTime,
+    ) -> Result<Caller, AuthError> {
+        let ledger = self.ledger.lock().await;
+        let caller = ledger.identify(&proof.key).ok_or(AuthError::UnknownKey)?;
+        proof.verify(&ledger.state().private_key, method, path, body, now)?;
+        drop(ledger);
+        self.replay.lock().expect("replay lock").check(proof, now)?;
+        Ok(caller)
+    }
+
+    /// Issues invites and returns their tokens; saved before they are.
+    pub async fn mint(
+        &self,
+        req: &MintRequest,
+        now: SystemTime,
+    ) -> Result<Vec<Token>, Denied<MintError>> {
+        self.transact(true, |l| l.mint(req, now)).await
+    }
+
+    /// Admits `key` in place of the invite for `address`.
+    pub async fn redeem(
+        &self,
+        address: IpAddr,
+        key: PublicKey,
+        now: SystemTime,
+    ) -> Result<IpNetwork, Denied<RedeemError>> {
+        let net = self
+            .transact(true, |l| l.redeem(address, key, now, Instant::now()))
+            .await?;
+        tracing::info!("{address} redeemed its invite; admitting public key {key}");
+        self.redeemed.notify_one();
+        Ok(net)
+    }
+
+    /// Admits an endpoint (a container) of the site at `site`.
+    pub async fn register(
+        &self,
+        site: IpAddr,
+        key: PublicKey,
+        name: &str,
+        now: SystemTime,
+    ) -> Result<IpNetwork, Denied<RegisterError>> {
+        let net = self
+            .transact(true, |l| l.register(site, key, name, now))
+            .await?;
+        tracing::info!("{site} registered container {name} as {net}");
+        Ok(net)
+    }
+
+    /// Removes a peer (by name or address) at once.
+    pub async fn revoke(&self, target: &str) -> Result<Vec<String>, Denied<RevokeError>> {
+        let removed = self.transact(false, |l| l.revoke(target)).await?;
+        tracing::info!("revoked {}", removed.join(", "));
+        Ok(removed)
+    }
+
+    /// Forgets expired invites.
+    pub async fn prune(&self, now: SystemTime) -> Result<usize, HubError> {
+        self.transact(false, |l| Ok::<_, std::convert::Infallible>(l.prune(now)))
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Moves addresses from redeemed invites to the keys that replaced
+    /// them, once those keys have completed a handshake. Returns how many.
+    pub async fn complete_swaps(&self, now: Instant) -> Result<usize, HubError> {
+        if !self.ledger.lock().await.has_pending() {
+            return Ok(0);
+        }
+        let live = self.wg.peers().await?;
+        let moved = self
+            .transact(false, |l| {
+                Ok::<_, std::convert::Infallible>(l.complete_swaps(
+                    |k| {
+                        live.iter()
+                            .any(|p| p.public_key == *k && p.last_handshake.is_some())
+                    },
+                    now,
+                ))
+            })
+            .await
+            .map_err(unavailable)?;
+        for (address, key) in &moved {
+            tracing::info!("{address} now routes to {key}");
+        }
+        Ok(moved.len())
+    }
+
+    /// Remembers where peers were last seen, saving when that changed.
+    pub async fn record_endpoints(&self) -> Result<(), HubError> {
+        let live = self.wg.peers().await?;
+        self.transact(false, |l| {
+            Ok::<_, std::convert::Infallible>(l.record_endpoints(&live))
+        })
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Saves again after a failed save; a no-op when nothing is unsaved.
+    pub async fn retry_save(&self) {
+        if self.unsaved.lock().expect("unsaved lock").is_none() {
+            return;
+        }
+        let ledger = self.ledger.lock().await;
+        let result = self.save(ledger.state());
+        self.saved(result);
+    }
+
+    /// A site that stops cleanly says so. Its peer is removed and added
+    /// again, which clears the handshake replay state: gotatun stamps
+    /// handshakes with TAI64 base 2^62+37 while the kernel and wireguard-go
+    /// use 2^62+10, so without this a stock WireGuard taking the site's key
+    /// over (`tunnel export`) would be refused for ~27 s as a replay.
+    pub async fn leave(&self, site: IpAddr) -> Result<(), LeaveError> {
+        let ledger = self.ledger.lock().await;
+        let p = ledger.site(site).ok_or(LeaveError::NotASite(site))?.clone();
+        {
+            let mut leaves = self.leaves.lock().expect("leaves lock");
+            let now = Instant::now();
+            if leaves
+                .get(&p.public_key)
+                .is_some_and(|at| now.duration_since(*at) < LEAVE_INTERVAL)
+            {
+                return Err(LeaveError::TooSoon);
+            }
+            leaves.retain(|_, at| now.duration_since(*at) < LEAVE_INTERVAL);
+            leaves.insert(p.public_key, now);
+        }
+        let live = self.wg.peers().await.map_err(HubError::from)?;
+        let endpoint = live
+            .iter()
+            .find(|l| l.public_key == p.public_key)
+            .and_then(|l| l.endpoint);
+        let spec = ledger
+            .desired()
+            .remove(&p.public_key)
+            .expect("a site is a desired peer");
+        self.wg
+            .remove_peer(&p.public_key)
+            .await
+            .map_err(HubError::from)?;
+        self.wg
+            .upsert_peer(&PeerSpec {
+                endpoint: endpoint.or(p.endpoint),
+                ..spec
+            })
+            .await
+            .map_err(HubError::from)?;
+        tracing::info!("{site} left; its peer was reset");
+        Ok(())
+    }
+
+    /// Completes when a redeem has left a swap pending since the last call.
+    pub async fn redeemed(&self) {
+        self.redeemed.notified().await
+    }
+
+    pub async fn has_pending(&self) -> bool {
+        self.ledger.lock().await.has_pending()
+    }
+
+    /// Whether `addr` belongs to an admitted peer, a waiting invite or a
+    /// hub container.
+    pub async fn knows(&self, addr: IpAddr) -> bool {
+        self.ledger.lock().await.knows(addr)
+    }
+
+    pub fn store(&self) -> &StateDir {
+        &self.store
+    }
+
+    pub fn device(&self) -> Arc<dyn WgDevice> {
+        self.wg.clone()
+    }
+
+    pub async fn snapshot(&self) -> ServerState {
+        self.ledger.lock().await.state().clone()
+    }
+}
+
+fn unavailable(d: Denied<std::convert::Infallible>) -> HubError {
+    match d {
+        Denied::Refused(never) => match never {},
+        Denied::Unavailable(e) => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+    use crate::wg::fake::FakeWg;
+
+    fn state() -> ServerState {
+        ServerState {
+            private_key: PrivateKey::generate(),
+            port: 51820,
+            mtu: 1420,
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            peers: vec![],
+            invites: vec![],
+            containers: vec![],
+        }
+    }
+
+    fn setup() -> (tempfile::TempDir, FakeWg, Hub) {
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = FakeWg::default();
+        let hub = Hub::new(
+            Arc::new(fake.clone()),
+            StateDir::new(tmp.path()),
+            "wgt0",
+            Ledger::new(state(), 4).unwrap(),
+        );
+        (tmp, fake, hub)
+    }
+
+    fn req(count: usize) -> MintRequest {
+        MintRequest {
+            count,
+            ttl: Duration::from_secs(60),
+            endpoint_hint: None,
+            name: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_reach_the_device_and_the_disk() {
+        let (tmp, fake, hub) = setup();
+        let tok = hub
+            .mint(&req(1), SystemTime::now())
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(fake.peers().await.unwrap().len(), 1);
+        let saved = StateDir::new(tmp.path())
+            .load_server("wgt0")
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved.invites.len(), 1);
+        let k = PrivateKey::generate().public_key();
+        hub.redeem(tok.assigned, k, SystemTime::now())
+            .await
+            .unwrap();
+        assert!(fake.peer(&k).unwrap().allowed_ips.is_empty());
+        fake.handshake(&k);
+        assert_eq!(hub.complete_swaps(Instant::now()).await.unwrap(), 1);
+        assert_eq!(
+            fake.peer(&k).unwrap().allowed_ips,
+            vec![host_net(tok.assigned)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_device_failure_undoes_the_whole_change() {
+        let (tmp, fake, hub) = setup();
+        hub.mint(&req(1), SystemTime::now()).await.unwrap();
+        let before_state = hub.snapshot().await;
+        let before_peers = fake.peers().await.unwrap();
+        // The second of three upserts fails.
+        fake.fail_after(1);
+        let err = hub.mint(&req(3), SystemTime::now()).await.unwrap_err();
+        assert!(
+            matches!(err, Denied::Unavailable(HubError::Wg(_))),
+            "{err:?}"
+        );
+        assert_eq!(hub.snapshot().await, before_state);
+        assert_eq!(fake.peers().await.unwrap(), before_peers);
+        let saved = StateDir::new(tmp.path())
+            .load_server("wgt0")
+            .unwrap()
+            .unwrap();
+        assert_eq!(saved, before_state);
+    }
+
+    #[tokio::test]
+    async fn a_failed_save_refuses_grants_but_keeps_revocations() {
+        let (tmp, fake, hub) = setup();
+        let toks = hub.mint(&req(2), SystemTime::now()).await.unwrap();
+        let on_disk = std::fs::read(tmp.path().join("wgt0.json")).unwrap();
+        // A directory where the state file goes: every save fails, even as root.
+        let dir = StateDir::new(tmp.path().join("wgt0.json").join("x"));
+        let hub = Hub::new(
+            hub.device(),
+            dir,
+            "wgt0",
+            Ledger::new(hub.snapshot().await, 4).unwrap(),
+        );
+        let k = PrivateKey::generate().public_key();
+        let err = hub
+            .redeem(toks[0].assigned, k, SystemTime::now())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Denied::Unavailable(HubError::State(_))),
+            "{err:?}"
+        );
+        assert!(fake.peer(&k).is_none(), "the admission was undone");
+        // A revocation takes effect although it cannot be saved.
+        let removed = hub.revoke(&toks[1].assigned.to_string()).await.unwrap();
+        assert_eq!(removed.len(), 1);
+        assert!(fake.peer(&toks[1].invite_key.public_key()).is_none());
+        assert_eq!(
+            std::fs::read(tmp.path().join("wgt0.json")).unwrap(),
+            on_disk
+        );
+        assert!(hub.unsaved.lock().unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn authentication_knows_invites_and_sites_and_refuses_replays() {
+        use crate::control::auth::Signer;
+        let (_tmp, _fake, hub) = setup();
+        let server = hub.snapshot().await.private_key.public_key();
+        let tok = hub
+            .mint(&req(1), SystemTime::now())
+            .await
+            .unwrap()
+            .remove(0);
+        let now = SystemTime::now();
+        let signer = Signer::new(&tok.invite_key, &server).unwrap();
+        let header = signer.sign("POST", "/v1/redeem", b"{}", now);
+        let proof = Proof::parse(&header).unwrap();
+        assert_eq!(
+            hub.authenticate(&proof, "POST", "/v1/redeem", b"{}", now)
+                .await,
+            Ok(Caller::Invite {
+                address: tok.assigned
+            })
+        );
+        assert_eq!(
+            hub.authenticate(&proof, "POST", "/v1/redeem", b"{}", now)
+                .await,
+            Err(AuthError::Replay)
+        );
+        let stranger = Signer::new(&PrivateKey::generate(), &server).unwrap();
+        let proof = Proof::parse(&stranger.sign("POST", "/v1/redeem", b"{}", now)).unwrap();
+        assert_eq!(
+            hub.authenticate(&proof, "POST", "/v1/redeem", b"{}", now)
+                .await,
+            Err(AuthError::UnknownKey)
+        );
+    }
+
+    #[tokio::test]
+    async fn leave_is_rate_limited() {
+        let (_tmp, fake, hub) = setup();
+        let tok = hub
+            .mint(&req(1), SystemTime::now())
+            .await
+            .unwrap()
+            .remove(0);
+        let k = PrivateKey::generate().public_key();
+        hub.redeem(tok.assigned, k, SystemTime::now())
+            .await
+            .unwrap();
+        fake.handshake(&k);
+        hub.complete_swaps(Instant::now()).await.unwrap();
+        hub.leave(tok.assigned).await.unwrap();
+        assert_eq!(
+            fake.peer(&k).unwrap().allowed_ips,
+            vec![host_net(tok.assigned)]
+        );
+        assert!(matches!(
+            hub.leave(tok.assigned).await,
+            Err(LeaveError::TooSoon)
+        ));
+        let stranger: IpAddr = "10.77.0.9".parse().unwrap();
+        assert!(matches!(
+            hub.leave(stranger).await,
+            Err(LeaveError::NotASite(_))
+        ));
+    }
+}

@@ -1,0 +1,406 @@
+//! A joined site: what it is ([`Site`]), how `join` redeems a token and
+//! switches to the site's own key ([`redeem_and_switch`]), how `join` and
+//! `up` register and attach its containers, and how it runs until shutdown
+//! ([`run`]).
+
+use crate::containers::{ContainerError, ContainerView, EndpointSpec, Follower, endpoint_iface};
+use crate::control::auth::{AuthError, Signer};
+use crate::control::local::{self, LocalApi};
+use crate::control::{CONTROL_PORT, ControlError, tunnel};
+use crate::docker::{ContainerInfo, ContainerRuntime};
+use crate::keys::PrivateKey;
+use crate::net::Netlink;
+use crate::shutdown::Shutdown;
+use crate::state::{ContainerRecord, Endpoint, JoinedState, StateDir, StateError};
+use crate::status::{EndpointStatus, PeerReport, Role};
+use crate::token::Token;
+use crate::wg::{BackendChoice, DeviceSpec, PeerSpec, WgDevice, WgError};
+use indicatif::ProgressBar;
+use ipnetwork::IpNetwork;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Joiners are often behind NAT; 25 s keeps typical mappings alive.
+pub const KEEPALIVE: u16 = 25;
+/// After a handshake with the invite key, how long an unanswered redeem means
+/// the server knows the invite but no longer admits it.
+const USED_AFTER: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error("the server refused this token: {0}")]
+    Refused(String),
+    #[error(
+        "the token was already used: the server at {0} recognised it but no longer admits it; ask for a new token"
+    )]
+    AlreadyUsed(SocketAddr),
+    #[error(
+        "server unreachable: no WireGuard handshake with {endpoint} within {timeout} (is `tunnel serve` running there, and UDP port {} open?)",
+        endpoint.port()
+    )]
+    Unreachable {
+        endpoint: SocketAddr,
+        timeout: String,
+    },
+    #[error("the server assigned {got} but the token says {want}")]
+    Mismatch { got: IpNetwork, want: IpNetwork },
+    #[error("the server admitted this host but traffic does not flow")]
+    NoFlow(#[source] ControlError),
+    #[error("registering container {name} with the server")]
+    Register {
+        name: String,
+        #[source]
+        source: ControlError,
+    },
+    #[error("the token's keys cannot sign requests")]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Wg(#[from] WgError),
+    #[error(transparent)]
+    Containers(#[from] ContainerError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("writing to stdout")]
+    Output(#[source] std::io::Error),
+}
+
+impl SiteError {
+    /// Whether the input (the token) is at fault, rather than the network.
+    pub fn is_input(&self) -> bool {
+        matches!(self, SiteError::Refused(_) | SiteError::AlreadyUsed(_))
+    }
+}
+
+/// The hub as a site's only peer: the whole tunnel subnet through it.
+pub fn hub_peer(joined: &JoinedState, endpoint: SocketAddr) -> PeerSpec {
+    PeerSpec {
+        public_key: joined.server_public_key,
+        endpoint: Some(endpoint),
+        allowed_ips: vec![joined.subnet],
+        keepalive: Some(KEEPALIVE),
+    }
+}
+
+/// The hub's control API, through the tunnel.
+pub fn api(joined: &JoinedState) -> SocketAddr {
+    SocketAddr::new(joined.server_address, CONTROL_PORT)
+}
+
+/// What a token and the command line say about the site being joined.
+pub struct Invitation<'a> {
+    pub token: &'a Token,
+    /// The server as the user gave it (`HOST[:PORT]`), kept for `up`.
+    pub server: &'a str,
+    pub endpoint: SocketAddr,
+    pub iface: &'a str,
+    pub mtu: u32,
+    pub backend: BackendChoice,
+}
+
+impl Invitation<'_> {
+    /// The device to bring up first: the invite key, the hub as its peer.
+    pub fn device_spec(&self) -> DeviceSpec {
+        DeviceSpec {
+            name: self.iface.to_owned(),
+            private_key: self.token.invite_key.clone(),
+            listen_port: 0,
+            peers: vec![PeerSpec {
+                public_key: self.token.server_public_key,
+                endpoint: Some(self.endpoint),
+                allowed_ips: vec![self.token.subnet],
+                keepalive: Some(KEEPALIVE),
+            }],
+            addresses: vec![self.token.assigned_network()],
+            mtu: self.mtu,
+        }
+    }
+}
+
+/// Redeems the invite over the tunnel for `own_key`, saves the site, and
+/// switches the device to `own_key`; returns once traffic flows with it.
+pub async fn redeem_and_switch(
+    inv: &Invitation<'_>,
+    own_key: &PrivateKey,
+    device: &dyn WgDevice,
+    store: &StateDir,
+    progress: &ProgressBar,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<JoinedState, SiteError> {
+    let token = inv.token;
+    let endpoint = inv.endpoint;
+    let api = SocketAddr::new(token.server_address, CONTROL_PORT);
+    let invite = Signer::new(&token.invite_key, &token.server_public_key)?;
+
+    progress.set_message(format!("handshaking with {endpoint}"));
+    let mut handshake_at: Option<Instant> = None;
+    let redeemed = loop {
+        let attempt =
+            Duration::from_millis(700).min(deadline.saturating_duration_since(Instant::now()));
+        match tunnel::redeem_invite(api, &invite, &own_key.public_key(), attempt).await {
+            Ok(r) => break r,
+            Err(e) if !e.is_transient() => {
+                let why = match e {
+                    ControlError::Refused { message, .. } => message,
+                    other => other.to_string(),
+                };
+                return Err(SiteError::Refused(why));
+            }
+            Err(e) => tracing::debug!("redeem attempt: {e}"),
+        }
+        if handshake_at.is_none()
+            && device
+                .peers()
+                .await?
+                .iter()
+                .any(|p| p.last_handshake.is_some())
+        {
+            handshake_at = Some(Instant::now());
+            progress.set_message("redeeming the invite");
+        }
+        if handshake_at.is_some_and(|t| t.elapsed() > USED_AFTER) {
+            return Err(SiteError::AlreadyUsed(endpoint));
+        }
+        if Instant::now() >= deadline {
+            return Err(SiteError::Unreachable {
+                endpoint,
+                timeout: humantime::format_duration(timeout).to_string(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    if redeemed.address != token.assigned_network() {
+        return Err(SiteError::Mismatch {
+            got: redeemed.address,
+            want: token.assigned_network(),
+        });
+    }
+
+    // Saved before the switch: once the server has our key, losing it would
+    // strand this site.
+    let joined = JoinedState {
+        private_key: own_key.clone(),
+        mtu: inv.mtu,
+        backend: Some(inv.backend),
+        server_public_key: token.server_public_key,
+        endpoint: inv.server.to_owned(),
+        port: endpoint.port(),
+        address: token.assigned_network(),
+        server_address: token.server_address,
+        subnet: token.subnet,
+        containers: vec![],
+    };
+    store.save(inv.iface, &Endpoint::Joined(joined.clone()))?;
+    device.set_private_key(own_key).await?;
+    tracing::info!(
+        "invite redeemed; now using this host's own key {}",
+        own_key.public_key()
+    );
+
+    progress.set_message("waiting for traffic with our own key");
+    wait_for_flow(api, deadline)
+        .await
+        .map_err(SiteError::NoFlow)?;
+    Ok(joined)
+}
+
+/// Probes the server's API through the tunnel until it answers or `deadline`.
+pub async fn wait_for_flow(api: SocketAddr, deadline: Instant) -> Result<(), ControlError> {
+    loop {
+        let attempt =
+            Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now()));
+        match tunnel::ping(api, attempt).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e) => tracing::debug!("ping: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The endpoint of one of this site's containers.
+fn container_spec(joined: &JoinedState, c: &ContainerRecord, endpoint: SocketAddr) -> EndpointSpec {
+    EndpointSpec {
+        container: c.container.clone(),
+        iface: c.iface.clone(),
+        key: c.private_key.clone(),
+        address: IpNetwork::new(c.address, joined.subnet.prefix())
+            .expect("validated with the state"),
+        hub: hub_peer(joined, endpoint),
+        mtu: joined.mtu,
+        probe: api(joined),
+    }
+}
+
+/// The endpoints of the containers saved with the site (for `up`).
+pub fn saved_containers(joined: &JoinedState, endpoint: SocketAddr) -> Vec<EndpointSpec> {
+    joined
+        .containers
+        .iter()
+        .map(|c| container_spec(joined, c, endpoint))
+        .collect()
+}
+
+/// Registers this site's containers with the hub (each with a key made
+/// here), signed with the site's key, and saves them with the site.
+pub async fn register_containers(
+    joined: &mut JoinedState,
+    iface: &str,
+    infos: &[ContainerInfo],
+    endpoint: SocketAddr,
+    store: &StateDir,
+) -> Result<Vec<EndpointSpec>, SiteError> {
+    let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
+    for (n, info) in infos.iter().enumerate() {
+        let key = PrivateKey::generate();
+        let got = tunnel::register_endpoint(
+            api(joined),
+            &signer,
+            &key.public_key(),
+            &info.name,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|source| SiteError::Register {
+            name: info.name.clone(),
+            source,
+        })?;
+        joined.containers.push(ContainerRecord {
+            container: info.name.clone(),
+            iface: endpoint_iface(iface, n),
+            private_key: key,
+            address: got.address.ip(),
+        });
+    }
+    store.save(iface, &Endpoint::Joined(joined.clone()))?;
+    Ok(saved_containers(joined, endpoint))
+}
+
+/// A joined site that is up: its device carries its own key.
+pub struct Site {
+    pub device: Arc<dyn WgDevice>,
+    pub net: Arc<Netlink>,
+    pub joined: JoinedState,
+    pub iface: String,
+    pub backend: BackendChoice,
+    pub store: StateDir,
+}
+
+/// Its containers, and the engine that runs them.
+pub struct Containers {
+    pub runtime: Arc<dyn ContainerRuntime>,
+    pub specs: Vec<EndpointSpec>,
+}
+
+/// What `join` and `up` share once the site's own endpoint is up: attach
+/// the containers, call `ready` with what was attached (it prints the
+/// summary), answer on the local socket, follow the containers until
+/// shutdown, then remove everything.
+pub async fn run(
+    site: Site,
+    containers: Option<Containers>,
+    ready: impl FnOnce(&str) -> std::io::Result<()>,
+    progress: ProgressBar,
+    mut shutdown: Shutdown,
+) -> Result<(), SiteError> {
+    let Site {
+        device,
+        net,
+        joined,
+        iface,
+        backend,
+        store,
+    } = site;
+    let hub_api = api(&joined);
+    let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
+    let mut follower = None;
+    let result = async {
+        let mut attached = String::new();
+        if let Some(c) = containers {
+            progress.set_message("attaching containers");
+            for s in &c.specs {
+                attached.push_str(&format!(", container {} as {}", s.container, s.address));
+            }
+            let f = follower.insert(Follower::new(c.runtime, net.clone(), backend, c.specs));
+            f.reconcile_all().await?;
+        }
+        progress.finish_and_clear();
+        ready(&attached).map_err(SiteError::Output)?;
+        let socket = store.socket(&iface);
+        let listener = local::bind(&socket)?;
+        let api = Arc::new(SiteApi {
+            device: device.clone(),
+            joined,
+            iface: iface.clone(),
+            containers: follower.as_ref().map(|f: &Follower| f.status()),
+        });
+        tokio::spawn(local::serve(
+            listener,
+            socket,
+            api,
+            shutdown.trigger_fn(),
+            shutdown.waiter(),
+        ));
+        crate::sys::notify_ready();
+        Ok::<(), SiteError>(())
+    }
+    .await;
+    progress.finish_and_clear();
+    if result.is_ok() {
+        match follower.as_mut() {
+            Some(f) => f.follow(shutdown.waiter()).await,
+            None => shutdown.wait().await,
+        }
+    }
+    if let Some(f) = follower.as_mut() {
+        f.detach_all().await;
+    }
+    if result.is_ok()
+        && let Err(e) = tunnel::leave_hub(hub_api, &signer, Duration::from_millis(500)).await
+    {
+        tracing::debug!("telling the server we leave: {e}");
+    }
+    let teardown = device.destroy().await;
+    tracing::info!("{iface} removed");
+    result?;
+    Ok(teardown?)
+}
+
+/// The joined site's status: live stats of its link to the server.
+struct SiteApi {
+    device: Arc<dyn WgDevice>,
+    joined: JoinedState,
+    iface: String,
+    containers: Option<ContainerView>,
+}
+
+#[async_trait::async_trait]
+impl LocalApi for SiteApi {
+    async fn report(&self) -> Vec<EndpointStatus> {
+        let mut main =
+            crate::status::from_state(&self.iface, &Endpoint::Joined(self.joined.clone()))
+                .swap_remove(0);
+        main.state = crate::status::State::Up;
+        main.backend = Some(self.device.backend());
+        main.listen_port = self.device.listen_port().await.ok();
+        main.peers = self
+            .device
+            .peers()
+            .await
+            .unwrap_or_default()
+            .iter()
+            .map(|p| {
+                PeerReport::from_live(p, Some("server".into()), Some(self.joined.server_address))
+            })
+            .collect();
+        debug_assert_eq!(main.role, Role::Joined);
+        let mut out = vec![main];
+        if let Some(c) = &self.containers {
+            out.extend(c.report().await);
+        }
+        out
+    }
+}
