@@ -226,6 +226,7 @@ impl Follower {
             peers: vec![spec.hub.clone()],
             addresses: vec![spec.address],
             mtu: spec.mtu,
+            confine: None,
         };
         let device = wg::create(
             &device_spec,

@@ -15,6 +15,7 @@ pub mod containers;
 pub mod control;
 pub mod docker;
 pub mod endpoint;
+pub mod firewall;
 pub mod hub;
 pub mod ipam;
 pub mod keys;

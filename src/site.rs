@@ -115,6 +115,7 @@ impl Invitation<'_> {
             }],
             addresses: vec![self.token.assigned_network()],
             mtu: self.mtu,
+            confine: None,
         }
     }
 }

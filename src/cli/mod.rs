@@ -165,6 +165,10 @@ fn classify(e: &anyhow::Error) -> u8 {
             || cause.downcast_ref::<crate::sys::SysError>().is_some()
             || cause.downcast_ref::<crate::ipam::IpamError>().is_some()
             || cause.downcast_ref::<crate::limits::LimitError>().is_some()
+            || matches!(
+                cause.downcast_ref::<crate::firewall::FirewallError>(),
+                Some(crate::firewall::FirewallError::Permission(_))
+            )
         {
             return 2;
         }

@@ -3,15 +3,16 @@
 use super::{EndpointArgs, Failure};
 use crate::containers::{EndpointSpec, Follower, endpoint_iface};
 use crate::control::{self, CONTROL_PORT};
+use crate::firewall::{self, Firewall, FirewallError, Nftables};
 use crate::hub::api::HubApi;
 use crate::hub::{self, Hub, Ledger, MintRequest};
 use crate::keys::PrivateKey;
 use crate::limits;
-use crate::net::{Netlink, validate_ifname};
+use crate::net::{NetOps, Netlink, validate_ifname};
 use crate::shutdown::Shutdown;
 use crate::site::KEEPALIVE;
 use crate::state::{ServerState, StateDir};
-use crate::wg::{DeviceSpec, PeerSpec};
+use crate::wg::{BackendKind, DeviceSpec, PeerSpec};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use ipnetwork::IpNetwork;
@@ -128,50 +129,83 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let server_ip = ledger.server_address();
     let state = ledger.state().clone();
 
-    let net = Arc::new(Netlink::connect()?);
-    let spec = DeviceSpec {
-        name: iface.clone(),
-        private_key: state.private_key.clone(),
-        listen_port: state.port,
-        peers: ledger.desired().into_values().collect(),
-        addresses: vec![
-            IpNetwork::new(server_ip, state.subnet.prefix()).expect("prefix of the subnet"),
-        ],
-        mtu: state.mtu,
+    // The hub's confinement comes first, so that no packet is forwarded
+    // before it holds.
+    let firewall = Nftables;
+    let table = firewall::confinement(&iface);
+    let confine = match firewall.apply(&table) {
+        Ok(()) => None,
+        Err(FirewallError::Unsupported(e)) => {
+            tracing::warn!(
+                "nftables is not available here ({e}); the userspace device itself drops packets between the tunnel and other networks"
+            );
+            Some(vec![state.subnet])
+        }
+        Err(e) => return Err(e.into()),
     };
-    let device = crate::endpoint::create(&spec, args.common.backend, net.clone(), &store).await?;
-    tracing::info!(
-        "hub {server_ip}/{} on UDP port {}, public key {}",
-        state.subnet.prefix(),
-        state.port,
-        state.private_key.public_key()
-    );
+    let result = async {
+        let net = Arc::new(Netlink::connect()?);
+        let spec = DeviceSpec {
+            name: iface.clone(),
+            private_key: state.private_key.clone(),
+            listen_port: state.port,
+            peers: ledger.desired().into_values().collect(),
+            addresses: vec![
+                IpNetwork::new(server_ip, state.subnet.prefix()).expect("prefix of the subnet"),
+            ],
+            mtu: state.mtu,
+            confine: confine.clone(),
+        };
+        let device =
+            crate::endpoint::create(&spec, args.common.backend, net.clone(), &store).await?;
+        tracing::info!(
+            "hub {server_ip}/{} on UDP port {}, public key {}",
+            state.subnet.prefix(),
+            state.port,
+            state.private_key.public_key()
+        );
+        // The kernel backend cannot confine by itself: without nftables the
+        // hub does not forward at all.
+        let forward = confine.is_none() || device.backend() == BackendKind::Userspace;
+        if !forward {
+            tracing::warn!(
+                "without nftables the kernel backend cannot keep peers inside the tunnel; the hub does not forward between its peers"
+            );
+        }
 
-    let mut follower = docker.map(|(runtime, infos)| {
-        let specs = container_specs(&state, &infos, server_ip);
-        Follower::new(runtime, net.clone(), args.common.backend, specs)
-    });
-    let tokens = args
-        .tokens
-        .map(usize::from)
-        .unwrap_or(if restart { 0 } else { 1 });
-    let hub = Arc::new(Hub::new(device.clone(), store, &iface, ledger));
-    let result = serve(
-        &args,
-        tokens,
-        net.as_ref(),
-        hub,
-        follower.as_mut(),
-        shutdown,
-    )
-    .await;
-    if let Some(f) = follower.as_mut() {
-        f.detach_all().await;
+        let mut follower = docker.map(|(runtime, infos)| {
+            let specs = container_specs(&state, &infos, server_ip);
+            Follower::new(runtime, net.clone(), args.common.backend, specs)
+        });
+        let tokens = args
+            .tokens
+            .map(usize::from)
+            .unwrap_or(if restart { 0 } else { 1 });
+        let hub = Arc::new(Hub::new(device.clone(), store, &iface, ledger));
+        let result = serve(
+            &args,
+            tokens,
+            forward.then_some(net.as_ref() as &dyn NetOps),
+            hub,
+            follower.as_mut(),
+            shutdown,
+        )
+        .await;
+        if let Some(f) = follower.as_mut() {
+            f.detach_all().await;
+        }
+        let teardown = device.destroy().await.context(format!("removing {iface}"));
+        tracing::info!("{iface} removed");
+        result?;
+        Ok::<(), Failure>(teardown?)
     }
-    let teardown = device.destroy().await.context(format!("removing {iface}"));
-    tracing::info!("{iface} removed");
-    result?;
-    Ok(teardown?)
+    .await;
+    if confine.is_none()
+        && let Err(e) = firewall.remove(&table.name)
+    {
+        tracing::warn!("removing nftables table {}: {e}", table.name);
+    }
+    result
 }
 
 /// The endpoints of this host's containers: the hub is their peer, on
@@ -218,14 +252,17 @@ async fn nudge_known_peers(server_ip: IpAddr, state: &ServerState) {
 async fn serve(
     args: &ServeArgs,
     tokens: usize,
-    net: &dyn crate::net::NetOps,
+    forwarding: Option<&dyn NetOps>,
     hub: Arc<Hub>,
     follower: Option<&mut Follower>,
     mut shutdown: Shutdown,
 ) -> Result<(), Failure> {
     let iface = &args.common.iface;
-    // The hub relays between its peers (sites and containers).
-    net.enable_forwarding(iface).await?;
+    // The hub relays between its peers (sites and containers), and only
+    // between them: the firewall keeps everything else out.
+    if let Some(net) = forwarding {
+        net.enable_forwarding(iface).await?;
+    }
     let state = hub.snapshot().await;
     let server_ip = crate::ipam::Pool::new(state.subnet)?.server_address();
     nudge_known_peers(server_ip, &state).await;

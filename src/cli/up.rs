@@ -67,6 +67,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         peers: vec![site::hub_peer(&joined, endpoint)],
         addresses: vec![joined.address],
         mtu: joined.mtu,
+        confine: None,
     };
     let net = Arc::new(Netlink::connect()?);
     let device = crate::endpoint::create(&spec, backend, net.clone(), &store).await?;

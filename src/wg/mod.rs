@@ -108,6 +108,10 @@ pub struct DeviceSpec {
     pub peers: Vec<PeerSpec>,
     pub addresses: Vec<IpNetwork>,
     pub mtu: u32,
+    /// Userspace only: drop packets between the tunnel and any address
+    /// outside these networks (the hub's confinement where nftables is
+    /// missing). The kernel backend ignores it; nftables does its job.
+    pub confine: Option<Vec<IpNetwork>>,
 }
 
 /// A running WireGuard interface.

@@ -10,17 +10,21 @@ use crate::keys::{PrivateKey, PublicKey};
 use crate::net::NetOps;
 use async_trait::async_trait;
 use gotatun::device::uapi::UapiServer;
-use gotatun::device::{DefaultDeviceTransports, Device, DeviceBuilder, Peer};
+use gotatun::device::{Device, DeviceBuilder, Peer};
+use gotatun::packet::{Ip, Packet, PacketBufPool};
 use gotatun::tun::tun_async_device::TunDevice;
+use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
+use gotatun::udp::socket::UdpSocketFactory;
 use gotatun::x25519;
 use ipnetwork::IpNetwork;
+use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::RwLock;
 
-type Gotatun = Device<DefaultDeviceTransports>;
+type Gotatun = Device<(UdpSocketFactory, Tun, Tun)>;
 
 /// Socket buffers as wireguard-go sizes them (7 MiB): bursts at line rate
 /// overflow the default ~200 KiB and are dropped.
@@ -29,11 +33,53 @@ const UDP_BUFFER: usize = 7 << 20;
 pub struct UserspaceDevice {
     name: String,
     /// `None` once destroyed: gotatun's `stop` takes the device by value.
-    device: RwLock<Option<Device<DefaultDeviceTransports>>>,
+    device: RwLock<Option<Gotatun>>,
     socket: PathBuf,
     net: Arc<dyn NetOps>,
     /// As configured; 0 means any free port.
     listen_port: u16,
+}
+
+/// The TUN device as gotatun sees it, optionally confined: with
+/// `confine`, a decrypted packet for an address outside those networks is
+/// dropped instead of written (the kernel would forward it elsewhere), and
+/// a packet read from the TUN from an address outside them is dropped
+/// instead of sent to a peer (the host forwarded it in from elsewhere).
+#[derive(Clone)]
+pub struct Tun {
+    inner: TunDevice,
+    confine: Option<Arc<[IpNetwork]>>,
+}
+
+/// Whether a packet with address `a` stays within `nets`.
+pub fn within(nets: &[IpNetwork], a: Option<IpAddr>) -> bool {
+    a.is_some_and(|a| nets.iter().any(|n| n.contains(a)))
+}
+
+impl IpSend for Tun {
+    async fn send(&mut self, packet: Packet<Ip>) -> std::io::Result<()> {
+        if let Some(nets) = &self.confine
+            && !within(nets, packet.destination())
+        {
+            return Ok(());
+        }
+        self.inner.send(packet).await
+    }
+}
+
+impl IpRecv for Tun {
+    async fn recv<'a>(
+        &'a mut self,
+        pool: &mut PacketBufPool,
+    ) -> std::io::Result<impl Iterator<Item = Packet<Ip>> + Send + 'a> {
+        let confine = self.confine.clone();
+        let packets = self.inner.recv(pool).await?;
+        Ok(packets.filter(move |p| confine.as_ref().is_none_or(|n| within(n, p.source()))))
+    }
+
+    fn mtu(&self) -> MtuWatcher {
+        self.inner.mtu()
+    }
 }
 
 /// Refuses a name whose UAPI socket answers (another live device uses it:
@@ -115,6 +161,10 @@ impl UserspaceDevice {
                 detail: e.to_string(),
             }
         })?;
+        let tun = Tun {
+            inner: tun,
+            confine: spec.confine.as_deref().map(Arc::from),
+        };
         let builder = DeviceBuilder::new()
             .with_default_udp()
             .udp_recv_buffer_size(UDP_BUFFER)
