@@ -110,6 +110,8 @@ NS_RUNTIME_PACKAGES=(
 	ps:procps
 	ping:iputils-ping
 	setpriv:util-linux
+	prlimit:util-linux
+	curl:curl
 	dockerd:docker.io
 )
 

@@ -13,7 +13,8 @@ fn run(args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-fn help_documents_exit_codes_and_commands() {
+fn help_lists_every_subcommand_and_the_exit_codes() {
+    use clap::CommandFactory;
     let out = run(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
@@ -21,18 +22,26 @@ fn help_documents_exit_codes_and_commands() {
         text.contains("Exit codes: 0 success, 2 bad usage or input, 1 runtime failure"),
         "{text}"
     );
+    // The "Commands:" section, one `  name  description` line each.
+    let listed: Vec<&str> = text
+        .split("Commands:")
+        .nth(1)
+        .expect("a Commands section")
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let mut want: Vec<String> = tunnel::cli::Cli::command()
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    want.push("help".into());
+    assert_eq!(listed, want, "{text}");
     for cmd in [
-        "serve",
-        "join",
-        "status",
-        "token",
-        "revoke",
-        "up",
-        "down",
-        "export",
-        "completions",
+        "serve", "join", "token", "revoke", "up", "down", "status", "export",
     ] {
-        assert!(text.contains(cmd), "{cmd} missing from --help");
+        assert!(want.iter().any(|w| w == cmd), "{cmd} is not a subcommand");
     }
 }
 
@@ -52,6 +61,47 @@ fn completions_for_each_shell() {
         assert!(
             text.contains("tunnel") && text.contains("serve"),
             "{shell}: {text}"
+        );
+    }
+}
+
+#[test]
+fn a_forged_token_that_never_expires_is_refused_cleanly() {
+    use tunnel::keys::PrivateKey;
+    use tunnel::token::Token;
+    let forged = Token {
+        server_public_key: PrivateKey::generate().public_key(),
+        invite_key: PrivateKey::generate(),
+        port: 51820,
+        subnet: "10.77.0.0/24".parse().unwrap(),
+        assigned: "10.77.0.2".parse().unwrap(),
+        server_address: "10.77.0.1".parse().unwrap(),
+        expires: u64::MAX,
+        endpoint_hint: None,
+    };
+    let out = run(&["join", &forged.encode(), "192.0.2.1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("beyond the longest TTL"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn out_of_range_ttls_counts_and_names_are_usage_errors() {
+    for args in [
+        &["serve", "--token-ttl", "100000000000d"][..],
+        &["serve", "--token-ttl", "0s"],
+        &["serve", "--tokens", "1001"],
+        &["token", "--count", "0"],
+        &["token", "--ttl", "367d"],
+        &["token", "--name", "a b"],
+        &["serve", "--endpoints-per-site", "99999"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+            "{args:?}"
         );
     }
 }

@@ -4,179 +4,76 @@
 
 mod common;
 
-use common::{Host, Lab, can_run};
+use common::{Lab, Node, needs_root};
 use std::time::{Duration, Instant};
 
-const UP: Duration = Duration::from_secs(30);
+const UP: Duration = common::UP;
 
-struct Sites {
-    lab: Lab,
-    a: Host,
-    b: Host,
-    iface_a: String,
-    iface_b: String,
-    serve: usize,
-    join: usize,
-}
-
-fn args<'a>(v: &'a [&'a str]) -> Vec<&'a str> {
-    v.to_vec()
-}
-
-fn sites(hosts: usize) -> Sites {
+/// A hub in host 0 and a site joined from host 1, in a lab of `hosts`.
+fn sites(hosts: usize) -> (Lab, Node, Node) {
     let mut lab = Lab::new(hosts);
     let (a, b) = (lab.host(0), lab.host(1));
-    let (iface_a, iface_b) = (lab.iface("a"), lab.iface("b"));
-    let (sa, sb) = (lab.state_dir("a"), lab.state_dir("b"));
-    let serve = lab.spawn(
-        &a,
-        &args(&[
-            "serve",
-            "--iface",
-            &iface_a,
-            "--state-dir",
-            sa.to_str().unwrap(),
-            "--backend",
-            "userspace",
-        ]),
-    );
-    let token = lab.proc(serve).wait_lines(1, UP)[0].clone();
-    let join = lab.spawn(
-        &b,
-        &args(&[
-            "join",
-            &token,
-            &a.ip,
-            "--iface",
-            &iface_b,
-            "--state-dir",
-            sb.to_str().unwrap(),
-            "--backend",
-            "userspace",
-        ]),
-    );
-    lab.proc(join).wait_lines(1, UP);
-    Sites {
-        lab,
-        a,
-        b,
-        iface_a,
-        iface_b,
-        serve,
-        join,
-    }
+    let hub = lab.serve(&a, "a", 1, &[]);
+    let site = lab.join(&b, "b", &hub.lines[0], &a, &[]);
+    (lab, hub, site)
 }
 
-fn ping_until(from: &Host, to: &str, since: Instant) -> Duration {
-    while !from
-        .exec(&["ping", "-c", "1", "-W", "1", to])
-        .status
-        .success()
-    {
-        assert!(
-            since.elapsed() < UP,
-            "no traffic from {} to {to} after {UP:?}",
-            from.ns
-        );
-    }
-    since.elapsed()
-}
-
-fn status(lab: &Lab, host: &Host, tag: &str) -> serde_json::Value {
-    let out = lab.tunnel(
-        host,
-        &[
-            "status",
-            "--json",
-            "--state-dir",
-            lab.state_dir(tag).to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json parses")
+/// A command's words followed by more.
+fn with<'a>(head: &[&'a str], tail: &[&'a str]) -> Vec<&'a str> {
+    head.iter().chain(tail).copied().collect()
 }
 
 #[test]
+#[ignore = "needs root: sudo make test"]
 fn either_side_killed_and_restarted_resumes_without_a_new_token() {
-    if !can_run("restart_after_sigkill") {
-        return;
-    }
-    let mut s = sites(2);
-    assert!(s.b.ping("10.77.0.1"));
-    let sa = s.lab.state_dir("a");
-    let sb = s.lab.state_dir("b");
+    needs_root("restart_after_sigkill");
+    let (mut lab, hub, site) = sites(2);
+    let (a, b) = (hub.host.clone(), site.host.clone());
+    assert!(b.ping("10.77.0.1"));
 
     // SIGKILL the server, start it again: same key, no token, traffic resumes.
-    s.lab.proc(s.serve).child.kill().unwrap();
-    s.lab.proc(s.serve).child.wait().unwrap();
+    lab.proc(hub.proc).kill();
     let t = Instant::now();
-    let again = s.lab.spawn(
-        &s.a,
-        &args(&[
-            "serve",
-            "--iface",
-            &s.iface_a,
-            "--state-dir",
-            sa.to_str().unwrap(),
-            "--backend",
-            "userspace",
-        ]),
-    );
-    let took = ping_until(&s.b, "10.77.0.1", t);
+    let again = lab.spawn(&a, &with(&hub.local("serve"), &["--backend", "userspace"]));
+    let took = b.ping_until("10.77.0.1", t);
     eprintln!(
         "server killed and restarted: traffic from the joined site resumed {} ms after the restart began",
         took.as_millis()
     );
     assert!(
-        s.lab.proc(again).stdout().is_empty(),
+        lab.proc(again).stdout().is_empty(),
         "a restart printed tokens"
     );
 
     // SIGKILL the joined side, bring it back with `tunnel up`.
-    s.lab.proc(s.join).child.kill().unwrap();
-    s.lab.proc(s.join).child.wait().unwrap();
+    lab.proc(site.proc).kill();
     let t = Instant::now();
-    let up = s.lab.spawn(
-        &s.b,
-        &args(&[
-            "up",
-            "--iface",
-            &s.iface_b,
-            "--state-dir",
-            sb.to_str().unwrap(),
-        ]),
-    );
-    let line = s.lab.proc(up).wait_lines(1, UP)[0].clone();
+    let up = lab.spawn(&b, &site.local("up"));
+    let line = lab.proc(up).wait_lines(1, UP)[0].clone();
     assert!(
-        line.starts_with(&format!("up {} as 10.77.0.2/24", s.iface_b)),
+        line.starts_with(&format!("up {} as 10.77.0.2/24", site.iface)),
         "{line}"
     );
-    let took = ping_until(&s.b, "10.77.0.1", t);
+    let took = b.ping_until("10.77.0.1", t);
     eprintln!(
         "joined site killed, `tunnel up`: traffic resumed {} ms after `up` started",
         took.as_millis()
     );
-    assert!(s.a.ping("10.77.0.2"));
+    assert!(a.ping("10.77.0.2"));
 
     // Both stop cleanly and leave nothing.
-    assert!(s.lab.proc(up).terminate().success());
-    assert!(s.lab.proc(again).terminate().success());
-    assert!(!s.a.has_link(&s.iface_a) && !s.b.has_link(&s.iface_b));
+    assert!(lab.proc(up).terminate().success());
+    assert!(lab.proc(again).terminate().success());
+    assert!(!a.has_link(&hub.iface) && !b.has_link(&site.iface));
 }
 
 #[test]
+#[ignore = "needs root: sudo make test"]
 fn status_tokens_revoke_and_down() {
-    if !can_run("status_tokens_revoke_down") {
-        return;
-    }
-    let mut s = sites(3);
-    let sa = s.lab.state_dir("a");
-    let sa_s = sa.to_str().unwrap().to_owned();
-    assert!(s.b.ping("10.77.0.1"));
+    needs_root("status_tokens_revoke_down");
+    let (mut lab, hub, site) = sites(3);
+    let (a, b, c) = (hub.host.clone(), site.host.clone(), lab.host(2));
+    assert!(b.ping("10.77.0.1"));
 
     // status --json: the site, with a recent handshake and rising counters.
     let rx = |st: &serde_json::Value| -> (u64, u64) {
@@ -195,161 +92,74 @@ fn status_tokens_revoke_and_down() {
             site["tx_bytes"].as_u64().unwrap(),
         )
     };
-    let before = rx(&status(&s.lab, &s.a, "a"));
-    assert!(s.b.ping("10.77.0.1"));
-    let after = rx(&status(&s.lab, &s.a, "a"));
+    let before = rx(&lab.status(&hub));
+    assert!(b.ping("10.77.0.1"));
+    let after = rx(&lab.status(&hub));
     assert!(
         after.0 > before.0 && after.1 > before.1,
         "rx/tx did not rise: {before:?} -> {after:?}"
     );
 
     // A token from the running server joins a third host.
-    let out = s.lab.tunnel(
-        &s.a,
-        &[
-            "token",
-            "--iface",
-            &s.iface_a,
-            "--state-dir",
-            &sa_s,
-            "--name",
-            "site-c",
-            "--ttl",
-            "10m",
-        ],
+    let token = lab.tunnel_ok(
+        &a,
+        &with(&hub.local("token"), &["--name", "site-c", "--ttl", "10m"]),
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let token = token.trim().to_owned();
     assert!(token.starts_with("tun1_") && !token.contains('\n'));
-    let c = s.lab.host(2);
-    let iface_c = s.lab.iface("c");
-    let sc = s.lab.state_dir("c");
-    let join_c = s.lab.spawn(
-        &c,
-        &args(&[
-            "join",
-            &token,
-            &s.a.ip,
-            "--iface",
-            &iface_c,
-            "--state-dir",
-            sc.to_str().unwrap(),
-            "--backend",
-            "userspace",
-        ]),
+    // Names are unique: a second token for site-c is refused.
+    let out = lab.tunnel(&a, &with(&hub.local("token"), &["--name", "site-c"]));
+    common::failed_with(&out, 2, "already taken");
+    let site_c = lab.join(&c, "c", &token, &a, &[]);
+    assert!(
+        site_c.lines[0].contains("as 10.77.0.3/24"),
+        "{:?}",
+        site_c.lines
     );
-    let line = s.lab.proc(join_c).wait_lines(1, UP)[0].clone();
-    assert!(line.contains("as 10.77.0.3/24"), "{line}");
     assert!(c.ping("10.77.0.1"));
 
     // revoke cuts it off at once.
-    let out = s.lab.tunnel(
-        &s.a,
-        &[
-            "revoke",
-            "site-c",
-            "--iface",
-            &s.iface_a,
-            "--state-dir",
-            &sa_s,
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("revoked 10.77.0.3 (site-c)"));
+    let out = lab.tunnel_ok(&a, &with(&hub.local("revoke"), &["site-c"]));
+    assert!(out.contains("revoked 10.77.0.3 (site-c)"), "{out}");
     assert!(
         !c.exec(&["ping", "-c", "2", "-W", "1", "10.77.0.1"])
             .status
             .success(),
         "a revoked site still reaches the server"
     );
-    let st = status(&s.lab, &s.a, "a");
+    let st = lab.status(&hub);
     assert!(!st.to_string().contains("site-c"), "{st}");
-    assert!(s.b.ping("10.77.0.1"), "revoke hit the wrong site");
-    let out = s.lab.tunnel(
-        &s.a,
-        &[
-            "revoke",
-            "nobody",
-            "--iface",
-            &s.iface_a,
-            "--state-dir",
-            &sa_s,
-        ],
-    );
+    assert!(b.ping("10.77.0.1"), "revoke hit the wrong site");
+    let out = lab.tunnel(&a, &with(&hub.local("revoke"), &["nobody"]));
     assert_eq!(out.status.code(), Some(2));
 
     // down is SIGTERM by another name.
-    let sb = s.lab.state_dir("b");
-    let out = s.lab.tunnel(
-        &s.b,
-        &[
-            "down",
-            "--iface",
-            &s.iface_b,
-            "--state-dir",
-            sb.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(s.lab.proc(s.join).wait(Duration::from_secs(10)).success());
-    assert!(!s.b.has_link(&s.iface_b));
-    let out = s
-        .lab
-        .tunnel(&s.a, &["down", "--iface", &s.iface_a, "--state-dir", &sa_s]);
-    assert!(out.status.success());
-    assert!(s.lab.proc(s.serve).wait(Duration::from_secs(10)).success());
-    assert!(!s.a.has_link(&s.iface_a));
+    lab.tunnel_ok(&b, &site.local("down"));
+    assert!(lab.proc(site.proc).wait(Duration::from_secs(10)).success());
+    assert!(!b.has_link(&site.iface));
+    lab.tunnel_ok(&a, &hub.local("down"));
+    assert!(lab.proc(hub.proc).wait(Duration::from_secs(10)).success());
+    assert!(!a.has_link(&hub.iface));
     // Nothing runs: status reports from the saved state.
     assert!(
-        status(&s.lab, &s.a, "a")
+        lab.status(&hub)
             .as_array()
             .unwrap()
             .iter()
             .all(|e| e["state"] == "down")
     );
-    let out = s.lab.tunnel(
-        &s.a,
-        &["token", "--iface", &s.iface_a, "--state-dir", &sa_s],
-    );
+    let out = lab.tunnel(&a, &hub.local("token"));
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no running tunnel serves"));
 }
 
 #[test]
+#[ignore = "needs root: sudo make test"]
 fn stock_wireguard_go_takes_over_from_export() {
-    if !can_run("export_interop") {
-        return;
-    }
-    let mut s = sites(2);
-    let sb = s.lab.state_dir("b");
-    let export = s.lab.tunnel(
-        &s.b,
-        &[
-            "export",
-            "--iface",
-            &s.iface_b,
-            "--state-dir",
-            sb.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        export.status.success(),
-        "{}",
-        String::from_utf8_lossy(&export.stderr)
-    );
-    let conf = String::from_utf8(export.stdout).unwrap();
+    needs_root("export_interop");
+    let (mut lab, hub, site) = sites(2);
+    let b = site.host.clone();
+    let conf = lab.tunnel_ok(&b, &site.local("export"));
     assert!(
         conf.contains("[Interface]") && conf.contains("[Peer]") && conf.contains("PrivateKey = "),
         "{conf}"
@@ -367,48 +177,36 @@ fn stock_wireguard_go_takes_over_from_export() {
 
     // Stop tunnel's joined side; wireguard-go takes the endpoint over,
     // configured only from the export (wg-quick's strip + wg setconf).
-    assert!(s.lab.proc(s.join).terminate().success());
-    let file = s.lab.dir.path().join(format!("{}.conf", s.iface_b));
+    assert!(lab.proc(site.proc).terminate().success());
+    let file = lab.dir.path().join(format!("{}.conf", site.iface));
     std::fs::write(&file, &conf).unwrap();
     let stripped = common::sh(&["wg-quick", "strip", file.to_str().unwrap()]);
-    let plain = s.lab.dir.path().join("plain.conf");
+    let plain = lab.dir.path().join("plain.conf");
     std::fs::write(&plain, stripped).unwrap();
-    s.b.run(&["wireguard-go", &s.iface_b]);
-    s.b.run(&["wg", "setconf", &s.iface_b, plain.to_str().unwrap()]);
-    s.b.run(&["ip", "address", "add", &address, "dev", &s.iface_b]);
-    s.b.run(&["ip", "link", "set", &s.iface_b, "mtu", &mtu, "up"]);
-    let took = ping_until(&s.b, "10.77.0.1", Instant::now());
+    b.run(&["wireguard-go", &site.iface]);
+    b.run(&["wg", "setconf", &site.iface, plain.to_str().unwrap()]);
+    b.run(&["ip", "address", "add", &address, "dev", &site.iface]);
+    b.run(&["ip", "link", "set", &site.iface, "mtu", &mtu, "up"]);
+    let took = b.ping_until("10.77.0.1", Instant::now());
     eprintln!(
         "wireguard-go from `tunnel export` reached the server after {} ms",
         took.as_millis()
     );
     // Removing the link stops wireguard-go.
-    s.b.run(&["ip", "link", "del", &s.iface_b]);
+    b.run(&["ip", "link", "del", &site.iface]);
 
     // The hub's export is a valid wg-quick config too.
-    let sa = s.lab.state_dir("a");
-    let hub = s.lab.tunnel(
-        &s.a,
-        &[
-            "export",
-            "--iface",
-            &s.iface_a,
-            "--state-dir",
-            sa.to_str().unwrap(),
-        ],
-    );
-    let hub = String::from_utf8(hub.stdout).unwrap();
+    let exported = lab.tunnel_ok(&hub.host, &hub.local("export"));
     assert!(
-        hub.contains("ListenPort = 51820") && hub.contains("AllowedIPs = 10.77.0.2/32"),
-        "{hub}"
+        exported.contains("ListenPort = 51820") && exported.contains("AllowedIPs = 10.77.0.2/32"),
+        "{exported}"
     );
 }
 
 #[test]
+#[ignore = "needs root: sudo make test"]
 fn serve_tells_systemd_it_is_ready() {
-    if !can_run("sd_notify") {
-        return;
-    }
+    needs_root("sd_notify");
     let mut lab = Lab::new(1);
     let a = lab.host(0);
     let iface = lab.iface("a");
@@ -418,7 +216,7 @@ fn serve_tells_systemd_it_is_ready() {
     sock.set_read_timeout(Some(UP)).unwrap();
     let serve = lab.spawn_env(
         &a,
-        &args(&[
+        &[
             "serve",
             "--iface",
             &iface,
@@ -426,7 +224,7 @@ fn serve_tells_systemd_it_is_ready() {
             state.to_str().unwrap(),
             "--backend",
             "userspace",
-        ]),
+        ],
         &[("NOTIFY_SOCKET", path.to_str().unwrap())],
     );
     let mut buf = [0u8; 256];

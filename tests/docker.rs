@@ -5,122 +5,12 @@
 
 mod common;
 
-use common::{Host, Lab, can_run};
+use common::{Containers, IMAGE, Lab, container_address, docker_ok, fetch, needs_docker};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-const IMAGE: &str = "tunnel-test-busybox:latest";
-const UP: Duration = Duration::from_secs(30);
-
-fn docker(args: &[&str]) -> Output {
-    Command::new("docker")
-        .args(args)
-        .output()
-        .expect("spawn docker")
-}
-
-fn docker_ok(args: &[&str]) -> String {
-    let out = docker(args);
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-/// Docker and the test image are there; under CI their absence fails.
-fn docker_ready(test: &str) -> bool {
-    if !can_run(test) {
-        return false;
-    }
-    let engine = docker(&["info", "--format", "{{.ServerVersion}}"])
-        .status
-        .success();
-    let image = engine && docker(&["image", "inspect", IMAGE]).status.success();
-    if engine && image {
-        return true;
-    }
-    let msg = format!(
-        "{test}: cannot run, {} (run scripts/docker-env.sh as root)",
-        if engine {
-            "no test image"
-        } else {
-            "no Docker engine answers"
-        }
-    );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg} (CI is set, so this is a failure, not a skip)");
-    }
-    eprintln!("SKIPPED {msg}");
-    false
-}
-
-/// Containers of one test, removed on drop even when the test fails.
-struct Containers(Vec<String>);
-
-impl Containers {
-    fn run(&mut self, name: &str, cmd: &[&str]) {
-        let mut args = vec!["run", "-d", "--name", name, IMAGE];
-        args.extend_from_slice(cmd);
-        docker_ok(&args);
-        self.0.push(name.to_owned());
-    }
-
-    fn web(&mut self, name: &str, page: &str) {
-        self.run(
-            name,
-            &[
-                "sh",
-                "-c",
-                &format!(
-                    "mkdir -p /www && echo {page} > /www/index.html && exec httpd -f -p 80 -h /www"
-                ),
-            ],
-        );
-    }
-}
-
-impl Drop for Containers {
-    fn drop(&mut self) {
-        for c in &self.0 {
-            let _ = docker(&["rm", "-f", c]);
-        }
-    }
-}
-
-fn fetch(from: &str, url: &str) -> Option<String> {
-    // busybox wget has no working timeout flag here; `timeout` bounds it.
-    let out = docker(&["exec", from, "timeout", "5", "wget", "-qO-", url]);
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-}
-
-fn status_json(lab: &Lab, host: &Host, state: &Path) -> serde_json::Value {
-    let out = lab.tunnel(
-        host,
-        &["status", "--json", "--state-dir", state.to_str().unwrap()],
-    );
-    assert!(
-        out.status.success(),
-        "status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json parses")
-}
-
-fn container_address(status: &serde_json::Value, container: &str) -> String {
-    let ep = status
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["container"] == container)
-        .unwrap_or_else(|| panic!("no endpoint for {container} in {status}"));
-    let addr = ep["address"].as_str().unwrap();
-    addr.split('/').next().unwrap().to_owned()
-}
+const UP: Duration = common::UP;
 
 /// Fetches from `from` until the page comes back, failing after `UP`.
 fn wait_for_page(from: &str, url: &str, page: &str, when: &str, lab: &mut Lab, serve: usize) {
@@ -140,10 +30,9 @@ fn interfaces_in(container: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root and Docker: sudo make test"]
 fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
-    if !docker_ready("containers_on_two_hosts") {
-        return;
-    }
+    needs_docker("containers_on_two_hosts");
     let mut lab = Lab::new(2);
     let (a, b) = (lab.host(0), lab.host(1));
     let (web, cli, other) = (
@@ -152,51 +41,22 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
         format!("tnl{}oth", lab.id),
     );
     let page = format!("page-{}", lab.id);
-    let mut cs = Containers(vec![]);
+    let mut cs = Containers::default();
     cs.web(&web, &page);
     cs.run(&cli, &["sleep", "3600"]);
     cs.run(&other, &["sleep", "3600"]);
 
-    let (iface_a, iface_b) = (lab.iface("a"), lab.iface("b"));
-    let (state_a, state_b) = (lab.state_dir("a"), lab.state_dir("b"));
-    let serve = lab.spawn(
-        &a,
-        &[
-            "serve",
-            "--iface",
-            &iface_a,
-            "--state-dir",
-            state_a.to_str().unwrap(),
-            "--backend",
-            "userspace",
-            "--container",
-            &web,
-        ],
-    );
-    let token = lab.proc(serve).wait_lines(1, UP)[0].clone();
-    let join = lab.spawn(
-        &b,
-        &[
-            "join",
-            &token,
-            &a.ip,
-            "--iface",
-            &iface_b,
-            "--state-dir",
-            state_b.to_str().unwrap(),
-            "--backend",
-            "userspace",
-            "--container",
-            &cli,
-        ],
-    );
-    let summary = lab.proc(join).wait_lines(1, UP)[0].clone();
+    let hub = lab.serve(&a, "a", 1, &["--container", &web]);
+    let site = lab.join(&b, "b", &hub.lines[0], &a, &["--container", &cli]);
+    let (iface_a, iface_b) = (hub.iface.clone(), site.iface.clone());
+    let (serve, join) = (hub.proc, site.proc);
+    let summary = site.lines[0].clone();
     assert!(
         summary.contains(&format!("container {cli} as 10.77.0.")),
         "{summary}"
     );
 
-    let web_ip = container_address(&status_json(&lab, &a, &state_a), &web);
+    let web_ip = container_address(&lab.status(&hub), &web);
     let url = format!("http://{web_ip}/");
     assert_eq!(
         fetch(&cli, &url).as_deref(),
@@ -219,7 +79,7 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
     );
 
     // Container endpoints report live figures too.
-    let st = status_json(&lab, &a, &state_a);
+    let st = lab.status(&hub);
     let web_ep = st
         .as_array()
         .unwrap()
@@ -238,7 +98,7 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
 
     // Human-readable status shows both endpoints and the container.
     let text = String::from_utf8_lossy(
-        &lab.tunnel(&a, &["status", "--state-dir", state_a.to_str().unwrap()])
+        &lab.tunnel(&a, &["status", "--state-dir", hub.state.to_str().unwrap()])
             .stdout,
     )
     .into_owned();
@@ -262,10 +122,7 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
     cs.web(&web, &page);
     wait_for_page(&cli, &url, &page, "after re-creating web", &mut lab, serve);
     // The same address and key came back.
-    assert_eq!(
-        container_address(&status_json(&lab, &a, &state_a), &web),
-        web_ip
-    );
+    assert_eq!(container_address(&lab.status(&hub), &web), web_ip);
 
     // SIGTERM both: the containers keep running, with no WireGuard interface left.
     assert!(
@@ -296,7 +153,7 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
     }
     assert!(!a.has_link(&iface_a) && !b.has_link(&iface_b));
     // Status afterwards reports from saved state.
-    let after = status_json(&lab, &a, &state_a);
+    let after = lab.status(&hub);
     assert!(
         after
             .as_array()
@@ -308,10 +165,9 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
 }
 
 #[test]
+#[ignore = "needs root and Docker: sudo make test"]
 fn docker_errors_are_clear_and_change_nothing() {
-    if !docker_ready("docker_errors") {
-        return;
-    }
+    needs_docker("docker_errors");
     let mut lab = Lab::new(1);
     let a = lab.host(0);
     let iface = lab.iface("a");
@@ -319,7 +175,7 @@ fn docker_errors_are_clear_and_change_nothing() {
     let s = state.to_str().unwrap();
     let web = format!("tnl{}web", lab.id);
     let stopped = format!("tnl{}stp", lab.id);
-    let mut cs = Containers(vec![]);
+    let mut cs = Containers::default();
     cs.web(&web, "x");
     docker_ok(&["create", "--name", &stopped, IMAGE, "sleep", "1"]);
     cs.0.push(stopped.clone());

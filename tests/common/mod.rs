@@ -1,9 +1,13 @@
-//! Test hosts made of network namespaces joined by veth pairs, running the
-//! real `tunnel` binary. Everything a test creates is removed when its
-//! [`Lab`] drops, also when the test fails.
+//! The test lab: "hosts" made of network namespaces on one shared link,
+//! the real `tunnel` binary running in them, and Docker containers.
+//! Everything a test creates is removed when its [`Lab`] (or
+//! [`Containers`]) drops, also when the test fails.
 //!
-//! Needs root, `ip` and `/dev/net/tun`. Without them a test fails when `CI`
-//! is set, and otherwise skips with a message on stderr.
+//! Tests that need root, namespaces or Docker are `#[ignore]`d with the
+//! reason, so that a plain `cargo test` reports them as ignored; `make
+//! test` runs them with `--include-ignored`, and then [`needs_root`] and
+//! [`needs_docker`] fail a test whose prerequisites are missing, never
+//! skip it.
 
 #![allow(dead_code)]
 
@@ -17,10 +21,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tunnel");
+/// The longest any bring-up may take in a test.
+pub const UP: Duration = Duration::from_secs(30);
+pub const IMAGE: &str = "tunnel-test-busybox:latest";
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// Whether this machine can run the network tests. Panics under CI when not.
-pub fn can_run(test: &str) -> bool {
+fn missing_for_netns() -> Vec<&'static str> {
     let mut missing = Vec::new();
     if !nix::unistd::geteuid().is_root() {
         missing.push("root");
@@ -36,15 +42,35 @@ pub fn can_run(test: &str) -> bool {
     {
         missing.push("iproute2 (ip)");
     }
-    if missing.is_empty() {
-        return true;
-    }
-    let msg = format!("{test}: cannot run, missing {}", missing.join(", "));
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg} (CI is set, so this is a failure, not a skip)");
-    }
-    eprintln!("SKIPPED {msg}");
-    false
+    missing
+}
+
+/// Fails the test unless it can make namespaces and TUN devices. Tests
+/// that call this are `#[ignore = "needs root: sudo make test"]`.
+pub fn needs_root(test: &str) {
+    let missing = missing_for_netns();
+    assert!(
+        missing.is_empty(),
+        "{test} cannot run here: missing {} (run as root: sudo make test)",
+        missing.join(", ")
+    );
+}
+
+/// Fails the test unless a Docker engine answers and has the test image
+/// (`scripts/docker-env.sh` provides both).
+pub fn needs_docker(test: &str) {
+    needs_root(test);
+    let engine = docker(&["info", "--format", "{{.ServerVersion}}"])
+        .status
+        .success();
+    assert!(
+        engine,
+        "{test} cannot run here: no Docker engine answers (run scripts/docker-env.sh as root)"
+    );
+    assert!(
+        docker(&["image", "inspect", IMAGE]).status.success(),
+        "{test} cannot run here: no image {IMAGE} (run scripts/docker-env.sh as root)"
+    );
 }
 
 /// Runs a command, panicking with its output if it fails.
@@ -74,7 +100,7 @@ pub fn unique() -> String {
 #[derive(Clone, Debug)]
 pub struct Host {
     pub ns: String,
-    /// Its address on the shared veth link.
+    /// Its address on the link it was made with.
     pub ip: String,
 }
 
@@ -115,6 +141,52 @@ impl Host {
             .success()
     }
 
+    /// Pings until `to` answers; panics after [`UP`]. Returns the time taken.
+    pub fn ping_until(&self, to: &str, since: Instant) -> Duration {
+        while !self
+            .exec(&["ping", "-c", "1", "-W", "1", to])
+            .status
+            .success()
+        {
+            assert!(
+                since.elapsed() < UP,
+                "no traffic from {} to {to} after {UP:?}",
+                self.ns
+            );
+        }
+        since.elapsed()
+    }
+
+    /// The HTTP status of a request with curl, "000" when no answer came.
+    /// `pre` runs first, e.g. `setpriv` to drop privileges.
+    pub fn http(&self, pre: &[&str], method: &str, url: &str, body: Option<&str>) -> String {
+        let mut args: Vec<&str> = pre.to_vec();
+        args.extend([
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-m",
+            "5",
+            "-X",
+            method,
+        ]);
+        if let Some(b) = body {
+            args.extend(["-H", "content-type: application/json", "-d", b]);
+        }
+        args.push(url);
+        String::from_utf8_lossy(&self.exec(&args).stdout).into_owned()
+    }
+
+    /// Whether table `inet NAME` exists in this namespace.
+    pub fn has_nft_table(&self, name: &str) -> bool {
+        self.exec(&["nft", "list", "table", "inet", name])
+            .status
+            .success()
+    }
+
     /// Runs `f` on a thread that has entered this host's namespace.
     pub fn in_ns<T: Send + 'static>(
         &self,
@@ -126,6 +198,22 @@ impl Host {
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
             f()
         })
+    }
+
+    /// Runs an async block in this namespace, on its own runtime.
+    pub fn block_on<T: Send + 'static, F: std::future::Future<Output = T> + 'static>(
+        &self,
+        f: impl FnOnce() -> F + Send + 'static,
+    ) -> T {
+        self.in_ns(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
+        .join()
+        .expect("namespace thread")
     }
 }
 
@@ -180,7 +268,7 @@ impl Proc {
         loop {
             let out = self.stdout();
             let lines: Vec<String> = out.lines().map(str::to_owned).collect();
-            if lines.len() >= n && out.ends_with('\n') {
+            if lines.len() >= n && (n == 0 || out.ends_with('\n')) {
                 return lines;
             }
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -198,11 +286,40 @@ impl Proc {
         }
     }
 
+    /// Waits until stderr holds `text`; panics if the process exits first.
+    pub fn wait_log(&mut self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(text) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "tunnel exited ({status}) before logging {text:?}:\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} in the log after {timeout:?}:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
     /// SIGTERM, then waits (at most 10 s) for the exit status.
     pub fn terminate(&mut self) -> ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         self.wait(Duration::from_secs(10))
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
     }
 
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
@@ -223,13 +340,65 @@ impl Proc {
     }
 }
 
+/// An endpoint a test started: a `serve` or a `join`.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Its process, in [`Lab::proc`].
+    pub proc: usize,
+    pub host: Host,
+    pub iface: String,
+    pub state: PathBuf,
+    /// What it printed: the tokens of a `serve`, the summary of a `join`.
+    pub lines: Vec<String>,
+}
+
+impl Node {
+    /// `--iface I --state-dir S`, for the commands that talk to it.
+    pub fn local<'a>(&'a self, command: &'a str) -> Vec<&'a str> {
+        vec![
+            command,
+            "--iface",
+            &self.iface,
+            "--state-dir",
+            self.state.to_str().unwrap(),
+        ]
+    }
+
+    /// Its private key and the hub's public key, read from its state.
+    pub fn keys(&self) -> (tunnel::keys::PrivateKey, tunnel::keys::PublicKey) {
+        let store = tunnel::state::StateDir::new(&self.state);
+        match store.load(&self.iface).unwrap().expect("saved state") {
+            tunnel::state::Endpoint::Joined(j) => (j.private_key, j.server_public_key),
+            tunnel::state::Endpoint::Server(s) => {
+                let k = s.private_key.public_key();
+                (s.private_key, k)
+            }
+        }
+    }
+}
+
 /// Namespaces, processes and files of one test; all removed on drop.
 pub struct Lab {
     pub id: String,
     pub dir: tempfile::TempDir,
     hosts: Vec<Host>,
+    extra: Vec<String>,
     procs: Vec<Proc>,
     ifaces: Vec<String>,
+}
+
+/// Namespace names (and so sysctl and nft state) stay inside the lab.
+fn add_ns(ns: &str) {
+    sh(&["ip", "netns", "add", ns]);
+    // A new namespace inherits forwarding from the root one, which Docker
+    // turns on; start from a plain host's default instead.
+    for key in [
+        "net.ipv4.conf.all.forwarding=0",
+        "net.ipv4.conf.default.forwarding=0",
+    ] {
+        sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", key]);
+    }
+    sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
 }
 
 impl Lab {
@@ -241,20 +410,13 @@ impl Lab {
             id: id.clone(),
             dir: tempfile::tempdir().unwrap(),
             hosts: vec![],
+            extra: vec![],
             procs: vec![],
             ifaces: vec![],
         };
         for i in 0..n {
             let ns = format!("tnl{id}h{i}");
-            sh(&["ip", "netns", "add", &ns]);
-            // A new namespace inherits forwarding from the root one, which
-            // Docker turns on; start from a plain host's default instead.
-            for key in [
-                "net.ipv4.conf.all.forwarding=0",
-                "net.ipv4.conf.default.forwarding=0",
-            ] {
-                sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", key]);
-            }
+            add_ns(&ns);
             lab.hosts.push(Host {
                 ns,
                 ip: format!("10.231.0.{}", i + 1),
@@ -281,13 +443,62 @@ impl Lab {
                 &a,
             ]);
             sh(&["ip", "-n", &h.ns, "link", "set", &a, "up"]);
-            sh(&["ip", "-n", &h.ns, "link", "set", "lo", "up"]);
         }
         lab
     }
 
     pub fn host(&self, i: usize) -> Host {
         self.hosts[i].clone()
+    }
+
+    /// A LAN behind `gateway`: a new namespace on a link of its own,
+    /// `PREFIX.1` on the gateway and `PREFIX.2` on the LAN host, which
+    /// routes `via` (a CIDR) through the gateway.
+    pub fn lan(&mut self, gateway: &Host, prefix: &str, via: &str) -> Host {
+        let n = self.extra.len();
+        let ns = format!("tnl{}l{n}", self.id);
+        add_ns(&ns);
+        self.extra.push(ns.clone());
+        let (a, b) = (format!("l{}g{n}", self.id), format!("l{}h{n}", self.id));
+        sh(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
+        sh(&["ip", "link", "set", &a, "netns", &gateway.ns]);
+        sh(&["ip", "link", "set", &b, "netns", &ns]);
+        sh(&[
+            "ip",
+            "-n",
+            &gateway.ns,
+            "addr",
+            "add",
+            &format!("{prefix}.1/24"),
+            "dev",
+            &a,
+        ]);
+        sh(&["ip", "-n", &gateway.ns, "link", "set", &a, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{prefix}.2/24"),
+            "dev",
+            &b,
+        ]);
+        sh(&["ip", "-n", &ns, "link", "set", &b, "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            via,
+            "via",
+            &format!("{prefix}.1"),
+        ]);
+        Host {
+            ns,
+            ip: format!("{prefix}.2"),
+        }
     }
 
     /// A unique WireGuard interface name (the UAPI directory is shared).
@@ -304,15 +515,28 @@ impl Lab {
 
     /// Starts `tunnel ARGS` in `host`; output goes to files in the lab dir.
     pub fn spawn(&mut self, host: &Host, args: &[&str]) -> usize {
-        self.spawn_env(host, args, &[])
+        self.spawn_via(host, &[], args, &[])
     }
 
     pub fn spawn_env(&mut self, host: &Host, args: &[&str], env: &[(&str, &str)]) -> usize {
+        self.spawn_via(host, &[], args, env)
+    }
+
+    /// Starts `PRE... tunnel ARGS` in `host` (`PRE` e.g. `prlimit ...`).
+    pub fn spawn_via(
+        &mut self,
+        host: &Host,
+        pre: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> usize {
         let n = self.procs.len();
         let stdout = self.dir.path().join(format!("p{n}.out"));
         let stderr = self.dir.path().join(format!("p{n}.err"));
         let child = Command::new("ip")
-            .args(["netns", "exec", &host.ns, BIN])
+            .args(["netns", "exec", &host.ns])
+            .args(pre)
+            .arg(BIN)
             .args(args)
             .env("RUST_LOG", "tunnel=debug,warn")
             .envs(env.iter().copied())
@@ -339,6 +563,111 @@ impl Lab {
         cmd.extend_from_slice(args);
         host.exec(&cmd)
     }
+
+    /// Runs `tunnel ARGS` in `host`, asserting success; returns stdout.
+    pub fn tunnel_ok(&self, host: &Host, args: &[&str]) -> String {
+        let out = self.tunnel(host, args);
+        assert!(
+            out.status.success(),
+            "tunnel {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `tunnel serve` (userspace) in `host` with interface tag `tag`,
+    /// `PRE` before it; returns once it printed `tokens` lines.
+    pub fn serve_via(
+        &mut self,
+        host: &Host,
+        tag: &str,
+        tokens: usize,
+        pre: &[&str],
+        extra: &[&str],
+    ) -> Node {
+        let iface = self.iface(tag);
+        let state = self.state_dir(tag);
+        let count = tokens.to_string();
+        let mut args = vec![
+            "serve",
+            "--iface",
+            &iface,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--backend",
+            "userspace",
+            "--tokens",
+            &count,
+        ];
+        args.extend_from_slice(extra);
+        let proc = self.spawn_via(host, pre, &args, &[]);
+        let lines = if tokens > 0 {
+            self.proc(proc).wait_lines(tokens, UP)
+        } else {
+            self.proc(proc).wait_log("is up", UP);
+            vec![]
+        };
+        Node {
+            proc,
+            host: host.clone(),
+            iface,
+            state,
+            lines,
+        }
+    }
+
+    pub fn serve(&mut self, host: &Host, tag: &str, tokens: usize, extra: &[&str]) -> Node {
+        self.serve_via(host, tag, tokens, &[], extra)
+    }
+
+    /// `tunnel join TOKEN SERVER` (userspace) in `host`; returns once it
+    /// printed its summary.
+    pub fn join(
+        &mut self,
+        host: &Host,
+        tag: &str,
+        token: &str,
+        server: &Host,
+        extra: &[&str],
+    ) -> Node {
+        let iface = self.iface(tag);
+        let state = self.state_dir(tag);
+        let mut args = vec![
+            "join",
+            token,
+            &server.ip,
+            "--iface",
+            &iface,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--backend",
+            "userspace",
+        ];
+        args.extend_from_slice(extra);
+        let proc = self.spawn(host, &args);
+        let lines = self.proc(proc).wait_lines(1, UP);
+        Node {
+            proc,
+            host: host.clone(),
+            iface,
+            state,
+            lines,
+        }
+    }
+
+    /// `tunnel status --json` for the state dir of `node`.
+    pub fn status(&self, node: &Node) -> serde_json::Value {
+        let out = self.tunnel_ok(
+            &node.host,
+            &[
+                "status",
+                "--json",
+                "--state-dir",
+                node.state.to_str().unwrap(),
+            ],
+        );
+        serde_json::from_str(&out).expect("status --json parses")
+    }
 }
 
 impl Drop for Lab {
@@ -355,8 +684,17 @@ impl Drop for Lab {
                 let _ = p.child.wait();
             }
         }
-        for h in &self.hosts {
-            let _ = Command::new("ip").args(["netns", "del", &h.ns]).status();
+        // Links that a test made with wireguard-go go with their namespace.
+        for ns in self.hosts.iter().map(|h| &h.ns).chain(&self.extra) {
+            let _ = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                });
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         for i in &self.ifaces {
             let _ = fs::remove_file(format!("/var/run/wireguard/{i}.sock"));
@@ -401,4 +739,77 @@ pub fn handshake_ages(host: &Host, iface: &str) -> Vec<Option<u64>> {
             (t != 0).then(|| now.saturating_sub(t))
         })
         .collect()
+}
+
+pub fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("spawn docker")
+}
+
+pub fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Containers of one test, removed on drop even when the test fails.
+#[derive(Default)]
+pub struct Containers(pub Vec<String>);
+
+impl Containers {
+    pub fn run(&mut self, name: &str, cmd: &[&str]) {
+        let mut args = vec!["run", "-d", "--name", name, IMAGE];
+        args.extend_from_slice(cmd);
+        docker_ok(&args);
+        self.0.push(name.to_owned());
+    }
+
+    /// A busybox httpd serving `page` on port 80.
+    pub fn web(&mut self, name: &str, page: &str) {
+        self.run(
+            name,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "mkdir -p /www && echo {page} > /www/index.html && exec httpd -f -p 80 -h /www"
+                ),
+            ],
+        );
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for c in &self.0 {
+            let _ = docker(&["rm", "-f", c]);
+        }
+    }
+}
+
+/// A page fetched from inside container `from`.
+pub fn fetch(from: &str, url: &str) -> Option<String> {
+    // busybox wget has no working timeout flag here; `timeout` bounds it.
+    let out = docker(&["exec", from, "timeout", "5", "wget", "-qO-", url]);
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// The tunnel address of container `name`'s endpoint, from `status --json`.
+pub fn container_address(status: &serde_json::Value, name: &str) -> String {
+    let ep = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["container"] == name)
+        .unwrap_or_else(|| panic!("no endpoint for {name} in {status}"));
+    let addr = ep["address"].as_str().unwrap();
+    addr.split('/').next().unwrap().to_owned()
 }

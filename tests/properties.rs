@@ -1,0 +1,249 @@
+//! Property tests: no input, however forged, makes the parsers of tokens,
+//! state files or control requests panic. Stable Rust, part of `cargo test`.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use proptest::prelude::*;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tunnel::control::auth::Proof;
+use tunnel::control::local::{RevokeRequest, TokenRequest};
+use tunnel::control::tunnel::{RedeemRequest, RegisterRequest};
+use tunnel::state::{Endpoint, StateDir};
+use tunnel::token::Token;
+
+/// A token around `payload` with a valid CRC: what a forger can make.
+fn forged(payload: &[u8]) -> String {
+    let mut b = payload.to_vec();
+    b.extend_from_slice(&crc32fast::hash(payload).to_be_bytes());
+    format!("tun1_{}", URL_SAFE_NO_PAD.encode(b))
+}
+
+fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+/// Everything a decoded token is used for before the host is touched.
+fn use_token(t: &Token) {
+    let _ = t.check_expiry(now());
+    let _ = t.expires_at();
+    let _ = t.assigned_network();
+    let _ = format!("{t:?}");
+    let _ = t.encode();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn any_text_is_decoded_or_refused(text in ".{0,300}") {
+        if let Ok(t) = Token::decode(&text) {
+            use_token(&t);
+        }
+    }
+
+    #[test]
+    fn valid_crc_forgeries_are_decoded_or_refused(
+        flags in 0u8..8,
+        body in proptest::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let mut payload = vec![flags];
+        payload.extend_from_slice(&body);
+        if let Ok(t) = Token::decode(&forged(&payload)) {
+            use_token(&t);
+        }
+    }
+
+    #[test]
+    fn well_formed_forgeries_with_any_field_values_are_safe(
+        v6 in any::<bool>(),
+        port in any::<u16>(),
+        prefix in any::<u8>(),
+        addrs in proptest::collection::vec(any::<u8>(), 48),
+        expires in any::<u64>(),
+        hint in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+    ) {
+        let alen = if v6 { 16 } else { 4 };
+        let mut p = vec![u8::from(v6) | if hint.is_some() { 2 } else { 0 }];
+        p.extend_from_slice(&[7u8; 64]);
+        p.extend_from_slice(&port.to_be_bytes());
+        p.push(prefix);
+        p.extend_from_slice(&addrs[..3 * alen]);
+        p.extend_from_slice(&expires.to_be_bytes());
+        if let Some(h) = &hint {
+            p.push(h.len() as u8);
+            p.extend_from_slice(h);
+        }
+        if let Ok(t) = Token::decode(&forged(&p)) {
+            use_token(&t);
+        }
+    }
+
+    #[test]
+    fn any_bytes_in_a_state_file_are_loaded_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("wg0.json"), &bytes).unwrap();
+        if let Ok(Some(e)) = StateDir::new(tmp.path()).load("wg0") {
+            use_state(&e);
+        }
+    }
+
+    #[test]
+    fn any_field_values_in_a_state_file_are_loaded_or_refused(
+        subnet in "(10\\.77\\.0\\.0|fd00::|10\\.77\\.0\\.5|0\\.0\\.0\\.0)/[0-9]{1,3}",
+        addrs in proptest::collection::vec("(10\\.77\\.0\\.[0-9]{1,3}|fd00::[0-9a-f]{1,4}|10\\.78\\.0\\.1)", 4),
+        mtu in any::<u32>(),
+        port in any::<u16>(),
+        via in any::<bool>(),
+    ) {
+        let key = tunnel::keys::PrivateKey::generate();
+        let text = format!(
+            r#"{{"version":1,"role":"server","private_key":"{}","port":{port},"mtu":{mtu},"subnet":"{subnet}",
+               "peers":[{{"public_key":"{}","address":"{}","joined_at":0{}}},
+                        {{"public_key":"{}","address":"{}","joined_at":0}}],
+               "invites":[{{"public_key":"{}","address":"{}","expires":1}}],
+               "containers":[{{"container":"web","iface":"c0","private_key":"{}","address":"{}"}}]}}"#,
+            key.to_base64().as_str(),
+            key.public_key(), addrs[0], if via { format!(r#","via":"{}""#, addrs[1]) } else { String::new() },
+            key.public_key(), addrs[1],
+            key.public_key(), addrs[2],
+            key.to_base64().as_str(), addrs[3],
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("wg0.json"), text).unwrap();
+        if let Ok(Some(e)) = StateDir::new(tmp.path()).load("wg0") {
+            use_state(&e);
+        }
+    }
+
+    #[test]
+    fn any_authorization_header_is_parsed_or_refused(h in ".{0,200}") {
+        let _ = Proof::parse(&h);
+        let _ = Proof::parse(&format!("Tunnel {h}"));
+    }
+
+    #[test]
+    fn any_request_body_is_parsed_or_refused(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = serde_json::from_slice::<RedeemRequest>(&body);
+        let _ = serde_json::from_slice::<RegisterRequest>(&body);
+        let _ = serde_json::from_slice::<TokenRequest>(&body);
+        let _ = serde_json::from_slice::<RevokeRequest>(&body);
+    }
+}
+
+/// Everything that reads a loaded state.
+fn use_state(e: &Endpoint) {
+    let statuses = tunnel::status::from_state("wg0", e);
+    let _ = tunnel::status::render(&statuses);
+    let _ = tunnel::cli::export::render("wg0", e, None);
+    let _ = tunnel::cli::export::render("wg0", e, Some("web"));
+    if let Endpoint::Server(s) = e
+        && let Ok(mut l) = tunnel::hub::Ledger::new(s.clone(), 4)
+    {
+        let _ = l.desired();
+        let _ = l.revoke("web");
+        let _ = l.prune(now());
+    }
+}
+
+/// The control routers themselves, with arbitrary bodies and headers.
+#[test]
+fn the_routers_answer_any_request_without_panicking() {
+    use axum::body::Body;
+    use axum::extract::ConnectInfo;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use tower::ServiceExt;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tunnel::state::ServerState {
+        private_key: tunnel::keys::PrivateKey::generate(),
+        port: 51820,
+        mtu: 1420,
+        subnet: "10.77.0.0/24".parse().unwrap(),
+        peers: vec![],
+        invites: vec![],
+        containers: vec![],
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
+    let strategy = (
+        prop_oneof![
+            Just("/v1/redeem"),
+            Just("/v1/endpoints"),
+            Just("/v1/leave"),
+            Just("/v1/ping")
+        ],
+        ".{0,120}",
+        proptest::collection::vec(any::<u8>(), 0..120),
+        any::<[u8; 4]>(),
+    );
+    // A device nobody reads: the router never gets that far with junk.
+    let hub = Arc::new(tunnel::hub::Hub::new(
+        Arc::new(NullDevice),
+        StateDir::new(tmp.path()),
+        "wg0",
+        tunnel::hub::Ledger::new(state, 4).unwrap(),
+    ));
+    let router = tunnel::control::tunnel::router(hub);
+    runner
+        .run(&strategy, |(path, auth, body, ip)| {
+            let mut req = axum::http::Request::builder()
+                .method("POST")
+                .uri(path)
+                .body(Body::from(body))
+                .unwrap();
+            if let Ok(v) = axum::http::HeaderValue::from_str(&auth) {
+                req.headers_mut().insert("authorization", v);
+            }
+            req.extensions_mut()
+                .insert(ConnectInfo(SocketAddr::from((ip, 40000))));
+            let status = rt.block_on(router.clone().oneshot(req)).unwrap().status();
+            prop_assert!(status.is_client_error() || status.is_success(), "{status}");
+            Ok(())
+        })
+        .unwrap();
+}
+
+/// A WireGuard device with no peers that accepts nothing.
+struct NullDevice;
+
+#[async_trait::async_trait]
+impl tunnel::wg::WgDevice for NullDevice {
+    fn name(&self) -> &str {
+        "null"
+    }
+    fn backend(&self) -> tunnel::wg::BackendKind {
+        tunnel::wg::BackendKind::Userspace
+    }
+    async fn set_private_key(
+        &self,
+        _: &tunnel::keys::PrivateKey,
+    ) -> Result<(), tunnel::wg::WgError> {
+        Ok(())
+    }
+    async fn upsert_peer(&self, _: &tunnel::wg::PeerSpec) -> Result<(), tunnel::wg::WgError> {
+        Ok(())
+    }
+    async fn set_allowed_ips(
+        &self,
+        _: &tunnel::keys::PublicKey,
+        _: &[ipnetwork::IpNetwork],
+    ) -> Result<(), tunnel::wg::WgError> {
+        Ok(())
+    }
+    async fn remove_peer(&self, _: &tunnel::keys::PublicKey) -> Result<(), tunnel::wg::WgError> {
+        Ok(())
+    }
+    async fn peers(&self) -> Result<Vec<tunnel::wg::PeerStatus>, tunnel::wg::WgError> {
+        Ok(vec![])
+    }
+    async fn listen_port(&self) -> Result<u16, tunnel::wg::WgError> {
+        Ok(0)
+    }
+    async fn destroy(&self) -> Result<(), tunnel::wg::WgError> {
+        Ok(())
+    }
+}
