@@ -69,6 +69,21 @@ pub fn parse_ttl(s: &str) -> Result<Duration, String> {
     check_ttl(d).map_err(|e| e.to_string())
 }
 
+/// The longest a command waits for a tunnel to come up.
+pub const MAX_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// clap value parser for `--timeout` flags: a deadline computed from it
+/// can never overflow the clock.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() || d > MAX_WAIT {
+        return Err(format!(
+            "a timeout must be more than 0 and at most 24h, not {s}"
+        ));
+    }
+    Ok(d)
+}
+
 /// clap value parser for name flags.
 pub fn parse_name(s: &str) -> Result<String, String> {
     check_name(s).map(str::to_owned).map_err(|e| e.to_string())
@@ -88,6 +103,9 @@ mod tests {
         assert!(check_ttl(Duration::MAX).is_err());
         assert!(parse_ttl("100000000000d").is_err());
         assert!(parse_ttl("30m").is_ok());
+        assert!(parse_timeout("100000000000d").is_err());
+        assert!(parse_timeout("0s").is_err());
+        assert!(parse_timeout("20s").is_ok());
     }
 
     #[test]

@@ -96,6 +96,8 @@ fn out_of_range_ttls_counts_and_names_are_usage_errors() {
         &["token", "--ttl", "367d"],
         &["token", "--name", "a b"],
         &["serve", "--endpoints-per-site", "99999"],
+        &["join", "tun1_x", "--timeout", "100000000000d"],
+        &["up", "--timeout", "0s"],
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -28,7 +28,7 @@ pub struct JoinArgs {
     #[command(flatten)]
     pub common: EndpointArgs,
     /// How long to wait for the tunnel to carry traffic
-    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "20s", value_parser = crate::limits::parse_timeout)]
     pub timeout: Duration,
 }
 

@@ -23,7 +23,7 @@ pub struct UpArgs {
     #[arg(long, value_enum)]
     pub backend: Option<BackendChoice>,
     /// How long to wait for the server before reporting it; the tunnel stays up either way
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::limits::parse_timeout)]
     pub timeout: Duration,
 }
 

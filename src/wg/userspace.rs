@@ -361,7 +361,10 @@ mod tests {
 
     #[test]
     fn confinement_keeps_packets_whose_other_end_is_inside() {
-        let nets = ["10.77.0.0/24".parse().unwrap(), "fd00::/64".parse().unwrap()];
+        let nets = [
+            "10.77.0.0/24".parse().unwrap(),
+            "fd00::/64".parse().unwrap(),
+        ];
         assert!(within(&nets, Some("10.77.0.3".parse().unwrap())));
         assert!(within(&nets, Some("fd00::9".parse().unwrap())));
         assert!(!within(&nets, Some("192.168.1.5".parse().unwrap())));
