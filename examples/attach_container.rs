@@ -12,7 +12,7 @@
 //! ```
 
 use std::sync::Arc;
-use tunnel::containers::{EndpointSpec, Follower};
+use tunnel::containers::{EndpointSpec, Follower, HostPlacer};
 use tunnel::docker::{Bollard, ContainerRuntime, resolve_all};
 use tunnel::keys::{PrivateKey, PublicKey};
 use tunnel::net::Netlink;
@@ -58,7 +58,11 @@ async fn main() {
         mtu: 1420,
         probe: std::net::SocketAddr::new(address.network(), 9),
     };
-    let mut follower = Follower::new(runtime, net, BackendChoice::Auto, vec![spec]);
+    let mut follower = Follower::new(
+        runtime,
+        HostPlacer::shared(net, BackendChoice::Auto),
+        vec![spec],
+    );
     if let Err(e) = follower.reconcile_all().await {
         fail(&e);
     }

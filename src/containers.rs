@@ -22,10 +22,90 @@ use std::time::{Duration, Instant};
 pub enum ContainerError {
     #[error(transparent)]
     Docker(#[from] DockerError),
-    #[error("attaching {container}: {source}")]
-    Attach { container: String, source: WgError },
-    #[error("attaching {container}: {detail}")]
-    Namespace { container: String, detail: String },
+    #[error("attaching {container}")]
+    Attach {
+        container: String,
+        #[source]
+        source: WgError,
+    },
+    #[error("attaching {container}: its network namespace")]
+    Namespace {
+        container: String,
+        #[source]
+        source: crate::net::NetError,
+    },
+}
+
+/// How an endpoint gets into a container, and is checked from inside it:
+/// the OS-facing half of attaching, behind a trait so that the follower's
+/// decisions are tested with a fake.
+#[async_trait::async_trait]
+pub trait Placer: Send + Sync {
+    /// Creates the device on the host (where its UDP socket stays) and
+    /// moves it into the network namespace of `pid`.
+    async fn place(
+        &self,
+        spec: &DeviceSpec,
+        container: &str,
+        pid: u32,
+    ) -> Result<Box<dyn WgDevice>, ContainerError>;
+    /// Connects to `target` from inside the namespace of `pid` until it
+    /// answers or `timeout` passes; returns how long that took.
+    async fn probe(
+        &self,
+        pid: u32,
+        target: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Duration, String>;
+}
+
+/// The real placer: devices made in this namespace with `backend`.
+pub struct HostPlacer {
+    pub host: Arc<dyn NetOps>,
+    pub backend: BackendChoice,
+}
+
+impl HostPlacer {
+    pub fn shared(host: Arc<dyn NetOps>, backend: BackendChoice) -> Arc<dyn Placer> {
+        Arc::new(Self { host, backend })
+    }
+}
+
+#[async_trait::async_trait]
+impl Placer for HostPlacer {
+    async fn place(
+        &self,
+        spec: &DeviceSpec,
+        container: &str,
+        pid: u32,
+    ) -> Result<Box<dyn WgDevice>, ContainerError> {
+        let net = Arc::new(Netlink::connect_in_netns(pid).map_err(|source| {
+            ContainerError::Namespace {
+                container: container.to_owned(),
+                source,
+            }
+        })?);
+        wg::create(
+            spec,
+            self.backend,
+            self.host.clone(),
+            Some(Placement { pid, net }),
+        )
+        .await
+        .map_err(|source| ContainerError::Attach {
+            container: container.to_owned(),
+            source,
+        })
+    }
+
+    async fn probe(
+        &self,
+        pid: u32,
+        target: SocketAddr,
+        timeout: Duration,
+    ) -> Result<Duration, String> {
+        probe_from_netns(pid, target, timeout).await
+    }
 }
 
 /// The container endpoints as status shows them, with their devices while
@@ -77,8 +157,7 @@ struct Slot {
 
 pub struct Follower {
     runtime: Arc<dyn ContainerRuntime>,
-    host: Arc<dyn NetOps>,
-    backend: BackendChoice,
+    placer: Arc<dyn Placer>,
     slots: Vec<Slot>,
     /// What status reports, updated on every attach and detach.
     status: ContainerView,
@@ -119,8 +198,7 @@ pub async fn probe_from_netns(
 impl Follower {
     pub fn new(
         runtime: Arc<dyn ContainerRuntime>,
-        host: Arc<dyn NetOps>,
-        backend: BackendChoice,
+        placer: Arc<dyn Placer>,
         specs: Vec<EndpointSpec>,
     ) -> Self {
         let slots = specs
@@ -132,8 +210,7 @@ impl Follower {
             .collect();
         let me = Self {
             runtime,
-            host,
-            backend,
+            placer,
             slots,
             status: ContainerView::default(),
         };
@@ -214,11 +291,6 @@ impl Follower {
     async fn attach(&mut self, i: usize, id: String, pid: u32) -> Result<(), ContainerError> {
         let started = Instant::now();
         let spec = self.slots[i].spec.clone();
-        let ns_err = |detail: String| ContainerError::Namespace {
-            container: spec.container.clone(),
-            detail,
-        };
-        let net = Arc::new(Netlink::connect_in_netns(pid).map_err(|e| ns_err(e.to_string()))?);
         let device_spec = DeviceSpec {
             name: spec.iface.clone(),
             private_key: spec.key.clone(),
@@ -228,24 +300,18 @@ impl Follower {
             mtu: spec.mtu,
             confine: None,
         };
-        let device = wg::create(
-            &device_spec,
-            self.backend,
-            self.host.clone(),
-            Some(Placement { pid, net }),
-        )
-        .await
-        .map_err(|source| ContainerError::Attach {
-            container: spec.container.clone(),
-            source,
-        })?;
+        let device = self
+            .placer
+            .place(&device_spec, &spec.container, pid)
+            .await?;
         self.slots[i].attached = Some((Attached { id, pid }, Arc::from(device)));
         self.publish();
         // The probe makes the first handshake happen now and shows that
         // traffic flows; it runs on its own so that a shutdown or the next
         // event never waits for it.
+        let placer = self.placer.clone();
         tokio::spawn(async move {
-            match probe_from_netns(pid, spec.probe, Duration::from_secs(10)).await {
+            match placer.probe(pid, spec.probe, Duration::from_secs(10)).await {
                 Ok(_) => tracing::info!(
                     "attached {} to container {} as {} ({} ms to traffic)",
                     spec.iface,
@@ -345,6 +411,173 @@ pub fn endpoint_iface(iface: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::docker::fake::FakeRuntime;
+    use crate::docker::{ContainerEvent, ContainerInfo};
+    use crate::status::State as Up;
+    use crate::wg::fake::FakeWg;
+
+    /// Places fake devices and remembers where.
+    #[derive(Default)]
+    struct FakePlacer {
+        placed: Mutex<Vec<(u32, FakeWg)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Placer for FakePlacer {
+        async fn place(
+            &self,
+            _spec: &DeviceSpec,
+            _container: &str,
+            pid: u32,
+        ) -> Result<Box<dyn WgDevice>, ContainerError> {
+            let dev = FakeWg::default();
+            self.placed.lock().unwrap().push((pid, dev.clone()));
+            Ok(Box::new(dev))
+        }
+
+        async fn probe(&self, _: u32, _: SocketAddr, _: Duration) -> Result<Duration, String> {
+            Ok(Duration::ZERO)
+        }
+    }
+
+    impl FakePlacer {
+        fn pids(&self) -> Vec<u32> {
+            self.placed
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(p, _)| *p)
+                .collect()
+        }
+
+        fn destroyed(&self) -> Vec<bool> {
+            self.placed
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(_, d)| d.state.lock().unwrap().destroyed)
+                .collect()
+        }
+
+        async fn until(&self, what: &str, cond: impl Fn(&Self) -> bool) {
+            for _ in 0..500 {
+                if cond(self) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            panic!(
+                "{what}: placed {:?}, destroyed {:?}",
+                self.pids(),
+                self.destroyed()
+            );
+        }
+    }
+
+    fn spec(container: &str) -> EndpointSpec {
+        EndpointSpec {
+            container: container.into(),
+            iface: format!("{container}0"),
+            key: PrivateKey::generate(),
+            address: "10.77.0.5/24".parse().unwrap(),
+            hub: PeerSpec {
+                public_key: PrivateKey::generate().public_key(),
+                endpoint: None,
+                allowed_ips: vec![],
+                keepalive: None,
+            },
+            mtu: 1420,
+            probe: "10.77.0.1:51821".parse().unwrap(),
+        }
+    }
+
+    fn info(id: &str, name: &str, pid: Option<u32>) -> ContainerInfo {
+        ContainerInfo {
+            id: id.into(),
+            name: name.into(),
+            pid,
+        }
+    }
+
+    fn event(kind: EventKind, id: &str, name: &str) -> ContainerEvent {
+        ContainerEvent {
+            kind,
+            id: id.into(),
+            name: name.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_follower_attaches_and_follows_restarts_recreation_and_removal() {
+        let rt = Arc::new(FakeRuntime::default());
+        rt.set(info("c1", "web", Some(10)));
+        rt.set(info("o1", "other", Some(20)));
+        let placer = Arc::new(FakePlacer::default());
+        let mut f = Follower::new(rt.clone(), placer.clone(), vec![spec("web")]);
+        let view = f.status();
+        assert_eq!(view.report().await[0].state, Up::Down);
+        f.reconcile_all().await.unwrap();
+        assert_eq!(placer.pids(), vec![10]);
+        let up = view.report().await;
+        assert_eq!(up[0].state, Up::Up);
+        assert_eq!(up[0].container_id.as_deref(), Some("c1"));
+
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let driver = async {
+            rt.until_subscribed().await;
+            // Another container's events change nothing.
+            rt.emit(event(EventKind::Die, "o1", "other"));
+            // Stopped: detached, the endpoint kept for later.
+            rt.set(info("c1", "web", None));
+            rt.emit(event(EventKind::Die, "c1", "web"));
+            placer
+                .until("detach on die", |p| p.destroyed() == [true])
+                .await;
+            // Started again in a new namespace: attached there.
+            rt.set(info("c1", "web", Some(11)));
+            rt.emit(event(EventKind::Start, "c1", "web"));
+            placer
+                .until("attach on start", |p| p.pids() == [10, 11])
+                .await;
+            // Removed and re-created under the same name: re-attached.
+            rt.remove("web");
+            rt.emit(event(EventKind::Destroy, "c1", "web"));
+            placer
+                .until("detach on destroy", |p| p.destroyed() == [true, true])
+                .await;
+            rt.set(info("c2", "web", Some(12)));
+            rt.emit(event(EventKind::Start, "c2", "web"));
+            placer
+                .until("attach the new one", |p| p.pids() == [10, 11, 12])
+                .await;
+            stop.send(()).unwrap();
+        };
+        tokio::join!(
+            f.follow(async {
+                let _ = stopped.await;
+            }),
+            driver
+        );
+        assert_eq!(view.report().await[0].container_id.as_deref(), Some("c2"));
+        f.detach_all().await;
+        assert_eq!(placer.destroyed(), [true, true, true]);
+        assert_eq!(view.report().await[0].state, Up::Down);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_engine_is_an_error_and_detaches_nothing() {
+        let rt = Arc::new(FakeRuntime::default());
+        rt.set(info("c1", "web", Some(10)));
+        let placer = Arc::new(FakePlacer::default());
+        let mut f = Follower::new(rt.clone(), placer.clone(), vec![spec("web")]);
+        f.reconcile_all().await.unwrap();
+        rt.down();
+        assert!(matches!(
+            f.reconcile_all().await,
+            Err(ContainerError::Docker(DockerError::Unavailable(_)))
+        ));
+        assert_eq!(placer.destroyed(), [false]);
+    }
 
     #[test]
     fn endpoint_names_fit() {

@@ -3,7 +3,9 @@
 //! `up` register and attach its containers, and how it runs until shutdown
 //! ([`run`]).
 
-use crate::containers::{ContainerError, ContainerView, EndpointSpec, Follower, endpoint_iface};
+use crate::containers::{
+    ContainerError, ContainerView, EndpointSpec, Follower, HostPlacer, endpoint_iface,
+};
 use crate::control::auth::{AuthError, Signer};
 use crate::control::local::{self, LocalApi};
 use crate::control::{CONTROL_PORT, ControlError, tunnel};
@@ -325,7 +327,11 @@ pub async fn run(
             for s in &c.specs {
                 attached.push_str(&format!(", container {} as {}", s.container, s.address));
             }
-            let f = follower.insert(Follower::new(c.runtime, net.clone(), backend, c.specs));
+            let f = follower.insert(Follower::new(
+                c.runtime,
+                HostPlacer::shared(net.clone(), backend),
+                c.specs,
+            ));
             f.reconcile_all().await?;
         }
         progress.finish_and_clear();

@@ -1,7 +1,7 @@
 //! `tunnel serve`: the hub endpoint.
 
 use super::{EndpointArgs, Failure};
-use crate::containers::{EndpointSpec, Follower, endpoint_iface};
+use crate::containers::{EndpointSpec, Follower, HostPlacer, endpoint_iface};
 use crate::control::{self, CONTROL_PORT};
 use crate::firewall::{self, Firewall, FirewallError, Nftables};
 use crate::hub::api::HubApi;
@@ -175,7 +175,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
 
         let mut follower = docker.map(|(runtime, infos)| {
             let specs = container_specs(&state, &infos, server_ip);
-            Follower::new(runtime, net.clone(), args.common.backend, specs)
+            Follower::new(runtime, HostPlacer::shared(net.clone(), args.common.backend), specs)
         });
         let tokens = args
             .tokens

@@ -38,6 +38,13 @@ impl FakeRuntime {
         let _ = self.events.send(event);
     }
 
+    /// Waits until someone follows the event stream.
+    pub async fn until_subscribed(&self) {
+        while self.events.receiver_count() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     /// Makes every call fail as if the engine were stopped.
     pub fn down(&self) {
         *self.down.lock().unwrap() = true;

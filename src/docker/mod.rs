@@ -6,6 +6,7 @@
 //! what is attached with what Docker reports.
 
 mod bollard_rt;
+#[cfg(test)]
 pub mod fake;
 
 pub use bollard_rt::Bollard;

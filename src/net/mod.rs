@@ -3,6 +3,7 @@
 //! [`NetOps`] is the small surface the rest of the tool needs; [`Netlink`] is
 //! the real implementation and [`fake::FakeNet`] records calls for unit tests.
 
+#[cfg(test)]
 pub mod fake;
 mod netlink;
 
@@ -23,8 +24,12 @@ pub enum NetError {
     NotSupported(String),
     #[error("invalid interface name {0:?}: {1}")]
     BadName(String, &'static str),
-    #[error("netlink: {0}")]
-    Other(String),
+    #[error("netlink: {what}")]
+    Other {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// What the tool asks of the host's network stack.

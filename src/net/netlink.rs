@@ -42,8 +42,8 @@ pub struct Netlink {
 impl Netlink {
     /// Opens the socket and spawns its driver on the current tokio runtime.
     pub fn connect() -> Result<Self, NetError> {
-        let (conn, handle, _) = rtnetlink::new_connection()
-            .map_err(|e| NetError::Other(format!("opening a netlink socket: {e}")))?;
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| other("opening a netlink socket", e))?;
         tokio::spawn(conn);
         Ok(Self { handle })
     }
@@ -55,17 +55,17 @@ impl Netlink {
     pub fn connect_in_netns(pid: u32) -> Result<Self, NetError> {
         use std::os::fd::AsFd;
         let path = format!("/proc/{pid}/ns/net");
-        let ns = std::fs::File::open(&path).map_err(|e| NetError::Other(format!("{path}: {e}")))?;
+        let ns = std::fs::File::open(&path).map_err(|e| other(&path, e))?;
         let runtime = tokio::runtime::Handle::current();
         let made = std::thread::spawn(move || {
             let _enter = runtime.enter();
             nix::sched::setns(ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| NetError::Other(format!("entering {path}: {e}")))?;
+                .map_err(|e| other(&format!("entering {path}"), e))?;
             rtnetlink::new_connection()
-                .map_err(|e| NetError::Other(format!("netlink socket in {path}: {e}")))
+                .map_err(|e| other(&format!("a netlink socket in {path}"), e))
         })
         .join()
-        .map_err(|_| NetError::Other("namespace thread panicked".into()))?;
+        .map_err(|_| other("entering a namespace", "the thread panicked"))?;
         let (conn, handle, _) = made?;
         tokio::spawn(conn);
         Ok(Self { handle })
@@ -93,6 +93,13 @@ impl Netlink {
     }
 }
 
+fn other(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> NetError {
+    NetError::Other {
+        what: what.to_owned(),
+        source: e.into(),
+    }
+}
+
 fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
@@ -105,7 +112,7 @@ fn classify(e: rtnetlink::Error, what: &str, name: &str) -> NetError {
         Some(EPERM) => NetError::Permission(format!("{what} on {name}")),
         Some(EEXIST) => NetError::Exists(name.to_owned()),
         Some(ENODEV) => NetError::NotFound(name.to_owned()),
-        _ => NetError::Other(format!("{what} on {name}: {e}")),
+        _ => other(&format!("{what} on {name}"), e),
     }
 }
 

@@ -33,7 +33,7 @@ impl FakeState {
             self.budget = usize::MAX;
             return Err(WgError::Userspace {
                 what: "configuring a peer",
-                detail: "the fake device was told to fail".into(),
+                source: "the fake device was told to fail".into(),
             });
         }
         self.budget -= 1;

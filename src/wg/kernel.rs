@@ -46,7 +46,7 @@ impl KernelDevice {
     ) -> Result<Self, WgError> {
         let iface: InterfaceName = spec.name.parse().map_err(|e| WgError::Kernel {
             what: "interface name",
-            detail: format!("{e:?}"),
+            source: format!("{e:?}").into(),
         })?;
         host.create_wireguard(&spec.name).await?;
         let dev = Self {
@@ -77,7 +77,7 @@ impl KernelDevice {
             .expect("blocking task does not panic")
             .map_err(|e| WgError::Kernel {
                 what,
-                detail: e.to_string(),
+                source: e.into(),
             })
     }
 
@@ -88,7 +88,7 @@ impl KernelDevice {
             .expect("blocking task does not panic")
             .map_err(|e| WgError::Kernel {
                 what: "reading the device",
-                detail: e.to_string(),
+                source: e.into(),
             })
     }
 }

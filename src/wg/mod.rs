@@ -8,6 +8,7 @@
 //! addresses, and both are torn down by [`WgDevice::destroy`]. Everything above
 //! this module sees only [`WgDevice`].
 
+#[cfg(test)]
 pub mod fake;
 pub mod kernel;
 pub mod userspace;
@@ -29,6 +30,9 @@ pub fn uapi_socket(name: &str) -> PathBuf {
     PathBuf::from(UAPI_DIR).join(format!("{name}.sock"))
 }
 
+/// The underlying error of a backend, whatever its library's type.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum WgError {
     #[error(transparent)]
@@ -43,10 +47,18 @@ pub enum WgError {
     UapiInUse(String, String),
     #[error("UDP port {0} is already in use")]
     PortInUse(u16),
-    #[error("userspace WireGuard ({what}): {detail}")]
-    Userspace { what: &'static str, detail: String },
-    #[error("kernel WireGuard ({what}): {detail}")]
-    Kernel { what: &'static str, detail: String },
+    #[error("userspace WireGuard: {what}")]
+    Userspace {
+        what: &'static str,
+        #[source]
+        source: Cause,
+    },
+    #[error("kernel WireGuard: {what}")]
+    Kernel {
+        what: &'static str,
+        #[source]
+        source: Cause,
+    },
 }
 
 /// Which implementation to use; `auto` prefers the kernel.
@@ -181,8 +193,27 @@ pub async fn create(
             Err(e) => return Err(e),
         },
     };
-    let placed = match &into {
-        Some(p) => host.move_to_netns(&spec.name, p.pid).await,
+    place(
+        device,
+        spec,
+        host.as_ref(),
+        link_net.as_ref(),
+        into.map(|p| p.pid),
+    )
+    .await
+}
+
+/// Moves a new device's link into the namespace of `pid` (if any) and
+/// configures it there; on any error the device is destroyed again.
+async fn place(
+    device: Box<dyn WgDevice>,
+    spec: &DeviceSpec,
+    host: &dyn NetOps,
+    link_net: &dyn NetOps,
+    pid: Option<u32>,
+) -> Result<Box<dyn WgDevice>, WgError> {
+    let placed = match pid {
+        Some(pid) => host.move_to_netns(&spec.name, pid).await,
         None => Ok(()),
     };
     let configured = match placed {
@@ -212,5 +243,64 @@ pub fn check_port_free(port: u16) -> Result<(), WgError> {
             Err(e) if in_use(&e) => Err(WgError::PortInUse(port)),
             _ => Ok(()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::fake::FakeNet;
+
+    fn spec() -> DeviceSpec {
+        DeviceSpec {
+            name: "wgt0".into(),
+            private_key: PrivateKey::generate(),
+            listen_port: 0,
+            peers: vec![],
+            addresses: vec!["10.77.0.2/24".parse().unwrap()],
+            mtu: 1420,
+            confine: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_device_that_cannot_be_placed_is_destroyed() {
+        // The link is not in the host namespace, so the move fails.
+        let host = FakeNet::default();
+        let dev = fake::FakeWg::default();
+        let err = place(Box::new(dev.clone()), &spec(), &host, &host, Some(42))
+            .await
+            .err()
+            .expect("the move fails");
+        assert!(matches!(err, WgError::Net(NetError::NotFound(_))), "{err}");
+        assert!(dev.state.lock().unwrap().destroyed);
+    }
+
+    #[tokio::test]
+    async fn a_device_that_cannot_be_configured_is_destroyed() {
+        let host = FakeNet::default();
+        host.add_link("wgt0");
+        let container = FakeNet::default();
+        let dev = fake::FakeWg::default();
+        assert!(
+            place(Box::new(dev.clone()), &spec(), &host, &container, Some(42))
+                .await
+                .is_err()
+        );
+        assert!(dev.state.lock().unwrap().destroyed);
+        assert_eq!(host.links.lock().unwrap()["wgt0"].netns_pid, Some(42));
+    }
+
+    #[tokio::test]
+    async fn a_placed_device_is_configured_where_it_lives() {
+        let host = FakeNet::default();
+        host.add_link("wgt0");
+        let dev = fake::FakeWg::default();
+        place(Box::new(dev.clone()), &spec(), &host, &host, None)
+            .await
+            .unwrap();
+        let link = host.links.lock().unwrap()["wgt0"].clone();
+        assert!(link.up && link.mtu == Some(1420));
+        assert!(!dev.state.lock().unwrap().destroyed);
     }
 }

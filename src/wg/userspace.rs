@@ -5,7 +5,7 @@
 //! UAPI socket is the standard `/var/run/wireguard/<name>.sock`, so stock
 //! `wg show <name>` reads it.
 
-use super::{BackendKind, DeviceSpec, PeerSpec, PeerStatus, WgDevice, WgError, uapi_socket};
+use super::{BackendKind, Cause, DeviceSpec, PeerSpec, PeerStatus, WgDevice, WgError, uapi_socket};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::net::NetOps;
 use async_trait::async_trait;
@@ -99,7 +99,7 @@ pub fn check_uapi_free(name: &str) -> Result<(), WgError> {
     tracing::info!("removing stale UAPI socket {}", path.display());
     std::fs::remove_file(&path).map_err(|e| WgError::Userspace {
         what: "removing a stale UAPI socket",
-        detail: format!("{}: {e}", path.display()),
+        source: format!("{}: {e}", path.display()).into(),
     })
 }
 
@@ -115,7 +115,7 @@ pub fn check_tun() -> Result<(), WgError> {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(WgError::TunPermission),
         Err(e) => Err(WgError::Userspace {
             what: "opening /dev/net/tun",
-            detail: e.to_string(),
+            source: e.into(),
         }),
     }
 }
@@ -134,7 +134,7 @@ fn err(what: &'static str) -> impl FnOnce(gotatun::device::Error) -> WgError {
         }
         e => WgError::Userspace {
             what,
-            detail: e.to_string(),
+            source: e.into(),
         },
     }
 }
@@ -148,17 +148,17 @@ impl UserspaceDevice {
             .tun_name(&spec.name)
             .mtu(spec.mtu.min(u16::MAX as u32) as u16);
         let tun = gotatun::tun::tun::create_as_async(&config)
-            .map_err(|e| e.to_string())
-            .and_then(|t| TunDevice::from_tun_device(t).map_err(|e| e.to_string()))
-            .map_err(|detail| WgError::Userspace {
+            .map_err(Cause::from)
+            .and_then(|t| TunDevice::from_tun_device(t).map_err(Cause::from))
+            .map_err(|source| WgError::Userspace {
                 what: "creating the TUN device",
-                detail,
+                source,
             })?;
         let socket = uapi_socket(&spec.name);
         let uapi = UapiServer::default_unix_socket(&spec.name, None, None).map_err(|e| {
             WgError::Userspace {
                 what: "opening the UAPI socket",
-                detail: e.to_string(),
+                source: e.into(),
             }
         })?;
         let tun = Tun {
@@ -227,9 +227,9 @@ impl UserspaceDevice {
 
     async fn with<T>(&self, f: impl AsyncFnOnce(&Gotatun) -> T) -> Result<T, WgError> {
         let guard = self.device.read().await;
-        let device = guard.as_ref().ok_or(WgError::Userspace {
+        let device = guard.as_ref().ok_or_else(|| WgError::Userspace {
             what: "using the device",
-            detail: "it was destroyed".into(),
+            source: "it was destroyed".into(),
         })?;
         Ok(f(device).await)
     }
