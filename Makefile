@@ -45,11 +45,13 @@ lint:
 fmt:
 	$(CARGO) fmt
 
+# The benchmark and the demo are Rust programs of the lab crate (lab/), the
+# same namespace lab the tests use.
 bench: deps build
-	./scripts/bench.sh
+	./target/release/bench
 
 demo: deps build
-	NO_BUILD=1 ./scripts/demo.sh
+	./target/release/demo
 
 # The runtime image, from target/release/tunnel + busybox-static (no registry).
 image:
@@ -59,7 +61,7 @@ compose-demo:
 	bash scripts/compose-demo.sh
 
 deps:
-	@. scripts/netns.sh && ensure_packages "$${NS_RUNTIME_PACKAGES[@]}"
+	@. scripts/packages.sh && ensure_packages "$${RUNTIME_PACKAGES[@]}"
 
 ci:
 	bash .ci/run

@@ -48,8 +48,8 @@ CLIENT=tunnel-demo-client
 EXPECTED_PAGE="hello from site A over the tunnel"
 PROJECT_LABEL=com.docker.compose.project=$PROJECT
 
-# shellcheck source=scripts/netns.sh
-. "$(dirname "${BASH_SOURCE[0]}")/netns.sh"
+# shellcheck source=scripts/packages.sh
+. "$(dirname "${BASH_SOURCE[0]}")/packages.sh"
 
 step() { printf '==> %s\n' "$*" >&2; }
 info() { printf '    %s\n' "$*" >&2; }

@@ -11,7 +11,7 @@ const UP: Duration = common::UP;
 
 /// A hub in host 0 and a site joined from host 1, in a lab of `hosts`.
 fn sites(hosts: usize) -> (Lab, Node, Node) {
-    let mut lab = Lab::new(hosts);
+    let mut lab = common::lab(hosts);
     let (a, b) = (lab.host(0), lab.host(1));
     let hub = lab.serve(&a, "a", 1, &[]);
     let site = lab.join(&b, "b", &hub.lines[0], &a, &[]);
@@ -207,7 +207,7 @@ fn stock_wireguard_go_takes_over_from_export() {
 #[ignore = "needs root: sudo make test"]
 fn serve_tells_systemd_it_is_ready() {
     needs_root("sd_notify");
-    let mut lab = Lab::new(1);
+    let mut lab = common::lab(1);
     let a = lab.host(0);
     let iface = lab.iface("a");
     let state = lab.state_dir("a");

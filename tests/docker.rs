@@ -33,7 +33,7 @@ fn interfaces_in(container: &str) -> String {
 #[ignore = "needs root and Docker: sudo make test"]
 fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
     needs_docker("containers_on_two_hosts");
-    let mut lab = Lab::new(2);
+    let mut lab = common::lab(2);
     let (a, b) = (lab.host(0), lab.host(1));
     let (web, cli, other) = (
         format!("tnl{}web", lab.id),
@@ -168,7 +168,7 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
 #[ignore = "needs root and Docker: sudo make test"]
 fn docker_errors_are_clear_and_change_nothing() {
     needs_docker("docker_errors");
-    let mut lab = Lab::new(1);
+    let mut lab = common::lab(1);
     let a = lab.host(0);
     let iface = lab.iface("a");
     let state = lab.state_dir("a");

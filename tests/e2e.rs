@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Host, Lab, failed_with, handshake_ages, needs_root, tcp_exchange};
+use common::{Host, failed_with, handshake_ages, needs_root, tcp_exchange};
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,7 +31,7 @@ fn uapi_socket(iface: &str) -> std::path::PathBuf {
 #[ignore = "needs root: sudo make test"]
 fn serve_and_join_carry_traffic_both_ways_and_leave_nothing_behind() {
     needs_root("serve_and_join");
-    let mut lab = Lab::new(2);
+    let mut lab = common::lab(2);
     let (a, b) = (lab.host(0), lab.host(1));
     let hub = lab.serve(&a, "a", 1, &[]);
     let tokens = lab.proc(hub.proc).stdout();
@@ -137,7 +137,7 @@ fn serve_and_join_carry_traffic_both_ways_and_leave_nothing_behind() {
 #[ignore = "needs root: sudo make test"]
 fn a_used_token_is_refused() {
     needs_root("a_used_token_is_refused");
-    let mut lab = Lab::new(3);
+    let mut lab = common::lab(3);
     let (a, b, c) = (lab.host(0), lab.host(1), lab.host(2));
     let hub = lab.serve(&a, "a", 1, &[]);
     lab.join(&b, "b", &hub.lines[0], &a, &[]);
@@ -177,7 +177,7 @@ fn a_used_token_is_refused() {
 #[ignore = "needs root: sudo make test"]
 fn bad_tokens_are_refused_before_anything_is_created() {
     needs_root("bad_tokens");
-    let mut lab = Lab::new(2);
+    let mut lab = common::lab(2);
     let (a, b) = (lab.host(0), lab.host(1));
     let hub = lab.serve(&a, "a", 1, &[]);
     let token = hub.lines[0].clone();
@@ -233,7 +233,7 @@ fn bad_tokens_are_refused_before_anything_is_created() {
 #[ignore = "needs root: sudo make test"]
 fn host_errors_are_one_clear_line_and_change_nothing() {
     needs_root("host_errors");
-    let mut lab = Lab::new(2);
+    let mut lab = common::lab(2);
     let (a, b) = (lab.host(0), lab.host(1));
     let hub = lab.serve(&a, "a", 1, &[]);
     let token = hub.lines[0].clone();
@@ -325,7 +325,7 @@ fn host_errors_are_one_clear_line_and_change_nothing() {
 #[ignore = "needs root: sudo make test"]
 fn an_unreachable_server_times_out_cleanly() {
     needs_root("unreachable");
-    let mut lab = Lab::new(2);
+    let mut lab = common::lab(2);
     let (a, b) = (lab.host(0), lab.host(1));
     let hub = lab.serve(&a, "a", 1, &[]);
     assert!(lab.proc(hub.proc).terminate().success());
@@ -357,7 +357,7 @@ fn an_unreachable_server_times_out_cleanly() {
 #[ignore = "needs root: sudo make test"]
 fn a_restarted_server_keeps_its_key_and_admits_the_peer_again() {
     needs_root("restart");
-    let mut lab = Lab::new(2);
+    let mut lab = common::lab(2);
     let (a, b) = (lab.host(0), lab.host(1));
     let hub = lab.serve(&a, "a", 1, &[]);
     lab.join(&b, "b", &hub.lines[0], &a, &[]);

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Containers, Lab, Node, needs_docker, needs_root};
+use common::{Containers, Node, needs_docker, needs_root};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -33,7 +33,7 @@ fn mode(p: &Path) -> u32 {
 
 /// Registers `name` for `site` with a fresh key, signed with the site's key.
 fn register_as(site: &Node, name: &'static str) -> Result<String, ControlError> {
-    let (key, hub) = site.keys();
+    let (key, hub) = common::keys(site);
     site.host.block_on(move || async move {
         let signer = Signer::new(&key, &hub).unwrap();
         let fresh = PrivateKey::generate().public_key();
@@ -53,7 +53,7 @@ fn register_as(site: &Node, name: &'static str) -> Result<String, ControlError> 
 #[ignore = "needs root: sudo make test"]
 fn only_a_sites_key_changes_the_hub_and_sockets_are_owner_only() {
     needs_root("only_a_sites_key_changes_the_hub");
-    let mut lab = Lab::new(3);
+    let mut lab = common::lab(3);
     let (a, b, c) = (lab.host(0), lab.host(1), lab.host(2));
     // Started with a permissive umask: the sockets must not care.
     let hub = lab.serve_via(
@@ -101,7 +101,7 @@ fn only_a_sites_key_changes_the_hub_and_sockets_are_owner_only() {
     // A forged signature header is no better.
     let forged = format!(
         "Authorization: Tunnel key={}, ts=1, nonce=00000000000000000000000000000000, mac=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-        site_b.keys().0.public_key()
+        common::keys(&site_b).0.public_key()
     );
     let out = b.exec(&[
         "curl",
@@ -186,7 +186,7 @@ fn only_a_sites_key_changes_the_hub_and_sockets_are_owner_only() {
 #[ignore = "needs root: sudo make test"]
 fn the_hub_forwards_between_its_peers_and_nowhere_else() {
     needs_root("the_hub_forwards_only_between_its_peers");
-    let mut lab = Lab::new(3);
+    let mut lab = common::lab(3);
     let (a, b, c) = (lab.host(0), lab.host(1), lab.host(2));
     // A LAN behind the hub that routes the tunnel subnet back through it,
     // on a hub that forwards, as every Docker host does.
@@ -205,7 +205,7 @@ fn the_hub_forwards_between_its_peers_and_nowhere_else() {
     assert!(b.ping("10.77.0.3"), "peer to peer through the hub");
 
     // Site B widens its own allowed IPs and routes the LAN into the tunnel.
-    let (_, hub_key) = site_b.keys();
+    let (_, hub_key) = common::keys(&site_b);
     b.run(&[
         "wg",
         "set",
@@ -260,7 +260,7 @@ fn the_hub_forwards_between_its_peers_and_nowhere_else() {
 #[ignore = "needs root: sudo make test"]
 fn a_thousand_idle_connections_do_not_take_the_hub_down() {
     needs_root("idle_connections");
-    let mut lab = Lab::new(3);
+    let mut lab = common::lab(3);
     let (a, b, c) = (lab.host(0), lab.host(1), lab.host(2));
     // The soft limit that systemd services get by default.
     let hub = lab.serve_via(&a, "a", 1, &["prlimit", "--nofile=1024:1024"], &[]);
@@ -325,7 +325,7 @@ fn a_thousand_idle_connections_do_not_take_the_hub_down() {
 #[ignore = "needs root and Docker: sudo make test"]
 fn redeeming_with_a_hub_containers_key_is_refused_and_the_container_keeps_its_traffic() {
     needs_docker("redeem_with_container_key");
-    let mut lab = Lab::new(2);
+    let mut lab = common::lab(2);
     let (a, b) = (lab.host(0), lab.host(1));
     let web = format!("tnl{}web", lab.id);
     let page = format!("page-{}", lab.id);

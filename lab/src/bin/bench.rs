@@ -1,0 +1,548 @@
+//! `make bench`: `tunnel` against its peers, measured in the same run on
+//! two namespace hosts joined by a veth pair: iperf3 over the raw veth,
+//! over a pair of stock `wireguard-go`, and over `tunnel` (userspace
+//! backend); the time from `tunnel join` to the first packet; peak RSS;
+//! and how fast `--container` follows Docker (start -> attached, restart ->
+//! traffic). Prints the ratios.
+//!
+//! Environment:
+//!   TUNNEL_BIN     binary to measure (default: target/release/tunnel)
+//!   BENCH_SECONDS  iperf3 duration per measurement (default 5)
+//!   BENCH_ONLY     comma list of raw,wggo,tunnel,containers (default: all)
+//!   BENCH_STRICT   1 = exit non-zero when a target is missed
+//!   IPERF_EXTRA    extra iperf3 client arguments (e.g. "-P 2")
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tunnel_lab::{Containers, Host, Lab, Node, docker_ok, fetch};
+
+const TARGET_RATIO: f64 = 1.3;
+const TARGET_JOIN_MS: u128 = 1000;
+const IPERF_PORT: &str = "5201";
+const PAGE: &str = "bench-page";
+const RESTARTS: usize = 3;
+
+fn step(s: &str) {
+    println!("==> {s}");
+}
+
+fn info(s: &str) {
+    println!("    {s}");
+}
+
+/// Fails the run; the lab is unwound, so everything is cleaned up.
+fn die(s: &str) -> ! {
+    panic!("{s}")
+}
+
+struct Config {
+    bin: PathBuf,
+    seconds: u64,
+    only: Vec<String>,
+    strict: bool,
+    iperf_extra: Vec<String>,
+}
+
+impl Config {
+    fn from_env() -> Self {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            bin: var("TUNNEL_BIN")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target/release/tunnel")),
+            seconds: var("BENCH_SECONDS")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(5),
+            only: var("BENCH_ONLY")
+                .unwrap_or_else(|| "raw,wggo,tunnel,containers".into())
+                .split(',')
+                .map(str::to_owned)
+                .collect(),
+            strict: var("BENCH_STRICT").as_deref() == Some("1"),
+            iperf_extra: var("IPERF_EXTRA")
+                .map(|s| s.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    fn want(&self, what: &str) -> bool {
+        self.only.iter().any(|o| o == what)
+    }
+}
+
+/// iperf3 from `client` to `server` at `addr`; Mbit/s received.
+fn iperf(lab: &mut Lab, cfg: &Config, server: &Host, client: &Host, addr: &str) -> f64 {
+    let srv = lab.spawn_cmd(server, &["iperf3", "-s", "-1", "-p", IPERF_PORT], &[]);
+    server.wait_listening(IPERF_PORT, Duration::from_secs(10));
+    let secs = cfg.seconds.to_string();
+    let mut args = vec![
+        "iperf3",
+        "-c",
+        addr,
+        "-p",
+        IPERF_PORT,
+        "-t",
+        &secs,
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ];
+    args.extend(cfg.iperf_extra.iter().map(String::as_str));
+    let out = client.exec(&args);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| die(&format!("iperf3 to {addr}: not JSON ({e})")));
+    if let Some(e) = json["error"].as_str() {
+        die(&format!("iperf3 to {addr}: {e}"));
+    }
+    lab.proc(srv).wait(Duration::from_secs(10));
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| die(&format!("iperf3 to {addr}: no throughput")));
+    let mbps = bps / 1e6;
+    info(&format!("{addr}: {mbps:.0} Mbit/s"));
+    mbps
+}
+
+#[derive(Default)]
+struct Results {
+    raw: Option<f64>,
+    wggo: Option<f64>,
+    tunnel: Option<f64>,
+    join_reported_ms: Option<u128>,
+    join_measured_ms: Option<u128>,
+    serve_rss: Option<u64>,
+    join_rss: Option<u64>,
+    wggo_rss: Option<u64>,
+    attach_after_ms: Option<u128>,
+    attach_total_ms: Option<u128>,
+    restarts: Vec<(u128, u128)>,
+    fetch_ms: Option<u128>,
+    problems: Vec<String>,
+}
+
+fn wireguard_go(lab: &mut Lab, cfg: &Config, r: &mut Results) {
+    step("starting a pair of stock wireguard-go");
+    let (a, b) = (lab.host(0), lab.host(1));
+    let (ia, ib) = (lab.iface("ga"), lab.iface("gb"));
+    let key = |h: &Host| h.run(&["wg", "genkey"]).trim().to_owned();
+    let (ka, kb) = (key(&a), key(&b));
+    let public = |k: &str| {
+        let mut c = Command::new("wg")
+            .arg("pubkey")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        c.stdin.take().unwrap().write_all(k.as_bytes()).unwrap();
+        String::from_utf8(c.wait_with_output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    let (pa, pb) = (public(&ka), public(&kb));
+    let env = [("LOG_LEVEL", "error")];
+    let ga = lab.spawn_cmd(&a, &["wireguard-go", "-f", &ia], &env);
+    lab.spawn_cmd(&b, &["wireguard-go", "-f", &ib], &env);
+    let sock = |i: &str| PathBuf::from(format!("/var/run/wireguard/{i}.sock"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(sock(&ia).exists() && sock(&ib).exists()) {
+        if Instant::now() > deadline {
+            die("wireguard-go did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let keyfile = |name: &str, k: &str| {
+        let p = lab.dir.path().join(name);
+        std::fs::write(&p, k).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let (fa, fb) = (keyfile("wga.key", &ka), keyfile("wgb.key", &kb));
+    let setup = |h: &Host,
+                 i: &str,
+                 file: &str,
+                 port: &str,
+                 peer: &str,
+                 peer_ip: &str,
+                 ep: &str,
+                 me: &str| {
+        h.run(&[
+            "wg",
+            "set",
+            i,
+            "listen-port",
+            port,
+            "private-key",
+            file,
+            "peer",
+            peer,
+            "allowed-ips",
+            peer_ip,
+            "endpoint",
+            ep,
+        ]);
+        h.run(&["ip", "addr", "add", me, "dev", i]);
+        h.run(&["ip", "link", "set", i, "mtu", "1420", "up"]);
+    };
+    setup(
+        &a,
+        &ia,
+        &fa,
+        "51830",
+        &pb,
+        "10.78.0.2/32",
+        &format!("{}:51831", b.ip),
+        "10.78.0.1/24",
+    );
+    setup(
+        &b,
+        &ib,
+        &fb,
+        "51831",
+        &pa,
+        "10.78.0.1/32",
+        &format!("{}:51830", a.ip),
+        "10.78.0.2/24",
+    );
+    b.ping_until("10.78.0.1", Instant::now());
+    step("measuring wireguard-go throughput (B -> A 10.78.0.1)");
+    r.wggo = Some(iperf(lab, cfg, &a, &b, "10.78.0.1"));
+    r.wggo_rss = lab.proc(ga).peak_rss_kb();
+    a.run(&["ip", "link", "del", &ia]);
+    b.run(&["ip", "link", "del", &ib]);
+}
+
+/// Stops a node with SIGTERM and checks it left nothing behind.
+fn stop(lab: &mut Lab, node: &Node, r: &mut Results) {
+    let status = lab.proc(node.proc).terminate();
+    if !status.success() {
+        r.problems
+            .push(format!("{} exited with {status} after SIGTERM", node.iface));
+    }
+    if node.host.has_link(&node.iface) {
+        r.problems.push(format!(
+            "interface {} still exists after shutdown",
+            node.iface
+        ));
+    }
+    if PathBuf::from(format!("/var/run/wireguard/{}.sock", node.iface)).exists() {
+        r.problems.push(format!(
+            "UAPI socket of {} still exists after shutdown",
+            node.iface
+        ));
+    }
+}
+
+fn tunnel(lab: &mut Lab, cfg: &Config, r: &mut Results) {
+    let (a, b) = (lab.host(0), lab.host(1));
+    step("starting tunnel serve in site A (userspace backend)");
+    let hub = lab.serve(&a, "sa", 1, &["--mtu", "1420"]);
+    step("starting tunnel join in site B");
+    let t = Instant::now();
+    let site = lab.join(&b, "jb", &hub.lines[0], &a, &["--mtu", "1420"]);
+    r.join_measured_ms = Some(t.elapsed().as_millis());
+    info(&site.lines[0]);
+    r.join_reported_ms = site.lines[0]
+        .split("first packet after ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next()?.parse().ok());
+    step("measuring tunnel throughput (B -> A 10.77.0.1)");
+    r.tunnel = Some(iperf(lab, cfg, &a, &b, "10.77.0.1"));
+    r.serve_rss = lab.proc(hub.proc).peak_rss_kb();
+    r.join_rss = lab.proc(site.proc).peak_rss_kb();
+    step("stopping tunnel join and serve (SIGTERM)");
+    stop(lab, &site, r);
+    stop(lab, &hub, r);
+}
+
+/// The address of `iface` inside the container with init `pid`, if set.
+fn has_address(pid: &str, iface: &str) -> bool {
+    Command::new("nsenter")
+        .args(["-t", pid, "-n", "ip", "-o", "addr", "show", "dev", iface])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(" inet "))
+        .unwrap_or(false)
+}
+
+fn wait_fetch(cli: &str, url: &str, within: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if fetch(cli, url).as_deref() == Some(PAGE) {
+            return Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+fn containers(lab: &mut Lab, r: &mut Results) {
+    let (a, b) = (lab.host(0), lab.host(1));
+    let (web, cli) = (format!("tb{}web", lab.id), format!("tb{}cli", lab.id));
+    let mut cs = Containers::default();
+    step(&format!("starting containers {web} (httpd) and {cli}"));
+    cs.web(&web, PAGE);
+    cs.run(&cli, &["sleep", "3600"]);
+    let hub = lab.serve(&a, "ca", 1, &["--mtu", "1420", "--container", &web]);
+    let site = lab.join(
+        &b,
+        "cb",
+        &hub.lines[0],
+        &a,
+        &["--mtu", "1420", "--container", &cli],
+    );
+    info(&site.lines[0]);
+    let web_ip = tunnel_lab::container_address(&lab.status(&hub), &web);
+    let url = format!("http://{web_ip}/");
+    let web_if = format!("{}c0", hub.iface);
+    wait_fetch(&cli, &url, Duration::from_secs(30))
+        .unwrap_or_else(|| die(&format!("{cli} cannot fetch {url} over the tunnel")));
+    let mut one = vec![];
+    for _ in 0..3 {
+        let t = Instant::now();
+        fetch(&cli, &url).unwrap_or_else(|| die("a steady-state fetch failed"));
+        one.push(t.elapsed().as_millis());
+    }
+    one.sort();
+    r.fetch_ms = Some(one[1]);
+
+    step(&format!(
+        "docker stop {web}, then docker start: time until {web_if} has its address"
+    ));
+    docker_ok(&["stop", "-t", "1", &web]);
+    let detached = Instant::now() + Duration::from_secs(10);
+    while lab
+        .proc(hub.proc)
+        .stderr()
+        .matches(&format!("detached {web_if}"))
+        .count()
+        == 0
+        && Instant::now() < detached
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t0 = Instant::now();
+    docker_ok(&["start", &web]);
+    let t1 = Instant::now();
+    let pid = docker_ok(&["inspect", "-f", "{{.State.Pid}}", &web]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !has_address(&pid, &web_if) {
+        if Instant::now() > deadline {
+            r.problems.push(format!(
+                "{web_if} had no address in {web} 30 s after docker start"
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    r.attach_after_ms = Some(t1.elapsed().as_millis());
+    r.attach_total_ms = Some(t0.elapsed().as_millis());
+    if wait_fetch(&cli, &url, Duration::from_secs(30)).is_none() {
+        r.problems
+            .push(format!("after docker start, {cli} could not fetch {url}"));
+    }
+
+    for n in 1..=RESTARTS {
+        step(&format!(
+            "docker restart {web} ({n}/{RESTARTS}): time until {cli} fetches {url}"
+        ));
+        let t0 = Instant::now();
+        docker_ok(&["restart", "-t", "1", &web]);
+        let t1 = Instant::now();
+        match wait_fetch(&cli, &url, Duration::from_secs(30)) {
+            Some(at) => r
+                .restarts
+                .push(((at - t1).as_millis(), (at - t0).as_millis())),
+            None => r
+                .problems
+                .push(format!("restart {n}: no fetch within 30 s")),
+        }
+    }
+    step("stopping tunnel join and serve with containers (SIGTERM)");
+    stop(lab, &site, r);
+    stop(lab, &hub, r);
+    for c in [&web, &cli] {
+        if docker_ok(&["inspect", "-f", "{{.State.Running}}", c]) != "true" {
+            r.problems
+                .push(format!("container {c} stopped with tunnel"));
+        }
+    }
+}
+
+fn median(v: &mut [u128]) -> u128 {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn summary(cfg: &Config, r: &mut Results) -> Vec<String> {
+    let mut missed = vec![];
+    let mbps = |v: Option<f64>| {
+        v.map(|v| format!("{v:8.0} Mbit/s"))
+            .unwrap_or("       -".into())
+    };
+    let kb = |v: Option<u64>| v.map(|v| format!("{v} kB")).unwrap_or("n/a".into());
+    println!();
+    println!("==================== tunnel benchmark summary ====================");
+    let kernel = Command::new("uname")
+        .arg("-r")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "kernel {kernel}, {cpus} CPUs, iperf3 TCP {}s, 1 stream{}, MTU 1420",
+        cfg.seconds,
+        if cfg.iperf_extra.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", cfg.iperf_extra.join(" "))
+        }
+    );
+    if cfg.want("raw") {
+        println!("raw veth:      {}", mbps(r.raw));
+    }
+    if cfg.want("wggo") {
+        println!("wireguard-go:  {}", mbps(r.wggo));
+    }
+    if cfg.want("tunnel") {
+        println!("tunnel:        {}", mbps(r.tunnel));
+    }
+    if let (Some(t), Some(w)) = (r.tunnel, r.wggo) {
+        let ratio = t / w;
+        let ok = ratio >= TARGET_RATIO;
+        if !ok {
+            missed.push(format!(
+                "tunnel/wireguard-go ratio {ratio:.2} < {TARGET_RATIO}"
+            ));
+        }
+        println!(
+            "ratio tunnel/wireguard-go: {ratio:.2}  (target >= {TARGET_RATIO}: {})",
+            if ok { "ok" } else { "MISSED" }
+        );
+    }
+    if let (Some(t), Some(raw)) = (r.tunnel, r.raw) {
+        println!("ratio tunnel/raw veth:     {:.2}", t / raw);
+    }
+    if let Some(measured) = r.join_measured_ms {
+        let reported = r.join_reported_ms.unwrap_or(measured);
+        let ok = reported < TARGET_JOIN_MS && measured < TARGET_JOIN_MS;
+        if !ok {
+            missed.push(format!(
+                "join -> first packet took {reported} ms reported / {measured} ms measured"
+            ));
+        }
+        println!(
+            "join -> first packet: {reported} ms (reported by join), {measured} ms (measured from start)  (target < {TARGET_JOIN_MS} ms: {})",
+            if ok { "ok" } else { "MISSED" }
+        );
+        println!(
+            "peak RSS (VmHWM): tunnel serve {}, tunnel join {}{}",
+            kb(r.serve_rss),
+            kb(r.join_rss),
+            r.wggo
+                .map(|_| format!(", wireguard-go {}", kb(r.wggo_rss)))
+                .unwrap_or_default()
+        );
+    }
+    if cfg.want("containers") {
+        match (r.attach_after_ms, r.attach_total_ms) {
+            (Some(a), Some(t)) => println!(
+                "container start -> attached:     {a} ms after `docker start` returned ({t} ms from its start)"
+            ),
+            _ => println!("container start -> attached:     -"),
+        }
+        if r.restarts.is_empty() {
+            println!("docker restart -> traffic:       - (no fetch after any restart)");
+        } else {
+            let list: Vec<String> = r.restarts.iter().map(|(a, _)| a.to_string()).collect();
+            let mut after: Vec<u128> = r.restarts.iter().map(|(a, _)| *a).collect();
+            let mut total: Vec<u128> = r.restarts.iter().map(|(_, t)| *t).collect();
+            println!(
+                "docker restart -> traffic:       {} ms after `docker restart` returned (median {} ms; {:.1} s including the restart)",
+                list.join(" / "),
+                median(&mut after),
+                median(&mut total) as f64 / 1000.0
+            );
+        }
+        println!(
+            "  (fetches run as `docker exec ... wget`, {} ms each when steady, included above)",
+            r.fetch_ms.map(|m| m.to_string()).unwrap_or("?".into())
+        );
+    }
+    if cfg.want("tunnel") || cfg.want("containers") {
+        if r.problems.is_empty() {
+            println!("shutdown: clean (exit 0, no interface or UAPI socket left)");
+        } else {
+            for p in &r.problems {
+                println!("PROBLEM: {p}");
+            }
+        }
+    }
+    println!("==================================================================");
+    missed
+}
+
+fn main() {
+    tunnel_lab::plain_panics();
+    let cfg = Config::from_env();
+    tunnel_lab::needs_root("make bench");
+    if !cfg.bin.exists() {
+        die(&format!(
+            "{} not found; run `make build` first",
+            cfg.bin.display()
+        ));
+    }
+    if cfg.want("containers")
+        && !(tunnel_lab::docker(&["info"]).status.success()
+            && tunnel_lab::docker(&["image", "inspect", tunnel_lab::IMAGE])
+                .status
+                .success())
+    {
+        step("no Docker engine or no test image: running scripts/docker-env.sh");
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let ok = Command::new("bash")
+            .arg(root.join("scripts/docker-env.sh"))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            die("scripts/docker-env.sh failed");
+        }
+    }
+    let mut lab = Lab::new(&cfg.bin, 2);
+    lab.log = "info".into();
+    let (a, b) = (lab.host(0), lab.host(1));
+    step(&format!(
+        "two namespace sites: A {} and B {}, a veth pair between them",
+        a.ip, b.ip
+    ));
+    b.ping_until(&a.ip, Instant::now());
+    let mut r = Results::default();
+    if cfg.want("raw") {
+        step(&format!("measuring raw veth throughput (B -> A {})", a.ip));
+        r.raw = Some(iperf(&mut lab, &cfg, &a, &b, &a.ip));
+    }
+    if cfg.want("wggo") {
+        wireguard_go(&mut lab, &cfg, &mut r);
+    }
+    if cfg.want("tunnel") {
+        tunnel(&mut lab, &cfg, &mut r);
+    }
+    if cfg.want("containers") {
+        containers(&mut lab, &mut r);
+    }
+    let missed = summary(&cfg, &mut r);
+    drop(lab);
+    if !r.problems.is_empty() {
+        die("tunnel did not run or shut down cleanly");
+    }
+    for m in &missed {
+        eprintln!("error: target missed: {m}");
+    }
+    if cfg.strict && !missed.is_empty() {
+        std::process::exit(1);
+    }
+}
