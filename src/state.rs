@@ -195,6 +195,19 @@ fn claim(
 }
 
 impl ServerState {
+    /// A new hub: a fresh key, no peers yet.
+    pub fn new(subnet: IpNetwork, port: u16, mtu: u32) -> Self {
+        Self {
+            private_key: PrivateKey::generate(),
+            port,
+            mtu,
+            subnet,
+            peers: vec![],
+            invites: vec![],
+            containers: vec![],
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
         let pool = pool_for(self.subnet)?;
         check_mtu(self.mtu)?;

@@ -159,15 +159,7 @@ fn the_routers_answer_any_request_without_panicking() {
         .build()
         .unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let state = tunnel::state::ServerState {
-        private_key: tunnel::keys::PrivateKey::generate(),
-        port: 51820,
-        mtu: 1420,
-        subnet: "10.77.0.0/24".parse().unwrap(),
-        peers: vec![],
-        invites: vec![],
-        containers: vec![],
-    };
+    let state = tunnel::state::ServerState::new("10.77.0.0/24".parse().unwrap(), 51820, 1420);
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(300));
     let strategy = (
         prop_oneof![

@@ -14,7 +14,7 @@ use crate::state::{Endpoint, StateDir};
 use crate::token::Token;
 use anyhow::{Context, anyhow};
 use clap::Args;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -176,11 +176,14 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         backend: args.common.backend,
         store,
     };
-    let ready = |attached: &str| {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{summary}{attached}").and_then(|_| out.flush())
-    };
-    Ok(site::run(site, containers, ready, progress, shutdown).await?)
+    Ok(site::run(
+        site,
+        containers,
+        super::summary_line(summary),
+        progress,
+        shutdown,
+    )
+    .await?)
 }
 
 #[cfg(test)]

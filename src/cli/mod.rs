@@ -214,6 +214,16 @@ pub(crate) fn spinner() -> indicatif::ProgressBar {
     pb
 }
 
+/// What a bring-up prints on stdout once it is up: its summary, followed
+/// by what was attached.
+pub(crate) fn summary_line(summary: String) -> impl FnOnce(&str) -> std::io::Result<()> {
+    move |attached| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{summary}{attached}").and_then(|_| out.flush())
+    }
+}
+
 /// The error of a command that needs a running instance.
 pub(crate) fn not_running(local: &LocalArgs, e: crate::control::ControlError) -> Failure {
     use crate::control::ControlError;

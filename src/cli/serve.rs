@@ -6,7 +6,6 @@ use crate::control::{self, CONTROL_PORT};
 use crate::firewall::{self, Firewall, FirewallError, Nftables};
 use crate::hub::api::HubApi;
 use crate::hub::{self, Hub, Ledger, MintRequest};
-use crate::keys::PrivateKey;
 use crate::limits;
 use crate::net::{NetOps, Netlink, validate_ifname};
 use crate::shutdown::Shutdown;
@@ -88,17 +87,12 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
                 ..saved
             })
         }
-        None => Ok(ServerState {
-            private_key: PrivateKey::generate(),
-            port: args.port.unwrap_or(DEFAULT_PORT),
-            mtu: args.common.mtu,
-            subnet: args
-                .subnet
+        None => Ok(ServerState::new(
+            args.subnet
                 .unwrap_or_else(|| DEFAULT_SUBNET.parse().expect("valid default")),
-            peers: vec![],
-            invites: vec![],
-            containers: vec![],
-        }),
+            args.port.unwrap_or(DEFAULT_PORT),
+            args.common.mtu,
+        )),
     }
 }
 

@@ -11,7 +11,6 @@ use crate::state::{Endpoint, StateDir};
 use crate::wg::{BackendChoice, DeviceSpec};
 use anyhow::anyhow;
 use clap::Args;
-use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -99,9 +98,12 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         backend,
         store,
     };
-    let ready = |attached: &str| {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{summary}{attached}").and_then(|_| out.flush())
-    };
-    Ok(site::run(site, containers, ready, progress, shutdown).await?)
+    Ok(site::run(
+        site,
+        containers,
+        super::summary_line(summary),
+        progress,
+        shutdown,
+    )
+    .await?)
 }

@@ -17,7 +17,7 @@ use crate::hub::{Caller, Denied, Hub, LeaveError, RedeemError, RegisterError};
 use crate::keys::PublicKey;
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use hyper::body::Bytes;
 use ipnetwork::IpNetwork;
@@ -70,44 +70,56 @@ fn unauthorized(e: AuthError, now: SystemTime) -> Refusal {
     )
 }
 
-/// Authenticates a request and checks that it came from the signer's
-/// own tunnel address.
-async fn caller(
-    hub: &Hub,
+/// A request whose signature checked out and that came from the signer's
+/// own tunnel address: the extractor every changing route starts with.
+struct Signed {
+    caller: Caller,
     src: IpAddr,
-    method: &Method,
-    uri: &Uri,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Caller, Refusal> {
-    let now = SystemTime::now();
-    let header = headers
-        .get(hyper::header::AUTHORIZATION)
-        .ok_or(AuthError::Missing)
-        .and_then(|h| h.to_str().map_err(|_| AuthError::Malformed("not text")))
-        .and_then(Proof::parse)
-        .map_err(|e| unauthorized(e, now))?;
-    let caller = hub
-        .authenticate(&header, method.as_str(), uri.path(), body, now)
-        .await
-        .map_err(|e| {
-            tracing::warn!("refused {} {} from {src}: {e}", method, uri.path());
-            unauthorized(e, now)
-        })?;
-    let from = match caller {
-        Caller::Invite { address } | Caller::Site { address } => address,
-    };
-    if from != src {
-        tracing::warn!(
-            "refused {} from {src}: signed by the key of {from}",
-            uri.path()
-        );
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            format!("the signing key belongs to {from}, not to {src}"),
-        ));
+    body: Bytes,
+}
+
+impl axum::extract::FromRequest<Arc<Hub>> for Signed {
+    type Rejection = Refusal;
+
+    async fn from_request(req: axum::extract::Request, hub: &Arc<Hub>) -> Result<Self, Refusal> {
+        let (parts, body) = req.into_parts();
+        let src = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| source(c.0))
+            .ok_or_else(|| refuse(StatusCode::INTERNAL_SERVER_ERROR, "no peer address"))?;
+        let body =
+            Bytes::from_request(axum::extract::Request::from_parts(parts.clone(), body), hub)
+                .await
+                .map_err(|e| refuse(e.status(), e.body_text()))?;
+        let (method, path) = (parts.method.as_str(), parts.uri.path());
+        let now = SystemTime::now();
+        let proof = parts
+            .headers
+            .get(hyper::header::AUTHORIZATION)
+            .ok_or(AuthError::Missing)
+            .and_then(|h| h.to_str().map_err(|_| AuthError::Malformed("not text")))
+            .and_then(Proof::parse)
+            .map_err(|e| unauthorized(e, now))?;
+        let caller = hub
+            .authenticate(&proof, method, path, &body, now)
+            .await
+            .map_err(|e| {
+                tracing::warn!("refused {method} {path} from {src}: {e}");
+                unauthorized(e, now)
+            })?;
+        let from = match caller {
+            Caller::Invite { address } | Caller::Site { address } => address,
+        };
+        if from != src {
+            tracing::warn!("refused {path} from {src}: signed by the key of {from}");
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                format!("the signing key belongs to {from}, not to {src}"),
+            ));
+        }
+        Ok(Signed { caller, src, body })
     }
-    Ok(caller)
 }
 
 fn json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Refusal> {
@@ -137,15 +149,9 @@ fn denied<E: std::error::Error + 'static>(
 
 async fn redeem(
     State(hub): State<Arc<Hub>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    Signed { caller, src, body }: Signed,
 ) -> Result<axum::Json<Admitted>, Refusal> {
-    let src = source(peer);
-    let Caller::Invite { address } = caller(&hub, src, &method, &uri, &headers, &body).await?
-    else {
+    let Caller::Invite { address } = caller else {
         return Err(refuse(
             StatusCode::FORBIDDEN,
             "only a token's invite key redeems",
@@ -167,14 +173,9 @@ async fn redeem(
 
 async fn register(
     State(hub): State<Arc<Hub>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    Signed { caller, src, body }: Signed,
 ) -> Result<axum::Json<Admitted>, Refusal> {
-    let src = source(peer);
-    let Caller::Site { address } = caller(&hub, src, &method, &uri, &headers, &body).await? else {
+    let Caller::Site { address } = caller else {
         return Err(refuse(
             StatusCode::FORBIDDEN,
             "only an admitted site registers endpoints",
@@ -196,14 +197,9 @@ async fn register(
 
 async fn leave(
     State(hub): State<Arc<Hub>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
+    Signed { caller, src, .. }: Signed,
 ) -> Result<axum::Json<()>, Refusal> {
-    let src = source(peer);
-    let Caller::Site { address } = caller(&hub, src, &method, &uri, &headers, &body).await? else {
+    let Caller::Site { address } = caller else {
         return Err(refuse(
             StatusCode::FORBIDDEN,
             "only an admitted site leaves",
@@ -386,15 +382,7 @@ mod tests {
     fn api() -> Api {
         let tmp = tempfile::tempdir().unwrap();
         let fake = FakeWg::default();
-        let state = ServerState {
-            private_key: PrivateKey::generate(),
-            port: 51820,
-            mtu: 1420,
-            subnet: "10.77.0.0/24".parse().unwrap(),
-            peers: vec![],
-            invites: vec![],
-            containers: vec![],
-        };
+        let state = ServerState::new("10.77.0.0/24".parse().unwrap(), 51820, 1420);
         let server = state.private_key.public_key();
         let hub = Arc::new(Hub::new(
             Arc::new(fake.clone()),

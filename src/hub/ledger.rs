@@ -654,15 +654,7 @@ mod tests {
     use super::*;
 
     fn state() -> ServerState {
-        ServerState {
-            private_key: PrivateKey::generate(),
-            port: 51820,
-            mtu: 1420,
-            subnet: "10.77.0.0/24".parse().unwrap(),
-            peers: vec![],
-            invites: vec![],
-            containers: vec![],
-        }
+        ServerState::new("10.77.0.0/24".parse().unwrap(), 51820, 1420)
     }
 
     fn ledger() -> Ledger {
