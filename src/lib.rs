@@ -27,4 +27,5 @@ pub mod state;
 pub mod status;
 pub mod sys;
 pub mod token;
+pub mod transport;
 pub mod wg;
