@@ -57,6 +57,7 @@ async fn main() {
         },
         mtu: 1420,
         probe: std::net::SocketAddr::new(address.network(), 9),
+        link: None,
     };
     let mut follower = Follower::new(
         runtime,

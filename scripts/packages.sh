@@ -20,6 +20,9 @@ RUNTIME_PACKAGES=(
 	prlimit:util-linux
 	nsenter:util-linux
 	curl:curl
+	tinyproxy:tinyproxy
+	nginx:nginx
+	sha256sum:coreutils
 	dockerd:docker.io
 )
 

@@ -11,6 +11,8 @@ use crate::docker::{self, Action, Attached, ContainerRuntime, DockerError, Event
 use crate::keys::PrivateKey;
 use crate::net::{NetOps, Netlink};
 use crate::status::{EndpointStatus, PeerReport, Role, State};
+use crate::transport::Relay;
+use crate::transport::ws::{Dialer, Link};
 use crate::wg::{self, BackendChoice, DeviceSpec, PeerSpec, Placement, WgDevice, WgError};
 use futures::StreamExt;
 use ipnetwork::IpNetwork;
@@ -125,7 +127,16 @@ impl ContainerView {
                 && let Ok(peers) = d.peers().await
             {
                 for (report, live) in e.peers.iter_mut().zip(peers.iter()) {
+                    let transport = report.transport.take();
                     *report = PeerReport::from_live(live, report.name.clone(), report.address);
+                    report.transport = transport;
+                    if report
+                        .endpoint
+                        .as_ref()
+                        .is_some_and(crate::transport::is_virtual)
+                    {
+                        report.endpoint = None;
+                    }
                 }
             }
             out.push(e);
@@ -148,11 +159,15 @@ pub struct EndpointSpec {
     /// The hub's control API: probed from inside the container to make the
     /// first handshake happen now and to prove traffic flows.
     pub probe: SocketAddr,
+    /// How to reach the hub's WebSocket, when the site uses one.
+    pub link: Option<Arc<Dialer>>,
 }
 
 struct Slot {
     spec: EndpointSpec,
     attached: Option<(Attached, Arc<dyn WgDevice>)>,
+    /// The endpoint's WebSocket link to the hub, while attached.
+    link: Option<Link>,
 }
 
 pub struct Follower {
@@ -206,6 +221,7 @@ impl Follower {
             .map(|spec| Slot {
                 spec,
                 attached: None,
+                link: None,
             })
             .collect();
         let me = Self {
@@ -253,6 +269,14 @@ impl Follower {
                             rx_bytes: 0,
                             tx_bytes: 0,
                             keepalive: s.spec.hub.keepalive,
+                            transport: Some(
+                                if s.spec.link.is_some() {
+                                    "websocket"
+                                } else {
+                                    "udp"
+                                }
+                                .into(),
+                            ),
                         }],
                     },
                     s.attached.as_ref().map(|(_, d)| d.clone()),
@@ -299,11 +323,18 @@ impl Follower {
             addresses: vec![spec.address],
             mtu: spec.mtu,
             confine: None,
+            relay: spec.link.as_ref().map(|_| Relay::new("websocket")),
         };
         let device = self
             .placer
             .place(&device_spec, &spec.container, pid)
             .await?;
+        // Its own WebSocket link to the hub, when the site uses one: each
+        // endpoint is its own WireGuard peer of the hub.
+        self.slots[i].link = match (&spec.link, &device_spec.relay) {
+            (Some(d), Some(r)) => Some(Link::spawn(d.clone(), r.clone(), None)),
+            _ => None,
+        };
         self.slots[i].attached = Some((Attached { id, pid }, Arc::from(device)));
         self.publish();
         // The probe makes the first handshake happen now and shows that
@@ -330,6 +361,7 @@ impl Follower {
     }
 
     async fn detach(&mut self, i: usize) {
+        self.slots[i].link = None;
         if let Some((a, device)) = self.slots[i].attached.take() {
             self.publish();
             let container = &self.slots[i].spec.container;
@@ -488,6 +520,7 @@ mod tests {
             },
             mtu: 1420,
             probe: "10.77.0.1:51821".parse().unwrap(),
+            link: None,
         }
     }
 

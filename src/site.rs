@@ -11,11 +11,17 @@ use crate::control::local::{self, LocalApi};
 use crate::control::{CONTROL_PORT, ControlError, tunnel};
 use crate::docker::{ContainerInfo, ContainerRuntime};
 use crate::keys::PrivateKey;
+use crate::net::NetOps;
 use crate::net::Netlink;
 use crate::shutdown::Shutdown;
 use crate::state::{ContainerRecord, Endpoint, JoinedState, StateDir, StateError};
 use crate::status::{EndpointStatus, PeerReport, Role};
 use crate::token::Token;
+use crate::transport::proxy::Proxy;
+use crate::transport::ws::{Connection, Dialer, Link};
+use crate::transport::{
+    HUB_LINK, JoinTransport, Path, Relay, TransportError, UDP_MTU, WS_MTU, WsOffer, virtual_addr,
+};
 use crate::wg::{BackendChoice, DeviceSpec, PeerSpec, WgDevice, WgError};
 use indicatif::ProgressBar;
 use ipnetwork::IpNetwork;
@@ -49,6 +55,12 @@ pub enum SiteError {
     Mismatch { got: IpNetwork, want: IpNetwork },
     #[error("the server admitted this host but traffic does not flow")]
     NoFlow(#[source] ControlError),
+    #[error(
+        "server unreachable: no WireGuard handshake over UDP, and no WebSocket connection ({0})"
+    )]
+    NoPath(String),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     #[error("registering container {name} with the server")]
     Register {
         name: String,
@@ -72,7 +84,11 @@ pub enum SiteError {
 impl SiteError {
     /// Whether the input (the token) is at fault, rather than the network.
     pub fn is_input(&self) -> bool {
-        matches!(self, SiteError::Refused(_) | SiteError::AlreadyUsed(_))
+        match self {
+            SiteError::Refused(_) | SiteError::AlreadyUsed(_) => true,
+            SiteError::Transport(t) => t.is_input(),
+            _ => false,
+        }
     }
 }
 
@@ -98,26 +114,255 @@ pub struct Invitation<'a> {
     pub server: &'a str,
     pub endpoint: SocketAddr,
     pub iface: &'a str,
-    pub mtu: u32,
+    /// As given with `--mtu`; otherwise it follows the transport.
+    pub mtu: Option<u32>,
     pub backend: BackendChoice,
+    pub transport: JoinTransport,
+    /// `--proxy`, which wins over the environment.
+    pub proxy: Option<&'a str>,
+    /// How long the whole bring-up may take.
+    pub timeout: Duration,
 }
 
 impl Invitation<'_> {
-    /// The device to bring up first: the invite key, the hub as its peer.
-    pub fn device_spec(&self) -> DeviceSpec {
+    /// Whether WebSocket is among the ways to try.
+    pub fn websocket(&self) -> bool {
+        self.token.websocket.is_some() && self.transport != JoinTransport::Udp
+    }
+
+    /// Whether UDP is among the ways to try.
+    pub fn udp(&self) -> bool {
+        self.token.udp && self.transport != JoinTransport::Wss
+    }
+
+    /// Checks the choice against the token before anything is touched.
+    pub fn check(&self) -> Result<(), SiteError> {
+        match self.transport {
+            JoinTransport::Wss if self.token.websocket.is_none() => Err(SiteError::Refused(
+                "the token offers no WebSocket transport (serve with --transport udp,wss)".into(),
+            )),
+            JoinTransport::Udp if !self.token.udp => Err(SiteError::Refused(
+                "the server takes no UDP (the token offers WebSocket only)".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn initial_mtu(&self) -> u32 {
+        self.mtu
+            .unwrap_or(if self.udp() { UDP_MTU } else { WS_MTU })
+    }
+
+    /// The device to bring up first: the invite key, the hub as its peer,
+    /// with a relay for WebSocket links when they may be needed.
+    pub fn device_spec(&self, relay: Option<Arc<Relay>>) -> DeviceSpec {
         DeviceSpec {
             name: self.iface.to_owned(),
             private_key: self.token.invite_key.clone(),
             listen_port: 0,
-            peers: vec![PeerSpec {
-                public_key: self.token.server_public_key,
-                endpoint: Some(self.endpoint),
-                allowed_ips: vec![self.token.subnet],
-                keepalive: Some(KEEPALIVE),
-            }],
+            peers: vec![self.hub(self.endpoint)],
             addresses: vec![self.token.assigned_network()],
-            mtu: self.mtu,
+            mtu: self.initial_mtu(),
             confine: None,
+            relay,
+        }
+    }
+
+    fn hub(&self, endpoint: SocketAddr) -> PeerSpec {
+        PeerSpec {
+            public_key: self.token.server_public_key,
+            endpoint: Some(endpoint),
+            allowed_ips: vec![self.token.subnet],
+            keepalive: Some(KEEPALIVE),
+        }
+    }
+
+    /// The WebSocket dialers to try, in order: direct, then through the
+    /// proxy (`--proxy`, or the environment's, unless NO_PROXY exempts).
+    fn dialers(&self) -> Result<Vec<Arc<Dialer>>, SiteError> {
+        let Some(offer) = &self.token.websocket else {
+            return Ok(vec![]);
+        };
+        let host = self.endpoint.ip().to_string();
+        let direct = Dialer::new(offer, &host, None)?;
+        let tls = direct.url().starts_with("wss:");
+        let proxy = Proxy::for_target(self.proxy, direct.host(), tls, |k| std::env::var(k).ok())?;
+        let mut out = vec![Arc::new(direct)];
+        if let Some(p) = proxy {
+            out.push(Arc::new(Dialer::new(offer, &host, Some(p))?));
+        }
+        Ok(out)
+    }
+}
+
+/// How this site's datagrams reach the hub, once chosen.
+pub struct Route {
+    pub path: Path,
+    /// The hub's endpoint for the device: its UDP address, or the link's
+    /// virtual address.
+    pub endpoint: SocketAddr,
+    /// For WebSocket: how to reach the hub again (containers use it too).
+    pub dialer: Option<Arc<Dialer>>,
+    /// The site's own link, kept up while the route is.
+    pub link: Option<Link>,
+    pub mtu: u32,
+}
+
+impl Route {
+    fn udp(endpoint: SocketAddr, mtu: u32) -> Self {
+        Route {
+            path: Path::Udp,
+            endpoint,
+            dialer: None,
+            link: None,
+            mtu,
+        }
+    }
+
+    /// A route over `dialer`'s WebSocket, through `relay`.
+    pub fn websocket(
+        offer: WsOffer,
+        dialer: Arc<Dialer>,
+        relay: Arc<Relay>,
+        first: Option<Connection>,
+        mtu: u32,
+    ) -> Self {
+        let path = Path::Websocket {
+            offer,
+            proxy: dialer.proxy().map(|p| p.url.clone()),
+        };
+        Route {
+            path,
+            endpoint: virtual_addr(HUB_LINK),
+            link: Some(Link::spawn(dialer.clone(), relay, first)),
+            dialer: Some(dialer),
+            mtu,
+        }
+    }
+}
+
+/// The route a joined site saved (for `up`), with the relay its device
+/// needs for a WebSocket. `proxy` (`--proxy`) replaces the saved proxy.
+pub fn saved_route(
+    joined: &JoinedState,
+    endpoint: SocketAddr,
+    proxy: Option<&str>,
+) -> Result<(Route, Option<Arc<Relay>>), SiteError> {
+    match &joined.path {
+        Path::Udp => Ok((Route::udp(endpoint, joined.mtu), None)),
+        Path::Websocket {
+            offer,
+            proxy: saved,
+        } => {
+            let proxy = proxy.or(saved.as_deref()).map(Proxy::parse).transpose()?;
+            let dialer = Arc::new(Dialer::new(offer, &endpoint.ip().to_string(), proxy)?);
+            let relay = Relay::new("websocket");
+            let route = Route::websocket(offer.clone(), dialer, relay.clone(), None, joined.mtu);
+            Ok((route, Some(relay)))
+        }
+    }
+}
+
+/// How long UDP gets to complete a handshake before `auto` tries WebSocket.
+const UDP_BOUND: Duration = Duration::from_millis(1000);
+/// After this long without a direct WebSocket, the proxy is tried too.
+const STAGGER: Duration = Duration::from_millis(300);
+
+/// Chooses the path: UDP when it gets a handshake within a short bound
+/// (or is the only one), else WebSocket direct, else through the proxy.
+/// The device must have been made with `relay` when WebSocket is possible.
+pub async fn choose_path(
+    inv: &Invitation<'_>,
+    device: &dyn WgDevice,
+    relay: Option<&Arc<Relay>>,
+    net: &dyn NetOps,
+    progress: &ProgressBar,
+    deadline: Instant,
+) -> Result<Route, SiteError> {
+    let mtu = inv.initial_mtu();
+    if !inv.websocket() {
+        return Ok(Route::udp(inv.endpoint, mtu));
+    }
+    if inv.udp() {
+        progress.set_message(format!("trying UDP to {}", inv.endpoint));
+        let api = SocketAddr::new(inv.token.server_address, CONTROL_PORT);
+        let until = (Instant::now() + UDP_BOUND).min(deadline);
+        while Instant::now() < until {
+            // Any packet starts a handshake; the ping's answer is not needed.
+            let _ = tunnel::ping(api, Duration::from_millis(100)).await;
+            if device
+                .peers()
+                .await?
+                .iter()
+                .any(|p| p.last_handshake.is_some())
+            {
+                return Ok(Route::udp(inv.endpoint, mtu));
+            }
+        }
+        tracing::info!("no WireGuard handshake over UDP within {UDP_BOUND:?}; trying WebSocket");
+    }
+    let relay = relay.expect("a relay when WebSocket is possible").clone();
+    let dialers = inv.dialers()?;
+    progress.set_message(format!("connecting to {}", dialers[0].url()));
+    let (i, conn) = first_connection(&dialers, deadline).await?;
+    let offer = inv.token.websocket.clone().expect("checked above");
+    let mtu = inv.mtu.unwrap_or(WS_MTU);
+    let route = Route::websocket(offer, dialers[i].clone(), relay, Some(conn), mtu);
+    // A fresh peer with the link's address: the next packet handshakes at
+    // once instead of waiting out a UDP attempt's retry timer.
+    device.remove_peer(&inv.token.server_public_key).await?;
+    device.upsert_peer(&inv.hub(route.endpoint)).await?;
+    if mtu != inv.initial_mtu() {
+        net.set_mtu(inv.iface, mtu).await.map_err(WgError::from)?;
+    }
+    Ok(route)
+}
+
+/// The first dialer to connect; a later one starts when the earlier has
+/// failed or has taken longer than [`STAGGER`].
+async fn first_connection(
+    dialers: &[Arc<Dialer>],
+    deadline: Instant,
+) -> Result<(usize, Connection), SiteError> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut running = FuturesUnordered::new();
+    let attempt = |i: usize| {
+        let d = dialers[i].clone();
+        async move {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(500));
+            (i, d.connect(left).await)
+        }
+    };
+    let mut next = 1;
+    running.push(attempt(0));
+    let mut errors = Vec::new();
+    loop {
+        let stagger = tokio::time::sleep(STAGGER);
+        tokio::pin!(stagger);
+        tokio::select! {
+            done = running.next() => match done {
+                Some((i, Ok(conn))) => return Ok((i, conn)),
+                Some((i, Err(e))) => {
+                    tracing::info!("WebSocket via {}: {e}", dialers[i].url());
+                    if e.is_input() {
+                        return Err(e.into());
+                    }
+                    errors.push(format!("{}{}: {e}", dialers[i].url(), dialers[i].proxy().map(|p| format!(" via {p:?}")).unwrap_or_default()));
+                    if next < dialers.len() {
+                        running.push(attempt(next));
+                        next += 1;
+                    } else if running.is_empty() {
+                        return Err(SiteError::NoPath(errors.join("; ")));
+                    }
+                }
+                None => return Err(SiteError::NoPath(errors.join("; "))),
+            },
+            _ = &mut stagger, if next < dialers.len() => {
+                running.push(attempt(next));
+                next += 1;
+            }
         }
     }
 }
@@ -126,19 +371,24 @@ impl Invitation<'_> {
 /// switches the device to `own_key`; returns once traffic flows with it.
 pub async fn redeem_and_switch(
     inv: &Invitation<'_>,
+    route: &Route,
     own_key: &PrivateKey,
     device: &dyn WgDevice,
     store: &StateDir,
     progress: &ProgressBar,
     deadline: Instant,
-    timeout: Duration,
 ) -> Result<JoinedState, SiteError> {
     let token = inv.token;
     let endpoint = inv.endpoint;
     let api = SocketAddr::new(token.server_address, CONTROL_PORT);
+    if route.path != Path::Udp {
+        progress.set_message(format!("handshaking over {}", route.path));
+    }
     let invite = Signer::new(&token.invite_key, &token.server_public_key)?;
 
-    progress.set_message(format!("handshaking with {endpoint}"));
+    if route.path == Path::Udp {
+        progress.set_message(format!("handshaking with {endpoint}"));
+    }
     let mut handshake_at: Option<Instant> = None;
     let redeemed = loop {
         let attempt =
@@ -170,7 +420,7 @@ pub async fn redeem_and_switch(
         if Instant::now() >= deadline {
             return Err(SiteError::Unreachable {
                 endpoint,
-                timeout: humantime::format_duration(timeout).to_string(),
+                timeout: humantime::format_duration(inv.timeout).to_string(),
             });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -186,7 +436,7 @@ pub async fn redeem_and_switch(
     // strand this site.
     let joined = JoinedState {
         private_key: own_key.clone(),
-        mtu: inv.mtu,
+        mtu: route.mtu,
         backend: Some(inv.backend),
         server_public_key: token.server_public_key,
         endpoint: inv.server.to_owned(),
@@ -195,6 +445,7 @@ pub async fn redeem_and_switch(
         server_address: token.server_address,
         subnet: token.subnet,
         containers: vec![],
+        path: route.path.clone(),
     };
     store.save(inv.iface, &Endpoint::Joined(joined.clone()))?;
     device.set_private_key(own_key).await?;
@@ -224,26 +475,28 @@ pub async fn wait_for_flow(api: SocketAddr, deadline: Instant) -> Result<(), Con
     }
 }
 
-/// The endpoint of one of this site's containers.
-fn container_spec(joined: &JoinedState, c: &ContainerRecord, endpoint: SocketAddr) -> EndpointSpec {
+/// The endpoint of one of this site's containers: the hub is its peer on
+/// the site's route (a WebSocket link of its own when the site uses one).
+fn container_spec(joined: &JoinedState, c: &ContainerRecord, route: &Route) -> EndpointSpec {
     EndpointSpec {
         container: c.container.clone(),
         iface: c.iface.clone(),
         key: c.private_key.clone(),
         address: IpNetwork::new(c.address, joined.subnet.prefix())
             .expect("validated with the state"),
-        hub: hub_peer(joined, endpoint),
+        hub: hub_peer(joined, route.endpoint),
         mtu: joined.mtu,
         probe: api(joined),
+        link: route.dialer.clone(),
     }
 }
 
 /// The endpoints of the containers saved with the site (for `up`).
-pub fn saved_containers(joined: &JoinedState, endpoint: SocketAddr) -> Vec<EndpointSpec> {
+pub fn saved_containers(joined: &JoinedState, route: &Route) -> Vec<EndpointSpec> {
     joined
         .containers
         .iter()
-        .map(|c| container_spec(joined, c, endpoint))
+        .map(|c| container_spec(joined, c, route))
         .collect()
 }
 
@@ -253,7 +506,7 @@ pub async fn register_containers(
     joined: &mut JoinedState,
     iface: &str,
     infos: &[ContainerInfo],
-    endpoint: SocketAddr,
+    route: &Route,
     store: &StateDir,
 ) -> Result<Vec<EndpointSpec>, SiteError> {
     let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
@@ -279,12 +532,14 @@ pub async fn register_containers(
         });
     }
     store.save(iface, &Endpoint::Joined(joined.clone()))?;
-    Ok(saved_containers(joined, endpoint))
+    Ok(saved_containers(joined, route))
 }
 
 /// A joined site that is up: its device carries its own key.
 pub struct Site {
     pub device: Arc<dyn WgDevice>,
+    /// How its datagrams reach the hub; its link lives as long as the site.
+    pub route: Route,
     pub net: Arc<Netlink>,
     pub joined: JoinedState,
     pub iface: String,
@@ -311,6 +566,7 @@ pub async fn run(
 ) -> Result<(), SiteError> {
     let Site {
         device,
+        route,
         net,
         joined,
         iface,
@@ -340,6 +596,7 @@ pub async fn run(
         let listener = local::bind(&socket)?;
         let api = Arc::new(SiteApi {
             device: device.clone(),
+            path: route.path.clone(),
             joined,
             iface: iface.clone(),
             containers: follower.as_ref().map(|f: &Follower| f.status()),
@@ -379,6 +636,7 @@ pub async fn run(
 /// The joined site's status: live stats of its link to the server.
 struct SiteApi {
     device: Arc<dyn WgDevice>,
+    path: Path,
     joined: JoinedState,
     iface: String,
     containers: Option<ContainerView>,
@@ -400,7 +658,16 @@ impl LocalApi for SiteApi {
             .unwrap_or_default()
             .iter()
             .map(|p| {
-                PeerReport::from_live(p, Some("server".into()), Some(self.joined.server_address))
+                let mut r = PeerReport::from_live(
+                    p,
+                    Some("server".into()),
+                    Some(self.joined.server_address),
+                );
+                r.transport = Some(self.path.to_string());
+                if self.path != Path::Udp {
+                    r.endpoint = None;
+                }
+                r
             })
             .collect();
         debug_assert_eq!(main.role, Role::Joined);

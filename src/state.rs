@@ -114,6 +114,10 @@ pub struct ServerState {
     pub invites: Vec<InviteRecord>,
     #[serde(default)]
     pub containers: Vec<ContainerRecord>,
+    /// The secret part of the WebSocket path, made once so that tokens
+    /// and joined sites keep working across restarts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub websocket_secret: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -133,6 +137,13 @@ pub struct JoinedState {
     pub subnet: IpNetwork,
     #[serde(default)]
     pub containers: Vec<ContainerRecord>,
+    /// How its datagrams reach the hub (UDP unless it joined over a WebSocket).
+    #[serde(default = "udp_path")]
+    pub path: crate::transport::Path,
+}
+
+fn udp_path() -> crate::transport::Path {
+    crate::transport::Path::Udp
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -205,7 +216,13 @@ impl ServerState {
             peers: vec![],
             invites: vec![],
             containers: vec![],
+            websocket_secret: None,
         }
+    }
+
+    /// The file of the WebSocket transport's TLS certificate and key.
+    pub fn certificate(store: &StateDir, iface: &str) -> PathBuf {
+        store.root().join(format!("{iface}.wss.pem"))
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -483,6 +500,7 @@ mod tests {
             }],
             invites: vec![],
             containers: vec![],
+            websocket_secret: None,
         })
     }
 
@@ -612,6 +630,7 @@ mod tests {
             server_address: "10.77.0.1".parse().unwrap(),
             subnet: "10.77.0.0/24".parse().unwrap(),
             containers: vec![],
+            path: crate::transport::Path::Udp,
         });
         dir.save("wg0", &joined).unwrap();
         assert!(matches!(

@@ -78,6 +78,9 @@ pub struct PeerReport {
     pub rx_bytes: u64,
     pub tx_bytes: u64,
     pub keepalive: Option<u16>,
+    /// How its datagrams travel: "udp", "wss", "ws direct", "wss via proxy ...".
+    #[serde(default)]
+    pub transport: Option<String>,
 }
 
 impl PeerReport {
@@ -91,6 +94,7 @@ impl PeerReport {
             rx_bytes: p.rx_bytes,
             tx_bytes: p.tx_bytes,
             keepalive: p.keepalive,
+            transport: None,
         }
     }
 
@@ -104,6 +108,7 @@ impl PeerReport {
             rx_bytes: 0,
             tx_bytes: 0,
             keepalive: None,
+            transport: None,
         }
     }
 }
@@ -236,7 +241,7 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
         for p in &e.peers {
             let _ = writeln!(
                 out,
-                "  peer {} ({}): endpoint {}, handshake {}, rx {} B, tx {} B{}",
+                "  peer {} ({}): endpoint {}{}, handshake {}, rx {} B, tx {} B{}",
                 p.address
                     .map(|a| a.to_string())
                     .unwrap_or_else(|| "-".into()),
@@ -244,6 +249,11 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
                 p.endpoint
                     .map(|a| a.to_string())
                     .unwrap_or_else(|| "-".into()),
+                p.transport
+                    .as_deref()
+                    .filter(|t| *t != "udp")
+                    .map(|t| format!(" over {t}"))
+                    .unwrap_or_default(),
                 ago(p.last_handshake_secs),
                 p.rx_bytes,
                 p.tx_bytes,
@@ -284,6 +294,7 @@ mod tests {
                 private_key: PrivateKey::generate(),
                 address: "10.77.0.2".parse().unwrap(),
             }],
+            websocket_secret: None,
         };
         let eps = from_state("wg-tunnel", &Endpoint::Server(state));
         assert_eq!(eps.len(), 2);

@@ -8,10 +8,16 @@
 //! Layout of version 1 (all integers big-endian):
 //! `flags:u8 | server_pub:32 | invite_priv:32 | port:u16 | prefix:u8 |
 //!  subnet:A | assigned:A | server_addr:A | expires_unix:u64 |
-//!  [endpoint_len:u8 endpoint:utf8] | crc32:u32`, where `A` is 4 bytes
-//!  (IPv4) or 16 (IPv6, flag bit 0) and bit 1 says an endpoint hint follows.
+//!  [endpoint_len:u8 endpoint:utf8] | [websocket] | crc32:u32`, where `A`
+//!  is 4 bytes (IPv4) or 16 (IPv6, flag bit 0), bit 1 says an endpoint hint
+//!  follows, bit 2 that a WebSocket offer follows, and bit 3 that the
+//!  server takes no UDP. The WebSocket offer is `kind:u8` then, for kind 1
+//!  (TLS by the hub, pinned) `port:u16 sha256:32`, for kind 2 (plain)
+//!  `port:u16`, for kind 3 (a URL in front of the hub) `len:u8 url:utf8`;
+//!  then `path_len:u8 path:utf8`.
 
 use crate::keys::{PrivateKey, PublicKey};
+use crate::transport::{WsOffer, WsTarget};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ipnetwork::IpNetwork;
@@ -23,7 +29,12 @@ pub const PREFIX: &str = "tun";
 pub const VERSION: u32 = 1;
 const FLAG_V6: u8 = 1;
 const FLAG_ENDPOINT: u8 = 2;
-const KNOWN_FLAGS: u8 = FLAG_V6 | FLAG_ENDPOINT;
+const FLAG_WS: u8 = 4;
+const FLAG_NO_UDP: u8 = 8;
+const KNOWN_FLAGS: u8 = FLAG_V6 | FLAG_ENDPOINT | FLAG_WS | FLAG_NO_UDP;
+const WS_PINNED: u8 = 1;
+const WS_PLAIN: u8 = 2;
+const WS_URL: u8 = 3;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
@@ -59,6 +70,10 @@ pub struct Token {
     pub expires: u64,
     /// Where the server can be reached, as the server's operator saw it.
     pub endpoint_hint: Option<String>,
+    /// Whether the server takes WireGuard over UDP.
+    pub udp: bool,
+    /// Where the server takes WireGuard over WebSocket, if it does.
+    pub websocket: Option<WsOffer>,
 }
 
 impl fmt::Debug for Token {
@@ -72,6 +87,8 @@ impl fmt::Debug for Token {
             .field("server_address", &self.server_address)
             .field("expires", &self.expires)
             .field("endpoint_hint", &self.endpoint_hint)
+            .field("udp", &self.udp)
+            .field("websocket", &self.websocket)
             .finish()
     }
 }
@@ -119,6 +136,12 @@ impl Token {
         if self.endpoint_hint.is_some() {
             flags |= FLAG_ENDPOINT;
         }
+        if self.websocket.is_some() {
+            flags |= FLAG_WS;
+        }
+        if !self.udp {
+            flags |= FLAG_NO_UDP;
+        }
         let mut b = zeroize::Zeroizing::new(Vec::with_capacity(160));
         b.push(flags);
         b.extend_from_slice(self.server_public_key.as_bytes());
@@ -130,10 +153,25 @@ impl Token {
         }
         b.extend_from_slice(&self.expires.to_be_bytes());
         if let Some(hint) = &self.endpoint_hint {
-            let bytes = hint.as_bytes();
-            let len = bytes.len().min(255);
-            b.push(len as u8);
-            b.extend_from_slice(&bytes[..len]);
+            push_str(&mut b, hint);
+        }
+        if let Some(ws) = &self.websocket {
+            match &ws.target {
+                WsTarget::Pinned { port, sha256 } => {
+                    b.push(WS_PINNED);
+                    b.extend_from_slice(&port.to_be_bytes());
+                    b.extend_from_slice(sha256);
+                }
+                WsTarget::Plain { port } => {
+                    b.push(WS_PLAIN);
+                    b.extend_from_slice(&port.to_be_bytes());
+                }
+                WsTarget::Url { base } => {
+                    b.push(WS_URL);
+                    push_str(&mut b, base);
+                }
+            }
+            push_str(&mut b, &ws.path);
         }
         let crc = crc32fast::hash(&b);
         b.extend_from_slice(&crc.to_be_bytes());
@@ -166,30 +204,12 @@ impl Token {
                 .decode(&body[..body.len() - body.len() % 4])
                 .map_err(|_| TokenError::Corrupted("it is not valid base64url"))?,
         });
-        let flags = *raw
-            .first()
-            .ok_or(TokenError::Truncated { got: 0, want: 1 })?;
-        let alen = if flags & FLAG_V6 != 0 { 16 } else { 4 };
-        let fixed = 1 + 32 + 32 + 2 + 1 + 3 * alen + 8;
-        let mut want = fixed + 4 + usize::from(flags & FLAG_ENDPOINT != 0);
-        if raw.len() < want {
-            return Err(TokenError::Truncated {
-                got: raw.len(),
-                want,
-            });
-        }
-        if flags & FLAG_ENDPOINT != 0 {
-            want += raw[fixed] as usize;
-        }
-        if raw.len() < want {
-            return Err(TokenError::Truncated {
-                got: raw.len(),
-                want,
-            });
-        }
+        let want = layout_len(&raw)?;
         if raw.len() > want {
             return Err(TokenError::Corrupted("it is longer than its contents say"));
         }
+        let flags = raw[0];
+        let alen = if flags & FLAG_V6 != 0 { 16 } else { 4 };
         let (payload, crc) = raw.split_at(want - 4);
         if crc32fast::hash(payload) != u32::from_be_bytes(crc.try_into().expect("4 bytes")) {
             return Err(TokenError::Corrupted("the checksum does not match"));
@@ -198,6 +218,7 @@ impl Token {
             return Err(TokenError::Invalid(format!("unknown flags {flags:#04x}")));
         }
 
+        // The layout was checked: every read below is in bounds.
         let mut r = Reader {
             buf: payload,
             pos: 1,
@@ -211,13 +232,38 @@ impl Token {
         let server_address = r.addr(alen);
         let expires = u64::from_be_bytes(r.take::<8>());
         let endpoint_hint = if flags & FLAG_ENDPOINT != 0 {
-            let len = r.take::<1>()[0] as usize;
-            let s = std::str::from_utf8(&r.buf[r.pos..r.pos + len])
-                .map_err(|_| TokenError::Invalid("endpoint hint is not UTF-8".into()))?;
-            Some(s.to_owned())
+            Some(r.text("endpoint hint")?)
         } else {
             None
         };
+        let websocket = if flags & FLAG_WS != 0 {
+            let target = match r.take::<1>()[0] {
+                WS_PINNED => WsTarget::Pinned {
+                    port: u16::from_be_bytes(r.take::<2>()),
+                    sha256: r.take::<32>(),
+                },
+                WS_PLAIN => WsTarget::Plain {
+                    port: u16::from_be_bytes(r.take::<2>()),
+                },
+                _ => WsTarget::Url {
+                    base: r.text("WebSocket URL")?,
+                },
+            };
+            let path = r.text("WebSocket path")?;
+            if !path.starts_with('/') || path.chars().any(|c| c.is_control() || c.is_whitespace()) {
+                return Err(TokenError::Invalid(format!("WebSocket path {path:?}")));
+            }
+            if let WsTarget::Pinned { port: 0, .. } | WsTarget::Plain { port: 0 } = target {
+                return Err(TokenError::Invalid("WebSocket port 0".into()));
+            }
+            Some(WsOffer { target, path })
+        } else {
+            None
+        };
+        let udp = flags & FLAG_NO_UDP == 0;
+        if !udp && websocket.is_none() {
+            return Err(TokenError::Invalid("it offers no transport".into()));
+        }
 
         let subnet = IpNetwork::new(network, prefix)
             .map_err(|_| TokenError::Invalid(format!("prefix /{prefix} is out of range")))?;
@@ -250,8 +296,65 @@ impl Token {
             server_address,
             expires,
             endpoint_hint,
+            udp,
+            websocket,
         })
     }
+}
+
+/// A length-prefixed string: at most 255 bytes.
+fn push_str(b: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    let len = bytes.len().min(255);
+    b.push(len as u8);
+    b.extend_from_slice(&bytes[..len]);
+}
+
+/// The whole token's length, CRC included, as its contents say; reports
+/// a truncation as soon as a length field or a field is missing.
+fn layout_len(raw: &[u8]) -> Result<usize, TokenError> {
+    let need = |want: usize| {
+        if raw.len() < want {
+            Err(TokenError::Truncated {
+                got: raw.len(),
+                want,
+            })
+        } else {
+            Ok(())
+        }
+    };
+    need(1)?;
+    let flags = raw[0];
+    let alen = if flags & FLAG_V6 != 0 { 16 } else { 4 };
+    let mut at = 1 + 32 + 32 + 2 + 1 + 3 * alen + 8;
+    // A length byte at `at`, then that many bytes.
+    let string = |at: &mut usize| -> Result<(), TokenError> {
+        need(*at + 1 + 4)?;
+        *at += 1 + raw[*at] as usize;
+        Ok(())
+    };
+    if flags & FLAG_ENDPOINT != 0 {
+        string(&mut at)?;
+    }
+    if flags & FLAG_WS != 0 {
+        need(at + 1 + 4)?;
+        let kind = raw[at];
+        at += 1;
+        match kind {
+            WS_PINNED => at += 2 + 32,
+            WS_PLAIN => at += 2,
+            WS_URL => string(&mut at)?,
+            _ => {
+                need(at + 4)?;
+                return Err(TokenError::Invalid(format!(
+                    "unknown WebSocket kind {kind}"
+                )));
+            }
+        }
+        string(&mut at)?;
+    }
+    need(at + 4)?;
+    Ok(at + 4)
 }
 
 fn push_addr(b: &mut Vec<u8>, a: IpAddr) {
@@ -267,6 +370,14 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
+    fn text(&mut self, what: &str) -> Result<String, TokenError> {
+        let len = self.take::<1>()[0] as usize;
+        let s = std::str::from_utf8(&self.buf[self.pos..self.pos + len])
+            .map_err(|_| TokenError::Invalid(format!("{what} is not UTF-8")))?;
+        self.pos += len;
+        Ok(s.to_owned())
+    }
+
     fn take<const N: usize>(&mut self) -> [u8; N] {
         let out = self.buf[self.pos..self.pos + N]
             .try_into()
@@ -298,6 +409,8 @@ mod tests {
             server_address: "10.77.0.1".parse().unwrap(),
             expires: 2_000_000_000,
             endpoint_hint: hint.map(str::to_owned),
+            udp: true,
+            websocket: None,
         }
     }
 
@@ -313,6 +426,47 @@ mod tests {
             );
             assert_eq!(Token::decode(&s).unwrap(), t);
         }
+    }
+
+    #[test]
+    fn round_trip_with_websocket_offers() {
+        for target in [
+            WsTarget::Pinned {
+                port: 443,
+                sha256: [9; 32],
+            },
+            WsTarget::Plain { port: 8080 },
+            WsTarget::Url {
+                base: "wss://vpn.example.org".into(),
+            },
+        ] {
+            for udp in [true, false] {
+                let mut t = sample(Some("h:1"));
+                t.udp = udp;
+                t.websocket = Some(WsOffer {
+                    target: target.clone(),
+                    path: "/t/abcdefghijklmnopqrstuv".into(),
+                });
+                let s = t.encode();
+                assert_eq!(Token::decode(&s).unwrap(), t);
+                // Every cut is a truncation, never a panic or a misread.
+                for cut in 1..s.len() - "tun1_".len() {
+                    assert!(
+                        matches!(
+                            Token::decode(&s[..s.len() - cut]),
+                            Err(TokenError::Truncated { .. })
+                        ),
+                        "cut {cut}"
+                    );
+                }
+            }
+        }
+        let mut none = sample(None);
+        none.udp = false;
+        assert!(matches!(
+            Token::decode(&none.encode()),
+            Err(TokenError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -78,6 +78,8 @@ fn a_forged_token_that_never_expires_is_refused_cleanly() {
         server_address: "10.77.0.1".parse().unwrap(),
         expires: u64::MAX,
         endpoint_hint: None,
+        udp: true,
+        websocket: None,
     };
     let out = run(&["join", &forged.encode(), "192.0.2.1"]);
     assert_eq!(out.status.code(), Some(2));
@@ -142,6 +144,8 @@ fn the_token_example_decodes_a_token() {
         server_address: "10.77.0.1".parse().unwrap(),
         expires: 4_000_000_000,
         endpoint_hint: Some("vpn.example.org".into()),
+        udp: true,
+        websocket: None,
     };
     let out = Command::new(example("inspect_token"))
         .arg(token.encode())

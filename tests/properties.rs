@@ -43,7 +43,7 @@ proptest! {
 
     #[test]
     fn valid_crc_forgeries_are_decoded_or_refused(
-        flags in 0u8..8,
+        flags in 0u8..16,
         body in proptest::collection::vec(any::<u8>(), 0..200),
     ) {
         let mut payload = vec![flags];

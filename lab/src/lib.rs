@@ -115,6 +115,8 @@ pub struct Host {
     pub ns: String,
     /// Its address on the link it was made with.
     pub ip: String,
+    /// Its interface on that link.
+    pub dev: String,
 }
 
 impl Host {
@@ -460,6 +462,7 @@ impl Lab {
             lab.hosts.push(Host {
                 ns,
                 ip: format!("10.231.0.{}", i + 1),
+                dev: format!("v{id}h{i}"),
             });
         }
         let addr = |h: &Host, dev: &str| {
@@ -553,6 +556,7 @@ impl Lab {
         Host {
             ns,
             ip: format!("{prefix}.2"),
+            dev: b,
         }
     }
 
@@ -700,6 +704,19 @@ impl Lab {
         server: &Host,
         extra: &[&str],
     ) -> Node {
+        self.join_env(host, tag, token, server, extra, &[])
+    }
+
+    /// [`Lab::join`] with environment variables (a proxy, a CA file).
+    pub fn join_env(
+        &mut self,
+        host: &Host,
+        tag: &str,
+        token: &str,
+        server: &Host,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
         let iface = self.iface(tag);
         let state = self.state_dir(tag);
         let mut args = vec![
@@ -714,7 +731,7 @@ impl Lab {
             "userspace",
         ];
         args.extend_from_slice(extra);
-        let proc = self.spawn(host, &args);
+        let proc = self.spawn_env(host, &args, env);
         let lines = self.proc(proc).wait_lines(1, UP);
         Node {
             proc,

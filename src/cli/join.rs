@@ -12,6 +12,7 @@ use crate::shutdown::Shutdown;
 use crate::site::{self, Containers, Invitation, Site};
 use crate::state::{Endpoint, StateDir};
 use crate::token::Token;
+use crate::transport::{JoinTransport, Relay};
 use anyhow::{Context, anyhow};
 use clap::Args;
 use std::io::Read;
@@ -30,6 +31,12 @@ pub struct JoinArgs {
     /// How long to wait for the tunnel to carry traffic
     #[arg(long, default_value = "20s", value_parser = crate::limits::parse_timeout)]
     pub timeout: Duration,
+    /// How to reach the server: auto tries UDP, then WebSocket direct, then through the proxy (from the token's offer)
+    #[arg(long, value_enum, default_value_t = JoinTransport::Auto)]
+    pub transport: JoinTransport,
+    /// HTTP proxy for the WebSocket transport, http://[user:pass@]host:port [default: HTTPS_PROXY, HTTP_PROXY, unless NO_PROXY]
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
 }
 
 /// `HOST`, `HOST:PORT`, `IPv6` or `[IPv6]:PORT`, resolved to one address.
@@ -119,23 +126,45 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         iface: &iface,
         mtu: args.common.mtu,
         backend: args.common.backend,
+        transport: args.transport,
+        proxy: args.proxy.as_deref(),
+        timeout: args.timeout,
     };
+    inv.check()?;
+    if let Some(p) = &args.proxy {
+        crate::transport::proxy::Proxy::parse(p).map_err(Failure::input)?;
+    }
+    let relay = inv.websocket().then(|| Relay::new("websocket"));
     let net = Arc::new(Netlink::connect()?);
-    let device =
-        crate::endpoint::create(&inv.device_spec(), args.common.backend, net.clone(), &store)
-            .await?;
+    let device = crate::endpoint::create(
+        &inv.device_spec(relay.clone()),
+        args.common.backend,
+        net.clone(),
+        &store,
+    )
+    .await?;
 
     let own_key = PrivateKey::generate();
     let progress = spinner();
+    let deadline = started + args.timeout;
     let joined = async {
+        let route = site::choose_path(
+            &inv,
+            device.as_ref(),
+            relay.as_ref(),
+            net.as_ref(),
+            &progress,
+            deadline,
+        )
+        .await?;
         let mut joined = site::redeem_and_switch(
             &inv,
+            &route,
             &own_key,
             device.as_ref(),
             &store,
             &progress,
-            started + args.timeout,
-            args.timeout,
+            deadline,
         )
         .await?;
         let first_packet = started.elapsed();
@@ -143,16 +172,15 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
             Some((runtime, infos)) => {
                 progress.set_message("registering containers");
                 let specs =
-                    site::register_containers(&mut joined, &iface, &infos, endpoint, &store)
-                        .await?;
+                    site::register_containers(&mut joined, &iface, &infos, &route, &store).await?;
                 Some(Containers { runtime, specs })
             }
             None => None,
         };
-        Ok::<_, site::SiteError>((joined, first_packet, containers))
+        Ok::<_, site::SiteError>((joined, route, first_packet, containers))
     }
     .await;
-    let (joined, first_packet, containers) = match joined {
+    let (joined, route, first_packet, containers) = match joined {
         Ok(j) => j,
         Err(e) => {
             progress.finish_and_clear();
@@ -163,13 +191,15 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         }
     };
     let summary = format!(
-        "joined {iface} as {}, server {} at {endpoint}, first packet after {} ms",
+        "joined {iface} as {}, server {} at {endpoint} over {}, first packet after {} ms",
         token.assigned_network(),
         token.server_address,
+        route.path,
         first_packet.as_millis()
     );
     let site = Site {
         device,
+        route,
         net,
         joined,
         iface,

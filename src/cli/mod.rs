@@ -71,9 +71,9 @@ pub struct EndpointArgs {
     /// WireGuard implementation: kernel module, embedded userspace (gotatun), or auto (kernel when available)
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
     pub backend: BackendChoice,
-    /// Interface MTU (1420 suits WireGuard over IPv4 UDP on a 1500-byte path)
-    #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u32).range(1280..=9000))]
-    pub mtu: u32,
+    /// Interface MTU [default: 1420 over UDP, 1400 over WebSocket, for a 1500-byte IPv4 path]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1280..=9000))]
+    pub mtu: Option<u32>,
     /// Put an endpoint inside this Docker container (name or id); repeatable. Each gets its own key and address
     #[arg(long = "container", value_name = "NAME|ID")]
     pub containers: Vec<String>,

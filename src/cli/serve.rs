@@ -11,8 +11,14 @@ use crate::net::{NetOps, Netlink, validate_ifname};
 use crate::shutdown::Shutdown;
 use crate::site::KEEPALIVE;
 use crate::state::{ServerState, StateDir};
+use crate::transport::tls::Identity;
+use crate::transport::{
+    Offer, Relay, ServeTransports, TransportError, WsOffer, WsTarget, is_virtual,
+};
 use crate::wg::{BackendKind, DeviceSpec, PeerSpec};
 use anyhow::{Context, anyhow};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use clap::Args;
 use ipnetwork::IpNetwork;
 use std::io::Write;
@@ -42,9 +48,154 @@ pub struct ServeArgs {
     /// HOST[:PORT] at which joiners reach this server; a hint baked into tokens
     #[arg(long)]
     pub endpoint: Option<String>,
+    /// Transports to accept, comma-separated: udp, wss (WebSocket with TLS by this server), ws (plain WebSocket, behind a TLS-terminating reverse proxy)
+    #[arg(long, default_value = "udp", value_parser = parse_transports)]
+    pub transport: ServeTransports,
+    /// TCP address for WebSocket connections (with --transport wss or ws)
+    #[arg(long, default_value = "[::]:443", value_name = "ADDR:PORT")]
+    pub wss_listen: SocketAddr,
+    /// The URL joiners use when a reverse proxy stands in front, e.g. wss://vpn.example.org/tunnel (the secret path is appended)
+    #[arg(long, value_name = "URL")]
+    pub public_url: Option<String>,
     /// How many endpoints (containers) one joined site may register
     #[arg(long, default_value_t = limits::DEFAULT_ENDPOINTS_PER_SITE, value_parser = clap::value_parser!(u16).range(0..=4096))]
     pub endpoints_per_site: u16,
+}
+
+fn parse_transports(s: &str) -> Result<ServeTransports, String> {
+    ServeTransports::parse(s).map_err(|e| e.to_string())
+}
+
+/// The public URL's `scheme://host[:port]` and path prefix.
+fn public_url(text: &str) -> Result<(String, String), Failure> {
+    let bad = |why: &str| Failure::input(anyhow!("--public-url {text:?}: {why}"));
+    let u = url::Url::parse(text).map_err(|e| bad(&e.to_string()))?;
+    if !matches!(u.scheme(), "ws" | "wss") {
+        return Err(bad("use a ws:// or wss:// URL"));
+    }
+    let host = u.host_str().ok_or_else(|| bad("no host"))?;
+    if u.query().is_some() || u.fragment().is_some() || !u.username().is_empty() {
+        return Err(bad("no query, fragment or user, please"));
+    }
+    let base = match u.port() {
+        Some(p) => format!("{}://{host}:{p}", u.scheme()),
+        None => format!("{}://{host}", u.scheme()),
+    };
+    Ok((base, u.path().trim_end_matches('/').to_owned()))
+}
+
+/// The WebSocket side of a hub: its listener and how tokens offer it.
+struct WebSocket {
+    listener: tokio::net::TcpListener,
+    relay: Arc<Relay>,
+    path: String,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    offer: WsOffer,
+}
+
+/// Prepares the WebSocket transport before the host is touched: the
+/// listener is bound (so a port in use is refused up front), the secret
+/// path made or reused, the certificate made or loaded.
+async fn websocket(
+    args: &ServeArgs,
+    state: &mut ServerState,
+    store: &StateDir,
+) -> Result<Option<WebSocket>, Failure> {
+    let t = args.transport;
+    if !t.websocket() {
+        if args.public_url.is_some() {
+            return Err(Failure::input(anyhow!(
+                "--public-url is for the WebSocket transport; add --transport udp,ws or udp,wss"
+            )));
+        }
+        return Ok(None);
+    }
+    let prefix = args.public_url.as_deref().map(public_url).transpose()?;
+    let secret = state
+        .websocket_secret
+        .get_or_insert_with(|| {
+            let mut b = [0u8; 18];
+            rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+            URL_SAFE_NO_PAD.encode(b)
+        })
+        .clone();
+    let path = format!(
+        "{}/{secret}",
+        prefix
+            .as_ref()
+            .map(|(_, p)| p.as_str())
+            .unwrap_or("/tunnel")
+    );
+    let listener = match crate::transport::ws::bind(args.wss_listen).await {
+        Err(TransportError::Connect { source, .. })
+            if source.kind() == std::io::ErrorKind::AddrNotAvailable
+                && args.wss_listen.is_ipv6() =>
+        {
+            // No IPv6 here: the IPv4 wildcard instead.
+            crate::transport::ws::bind(SocketAddr::from(([0, 0, 0, 0], args.wss_listen.port())))
+                .await
+        }
+        other => other,
+    };
+    let listener = listener.map_err(|e| match e {
+        TransportError::Connect { source, .. }
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            Failure::input(anyhow!(
+                "TCP port {} (--wss-listen) is already in use",
+                args.wss_listen.port()
+            ))
+        }
+        other => other.into(),
+    })?;
+    let port = listener
+        .local_addr()
+        .context("the WebSocket listener")?
+        .port();
+    let tls = if t.wss {
+        store.ensure()?;
+        let names = vec![
+            args.endpoint
+                .as_deref()
+                .and_then(|e| e.rsplit_once(':').map(|(h, _)| h).or(Some(e)))
+                .unwrap_or("tunnel")
+                .trim_matches(|c| c == '[' || c == ']')
+                .to_owned(),
+        ];
+        let id =
+            Identity::load_or_create(&ServerState::certificate(store, &args.common.iface), names)?;
+        let acceptor = id.acceptor().context("the TLS configuration")?;
+        Some((acceptor, id.fingerprint()))
+    } else {
+        None
+    };
+    let target = match (&prefix, &tls) {
+        (Some((base, _)), _) => WsTarget::Url { base: base.clone() },
+        (None, Some((_, sha256))) => WsTarget::Pinned {
+            port,
+            sha256: *sha256,
+        },
+        (None, None) => WsTarget::Plain { port },
+    };
+    tracing::info!(
+        "WebSocket ({}) on TCP {}{}",
+        if t.wss { "TLS" } else { "plain" },
+        listener.local_addr().context("the WebSocket listener")?,
+        match &prefix {
+            Some((base, _)) => format!(", reached as {base}{path}"),
+            None => String::new(),
+        }
+    );
+    Ok(Some(WebSocket {
+        listener,
+        relay: Relay::new(if t.wss { "wss" } else { "ws" }),
+        offer: WsOffer {
+            target,
+            path: path.clone(),
+        },
+        path,
+        tls: tls.map(|(a, _)| a),
+    }))
 }
 
 fn check_hint(hint: &str) -> Result<(), Failure> {
@@ -57,6 +208,16 @@ fn check_hint(hint: &str) -> Result<(), Failure> {
         )));
     }
     Ok(())
+}
+
+/// `--mtu`, else what the transports want: UDP's 1420, or 1400 for a hub
+/// reached only over WebSocket.
+fn default_mtu(args: &ServeArgs) -> u32 {
+    args.common.mtu.unwrap_or(if args.transport.udp {
+        crate::transport::UDP_MTU
+    } else {
+        crate::transport::WS_MTU
+    })
 }
 
 /// Reuses the saved state (same key, port, subnet, peers) or makes a new one.
@@ -83,7 +244,7 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
                 store.file(iface).display()
             );
             Ok(ServerState {
-                mtu: args.common.mtu,
+                mtu: default_mtu(args),
                 ..saved
             })
         }
@@ -91,7 +252,7 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
             args.subnet
                 .unwrap_or_else(|| DEFAULT_SUBNET.parse().expect("valid default")),
             args.port.unwrap_or(DEFAULT_PORT),
-            args.common.mtu,
+            default_mtu(args),
         )),
     }
 }
@@ -117,7 +278,12 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         let names: Vec<String> = infos.iter().map(|c| c.name.clone()).collect();
         hub::ensure_containers(&mut state, &names, |n| endpoint_iface(&iface, n))?;
     }
+    let websocket = websocket(&args, &mut state, &store).await?;
     let mut ledger = Ledger::new(state, args.endpoints_per_site.into())?;
+    ledger.set_offer(Offer {
+        udp: args.transport.udp,
+        websocket: websocket.as_ref().map(|w| w.offer.clone()),
+    });
     // Expired invites never reach the device.
     ledger.prune(SystemTime::now());
     let server_ip = ledger.server_address();
@@ -149,6 +315,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
             ],
             mtu: state.mtu,
             confine: confine.clone(),
+            relay: websocket.as_ref().map(|w| w.relay.clone()),
         };
         let device =
             crate::endpoint::create(&spec, args.common.backend, net.clone(), &store).await?;
@@ -182,6 +349,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
             forward.then_some(net.as_ref() as &dyn NetOps),
             hub,
             follower.as_mut(),
+            websocket,
             shutdown,
         )
         .await;
@@ -226,6 +394,7 @@ fn container_specs(
             },
             mtu: state.mtu,
             probe: SocketAddr::new(server_ip, CONTROL_PORT),
+            link: None,
         })
         .collect()
 }
@@ -237,7 +406,12 @@ async fn nudge_known_peers(server_ip: IpAddr, state: &ServerState) {
     let Ok(sock) = tokio::net::UdpSocket::bind(SocketAddr::new(server_ip, 0)).await else {
         return;
     };
-    for p in state.peers.iter().filter(|p| p.endpoint.is_some()) {
+    // Sites on a WebSocket reconnect by themselves.
+    for p in state
+        .peers
+        .iter()
+        .filter(|p| p.endpoint.is_some_and(|e| !is_virtual(&e)))
+    {
         // The discard port: the packet only has to enter the tunnel.
         let _ = sock.send_to(b"", SocketAddr::new(p.address, 9)).await;
     }
@@ -249,6 +423,7 @@ async fn serve(
     forwarding: Option<&dyn NetOps>,
     hub: Arc<Hub>,
     follower: Option<&mut Follower>,
+    websocket: Option<WebSocket>,
     mut shutdown: Shutdown,
 ) -> Result<(), Failure> {
     let iface = &args.common.iface;
@@ -272,6 +447,16 @@ async fn serve(
         hub.clone(),
         shutdown.waiter(),
     ));
+    let relay = websocket.as_ref().map(|w| w.relay.clone());
+    let ws = websocket.map(|w| {
+        tokio::spawn(crate::transport::ws::serve(
+            w.listener,
+            w.relay,
+            w.path,
+            w.tls,
+            shutdown.waiter(),
+        ))
+    });
     let socket = hub.store().socket(iface);
     let local = control::local::bind(&socket)?;
     let local_api = Arc::new(HubApi {
@@ -279,6 +464,7 @@ async fn serve(
         iface: iface.clone(),
         endpoint_hint: args.endpoint.clone(),
         containers: follower.as_ref().map(|f| f.status()),
+        relay,
     });
     let local = tokio::spawn(control::local::serve(
         local,
@@ -369,7 +555,9 @@ async fn serve(
     if let Err(e) = hub.record_endpoints().await {
         tracing::warn!("saving peer endpoints: {:#}", anyhow!(e));
     }
-    for (what, task) in [("control API", api), ("local control socket", local)] {
+    let mut tasks = vec![("control API", api), ("local control socket", local)];
+    tasks.extend(ws.map(|t| ("WebSocket listener", t)));
+    for (what, task) in tasks {
         if tokio::time::timeout(Duration::from_secs(3), task)
             .await
             .is_err()

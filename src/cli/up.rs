@@ -24,6 +24,9 @@ pub struct UpArgs {
     /// How long to wait for the server before reporting it; the tunnel stays up either way
     #[arg(long, default_value = "10s", value_parser = crate::limits::parse_timeout)]
     pub timeout: Duration,
+    /// HTTP proxy for a site that joined over WebSocket, http://[user:pass@]host:port [default: the one it joined through]
+    #[arg(long, value_name = "URL")]
+    pub proxy: Option<String>,
 }
 
 pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
@@ -59,14 +62,16 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         Some(Arc::new(Bollard::connect().await?))
     };
 
+    let (route, relay) = site::saved_route(&joined, endpoint, args.proxy.as_deref())?;
     let spec = DeviceSpec {
         name: iface.clone(),
         private_key: joined.private_key.clone(),
         listen_port: 0,
-        peers: vec![site::hub_peer(&joined, endpoint)],
+        peers: vec![site::hub_peer(&joined, route.endpoint)],
         addresses: vec![joined.address],
         mtu: joined.mtu,
         confine: None,
+        relay,
     };
     let net = Arc::new(Netlink::connect()?);
     let device = crate::endpoint::create(&spec, backend, net.clone(), &store).await?;
@@ -83,15 +88,16 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         }
     };
     let summary = format!(
-        "up {iface} as {}, server {} at {endpoint}, {flow}",
-        joined.address, joined.server_address
+        "up {iface} as {}, server {} at {endpoint} over {}, {flow}",
+        joined.address, joined.server_address, route.path
     );
     let containers = runtime.map(|runtime| Containers {
         runtime,
-        specs: site::saved_containers(&joined, endpoint),
+        specs: site::saved_containers(&joined, &route),
     });
     let site = Site {
         device,
+        route,
         net,
         joined,
         iface,

@@ -14,6 +14,8 @@ pub struct HubApi {
     pub iface: String,
     pub endpoint_hint: Option<String>,
     pub containers: Option<ContainerView>,
+    /// The WebSocket links, to name the peers that use them.
+    pub relay: Option<Arc<crate::transport::Relay>>,
 }
 
 fn unavailable<E: std::error::Error>(d: Denied<E>) -> LocalError {
@@ -57,7 +59,16 @@ impl LocalApi for HubApi {
                 } else {
                     ("unknown".to_owned(), None)
                 };
-                PeerReport::from_live(p, Some(name), address)
+                let mut r = PeerReport::from_live(p, Some(name), address);
+                match (&self.relay, r.endpoint) {
+                    (Some(relay), Some(e)) if crate::transport::is_virtual(&e) => {
+                        r.transport = Some(relay.kind().to_owned());
+                        r.endpoint = relay.remote_of(&e);
+                    }
+                    (_, Some(_)) => r.transport = Some("udp".to_owned()),
+                    _ => {}
+                }
+                r
             })
             .collect();
         let mut out = vec![main];

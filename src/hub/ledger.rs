@@ -177,6 +177,8 @@ pub struct Ledger {
     quota: usize,
     /// Whether `state` changed since [`Ledger::take_changed`]: it must be saved.
     changed: bool,
+    /// The transports tokens offer.
+    offer: crate::transport::Offer,
 }
 
 /// Gives each named container of this host an endpoint record (key made
@@ -233,7 +235,13 @@ impl Ledger {
             pending: Vec::new(),
             quota,
             changed: false,
+            offer: Default::default(),
         })
+    }
+
+    /// The transports the tokens minted from now on offer.
+    pub fn set_offer(&mut self, offer: crate::transport::Offer) {
+        self.offer = offer;
     }
 
     pub fn state(&self) -> &ServerState {
@@ -390,6 +398,8 @@ impl Ledger {
                 server_address: self.pool.server_address(),
                 expires,
                 endpoint_hint: req.endpoint_hint.clone(),
+                udp: self.offer.udp,
+                websocket: self.offer.websocket.clone(),
             });
         }
         Ok(tokens)

@@ -273,7 +273,9 @@ impl Hub {
 
     /// Remembers where peers were last seen, saving when that changed.
     pub async fn record_endpoints(&self) -> Result<(), HubError> {
-        let live = self.wg.peers().await?;
+        let mut live = self.wg.peers().await?;
+        // A WebSocket link's address means nothing after a restart.
+        live.retain(|p| !p.endpoint.is_some_and(|e| crate::transport::is_virtual(&e)));
         self.transact(false, |l| {
             Ok::<_, std::convert::Infallible>(l.record_endpoints(&live))
         })

@@ -86,6 +86,15 @@ impl NetOps for FakeNet {
         Ok(())
     }
 
+    async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError> {
+        let mut links = self.links.lock().unwrap();
+        let link = links
+            .get_mut(name)
+            .ok_or_else(|| NetError::NotFound(name.to_owned()))?;
+        link.mtu = Some(mtu);
+        Ok(())
+    }
+
     async fn delete_link(&self, name: &str) -> Result<(), NetError> {
         self.links
             .lock()

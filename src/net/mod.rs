@@ -42,6 +42,8 @@ pub trait NetOps: Send + Sync {
     /// with them) and brings the link up.
     async fn configure(&self, name: &str, addrs: &[IpNetwork], mtu: u32) -> Result<(), NetError>;
     async fn delete_link(&self, name: &str) -> Result<(), NetError>;
+    /// Changes the MTU of a link that is up (a site that moved to a WebSocket).
+    async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError>;
     /// Moves the link into the network namespace of process `pid`.
     async fn move_to_netns(&self, name: &str, pid: u32) -> Result<(), NetError>;
     /// Lets the kernel forward IPv4 packets that arrive on the link (the hub

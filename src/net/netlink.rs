@@ -181,6 +181,16 @@ impl NetOps for Netlink {
             .map_err(|e| classify(e, "enabling forwarding", name))
     }
 
+    async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError> {
+        let index = self.require_index(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(|e| classify(e, "setting the MTU", name))
+    }
+
     async fn delete_link(&self, name: &str) -> Result<(), NetError> {
         let index = self.require_index(name).await?;
         self.handle

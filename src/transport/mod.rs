@@ -142,6 +142,22 @@ mod hex32 {
     }
 }
 
+/// What a hub's tokens offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offer {
+    pub udp: bool,
+    pub websocket: Option<WsOffer>,
+}
+
+impl Default for Offer {
+    fn default() -> Self {
+        Offer {
+            udp: true,
+            websocket: None,
+        }
+    }
+}
+
 /// What `--transport` asks for on `serve`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServeTransports {
@@ -257,6 +273,12 @@ pub struct Relay {
     dropped: std::sync::atomic::AtomicU64,
     /// What a link on this relay is, for status: "wss", "ws".
     kind: Mutex<&'static str>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Relay({}, {} links)", self.kind(), self.links())
+    }
 }
 
 impl Relay {

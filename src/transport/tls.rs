@@ -71,7 +71,9 @@ impl Identity {
                     made.signing_key.serialize_pem(),
                     made.cert.pem()
                 ));
-                crate::state::write_atomic(path, pem.as_bytes()).map_err(|e| fail(e.into()))?;
+                // The state error names the path already; its text is enough.
+                crate::state::write_atomic(path, pem.as_bytes())
+                    .map_err(|e| fail(e.to_string().into()))?;
                 tracing::info!(
                     "made the TLS certificate of the WebSocket transport, {} (SHA-256 {})",
                     path.display(),

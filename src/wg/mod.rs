@@ -47,6 +47,10 @@ pub enum WgError {
     UapiInUse(String, String),
     #[error("UDP port {0} is already in use")]
     PortInUse(u16),
+    #[error(
+        "the WebSocket transport needs the userspace backend (kernel WireGuard speaks only UDP)"
+    )]
+    KernelWebSocket,
     #[error("userspace WireGuard: {what}")]
     Userspace {
         what: &'static str,
@@ -124,6 +128,8 @@ pub struct DeviceSpec {
     /// outside these networks (the hub's confinement where nftables is
     /// missing). The kernel backend ignores it; nftables does its job.
     pub confine: Option<Vec<IpNetwork>>,
+    /// Userspace only: WebSocket links beside the UDP socket.
+    pub relay: Option<Arc<crate::transport::Relay>>,
 }
 
 /// A running WireGuard interface.
@@ -176,6 +182,12 @@ pub async fn create(
         .unwrap_or_else(|| host.clone());
     let kernel = || kernel::KernelDevice::create(spec, host.clone(), link_net.clone());
     let user = || userspace::UserspaceDevice::create(spec, link_net.clone());
+    // Kernel WireGuard speaks UDP only.
+    let choice = match (choice, &spec.relay) {
+        (BackendChoice::Kernel, Some(_)) => return Err(WgError::KernelWebSocket),
+        (BackendChoice::Auto, Some(_)) => BackendChoice::Userspace,
+        (c, _) => c,
+    };
     let device: Box<dyn WgDevice> = match choice {
         BackendChoice::Kernel => Box::new(kernel().await?),
         BackendChoice::Userspace => Box::new(user().await?),
@@ -260,6 +272,7 @@ mod tests {
             addresses: vec!["10.77.0.2/24".parse().unwrap()],
             mtu: 1420,
             confine: None,
+            relay: None,
         }
     }
 

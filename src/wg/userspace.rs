@@ -8,23 +8,28 @@
 use super::{BackendKind, Cause, DeviceSpec, PeerSpec, PeerStatus, WgDevice, WgError, uapi_socket};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::net::NetOps;
+use crate::transport::{Relay, is_virtual};
 use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
 use gotatun::device::uapi::UapiServer;
 use gotatun::device::{Device, DeviceBuilder, Peer};
 use gotatun::packet::{Ip, Packet, PacketBufPool};
 use gotatun::tun::tun_async_device::TunDevice;
 use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
-use gotatun::udp::socket::UdpSocketFactory;
+use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
+use gotatun::udp::{UdpRecv, UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
 use gotatun::x25519;
 use ipnetwork::IpNetwork;
 use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::RwLock;
+use tokio::sync::mpsc;
 
-type Gotatun = Device<(UdpSocketFactory, Tun, Tun)>;
+type Gotatun = Device<(Mux, Tun, Tun)>;
 
 /// Socket buffers as wireguard-go sizes them (7 MiB): bursts at line rate
 /// overflow the default ~200 KiB and are dropped.
@@ -79,6 +84,154 @@ impl IpRecv for Tun {
 
     fn mtu(&self) -> MtuWatcher {
         self.inner.mtu()
+    }
+}
+
+/// The device's transport: its UDP socket, and the WebSocket links of a
+/// [`Relay`] when it has one. Datagrams for a link's virtual address go
+/// to the link; datagrams from links arrive beside the UDP ones, with the
+/// link's virtual address as their source. One device thus serves UDP
+/// and WebSocket peers with one key and one set of peers.
+pub struct Mux {
+    udp: UdpSocketFactory,
+    relay: Option<Arc<Relay>>,
+}
+
+impl UdpTransportFactory for Mux {
+    type Send = MuxSend;
+    type Recv = MuxRecv;
+
+    async fn bind(
+        &mut self,
+        params: &UdpTransportFactoryParams,
+    ) -> std::io::Result<(MuxSend, MuxRecv)> {
+        let (send, recv) = self.udp.bind(params).await?;
+        let inbound = self.relay.as_ref().map(|r| r.attach());
+        Ok((
+            MuxSend {
+                udp: send,
+                relay: self.relay.clone(),
+            },
+            MuxRecv { udp: recv, inbound },
+        ))
+    }
+}
+
+#[derive(Clone)]
+pub struct MuxSend {
+    udp: UdpSocket,
+    relay: Option<Arc<Relay>>,
+}
+
+/// A datagram's bytes, without a copy.
+fn take(mut packet: Packet) -> Bytes {
+    packet.buf_mut().split().freeze()
+}
+
+impl UdpSend for MuxSend {
+    type SendManyBuf = <UdpSocket as UdpSend>::SendManyBuf;
+
+    async fn send_to(&self, packet: Packet, destination: SocketAddr) -> std::io::Result<()> {
+        if is_virtual(&destination) {
+            if let Some(r) = &self.relay {
+                r.send(&destination, take(packet));
+            }
+            return Ok(());
+        }
+        self.udp.send_to(packet, destination).await
+    }
+
+    fn max_number_of_packets_to_send(&self) -> usize {
+        self.udp.max_number_of_packets_to_send()
+    }
+
+    async fn send_many_to(
+        &self,
+        buf: &mut Self::SendManyBuf,
+        packets: &mut Vec<(Packet, SocketAddr)>,
+    ) -> std::io::Result<()> {
+        if let Some(r) = &self.relay
+            && packets.iter().any(|(_, d)| is_virtual(d))
+        {
+            let mut udp = Vec::with_capacity(packets.len());
+            for (p, d) in packets.drain(..) {
+                if is_virtual(&d) {
+                    r.send(&d, take(p));
+                } else {
+                    udp.push((p, d));
+                }
+            }
+            *packets = udp;
+        }
+        if packets.is_empty() {
+            return Ok(());
+        }
+        self.udp.send_many_to(buf, packets).await
+    }
+
+    fn local_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        UdpSend::local_addr(&self.udp)
+    }
+
+    fn set_fwmark(&self, mark: u32) -> std::io::Result<()> {
+        self.udp.set_fwmark(mark)
+    }
+}
+
+pub struct MuxRecv {
+    udp: UdpSocket,
+    inbound: Option<mpsc::Receiver<(Bytes, SocketAddr)>>,
+}
+
+fn packet(b: Bytes) -> Packet {
+    Packet::from_bytes(b.try_into_mut().unwrap_or_else(|b| BytesMut::from(&b[..])))
+}
+
+impl UdpRecv for MuxRecv {
+    type RecvManyBuf = <UdpSocket as UdpRecv>::RecvManyBuf;
+
+    async fn recv_from(
+        &mut self,
+        pool: &mut PacketBufPool,
+    ) -> std::io::Result<(Packet, SocketAddr)> {
+        let MuxRecv { udp, inbound } = self;
+        match inbound {
+            None => udp.recv_from(pool).await,
+            Some(rx) => tokio::select! {
+                Some((b, from)) = rx.recv() => Ok((packet(b), from)),
+                r = udp.recv_from(pool) => r,
+            },
+        }
+    }
+
+    async fn recv_many_from(
+        &mut self,
+        buf: &mut Self::RecvManyBuf,
+        pool: &mut PacketBufPool,
+        packets: &mut Vec<(Packet, SocketAddr)>,
+    ) -> std::io::Result<()> {
+        let MuxRecv { udp, inbound } = self;
+        match inbound {
+            None => udp.recv_many_from(buf, pool, packets).await,
+            Some(rx) => tokio::select! {
+                Some((b, from)) = rx.recv() => {
+                    packets.push((packet(b), from));
+                    // Whatever else the links have queued, in the same batch.
+                    while packets.len() < 64 {
+                        match rx.try_recv() {
+                            Ok((b, from)) => packets.push((packet(b), from)),
+                            Err(_) => break,
+                        }
+                    }
+                    Ok(())
+                }
+                r = udp.recv_many_from(buf, pool, packets) => r,
+            },
+        }
+    }
+
+    fn enable_udp_gro(&self) -> std::io::Result<()> {
+        self.udp.enable_udp_gro()
     }
 }
 
@@ -165,10 +318,15 @@ impl UserspaceDevice {
             inner: tun,
             confine: spec.confine.as_deref().map(Arc::from),
         };
+        let mux = Mux {
+            udp: UdpSocketFactory {
+                recv_buffer_size: Some(UDP_BUFFER),
+                send_buffer_size: Some(UDP_BUFFER),
+            },
+            relay: spec.relay.clone(),
+        };
         let builder = DeviceBuilder::new()
-            .with_default_udp()
-            .udp_recv_buffer_size(UDP_BUFFER)
-            .udp_send_buffer_size(UDP_BUFFER)
+            .with_udp(mux)
             .with_ip(tun)
             .with_uapi(uapi)
             .with_private_key(spec.private_key.as_secret().clone())

@@ -1,0 +1,412 @@
+//! WireGuard over WebSocket end to end (seed 000): a site whose network
+//! passes nothing but an HTTP CONNECT proxy (tinyproxy), and a hub behind
+//! a TLS-terminating reverse proxy (nginx).
+//!
+//! Hosts on the lab's shared link: 0 the hub, 1 the proxy, 2 the site.
+
+mod common;
+
+use common::{Containers, Host, Lab, Node, needs_docker, needs_root};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const WSS_PORT: &str = "8443";
+
+/// Only TCP to the proxy leaves `host` on its uplink; UDP and every other
+/// address are dropped (the tunnel's own interface is not restricted).
+fn lock_down(host: &Host, proxy: &Host) {
+    let rules = format!(
+        "table inet lockdown {{
+            chain out {{
+                type filter hook output priority 0; policy accept;
+                oifname \"{dev}\" ip daddr {proxy} tcp dport 3128 accept
+                oifname \"{dev}\" drop
+            }}
+        }}",
+        dev = host.dev,
+        proxy = proxy.ip
+    );
+    host.run(&["nft", &rules]);
+    assert!(
+        !host
+            .exec(&["ping", "-c", "1", "-W", "1", "10.231.0.1"])
+            .status
+            .success(),
+        "the lock-down lets traffic through"
+    );
+}
+
+/// tinyproxy in `host` on :3128, with Basic auth when `auth` is given.
+fn tinyproxy(lab: &mut Lab, host: &Host, auth: Option<(&str, &str)>) -> usize {
+    let conf = lab.dir.path().join(format!("tinyproxy-{}.conf", lab.id));
+    let mut text = format!(
+        "Port 3128\nListen {}\nTimeout 600\nAllow 10.231.0.0/24\nConnectPort 443\nConnectPort {WSS_PORT}\nLogLevel Info\nMaxClients 100\n",
+        host.ip
+    );
+    if let Some((u, p)) = auth {
+        text.push_str(&format!("BasicAuth {u} {p}\n"));
+    }
+    std::fs::write(&conf, text).unwrap();
+    let p = lab.spawn_cmd(
+        host,
+        &["tinyproxy", "-d", "-c", conf.to_str().unwrap()],
+        &[],
+    );
+    host.wait_listening("3128", Duration::from_secs(10));
+    p
+}
+
+/// A file of `mb` random megabytes and its SHA-256.
+fn big_file(dir: &Path, name: &str, mb: usize) -> (PathBuf, String) {
+    let path = dir.join(name);
+    common::sh(&[
+        "dd",
+        "if=/dev/urandom",
+        &format!("of={}", path.display()),
+        "bs=1M",
+        &format!("count={mb}"),
+        "status=none",
+    ]);
+    let sum = common::sh(&["sha256sum", path.to_str().unwrap()]);
+    (path, sum.split_whitespace().next().unwrap().to_owned())
+}
+
+/// Serves `dir` on `addr` from `server` (busybox httpd) and fetches
+/// `name` from `client`; asserts that the bytes arrive whole.
+fn transfer(lab: &mut Lab, server: &Host, client: &Host, addr: &str, name: &str, sum: &str) {
+    let dir = lab.dir.path().to_str().unwrap().to_owned();
+    let httpd = lab.spawn_cmd(
+        server,
+        &["busybox", "httpd", "-f", "-p", addr, "-h", &dir],
+        &[],
+    );
+    server.wait_listening(addr.rsplit(':').next().unwrap(), Duration::from_secs(10));
+    let out = client.exec(&[
+        "sh",
+        "-c",
+        &format!("timeout 60 busybox wget -qO- http://{addr}/{name} | sha256sum"),
+    ]);
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        got.split_whitespace().next(),
+        Some(sum),
+        "a 10 MB transfer from {addr} arrived damaged or not at all"
+    );
+    lab.proc(httpd).terminate();
+}
+
+fn hub(lab: &mut Lab, host: &Host, extra: &[&str]) -> Node {
+    let mut args = vec!["--transport", "udp,wss", "--wss-listen", "[::]:8443"];
+    args.extend_from_slice(extra);
+    lab.serve(host, "a", 1, &args)
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_site_behind_an_authenticating_proxy_joins_over_wss_and_survives_a_proxy_restart() {
+    needs_root("websocket_through_proxy");
+    let mut lab = common::lab(3);
+    let (a, p, b) = (lab.host(0), lab.host(1), lab.host(2));
+    lock_down(&b, &p);
+    let mut proxy = tinyproxy(&mut lab, &p, Some(("alice", "s3cret")));
+    let hub = hub(&mut lab, &a, &[]);
+    let proxy_url = format!("http://alice:s3cret@{}:3128", p.ip);
+    let site = lab.join_env(
+        &b,
+        "b",
+        &hub.lines[0],
+        &a,
+        &[],
+        &[("HTTPS_PROXY", &proxy_url), ("NO_PROXY", "localhost")],
+    );
+    assert!(
+        site.lines[0].contains("over wss via proxy http://alice:***@"),
+        "auto ended elsewhere: {:?}",
+        site.lines
+    );
+    // Ping and 10 MB both ways, through the proxy.
+    assert!(b.ping("10.77.0.1") && a.ping("10.77.0.2"));
+    let (_, sum) = big_file(lab.dir.path(), "big", 10);
+    transfer(&mut lab, &a, &b, "10.77.0.1:8080", "big", &sum);
+    transfer(&mut lab, &b, &a, "10.77.0.2:8080", "big", &sum);
+    // The hub shows the site's transport; the site its path; MTU 1400.
+    let st = lab.status(&hub).to_string();
+    assert!(st.contains("\"transport\":\"wss\""), "{st}");
+    let mtu = b.run(&["cat", &format!("/sys/class/net/{}/mtu", site.iface)]);
+    assert_eq!(mtu.trim(), "1400");
+
+    // The proxy restarts: traffic resumes without restarting tunnel.
+    assert!(lab.proc(proxy).terminate().code().is_some());
+    std::thread::sleep(Duration::from_secs(1));
+    proxy = tinyproxy(&mut lab, &p, Some(("alice", "s3cret")));
+    let took = b.ping_until("10.77.0.1", Instant::now());
+    eprintln!(
+        "traffic resumed {} ms after the proxy came back",
+        took.as_millis()
+    );
+    assert!(lab.proc(site.proc).running() && lab.proc(hub.proc).running());
+
+    // `up` after a crash takes the same path.
+    lab.proc(site.proc).kill();
+    let mut args = site.local("up");
+    args.extend(["--backend", "userspace"]);
+    let up = lab.spawn(&b, &args);
+    let line = lab.proc(up).wait_lines(1, common::UP)[0].clone();
+    assert!(line.contains("over wss via proxy"), "{line}");
+    b.ping_until("10.77.0.1", Instant::now());
+    let _ = proxy;
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn explicit_wss_a_wrong_pin_and_a_wrong_path() {
+    needs_root("websocket_refusals");
+    let mut lab = common::lab(3);
+    let (a, p, b) = (lab.host(0), lab.host(1), lab.host(2));
+    let hub = hub(&mut lab, &a, &[]);
+    tinyproxy(&mut lab, &p, None);
+
+    // Any path but the secret one: a plain 404, never a WebSocket.
+    let url = format!("https://{}:{WSS_PORT}/tunnel/guess", a.ip);
+    let out = b.exec(&[
+        "curl",
+        "-sk",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-m",
+        "5",
+        &url,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+    assert!(
+        lab.proc(hub.proc)
+            .stderr()
+            .contains("which is not the tunnel's path")
+    );
+
+    // A token whose pin is not the server's certificate's: refused, rc 2,
+    // nothing left behind.
+    let mut forged = tunnel::token::Token::decode(&hub.lines[0]).unwrap();
+    if let Some(tunnel::transport::WsOffer {
+        target: tunnel::transport::WsTarget::Pinned { sha256, .. },
+        ..
+    }) = forged.websocket.as_mut()
+    {
+        sha256[0] ^= 0xff;
+    } else {
+        panic!("the token offers no pinned WebSocket: {forged:?}");
+    }
+    let iface = lab.iface("x");
+    let state = lab.state_dir("x");
+    let out = lab.tunnel(
+        &b,
+        &[
+            "join",
+            &forged.encode(),
+            &a.ip,
+            "--iface",
+            &iface,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--transport",
+            "wss",
+        ],
+    );
+    common::failed_with(&out, 2, "does not match the token's pin");
+    assert!(!b.has_link(&iface));
+    assert!(!state.join(format!("{iface}.json")).exists());
+
+    // --transport wss with --proxy and no authentication: the explicit flag.
+    let site = lab.join(
+        &b,
+        "b",
+        &hub.lines[0],
+        &a,
+        &[
+            "--transport",
+            "wss",
+            "--proxy",
+            &format!("http://{}:3128", p.ip),
+        ],
+    );
+    // Direct is possible here, and is tried first.
+    assert!(
+        site.lines[0].contains("over wss direct"),
+        "{:?}",
+        site.lines
+    );
+    assert!(b.ping("10.77.0.1"));
+    // A bad proxy URL is bad input.
+    let out = lab.tunnel(
+        &b,
+        &[
+            "join",
+            &hub.lines[0],
+            &a.ip,
+            "--proxy",
+            "https://x:1",
+            "--iface",
+            "wtq",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_hub_behind_a_tls_terminating_reverse_proxy_with_a_path_rule() {
+    needs_root("websocket_reverse_proxy");
+    let mut lab = common::lab(3);
+    let (a, p, b) = (lab.host(0), lab.host(1), lab.host(2));
+    // A CA for this test only, and nginx's certificate for the proxy's address.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec![p.ip.clone()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let dir = lab.dir.path().to_owned();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("proxy.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("proxy.key"), key.serialize_pem()).unwrap();
+
+    // The hub speaks plain WebSocket; the proxy adds TLS.
+    let public = format!("wss://{}/vpn", p.ip);
+    let hub = lab.serve(
+        &a,
+        "a",
+        1,
+        &[
+            "--transport",
+            "udp,ws",
+            "--wss-listen",
+            "[::]:8080",
+            "--public-url",
+            &public,
+        ],
+    );
+    let token = tunnel::token::Token::decode(&hub.lines[0]).unwrap();
+    let offer = token.websocket.clone().expect("a WebSocket offer");
+    assert!(offer.path.starts_with("/vpn/"), "{offer:?}");
+    let conf = format!(
+        "daemon off; pid {dir}/nginx.pid; error_log {dir}/nginx.err;
+         events {{}}
+         http {{
+           access_log {dir}/nginx.log;
+           client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};
+           server {{
+             listen {ip}:443 ssl;
+             ssl_certificate {dir}/proxy.pem; ssl_certificate_key {dir}/proxy.key;
+             location {path} {{
+               proxy_pass http://{hub}:8080;
+               proxy_http_version 1.1;
+               proxy_set_header Upgrade $http_upgrade;
+               proxy_set_header Connection \"upgrade\";
+               proxy_read_timeout 3600s;
+             }}
+             location / {{ return 404; }}
+           }}
+         }}",
+        dir = dir.display(),
+        ip = p.ip,
+        path = offer.path,
+        hub = a.ip
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    lab.spawn_cmd(
+        &p,
+        &["nginx", "-c", dir.join("nginx.conf").to_str().unwrap()],
+        &[],
+    );
+    p.wait_listening("443", Duration::from_secs(10));
+
+    let ca = dir.join("ca.pem");
+    let site = lab.join_env(
+        &b,
+        "b",
+        &hub.lines[0],
+        &a,
+        &["--transport", "wss"],
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+    );
+    assert!(
+        site.lines[0].contains("over wss direct"),
+        "{:?}",
+        site.lines
+    );
+    assert!(b.ping("10.77.0.1"));
+    let (_, sum) = big_file(&dir, "big", 10);
+    transfer(&mut lab, &a, &b, "10.77.0.1:8081", "big", &sum);
+    // Without the test CA the proxy's certificate is refused.
+    let iface = lab.iface("y");
+    let out = lab.tunnel(
+        &lab.host(1),
+        &[
+            "join",
+            &hub.lines[0],
+            &a.ip,
+            "--transport",
+            "wss",
+            "--iface",
+            &iface,
+            "--state-dir",
+            dir.join("y").to_str().unwrap(),
+            "--timeout",
+            "5s",
+        ],
+    );
+    assert_ne!(out.status.code(), Some(0));
+}
+
+#[test]
+#[ignore = "needs root and Docker: sudo make test"]
+fn a_container_on_a_proxy_only_site_reaches_the_hubs_container() {
+    needs_docker("websocket_container");
+    let mut lab = common::lab(3);
+    let (a, p, b) = (lab.host(0), lab.host(1), lab.host(2));
+    lock_down(&b, &p);
+    tinyproxy(&mut lab, &p, None);
+    let (web, cli) = (format!("tnl{}web", lab.id), format!("tnl{}cli", lab.id));
+    let page = format!("page-{}", lab.id);
+    let mut cs = Containers::default();
+    cs.web(&web, &page);
+    cs.run(&cli, &["sleep", "3600"]);
+    let hub = hub(&mut lab, &a, &["--container", &web]);
+    let proxy = format!("http://{}:3128", p.ip);
+    let site = lab.join_env(
+        &b,
+        "b",
+        &hub.lines[0],
+        &a,
+        &["--container", &cli],
+        &[("https_proxy", &proxy)],
+    );
+    assert!(
+        site.lines[0].contains("over wss via proxy"),
+        "{:?}",
+        site.lines
+    );
+    let web_ip = common::container_address(&lab.status(&hub), &web);
+    let url = format!("http://{web_ip}/");
+    let deadline = Instant::now() + common::UP;
+    while common::fetch(&cli, &url).as_deref() != Some(page.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "{cli} cannot fetch {url}: {}",
+            lab.proc(site.proc).stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Its interface has the WebSocket MTU too.
+    let links = common::docker_ok(&["exec", &cli, "ip", "-o", "link"]);
+    assert!(links.contains("mtu 1400"), "{links}");
+}
