@@ -178,15 +178,20 @@ impl Invitation<'_> {
     }
 
     /// The WebSocket dialers to try, in order: direct, then through the
-    /// proxy (`--proxy`, or the environment's, unless NO_PROXY exempts).
+    /// environment's proxy (`HTTPS_PROXY`/`HTTP_PROXY`, unless NO_PROXY
+    /// exempts the server). An explicit `--proxy` is the only way tried.
     fn dialers(&self) -> Result<Vec<Arc<Dialer>>, SiteError> {
         let Some(offer) = &self.token.websocket else {
             return Ok(vec![]);
         };
         let host = self.endpoint.ip().to_string();
+        if let Some(flag) = self.proxy {
+            let proxy = Proxy::parse(flag)?;
+            return Ok(vec![Arc::new(Dialer::new(offer, &host, Some(proxy))?)]);
+        }
         let direct = Dialer::new(offer, &host, None)?;
         let tls = direct.url().starts_with("wss:");
-        let proxy = Proxy::for_target(self.proxy, direct.host(), tls, |k| std::env::var(k).ok())?;
+        let proxy = Proxy::for_target(None, direct.host(), tls, |k| std::env::var(k).ok())?;
         let mut out = vec![Arc::new(direct)];
         if let Some(p) = proxy {
             out.push(Arc::new(Dialer::new(offer, &host, Some(p))?));

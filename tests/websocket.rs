@@ -218,7 +218,7 @@ fn explicit_wss_a_wrong_pin_and_a_wrong_path() {
     assert!(!b.has_link(&iface));
     assert!(!state.join(format!("{iface}.json")).exists());
 
-    // --transport wss with --proxy and no authentication: the explicit flag.
+    // --transport wss with --proxy (no authentication): the explicit flag.
     let site = lab.join(
         &b,
         "b",
@@ -231,9 +231,9 @@ fn explicit_wss_a_wrong_pin_and_a_wrong_path() {
             &format!("http://{}:3128", p.ip),
         ],
     );
-    // Direct is possible here, and is tried first.
+    // An explicit --proxy is used, although direct would work here.
     assert!(
-        site.lines[0].contains("over wss direct"),
+        site.lines[0].contains("over wss via proxy"),
         "{:?}",
         site.lines
     );

@@ -2,13 +2,16 @@
 //! two namespace hosts joined by a veth pair: iperf3 over the raw veth,
 //! over a pair of stock `wireguard-go`, and over `tunnel` (userspace
 //! backend); the time from `tunnel join` to the first packet; peak RSS;
-//! and how fast `--container` follows Docker (start -> attached, restart ->
-//! traffic). Prints the ratios.
+//! the WebSocket transport, direct and through tinyproxy, against stock
+//! wireguard-go over wstunnel through the same proxy; and how fast
+//! `--container` follows Docker (start -> attached, restart -> traffic).
+//! Prints the ratios.
 //!
 //! Environment:
 //!   TUNNEL_BIN     binary to measure (default: target/release/tunnel)
 //!   BENCH_SECONDS  iperf3 duration per measurement (default 5)
-//!   BENCH_ONLY     comma list of raw,wggo,tunnel,containers (default: all)
+//!   BENCH_ONLY     comma list of raw,wggo,tunnel,wss,containers (default: all)
+//!   WSTUNNEL       the wstunnel binary of the WebSocket reference
 //!   BENCH_STRICT   1 = exit non-zero when a target is missed
 //!   IPERF_EXTRA    extra iperf3 client arguments (e.g. "-P 2")
 
@@ -56,7 +59,7 @@ impl Config {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(5),
             only: var("BENCH_ONLY")
-                .unwrap_or_else(|| "raw,wggo,tunnel,containers".into())
+                .unwrap_or_else(|| "raw,wggo,tunnel,wss,containers".into())
                 .split(',')
                 .map(str::to_owned)
                 .collect(),
@@ -73,7 +76,15 @@ impl Config {
 }
 
 /// iperf3 from `client` to `server` at `addr`; Mbit/s received.
-fn iperf(lab: &mut Lab, cfg: &Config, server: &Host, client: &Host, addr: &str) -> f64 {
+/// With `reverse`, the server sends (iperf3 -R).
+fn iperf(
+    lab: &mut Lab,
+    cfg: &Config,
+    server: &Host,
+    client: &Host,
+    addr: &str,
+    reverse: bool,
+) -> f64 {
     let srv = lab.spawn_cmd(server, &["iperf3", "-s", "-1", "-p", IPERF_PORT], &[]);
     server.wait_listening(IPERF_PORT, Duration::from_secs(10));
     let secs = cfg.seconds.to_string();
@@ -89,6 +100,9 @@ fn iperf(lab: &mut Lab, cfg: &Config, server: &Host, client: &Host, addr: &str) 
         "--connect-timeout",
         "5000",
     ];
+    if reverse {
+        args.push("-R");
+    }
     args.extend(cfg.iperf_extra.iter().map(String::as_str));
     let out = client.exec(&args);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)
@@ -101,7 +115,10 @@ fn iperf(lab: &mut Lab, cfg: &Config, server: &Host, client: &Host, addr: &str) 
         .as_f64()
         .unwrap_or_else(|| die(&format!("iperf3 to {addr}: no throughput")));
     let mbps = bps / 1e6;
-    info(&format!("{addr}: {mbps:.0} Mbit/s"));
+    info(&format!(
+        "{addr}{}: {mbps:.0} Mbit/s",
+        if reverse { " (server sends)" } else { "" }
+    ));
     mbps
 }
 
@@ -119,13 +136,26 @@ struct Results {
     attach_total_ms: Option<u128>,
     restarts: Vec<(u128, u128)>,
     fetch_ms: Option<u128>,
+    wss_direct: Option<Both>,
+    wss_proxy: Option<Both>,
+    wss_join_ms: Option<u128>,
+    reference: Option<Both>,
+    reference_note: Option<String>,
     problems: Vec<String>,
 }
 
-fn wireguard_go(lab: &mut Lab, cfg: &Config, r: &mut Results) {
-    step("starting a pair of stock wireguard-go");
+/// A pair of stock wireguard-go: A on `net.1`, B on `net.2`, MTU `mtu`.
+/// B sends to `b_to_a` (A's UDP address, or a local relay's); A learns B.
+/// Returns A's process and both interfaces.
+struct WgGo {
+    a_proc: usize,
+    ia: String,
+    ib: String,
+}
+
+fn wggo_pair(lab: &mut Lab, tag: &str, net: &str, mtu: &str, a_port: &str, b_to_a: &str) -> WgGo {
     let (a, b) = (lab.host(0), lab.host(1));
-    let (ia, ib) = (lab.iface("ga"), lab.iface("gb"));
+    let (ia, ib) = (lab.iface(&format!("a{tag}")), lab.iface(&format!("b{tag}")));
     let key = |h: &Host| h.run(&["wg", "genkey"]).trim().to_owned();
     let (ka, kb) = (key(&a), key(&b));
     let public = |k: &str| {
@@ -144,7 +174,7 @@ fn wireguard_go(lab: &mut Lab, cfg: &Config, r: &mut Results) {
     };
     let (pa, pb) = (public(&ka), public(&kb));
     let env = [("LOG_LEVEL", "error")];
-    let ga = lab.spawn_cmd(&a, &["wireguard-go", "-f", &ia], &env);
+    let a_proc = lab.spawn_cmd(&a, &["wireguard-go", "-f", &ia], &env);
     lab.spawn_cmd(&b, &["wireguard-go", "-f", &ib], &env);
     let sock = |i: &str| PathBuf::from(format!("/var/run/wireguard/{i}.sock"));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -159,59 +189,72 @@ fn wireguard_go(lab: &mut Lab, cfg: &Config, r: &mut Results) {
         std::fs::write(&p, k).unwrap();
         p.to_str().unwrap().to_owned()
     };
-    let (fa, fb) = (keyfile("wga.key", &ka), keyfile("wgb.key", &kb));
-    let setup = |h: &Host,
-                 i: &str,
-                 file: &str,
-                 port: &str,
-                 peer: &str,
-                 peer_ip: &str,
-                 ep: &str,
-                 me: &str| {
-        h.run(&[
-            "wg",
-            "set",
-            i,
-            "listen-port",
-            port,
-            "private-key",
-            file,
-            "peer",
-            peer,
-            "allowed-ips",
-            peer_ip,
-            "endpoint",
-            ep,
-        ]);
-        h.run(&["ip", "addr", "add", me, "dev", i]);
-        h.run(&["ip", "link", "set", i, "mtu", "1420", "up"]);
-    };
-    setup(
-        &a,
+    let (fa, fb) = (
+        keyfile(&format!("{ia}.key"), &ka),
+        keyfile(&format!("{ib}.key"), &kb),
+    );
+    a.run(&[
+        "wg",
+        "set",
         &ia,
+        "listen-port",
+        a_port,
+        "private-key",
         &fa,
-        "51830",
+        "peer",
         &pb,
-        "10.78.0.2/32",
-        &format!("{}:51831", b.ip),
-        "10.78.0.1/24",
-    );
-    setup(
-        &b,
+        "allowed-ips",
+        &format!("{net}.2/32"),
+    ]);
+    b.run(&[
+        "wg",
+        "set",
         &ib,
+        "private-key",
         &fb,
-        "51831",
+        "peer",
         &pa,
-        "10.78.0.1/32",
-        &format!("{}:51830", a.ip),
-        "10.78.0.2/24",
+        "allowed-ips",
+        &format!("{net}.1/32"),
+        "endpoint",
+        b_to_a,
+        "persistent-keepalive",
+        "25",
+    ]);
+    for (h, i, me) in [
+        (&a, &ia, format!("{net}.1/24")),
+        (&b, &ib, format!("{net}.2/24")),
+    ] {
+        h.run(&["ip", "addr", "add", &me, "dev", i]);
+        h.run(&["ip", "link", "set", i, "mtu", mtu, "up"]);
+    }
+    b.ping_until(&format!("{net}.1"), Instant::now());
+    WgGo { a_proc, ia, ib }
+}
+
+impl WgGo {
+    fn remove(self, lab: &Lab) {
+        lab.host(0).run(&["ip", "link", "del", &self.ia]);
+        lab.host(1).run(&["ip", "link", "del", &self.ib]);
+    }
+}
+
+fn wireguard_go(lab: &mut Lab, cfg: &Config, r: &mut Results) {
+    step("starting a pair of stock wireguard-go");
+    let a_ip = lab.host(0).ip;
+    let pair = wggo_pair(
+        lab,
+        "g",
+        "10.78.0",
+        "1420",
+        "51830",
+        &format!("{a_ip}:51830"),
     );
-    b.ping_until("10.78.0.1", Instant::now());
     step("measuring wireguard-go throughput (B -> A 10.78.0.1)");
-    r.wggo = Some(iperf(lab, cfg, &a, &b, "10.78.0.1"));
-    r.wggo_rss = lab.proc(ga).peak_rss_kb();
-    a.run(&["ip", "link", "del", &ia]);
-    b.run(&["ip", "link", "del", &ib]);
+    let (a, b) = (lab.host(0), lab.host(1));
+    r.wggo = Some(iperf(lab, cfg, &a, &b, "10.78.0.1", false));
+    r.wggo_rss = lab.proc(pair.a_proc).peak_rss_kb();
+    pair.remove(lab);
 }
 
 /// Stops a node with SIGTERM and checks it left nothing behind.
@@ -249,12 +292,141 @@ fn tunnel(lab: &mut Lab, cfg: &Config, r: &mut Results) {
         .nth(1)
         .and_then(|s| s.split_whitespace().next()?.parse().ok());
     step("measuring tunnel throughput (B -> A 10.77.0.1)");
-    r.tunnel = Some(iperf(lab, cfg, &a, &b, "10.77.0.1"));
+    r.tunnel = Some(iperf(lab, cfg, &a, &b, "10.77.0.1", false));
     r.serve_rss = lab.proc(hub.proc).peak_rss_kb();
     r.join_rss = lab.proc(site.proc).peak_rss_kb();
     step("stopping tunnel join and serve (SIGTERM)");
     stop(lab, &site, r);
     stop(lab, &hub, r);
+}
+
+/// Throughput both ways: (client -> server, server -> client), Mbit/s.
+type Both = (f64, f64);
+
+/// tinyproxy on B's own address, :3128, allowing CONNECT to the ports used here.
+fn tinyproxy(lab: &mut Lab) -> usize {
+    let b = lab.host(1);
+    let conf = lab.dir.path().join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "Port 3128\nListen {}\nTimeout 600\nAllow 10.231.0.0/24\nConnectPort 8443\nConnectPort 8444\nLogLevel Warning\nMaxClients 100\n",
+            b.ip
+        ),
+    )
+    .unwrap();
+    let p = lab.spawn_cmd(&b, &["tinyproxy", "-d", "-c", conf.to_str().unwrap()], &[]);
+    b.wait_listening("3128", Duration::from_secs(10));
+    p
+}
+
+/// wstunnel for the reference: `WSTUNNEL`, else on PATH, else the
+/// workplace's reference copy beside the repository.
+fn wstunnel() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("WSTUNNEL") {
+        return Some(PathBuf::from(p)).filter(|p| p.exists());
+    }
+    if let Ok(out) = Command::new("sh")
+        .args(["-c", "command -v wstunnel"])
+        .output()
+        && out.status.success()
+    {
+        return Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+    }
+    let shared = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/wstunnel");
+    shared.exists().then_some(shared)
+}
+
+fn websocket(lab: &mut Lab, cfg: &Config, r: &mut Results) {
+    let (a, b) = (lab.host(0), lab.host(1));
+    step("WebSocket: tinyproxy on site B, tunnel serve --transport udp,wss on site A");
+    let proxy_proc = tinyproxy(lab);
+    let proxy = format!("http://{}:3128", b.ip);
+    let hub = lab.serve(
+        &a,
+        "wa",
+        1,
+        &["--transport", "udp,wss", "--wss-listen", "[::]:8443"],
+    );
+    let token = lab.tunnel_ok(&a, &hub.local("token"));
+    let token = token.trim().to_owned();
+    let both = |lab: &mut Lab| -> Both {
+        (
+            iperf(lab, cfg, &a, &b, "10.77.0.1", false),
+            iperf(lab, cfg, &a, &b, "10.77.0.1", true),
+        )
+    };
+
+    step("join --transport wss (direct)");
+    let site = lab.join(&b, "wd", &hub.lines[0], &a, &["--transport", "wss"]);
+    info(&site.lines[0]);
+    r.wss_direct = Some(both(lab));
+    let mut stopped = Results::default();
+    stop(lab, &site, &mut stopped);
+
+    step("join --transport wss --proxy (through tinyproxy)");
+    let t = Instant::now();
+    let site = lab.join(
+        &b,
+        "wp",
+        &token,
+        &a,
+        &["--transport", "wss", "--proxy", &proxy],
+    );
+    r.wss_join_ms = Some(t.elapsed().as_millis());
+    info(&site.lines[0]);
+    r.wss_proxy = Some(both(lab));
+    stop(lab, &site, &mut stopped);
+    stop(lab, &hub, &mut stopped);
+    r.problems.extend(stopped.problems);
+
+    match wstunnel() {
+        None => {
+            r.reference_note = Some("reference not measured (no wstunnel: set WSTUNNEL)".into())
+        }
+        Some(ws) => {
+            step(&format!(
+                "reference: stock wireguard-go over {} through the same tinyproxy",
+                ws.display()
+            ));
+            let ws = ws.to_str().unwrap().to_owned();
+            let server = lab.spawn_cmd(
+                &a,
+                &[
+                    &ws,
+                    "server",
+                    "wss://[::]:8444",
+                    "--restrict-to",
+                    "127.0.0.1:51840",
+                ],
+                &[("RUST_LOG", "warn")],
+            );
+            a.wait_listening("8444", Duration::from_secs(10));
+            let client = lab.spawn_cmd(
+                &b,
+                &[
+                    &ws,
+                    "client",
+                    "-L",
+                    "udp://127.0.0.1:51842:127.0.0.1:51840?timeout_sec=0",
+                    "--http-proxy",
+                    &format!("{}:3128", b.ip),
+                    &format!("wss://{}:8444", a.ip),
+                ],
+                &[("RUST_LOG", "warn")],
+            );
+            std::thread::sleep(Duration::from_millis(500));
+            // wstunnel's own advice for WireGuard: an MTU that fits its framing.
+            let pair = wggo_pair(lab, "w", "10.79.0", "1400", "51840", "127.0.0.1:51842");
+            let up = iperf(lab, cfg, &a, &b, "10.79.0.1", false);
+            let down = iperf(lab, cfg, &a, &b, "10.79.0.1", true);
+            r.reference = Some((up, down));
+            pair.remove(lab);
+            lab.proc(client).terminate();
+            lab.proc(server).terminate();
+        }
+    }
+    lab.proc(proxy_proc).terminate();
 }
 
 /// The address of `iface` inside the container with init `pid`, if set.
@@ -447,6 +619,56 @@ fn summary(cfg: &Config, r: &mut Results) -> Vec<String> {
                 .unwrap_or_default()
         );
     }
+    if cfg.want("wss") {
+        let pair = |v: Option<Both>| {
+            v.map(|(u, d)| format!("{u:6.0} Mbit/s client->server, {d:6.0} server->client"))
+                .unwrap_or("-".into())
+        };
+        println!("wss direct:                  {}", pair(r.wss_direct));
+        println!("wss via tinyproxy:           {}", pair(r.wss_proxy));
+        match (&r.reference, &r.reference_note) {
+            (Some(_), _) => println!(
+                "reference (wireguard-go over wstunnel via tinyproxy): {}",
+                pair(r.reference)
+            ),
+            (None, Some(n)) => println!("reference: {n}"),
+            _ => {}
+        }
+        if let (Some((pu, pd)), Some((ru, rd))) = (r.wss_proxy, r.reference) {
+            let (a, b) = (pu / ru, pd / rd);
+            let ok = a >= 2.0 && b >= 2.0;
+            if !ok {
+                missed.push(format!(
+                    "wss via proxy / wstunnel reference {a:.2} / {b:.2} < 2"
+                ));
+            }
+            println!(
+                "ratio wss-via-proxy/reference: {a:.2} up, {b:.2} down  (target >= 2: {})",
+                if ok { "ok" } else { "MISSED" }
+            );
+        }
+        if let (Some((pu, _)), Some(udp)) = (r.wss_proxy, r.tunnel) {
+            let x = pu / udp;
+            let ok = x >= 0.5;
+            if !ok {
+                missed.push(format!("wss via proxy / tunnel over UDP {x:.2} < 0.5"));
+            }
+            println!(
+                "ratio wss-via-proxy/tunnel udp: {x:.2}  (target >= 0.5: {})",
+                if ok { "ok" } else { "MISSED" }
+            );
+        }
+        if let Some(ms) = r.wss_join_ms {
+            let ok = ms < TARGET_JOIN_MS;
+            if !ok {
+                missed.push(format!("join -> traffic over wss via proxy took {ms} ms"));
+            }
+            println!(
+                "join -> traffic over wss via proxy: {ms} ms  (target < {TARGET_JOIN_MS} ms: {})",
+                if ok { "ok" } else { "MISSED" }
+            );
+        }
+    }
     if cfg.want("containers") {
         match (r.attach_after_ms, r.attach_total_ms) {
             (Some(a), Some(t)) => println!(
@@ -523,13 +745,16 @@ fn main() {
     let mut r = Results::default();
     if cfg.want("raw") {
         step(&format!("measuring raw veth throughput (B -> A {})", a.ip));
-        r.raw = Some(iperf(&mut lab, &cfg, &a, &b, &a.ip));
+        r.raw = Some(iperf(&mut lab, &cfg, &a, &b, &a.ip, false));
     }
     if cfg.want("wggo") {
         wireguard_go(&mut lab, &cfg, &mut r);
     }
     if cfg.want("tunnel") {
         tunnel(&mut lab, &cfg, &mut r);
+    }
+    if cfg.want("wss") {
+        websocket(&mut lab, &cfg, &mut r);
     }
     if cfg.want("containers") {
         containers(&mut lab, &mut r);
