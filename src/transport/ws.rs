@@ -105,6 +105,8 @@ async fn pump<M, S, E>(
                     if sink.feed(M::binary(first)).await.is_err() {
                         return;
                     }
+                    // Let a burst that is on its way join this write.
+                    tokio::task::yield_now().await;
                     while let Ok(more) = outbound.try_recv() {
                         if sink.feed(M::binary(more)).await.is_err() {
                             return;
