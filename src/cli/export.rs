@@ -82,6 +82,15 @@ pub fn render(iface: &str, endpoint: &Endpoint, container: Option<&str>) -> Resu
                 j.mtu,
             );
             let e = endpoint_line(&j.endpoint, j.port);
+            if let crate::transport::Path::Websocket { .. } = &j.path {
+                let _ = writeln!(
+                    o,
+                    "# This site reaches the server over {}: stock WireGuard speaks UDP only.\n\
+                     # Put a WebSocket relay such as wstunnel in front of it and point Endpoint there,\n\
+                     # or use the server's UDP port where the network allows it (below).",
+                    j.path
+                );
+            }
             peer(
                 &mut o,
                 "server",
@@ -194,6 +203,34 @@ pub async fn run(args: ExportArgs) -> Result<(), Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_websocket_site_is_told_that_stock_wireguard_needs_a_relay() {
+        use crate::state::JoinedState;
+        use crate::transport::{Path, WsOffer, WsTarget};
+        let j = JoinedState {
+            private_key: crate::keys::PrivateKey::generate(),
+            mtu: 1400,
+            backend: None,
+            server_public_key: crate::keys::PrivateKey::generate().public_key(),
+            endpoint: "192.0.2.1".into(),
+            port: 51820,
+            address: "10.77.0.2/24".parse().unwrap(),
+            server_address: "10.77.0.1".parse().unwrap(),
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            containers: vec![],
+            path: Path::Websocket {
+                offer: WsOffer {
+                    target: WsTarget::Plain { port: 80 },
+                    path: "/t/x".into(),
+                },
+                proxy: None,
+            },
+        };
+        let text = render("wg0", &Endpoint::Joined(j), None).unwrap();
+        assert!(text.contains("stock WireGuard speaks UDP only"), "{text}");
+        assert!(text.contains("MTU = 1400"), "{text}");
+    }
 
     #[test]
     fn endpoint_forms() {
