@@ -192,7 +192,12 @@ fn classify(e: &anyhow::Error) -> u8 {
         }
         if matches!(
             cause.downcast_ref::<WgError>(),
-            Some(WgError::TunPermission | WgError::UapiInUse(..) | WgError::PortInUse(_))
+            Some(
+                WgError::TunPermission
+                    | WgError::UapiInUse(..)
+                    | WgError::PortInUse(_)
+                    | WgError::KernelWebSocket
+            )
         ) {
             return 2;
         }
