@@ -16,6 +16,7 @@ pub mod control;
 pub mod docker;
 pub mod endpoint;
 pub mod firewall;
+pub mod gateway;
 pub mod hub;
 pub mod ipam;
 pub mod keys;

@@ -1,28 +1,43 @@
 //! nftables rules of our own, in one table per interface
 //! (`inet tunnel-<iface>`), beside whatever else the host runs (Docker's
 //! iptables rules, firewalld). The rules are planned here as plain data
-//! ([`Table`], pure and tested without root) and written by [`Nftables`]
+//! ([`plan`], pure and tested without root) and written by [`Nftables`]
 //! over netlink in one atomic batch; nothing runs `nft` or `iptables`.
 //!
-//! The hub is not a router for its peers: its forward chain accepts
-//! tunnel-to-tunnel traffic and drops everything else that enters or
-//! leaves the tunnel interface ([`confinement`]). Linux decides IPv4
-//! forwarding by the incoming interface, so without this, every peer, and
-//! every unredeemed invite, could reach the hub's LAN, its Docker bridges
-//! and the internet through it on any host with `ip_forward=1` (every
-//! Docker host).
+//! What the plan holds:
+//! - **Forwarding, confined.** The hub forwards between its own tunnel
+//!   peers, and a host (hub or site) forwards between the tunnel and the
+//!   LANs it advertises, for those prefixes only; everything else that
+//!   enters or leaves the tunnel interface is dropped. Linux decides IPv4
+//!   forwarding by the incoming interface, so without this every peer
+//!   could reach the host's other networks on any host with
+//!   `ip_forward=1` (every Docker host).
+//! - **Masquerade** for a gateway (`--masquerade`): what comes from the
+//!   tunnel and leaves towards an advertised LAN gets the gateway's
+//!   address, so LAN hosts need no route back.
+//! - **The listen port**, with `--allow-from`: open only to those
+//!   networks and the peers' last known endpoints.
+//! - **Docker's FORWARD chain.** Docker's policy is DROP, and an accept in
+//!   our table does not override a drop in another; the same accepts go
+//!   into Docker's `DOCKER-USER` chain (or an `ip filter` FORWARD chain
+//!   with a drop policy), tagged so that they are found and removed again.
 //!
 //! A table is replaced as a whole (add, delete, add in one batch), which
-//! also clears one left by a crash, and removed on exit.
+//! also clears one left by a crash, and removed on exit. A running
+//! `tunnel` puts it back within seconds when someone flushes the ruleset.
 
 mod nft;
 
 pub use nft::Nftables;
 
+use ipnetwork::IpNetwork;
+
 /// The kernel's hook a base chain attaches to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
     Forward,
+    Input,
+    Postrouting,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,12 +46,19 @@ pub enum Match {
     InIface(String),
     /// The packet goes out on this interface.
     OutIface(String),
+    /// The packet does not go out on this interface.
+    NotOutIface(String),
+    SrcNet(IpNetwork),
+    DstNet(IpNetwork),
+    /// UDP to this port.
+    UdpDport(u16),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Accept,
     Drop,
+    Masquerade,
 }
 
 /// A rule: all its matches hold, then its action.
@@ -46,11 +68,17 @@ pub struct Rule {
     pub action: Action,
 }
 
-/// A base chain of type filter, policy accept: our rules only ever narrow.
+fn rule(matches: Vec<Match>, action: Action) -> Rule {
+    Rule { matches, action }
+}
+
+/// A base chain with policy accept: our rules only ever narrow.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chain {
     pub name: &'static str,
     pub hook: Hook,
+    /// `filter` or `nat`.
+    pub kind: &'static str,
     /// Lower runs first; Docker's iptables rules sit at 0 (filter).
     pub priority: i32,
     pub rules: Vec<Rule>,
@@ -62,31 +90,121 @@ pub struct Table {
     pub chains: Vec<Chain>,
 }
 
+/// Rules that go into a chain we do not own (Docker's), at its top.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Foreign {
+    /// Identifies our rules there, so that they are found and removed.
+    pub tag: String,
+    pub rules: Vec<Rule>,
+}
+
+/// What a host's table must do.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Policy {
+    pub iface: String,
+    /// A hub relays between its peers; a site does not.
+    pub hub: bool,
+    /// LANs behind this host that the tunnel may reach.
+    pub routes: Vec<IpNetwork>,
+    /// Masquerade what goes from the tunnel to those LANs.
+    pub masquerade: bool,
+    /// The listen port and who may send to it, when restricted.
+    pub listen: Option<(u16, Vec<IpNetwork>)>,
+}
+
 /// Our table's name for the endpoint on `iface`.
 pub fn table_name(iface: &str) -> String {
     format!("tunnel-{iface}")
 }
 
-/// The hub's forwarding: between its own tunnel peers only.
-pub fn confinement(iface: &str) -> Table {
-    let rule = |matches: Vec<Match>, action| Rule { matches, action };
-    let tun = || iface.to_owned();
-    Table {
-        name: table_name(iface),
-        chains: vec![Chain {
-            name: "forward",
-            hook: Hook::Forward,
-            priority: -1,
-            rules: vec![
-                rule(
-                    vec![Match::InIface(tun()), Match::OutIface(tun())],
-                    Action::Accept,
-                ),
-                rule(vec![Match::InIface(tun())], Action::Drop),
-                rule(vec![Match::OutIface(tun())], Action::Drop),
-            ],
-        }],
+/// The tables and rules that carry out `p`.
+pub fn plan(p: &Policy) -> (Table, Foreign) {
+    let tun = || p.iface.clone();
+    let mut accepts = vec![];
+    if p.hub {
+        accepts.push(rule(
+            vec![Match::InIface(tun()), Match::OutIface(tun())],
+            Action::Accept,
+        ));
     }
+    for r in &p.routes {
+        accepts.push(rule(
+            vec![Match::InIface(tun()), Match::DstNet(*r)],
+            Action::Accept,
+        ));
+        accepts.push(rule(
+            vec![Match::OutIface(tun()), Match::SrcNet(*r)],
+            Action::Accept,
+        ));
+    }
+    let mut forward = accepts.clone();
+    forward.push(rule(vec![Match::InIface(tun())], Action::Drop));
+    forward.push(rule(vec![Match::OutIface(tun())], Action::Drop));
+    let mut chains = vec![Chain {
+        name: "forward",
+        hook: Hook::Forward,
+        kind: "filter",
+        priority: -1,
+        rules: forward,
+    }];
+    if p.masquerade && !p.routes.is_empty() {
+        chains.push(Chain {
+            name: "postrouting",
+            hook: Hook::Postrouting,
+            kind: "nat",
+            priority: 100,
+            rules: p
+                .routes
+                .iter()
+                .map(|r| {
+                    rule(
+                        vec![
+                            Match::InIface(tun()),
+                            Match::NotOutIface(tun()),
+                            Match::DstNet(*r),
+                        ],
+                        Action::Masquerade,
+                    )
+                })
+                .collect(),
+        });
+    }
+    if let Some((port, allowed)) = &p.listen {
+        let mut rules: Vec<Rule> = allowed
+            .iter()
+            .map(|n| {
+                rule(
+                    vec![Match::UdpDport(*port), Match::SrcNet(*n)],
+                    Action::Accept,
+                )
+            })
+            .collect();
+        rules.push(rule(vec![Match::UdpDport(*port)], Action::Drop));
+        chains.push(Chain {
+            name: "input",
+            hook: Hook::Input,
+            kind: "filter",
+            priority: -1,
+            rules,
+        });
+    }
+    let table = Table {
+        name: table_name(&p.iface),
+        chains,
+    };
+    let foreign = Foreign {
+        tag: table.name.clone(),
+        // Docker's chains are IPv4 (`ip filter`): its rules for the v4 routes.
+        rules: accepts
+            .into_iter()
+            .filter(|r| {
+                !r.matches
+                    .iter()
+                    .any(|m| matches!(m, Match::SrcNet(n) | Match::DstNet(n) if n.is_ipv6()))
+            })
+            .collect(),
+    };
+    (table, foreign)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +229,182 @@ pub trait Firewall: Send + Sync {
     fn remove(&self, name: &str) -> Result<(), FirewallError>;
     /// Whether the table exists.
     fn exists(&self, name: &str) -> Result<bool, FirewallError>;
+    /// Puts `f`'s rules at the top of Docker's `DOCKER-USER` chain (or an
+    /// `ip filter` FORWARD chain whose policy drops), replacing rules with
+    /// the same tag. False when there is no such chain: nothing to do.
+    fn open_docker(&self, f: &Foreign) -> Result<bool, FirewallError>;
+    /// Removes the rules tagged `tag` from those chains.
+    fn close_docker(&self, tag: &str) -> Result<(), FirewallError>;
+    /// Whether rules tagged `tag` are in those chains.
+    fn docker_open(&self, tag: &str) -> Result<bool, FirewallError>;
+}
+
+/// A host's rules while it runs: applied, checked, put back, removed.
+pub struct Guard {
+    fw: Box<dyn Firewall>,
+    table: Table,
+    foreign: Foreign,
+    /// Whether Docker's chain held our rules when last applied.
+    docker: bool,
+}
+
+impl Guard {
+    /// Applies the plan for `policy`.
+    pub fn apply(fw: Box<dyn Firewall>, policy: &Policy) -> Result<Self, FirewallError> {
+        let (table, foreign) = plan(policy);
+        fw.apply(&table)?;
+        let docker = if foreign.rules.is_empty() {
+            fw.close_docker(&foreign.tag)?;
+            false
+        } else {
+            fw.open_docker(&foreign)?
+        };
+        if docker {
+            tracing::info!(
+                "opened Docker's FORWARD chain (DOCKER-USER) for the tunnel's own forwarding"
+            );
+        }
+        Ok(Self {
+            fw,
+            table,
+            foreign,
+            docker,
+        })
+    }
+
+    /// Applies a changed policy (routes, endpoints) when it differs.
+    pub fn update(&mut self, policy: &Policy) -> Result<(), FirewallError> {
+        let (table, foreign) = plan(policy);
+        if table != self.table {
+            self.fw.apply(&table)?;
+            self.table = table;
+        }
+        if foreign != self.foreign {
+            self.docker = if foreign.rules.is_empty() {
+                self.fw.close_docker(&foreign.tag)?;
+                false
+            } else {
+                self.fw.open_docker(&foreign)?
+            };
+            self.foreign = foreign;
+        }
+        Ok(())
+    }
+
+    /// Puts back what someone removed (`nft flush ruleset`, a firewalld
+    /// reload, Docker restarting); true when something was missing.
+    pub fn repair(&mut self) -> Result<bool, FirewallError> {
+        let mut repaired = false;
+        if !self.fw.exists(&self.table.name)? {
+            tracing::warn!(
+                "nftables table {} was removed from outside; putting it back",
+                self.table.name
+            );
+            self.fw.apply(&self.table)?;
+            repaired = true;
+        }
+        if !self.foreign.rules.is_empty() && !self.fw.docker_open(&self.foreign.tag)? {
+            // Docker's chain may have been created since, or flushed.
+            if self.fw.open_docker(&self.foreign)? {
+                if self.docker {
+                    tracing::warn!(
+                        "our rules in Docker's DOCKER-USER chain were removed; putting them back"
+                    );
+                } else {
+                    tracing::info!("Docker's FORWARD chain appeared; opened it for the tunnel");
+                }
+                self.docker = true;
+                repaired = true;
+            }
+        }
+        Ok(repaired)
+    }
+
+    pub fn table_name(&self) -> &str {
+        &self.table.name
+    }
+
+    /// Removes everything this guard added.
+    pub fn remove(self) {
+        if let Err(e) = self.fw.remove(&self.table.name) {
+            tracing::warn!("removing nftables table {}: {e}", self.table.name);
+        }
+        if let Err(e) = self.fw.close_docker(&self.foreign.tag) {
+            tracing::warn!("removing our rules from Docker's chain: {e}");
+        }
+    }
+}
+
+/// A host's firewall as it starts.
+pub enum Setup {
+    /// Our table is in place (and Docker's chain opened, if there is one).
+    Guarded(Guard),
+    /// nftables is missing: the userspace device drops what leaves or
+    /// enters these networks itself.
+    Fallback(Vec<IpNetwork>),
+    /// `--firewall off`.
+    Off,
+}
+
+impl Setup {
+    /// Applies `policy` unless the firewall is off; where nftables is
+    /// missing, says so once and falls back to the userspace device
+    /// confining the tunnel to `tunnel_nets` and the policy's routes.
+    pub fn start(
+        fw: Box<dyn Firewall>,
+        policy: &Policy,
+        enabled: bool,
+        tunnel_nets: &[IpNetwork],
+    ) -> Result<Self, FirewallError> {
+        if !enabled {
+            tracing::warn!(
+                "--firewall off: no forwarding confinement, no masquerade rules, no port restriction"
+            );
+            return Ok(Setup::Off);
+        }
+        clean_up(fw.as_ref(), &policy.iface);
+        match Guard::apply(fw, policy) {
+            Ok(g) => Ok(Setup::Guarded(g)),
+            Err(FirewallError::Unsupported(e)) => {
+                tracing::warn!(
+                    "nftables is not available here ({e}); the userspace device itself drops packets between the tunnel and other networks, and masquerading and --allow-from are off"
+                );
+                let mut nets = tunnel_nets.to_vec();
+                nets.extend(policy.routes.iter().copied());
+                Ok(Setup::Fallback(nets))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// What the userspace device must drop by itself.
+    pub fn confine(&self) -> Option<Vec<IpNetwork>> {
+        match self {
+            Setup::Fallback(nets) => Some(nets.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn guard(&mut self) -> Option<&mut Guard> {
+        match self {
+            Setup::Guarded(g) => Some(g),
+            _ => None,
+        }
+    }
+
+    /// Removes what it added.
+    pub fn remove(self) {
+        if let Setup::Guarded(g) = self {
+            g.remove();
+        }
+    }
+}
+
+/// Removes what a crashed run with this interface left (the table is
+/// replaced anyway; Docker's chain is not ours to replace).
+pub fn clean_up(fw: &dyn Firewall, iface: &str) {
+    let name = table_name(iface);
+    let _ = fw.close_docker(&name);
 }
 
 #[cfg(test)]
@@ -123,6 +417,8 @@ pub mod fake {
     #[derive(Default)]
     pub struct FakeFirewall {
         pub tables: Mutex<BTreeMap<String, Table>>,
+        /// Docker's chain, when the host has one: our tagged rules in it.
+        pub docker: Mutex<Option<Vec<(String, Rule)>>>,
     }
 
     impl Firewall for FakeFirewall {
@@ -142,17 +438,55 @@ pub mod fake {
         fn exists(&self, name: &str) -> Result<bool, FirewallError> {
             Ok(self.tables.lock().unwrap().contains_key(name))
         }
+
+        fn open_docker(&self, f: &Foreign) -> Result<bool, FirewallError> {
+            let mut d = self.docker.lock().unwrap();
+            let Some(chain) = d.as_mut() else {
+                return Ok(false);
+            };
+            chain.retain(|(t, _)| *t != f.tag);
+            for (i, r) in f.rules.iter().enumerate() {
+                chain.insert(i, (f.tag.clone(), r.clone()));
+            }
+            Ok(true)
+        }
+
+        fn close_docker(&self, tag: &str) -> Result<(), FirewallError> {
+            if let Some(chain) = self.docker.lock().unwrap().as_mut() {
+                chain.retain(|(t, _)| t != tag);
+            }
+            Ok(())
+        }
+
+        fn docker_open(&self, tag: &str) -> Result<bool, FirewallError> {
+            Ok(self
+                .docker
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|c| c.iter().any(|(t, _)| t == tag)))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::fake::FakeFirewall;
     use super::*;
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
 
     #[test]
     fn the_hub_forwards_only_between_its_tunnel_peers() {
-        let t = confinement("wg-tunnel");
+        let (t, docker) = plan(&Policy {
+            iface: "wg-tunnel".into(),
+            hub: true,
+            ..Default::default()
+        });
         assert_eq!(t.name, "tunnel-wg-tunnel");
+        assert_eq!(t.chains.len(), 1);
         let chain = &t.chains[0];
         assert_eq!(chain.hook, Hook::Forward);
         assert!(chain.priority < 0, "before Docker's filter rules");
@@ -161,5 +495,103 @@ mod tests {
         assert_eq!(chain.rules[0].action, Action::Accept);
         assert_eq!(chain.rules[0].matches.len(), 2);
         assert!(chain.rules[1..].iter().all(|r| r.action == Action::Drop));
+        assert_eq!(docker.rules, vec![chain.rules[0].clone()]);
+    }
+
+    #[test]
+    fn a_gateway_site_opens_its_routes_only_and_masquerades_towards_them() {
+        let (t, docker) = plan(&Policy {
+            iface: "wg0".into(),
+            hub: false,
+            routes: vec![net("192.168.7.0/24"), net("fd00:7::/64")],
+            masquerade: true,
+            listen: None,
+        });
+        let fwd = &t.chains[0].rules;
+        assert!(
+            !fwd.iter()
+                .any(|r| r.matches
+                    == vec![Match::InIface("wg0".into()), Match::OutIface("wg0".into())]),
+            "a site does not relay tunnel to tunnel"
+        );
+        assert!(fwd.contains(&rule(
+            vec![
+                Match::InIface("wg0".into()),
+                Match::DstNet(net("192.168.7.0/24"))
+            ],
+            Action::Accept
+        )));
+        assert_eq!(fwd.last().unwrap().action, Action::Drop);
+        let nat = t.chains.iter().find(|c| c.kind == "nat").unwrap();
+        assert_eq!(nat.hook, Hook::Postrouting);
+        assert_eq!(nat.rules.len(), 2);
+        assert!(nat.rules.iter().all(|r| r.action == Action::Masquerade));
+        // Docker's chains are IPv4 only.
+        assert_eq!(docker.rules.len(), 2);
+    }
+
+    #[test]
+    fn the_listen_port_is_restricted_when_asked() {
+        let (t, _) = plan(&Policy {
+            iface: "wg0".into(),
+            hub: true,
+            listen: Some((51820, vec![net("198.51.100.0/24"), net("203.0.113.9/32")])),
+            ..Default::default()
+        });
+        let input = t.chains.iter().find(|c| c.hook == Hook::Input).unwrap();
+        assert_eq!(input.rules.len(), 3);
+        assert_eq!(
+            input.rules[2],
+            rule(vec![Match::UdpDport(51820)], Action::Drop)
+        );
+    }
+
+    #[test]
+    fn the_guard_repairs_a_flushed_ruleset_and_removes_all_on_exit() {
+        let fw = std::sync::Arc::new(FakeFirewall::default());
+        *fw.docker.lock().unwrap() = Some(vec![]);
+        struct Shared(std::sync::Arc<FakeFirewall>);
+        impl Firewall for Shared {
+            fn apply(&self, t: &Table) -> Result<(), FirewallError> {
+                self.0.apply(t)
+            }
+            fn remove(&self, n: &str) -> Result<(), FirewallError> {
+                self.0.remove(n)
+            }
+            fn exists(&self, n: &str) -> Result<bool, FirewallError> {
+                self.0.exists(n)
+            }
+            fn open_docker(&self, f: &Foreign) -> Result<bool, FirewallError> {
+                self.0.open_docker(f)
+            }
+            fn close_docker(&self, t: &str) -> Result<(), FirewallError> {
+                self.0.close_docker(t)
+            }
+            fn docker_open(&self, t: &str) -> Result<bool, FirewallError> {
+                self.0.docker_open(t)
+            }
+        }
+        let policy = Policy {
+            iface: "wg0".into(),
+            hub: true,
+            ..Default::default()
+        };
+        let mut g = Guard::apply(Box::new(Shared(fw.clone())), &policy).unwrap();
+        assert!(fw.exists("tunnel-wg0").unwrap() && fw.docker_open("tunnel-wg0").unwrap());
+        assert!(!g.repair().unwrap(), "nothing to repair");
+        // nft flush ruleset: both gone.
+        fw.tables.lock().unwrap().clear();
+        fw.docker.lock().unwrap().as_mut().unwrap().clear();
+        assert!(g.repair().unwrap());
+        assert!(fw.exists("tunnel-wg0").unwrap() && fw.docker_open("tunnel-wg0").unwrap());
+        g.update(&Policy {
+            routes: vec![net("192.168.7.0/24")],
+            ..policy
+        })
+        .unwrap();
+        assert_eq!(fw.docker.lock().unwrap().as_ref().unwrap().len(), 3);
+        g.remove();
+        assert!(!fw.exists("tunnel-wg0").unwrap());
+        assert!(fw.docker.lock().unwrap().as_ref().unwrap().is_empty());
     }
 }

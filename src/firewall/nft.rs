@@ -1,15 +1,16 @@
 //! [`Firewall`] over nf_tables netlink (netlink-packet-netfilter, from the
 //! rtnetlink family of crates). netlink types stay in this file.
 
-use super::{Action, Firewall, FirewallError, Hook, Match, Table};
+use super::{Action, Firewall, FirewallError, Foreign, Hook, Match, Rule, Table};
+use ipnetwork::IpNetwork;
 use netlink_packet_core::{
-    Emitable, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NetlinkBuffer, NetlinkMessage,
-    NetlinkPayload,
+    Emitable, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer,
+    NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_netfilter::nftables::{
-    ChainAttribute, ChainMessage, Cmp, DataAttribute, Expressions, Immediate, InetHookNumber, Meta,
-    MetaKey, NfTablesMessage, Operator, Register, RuleAttribute, RuleMessage, TableAttribute,
-    TableMessage, Verdict, VerdictAttribute,
+    Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, Expressions, Immediate,
+    InetHookNumber, Meta, MetaKey, NfTablesMessage, Operator, Payload, Register, RuleAttribute,
+    RuleMessage, TableAttribute, TableMessage, Verdict, VerdictAttribute,
 };
 use netlink_packet_netfilter::none::ControlMessage;
 use netlink_packet_netfilter::{
@@ -24,8 +25,15 @@ const IFNAMSIZ: usize = 16;
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 const POLICY_ACCEPT: u32 = 1;
+const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_IPV6: u8 = 10;
+const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
+const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
+const IPPROTO_UDP: u8 = 17;
 /// How long one exchange may wait for the kernel.
 const TIMEOUT: Duration = Duration::from_secs(2);
+/// Docker's chain for users' rules, jumped to first from its FORWARD.
+const DOCKER_USER: &str = "DOCKER-USER";
 
 /// nf_tables in this thread's network namespace.
 #[derive(Debug, Default)]
@@ -77,26 +85,79 @@ fn ifname(name: &str) -> Vec<u8> {
     b
 }
 
+fn cmp(op: Operator, data: Vec<u8>) -> Expressions {
+    Expressions::Cmp(vec![
+        Cmp::SourceRegister(Register::Reg1),
+        Cmp::Op(op),
+        Cmp::Data(DataAttribute::Value(data)),
+    ])
+}
+
+fn meta(key: MetaKey) -> Expressions {
+    Expressions::Meta(vec![
+        Meta::Key(key),
+        Meta::DestinationRegister(Register::Reg1),
+    ])
+}
+
+fn payload(base: u32, offset: u32, len: u32) -> Expressions {
+    Expressions::Payload(vec![
+        Payload::DestinationRegister(Register::Reg1),
+        Payload::Base(base),
+        Payload::Offset(offset),
+        Payload::Len(len),
+    ])
+}
+
+/// `ip[6] saddr|daddr NET`: the family first, so that an IPv4 rule never
+/// reads an IPv6 header.
+fn net_match(n: &IpNetwork, source: bool) -> Vec<Expressions> {
+    let (proto, offset, bytes): (u8, u32, Vec<u8>) = match n {
+        IpNetwork::V4(v4) => (
+            NFPROTO_IPV4,
+            if source { 12 } else { 16 },
+            v4.network().octets().to_vec(),
+        ),
+        IpNetwork::V6(v6) => (
+            NFPROTO_IPV6,
+            if source { 8 } else { 24 },
+            v6.network().octets().to_vec(),
+        ),
+    };
+    let len = bytes.len() as u32;
+    let mut mask = vec![0u8; bytes.len()];
+    for (i, m) in mask.iter_mut().enumerate() {
+        let bits = (n.prefix() as usize).saturating_sub(i * 8).min(8);
+        *m = if bits == 0 { 0 } else { 0xffu8 << (8 - bits) };
+    }
+    vec![
+        meta(MetaKey::Nfproto),
+        cmp(Operator::Equal, vec![proto]),
+        payload(NFT_PAYLOAD_NETWORK_HEADER, offset, len),
+        Expressions::Bitwise(vec![
+            Bitwise::SourceRegister(Register::Reg1),
+            Bitwise::DestinationRegister(Register::Reg1),
+            Bitwise::Length(len),
+            Bitwise::Mask(DataAttribute::Value(mask)),
+            Bitwise::Xor(DataAttribute::Value(vec![0; bytes.len()])),
+        ]),
+        cmp(Operator::Equal, bytes),
+    ]
+}
+
 fn expressions(m: &Match) -> Vec<Expressions> {
     match m {
-        Match::InIface(n) | Match::OutIface(n) => {
-            let key = if matches!(m, Match::InIface(_)) {
-                MetaKey::Iifname
-            } else {
-                MetaKey::Oifname
-            };
-            vec![
-                Expressions::Meta(vec![
-                    Meta::Key(key),
-                    Meta::DestinationRegister(Register::Reg1),
-                ]),
-                Expressions::Cmp(vec![
-                    Cmp::SourceRegister(Register::Reg1),
-                    Cmp::Op(Operator::Equal),
-                    Cmp::Data(DataAttribute::Value(ifname(n))),
-                ]),
-            ]
-        }
+        Match::InIface(n) => vec![meta(MetaKey::Iifname), cmp(Operator::Equal, ifname(n))],
+        Match::OutIface(n) => vec![meta(MetaKey::Oifname), cmp(Operator::Equal, ifname(n))],
+        Match::NotOutIface(n) => vec![meta(MetaKey::Oifname), cmp(Operator::NotEqual, ifname(n))],
+        Match::SrcNet(n) => net_match(n, true),
+        Match::DstNet(n) => net_match(n, false),
+        Match::UdpDport(p) => vec![
+            meta(MetaKey::L4Proto),
+            cmp(Operator::Equal, vec![IPPROTO_UDP]),
+            payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
+            cmp(Operator::Equal, p.to_be_bytes().to_vec()),
+        ],
     }
 }
 
@@ -104,6 +165,12 @@ fn verdict(a: Action) -> Expressions {
     let code = match a {
         Action::Accept => NF_ACCEPT,
         Action::Drop => NF_DROP,
+        Action::Masquerade => {
+            return Expressions::Other {
+                expression_type: "masq".into(),
+                attributes: vec![],
+            };
+        }
     };
     Expressions::Immediate(vec![
         Immediate::DestinationRegister(Register::Verdict),
@@ -111,6 +178,12 @@ fn verdict(a: Action) -> Expressions {
             Verdict::Other(code),
         )])),
     ])
+}
+
+fn rule_exprs(r: &Rule) -> Vec<Expressions> {
+    let mut exprs: Vec<_> = r.matches.iter().flat_map(expressions).collect();
+    exprs.push(verdict(r.action));
+    exprs
 }
 
 /// The batch that replaces `table` (or only removes it, with `None`).
@@ -126,6 +199,8 @@ fn batch(name: &str, table: Option<&Table>) -> Vec<Msg> {
         for c in &t.chains {
             let hook = match c.hook {
                 Hook::Forward => InetHookNumber::Forward,
+                Hook::Input => InetHookNumber::LocalIn,
+                Hook::Postrouting => InetHookNumber::PostRouting,
             };
             out.push(msg(
                 NetfilterProtoFamily::Inet,
@@ -138,21 +213,21 @@ fn batch(name: &str, table: Option<&Table>) -> Vec<Msg> {
                             netlink_packet_netfilter::nftables::Hook::Priority(c.priority as u32),
                         ]),
                         ChainAttribute::Policy(POLICY_ACCEPT),
-                        ChainAttribute::Type("filter".to_owned()),
+                        ChainAttribute::Type(c.kind.to_owned()),
                     ],
                 }),
                 NLM_F_CREATE | NLM_F_ACK,
             ));
             for r in &c.rules {
-                let mut exprs: Vec<_> = r.matches.iter().flat_map(expressions).collect();
-                exprs.push(verdict(r.action));
                 out.push(msg(
                     NetfilterProtoFamily::Inet,
                     NfTablesMessage::NewRule(RuleMessage {
                         attributes: vec![
                             RuleAttribute::Table(t.name.clone()),
                             RuleAttribute::Chain(c.name.to_owned()),
-                            RuleAttribute::Expressions(exprs.into_iter().map(Into::into).collect()),
+                            RuleAttribute::Expressions(
+                                rule_exprs(r).into_iter().map(Into::into).collect(),
+                            ),
                         ],
                     }),
                     NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK,
@@ -192,16 +267,19 @@ fn socket() -> io::Result<Socket> {
 }
 
 /// Sends `msgs` in one write and waits for the acknowledgement of each
-/// message that asked for one; the first error wins.
+/// message that asked for one, or for the end of a dump; the first error
+/// wins. Returns the messages the kernel sent back.
 fn exchange(msgs: Vec<Msg>) -> io::Result<Vec<NetfilterMessage>> {
     let s = socket()?;
     let mut buf = Vec::new();
     let mut acks = Vec::new();
+    let mut dump = false;
     for (seq, mut m) in msgs.into_iter().enumerate() {
         m.header.sequence_number = seq as u32;
         if m.header.flags & NLM_F_ACK != 0 {
             acks.push(seq as u32);
         }
+        dump |= m.header.flags & NLM_F_DUMP == NLM_F_DUMP;
         m.finalize();
         let start = buf.len();
         buf.resize(start + m.buffer_len(), 0);
@@ -210,7 +288,7 @@ fn exchange(msgs: Vec<Msg>) -> io::Result<Vec<NetfilterMessage>> {
     s.send(&buf, 0)?;
     let mut replies = Vec::new();
     let mut rx = vec![0u8; 1 << 16];
-    while !acks.is_empty() {
+    while !acks.is_empty() || dump {
         let n = s.recv(&mut &mut rx[..], 0)?;
         let mut off = 0;
         while off < n {
@@ -227,12 +305,112 @@ fn exchange(msgs: Vec<Msg>) -> io::Result<Vec<NetfilterMessage>> {
                     }
                     acks.retain(|s| *s != m.header.sequence_number);
                 }
+                NetlinkPayload::Done(_) => dump = false,
                 NetlinkPayload::InnerMessage(inner) => replies.push(inner),
                 _ => {}
             }
         }
     }
     Ok(replies)
+}
+
+/// A chain of `table` (family ip), with its policy, if it exists.
+fn ip_chain_policy(table: &str, chain: &str) -> io::Result<Option<Option<u32>>> {
+    let get = msg(
+        NetfilterProtoFamily::IPv4,
+        NfTablesMessage::GetChain(ChainMessage {
+            attributes: vec![
+                ChainAttribute::Table(table.to_owned()),
+                ChainAttribute::Name(chain.to_owned()),
+            ],
+        }),
+        NLM_F_ACK,
+    );
+    match exchange(vec![get]) {
+        Ok(replies) => Ok(Some(replies.iter().find_map(|r| match &r.inner {
+            NetfilterMessageInner::NfTables(NfTablesMessage::NewChain(c)) => {
+                c.attributes.iter().find_map(|a| match a {
+                    ChainAttribute::Policy(p) => Some(*p),
+                    _ => None,
+                })
+            }
+            _ => None,
+        }))),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Where Docker-style forwarding rules go: `DOCKER-USER` in `ip filter`,
+/// or that table's FORWARD chain when its policy drops.
+fn docker_chain() -> io::Result<Option<&'static str>> {
+    if ip_chain_policy("filter", DOCKER_USER)?.is_some() {
+        return Ok(Some(DOCKER_USER));
+    }
+    match ip_chain_policy("filter", "FORWARD")? {
+        Some(Some(NF_DROP)) => Ok(Some("FORWARD")),
+        _ => Ok(None),
+    }
+}
+
+/// The handles of the rules in `ip filter <chain>` tagged `tag`.
+fn tagged(chain: &str, tag: &str) -> io::Result<Vec<u64>> {
+    let mut dump = msg(
+        NetfilterProtoFamily::IPv4,
+        NfTablesMessage::GetRule(RuleMessage {
+            attributes: vec![
+                RuleAttribute::Table("filter".into()),
+                RuleAttribute::Chain(chain.into()),
+            ],
+        }),
+        NLM_F_DUMP,
+    );
+    dump.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let replies = match exchange(vec![dump]) {
+        Ok(r) => r,
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(vec![]),
+        Err(e) => return Err(e),
+    };
+    Ok(replies
+        .iter()
+        .filter_map(|r| match &r.inner {
+            NetfilterMessageInner::NfTables(NfTablesMessage::NewRule(rule)) => {
+                let chain_ok = rule
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, RuleAttribute::Chain(c) if c == chain));
+                let ours = rule
+                    .attributes
+                    .iter()
+                    .any(|a| matches!(a, RuleAttribute::UserData(d) if d == tag.as_bytes()));
+                let handle = rule.attributes.iter().find_map(|a| match a {
+                    RuleAttribute::Handle(h) => Some(*h),
+                    _ => None,
+                });
+                (chain_ok && ours).then_some(handle).flatten()
+            }
+            _ => None,
+        })
+        .collect())
+}
+
+fn delete_rules(chain: &str, handles: &[u64]) -> Vec<Msg> {
+    handles
+        .iter()
+        .map(|h| {
+            msg(
+                NetfilterProtoFamily::IPv4,
+                NfTablesMessage::DeleteRule(RuleMessage {
+                    attributes: vec![
+                        RuleAttribute::Table("filter".into()),
+                        RuleAttribute::Chain(chain.into()),
+                        RuleAttribute::Handle(*h),
+                    ],
+                }),
+                NLM_F_ACK,
+            )
+        })
+        .collect()
 }
 
 impl Firewall for Nftables {
@@ -262,6 +440,59 @@ impl Firewall for Nftables {
             Err(e) => Err(classify(&format!("reading table {name}"), e)),
         }
     }
+
+    fn open_docker(&self, f: &Foreign) -> Result<bool, FirewallError> {
+        let fail = |e| classify("opening Docker's FORWARD chain", e);
+        let Some(chain) = docker_chain().map_err(fail)? else {
+            return Ok(false);
+        };
+        let old = tagged(chain, &f.tag).map_err(fail)?;
+        let mut b = vec![control(ControlMessage::BatchBegin)];
+        b.extend(delete_rules(chain, &old));
+        // Each rule goes to the top; in reverse, so that they keep their order.
+        for r in f.rules.iter().rev() {
+            b.push(msg(
+                NetfilterProtoFamily::IPv4,
+                NfTablesMessage::NewRule(RuleMessage {
+                    attributes: vec![
+                        RuleAttribute::Table("filter".into()),
+                        RuleAttribute::Chain(chain.into()),
+                        RuleAttribute::Expressions(
+                            rule_exprs(r).into_iter().map(Into::into).collect(),
+                        ),
+                        RuleAttribute::UserData(f.tag.as_bytes().to_vec()),
+                    ],
+                }),
+                NLM_F_CREATE | NLM_F_ACK,
+            ));
+        }
+        b.push(control(ControlMessage::BatchEnd));
+        exchange(b).map_err(fail)?;
+        Ok(true)
+    }
+
+    fn close_docker(&self, tag: &str) -> Result<(), FirewallError> {
+        let fail = |e| classify("cleaning Docker's FORWARD chain", e);
+        for chain in [DOCKER_USER, "FORWARD"] {
+            let old = tagged(chain, tag).map_err(fail)?;
+            if old.is_empty() {
+                continue;
+            }
+            let mut b = vec![control(ControlMessage::BatchBegin)];
+            b.extend(delete_rules(chain, &old));
+            b.push(control(ControlMessage::BatchEnd));
+            exchange(b).map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    fn docker_open(&self, tag: &str) -> Result<bool, FirewallError> {
+        let fail = |e| classify("reading Docker's FORWARD chain", e);
+        let Some(chain) = docker_chain().map_err(fail)? else {
+            return Ok(false);
+        };
+        Ok(!tagged(chain, tag).map_err(fail)?.is_empty())
+    }
 }
 
 #[cfg(test)]
@@ -270,7 +501,11 @@ mod tests {
 
     #[test]
     fn a_replacement_batch_is_framed_and_clears_the_old_table_first() {
-        let t = super::super::confinement("wg0");
+        let (t, _) = super::super::plan(&super::super::Policy {
+            iface: "wg0".into(),
+            hub: true,
+            ..Default::default()
+        });
         let b = batch(&t.name, Some(&t));
         // begin, new, delete, new, chain, 3 rules, end
         assert_eq!(b.len(), 9);
@@ -291,5 +526,22 @@ mod tests {
         let removal = batch("tunnel-wg0", None);
         assert_eq!(removal.len(), 4);
         assert_eq!(ifname("wg0").len(), IFNAMSIZ);
+    }
+
+    #[test]
+    fn network_matches_mask_the_prefix() {
+        let e = net_match(&"10.77.0.0/20".parse().unwrap(), false);
+        match &e[3] {
+            Expressions::Bitwise(b) => {
+                assert!(b.contains(&Bitwise::Mask(DataAttribute::Value(vec![
+                    0xff, 0xff, 0xf0, 0
+                ]))))
+            }
+            other => panic!("{other:?}"),
+        }
+        let e6 = net_match(&"fd00:7::/64".parse().unwrap(), true);
+        assert!(
+            matches!(&e6[2], Expressions::Payload(p) if p.contains(&Payload::Offset(8)) && p.contains(&Payload::Len(16)))
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! An in-memory [`NetOps`] for unit tests.
 
-use super::{NetError, NetOps};
+use super::{NetError, NetOps, PolicyRule};
 use async_trait::async_trait;
 use ipnetwork::IpNetwork;
 use std::collections::BTreeMap;
@@ -20,6 +20,14 @@ pub struct FakeLink {
 #[derive(Default)]
 pub struct FakeNet {
     pub links: Mutex<BTreeMap<String, FakeLink>>,
+    /// (destination, link, table) of the routes added.
+    pub routes: Mutex<std::collections::BTreeSet<(IpNetwork, String, Option<u32>)>>,
+    /// Which link reaches which network (for route lookups).
+    pub lan: Mutex<Vec<(IpNetwork, String)>>,
+    pub rules: Mutex<Vec<PolicyRule>>,
+    pub forwarding6: Mutex<bool>,
+    /// `accept_ra` of the links that have one set.
+    pub accept_ra: Mutex<BTreeMap<String, u8>>,
     /// When false, `create_wireguard` fails like a kernel without the module.
     pub kernel_wireguard: bool,
 }
@@ -77,12 +85,97 @@ impl NetOps for FakeNet {
         Ok(())
     }
 
-    async fn enable_forwarding(&self, name: &str) -> Result<(), NetError> {
+    async fn forwarding(&self, name: &str) -> Result<bool, NetError> {
+        let links = self.links.lock().unwrap();
+        let link = links
+            .get(name)
+            .ok_or_else(|| NetError::NotFound(name.to_owned()))?;
+        Ok(link.forwarding)
+    }
+
+    async fn forwarding6(&self) -> Result<bool, NetError> {
+        Ok(*self.forwarding6.lock().unwrap())
+    }
+
+    async fn set_forwarding6(&self, on: bool) -> Result<(), NetError> {
+        *self.forwarding6.lock().unwrap() = on;
+        Ok(())
+    }
+
+    async fn ra_links(&self) -> Result<Vec<String>, NetError> {
+        Ok(self
+            .accept_ra
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, v)| **v == 1)
+            .map(|(k, _)| k.clone())
+            .collect())
+    }
+
+    async fn set_accept_ra(&self, name: &str, value: u8) -> Result<(), NetError> {
+        self.accept_ra
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), value);
+        Ok(())
+    }
+
+    async fn set_forwarding(&self, name: &str, on: bool) -> Result<(), NetError> {
         let mut links = self.links.lock().unwrap();
         let link = links
             .get_mut(name)
             .ok_or_else(|| NetError::NotFound(name.to_owned()))?;
-        link.forwarding = true;
+        link.forwarding = on;
+        Ok(())
+    }
+
+    async fn add_route(
+        &self,
+        dst: IpNetwork,
+        name: &str,
+        table: Option<u32>,
+    ) -> Result<(), NetError> {
+        self.routes
+            .lock()
+            .unwrap()
+            .insert((dst, name.to_owned(), table));
+        Ok(())
+    }
+
+    async fn del_route(
+        &self,
+        dst: IpNetwork,
+        name: &str,
+        table: Option<u32>,
+    ) -> Result<(), NetError> {
+        self.routes
+            .lock()
+            .unwrap()
+            .remove(&(dst, name.to_owned(), table));
+        Ok(())
+    }
+
+    async fn route_iface(&self, to: std::net::IpAddr) -> Result<Option<String>, NetError> {
+        Ok(self
+            .lan
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(n, _)| n.contains(to))
+            .map(|(_, i)| i.clone()))
+    }
+
+    async fn add_rule(&self, rule: &PolicyRule) -> Result<(), NetError> {
+        let mut rules = self.rules.lock().unwrap();
+        if !rules.contains(rule) {
+            rules.push(rule.clone());
+        }
+        Ok(())
+    }
+
+    async fn del_rule(&self, rule: &PolicyRule) -> Result<(), NetError> {
+        self.rules.lock().unwrap().retain(|r| r != rule);
         Ok(())
     }
 

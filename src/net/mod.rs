@@ -46,12 +46,57 @@ pub trait NetOps: Send + Sync {
     async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError>;
     /// Moves the link into the network namespace of process `pid`.
     async fn move_to_netns(&self, name: &str, pid: u32) -> Result<(), NetError>;
-    /// Lets the kernel forward IPv4 packets that arrive on the link (the hub
-    /// relays between its peers). Per interface, so the host as a whole
-    /// does not become a router, and gone with the interface, so nothing to
-    /// undo. Set over netlink, as /proc/sys is read-only in containers.
-    async fn enable_forwarding(&self, name: &str) -> Result<(), NetError>;
+    /// Whether the kernel forwards IPv4 packets that arrive on the link.
+    async fn forwarding(&self, name: &str) -> Result<bool, NetError>;
+    /// Lets the kernel forward IPv4 packets that arrive on the link, or
+    /// not. Per interface, so the host as a whole does not become a
+    /// router. Set over netlink, as /proc/sys is read-only in containers.
+    async fn set_forwarding(&self, name: &str, on: bool) -> Result<(), NetError>;
+    /// Whether the kernel forwards IPv6 packets (a host-wide switch).
+    async fn forwarding6(&self) -> Result<bool, NetError>;
+    /// Turns IPv6 forwarding on or off for the host.
+    async fn set_forwarding6(&self, on: bool) -> Result<(), NetError>;
+    /// The links that take router advertisements only while the host does
+    /// not forward (`accept_ra` 1): IPv6 forwarding would cost them their
+    /// SLAAC addresses and default route.
+    async fn ra_links(&self) -> Result<Vec<String>, NetError>;
+    /// Sets a link's `accept_ra` (2: even while forwarding).
+    async fn set_accept_ra(&self, name: &str, value: u8) -> Result<(), NetError>;
+    /// A route to `dst` through the link (in `table`, else main); one that
+    /// is already there is fine.
+    async fn add_route(
+        &self,
+        dst: IpNetwork,
+        name: &str,
+        table: Option<u32>,
+    ) -> Result<(), NetError>;
+    /// Removes that route; one that is gone is fine.
+    async fn del_route(
+        &self,
+        dst: IpNetwork,
+        name: &str,
+        table: Option<u32>,
+    ) -> Result<(), NetError>;
+    /// The interface the main table sends packets for `to` out of.
+    async fn route_iface(&self, to: std::net::IpAddr) -> Result<Option<String>, NetError>;
+    /// A policy routing rule; one that is already there is fine.
+    async fn add_rule(&self, rule: &PolicyRule) -> Result<(), NetError>;
+    /// Removes that rule; one that is gone is fine.
+    async fn del_rule(&self, rule: &PolicyRule) -> Result<(), NetError>;
 }
+
+/// `ip rule add to TO [ipproto P] [dport D] table T priority N`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyRule {
+    pub priority: u32,
+    pub to: IpNetwork,
+    pub table: u32,
+    pub ip_proto: Option<u8>,
+    pub dport: Option<u16>,
+}
+
+/// The main routing table's number.
+pub const MAIN_TABLE: u32 = 254;
 
 /// Checks an interface name the way the kernel will (`dev_valid_name`).
 pub fn validate_ifname(name: &str) -> Result<(), NetError> {

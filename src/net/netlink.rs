@@ -1,17 +1,25 @@
 //! The rtnetlink implementation of [`NetOps`]. rtnetlink types stay in here.
 
-use super::{NetError, NetOps};
+use super::{NetError, NetOps, PolicyRule};
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
+use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_core::DefaultNla;
 use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage};
+use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage, RulePortRange};
+use rtnetlink::packet_route::{AddressFamily, IpProtocol};
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard};
 
 const EPERM: i32 = 1;
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
 const EOPNOTSUPP: i32 = 95;
+const ENOENT: i32 = 2;
+const ESRCH: i32 = 3;
+const ENETUNREACH: i32 = 101;
+const EHOSTUNREACH: i32 = 113;
 
 const IFLA_AF_SPEC: u16 = 26;
 const AF_INET: u16 = 2;
@@ -21,7 +29,7 @@ const IPV4_DEVCONF_FORWARDING: u16 = 1;
 /// `IFLA_AF_SPEC { AF_INET { IFLA_INET_CONF { FORWARDING = 1 } } }`, the
 /// netlink form of `net.ipv4.conf.<iface>.forwarding=1`. Built by hand:
 /// netlink-packet-route's devconf type would write every setting, not one.
-fn forwarding_af_spec() -> Vec<u8> {
+fn forwarding_af_spec(on: bool) -> Vec<u8> {
     fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
         let len = 4 + value.len() as u16;
         let mut out = Vec::with_capacity(len as usize);
@@ -30,7 +38,7 @@ fn forwarding_af_spec() -> Vec<u8> {
         out.extend_from_slice(value);
         out
     }
-    let setting = nla(IPV4_DEVCONF_FORWARDING, &1u32.to_ne_bytes());
+    let setting = nla(IPV4_DEVCONF_FORWARDING, &u32::from(on).to_ne_bytes());
     nla(AF_INET, &nla(IFLA_INET_CONF, &setting))
 }
 
@@ -93,10 +101,57 @@ impl Netlink {
     }
 }
 
+const FORWARDING6: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
+
+/// A sysctl file that could not be read or written: missing privileges are
+/// said as such.
+fn sysctl_err(path: &str, e: std::io::Error) -> NetError {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+            NetError::Permission(format!("writing {path}"))
+        }
+        _ => other(path, e),
+    }
+}
+
 fn other(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> NetError {
     NetError::Other {
         what: what.to_owned(),
         source: e.into(),
+    }
+}
+
+fn route_message(dst: IpNetwork, index: u32, table: Option<u32>) -> Result<RouteMessage, NetError> {
+    let mut b = RouteMessageBuilder::<std::net::IpAddr>::new()
+        .destination_prefix(dst.network(), dst.prefix())
+        .map_err(|e| other("a route", e))?
+        .output_interface(index);
+    if let Some(t) = table {
+        b = b.table_id(t);
+    }
+    Ok(b.build())
+}
+
+/// Destination, protocol and port of a rule; family from the destination.
+fn rule_fill(msg: &mut RuleMessage, rule: &PolicyRule) {
+    msg.header.family = if rule.to.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    msg.header.dst_len = rule.to.prefix();
+    msg.attributes
+        .push(RuleAttribute::Destination(rule.to.network()));
+    if let Some(p) = rule.ip_proto {
+        msg.attributes
+            .push(RuleAttribute::IpProtocol(IpProtocol::from(p)));
+    }
+    if let Some(d) = rule.dport {
+        msg.attributes
+            .push(RuleAttribute::DestinationPortRange(RulePortRange {
+                start: d,
+                end: d,
+            }));
     }
 }
 
@@ -166,9 +221,70 @@ impl NetOps for Netlink {
             .map_err(|e| classify(e, &format!("moving into the namespace of pid {pid}"), name))
     }
 
-    async fn enable_forwarding(&self, name: &str) -> Result<(), NetError> {
+    async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError> {
         let index = self.require_index(name).await?;
-        let attr = LinkAttribute::Other(DefaultNla::new(IFLA_AF_SPEC, forwarding_af_spec()));
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
+            .execute()
+            .await
+            .map_err(|e| classify(e, "setting the MTU", name))
+    }
+
+    async fn forwarding(&self, name: &str) -> Result<bool, NetError> {
+        self.require_index(name).await?;
+        let path = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
+        let v = std::fs::read_to_string(&path).map_err(|e| other(&path, e))?;
+        Ok(v.trim() == "1")
+    }
+
+    async fn forwarding6(&self) -> Result<bool, NetError> {
+        let v = std::fs::read_to_string(FORWARDING6).map_err(|e| sysctl_err(FORWARDING6, e))?;
+        Ok(v.trim() == "1")
+    }
+
+    async fn set_forwarding6(&self, on: bool) -> Result<(), NetError> {
+        // Linux has no netlink setter for IPv6's switch; sysctl's file is it.
+        std::fs::write(FORWARDING6, if on { "1" } else { "0" })
+            .map_err(|e| sysctl_err(FORWARDING6, e))
+    }
+
+    async fn ra_links(&self) -> Result<Vec<String>, NetError> {
+        let dir = "/proc/sys/net/ipv6/conf";
+        let rd = match std::fs::read_dir(dir) {
+            Ok(rd) => rd,
+            // No IPv6 in this kernel: no link takes advertisements.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(sysctl_err(dir, e)),
+        };
+        let mut out = vec![];
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == "all" || name == "default" {
+                continue;
+            }
+            let path = e.path().join("accept_ra");
+            if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn set_accept_ra(&self, name: &str, value: u8) -> Result<(), NetError> {
+        let path = format!("/proc/sys/net/ipv6/conf/{name}/accept_ra");
+        match std::fs::write(&path, value.to_string()) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(NetError::NotFound(name.to_owned()))
+            }
+            other => other.map_err(|e| sysctl_err(&path, e)),
+        }
+    }
+
+    async fn set_forwarding(&self, name: &str, on: bool) -> Result<(), NetError> {
+        let index = self.require_index(name).await?;
+        let attr = LinkAttribute::Other(DefaultNla::new(IFLA_AF_SPEC, forwarding_af_spec(on)));
         self.handle
             .link()
             .set(
@@ -178,17 +294,110 @@ impl NetOps for Netlink {
             )
             .execute()
             .await
-            .map_err(|e| classify(e, "enabling forwarding", name))
+            .map_err(|e| classify(e, "setting forwarding", name))
     }
 
-    async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError> {
+    async fn add_route(
+        &self,
+        dst: IpNetwork,
+        name: &str,
+        table: Option<u32>,
+    ) -> Result<(), NetError> {
         let index = self.require_index(name).await?;
-        self.handle
-            .link()
-            .set(LinkUnspec::new_with_index(index).mtu(mtu).build())
-            .execute()
-            .await
-            .map_err(|e| classify(e, "setting the MTU", name))
+        let msg = route_message(dst, index, table)?;
+        match self.handle.route().add(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+            Err(e) => Err(classify(e, &format!("adding a route to {dst}"), name)),
+        }
+    }
+
+    async fn del_route(
+        &self,
+        dst: IpNetwork,
+        name: &str,
+        table: Option<u32>,
+    ) -> Result<(), NetError> {
+        let Some(index) = self.index(name).await? else {
+            return Ok(());
+        };
+        let msg = route_message(dst, index, table)?;
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), Some(ESRCH) | Some(ENOENT)) => Ok(()),
+            Err(e) => Err(classify(e, &format!("removing the route to {dst}"), name)),
+        }
+    }
+
+    async fn route_iface(&self, to: std::net::IpAddr) -> Result<Option<String>, NetError> {
+        let prefix = if to.is_ipv4() { 32 } else { 128 };
+        let msg = RouteMessageBuilder::<std::net::IpAddr>::new()
+            .destination_prefix(to, prefix)
+            .map_err(|e| other("a route lookup", e))?
+            .build();
+        let mut routes = self.handle.route().get(msg).execute();
+        let index = match routes.try_next().await {
+            Ok(Some(r)) => r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            }),
+            Ok(None) => None,
+            Err(e) if matches!(errno(&e), Some(ENETUNREACH) | Some(EHOSTUNREACH)) => None,
+            Err(e) => return Err(classify(e, &format!("looking up the route to {to}"), "-")),
+        };
+        let Some(index) = index else { return Ok(None) };
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(l)) => Ok(l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            })),
+            Ok(None) => Ok(None),
+            Err(e) => Err(classify(e, "reading a link", "-")),
+        }
+    }
+
+    async fn add_rule(&self, rule: &PolicyRule) -> Result<(), NetError> {
+        let mut req = self
+            .handle
+            .rule()
+            .add()
+            .table_id(rule.table)
+            .priority(rule.priority)
+            .action(RuleAction::ToTable);
+        let msg = req.message_mut();
+        rule_fill(msg, rule);
+        match req.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if errno(&e) == Some(EEXIST) => Ok(()),
+            Err(e) => Err(classify(e, &format!("adding a rule to {}", rule.to), "-")),
+        }
+    }
+
+    async fn del_rule(&self, rule: &PolicyRule) -> Result<(), NetError> {
+        let mut msg = RuleMessage::default();
+        msg.header.family = if rule.to.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        msg.header.action = RuleAction::ToTable;
+        if rule.table > 255 {
+            msg.attributes.push(RuleAttribute::Table(rule.table));
+        } else {
+            msg.header.table = rule.table as u8;
+        }
+        msg.attributes.push(RuleAttribute::Priority(rule.priority));
+        rule_fill(&mut msg, rule);
+        match self.handle.rule().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(errno(&e), Some(ENOENT) | Some(ESRCH)) => Ok(()),
+            Err(e) => Err(classify(
+                e,
+                &format!("removing the rule to {}", rule.to),
+                "-",
+            )),
+        }
     }
 
     async fn delete_link(&self, name: &str) -> Result<(), NetError> {
@@ -212,6 +421,6 @@ mod tests {
             want.extend_from_slice(&half.to_ne_bytes());
         }
         want.extend_from_slice(&1u32.to_ne_bytes());
-        assert_eq!(super::forwarding_af_spec(), want);
+        assert_eq!(super::forwarding_af_spec(true), want);
     }
 }
