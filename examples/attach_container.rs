@@ -69,9 +69,12 @@ async fn main() {
     }
     println!("attached wgexample0 to {}; Ctrl-C to remove it", info.name);
     follower
-        .follow(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        .follow(
+            async {
+                let _ = tokio::signal::ctrl_c().await;
+            },
+            None,
+        )
         .await;
     follower.detach_all().await;
 }

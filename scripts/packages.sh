@@ -14,6 +14,7 @@ RUNTIME_PACKAGES=(
 	iperf3:iperf3
 	busybox:busybox-static
 	nft:nftables
+	iptables:iptables
 	ps:procps
 	ping:iputils-ping
 	setpriv:util-linux

@@ -50,7 +50,7 @@ pub trait Placer: Send + Sync {
         spec: &DeviceSpec,
         container: &str,
         pid: u32,
-    ) -> Result<Box<dyn WgDevice>, ContainerError>;
+    ) -> Result<Placed, ContainerError>;
     /// Connects to `target` from inside the namespace of `pid` until it
     /// answers or `timeout` passes; returns how long that took.
     async fn probe(
@@ -59,6 +59,12 @@ pub trait Placer: Send + Sync {
         target: SocketAddr,
         timeout: Duration,
     ) -> Result<Duration, String>;
+}
+
+/// A device in a container, and netlink in the container's namespace.
+pub struct Placed {
+    pub device: Box<dyn WgDevice>,
+    pub net: Arc<dyn NetOps>,
 }
 
 /// The real placer: devices made in this namespace with `backend`.
@@ -80,24 +86,24 @@ impl Placer for HostPlacer {
         spec: &DeviceSpec,
         container: &str,
         pid: u32,
-    ) -> Result<Box<dyn WgDevice>, ContainerError> {
-        let net = Arc::new(Netlink::connect_in_netns(pid).map_err(|source| {
+    ) -> Result<Placed, ContainerError> {
+        let net: Arc<dyn NetOps> = Arc::new(Netlink::connect_in_netns(pid).map_err(|source| {
             ContainerError::Namespace {
                 container: container.to_owned(),
                 source,
             }
         })?);
-        wg::create(
-            spec,
-            self.backend,
-            self.host.clone(),
-            Some(Placement { pid, net }),
-        )
-        .await
-        .map_err(|source| ContainerError::Attach {
-            container: container.to_owned(),
-            source,
-        })
+        let placement = Placement {
+            pid,
+            net: net.clone(),
+        };
+        let device = wg::create(spec, self.backend, self.host.clone(), Some(placement))
+            .await
+            .map_err(|source| ContainerError::Attach {
+                container: container.to_owned(),
+                source,
+            })?;
+        Ok(Placed { device, net })
     }
 
     async fn probe(
@@ -168,12 +174,16 @@ struct Slot {
     attached: Option<(Attached, Arc<dyn WgDevice>)>,
     /// The endpoint's WebSocket link to the hub, while attached.
     link: Option<Link>,
+    /// Netlink in the container's namespace, while attached.
+    net: Option<Arc<dyn NetOps>>,
 }
 
 pub struct Follower {
     runtime: Arc<dyn ContainerRuntime>,
     placer: Arc<dyn Placer>,
     slots: Vec<Slot>,
+    /// LANs behind other sites, routed through the hub from each container.
+    routes: Vec<IpNetwork>,
     /// What status reports, updated on every attach and detach.
     status: ContainerView,
 }
@@ -222,12 +232,14 @@ impl Follower {
                 spec,
                 attached: None,
                 link: None,
+                net: None,
             })
             .collect();
         let me = Self {
             runtime,
             placer,
             slots,
+            routes: vec![],
             status: ContainerView::default(),
         };
         me.publish();
@@ -260,6 +272,7 @@ impl Follower {
                         container: Some(s.spec.container.clone()),
                         container_id: s.attached.as_ref().map(|(a, _)| a.id.clone()),
                         server: None,
+                        routes: vec![],
                         peers: vec![PeerReport {
                             public_key: s.spec.hub.public_key,
                             name: Some("server".into()),
@@ -277,6 +290,7 @@ impl Follower {
                                 }
                                 .into(),
                             ),
+                            routes: self.routes.clone(),
                         }],
                     },
                     s.attached.as_ref().map(|(_, d)| d.clone()),
@@ -325,10 +339,20 @@ impl Follower {
             confine: None,
             relay: spec.link.as_ref().map(|_| Relay::new("websocket")),
         };
-        let device = self
+        let Placed { device, net } = self
             .placer
             .place(&device_spec, &spec.container, pid)
             .await?;
+        if let Err(source) =
+            route_into(device.as_ref(), net.as_ref(), &spec, &[], &self.routes).await
+        {
+            let _ = device.destroy().await;
+            return Err(ContainerError::Attach {
+                container: spec.container.clone(),
+                source,
+            });
+        }
+        self.slots[i].net = Some(net);
         // Its own WebSocket link to the hub, when the site uses one: each
         // endpoint is its own WireGuard peer of the hub.
         self.slots[i].link = match (&spec.link, &device_spec.relay) {
@@ -362,6 +386,7 @@ impl Follower {
 
     async fn detach(&mut self, i: usize) {
         self.slots[i].link = None;
+        self.slots[i].net = None;
         if let Some((a, device)) = self.slots[i].attached.take() {
             self.publish();
             let container = &self.slots[i].spec.container;
@@ -379,16 +404,48 @@ impl Follower {
         }
     }
 
+    /// The LANs behind other sites are now `routes`: every attached
+    /// endpoint routes them to the hub.
+    pub async fn set_routes(&mut self, routes: Vec<IpNetwork>) {
+        if routes == self.routes {
+            return;
+        }
+        for s in &self.slots {
+            if let (Some((_, device)), Some(net)) = (&s.attached, &s.net)
+                && let Err(e) = route_into(
+                    device.as_ref(),
+                    net.as_ref(),
+                    &s.spec,
+                    &self.routes,
+                    &routes,
+                )
+                .await
+            {
+                tracing::warn!("routing LANs into container {}: {e}", s.spec.container);
+            }
+        }
+        self.routes = routes;
+        self.publish();
+    }
+
     pub async fn detach_all(&mut self) {
         for i in 0..self.slots.len() {
             self.detach(i).await;
         }
     }
 
-    /// Follows Docker events until `stop` completes; reconnects the event
-    /// stream if the engine restarts.
-    pub async fn follow(&mut self, stop: impl std::future::Future<Output = ()>) {
+    /// Follows Docker events, and the LANs in `routes`, until `stop`
+    /// completes; reconnects the event stream if the engine restarts.
+    pub async fn follow(
+        &mut self,
+        stop: impl std::future::Future<Output = ()>,
+        mut routes: Option<tokio::sync::watch::Receiver<Vec<IpNetwork>>>,
+    ) {
         tokio::pin!(stop);
+        if let Some(r) = routes.as_mut() {
+            let now = r.borrow_and_update().clone();
+            self.set_routes(now).await;
+        }
         loop {
             let mut events = self.runtime.events();
             // Whatever happened while not listening.
@@ -396,6 +453,7 @@ impl Follower {
             loop {
                 tokio::select! {
                     _ = &mut stop => return,
+                    Some(now) = next_routes(&mut routes) => self.set_routes(now).await,
                     ev = events.next() => match ev {
                         Some(Ok(ev)) => {
                             let hit = self.slots.iter().position(|s| {
@@ -427,6 +485,45 @@ impl Follower {
     }
 }
 
+/// The next value of `routes`; pending forever without one (or once its
+/// sender is gone), so a `select!` branch on it simply never fires.
+async fn next_routes(
+    routes: &mut Option<tokio::sync::watch::Receiver<Vec<IpNetwork>>>,
+) -> Option<Vec<IpNetwork>> {
+    if let Some(r) = routes
+        && r.changed().await.is_ok()
+    {
+        return Some(r.borrow_and_update().clone());
+    }
+    std::future::pending().await
+}
+
+/// Makes a container's endpoint route `after` (the LANs behind other
+/// sites) to the hub instead of `before`: allowed IPs and routes.
+async fn route_into(
+    device: &dyn WgDevice,
+    net: &dyn NetOps,
+    spec: &EndpointSpec,
+    before: &[IpNetwork],
+    after: &[IpNetwork],
+) -> Result<(), WgError> {
+    if before == after {
+        return Ok(());
+    }
+    let mut allowed = spec.hub.allowed_ips.clone();
+    allowed.extend(after.iter().copied());
+    device
+        .set_allowed_ips(&spec.hub.public_key, &allowed)
+        .await?;
+    for r in after.iter().filter(|r| !before.contains(r)) {
+        net.add_route(*r, &spec.iface, None).await?;
+    }
+    for r in before.iter().filter(|r| !after.contains(r)) {
+        net.del_route(*r, &spec.iface, None).await?;
+    }
+    Ok(())
+}
+
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
@@ -452,6 +549,7 @@ mod tests {
     #[derive(Default)]
     struct FakePlacer {
         placed: Mutex<Vec<(u32, FakeWg)>>,
+        net: Arc<crate::net::fake::FakeNet>,
     }
 
     #[async_trait::async_trait]
@@ -461,10 +559,13 @@ mod tests {
             _spec: &DeviceSpec,
             _container: &str,
             pid: u32,
-        ) -> Result<Box<dyn WgDevice>, ContainerError> {
+        ) -> Result<Placed, ContainerError> {
             let dev = FakeWg::default();
             self.placed.lock().unwrap().push((pid, dev.clone()));
-            Ok(Box::new(dev))
+            Ok(Placed {
+                device: Box::new(dev),
+                net: self.net.clone(),
+            })
         }
 
         async fn probe(&self, _: u32, _: SocketAddr, _: Duration) -> Result<Duration, String> {
@@ -556,6 +657,8 @@ mod tests {
         assert_eq!(up[0].container_id.as_deref(), Some("c1"));
 
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let lan: IpNetwork = "192.168.7.0/24".parse().unwrap();
+        let (routes_tx, routes_rx) = tokio::sync::watch::channel(vec![]);
         let driver = async {
             rt.until_subscribed().await;
             // Another container's events change nothing.
@@ -583,12 +686,33 @@ mod tests {
             placer
                 .until("attach the new one", |p| p.pids() == [10, 11, 12])
                 .await;
+            // LANs behind other sites, announced while following, reach
+            // the attached container; withdrawn, they are gone again.
+            routes_tx.send(vec![lan]).unwrap();
+            placer
+                .until("route the LAN", |p| {
+                    p.net
+                        .routes
+                        .lock()
+                        .unwrap()
+                        .contains(&(lan, "web0".into(), None))
+                })
+                .await;
+            routes_tx.send(vec![]).unwrap();
+            placer
+                .until("withdraw the LAN", |p| {
+                    p.net.routes.lock().unwrap().is_empty()
+                })
+                .await;
             stop.send(()).unwrap();
         };
         tokio::join!(
-            f.follow(async {
-                let _ = stopped.await;
-            }),
+            f.follow(
+                async {
+                    let _ = stopped.await;
+                },
+                Some(routes_rx)
+            ),
             driver
         );
         assert_eq!(view.report().await[0].container_id.as_deref(), Some("c2"));

@@ -10,6 +10,8 @@ use crate::control::auth::{AuthError, Signer};
 use crate::control::local::{self, LocalApi};
 use crate::control::{CONTROL_PORT, ControlError, tunnel};
 use crate::docker::{ContainerInfo, ContainerRuntime};
+use crate::gateway::Gateway;
+use crate::hub::Advertised;
 use crate::keys::PrivateKey;
 use crate::net::NetOps;
 use crate::net::Netlink;
@@ -79,6 +81,8 @@ pub enum SiteError {
     Control(#[from] ControlError),
     #[error("writing to stdout")]
     Output(#[source] std::io::Error),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
 }
 
 impl SiteError {
@@ -102,6 +106,59 @@ pub fn hub_peer(joined: &JoinedState, endpoint: SocketAddr) -> PeerSpec {
     }
 }
 
+/// A site's firewall, before its device exists: forwarding between the
+/// tunnel and its own LANs only, masquerading towards them with
+/// `--masquerade`.
+pub async fn start_gateway(
+    net: &dyn NetOps,
+    store: &StateDir,
+    iface: &str,
+    inv: &Invitation<'_>,
+    firewall: bool,
+) -> Result<Gateway, SiteError> {
+    site_gateway(
+        net,
+        store,
+        iface,
+        inv.token.subnet,
+        inv.routes,
+        inv.masquerade,
+        firewall,
+    )
+    .await
+}
+
+/// The same for a saved site (`up`).
+pub async fn site_gateway(
+    net: &dyn NetOps,
+    store: &StateDir,
+    iface: &str,
+    subnet: IpNetwork,
+    routes: &[IpNetwork],
+    masquerade: bool,
+    firewall: bool,
+) -> Result<Gateway, SiteError> {
+    let policy = crate::firewall::Policy {
+        iface: iface.to_owned(),
+        hub: false,
+        routes: routes.to_vec(),
+        masquerade,
+        listen: None,
+    };
+    let nets: Vec<IpNetwork> = std::iter::once(subnet)
+        .chain(routes.iter().copied())
+        .collect();
+    Ok(Gateway::start(
+        Box::new(crate::firewall::Nftables),
+        net,
+        store,
+        policy,
+        firewall,
+        &nets,
+    )
+    .await?)
+}
+
 /// The hub's control API, through the tunnel.
 pub fn api(joined: &JoinedState) -> SocketAddr {
     SocketAddr::new(joined.server_address, CONTROL_PORT)
@@ -122,6 +179,9 @@ pub struct Invitation<'a> {
     pub proxy: Option<&'a str>,
     /// How long the whole bring-up may take.
     pub timeout: Duration,
+    /// The LANs behind this site, advertised with the redeem.
+    pub routes: &'a [IpNetwork],
+    pub masquerade: bool,
 }
 
 impl Invitation<'_> {
@@ -398,7 +458,8 @@ pub async fn redeem_and_switch(
     let redeemed = loop {
         let attempt =
             Duration::from_millis(700).min(deadline.saturating_duration_since(Instant::now()));
-        match tunnel::redeem_invite(api, &invite, &own_key.public_key(), attempt).await {
+        match tunnel::redeem_invite(api, &invite, &own_key.public_key(), inv.routes, attempt).await
+        {
             Ok(r) => break r,
             Err(e) if !e.is_transient() => {
                 let why = match e {
@@ -451,6 +512,8 @@ pub async fn redeem_and_switch(
         subnet: token.subnet,
         containers: vec![],
         path: route.path.clone(),
+        routes: inv.routes.to_vec(),
+        masquerade: inv.masquerade,
     };
     store.save(inv.iface, &Endpoint::Joined(joined.clone()))?;
     device.set_private_key(own_key).await?;
@@ -550,6 +613,8 @@ pub struct Site {
     pub iface: String,
     pub backend: BackendChoice,
     pub store: StateDir,
+    /// Its firewall and forwarding, stopped with it.
+    pub gateway: Gateway,
 }
 
 /// Its containers, and the engine that runs them.
@@ -577,8 +642,17 @@ pub async fn run(
         iface,
         backend,
         store,
+        gateway,
     } = site;
     let hub_api = api(&joined);
+    let lans = tokio::sync::watch::channel(vec![]);
+    let routing = RouteSync {
+        device: device.clone(),
+        net: net.clone(),
+        iface: iface.clone(),
+        joined: joined.clone(),
+        current: vec![],
+    };
     let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
     let mut follower = None;
     let result = async {
@@ -619,10 +693,14 @@ pub async fn run(
     .await;
     progress.finish_and_clear();
     if result.is_ok() {
-        match follower.as_mut() {
-            Some(f) => f.follow(shutdown.waiter()).await,
-            None => shutdown.wait().await,
-        }
+        let stop_routing = shutdown.waiter();
+        let following = async {
+            match follower.as_mut() {
+                Some(f) => f.follow(shutdown.waiter(), Some(lans.1)).await,
+                None => shutdown.wait().await,
+            }
+        };
+        tokio::join!(following, routing.run(lans.0, stop_routing));
     }
     if let Some(f) = follower.as_mut() {
         f.detach_all().await;
@@ -634,8 +712,127 @@ pub async fn run(
     }
     let teardown = device.destroy().await;
     tracing::info!("{iface} removed");
+    gateway.stop(net.as_ref()).await;
     result?;
     Ok(teardown?)
+}
+
+/// How often a site asks the hub for the LANs even when not told they
+/// changed (a lost poke, a hub that restarted).
+const ROUTES_POLL: Duration = Duration::from_secs(30);
+
+/// The LANs behind other sites and the hub, routed into this site's
+/// tunnel: the kernel's routes, the hub peer's allowed IPs, and (through
+/// the watch) its containers' endpoints follow what the hub says.
+struct RouteSync {
+    device: Arc<dyn WgDevice>,
+    net: Arc<Netlink>,
+    iface: String,
+    joined: JoinedState,
+    /// What is routed now.
+    current: Vec<IpNetwork>,
+}
+
+/// The LANs of `all` that are not behind the site at `own`, sorted.
+pub fn remote_routes(all: &[Advertised], own: std::net::IpAddr) -> Vec<IpNetwork> {
+    let mut out: Vec<IpNetwork> = all
+        .iter()
+        .filter(|a| a.via != own)
+        .map(|a| a.prefix)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+impl RouteSync {
+    /// Asks the hub for the LANs at start, when it pokes this site's
+    /// control port (they changed), and every [`ROUTES_POLL`], until `stop`.
+    async fn run(
+        mut self,
+        lans: tokio::sync::watch::Sender<Vec<IpNetwork>>,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(stop);
+        let own = self.joined.address.ip();
+        let hub = self.joined.server_address;
+        let poke = match tokio::net::UdpSocket::bind(SocketAddr::new(own, CONTROL_PORT)).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(
+                    "listening for route changes on {own}:{CONTROL_PORT}: {e}; polling every {}s instead",
+                    ROUTES_POLL.as_secs()
+                );
+                None
+            }
+        };
+        let mut buf = [0u8; 64];
+        let mut retry = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(retry) => {}
+                got = async {
+                    match &poke {
+                        Some(s) => s.recv_from(&mut buf).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    // Only the hub tells; anything else is ignored.
+                    if !matches!(got, Ok((_, from)) if from.ip() == hub) {
+                        continue;
+                    }
+                }
+            }
+            retry = match tunnel::fetch_routes(api(&self.joined), Duration::from_secs(5)).await {
+                Ok(all) => {
+                    let remote = remote_routes(&all, own);
+                    if let Err(e) = self.apply(&remote).await {
+                        tracing::warn!("routing the LANs {remote:?} into {}: {e}", self.iface);
+                        Duration::from_secs(2)
+                    } else {
+                        lans.send_if_modified(|l| {
+                            let changed = *l != remote;
+                            *l = remote;
+                            changed
+                        });
+                        ROUTES_POLL
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("asking the hub for routes: {e}");
+                    Duration::from_secs(2)
+                }
+            };
+        }
+    }
+
+    async fn apply(&mut self, remote: &[IpNetwork]) -> Result<(), SiteError> {
+        if remote == self.current {
+            return Ok(());
+        }
+        let mut allowed = vec![self.joined.subnet];
+        allowed.extend(remote.iter().copied());
+        self.device
+            .set_allowed_ips(&self.joined.server_public_key, &allowed)
+            .await?;
+        for r in remote.iter().filter(|r| !self.current.contains(r)) {
+            self.net
+                .add_route(*r, &self.iface, None)
+                .await
+                .map_err(WgError::Net)?;
+            tracing::info!("routing {r} through the tunnel");
+        }
+        for r in self.current.iter().filter(|r| !remote.contains(r)) {
+            self.net
+                .del_route(*r, &self.iface, None)
+                .await
+                .map_err(WgError::Net)?;
+            tracing::info!("{r} is no longer advertised");
+        }
+        self.current = remote.to_vec();
+        Ok(())
+    }
 }
 
 /// The joined site's status: live stats of its link to the server.
@@ -669,6 +866,12 @@ impl LocalApi for SiteApi {
                     Some(self.joined.server_address),
                 );
                 r.transport = Some(self.path.to_string());
+                r.routes = p
+                    .allowed_ips
+                    .iter()
+                    .filter(|n| **n != self.joined.subnet)
+                    .copied()
+                    .collect();
                 if self.path != Path::Udp {
                     r.endpoint = None;
                 }

@@ -73,6 +73,9 @@ pub struct PeerRecord {
     /// it first instead of waiting for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<std::net::SocketAddr>,
+    /// LANs behind a site that it advertises (`join --route`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<IpNetwork>,
 }
 
 /// A container endpoint of this host: its key is made and kept here.
@@ -114,6 +117,9 @@ pub struct ServerState {
     pub invites: Vec<InviteRecord>,
     #[serde(default)]
     pub containers: Vec<ContainerRecord>,
+    /// LANs behind the hub itself (`serve --route`), as last started.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<IpNetwork>,
     /// The secret part of the WebSocket path, made once so that tokens
     /// and joined sites keep working across restarts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -140,6 +146,12 @@ pub struct JoinedState {
     /// How its datagrams reach the hub (UDP unless it joined over a WebSocket).
     #[serde(default = "udp_path")]
     pub path: crate::transport::Path,
+    /// LANs behind this site that it advertises (`--route`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<IpNetwork>,
+    /// Whether it masquerades what the tunnel sends to those LANs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub masquerade: bool,
 }
 
 fn udp_path() -> crate::transport::Path {
@@ -216,6 +228,7 @@ impl ServerState {
             peers: vec![],
             invites: vec![],
             containers: vec![],
+            routes: vec![],
             websocket_secret: None,
         }
     }
@@ -497,9 +510,11 @@ mod tests {
                 name: None,
                 via: None,
                 endpoint: None,
+                routes: vec![],
             }],
             invites: vec![],
             containers: vec![],
+            routes: vec![],
             websocket_secret: None,
         })
     }
@@ -631,6 +646,8 @@ mod tests {
             subnet: "10.77.0.0/24".parse().unwrap(),
             containers: vec![],
             path: crate::transport::Path::Udp,
+            routes: vec![],
+            masquerade: false,
         });
         dir.save("wg0", &joined).unwrap();
         assert!(matches!(

@@ -64,6 +64,9 @@ pub struct EndpointStatus {
     pub container_id: Option<String>,
     /// For joined sites: the server as given to `join`.
     pub server: Option<String>,
+    /// The LANs behind this host that it advertises.
+    #[serde(default)]
+    pub routes: Vec<IpNetwork>,
     pub peers: Vec<PeerReport>,
 }
 
@@ -81,6 +84,10 @@ pub struct PeerReport {
     /// How its datagrams travel: "udp", "wss", "ws direct", "wss via proxy ...".
     #[serde(default)]
     pub transport: Option<String>,
+    /// The LANs routed through this peer: a site's own, or (seen from a
+    /// site) those behind the hub and the other sites.
+    #[serde(default)]
+    pub routes: Vec<IpNetwork>,
 }
 
 impl PeerReport {
@@ -95,6 +102,7 @@ impl PeerReport {
             tx_bytes: p.tx_bytes,
             keepalive: p.keepalive,
             transport: None,
+            routes: vec![],
         }
     }
 
@@ -109,6 +117,7 @@ impl PeerReport {
             tx_bytes: 0,
             keepalive: None,
             transport: None,
+            routes: vec![],
         }
     }
 }
@@ -137,6 +146,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
         container: None,
         container_id: None,
         server: None,
+        routes: vec![],
         peers: vec![],
     };
     // Saved state is validated when loaded: its addresses fit its subnet.
@@ -154,10 +164,15 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
                 s.private_key.public_key(),
             );
             main.listen_port = Some(s.port);
+            main.routes = s.routes.clone();
             main.peers = s
                 .peers
                 .iter()
-                .map(|p| PeerReport::saved(p.public_key, &peer_name(p), Some(p.address)))
+                .map(|p| {
+                    let mut r = PeerReport::saved(p.public_key, &peer_name(p), Some(p.address));
+                    r.routes = p.routes.clone();
+                    r
+                })
                 .chain(s.containers.iter().map(|c| {
                     PeerReport::saved(
                         c.private_key.public_key(),
@@ -182,6 +197,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
         Endpoint::Joined(j) => {
             let mut main = down(iface, Role::Joined, j.address, j.private_key.public_key());
             main.server = Some(j.endpoint.clone());
+            main.routes = j.routes.clone();
             main.peers = vec![PeerReport::saved(
                 j.server_public_key,
                 "server",
@@ -208,6 +224,13 @@ fn ago(secs: Option<u64>) -> String {
         Some(s) => format!("{}s ago", s),
         None => "never".to_owned(),
     }
+}
+
+fn list(nets: &[IpNetwork]) -> String {
+    nets.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The human-readable form.
@@ -238,6 +261,9 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
         if let Some(s) = &e.server {
             let _ = writeln!(out, "  server:     {s}");
         }
+        if !e.routes.is_empty() {
+            let _ = writeln!(out, "  routes:     {}", list(&e.routes));
+        }
         for p in &e.peers {
             let _ = writeln!(
                 out,
@@ -261,6 +287,9 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
                     .map(|k| format!(", keepalive {k}s"))
                     .unwrap_or_default()
             );
+            if !p.routes.is_empty() {
+                let _ = writeln!(out, "    routes {}", list(&p.routes));
+            }
         }
     }
     out
@@ -286,6 +315,7 @@ mod tests {
                 name: None,
                 via: None,
                 endpoint: None,
+                routes: vec![],
             }],
             invites: vec![],
             containers: vec![ContainerRecord {
@@ -294,6 +324,7 @@ mod tests {
                 private_key: PrivateKey::generate(),
                 address: "10.77.0.2".parse().unwrap(),
             }],
+            routes: vec![],
             websocket_secret: None,
         };
         let eps = from_state("wg-tunnel", &Endpoint::Server(state));

@@ -175,6 +175,7 @@ fn the_routers_answer_any_request_without_panicking() {
     // A device nobody reads: the router never gets that far with junk.
     let hub = Arc::new(tunnel::hub::Hub::new(
         Arc::new(NullDevice),
+        None,
         StateDir::new(tmp.path()),
         "wg0",
         tunnel::hub::Ledger::new(state, 4).unwrap(),

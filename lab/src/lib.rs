@@ -251,6 +251,77 @@ impl Host {
     }
 }
 
+/// A tiny HTTP server that answers each request with the client's
+/// address as it sees it (to tell masquerading and SNAT apart); stops
+/// when dropped.
+pub struct WhoAmI {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl WhoAmI {
+    pub fn start(host: &Host, addr: SocketAddr) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = host.in_ns(move || {
+            let l = TcpListener::bind(addr).expect("bind the whoami server");
+            l.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !flag.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((mut s, peer)) => {
+                        s.set_nonblocking(false).unwrap();
+                        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                        let mut buf = [0u8; 1024];
+                        let _ = s.read(&mut buf);
+                        let body = format!("{}\n", peer.ip());
+                        let _ = write!(
+                            s,
+                            "HTTP/1.0 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("whoami server ready");
+        WhoAmI {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for WhoAmI {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Host {
+    /// The body of `curl URL` from here, `None` when no answer came.
+    pub fn curl(&self, url: &str) -> Option<String> {
+        let out = self.exec(&["curl", "-s", "-m", "3", url]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Whether a link forwards IPv4 (`net.ipv4.conf.LINK.forwarding`).
+    pub fn forwarding(&self, link: &str) -> bool {
+        self.run(&["cat", &format!("/proc/sys/net/ipv4/conf/{link}/forwarding")])
+            .trim()
+            == "1"
+    }
+}
+
 /// One TCP exchange: a listener on `server` at `addr`, a client from `client`.
 pub fn tcp_exchange(server: &Host, client: &Host, addr: SocketAddr) {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();

@@ -226,6 +226,8 @@ mod tests {
                 },
                 proxy: None,
             },
+            routes: vec![],
+            masquerade: false,
         };
         let text = render("wg0", &Endpoint::Joined(j), None).unwrap();
         assert!(text.contains("stock WireGuard speaks UDP only"), "{text}");

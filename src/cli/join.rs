@@ -5,7 +5,7 @@
 //! tunnel for a key made here, and the device switches to that key
 //! ([`crate::site`] does the work).
 
-use super::{EndpointArgs, Failure, spinner};
+use super::{EndpointArgs, Failure, LanArgs, Toggle, spinner};
 use crate::keys::PrivateKey;
 use crate::net::{Netlink, validate_ifname};
 use crate::shutdown::Shutdown;
@@ -37,6 +37,8 @@ pub struct JoinArgs {
     /// HTTP proxy for the WebSocket transport, http://[user:pass@]host:port [default: HTTPS_PROXY, HTTP_PROXY, unless NO_PROXY]
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
+    #[command(flatten)]
+    pub lan: LanArgs,
 }
 
 /// `HOST`, `HOST:PORT`, `IPv6` or `[IPv6]:PORT`, resolved to one address.
@@ -109,6 +111,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
             ))
         })?;
     let endpoint = resolve(&server, token.port).await?;
+    args.lan.check(token.subnet)?;
     crate::sys::require_net_admin()?;
     let docker = super::containers_up_front(&args.common.containers).await?;
     let store = StateDir::new(&args.common.state_dir);
@@ -129,6 +132,8 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         transport: args.transport,
         proxy: args.proxy.as_deref(),
         timeout: args.timeout,
+        routes: &args.lan.routes,
+        masquerade: args.lan.masquerade,
     };
     inv.check()?;
     if let Some(p) = &args.proxy {
@@ -136,13 +141,24 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
     }
     let relay = inv.websocket().then(|| Relay::new("websocket"));
     let net = Arc::new(Netlink::connect()?);
-    let device = crate::endpoint::create(
-        &inv.device_spec(relay.clone()),
-        args.common.backend,
-        net.clone(),
+    let mut gateway = site::start_gateway(
+        net.as_ref(),
         &store,
+        &iface,
+        &inv,
+        args.lan.firewall == Toggle::On,
     )
     .await?;
+    let mut spec = inv.device_spec(relay.clone());
+    spec.confine = gateway.confine();
+    let device =
+        match crate::endpoint::create(&spec, args.common.backend, net.clone(), &store).await {
+            Ok(d) => d,
+            Err(e) => {
+                gateway.stop(net.as_ref()).await;
+                return Err(e.into());
+            }
+        };
 
     let own_key = PrivateKey::generate();
     let progress = spinner();
@@ -168,6 +184,10 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         )
         .await?;
         let first_packet = started.elapsed();
+        gateway
+            .forward(net.as_ref(), false)
+            .await
+            .map_err(site::SiteError::Gateway)?;
         let containers = match docker {
             Some((runtime, infos)) => {
                 progress.set_message("registering containers");
@@ -187,6 +207,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
             if let Err(t) = device.destroy().await {
                 tracing::warn!("removing {iface}: {t}");
             }
+            gateway.stop(net.as_ref()).await;
             return Err(e.into());
         }
     };
@@ -205,6 +226,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         iface,
         backend: args.common.backend,
         store,
+        gateway,
     };
     Ok(site::run(
         site,

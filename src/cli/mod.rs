@@ -79,6 +79,43 @@ pub struct EndpointArgs {
     pub containers: Vec<String>,
 }
 
+/// The LANs behind this host, and the host's firewall.
+#[derive(Debug, Clone, Args)]
+pub struct LanArgs {
+    /// Advertise a LAN behind this host, e.g. 192.168.1.0/24; repeatable. The others route it through this host, which forwards for that prefix only
+    #[arg(long = "route", value_name = "CIDR")]
+    pub routes: Vec<ipnetwork::IpNetwork>,
+    /// Be a gateway: masquerade what the tunnel sends to the advertised LANs, so that their hosts need no route back
+    #[arg(long)]
+    pub masquerade: bool,
+    /// Our nftables table: confines forwarding to the tunnel and the advertised LANs, holds the masquerade rules, opens Docker's FORWARD chain for them
+    #[arg(long, value_enum, default_value_t = Toggle::On)]
+    pub firewall: Toggle,
+}
+
+impl LanArgs {
+    /// Checks the flags against the tunnel's subnet before the host is touched.
+    pub fn check(&self, subnet: ipnetwork::IpNetwork) -> Result<(), Failure> {
+        if self.masquerade && self.routes.is_empty() {
+            return Err(Failure::input(anyhow::anyhow!(
+                "--masquerade needs the LANs to masquerade towards: add --route CIDR"
+            )));
+        }
+        if self.masquerade && self.firewall == Toggle::Off {
+            return Err(Failure::input(anyhow::anyhow!(
+                "--masquerade needs the firewall: its rules live there (drop --firewall off)"
+            )));
+        }
+        crate::hub::ledger::validate_routes(&self.routes, subnet).map_err(Failure::input)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    On,
+    Off,
+}
+
 /// Which local endpoint a command is about.
 #[derive(Debug, Clone, Args)]
 pub struct LocalArgs {

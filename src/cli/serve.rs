@@ -1,13 +1,14 @@
 //! `tunnel serve`: the hub endpoint.
 
-use super::{EndpointArgs, Failure};
+use super::{EndpointArgs, Failure, LanArgs, Toggle};
 use crate::containers::{EndpointSpec, Follower, HostPlacer, endpoint_iface};
 use crate::control::{self, CONTROL_PORT};
-use crate::firewall::{self, Firewall, FirewallError, Nftables};
+use crate::firewall::{Nftables, Policy};
+use crate::gateway::Gateway;
 use crate::hub::api::HubApi;
 use crate::hub::{self, Hub, Ledger, MintRequest};
 use crate::limits;
-use crate::net::{NetOps, Netlink, validate_ifname};
+use crate::net::{Netlink, validate_ifname};
 use crate::shutdown::Shutdown;
 use crate::site::KEEPALIVE;
 use crate::state::{ServerState, StateDir};
@@ -33,9 +34,9 @@ pub const DEFAULT_SUBNET: &str = "10.77.0.0/24";
 pub struct ServeArgs {
     #[command(flatten)]
     pub common: EndpointArgs,
-    /// UDP port WireGuard listens on [default: 51820, or the saved one]
-    #[arg(long)]
-    pub port: Option<u16>,
+    /// UDP port WireGuard listens on, or "random" for a free one in 49152-65535 (kept in state) [default: 51820, or the saved one]
+    #[arg(long, value_parser = parse_port)]
+    pub port: Option<PortChoice>,
     /// Tunnel subnet; the server takes its first host address [default: 10.77.0.0/24, or the saved one]
     #[arg(long)]
     pub subnet: Option<IpNetwork>,
@@ -57,9 +58,44 @@ pub struct ServeArgs {
     /// The URL joiners use when a reverse proxy stands in front, e.g. wss://vpn.example.org/tunnel (the secret path is appended)
     #[arg(long, value_name = "URL")]
     pub public_url: Option<String>,
+    #[command(flatten)]
+    pub lan: LanArgs,
+    /// Accept the UDP port only from this network (CIDR) and from the peers' last known endpoints; repeatable. Roaming sites and new joiners from elsewhere are then dropped
+    #[arg(long = "allow-from", value_name = "CIDR")]
+    pub allow_from: Vec<IpNetwork>,
     /// How many endpoints (containers) one joined site may register
     #[arg(long, default_value_t = limits::DEFAULT_ENDPOINTS_PER_SITE, value_parser = clap::value_parser!(u16).range(0..=4096))]
     pub endpoints_per_site: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortChoice {
+    Fixed(u16),
+    /// A free port from the dynamic range, picked once and kept.
+    Random,
+}
+
+fn parse_port(s: &str) -> Result<PortChoice, String> {
+    if s == "random" {
+        return Ok(PortChoice::Random);
+    }
+    match s.parse::<u16>() {
+        Ok(0) => Err("the server needs a fixed port for tokens; use a number or \"random\"".into()),
+        Ok(p) => Ok(PortChoice::Fixed(p)),
+        Err(_) => Err(format!("{s:?} is not a port (1-65535) or \"random\"")),
+    }
+}
+
+/// A UDP port in 49152-65535 that nothing on this host holds now.
+fn random_port() -> Result<u16, Failure> {
+    for _ in 0..64 {
+        let port = 49152 + (rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 16384) as u16;
+        let free = |ip: IpAddr| std::net::UdpSocket::bind(SocketAddr::new(ip, port)).is_ok();
+        if free(IpAddr::from([0u8; 16])) || free(IpAddr::from([0u8; 4])) {
+            return Ok(port);
+        }
+    }
+    Err(anyhow!("no free UDP port found in 49152-65535").into())
 }
 
 fn parse_transports(s: &str) -> Result<ServeTransports, String> {
@@ -232,7 +268,9 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
                     saved.subnet
                 )));
             }
-            if let Some(port) = args.port.filter(|p| *p != saved.port) {
+            if let Some(PortChoice::Fixed(port)) =
+                args.port.filter(|p| *p != PortChoice::Fixed(saved.port))
+            {
                 return Err(Failure::input(anyhow!(
                     "{} holds port {} for {iface}, not {port}; drop --port or use another --state-dir",
                     store.file(iface).display(),
@@ -251,7 +289,11 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
         None => Ok(ServerState::new(
             args.subnet
                 .unwrap_or_else(|| DEFAULT_SUBNET.parse().expect("valid default")),
-            args.port.unwrap_or(DEFAULT_PORT),
+            match args.port {
+                None => DEFAULT_PORT,
+                Some(PortChoice::Fixed(p)) => p,
+                Some(PortChoice::Random) => random_port()?,
+            },
             default_mtu(args),
         )),
     }
@@ -263,23 +305,22 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     if let Some(h) = &args.endpoint {
         check_hint(h)?;
     }
-    if args.port == Some(0) {
-        return Err(Failure::input(anyhow!(
-            "--port 0: the server needs a fixed port for tokens"
-        )));
-    }
     crate::sys::require_net_admin()?;
     // Docker and the containers are checked before the host is touched.
     let docker = super::containers_up_front(&args.common.containers).await?;
     let store = StateDir::new(&args.common.state_dir);
     let restart = store.load_server(&iface)?.is_some();
     let mut state = load_or_new(&args, &store)?;
+    args.lan.check(state.subnet)?;
     if let Some((_, infos)) = &docker {
         let names: Vec<String> = infos.iter().map(|c| c.name.clone()).collect();
         hub::ensure_containers(&mut state, &names, |n| endpoint_iface(&iface, n))?;
     }
     let websocket = websocket(&args, &mut state, &store).await?;
     let mut ledger = Ledger::new(state, args.endpoints_per_site.into())?;
+    ledger
+        .set_hub_routes(args.lan.routes.clone())
+        .map_err(Failure::input)?;
     ledger.set_offer(Offer {
         udp: args.transport.udp,
         websocket: websocket.as_ref().map(|w| w.offer.clone()),
@@ -289,22 +330,21 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let server_ip = ledger.server_address();
     let state = ledger.state().clone();
 
-    // The hub's confinement comes first, so that no packet is forwarded
-    // before it holds.
-    let firewall = Nftables;
-    let table = firewall::confinement(&iface);
-    let confine = match firewall.apply(&table) {
-        Ok(()) => None,
-        Err(FirewallError::Unsupported(e)) => {
-            tracing::warn!(
-                "nftables is not available here ({e}); the userspace device itself drops packets between the tunnel and other networks"
-            );
-            Some(vec![state.subnet])
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let net = Arc::new(Netlink::connect()?);
+    // The firewall comes first, so that no packet is forwarded before it
+    // holds.
+    let mut gateway = Gateway::start(
+        Box::new(Nftables),
+        net.as_ref(),
+        &store,
+        policy(&args, &state),
+        args.lan.firewall == Toggle::On,
+        &std::iter::once(state.subnet)
+            .chain(ledger.site_routes())
+            .collect::<Vec<_>>(),
+    )
+    .await?;
     let result = async {
-        let net = Arc::new(Netlink::connect()?);
         let spec = DeviceSpec {
             name: iface.clone(),
             private_key: state.private_key.clone(),
@@ -314,7 +354,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
                 IpNetwork::new(server_ip, state.subnet.prefix()).expect("prefix of the subnet"),
             ],
             mtu: state.mtu,
-            confine: confine.clone(),
+            confine: gateway.confine(),
             relay: websocket.as_ref().map(|w| w.relay.clone()),
         };
         let device =
@@ -325,15 +365,6 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
             state.port,
             state.private_key.public_key()
         );
-        // The kernel backend cannot confine by itself: without nftables the
-        // hub does not forward at all.
-        let forward = confine.is_none() || device.backend() == BackendKind::Userspace;
-        if !forward {
-            tracing::warn!(
-                "without nftables the kernel backend cannot keep peers inside the tunnel; the hub does not forward between its peers"
-            );
-        }
-
         let mut follower = docker.map(|(runtime, infos)| {
             let specs = container_specs(&state, &infos, server_ip);
             Follower::new(runtime, HostPlacer::shared(net.clone(), args.common.backend), specs)
@@ -342,16 +373,31 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
             .tokens
             .map(usize::from)
             .unwrap_or(if restart { 0 } else { 1 });
-        let hub = Arc::new(Hub::new(device.clone(), store, &iface, ledger));
-        let result = serve(
-            &args,
-            tokens,
-            forward.then_some(net.as_ref() as &dyn NetOps),
-            hub,
-            follower.as_mut(),
-            websocket,
-            shutdown,
-        )
+        let hub = Arc::new(Hub::new(device.clone(), Some(net.clone()), store, &iface, ledger));
+        let result = async {
+            // The hub relays between its peers (sites, containers, the LANs
+            // behind sites), and only between them: the firewall keeps
+            // everything else out. The kernel backend cannot confine by
+            // itself, so without nftables it does not forward at all.
+            if gateway.may_forward(device.backend() == BackendKind::Userspace) {
+                gateway.forward(net.as_ref(), false).await?;
+            } else {
+                tracing::warn!(
+                    "without nftables the kernel backend cannot keep peers inside the tunnel; the hub does not forward between its peers"
+                );
+            }
+            hub.route_saved().await?;
+            serve(
+                &args,
+                tokens,
+                hub.clone(),
+                &mut gateway,
+                follower.as_mut(),
+                websocket,
+                shutdown,
+            )
+            .await
+        }
         .await;
         if let Some(f) = follower.as_mut() {
             f.detach_all().await;
@@ -362,12 +408,36 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         Ok::<(), Failure>(teardown?)
     }
     .await;
-    if confine.is_none()
-        && let Err(e) = firewall.remove(&table.name)
-    {
-        tracing::warn!("removing nftables table {}: {e}", table.name);
-    }
+    gateway.stop(net.as_ref()).await;
     result
+}
+
+/// The hub's firewall: forwarding between its peers and to its own LANs,
+/// masquerading towards them, and with `--allow-from`, its port open only
+/// to those networks, loopback (the hub's containers) and the peers' last
+/// known endpoints.
+fn policy(args: &ServeArgs, state: &ServerState) -> Policy {
+    let listen = (!args.allow_from.is_empty()).then(|| {
+        let mut from = args.allow_from.clone();
+        from.push("127.0.0.0/8".parse().expect("valid"));
+        from.push("::1/128".parse().expect("valid"));
+        for e in state.peers.iter().filter_map(|p| p.endpoint) {
+            if !is_virtual(&e) {
+                let host = crate::hub::host_net(e.ip());
+                if !from.contains(&host) {
+                    from.push(host);
+                }
+            }
+        }
+        (state.port, from)
+    });
+    Policy {
+        iface: args.common.iface.clone(),
+        hub: true,
+        routes: args.lan.routes.clone(),
+        masquerade: args.lan.masquerade,
+        listen,
+    }
 }
 
 /// The endpoints of this host's containers: the hub is their peer, on
@@ -417,21 +487,59 @@ async fn nudge_known_peers(server_ip: IpAddr, state: &ServerState) {
     }
 }
 
+/// Tells every site when the advertised LANs change: a datagram to its
+/// control port, through the tunnel, after which it asks for them.
+async fn poke_sites(hub: Arc<Hub>, server_ip: IpAddr, stop: impl std::future::Future<Output = ()>) {
+    let mut routes = hub.routes();
+    tokio::pin!(stop);
+    let sock = match tokio::net::UdpSocket::bind(SocketAddr::new(server_ip, 0)).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("sites will learn route changes within a minute only: {e}");
+            return stop.await;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            r = routes.changed() => if r.is_err() { return stop.await },
+        }
+        let state = hub.snapshot().await;
+        for p in state.peers.iter().filter(|p| p.via.is_none()) {
+            let to = SocketAddr::new(p.address, CONTROL_PORT);
+            if let Err(e) = sock.send_to(control::tunnel::ROUTES_POKE, to).await {
+                tracing::debug!("telling {to} about new routes: {e}");
+            }
+        }
+    }
+}
+
+/// The prefixes of `routes`, as they change.
+fn prefixes(
+    mut routes: tokio::sync::watch::Receiver<Vec<hub::Advertised>>,
+) -> tokio::sync::watch::Receiver<Vec<IpNetwork>> {
+    let now = |r: &Vec<hub::Advertised>| r.iter().map(|a| a.prefix).collect::<Vec<_>>();
+    let (tx, rx) = tokio::sync::watch::channel(now(&routes.borrow_and_update()));
+    tokio::spawn(async move {
+        while routes.changed().await.is_ok() {
+            if tx.send(now(&routes.borrow_and_update())).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 async fn serve(
     args: &ServeArgs,
     tokens: usize,
-    forwarding: Option<&dyn NetOps>,
     hub: Arc<Hub>,
+    gateway: &mut Gateway,
     follower: Option<&mut Follower>,
     websocket: Option<WebSocket>,
     mut shutdown: Shutdown,
 ) -> Result<(), Failure> {
     let iface = &args.common.iface;
-    // The hub relays between its peers (sites and containers), and only
-    // between them: the firewall keeps everything else out.
-    if let Some(net) = forwarding {
-        net.enable_forwarding(iface).await?;
-    }
     let state = hub.snapshot().await;
     let server_ip = crate::ipam::Pool::new(state.subnet)?.server_address();
     nudge_known_peers(server_ip, &state).await;
@@ -508,10 +616,13 @@ async fn serve(
     }
     crate::sys::notify_ready();
 
+    let pokes = poke_sites(hub.clone(), server_ip, shutdown.waiter());
     let stop_following = shutdown.waiter();
+    // The hub's containers reach every advertised LAN.
+    let lans = prefixes(hub.routes());
     let follow = async move {
         if let Some(f) = follower {
-            f.follow(stop_following).await;
+            f.follow(stop_following, Some(lans)).await;
         }
     };
     let housekeeping = async {
@@ -549,9 +660,15 @@ async fn serve(
                 tracing::warn!("removing expired invites: {:#}", anyhow!(e));
             }
             hub.retry_save().await;
+            let changed = if args.allow_from.is_empty() {
+                None
+            } else {
+                Some(policy(args, &hub.snapshot().await))
+            };
+            gateway.keep(changed);
         }
     };
-    tokio::join!(follow, housekeeping);
+    tokio::join!(follow, housekeeping, pokes);
     if let Err(e) = hub.record_endpoints().await {
         tracing::warn!("saving peer endpoints: {:#}", anyhow!(e));
     }

@@ -2,7 +2,7 @@
 //! key, the server, its containers), with no new token.
 
 use super::join::resolve;
-use super::{Failure, LocalArgs, spinner};
+use super::{Failure, LocalArgs, Toggle, spinner};
 use crate::docker::{Bollard, ContainerRuntime};
 use crate::net::Netlink;
 use crate::shutdown::Shutdown;
@@ -27,6 +27,9 @@ pub struct UpArgs {
     /// HTTP proxy for a site that joined over WebSocket, http://[user:pass@]host:port [default: the one it joined through]
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
+    /// Our nftables table (the LANs and masquerading saved at join need it)
+    #[arg(long, value_enum, default_value_t = Toggle::On)]
+    pub firewall: Toggle,
 }
 
 pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
@@ -62,7 +65,23 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         Some(Arc::new(Bollard::connect().await?))
     };
 
+    if joined.masquerade && args.firewall == Toggle::Off {
+        return Err(Failure::input(anyhow!(
+            "{iface} masquerades towards its LANs, and that needs the firewall: drop --firewall off"
+        )));
+    }
     let (route, relay) = site::saved_route(&joined, endpoint, args.proxy.as_deref())?;
+    let net = Arc::new(Netlink::connect()?);
+    let mut gateway = site::site_gateway(
+        net.as_ref(),
+        &store,
+        &iface,
+        joined.subnet,
+        &joined.routes,
+        joined.masquerade,
+        args.firewall == Toggle::On,
+    )
+    .await?;
     let spec = DeviceSpec {
         name: iface.clone(),
         private_key: joined.private_key.clone(),
@@ -70,11 +89,21 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         peers: vec![site::hub_peer(&joined, route.endpoint)],
         addresses: vec![joined.address],
         mtu: joined.mtu,
-        confine: None,
+        confine: gateway.confine(),
         relay,
     };
-    let net = Arc::new(Netlink::connect()?);
-    let device = crate::endpoint::create(&spec, backend, net.clone(), &store).await?;
+    let device = match crate::endpoint::create(&spec, backend, net.clone(), &store).await {
+        Ok(d) => d,
+        Err(e) => {
+            gateway.stop(net.as_ref()).await;
+            return Err(e.into());
+        }
+    };
+    if let Err(e) = gateway.forward(net.as_ref(), false).await {
+        let _ = device.destroy().await;
+        gateway.stop(net.as_ref()).await;
+        return Err(e.into());
+    }
 
     let progress = spinner();
     progress.set_message(format!("waiting for the server at {endpoint}"));
@@ -103,6 +132,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         iface,
         backend,
         store,
+        gateway,
     };
     Ok(site::run(
         site,

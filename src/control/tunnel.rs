@@ -13,7 +13,9 @@
 
 use super::auth::{AuthError, Proof, Signer};
 use super::{Call, ControlError, ErrorBody, Refusal, decode, exchange_via, refuse, refused};
-use crate::hub::{Caller, Denied, Hub, LeaveError, RedeemError, RegisterError};
+use crate::hub::{
+    Advertised, Caller, Denied, Hub, LeaveError, RedeemError, RegisterError, RouteError,
+};
 use crate::keys::PublicKey;
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
@@ -31,11 +33,25 @@ pub const REDEEM: &str = "/v1/redeem";
 pub const REGISTER: &str = "/v1/endpoints";
 pub const LEAVE: &str = "/v1/leave";
 pub const PING: &str = "/v1/ping";
+pub const ROUTES: &str = "/v1/routes";
+
+/// What the hub sends to each site's control port (UDP, through the
+/// tunnel) when the advertised LANs change; the site then asks for them.
+pub const ROUTES_POKE: &[u8] = b"tunnel: routes changed";
+
+/// A site's LANs (`join --route`); replaces what it advertised before.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RoutesRequest {
+    pub routes: Vec<IpNetwork>,
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct RedeemRequest {
     /// The joiner's own key, which replaces the invite's.
     pub public_key: PublicKey,
+    /// The LANs behind the joiner (`join --route`).
+    #[serde(default)]
+    pub routes: Vec<IpNetwork>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -158,15 +174,18 @@ async fn redeem(
         ));
     };
     let req: RedeemRequest = json(&body)?;
-    hub.redeem(address, req.public_key, SystemTime::now())
+    hub.redeem(address, req.public_key, req.routes, SystemTime::now())
         .await
         .map(|address| axum::Json(Admitted { address }))
         .map_err(|d| {
             denied("redeem", src, d, |e| match e {
                 RedeemError::NoInvite(_) => StatusCode::FORBIDDEN,
                 RedeemError::AlreadyUsed | RedeemError::KeyInUse => StatusCode::CONFLICT,
+                RedeemError::Routes(RouteError::Taken { .. } | RouteError::Tunnel(..)) => {
+                    StatusCode::CONFLICT
+                }
                 RedeemError::Expired => StatusCode::GONE,
-                RedeemError::WeakKey => StatusCode::BAD_REQUEST,
+                RedeemError::WeakKey | RedeemError::Routes(_) => StatusCode::BAD_REQUEST,
             })
         })
 }
@@ -216,6 +235,43 @@ async fn leave(
     }
 }
 
+async fn advertise(
+    State(hub): State<Arc<Hub>>,
+    Signed { caller, src, body }: Signed,
+) -> Result<axum::Json<()>, Refusal> {
+    let Caller::Site { address } = caller else {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "only an admitted site advertises routes",
+        ));
+    };
+    let req: RoutesRequest = json(&body)?;
+    hub.advertise(address, req.routes)
+        .await
+        .map(|()| axum::Json(()))
+        .map_err(|d| {
+            denied("route advertisement", src, d, |e| match e {
+                RouteError::NotASite(_) => StatusCode::FORBIDDEN,
+                RouteError::Taken { .. } | RouteError::Tunnel(..) => StatusCode::CONFLICT,
+                _ => StatusCode::BAD_REQUEST,
+            })
+        })
+}
+
+async fn routes(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<axum::Json<Vec<Advertised>>, Refusal> {
+    let src = source(peer);
+    if !hub.knows(src).await {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            format!("{src} is not a peer"),
+        ));
+    }
+    Ok(axum::Json(hub.routes().borrow().clone()))
+}
+
 async fn pong(
     State(hub): State<Arc<Hub>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -237,6 +293,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route(REGISTER, post(register))
         .route(LEAVE, post(leave))
         .route(PING, get(pong))
+        .route(ROUTES, get(routes).post(advertise))
         .with_state(hub)
 }
 
@@ -307,16 +364,14 @@ pub async fn redeem_invite(
     api: SocketAddr,
     invite: &Signer,
     key: &PublicKey,
+    routes: &[IpNetwork],
     timeout: Duration,
 ) -> Result<Admitted, ControlError> {
-    signed_post(
-        api,
-        invite,
-        REDEEM,
-        &RedeemRequest { public_key: *key },
-        timeout,
-    )
-    .await
+    let req = RedeemRequest {
+        public_key: *key,
+        routes: routes.to_vec(),
+    };
+    signed_post(api, invite, REDEEM, &req, timeout).await
 }
 
 /// Registers another endpoint of this site (a container) with the hub.
@@ -341,6 +396,33 @@ pub async fn leave_hub(
     timeout: Duration,
 ) -> Result<(), ControlError> {
     signed_post::<()>(api, site, LEAVE, &serde_json::json!({}), timeout).await
+}
+
+/// Tells the hub which LANs are behind this site.
+pub async fn advertise_routes(
+    api: SocketAddr,
+    site: &Signer,
+    routes: &[IpNetwork],
+    timeout: Duration,
+) -> Result<(), ControlError> {
+    let req = RoutesRequest {
+        routes: routes.to_vec(),
+    };
+    signed_post::<()>(api, site, ROUTES, &req, timeout).await
+}
+
+/// Every LAN the hub and the sites advertise.
+pub async fn fetch_routes(
+    api: SocketAddr,
+    timeout: Duration,
+) -> Result<Vec<Advertised>, ControlError> {
+    let call = Call {
+        method: "GET",
+        path: ROUTES,
+        body: vec![],
+        authorization: None,
+    };
+    decode(&api.to_string(), exchange(api, call, timeout).await?)
 }
 
 /// A round trip through the tunnel: proof that traffic flows.
@@ -386,6 +468,7 @@ mod tests {
         let server = state.private_key.public_key();
         let hub = Arc::new(Hub::new(
             Arc::new(fake.clone()),
+            None,
             StateDir::new(tmp.path()),
             "wgt0",
             Ledger::new(state, 2).unwrap(),
@@ -439,24 +522,38 @@ mod tests {
 
         /// A site admitted and swapped in, with its signer.
         async fn site(&self) -> (IpAddr, PrivateKey, Signer) {
+            let (status, text, site) = self.site_with(vec![]).await;
+            assert_eq!(status, StatusCode::OK, "{text}");
+            site.unwrap()
+        }
+
+        /// A site that redeems with `routes`: the answer, and the site
+        /// when admitted.
+        async fn site_with(
+            &self,
+            routes: Vec<IpNetwork>,
+        ) -> (StatusCode, String, Option<(IpAddr, PrivateKey, Signer)>) {
             let tok = self.token().await;
             let own = PrivateKey::generate();
             let invite = Signer::new(&tok.invite_key, &self.server).unwrap();
             let body = serde_json::to_vec(&RedeemRequest {
                 public_key: own.public_key(),
+                routes,
             })
             .unwrap();
             let (status, text) = self
                 .call(tok.assigned, "POST", REDEEM, &body, Some(&invite))
                 .await;
-            assert_eq!(status, StatusCode::OK, "{text}");
+            if status != StatusCode::OK {
+                return (status, text, None);
+            }
             self.fake.handshake(&own.public_key());
             self.hub
                 .complete_swaps(std::time::Instant::now())
                 .await
                 .unwrap();
             let signer = Signer::new(&own, &self.server).unwrap();
-            (tok.assigned, own, signer)
+            (status, text, Some((tok.assigned, own, signer)))
         }
     }
 
@@ -474,6 +571,7 @@ mod tests {
         let tok = a.token().await;
         let body = serde_json::to_vec(&RedeemRequest {
             public_key: PrivateKey::generate().public_key(),
+            routes: vec![],
         })
         .unwrap();
         // Unsigned, as any process on the joining host could send it.
@@ -506,6 +604,7 @@ mod tests {
         let container = state.containers[0].private_key.public_key();
         let hub = Arc::new(Hub::new(
             Arc::new(a.fake.clone()),
+            None,
             a.hub.store().clone(),
             "wgt0",
             Ledger::new(state, 2).unwrap(),
@@ -515,6 +614,7 @@ mod tests {
         let invite = Signer::new(&tok.invite_key, &a.server).unwrap();
         let body = serde_json::to_vec(&RedeemRequest {
             public_key: container,
+            routes: vec![],
         })
         .unwrap();
         let (status, text) = a
@@ -612,5 +712,108 @@ mod tests {
             .call("10.77.0.99".parse().unwrap(), "GET", PING, b"", None)
             .await;
         assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn a_site_advertises_its_lan_with_the_redeem_and_other_peers_learn_it() {
+        let a = api();
+        let lan: IpNetwork = "192.168.50.0/24".parse().unwrap();
+        let (status, text, site) = a.site_with(vec![lan]).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let (c, _, _) = site.unwrap();
+        // The hub routes the LAN to that site.
+        let peers = crate::wg::WgDevice::peers(&a.fake).await.unwrap();
+        let p = peers.iter().find(|p| p.allowed_ips.contains(&lan)).unwrap();
+        assert!(p.allowed_ips.contains(&crate::hub::host_net(c)));
+        let (b, _, _) = a.site().await;
+        let (status, text) = a.call(b, "GET", ROUTES, b"", None).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let got: Vec<Advertised> = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            got,
+            [Advertised {
+                prefix: lan,
+                via: c
+            }]
+        );
+        // Not for strangers.
+        let (status, _) = a
+            .call("10.77.0.99".parse().unwrap(), "GET", ROUTES, b"", None)
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn an_overlapping_route_is_refused_and_the_token_stays_good() {
+        let a = api();
+        let (status, _, _) = a.site_with(vec!["192.168.50.0/24".parse().unwrap()]).await;
+        assert_eq!(status, StatusCode::OK);
+        let tok = a.token().await;
+        let invite = Signer::new(&tok.invite_key, &a.server).unwrap();
+        let redeem = |routes: &[&str]| {
+            serde_json::to_vec(&RedeemRequest {
+                public_key: PrivateKey::generate().public_key(),
+                routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
+            })
+            .unwrap()
+        };
+        for (routes, want) in [
+            (&["192.168.50.128/25"][..], "overlaps 192.168.50.0/24"),
+            (&["10.77.0.0/16"][..], "overlaps the tunnel's subnet"),
+        ] {
+            let (status, text) = a
+                .call(tok.assigned, "POST", REDEEM, &redeem(routes), Some(&invite))
+                .await;
+            assert_eq!(status, StatusCode::CONFLICT, "{text}");
+            assert!(text.contains(want), "{text}");
+        }
+        let (status, text) = a
+            .call(
+                tok.assigned,
+                "POST",
+                REDEEM,
+                &redeem(&["10.1.0.1/16"]),
+                Some(&invite),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert!(text.contains("did you mean 10.1.0.0/16"), "{text}");
+        // Nothing of that was kept: the same token still admits the site.
+        let (status, text) = a
+            .call(
+                tok.assigned,
+                "POST",
+                REDEEM,
+                &redeem(&["192.168.60.0/24"]),
+                Some(&invite),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+    }
+
+    #[tokio::test]
+    async fn only_the_site_itself_changes_its_routes() {
+        let a = api();
+        let (site, _, signer) = a.site().await;
+        let body = serde_json::to_vec(&RoutesRequest {
+            routes: vec!["192.168.9.0/24".parse().unwrap()],
+        })
+        .unwrap();
+        let (status, _) = a.call(site, "POST", ROUTES, &body, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let tok = a.token().await;
+        let invite = Signer::new(&tok.invite_key, &a.server).unwrap();
+        let (status, _) = a
+            .call(tok.assigned, "POST", ROUTES, &body, Some(&invite))
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, text) = a.call(site, "POST", ROUTES, &body, Some(&signer)).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        assert_eq!(a.hub.routes().borrow().len(), 1);
+        // An empty list withdraws them.
+        let body = serde_json::to_vec(&RoutesRequest { routes: vec![] }).unwrap();
+        let (status, _) = a.call(site, "POST", ROUTES, &body, Some(&signer)).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(a.hub.routes().borrow().is_empty());
     }
 }

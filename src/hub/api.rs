@@ -38,9 +38,11 @@ impl LocalApi for HubApi {
         main.peers = live
             .iter()
             .map(|p| {
+                let mut routes = vec![];
                 let (name, address) = if let Some(r) =
                     state.peers.iter().find(|r| r.public_key == p.public_key)
                 {
+                    routes = r.routes.clone();
                     (status::peer_name(r), Some(r.address))
                 } else if let Some(c) = state
                     .containers
@@ -60,6 +62,7 @@ impl LocalApi for HubApi {
                     ("unknown".to_owned(), None)
                 };
                 let mut r = PeerReport::from_live(p, Some(name), address);
+                r.routes = routes;
                 match (&self.relay, r.endpoint) {
                     (Some(relay), Some(e)) if crate::transport::is_virtual(&e) => {
                         r.transport = Some(relay.kind().to_owned());

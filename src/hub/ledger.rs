@@ -54,6 +54,8 @@ pub enum RedeemError {
     KeyInUse,
     #[error("that public key is a low-order X25519 point and cannot be used")]
     WeakKey,
+    #[error(transparent)]
+    Routes(#[from] RouteError),
 }
 
 /// Why a site's registration of an endpoint was refused.
@@ -102,6 +104,72 @@ pub enum RevokeError {
         "{0} is one of this hub's own containers; drop its --container from `tunnel serve` instead"
     )]
     HubContainer(String),
+}
+
+/// Why advertised routes were refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error("{0} is not an admitted site")]
+    NotASite(IpAddr),
+    #[error("route {0} is not a network address (did you mean {1}?)")]
+    NotNetwork(IpNetwork, IpNetwork),
+    #[error(
+        "route {0} is the whole internet: advertise the LANs behind a site, not a default route"
+    )]
+    Default(IpNetwork),
+    #[error("route {0} overlaps the tunnel's subnet {1}")]
+    Tunnel(IpNetwork, IpNetwork),
+    #[error("route {route} overlaps {other}, which {owner} advertises")]
+    Taken {
+        route: IpNetwork,
+        other: IpNetwork,
+        owner: String,
+    },
+    #[error("at most {MAX_ROUTES} routes per site")]
+    TooMany,
+}
+
+/// Routes one site (or the hub) may advertise.
+pub const MAX_ROUTES: usize = 64;
+
+/// A LAN someone advertises, as sites learn it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Advertised {
+    pub prefix: IpNetwork,
+    /// The tunnel address of the site behind which it is (the hub's for its own).
+    pub via: IpAddr,
+}
+
+fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
+    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
+}
+
+/// What a list of routes must be by itself: network addresses, no default
+/// route, clear of the tunnel's `subnet` and of each other.
+pub fn validate_routes(routes: &[IpNetwork], subnet: IpNetwork) -> Result<(), RouteError> {
+    if routes.len() > MAX_ROUTES {
+        return Err(RouteError::TooMany);
+    }
+    for (i, r) in routes.iter().enumerate() {
+        let normal = IpNetwork::new(r.network(), r.prefix()).expect("same prefix");
+        if normal.ip() != r.ip() {
+            return Err(RouteError::NotNetwork(*r, normal));
+        }
+        if r.prefix() == 0 {
+            return Err(RouteError::Default(*r));
+        }
+        if overlaps(r, &subnet) {
+            return Err(RouteError::Tunnel(*r, subnet));
+        }
+        if let Some(twin) = routes[..i].iter().find(|o| overlaps(r, o)) {
+            return Err(RouteError::Taken {
+                route: *r,
+                other: *twin,
+                owner: "this same list".to_owned(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Who holds the key that signed a request.
@@ -286,7 +354,9 @@ impl Ledger {
             let allowed = if swapping(&p.public_key) {
                 vec![]
             } else {
-                vec![host_net(p.address)]
+                std::iter::once(host_net(p.address))
+                    .chain(p.routes.iter().copied())
+                    .collect()
             };
             spec(p.public_key, p.endpoint, allowed)
         });
@@ -304,6 +374,88 @@ impl Ledger {
             .iter()
             .map(|c| spec(c.private_key.public_key(), None, vec![host_net(c.address)]));
         peers.chain(invites).chain(containers).collect()
+    }
+
+    /// Checks `routes` for `owner` (a site's address, or `None` for the
+    /// hub): network addresses, not the tunnel, not another's.
+    fn check_routes(&self, owner: Option<IpAddr>, routes: &[IpNetwork]) -> Result<(), RouteError> {
+        validate_routes(routes, self.state.subnet)?;
+        let mut others: Vec<(IpNetwork, String)> = Vec::new();
+        if owner.is_some() {
+            others.extend(self.state.routes.iter().map(|r| (*r, "the hub".to_owned())));
+        }
+        for p in self.state.peers.iter().filter(|p| Some(p.address) != owner) {
+            let who = match &p.name {
+                Some(n) => format!("site {n} ({})", p.address),
+                None => format!("site {}", p.address),
+            };
+            others.extend(p.routes.iter().map(|r| (*r, who.clone())));
+        }
+        for r in routes {
+            if let Some((other, owner)) = others.iter().find(|(o, _)| overlaps(r, o)) {
+                return Err(RouteError::Taken {
+                    route: *r,
+                    other: *other,
+                    owner: owner.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The LANs behind the site at `site` are now `routes`.
+    pub fn advertise(&mut self, site: IpAddr, routes: Vec<IpNetwork>) -> Result<(), RouteError> {
+        if self.site(site).is_none() {
+            return Err(RouteError::NotASite(site));
+        }
+        self.check_routes(Some(site), &routes)?;
+        let p = self
+            .state
+            .peers
+            .iter()
+            .position(|p| p.address == site && p.via.is_none())
+            .expect("checked above");
+        if self.state.peers[p].routes != routes {
+            self.state_mut().peers[p].routes = routes;
+        }
+        Ok(())
+    }
+
+    /// The hub's own LANs (`serve --route`).
+    pub fn set_hub_routes(&mut self, routes: Vec<IpNetwork>) -> Result<(), RouteError> {
+        self.check_routes(None, &routes)?;
+        if self.state.routes != routes {
+            self.state_mut().routes = routes;
+        }
+        Ok(())
+    }
+
+    /// Every advertised LAN: the hub's, then the sites'.
+    pub fn advertised(&self) -> Vec<Advertised> {
+        let hub = self.server_address();
+        self.state
+            .routes
+            .iter()
+            .map(|r| Advertised {
+                prefix: *r,
+                via: hub,
+            })
+            .chain(self.state.peers.iter().flat_map(|p| {
+                p.routes.iter().map(|r| Advertised {
+                    prefix: *r,
+                    via: p.address,
+                })
+            }))
+            .collect()
+    }
+
+    /// The LANs behind sites: the hub routes them into the tunnel.
+    pub fn site_routes(&self) -> std::collections::BTreeSet<IpNetwork> {
+        self.state
+            .peers
+            .iter()
+            .flat_map(|p| p.routes.iter().copied())
+            .collect()
     }
 
     /// The one check of whether a key is taken: the server's own, a peer's
@@ -446,6 +598,7 @@ impl Ledger {
             name: invite.name.clone(),
             via: None,
             endpoint: None,
+            routes: vec![],
         });
         self.pending.push(Pending {
             invite: invite.public_key,
@@ -503,6 +656,7 @@ impl Ledger {
             name: Some(name.to_owned()),
             via: Some(site),
             endpoint: None,
+            routes: vec![],
         });
         Ok(net(address))
     }

@@ -13,8 +13,8 @@ pub mod api;
 pub mod ledger;
 
 pub use ledger::{
-    Caller, Ledger, MintError, MintRequest, RedeemError, RegisterError, RevokeError,
-    ensure_containers, host_net, unix,
+    Advertised, Caller, Ledger, MintError, MintRequest, RedeemError, RegisterError, RevokeError,
+    RouteError, ensure_containers, host_net, unix,
 };
 
 use crate::control::auth::{AuthError, Proof, ReplayGuard};
@@ -41,6 +41,8 @@ pub enum HubError {
     Wg(#[from] WgError),
     #[error("saving the hub's state")]
     State(#[from] StateError),
+    #[error("routing an advertised LAN into the tunnel")]
+    Net(#[from] crate::net::NetError),
 }
 
 /// A hub operation that did not happen: refused by the ledger, or the
@@ -65,6 +67,11 @@ pub enum LeaveError {
 
 pub struct Hub {
     wg: Arc<dyn WgDevice>,
+    /// Where the hub routes the LANs behind sites into the tunnel (none in
+    /// tests that do not route).
+    net: Option<Arc<dyn crate::net::NetOps>>,
+    /// Every advertised LAN, as sites and the hub's containers learn them.
+    routes: tokio::sync::watch::Sender<Vec<Advertised>>,
     store: StateDir,
     iface: String,
     ledger: Mutex<Ledger>,
@@ -96,10 +103,38 @@ async fn undo(wg: &dyn WgDevice, ops: &[Op]) {
     }
 }
 
+/// Routes the LANs of `after` that `before` lacked into the tunnel, and
+/// takes back the others.
+async fn sync_routes(
+    net: Option<&dyn crate::net::NetOps>,
+    iface: &str,
+    before: &std::collections::BTreeSet<IpNetwork>,
+    after: &std::collections::BTreeSet<IpNetwork>,
+) -> Result<(), crate::net::NetError> {
+    let Some(net) = net else { return Ok(()) };
+    for r in after.difference(before) {
+        net.add_route(*r, iface, None).await?;
+    }
+    for r in before.difference(after) {
+        net.del_route(*r, iface, None).await?;
+    }
+    Ok(())
+}
+
 impl Hub {
-    pub fn new(wg: Arc<dyn WgDevice>, store: StateDir, iface: &str, ledger: Ledger) -> Self {
+    /// `net` is where the hub's interface is (routes to sites' LANs go there).
+    pub fn new(
+        wg: Arc<dyn WgDevice>,
+        net: Option<Arc<dyn crate::net::NetOps>>,
+        store: StateDir,
+        iface: &str,
+        ledger: Ledger,
+    ) -> Self {
+        let (routes, _) = tokio::sync::watch::channel(ledger.advertised());
         Self {
             wg,
+            net,
+            routes,
             store,
             iface: iface.to_owned(),
             ledger: Mutex::new(ledger),
@@ -158,20 +193,49 @@ impl Hub {
         };
         let after = ledger.desired();
         let ops = diff(&before, &after);
-        if let Err(e) = apply(self.wg.as_ref(), &ops).await {
+        let (routes_before, routes_after) = (snapshot.site_routes(), ledger.site_routes());
+        let undo_all = async || {
             undo(self.wg.as_ref(), &diff(&after, &before)).await;
+            let _ = sync_routes(
+                self.net.as_deref(),
+                &self.iface,
+                &routes_after,
+                &routes_before,
+            )
+            .await;
+        };
+        if let Err(e) = apply(self.wg.as_ref(), &ops).await {
+            undo_all().await;
+            *ledger = snapshot;
+            return Err(Denied::Unavailable(e.into()));
+        }
+        if let Err(e) = sync_routes(
+            self.net.as_deref(),
+            &self.iface,
+            &routes_before,
+            &routes_after,
+        )
+        .await
+        {
+            undo_all().await;
             *ledger = snapshot;
             return Err(Denied::Unavailable(e.into()));
         }
         if ledger.take_changed() {
             let saved = self.save(ledger.state());
             if durable && let Err(e) = saved {
-                undo(self.wg.as_ref(), &diff(&after, &before)).await;
+                undo_all().await;
                 *ledger = snapshot;
                 return Err(Denied::Unavailable(e.into()));
             }
             self.saved(saved);
         }
+        let advertised = ledger.advertised();
+        self.routes.send_if_modified(|r| {
+            let changed = *r != advertised;
+            *r = advertised;
+            changed
+        });
         Ok(value)
     }
 
@@ -203,16 +267,27 @@ impl Hub {
     }
 
     /// Admits `key` in place of the invite for `address`.
+    /// Admits the joiner of the invite for `address` with its own `key`,
+    /// and the LANs behind it, all or nothing.
     pub async fn redeem(
         &self,
         address: IpAddr,
         key: PublicKey,
+        routes: Vec<IpNetwork>,
         now: SystemTime,
     ) -> Result<IpNetwork, Denied<RedeemError>> {
+        let shown: Vec<String> = routes.iter().map(|r| r.to_string()).collect();
         let net = self
-            .transact(true, |l| l.redeem(address, key, now, Instant::now()))
+            .transact(true, |l| {
+                let net = l.redeem(address, key, now, Instant::now())?;
+                l.advertise(address, routes)?;
+                Ok::<_, RedeemError>(net)
+            })
             .await?;
         tracing::info!("{address} redeemed its invite; admitting public key {key}");
+        if !shown.is_empty() {
+            tracing::info!("{address} advertises {}", shown.join(", "));
+        }
         self.redeemed.notify_one();
         Ok(net)
     }
@@ -230,6 +305,43 @@ impl Hub {
             .await?;
         tracing::info!("{site} registered container {name} as {net}");
         Ok(net)
+    }
+
+    /// The LANs behind the site at `site` are now `routes`.
+    pub async fn advertise(
+        &self,
+        site: IpAddr,
+        routes: Vec<IpNetwork>,
+    ) -> Result<(), Denied<RouteError>> {
+        let shown: Vec<String> = routes.iter().map(|r| r.to_string()).collect();
+        self.transact(true, |l| l.advertise(site, routes)).await?;
+        if !shown.is_empty() {
+            tracing::info!("{site} advertises {}", shown.join(", "));
+        }
+        Ok(())
+    }
+
+    /// The hub's own LANs.
+    pub async fn set_hub_routes(&self, routes: Vec<IpNetwork>) -> Result<(), Denied<RouteError>> {
+        self.transact(true, |l| l.set_hub_routes(routes)).await
+    }
+
+    /// Every advertised LAN, now and as it changes.
+    pub fn routes(&self) -> tokio::sync::watch::Receiver<Vec<Advertised>> {
+        self.routes.subscribe()
+    }
+
+    /// Routes what the saved state holds (at start: the device is new).
+    pub async fn route_saved(&self) -> Result<(), HubError> {
+        let routes = self.ledger.lock().await.site_routes();
+        sync_routes(
+            self.net.as_deref(),
+            &self.iface,
+            &Default::default(),
+            &routes,
+        )
+        .await?;
+        Ok(())
     }
 
     /// Removes a peer (by name or address) at once.
@@ -388,6 +500,7 @@ mod tests {
         let fake = FakeWg::default();
         let hub = Hub::new(
             Arc::new(fake.clone()),
+            None,
             StateDir::new(tmp.path()),
             "wgt0",
             Ledger::new(state(), 4).unwrap(),
@@ -419,7 +532,7 @@ mod tests {
             .unwrap();
         assert_eq!(saved.invites.len(), 1);
         let k = PrivateKey::generate().public_key();
-        hub.redeem(tok.assigned, k, SystemTime::now())
+        hub.redeem(tok.assigned, k, vec![], SystemTime::now())
             .await
             .unwrap();
         assert!(fake.peer(&k).unwrap().allowed_ips.is_empty());
@@ -429,6 +542,62 @@ mod tests {
             fake.peer(&k).unwrap().allowed_ips,
             vec![host_net(tok.assigned)]
         );
+    }
+
+    #[tokio::test]
+    async fn a_site_lan_is_routed_into_the_hub_interface_until_the_site_is_revoked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = FakeWg::default();
+        let net = Arc::new(crate::net::fake::FakeNet::default());
+        net.add_link("wgt0");
+        let hub = Hub::new(
+            Arc::new(fake.clone()),
+            Some(net.clone()),
+            StateDir::new(tmp.path()),
+            "wgt0",
+            Ledger::new(state(), 4).unwrap(),
+        );
+        let lan: IpNetwork = "192.168.50.0/24".parse().unwrap();
+        let tok = hub
+            .mint(&req(1), SystemTime::now())
+            .await
+            .unwrap()
+            .remove(0);
+        let k = PrivateKey::generate().public_key();
+        hub.redeem(tok.assigned, k, vec![lan], SystemTime::now())
+            .await
+            .unwrap();
+        assert!(
+            net.routes
+                .lock()
+                .unwrap()
+                .contains(&(lan, "wgt0".into(), None))
+        );
+        fake.handshake(&k);
+        hub.complete_swaps(Instant::now()).await.unwrap();
+        assert_eq!(
+            fake.peer(&k).unwrap().allowed_ips,
+            vec![host_net(tok.assigned), lan]
+        );
+        // A restarted hub routes what it saved.
+        let again = Hub::new(
+            Arc::new(FakeWg::default()),
+            Some(net.clone()),
+            StateDir::new(tmp.path()),
+            "wgt0",
+            Ledger::new(hub.snapshot().await, 4).unwrap(),
+        );
+        net.routes.lock().unwrap().clear();
+        again.route_saved().await.unwrap();
+        assert!(
+            net.routes
+                .lock()
+                .unwrap()
+                .contains(&(lan, "wgt0".into(), None))
+        );
+        hub.revoke(&tok.assigned.to_string()).await.unwrap();
+        assert!(net.routes.lock().unwrap().is_empty());
+        assert!(hub.routes().borrow().is_empty());
     }
 
     #[tokio::test]
@@ -462,13 +631,14 @@ mod tests {
         let dir = StateDir::new(tmp.path().join("wgt0.json").join("x"));
         let hub = Hub::new(
             hub.device(),
+            None,
             dir,
             "wgt0",
             Ledger::new(hub.snapshot().await, 4).unwrap(),
         );
         let k = PrivateKey::generate().public_key();
         let err = hub
-            .redeem(toks[0].assigned, k, SystemTime::now())
+            .redeem(toks[0].assigned, k, vec![], SystemTime::now())
             .await
             .unwrap_err();
         assert!(
@@ -531,7 +701,7 @@ mod tests {
             .unwrap()
             .remove(0);
         let k = PrivateKey::generate().public_key();
-        hub.redeem(tok.assigned, k, SystemTime::now())
+        hub.redeem(tok.assigned, k, vec![], SystemTime::now())
             .await
             .unwrap();
         fake.handshake(&k);

@@ -1,0 +1,347 @@
+//! Several sites the guides' way (seeds 001, 002, 004), end to end in
+//! namespaces: LANs behind sites, gateways that masquerade, the hub's
+//! firewall living beside Docker's, the port restriction, and nothing left
+//! behind on exit or after a SIGKILL.
+
+mod common;
+
+use common::{Containers, Host, Node, WhoAmI, container_address, fetch, needs_docker, needs_root};
+use std::time::{Duration, Instant};
+
+const UP: Duration = common::UP;
+const LAN: &str = "192.168.50";
+
+/// The link that `host` sends packets for `ip` out of.
+fn link_to(host: &Host, ip: &str) -> String {
+    let out = host.run(&["ip", "-o", "route", "get", ip]);
+    let mut words = out.split_whitespace();
+    words
+        .by_ref()
+        .find(|w| *w == "dev")
+        .and_then(|_| words.next())
+        .unwrap_or_else(|| panic!("no route to {ip}: {out}"))
+        .to_owned()
+}
+
+/// Retries `f` until it gives `Some`, failing after [`UP`] with `what`.
+fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let since = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(since.elapsed() < UP, "{what} after {UP:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What `iptables-nft` shows of a chain (it must still be able to read it:
+/// Docker manages its rules with it).
+fn iptables(host: &Host, chain: &str) -> String {
+    host.run(&["iptables", "-S", chain])
+}
+
+/// The host's nftables ruleset holds nothing of ours, and forwarding is
+/// off again on `links`.
+fn left_clean(host: &Host, node: &Node, links: &[&str]) {
+    assert!(
+        !host.has_nft_table(&format!("tunnel-{}", node.iface)),
+        "table left in {}",
+        host.ns
+    );
+    for l in links {
+        assert!(
+            !host.forwarding(l),
+            "forwarding left on for {l} in {}",
+            host.ns
+        );
+    }
+    assert!(
+        !node.state.join(format!("{}.host", node.iface)).exists(),
+        "journal of host changes left"
+    );
+}
+
+fn url(ip: &str) -> String {
+    format!("http://{ip}:8080/")
+}
+
+#[test]
+#[ignore = "needs root and Docker: sudo make test"]
+fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
+    needs_docker("three_sites_and_two_containers");
+    let mut lab = common::lab(4);
+    let (h, a, b, c) = (lab.host(0), lab.host(1), lab.host(2), lab.host(3));
+    // The LAN host has no route back to the tunnel: only masquerading
+    // gets replies home.
+    let lan = lab.lan(&c, LAN, "198.18.0.0/15");
+    let _whoami = WhoAmI::start(&lan, format!("{}:8080", lan.ip).parse().unwrap());
+    // The hub is a Docker host: FORWARD drops what no rule accepts, and
+    // DOCKER-USER is where users' rules go. (The lab's "internet" bridge
+    // lives in the hub's namespace; Docker's br_netfilter would send its
+    // frames through FORWARD too, which a real hub does not have.)
+    h.run(&["sysctl", "-qew", "net.bridge.bridge-nf-call-iptables=0"]);
+    for args in [
+        &["iptables", "-N", "DOCKER-USER"][..],
+        &["iptables", "-A", "DOCKER-USER", "-j", "RETURN"],
+        &["iptables", "-A", "FORWARD", "-j", "DOCKER-USER"],
+        &["iptables", "-P", "FORWARD", "DROP"],
+    ] {
+        h.run(args);
+    }
+    let (web, cli) = (format!("tnl{}web", lab.id), format!("tnl{}cli", lab.id));
+    let page = format!("page-{}", lab.id);
+    let mut cs = Containers::default();
+    cs.web(&web, &page);
+    cs.run(&cli, &["sleep", "3600"]);
+
+    let hub = lab.serve(&h, "h", 4, &["--container", &web]);
+    let site_a = lab.join(&a, "a", &hub.lines[0], &h, &["--container", &cli]);
+    let site_b = lab.join(&b, "b", &hub.lines[1], &h, &[]);
+
+    // Containers on the hub and on site A talk through the hub, whose
+    // FORWARD policy is DROP.
+    let web_ip = container_address(&lab.status(&hub), &web);
+    let web_url = format!("http://{web_ip}/");
+    until("cli cannot fetch from web through a Docker hub", || {
+        (fetch(&cli, &web_url).as_deref() == Some(page.as_str())).then_some(())
+    });
+    let docker_user = iptables(&h, "DOCKER-USER");
+    assert!(docker_user.contains(&hub.iface), "{docker_user}");
+
+    // Site C joins without --route: its LAN stays out of reach, though C
+    // forwards in general (as a Docker host does).
+    c.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let plain_c = lab.join(&c, "c", &hub.lines[2], &h, &[]);
+    assert!(!b.routes().contains(LAN), "{}", b.routes());
+    // Even a route added by hand on B leads nowhere: the hub has none.
+    b.run(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{LAN}.0/24"),
+        "dev",
+        &site_b.iface,
+    ]);
+    assert_eq!(
+        b.curl(&url(&lan.ip)),
+        None,
+        "the LAN is reachable without --route"
+    );
+    b.run(&[
+        "ip",
+        "route",
+        "del",
+        &format!("{LAN}.0/24"),
+        "dev",
+        &site_b.iface,
+    ]);
+    c.run(&["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
+    lab.tunnel_ok(&c, &plain_c.local("down"));
+    lab.proc(plain_c.proc).wait(UP);
+
+    // With --route and --masquerade, C is the LAN's gateway.
+    let lan_link = link_to(&c, &lan.ip);
+    let site_c = lab.join(
+        &c,
+        "d",
+        &hub.lines[3],
+        &h,
+        &["--route", &format!("{LAN}.0/24"), "--masquerade"],
+    );
+    let gateway = format!("{LAN}.1");
+    let seen_from_b = until("B does not reach the LAN host", || b.curl(&url(&lan.ip)));
+    assert_eq!(
+        seen_from_b, gateway,
+        "the LAN host saw B's address, not the gateway's"
+    );
+    assert!(
+        b.routes()
+            .contains(&format!("{LAN}.0/24 dev {}", site_b.iface)),
+        "{}",
+        b.routes()
+    );
+    let seen_from_cli = until("the container on A does not reach the LAN host", || {
+        fetch(&cli, &url(&lan.ip))
+    });
+    assert_eq!(seen_from_cli, gateway);
+    // The hub's routing table sends the LAN to C through the tunnel.
+    assert!(
+        h.routes()
+            .contains(&format!("{LAN}.0/24 dev {}", hub.iface)),
+        "{}",
+        h.routes()
+    );
+
+    // status shows each site's routes.
+    let st = lab.status(&hub);
+    let routes: Vec<&serde_json::Value> = st[0]["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !p["routes"].as_array().unwrap().is_empty())
+        .collect();
+    assert_eq!(routes.len(), 1, "{st}");
+    assert_eq!(routes[0]["routes"][0], format!("{LAN}.0/24"));
+    let text = lab.tunnel_ok(&h, &["status", "--state-dir", hub.state.to_str().unwrap()]);
+    assert!(text.contains(&format!("routes {LAN}.0/24")), "{text}");
+    assert_eq!(lab.status(&site_c)[0]["routes"][0], format!("{LAN}.0/24"));
+
+    // C forwards for that prefix only: its other networks stay closed.
+    c.run(&["ip", "addr", "add", "192.168.51.1/24", "dev", "lo"]);
+    b.run(&[
+        "ip",
+        "route",
+        "add",
+        "192.168.51.0/24",
+        "dev",
+        &site_b.iface,
+    ]);
+    assert!(
+        !b.ping("192.168.51.1"),
+        "C forwards beyond its advertised LAN"
+    );
+
+    // Everything goes on exit: C's table and forwarding, the hub's rules
+    // in DOCKER-USER. A site that is down keeps its LAN (it comes back
+    // with `up`); revoked, its LAN leaves the hub and the other sites.
+    lab.tunnel_ok(&c, &site_c.local("down"));
+    assert!(lab.proc(site_c.proc).wait(UP).success());
+    left_clean(&c, &site_c, &[&lan_link]);
+    assert!(
+        b.routes().contains(&format!("{LAN}.0/24")),
+        "{}",
+        b.routes()
+    );
+    let c_address = lab.status(&site_c)[0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let mut revoke = hub.local("revoke");
+    revoke.push(&c_address);
+    lab.tunnel_ok(&h, &revoke);
+    until("the LAN's route stays on B", || {
+        (!b.routes().contains(&format!("{LAN}.0/24"))).then_some(())
+    });
+    until("the LAN's route stays on the hub", || {
+        (!h.routes().contains(&format!("{LAN}.0/24"))).then_some(())
+    });
+    for n in [&site_a, &site_b] {
+        lab.tunnel_ok(&n.host, &n.local("down"));
+        assert!(lab.proc(n.proc).wait(UP).success());
+    }
+    lab.tunnel_ok(&h, &hub.local("down"));
+    assert!(lab.proc(hub.proc).wait(UP).success());
+    left_clean(&h, &hub, &[]);
+    let docker_user = iptables(&h, "DOCKER-USER");
+    assert!(!docker_user.contains(&hub.iface), "{docker_user}");
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn the_firewall_is_repaired_after_a_flush_and_a_crash_is_cleaned_at_the_next_start() {
+    needs_root("the_firewall_is_repaired");
+    let mut lab = common::lab(2);
+    let (h, s) = (lab.host(0), lab.host(1));
+    let hub = lab.serve(&h, "h", 1, &[]);
+    let site = lab.join(&s, "s", &hub.lines[0], &h, &[]);
+    let table = format!("tunnel-{}", hub.iface);
+    assert!(h.has_nft_table(&table));
+    assert!(h.forwarding(&hub.iface));
+
+    h.run(&["nft", "flush", "ruleset"]);
+    let flushed = Instant::now();
+    until("the table is not put back", || {
+        h.has_nft_table(&table).then_some(())
+    });
+    eprintln!(
+        "table back {} ms after the flush",
+        flushed.elapsed().as_millis()
+    );
+    lab.proc(hub.proc).wait_log("was removed from outside", UP);
+    s.ping_until("10.77.0.1", Instant::now());
+
+    // SIGKILL: the table and the journal stay, until the next start.
+    lab.proc(hub.proc).kill();
+    assert!(h.has_nft_table(&table));
+    assert!(hub.state.join(format!("{}.host", hub.iface)).exists());
+    let again = lab.spawn(
+        &h,
+        &[
+            "serve",
+            "--iface",
+            &hub.iface,
+            "--state-dir",
+            hub.state.to_str().unwrap(),
+            "--backend",
+            "userspace",
+        ],
+    );
+    lab.proc(again).wait_log("is up", UP);
+    assert!(h.has_nft_table(&table));
+    s.ping_until("10.77.0.1", Instant::now());
+    lab.tunnel_ok(&h, &hub.local("down"));
+    assert!(lab.proc(again).wait(UP).success());
+    left_clean(&h, &hub, &[]);
+    lab.proc(site.proc).terminate();
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn allow_from_keeps_the_port_to_known_peers_and_listed_networks() {
+    needs_root("allow_from_keeps_the_port");
+    let mut lab = common::lab(4);
+    let (h, a, b, c) = (lab.host(0), lab.host(1), lab.host(2), lab.host(3));
+    // A joins an open hub, which remembers where A is.
+    let hub = lab.serve(&h, "h", 3, &[]);
+    let site_a = lab.join(&a, "a", &hub.lines[0], &h, &[]);
+    lab.tunnel_ok(&h, &hub.local("down"));
+    lab.proc(hub.proc).wait(UP);
+
+    // Restarted with the port restricted to C's address: A (a known peer)
+    // and C get through, B does not.
+    let cidr = format!("{}/32", c.ip);
+    let again = lab.spawn(
+        &h,
+        &[
+            "serve",
+            "--iface",
+            &hub.iface,
+            "--state-dir",
+            hub.state.to_str().unwrap(),
+            "--backend",
+            "userspace",
+            "--allow-from",
+            &cidr,
+        ],
+    );
+    lab.proc(again).wait_log("is up", UP);
+    a.ping_until("10.77.0.1", Instant::now());
+    let (iface_b, state_b) = (lab.iface("b"), lab.state_dir("b"));
+    let out = lab.tunnel(
+        &b,
+        &[
+            "join",
+            &hub.lines[1],
+            &h.ip,
+            "--iface",
+            &iface_b,
+            "--state-dir",
+            state_b.to_str().unwrap(),
+            "--backend",
+            "userspace",
+            "--timeout",
+            "3s",
+        ],
+    );
+    common::failed_with(&out, 1, "no WireGuard handshake");
+    let site_c = lab.join(&c, "c", &hub.lines[2], &h, &[]);
+    assert!(site_c.lines[0].contains("joined"), "{:?}", site_c.lines);
+    lab.tunnel_ok(&h, &hub.local("down"));
+    assert!(lab.proc(again).wait(UP).success());
+    left_clean(&h, &hub, &[]);
+    drop(site_a);
+}
