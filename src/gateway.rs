@@ -348,7 +348,7 @@ mod tests {
             hub: false,
             routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
             masquerade: true,
-            listen: None,
+            ..Default::default()
         }
     }
 

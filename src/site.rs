@@ -11,10 +11,10 @@ use crate::control::local::{self, LocalApi};
 use crate::control::{CONTROL_PORT, ControlError, tunnel};
 use crate::docker::{ContainerInfo, ContainerRuntime};
 use crate::gateway::Gateway;
-use crate::hub::Advertised;
+use crate::hub::{Advertised, Joining};
 use crate::keys::PrivateKey;
-use crate::net::NetOps;
 use crate::net::Netlink;
+use crate::net::{MAIN_TABLE, NetOps, PolicyRule};
 use crate::shutdown::Shutdown;
 use crate::state::{ContainerRecord, Endpoint, JoinedState, StateDir, StateError};
 use crate::status::{EndpointStatus, PeerReport, Role};
@@ -143,7 +143,7 @@ pub async fn site_gateway(
         hub: false,
         routes: routes.to_vec(),
         masquerade,
-        listen: None,
+        ..Default::default()
     };
     let nets: Vec<IpNetwork> = std::iter::once(subnet)
         .chain(routes.iter().copied())
@@ -182,6 +182,9 @@ pub struct Invitation<'a> {
     /// The LANs behind this site, advertised with the redeem.
     pub routes: &'a [IpNetwork],
     pub masquerade: bool,
+    /// `--transparent`, and `--snat-public` with it.
+    pub transparent: bool,
+    pub snat_public: bool,
 }
 
 impl Invitation<'_> {
@@ -458,8 +461,11 @@ pub async fn redeem_and_switch(
     let redeemed = loop {
         let attempt =
             Duration::from_millis(700).min(deadline.saturating_duration_since(Instant::now()));
-        match tunnel::redeem_invite(api, &invite, &own_key.public_key(), inv.routes, attempt).await
-        {
+        let joining = Joining {
+            routes: inv.routes.to_vec(),
+            snat_public: inv.snat_public,
+        };
+        match tunnel::redeem_invite(api, &invite, &own_key.public_key(), &joining, attempt).await {
             Ok(r) => break r,
             Err(e) if !e.is_transient() => {
                 let why = match e {
@@ -514,6 +520,8 @@ pub async fn redeem_and_switch(
         path: route.path.clone(),
         routes: inv.routes.to_vec(),
         masquerade: inv.masquerade,
+        transparent: inv.transparent,
+        snat_public: inv.snat_public,
     };
     store.save(inv.iface, &Endpoint::Joined(joined.clone()))?;
     device.set_private_key(own_key).await?;
@@ -615,6 +623,9 @@ pub struct Site {
     pub store: StateDir,
     /// Its firewall and forwarding, stopped with it.
     pub gateway: Gateway,
+    /// The server's address, when it is reached through the tunnel
+    /// (`--transparent`).
+    pub transparent: Option<IpNetwork>,
 }
 
 /// Its containers, and the engine that runs them.
@@ -643,6 +654,7 @@ pub async fn run(
         backend,
         store,
         gateway,
+        transparent,
     } = site;
     let hub_api = api(&joined);
     let lans = tokio::sync::watch::channel(vec![]);
@@ -652,6 +664,7 @@ pub async fn run(
         iface: iface.clone(),
         joined: joined.clone(),
         current: vec![],
+        extra: transparent.into_iter().collect(),
     };
     let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
     let mut follower = None;
@@ -717,6 +730,92 @@ pub async fn run(
     Ok(teardown?)
 }
 
+/// Transparent mode's routing table (`Table =` in the guide's config).
+pub const TRANSPARENT_TABLE: u32 = 51820;
+/// Its rules' priorities, as in the guide: the tunnel's own transport to
+/// the server stays on the main table; the rest for the server goes to ours.
+const TRANSPARENT_PRIORITY: u32 = 455;
+
+/// Transparent mode (seed 002): whatever this host sends to the server's
+/// address goes through the tunnel, except the tunnel's own transport
+/// (its UDP port, or the WebSocket's TCP port). A route in a table of our
+/// own and two policy rules, journaled and undone on exit like the rest;
+/// the hub peer is allowed that address too. Returns the address as a
+/// network, for the hub peer's allowed IPs.
+pub async fn go_transparent(
+    gateway: &mut Gateway,
+    net: &dyn NetOps,
+    device: &dyn WgDevice,
+    joined: &JoinedState,
+    iface: &str,
+    server: SocketAddr,
+    route: &Route,
+) -> Result<IpNetwork, SiteError> {
+    let to = crate::hub::host_net(server.ip());
+    let transport = match &route.dialer {
+        None => (IPPROTO_UDP, server.port()),
+        Some(d) => (
+            IPPROTO_TCP,
+            url::Url::parse(&d.url())
+                .ok()
+                .and_then(|u| u.port_or_known_default())
+                .unwrap_or(443),
+        ),
+    };
+    device
+        .set_allowed_ips(&joined.server_public_key, &[joined.subnet, to])
+        .await?;
+    let changes = gateway.changes();
+    changes
+        .add_route(
+            net,
+            crate::gateway::TableRoute {
+                dst: to,
+                iface: iface.to_owned(),
+                table: TRANSPARENT_TABLE,
+            },
+        )
+        .await?;
+    changes
+        .add_rule(
+            net,
+            PolicyRule {
+                priority: TRANSPARENT_PRIORITY,
+                to,
+                table: MAIN_TABLE,
+                ip_proto: Some(transport.0),
+                dport: Some(transport.1),
+            },
+        )
+        .await?;
+    changes
+        .add_rule(
+            net,
+            PolicyRule {
+                priority: TRANSPARENT_PRIORITY + 1,
+                to,
+                table: TRANSPARENT_TABLE,
+                ip_proto: None,
+                dport: None,
+            },
+        )
+        .await?;
+    tracing::info!(
+        "transparent: traffic for {} goes through {iface}, except {} port {}",
+        server.ip(),
+        if transport.0 == IPPROTO_UDP {
+            "UDP"
+        } else {
+            "TCP"
+        },
+        transport.1
+    );
+    Ok(to)
+}
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
 /// How often a site asks the hub for the LANs even when not told they
 /// changed (a lost poke, a hub that restarted).
 const ROUTES_POLL: Duration = Duration::from_secs(30);
@@ -731,6 +830,9 @@ struct RouteSync {
     joined: JoinedState,
     /// What is routed now.
     current: Vec<IpNetwork>,
+    /// Allowed through the hub beside the subnet and the LANs: the
+    /// server's own address in transparent mode.
+    extra: Vec<IpNetwork>,
 }
 
 /// The LANs of `all` that are not behind the site at `own`, sorted.
@@ -812,6 +914,7 @@ impl RouteSync {
             return Ok(());
         }
         let mut allowed = vec![self.joined.subnet];
+        allowed.extend(self.extra.iter().copied());
         allowed.extend(remote.iter().copied());
         self.device
             .set_allowed_ips(&self.joined.server_public_key, &allowed)

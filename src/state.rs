@@ -76,6 +76,10 @@ pub struct PeerRecord {
     /// LANs behind a site that it advertises (`join --route`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<IpNetwork>,
+    /// A transparent site that asked to keep its public source address
+    /// (`join --transparent --snat-public`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snat_public: bool,
 }
 
 /// A container endpoint of this host: its key is made and kept here.
@@ -152,6 +156,13 @@ pub struct JoinedState {
     /// Whether it masquerades what the tunnel sends to those LANs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub masquerade: bool,
+    /// Traffic for the server's public address goes through the tunnel
+    /// (`--transparent`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transparent: bool,
+    /// The hub gives that traffic this site's public source address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub snat_public: bool,
 }
 
 fn udp_path() -> crate::transport::Path {
@@ -511,6 +522,7 @@ mod tests {
                 via: None,
                 endpoint: None,
                 routes: vec![],
+                snat_public: false,
             }],
             invites: vec![],
             containers: vec![],
@@ -648,6 +660,8 @@ mod tests {
             path: crate::transport::Path::Udp,
             routes: vec![],
             masquerade: false,
+            transparent: false,
+            snat_public: false,
         });
         dir.save("wg0", &joined).unwrap();
         assert!(matches!(

@@ -316,6 +316,7 @@ mod tests {
                 via: None,
                 endpoint: None,
                 routes: vec![],
+                snat_public: false,
             }],
             invites: vec![],
             containers: vec![ContainerRecord {

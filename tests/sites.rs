@@ -345,3 +345,103 @@ fn allow_from_keeps_the_port_to_known_peers_and_listed_networks() {
     left_clean(&h, &hub, &[]);
     drop(site_a);
 }
+
+/// `ip rule` and table 51820 of `host`, for the leave-no-trace checks.
+fn policy_routing(host: &Host) -> (String, String) {
+    (
+        host.run(&["ip", "rule", "show"]),
+        // A table with no route does not exist: empty, as for `ip`'s error.
+        String::from_utf8_lossy(&host.exec(&["ip", "route", "show", "table", "51820"]).stdout)
+            .into_owned(),
+    )
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn transparent_mode_tunnels_the_servers_public_address_while_up_and_only_then() {
+    needs_root("transparent_mode");
+    let mut lab = common::lab(3);
+    let (h, s, p) = (lab.host(0), lab.host(1), lab.host(2));
+    let _whoami = WhoAmI::start(&h, format!("{}:8080", h.ip).parse().unwrap());
+    let public = url(&h.ip);
+    let before = policy_routing(&s);
+    assert_eq!(
+        s.curl(&public).as_deref(),
+        Some(s.ip.as_str()),
+        "direct before"
+    );
+
+    let hub = lab.serve(&h, "h", 2, &[]);
+    let site = lab.join(&s, "s", &hub.lines[0], &h, &["--transparent"]);
+    let tunnel_ip = lab.status(&site)[0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    // The server sees the site's tunnel address: the request went through
+    // the tunnel, while the tunnel's own UDP still goes direct.
+    assert_eq!(s.curl(&public), Some(tunnel_ip.clone()));
+    let (rules, table) = policy_routing(&s);
+    assert!(
+        rules.contains(&format!("to {} ipproto udp dport 51820 lookup main", h.ip)),
+        "{rules}"
+    );
+    assert!(
+        table.contains(&format!("{} dev {}", h.ip, site.iface)),
+        "{table}"
+    );
+
+    // --snat-public: through the tunnel too, with the site's public source.
+    // Direct TCP to the server is dropped on that site, so an answer
+    // proves the tunnel carried it.
+    let snat = lab.join(
+        &p,
+        "p",
+        &hub.lines[1],
+        &h,
+        &["--transparent", "--snat-public"],
+    );
+    p.run(&[
+        "iptables", "-A", "OUTPUT", "-o", &p.dev, "-p", "tcp", "--dport", "8080", "-j", "DROP",
+    ]);
+    let seen = until("the --snat-public site does not get through", || {
+        p.curl(&public)
+    });
+    assert_eq!(
+        seen, p.ip,
+        "the server did not see the site's public address"
+    );
+    lab.tunnel_ok(&p, &snat.local("down"));
+    lab.proc(snat.proc).wait(UP);
+
+    // Down: direct again, and nothing of it left.
+    lab.tunnel_ok(&s, &site.local("down"));
+    assert!(lab.proc(site.proc).wait(UP).success());
+    assert_eq!(
+        s.curl(&public).as_deref(),
+        Some(s.ip.as_str()),
+        "direct after down"
+    );
+    assert_eq!(policy_routing(&s), before);
+
+    // `up` brings transparent mode back from the saved state; after a
+    // SIGKILL the next start removes what was left.
+    let up = lab.spawn(&s, &site.local("up"));
+    lab.proc(up).wait_lines(1, UP);
+    assert_eq!(s.curl(&public), Some(tunnel_ip.clone()));
+    lab.proc(up).kill();
+    assert_ne!(
+        policy_routing(&s).0,
+        before.0,
+        "the rules were gone before the next start"
+    );
+    let again = lab.spawn(&s, &site.local("up"));
+    lab.proc(again).wait_lines(1, UP);
+    assert_eq!(s.curl(&public), Some(tunnel_ip));
+    lab.tunnel_ok(&s, &site.local("down"));
+    assert!(lab.proc(again).wait(UP).success());
+    assert_eq!(policy_routing(&s), before);
+    left_clean(&s, &site, &[]);
+}

@@ -228,6 +228,8 @@ mod tests {
             },
             routes: vec![],
             masquerade: false,
+            transparent: false,
+            snat_public: false,
         };
         let text = render("wg0", &Endpoint::Joined(j), None).unwrap();
         assert!(text.contains("stock WireGuard speaks UDP only"), "{text}");

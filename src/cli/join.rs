@@ -39,6 +39,12 @@ pub struct JoinArgs {
     pub proxy: Option<String>,
     #[command(flatten)]
     pub lan: LanArgs,
+    /// Send this host's traffic for the server's address through the tunnel (except the tunnel's own transport); direct again when the tunnel is down
+    #[arg(long)]
+    pub transparent: bool,
+    /// With --transparent: the server sees this host's public address as the source, not its tunnel address
+    #[arg(long, requires = "transparent")]
+    pub snat_public: bool,
 }
 
 /// `HOST`, `HOST:PORT`, `IPv6` or `[IPv6]:PORT`, resolved to one address.
@@ -134,6 +140,8 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         timeout: args.timeout,
         routes: &args.lan.routes,
         masquerade: args.lan.masquerade,
+        transparent: args.transparent,
+        snat_public: args.snat_public,
     };
     inv.check()?;
     if let Some(p) = &args.proxy {
@@ -188,6 +196,22 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
             .forward(net.as_ref(), false)
             .await
             .map_err(site::SiteError::Gateway)?;
+        let transparent = if args.transparent {
+            Some(
+                site::go_transparent(
+                    &mut gateway,
+                    net.as_ref(),
+                    device.as_ref(),
+                    &joined,
+                    &iface,
+                    endpoint,
+                    &route,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         let containers = match docker {
             Some((runtime, infos)) => {
                 progress.set_message("registering containers");
@@ -197,10 +221,10 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
             }
             None => None,
         };
-        Ok::<_, site::SiteError>((joined, route, first_packet, containers))
+        Ok::<_, site::SiteError>((joined, route, first_packet, containers, transparent))
     }
     .await;
-    let (joined, route, first_packet, containers) = match joined {
+    let (joined, route, first_packet, containers, transparent) = match joined {
         Ok(j) => j,
         Err(e) => {
             progress.finish_and_clear();
@@ -227,6 +251,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         backend: args.common.backend,
         store,
         gateway,
+        transparent,
     };
     Ok(site::run(
         site,

@@ -3,7 +3,7 @@
 use super::{EndpointArgs, Failure, LanArgs, Toggle};
 use crate::containers::{EndpointSpec, Follower, HostPlacer, endpoint_iface};
 use crate::control::{self, CONTROL_PORT};
-use crate::firewall::{Nftables, Policy};
+use crate::firewall::{Nftables, Policy, Snat};
 use crate::gateway::Gateway;
 use crate::hub::api::HubApi;
 use crate::hub::{self, Hub, Ledger, MintRequest};
@@ -431,12 +431,26 @@ fn policy(args: &ServeArgs, state: &ServerState) -> Policy {
         }
         (state.port, from)
     });
+    let snat = state
+        .peers
+        .iter()
+        .filter(|p| p.snat_public && p.via.is_none())
+        .filter_map(|p| {
+            let e = p.endpoint.filter(|e| !is_virtual(e))?;
+            Some(Snat {
+                site: p.address,
+                public: e.ip(),
+                subnet: state.subnet,
+            })
+        })
+        .collect();
     Policy {
         iface: args.common.iface.clone(),
         hub: true,
         routes: args.lan.routes.clone(),
         masquerade: args.lan.masquerade,
         listen,
+        snat,
     }
 }
 
@@ -660,12 +674,8 @@ async fn serve(
                 tracing::warn!("removing expired invites: {:#}", anyhow!(e));
             }
             hub.retry_save().await;
-            let changed = if args.allow_from.is_empty() {
-                None
-            } else {
-                Some(policy(args, &hub.snapshot().await))
-            };
-            gateway.keep(changed);
+            // Peers' endpoints move (--allow-from, --snat-public).
+            gateway.keep(Some(policy(args, &hub.snapshot().await)));
         }
     };
     tokio::join!(follow, housekeeping, pokes);

@@ -99,11 +99,32 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
             return Err(e.into());
         }
     };
-    if let Err(e) = gateway.forward(net.as_ref(), false).await {
-        let _ = device.destroy().await;
-        gateway.stop(net.as_ref()).await;
-        return Err(e.into());
+    let host = async {
+        gateway.forward(net.as_ref(), false).await?;
+        if !joined.transparent {
+            return Ok(None);
+        }
+        let to = site::go_transparent(
+            &mut gateway,
+            net.as_ref(),
+            device.as_ref(),
+            &joined,
+            &iface,
+            endpoint,
+            &route,
+        )
+        .await?;
+        Ok::<_, site::SiteError>(Some(to))
     }
+    .await;
+    let transparent = match host {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = device.destroy().await;
+            gateway.stop(net.as_ref()).await;
+            return Err(e.into());
+        }
+    };
 
     let progress = spinner();
     progress.set_message(format!("waiting for the server at {endpoint}"));
@@ -133,6 +154,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         backend,
         store,
         gateway,
+        transparent,
     };
     Ok(site::run(
         site,

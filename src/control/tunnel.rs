@@ -14,7 +14,7 @@
 use super::auth::{AuthError, Proof, Signer};
 use super::{Call, ControlError, ErrorBody, Refusal, decode, exchange_via, refuse, refused};
 use crate::hub::{
-    Advertised, Caller, Denied, Hub, LeaveError, RedeemError, RegisterError, RouteError,
+    Advertised, Caller, Denied, Hub, Joining, LeaveError, RedeemError, RegisterError, RouteError,
 };
 use crate::keys::PublicKey;
 use axum::Router;
@@ -52,6 +52,9 @@ pub struct RedeemRequest {
     /// The LANs behind the joiner (`join --route`).
     #[serde(default)]
     pub routes: Vec<IpNetwork>,
+    /// `join --transparent --snat-public`.
+    #[serde(default)]
+    pub snat_public: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -174,7 +177,11 @@ async fn redeem(
         ));
     };
     let req: RedeemRequest = json(&body)?;
-    hub.redeem(address, req.public_key, req.routes, SystemTime::now())
+    let joining = Joining {
+        routes: req.routes,
+        snat_public: req.snat_public,
+    };
+    hub.redeem(address, req.public_key, joining, SystemTime::now())
         .await
         .map(|address| axum::Json(Admitted { address }))
         .map_err(|d| {
@@ -364,12 +371,13 @@ pub async fn redeem_invite(
     api: SocketAddr,
     invite: &Signer,
     key: &PublicKey,
-    routes: &[IpNetwork],
+    joining: &Joining,
     timeout: Duration,
 ) -> Result<Admitted, ControlError> {
     let req = RedeemRequest {
         public_key: *key,
-        routes: routes.to_vec(),
+        routes: joining.routes.clone(),
+        snat_public: joining.snat_public,
     };
     signed_post(api, invite, REDEEM, &req, timeout).await
 }
@@ -539,6 +547,7 @@ mod tests {
             let body = serde_json::to_vec(&RedeemRequest {
                 public_key: own.public_key(),
                 routes,
+                snat_public: false,
             })
             .unwrap();
             let (status, text) = self
@@ -572,6 +581,7 @@ mod tests {
         let body = serde_json::to_vec(&RedeemRequest {
             public_key: PrivateKey::generate().public_key(),
             routes: vec![],
+            snat_public: false,
         })
         .unwrap();
         // Unsigned, as any process on the joining host could send it.
@@ -615,6 +625,7 @@ mod tests {
         let body = serde_json::to_vec(&RedeemRequest {
             public_key: container,
             routes: vec![],
+            snat_public: false,
         })
         .unwrap();
         let (status, text) = a
@@ -754,6 +765,7 @@ mod tests {
             serde_json::to_vec(&RedeemRequest {
                 public_key: PrivateKey::generate().public_key(),
                 routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
+                snat_public: false,
             })
             .unwrap()
         };

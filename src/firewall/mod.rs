@@ -50,6 +50,8 @@ pub enum Match {
     NotOutIface(String),
     SrcNet(IpNetwork),
     DstNet(IpNetwork),
+    /// The destination is of the network's family, outside it.
+    NotDstNet(IpNetwork),
     /// UDP to this port.
     UdpDport(u16),
 }
@@ -59,6 +61,8 @@ pub enum Action {
     Accept,
     Drop,
     Masquerade,
+    /// Source NAT to this address.
+    Snat(std::net::IpAddr),
 }
 
 /// A rule: all its matches hold, then its action.
@@ -110,6 +114,21 @@ pub struct Policy {
     pub masquerade: bool,
     /// The listen port and who may send to it, when restricted.
     pub listen: Option<(u16, Vec<IpNetwork>)>,
+    /// Sites in transparent mode with `--snat-public`: what they send to
+    /// this hub's own addresses outside the tunnel gets their public
+    /// address as its source.
+    pub snat: Vec<Snat>,
+}
+
+/// One `--snat-public` site, as a hub sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snat {
+    /// Its tunnel address.
+    pub site: std::net::IpAddr,
+    /// Its public address: where its datagrams come from.
+    pub public: std::net::IpAddr,
+    /// The tunnel's subnet, whose traffic is left alone.
+    pub subnet: IpNetwork,
 }
 
 /// Our table's name for the endpoint on `iface`.
@@ -167,6 +186,34 @@ pub fn plan(p: &Policy) -> (Table, Foreign) {
                     )
                 })
                 .collect(),
+        });
+    }
+    let snat: Vec<Rule> = p
+        .snat
+        .iter()
+        .filter(|s| {
+            s.site.is_ipv4() == s.public.is_ipv4() && s.site.is_ipv4() == s.subnet.is_ipv4()
+        })
+        .map(|s| {
+            rule(
+                vec![
+                    Match::InIface(tun()),
+                    Match::SrcNet(crate::hub::host_net(s.site)),
+                    Match::NotDstNet(s.subnet),
+                ],
+                Action::Snat(s.public),
+            )
+        })
+        .collect();
+    if !snat.is_empty() {
+        // The seed's "firewall for endpoint B": NAT on input, undone on
+        // the replies' way out, so that they still go through the tunnel.
+        chains.push(Chain {
+            name: "snat",
+            hook: Hook::Input,
+            kind: "nat",
+            priority: 100,
+            rules: snat,
         });
     }
     if let Some((port, allowed)) = &p.listen {
@@ -505,7 +552,7 @@ mod tests {
             hub: false,
             routes: vec![net("192.168.7.0/24"), net("fd00:7::/64")],
             masquerade: true,
-            listen: None,
+            ..Default::default()
         });
         let fwd = &t.chains[0].rules;
         assert!(
@@ -544,6 +591,49 @@ mod tests {
             input.rules[2],
             rule(vec![Match::UdpDport(51820)], Action::Drop)
         );
+    }
+
+    #[test]
+    fn snat_public_sites_get_their_public_source_for_the_hubs_own_addresses_only() {
+        let site: std::net::IpAddr = "10.77.0.2".parse().unwrap();
+        let public: std::net::IpAddr = "198.51.100.1".parse().unwrap();
+        let (t, _) = plan(&Policy {
+            iface: "wg0".into(),
+            hub: true,
+            snat: vec![
+                Snat {
+                    site,
+                    public,
+                    subnet: net("10.77.0.0/24"),
+                },
+                // Families that do not match are left out.
+                Snat {
+                    site,
+                    public: "2001:db8::1".parse().unwrap(),
+                    subnet: net("10.77.0.0/24"),
+                },
+            ],
+            ..Default::default()
+        });
+        let snat = t.chains.iter().find(|c| c.name == "snat").unwrap();
+        assert_eq!((snat.hook, snat.kind), (Hook::Input, "nat"));
+        assert_eq!(
+            snat.rules,
+            [rule(
+                vec![
+                    Match::InIface("wg0".into()),
+                    Match::SrcNet(net("10.77.0.2/32")),
+                    Match::NotDstNet(net("10.77.0.0/24")),
+                ],
+                Action::Snat(public)
+            )]
+        );
+        let (t, _) = plan(&Policy {
+            iface: "wg0".into(),
+            hub: true,
+            ..Default::default()
+        });
+        assert!(t.chains.iter().all(|c| c.name != "snat"));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 use super::{Action, Firewall, FirewallError, Foreign, Hook, Match, Rule, Table};
 use ipnetwork::IpNetwork;
 use netlink_packet_core::{
-    Emitable, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer,
-    NetlinkMessage, NetlinkPayload,
+    DefaultNla, Emitable, NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkBuffer, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, Expressions, Immediate,
@@ -109,9 +109,9 @@ fn payload(base: u32, offset: u32, len: u32) -> Expressions {
     ])
 }
 
-/// `ip[6] saddr|daddr NET`: the family first, so that an IPv4 rule never
-/// reads an IPv6 header.
-fn net_match(n: &IpNetwork, source: bool) -> Vec<Expressions> {
+/// `ip[6] saddr|daddr [!=] NET`: the family first, so that an IPv4 rule
+/// never reads an IPv6 header.
+fn net_match(n: &IpNetwork, source: bool, op: Operator) -> Vec<Expressions> {
     let (proto, offset, bytes): (u8, u32, Vec<u8>) = match n {
         IpNetwork::V4(v4) => (
             NFPROTO_IPV4,
@@ -141,7 +141,7 @@ fn net_match(n: &IpNetwork, source: bool) -> Vec<Expressions> {
             Bitwise::Mask(DataAttribute::Value(mask)),
             Bitwise::Xor(DataAttribute::Value(vec![0; bytes.len()])),
         ]),
-        cmp(Operator::Equal, bytes),
+        cmp(op, bytes),
     ]
 }
 
@@ -150,8 +150,9 @@ fn expressions(m: &Match) -> Vec<Expressions> {
         Match::InIface(n) => vec![meta(MetaKey::Iifname), cmp(Operator::Equal, ifname(n))],
         Match::OutIface(n) => vec![meta(MetaKey::Oifname), cmp(Operator::Equal, ifname(n))],
         Match::NotOutIface(n) => vec![meta(MetaKey::Oifname), cmp(Operator::NotEqual, ifname(n))],
-        Match::SrcNet(n) => net_match(n, true),
-        Match::DstNet(n) => net_match(n, false),
+        Match::SrcNet(n) => net_match(n, true, Operator::Equal),
+        Match::DstNet(n) => net_match(n, false, Operator::Equal),
+        Match::NotDstNet(n) => net_match(n, false, Operator::NotEqual),
         Match::UdpDport(p) => vec![
             meta(MetaKey::L4Proto),
             cmp(Operator::Equal, vec![IPPROTO_UDP]),
@@ -161,28 +162,58 @@ fn expressions(m: &Match) -> Vec<Expressions> {
     }
 }
 
-fn verdict(a: Action) -> Expressions {
+fn verdict(a: Action) -> Vec<Expressions> {
     let code = match a {
         Action::Accept => NF_ACCEPT,
         Action::Drop => NF_DROP,
         Action::Masquerade => {
-            return Expressions::Other {
+            return vec![Expressions::Other {
                 expression_type: "masq".into(),
                 attributes: vec![],
-            };
+            }];
         }
+        Action::Snat(to) => return snat(to),
     };
-    Expressions::Immediate(vec![
+    vec![Expressions::Immediate(vec![
         Immediate::DestinationRegister(Register::Verdict),
         Immediate::Data(DataAttribute::Verdict(vec![VerdictAttribute::Code(
             Verdict::Other(code),
         )])),
-    ])
+    ])]
+}
+
+/// `snat to ADDR`: the address into a register, then the `nat` expression
+/// (its attributes are big-endian u32s, as nftables' netlink has them).
+fn snat(to: std::net::IpAddr) -> Vec<Expressions> {
+    const NFTA_NAT_TYPE: u16 = 1;
+    const NFTA_NAT_FAMILY: u16 = 2;
+    const NFTA_NAT_REG_ADDR_MIN: u16 = 3;
+    const NFT_NAT_SNAT: u32 = 0;
+    const NFT_REG_1: u32 = 1;
+    let (family, bytes) = match to {
+        std::net::IpAddr::V4(a) => (NFPROTO_IPV4, a.octets().to_vec()),
+        std::net::IpAddr::V6(a) => (NFPROTO_IPV6, a.octets().to_vec()),
+    };
+    let be = |v: u32| v.to_be_bytes().to_vec();
+    vec![
+        Expressions::Immediate(vec![
+            Immediate::DestinationRegister(Register::Reg1),
+            Immediate::Data(DataAttribute::Value(bytes)),
+        ]),
+        Expressions::Other {
+            expression_type: "nat".into(),
+            attributes: vec![
+                DefaultNla::new(NFTA_NAT_TYPE, be(NFT_NAT_SNAT)),
+                DefaultNla::new(NFTA_NAT_FAMILY, be(u32::from(family))),
+                DefaultNla::new(NFTA_NAT_REG_ADDR_MIN, be(NFT_REG_1)),
+            ],
+        },
+    ]
 }
 
 fn rule_exprs(r: &Rule) -> Vec<Expressions> {
     let mut exprs: Vec<_> = r.matches.iter().flat_map(expressions).collect();
-    exprs.push(verdict(r.action));
+    exprs.extend(verdict(r.action));
     exprs
 }
 
@@ -530,7 +561,7 @@ mod tests {
 
     #[test]
     fn network_matches_mask_the_prefix() {
-        let e = net_match(&"10.77.0.0/20".parse().unwrap(), false);
+        let e = net_match(&"10.77.0.0/20".parse().unwrap(), false, Operator::Equal);
         match &e[3] {
             Expressions::Bitwise(b) => {
                 assert!(b.contains(&Bitwise::Mask(DataAttribute::Value(vec![
@@ -539,7 +570,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let e6 = net_match(&"fd00:7::/64".parse().unwrap(), true);
+        let e6 = net_match(&"fd00:7::/64".parse().unwrap(), true, Operator::Equal);
         assert!(
             matches!(&e6[2], Expressions::Payload(p) if p.contains(&Payload::Offset(8)) && p.contains(&Payload::Len(16)))
         );

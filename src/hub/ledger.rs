@@ -129,6 +129,15 @@ pub enum RouteError {
     TooMany,
 }
 
+/// What a joiner asks for beside its admission.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Joining {
+    /// The LANs behind it.
+    pub routes: Vec<IpNetwork>,
+    /// Transparent mode with its public source address kept.
+    pub snat_public: bool,
+}
+
 /// Routes one site (or the hub) may advertise.
 pub const MAX_ROUTES: usize = 64;
 
@@ -421,6 +430,21 @@ impl Ledger {
         Ok(())
     }
 
+    /// Whether the site at `site` wants its public source address on what
+    /// it sends to the hub's own addresses.
+    pub fn set_snat_public(&mut self, site: IpAddr, on: bool) -> Result<(), RouteError> {
+        let p = self
+            .state
+            .peers
+            .iter()
+            .position(|p| p.address == site && p.via.is_none())
+            .ok_or(RouteError::NotASite(site))?;
+        if self.state.peers[p].snat_public != on {
+            self.state_mut().peers[p].snat_public = on;
+        }
+        Ok(())
+    }
+
     /// The hub's own LANs (`serve --route`).
     pub fn set_hub_routes(&mut self, routes: Vec<IpNetwork>) -> Result<(), RouteError> {
         self.check_routes(None, &routes)?;
@@ -599,6 +623,7 @@ impl Ledger {
             via: None,
             endpoint: None,
             routes: vec![],
+            snat_public: false,
         });
         self.pending.push(Pending {
             invite: invite.public_key,
@@ -657,6 +682,7 @@ impl Ledger {
             via: Some(site),
             endpoint: None,
             routes: vec![],
+            snat_public: false,
         });
         Ok(net(address))
     }

@@ -13,8 +13,8 @@ pub mod api;
 pub mod ledger;
 
 pub use ledger::{
-    Advertised, Caller, Ledger, MintError, MintRequest, RedeemError, RegisterError, RevokeError,
-    RouteError, ensure_containers, host_net, unix,
+    Advertised, Caller, Joining, Ledger, MintError, MintRequest, RedeemError, RegisterError,
+    RevokeError, RouteError, ensure_containers, host_net, unix,
 };
 
 use crate::control::auth::{AuthError, Proof, ReplayGuard};
@@ -273,14 +273,15 @@ impl Hub {
         &self,
         address: IpAddr,
         key: PublicKey,
-        routes: Vec<IpNetwork>,
+        joining: Joining,
         now: SystemTime,
     ) -> Result<IpNetwork, Denied<RedeemError>> {
-        let shown: Vec<String> = routes.iter().map(|r| r.to_string()).collect();
+        let shown: Vec<String> = joining.routes.iter().map(|r| r.to_string()).collect();
         let net = self
             .transact(true, |l| {
                 let net = l.redeem(address, key, now, Instant::now())?;
-                l.advertise(address, routes)?;
+                l.advertise(address, joining.routes)?;
+                l.set_snat_public(address, joining.snat_public)?;
                 Ok::<_, RedeemError>(net)
             })
             .await?;
@@ -532,7 +533,7 @@ mod tests {
             .unwrap();
         assert_eq!(saved.invites.len(), 1);
         let k = PrivateKey::generate().public_key();
-        hub.redeem(tok.assigned, k, vec![], SystemTime::now())
+        hub.redeem(tok.assigned, k, Joining::default(), SystemTime::now())
             .await
             .unwrap();
         assert!(fake.peer(&k).unwrap().allowed_ips.is_empty());
@@ -564,9 +565,17 @@ mod tests {
             .unwrap()
             .remove(0);
         let k = PrivateKey::generate().public_key();
-        hub.redeem(tok.assigned, k, vec![lan], SystemTime::now())
-            .await
-            .unwrap();
+        hub.redeem(
+            tok.assigned,
+            k,
+            Joining {
+                routes: vec![lan],
+                ..Default::default()
+            },
+            SystemTime::now(),
+        )
+        .await
+        .unwrap();
         assert!(
             net.routes
                 .lock()
@@ -638,7 +647,7 @@ mod tests {
         );
         let k = PrivateKey::generate().public_key();
         let err = hub
-            .redeem(toks[0].assigned, k, vec![], SystemTime::now())
+            .redeem(toks[0].assigned, k, Joining::default(), SystemTime::now())
             .await
             .unwrap_err();
         assert!(
@@ -701,7 +710,7 @@ mod tests {
             .unwrap()
             .remove(0);
         let k = PrivateKey::generate().public_key();
-        hub.redeem(tok.assigned, k, vec![], SystemTime::now())
+        hub.redeem(tok.assigned, k, Joining::default(), SystemTime::now())
             .await
             .unwrap();
         fake.handshake(&k);
