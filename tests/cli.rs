@@ -100,6 +100,22 @@ fn out_of_range_ttls_counts_and_names_are_usage_errors() {
         &["serve", "--endpoints-per-site", "99999"],
         &["join", "tun1_x", "--timeout", "100000000000d"],
         &["up", "--timeout", "0s"],
+        &["serve", "--port", "0"],
+        &["serve", "--port", "randomly"],
+        &["serve", "--allow-from", "10.0.0.300/24"],
+        &["join", "tun1_x", "--route", "not-a-net"],
+        &["join", "tun1_x", "--snat-public"],
+        &["join", "tun1_x", "--firewall", "maybe"],
+        &["peer", "add", "phone", "--public-key", "short"],
+        &["peer", "add", "a b", "--allow-generated-key"],
+        &[
+            "peer",
+            "add",
+            "p",
+            "--public-key",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            "--allow-generated-key",
+        ],
     ] {
         let out = run(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");
@@ -117,6 +133,64 @@ fn a_bad_token_is_refused_without_root() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("truncated"), "{err}");
     assert_eq!(err.trim().lines().count(), 1);
+}
+
+#[test]
+fn lan_flags_that_contradict_each_other_are_refused_before_anything_runs() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().to_str().unwrap();
+    for (args, want) in [
+        (
+            &["peer", "add", "phone", "--state-dir", dir][..],
+            "--public-key",
+        ),
+        (
+            &["serve", "--masquerade", "--state-dir", dir],
+            "--masquerade needs",
+        ),
+        (
+            &[
+                "serve",
+                "--subnet",
+                "10.77.0.0/24",
+                "--route",
+                "10.77.0.0/16",
+                "--state-dir",
+                dir,
+            ],
+            "overlaps the tunnel's subnet",
+        ),
+        (
+            &["serve", "--route", "192.168.1.1/24", "--state-dir", dir],
+            "did you mean 192.168.1.0/24",
+        ),
+        (
+            &["serve", "--route", "0.0.0.0/0", "--state-dir", dir],
+            "whole internet",
+        ),
+        (
+            &[
+                "serve",
+                "--route",
+                "192.168.0.0/16",
+                "--route",
+                "192.168.7.0/24",
+                "--state-dir",
+                dir,
+            ],
+            "overlaps 192.168.0.0/16",
+        ),
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    assert!(
+        std::fs::read_dir(state.path()).unwrap().next().is_none(),
+        "state written"
+    );
 }
 
 /// `cargo test` builds the examples next to the test binaries.

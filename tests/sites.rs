@@ -445,3 +445,125 @@ fn transparent_mode_tunnels_the_servers_public_address_while_up_and_only_then() 
     assert_eq!(policy_routing(&s), before);
     left_clean(&s, &site, &[]);
 }
+
+#[test]
+#[ignore = "needs root and Docker: sudo make test"]
+fn a_stock_wireguard_client_from_peer_add_reaches_a_hub_container_and_a_site_lan() {
+    needs_docker("a_stock_wireguard_client");
+    let mut lab = common::lab(3);
+    let (h, c, r) = (lab.host(0), lab.host(1), lab.host(2));
+    let lan = lab.lan(&c, LAN, "198.18.0.0/15");
+    let _whoami = WhoAmI::start(&lan, format!("{}:8080", lan.ip).parse().unwrap());
+    let web = format!("tnl{}web", lab.id);
+    let page = format!("page-{}", lab.id);
+    let mut cs = Containers::default();
+    cs.web(&web, &page);
+    let hub = lab.serve(&h, "h", 1, &["--container", &web, "--endpoint", &h.ip]);
+    let _site = lab.join(
+        &c,
+        "c",
+        &hub.lines[0],
+        &h,
+        &["--route", &format!("{LAN}.0/24"), "--masquerade"],
+    );
+
+    // The client's key is made on the client; the hub only sees its
+    // public half, and the config has every line but the private key.
+    let private = r.run(&["wg", "genkey"]).trim().to_owned();
+    let keyfile = lab.dir.path().join("rw.key");
+    std::fs::write(&keyfile, &private).unwrap();
+    let public = r
+        .run(&["sh", "-c", &format!("wg pubkey < {}", keyfile.display())])
+        .trim()
+        .to_owned();
+    let conf = lab.tunnel_ok(
+        &h,
+        &[
+            "peer",
+            "add",
+            "phone",
+            "--public-key",
+            &public,
+            "--iface",
+            &hub.iface,
+            "--state-dir",
+            hub.state.to_str().unwrap(),
+        ],
+    );
+    assert!(!conf.lines().any(|l| l.starts_with("PrivateKey")), "{conf}");
+    assert!(
+        conf.contains(&format!("AllowedIPs = 10.77.0.0/24, {LAN}.0/24")),
+        "{conf}"
+    );
+    assert!(conf.contains("PersistentKeepalive = 25"), "{conf}");
+    let qr = lab.tunnel_ok(
+        &h,
+        &[
+            "peer",
+            "add",
+            "phone2",
+            "--allow-generated-key",
+            "--qr",
+            "--iface",
+            &hub.iface,
+            "--state-dir",
+            hub.state.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        qr.contains('\u{2588}') && !qr.contains("PrivateKey"),
+        "{qr}"
+    );
+
+    // A stock wireguard-go, configured from that output and its own key
+    // only (what wg-quick would do, by hand).
+    let iface = lab.iface("r");
+    let full = conf.replace(
+        "# PrivateKey = <the private key made on this device>",
+        &format!("PrivateKey = {private}"),
+    );
+    let file = lab.dir.path().join(format!("{iface}.conf"));
+    std::fs::write(&file, &full).unwrap();
+    let stripped = common::sh(&["wg-quick", "strip", file.to_str().unwrap()]);
+    let plain = lab.dir.path().join("rw-plain.conf");
+    std::fs::write(&plain, stripped).unwrap();
+    let field = |k: &str| {
+        conf.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    r.run(&["wireguard-go", &iface]);
+    r.run(&["wg", "setconf", &iface, plain.to_str().unwrap()]);
+    r.run(&["ip", "address", "add", &field("Address = "), "dev", &iface]);
+    r.run(&["ip", "link", "set", &iface, "mtu", &field("MTU = "), "up"]);
+    r.run(&["ip", "route", "add", &format!("{LAN}.0/24"), "dev", &iface]);
+
+    let web_ip = common::container_address(&lab.status(&hub), &web);
+    r.ping_until(&web_ip, Instant::now());
+    let got = until("the client does not get the container's page", || {
+        r.curl(&format!("http://{web_ip}/"))
+    });
+    assert_eq!(got, page);
+    let seen = until("the client does not reach the LAN behind C", || {
+        r.curl(&url(&lan.ip))
+    });
+    assert_eq!(seen, format!("{LAN}.1"));
+
+    // It shows in status, and is revoked like any other peer.
+    let st = lab.status(&hub);
+    assert!(
+        st[0]["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "phone"),
+        "{st}"
+    );
+    let mut revoke = hub.local("revoke");
+    revoke.push("phone");
+    lab.tunnel_ok(&h, &revoke);
+    assert!(!r.ping(&web_ip), "a revoked client still gets through");
+    r.run(&["ip", "link", "del", &iface]);
+}

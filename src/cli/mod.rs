@@ -6,6 +6,7 @@
 pub mod down;
 pub mod export;
 pub mod join;
+pub mod peer;
 pub mod revoke;
 pub mod serve;
 pub mod status;
@@ -94,8 +95,9 @@ pub struct LanArgs {
 }
 
 impl LanArgs {
-    /// Checks the flags against the tunnel's subnet before the host is touched.
-    pub fn check(&self, subnet: ipnetwork::IpNetwork) -> Result<(), Failure> {
+    /// Checks the flags (against the tunnel's subnet, when known) before
+    /// the host is touched.
+    pub fn check(&self, subnet: Option<ipnetwork::IpNetwork>) -> Result<(), Failure> {
         if self.masquerade && self.routes.is_empty() {
             return Err(Failure::input(anyhow::anyhow!(
                 "--masquerade needs the LANs to masquerade towards: add --route CIDR"
@@ -145,6 +147,8 @@ pub enum Command {
     Token(token::TokenArgs),
     /// Remove a peer from the running server at once and free its address
     Revoke(revoke::RevokeArgs),
+    /// Stock WireGuard clients (phones, laptops) of the running server
+    Peer(peer::PeerArgs),
     /// Bring a joined site back from its saved state, containers included (no token needed)
     Up(up::UpArgs),
     /// Stop a running serve/join/up cleanly (same as SIGTERM)
@@ -311,6 +315,7 @@ pub async fn run(command: Command, shutdown: Shutdown) -> Result<(), Failure> {
         Command::Status(args) => status::run(args).await,
         Command::Token(args) => token::run(args).await,
         Command::Revoke(args) => revoke::run(args).await,
+        Command::Peer(args) => peer::run(args).await,
         Command::Up(args) => up::run(args, shutdown).await,
         Command::Down(args) => down::run(args).await,
         Command::Export(args) => export::run(args).await,

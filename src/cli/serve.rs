@@ -234,7 +234,7 @@ async fn websocket(
     }))
 }
 
-fn check_hint(hint: &str) -> Result<(), Failure> {
+pub(crate) fn check_hint(hint: &str) -> Result<(), Failure> {
     if hint.is_empty()
         || hint.len() > 255
         || hint.chars().any(|c| c.is_whitespace() || c.is_control())
@@ -305,13 +305,14 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     if let Some(h) = &args.endpoint {
         check_hint(h)?;
     }
+    args.lan.check(args.subnet)?;
     crate::sys::require_net_admin()?;
     // Docker and the containers are checked before the host is touched.
     let docker = super::containers_up_front(&args.common.containers).await?;
     let store = StateDir::new(&args.common.state_dir);
     let restart = store.load_server(&iface)?.is_some();
     let mut state = load_or_new(&args, &store)?;
-    args.lan.check(state.subnet)?;
+    args.lan.check(Some(state.subnet))?;
     if let Some((_, infos)) = &docker {
         let names: Vec<String> = infos.iter().map(|c| c.name.clone()).collect();
         hub::ensure_containers(&mut state, &names, |n| endpoint_iface(&iface, n))?;

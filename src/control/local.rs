@@ -18,6 +18,30 @@ pub const STATUS: &str = "/v1/status";
 pub const TOKENS: &str = "/v1/tokens";
 pub const REVOKE: &str = "/v1/revoke";
 pub const DOWN: &str = "/v1/down";
+pub const PEERS: &str = "/v1/peers";
+
+/// `tunnel peer add`'s request: the client's key, made on its device.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeerRequest {
+    pub name: String,
+    pub public_key: crate::keys::PublicKey,
+    /// `--endpoint`, without which the hub needs one of its own.
+    pub endpoint: Option<String>,
+}
+
+/// What a stock client's config needs from the hub.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerGrant {
+    /// Its tunnel address, with the subnet's prefix.
+    pub address: ipnetwork::IpNetwork,
+    pub server_public_key: crate::keys::PublicKey,
+    pub port: u16,
+    /// `serve --endpoint`, when it was given.
+    pub endpoint_hint: Option<String>,
+    /// The tunnel subnet and every advertised LAN.
+    pub allowed_ips: Vec<ipnetwork::IpNetwork>,
+    pub mtu: u32,
+}
 
 /// `tunnel token`'s request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +97,11 @@ pub trait LocalApi: Send + Sync {
     async fn revoke(&self, _target: &str) -> Result<Vec<String>, LocalError> {
         Err(LocalError::NotAServer)
     }
+
+    /// Admits a stock WireGuard client (servers only).
+    async fn add_peer(&self, _req: PeerRequest) -> Result<PeerGrant, LocalError> {
+        Err(LocalError::NotAServer)
+    }
 }
 
 type Api = (Arc<dyn LocalApi>, Arc<dyn Fn() + Send + Sync>);
@@ -112,6 +141,18 @@ async fn revoke(
         .map_err(local_refusal)
 }
 
+async fn add_peer(
+    State((api, _)): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<PeerGrant>, Refusal> {
+    let req: PeerRequest =
+        serde_json::from_slice(&body).map_err(|e| refuse(StatusCode::BAD_REQUEST, e))?;
+    api.add_peer(req)
+        .await
+        .map(axum::Json)
+        .map_err(local_refusal)
+}
+
 async fn stop(State((_, down)): State<Api>) -> axum::Json<Vec<String>> {
     down();
     axum::Json(vec!["stopping".to_owned()])
@@ -123,6 +164,7 @@ pub fn router(api: Arc<dyn LocalApi>, down: Arc<dyn Fn() + Send + Sync>) -> Rout
         .route(STATUS, get(status))
         .route(TOKENS, post(tokens))
         .route(REVOKE, post(revoke))
+        .route(PEERS, post(add_peer))
         .route(DOWN, post(stop))
         .with_state((api, down))
 }
@@ -208,6 +250,11 @@ pub async fn request_revoke(socket: &Path, target: &str) -> Result<Vec<String>, 
     })
     .expect("serializes");
     call(socket, "POST", REVOKE, body, TIMEOUT).await
+}
+
+pub async fn request_peer(socket: &Path, req: &PeerRequest) -> Result<PeerGrant, ControlError> {
+    let body = serde_json::to_vec(req).expect("serializes");
+    call(socket, "POST", PEERS, body, TIMEOUT).await
 }
 
 pub async fn request_down(socket: &Path) -> Result<(), ControlError> {

@@ -1,9 +1,9 @@
 //! What a running hub answers on its local socket: live status (peer
 //! stats named from the ledger), tokens and revocation.
 
-use super::{Denied, Hub, MintError, MintRequest, RevokeError};
+use super::{AdmitError, Denied, Hub, MintError, MintRequest, RevokeError};
 use crate::containers::ContainerView;
-use crate::control::local::{LocalApi, LocalError, TokenRequest};
+use crate::control::local::{LocalApi, LocalError, PeerGrant, PeerRequest, TokenRequest};
 use crate::state::Endpoint;
 use crate::status::{self, EndpointStatus, PeerReport};
 use std::sync::Arc;
@@ -99,6 +99,36 @@ impl LocalApi for HubApi {
                 d => unavailable(d),
             })?;
         Ok(tokens.iter().map(|t| t.encode()).collect())
+    }
+
+    async fn add_peer(&self, req: PeerRequest) -> Result<PeerGrant, LocalError> {
+        if req.endpoint.is_none() && self.endpoint_hint.is_none() {
+            return Err(LocalError::BadRequest(
+                "this server was started without --endpoint: give the address clients reach it at with --endpoint HOST[:PORT]".into(),
+            ));
+        }
+        let address = self
+            .hub
+            .admit(&req.name, req.public_key, SystemTime::now())
+            .await
+            .map_err(|d| match d {
+                Denied::Refused(e @ AdmitError::Exhausted(_)) => {
+                    LocalError::Unavailable(e.to_string())
+                }
+                d => unavailable(d),
+            })?;
+        let state = self.hub.snapshot().await;
+        let mut allowed_ips = vec![state.subnet];
+        allowed_ips.extend(self.hub.routes().borrow().iter().map(|a| a.prefix));
+        Ok(PeerGrant {
+            address: ipnetwork::IpNetwork::new(address, state.subnet.prefix())
+                .expect("an address of the subnet"),
+            server_public_key: state.private_key.public_key(),
+            port: state.port,
+            endpoint_hint: self.endpoint_hint.clone(),
+            allowed_ips,
+            mtu: state.mtu,
+        })
     }
 
     async fn revoke(&self, target: &str) -> Result<Vec<String>, LocalError> {

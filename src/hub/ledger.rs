@@ -77,6 +77,21 @@ pub enum RegisterError {
     Exhausted(#[from] IpamError),
 }
 
+/// Why a stock WireGuard client (`peer add`) was not admitted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AdmitError {
+    #[error(transparent)]
+    Name(#[from] LimitError),
+    #[error("the name {0:?} is already taken by a site or an unused token")]
+    NameTaken(String),
+    #[error("that public key is already in use on this server")]
+    KeyInUse,
+    #[error("that public key is a low-order X25519 point and cannot be used")]
+    WeakKey,
+    #[error(transparent)]
+    Exhausted(#[from] IpamError),
+}
+
 /// Why tokens were not minted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MintError {
@@ -155,7 +170,7 @@ fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
 
 /// What a list of routes must be by itself: network addresses, no default
 /// route, clear of the tunnel's `subnet` and of each other.
-pub fn validate_routes(routes: &[IpNetwork], subnet: IpNetwork) -> Result<(), RouteError> {
+pub fn validate_routes(routes: &[IpNetwork], subnet: Option<IpNetwork>) -> Result<(), RouteError> {
     if routes.len() > MAX_ROUTES {
         return Err(RouteError::TooMany);
     }
@@ -167,8 +182,10 @@ pub fn validate_routes(routes: &[IpNetwork], subnet: IpNetwork) -> Result<(), Ro
         if r.prefix() == 0 {
             return Err(RouteError::Default(*r));
         }
-        if overlaps(r, &subnet) {
-            return Err(RouteError::Tunnel(*r, subnet));
+        if let Some(s) = subnet
+            && overlaps(r, &s)
+        {
+            return Err(RouteError::Tunnel(*r, s));
         }
         if let Some(twin) = routes[..i].iter().find(|o| overlaps(r, o)) {
             return Err(RouteError::Taken {
@@ -388,7 +405,7 @@ impl Ledger {
     /// Checks `routes` for `owner` (a site's address, or `None` for the
     /// hub): network addresses, not the tunnel, not another's.
     fn check_routes(&self, owner: Option<IpAddr>, routes: &[IpNetwork]) -> Result<(), RouteError> {
-        validate_routes(routes, self.state.subnet)?;
+        validate_routes(routes, Some(self.state.subnet))?;
         let mut others: Vec<(IpNetwork, String)> = Vec::new();
         if owner.is_some() {
             others.extend(self.state.routes.iter().map(|r| (*r, "the hub".to_owned())));
@@ -632,6 +649,39 @@ impl Ledger {
             since,
         });
         Ok(assigned)
+    }
+
+    /// Admits a stock WireGuard client (a phone, a laptop) under `name`
+    /// with a key made on that device: a peer like a site, with no invite
+    /// to redeem and no key to swap. Returns its address.
+    pub fn admit(
+        &mut self,
+        name: &str,
+        key: PublicKey,
+        now: SystemTime,
+    ) -> Result<IpAddr, AdmitError> {
+        limits::check_name(name)?;
+        if self.name_taken(name) {
+            return Err(AdmitError::NameTaken(name.to_owned()));
+        }
+        if self.key_in_use(&key) {
+            return Err(AdmitError::KeyInUse);
+        }
+        if self.weak(&key) {
+            return Err(AdmitError::WeakKey);
+        }
+        let address = self.pool.allocate()?;
+        self.state_mut().peers.push(PeerRecord {
+            public_key: key,
+            address,
+            joined_at: unix(now),
+            name: Some(name.to_owned()),
+            via: None,
+            endpoint: None,
+            routes: vec![],
+            snat_public: false,
+        });
+        Ok(address)
     }
 
     /// Admits another endpoint (a container) of the site at `site`.
@@ -1204,5 +1254,31 @@ mod tests {
         assert!(l.record_endpoints(&[live("192.0.2.1:5")]));
         assert!(!l.record_endpoints(&[live("192.0.2.1:5")]));
         assert!(l.record_endpoints(&[live("192.0.2.1:6")]));
+    }
+
+    #[test]
+    fn a_stock_client_is_admitted_once_under_a_free_name_and_revoked_like_a_site() {
+        let mut l = ledger();
+        let k = key();
+        let a = l.admit("phone", k, t0()).unwrap();
+        let desired = l.desired();
+        assert_eq!(desired[&k].allowed_ips, vec![host_net(a)]);
+        assert_eq!(
+            l.admit("phone", key(), t0()),
+            Err(AdmitError::NameTaken("phone".into()))
+        );
+        assert_eq!(l.admit("laptop", k, t0()), Err(AdmitError::KeyInUse));
+        assert_eq!(
+            l.admit("laptop", PublicKey([0; 32]), t0()),
+            Err(AdmitError::WeakKey)
+        );
+        assert!(matches!(
+            l.admit("bad name!", key(), t0()),
+            Err(AdmitError::Name(_))
+        ));
+        l.revoke("phone").unwrap();
+        assert!(!l.desired().contains_key(&k));
+        // The address and the name are free again.
+        assert_eq!(l.admit("phone", key(), t0()).unwrap(), a);
     }
 }

@@ -13,8 +13,8 @@ pub mod api;
 pub mod ledger;
 
 pub use ledger::{
-    Advertised, Caller, Joining, Ledger, MintError, MintRequest, RedeemError, RegisterError,
-    RevokeError, RouteError, ensure_containers, host_net, unix,
+    AdmitError, Advertised, Caller, Joining, Ledger, MintError, MintRequest, RedeemError,
+    RegisterError, RevokeError, RouteError, ensure_containers, host_net, unix,
 };
 
 use crate::control::auth::{AuthError, Proof, ReplayGuard};
@@ -343,6 +343,18 @@ impl Hub {
         )
         .await?;
         Ok(())
+    }
+
+    /// Admits a stock WireGuard client under `name` (`tunnel peer add`).
+    pub async fn admit(
+        &self,
+        name: &str,
+        key: PublicKey,
+        now: SystemTime,
+    ) -> Result<IpAddr, Denied<AdmitError>> {
+        let address = self.transact(true, |l| l.admit(name, key, now)).await?;
+        tracing::info!("admitted {name} (a stock WireGuard client) as {address}, public key {key}");
+        Ok(address)
     }
 
     /// Removes a peer (by name or address) at once.
