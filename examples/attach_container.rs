@@ -49,6 +49,7 @@ async fn main() {
         iface: "wgexample0".into(),
         key,
         address,
+        address6: None,
         hub: PeerSpec {
             public_key: server_key,
             endpoint: Some(server),

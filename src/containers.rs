@@ -159,6 +159,8 @@ pub struct EndpointSpec {
     pub iface: String,
     pub key: PrivateKey,
     pub address: IpNetwork,
+    /// Its IPv6 twin in a dual-stack tunnel.
+    pub address6: Option<IpNetwork>,
     /// The hub, as this endpoint's only peer.
     pub hub: PeerSpec,
     pub mtu: u32,
@@ -267,6 +269,7 @@ impl Follower {
                         },
                         backend: s.attached.as_ref().map(|(_, d)| d.backend()),
                         address: s.spec.address,
+                        address6: s.spec.address6,
                         listen_port: None,
                         public_key: s.spec.key.public_key(),
                         container: Some(s.spec.container.clone()),
@@ -334,7 +337,7 @@ impl Follower {
             private_key: spec.key.clone(),
             listen_port: 0,
             peers: vec![spec.hub.clone()],
-            addresses: vec![spec.address],
+            addresses: std::iter::once(spec.address).chain(spec.address6).collect(),
             mtu: spec.mtu,
             confine: None,
             relay: spec.link.as_ref().map(|_| Relay::new("websocket")),
@@ -613,6 +616,7 @@ mod tests {
             iface: format!("{container}0"),
             key: PrivateKey::generate(),
             address: "10.77.0.5/24".parse().unwrap(),
+            address6: None,
             hub: PeerSpec {
                 public_key: PrivateKey::generate().public_key(),
                 endpoint: None,

@@ -10,6 +10,14 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IpamError {
+    #[error("--subnet6 {0} is not an IPv6 subnet")]
+    NotIpv6(IpNetwork),
+    #[error(
+        "--subnet6 {0} is smaller than --subnet {1}: each IPv4 address gets its twin at the same offset; use a /96 or larger, e.g. a /64"
+    )]
+    Subnet6TooSmall(IpNetwork, IpNetwork),
+    #[error("--subnet {0} is IPv6 already: an IPv6-only tunnel needs no --subnet6")]
+    Ipv6Only(IpNetwork),
     #[error("subnet {0} is too small: it needs room for the server and at least one peer")]
     TooSmall(IpNetwork),
     #[error("subnet {0} has no free address left (all {1} host addresses are allocated)")]
@@ -78,6 +86,82 @@ impl Pool {
         }
         Err(IpamError::Exhausted(self.subnet, hosts))
     }
+}
+
+/// The tunnel's subnets: the main one (IPv4, or IPv6 for an IPv6-only
+/// tunnel), and with dual stack an IPv6 one in which every endpoint has
+/// the twin of its main address, at the same offset. Twins need no
+/// bookkeeping of their own: the main pool allocates for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnets {
+    pub main: IpNetwork,
+    pub v6: Option<IpNetwork>,
+}
+
+impl Subnets {
+    /// Checks that `v6` can hold a twin for every address of `main`.
+    pub fn new(main: IpNetwork, v6: Option<IpNetwork>) -> Result<Self, IpamError> {
+        if let Some(s6) = v6 {
+            if main.is_ipv6() {
+                return Err(IpamError::Ipv6Only(main));
+            }
+            if !s6.is_ipv6() {
+                return Err(IpamError::NotIpv6(s6));
+            }
+            let normalized = IpNetwork::new(s6.network(), s6.prefix()).expect("same prefix");
+            if normalized.ip() != s6.ip() {
+                return Err(IpamError::NotNetwork(s6, normalized));
+            }
+            if s6.prefix() > 96 + main.prefix() {
+                return Err(IpamError::Subnet6TooSmall(s6, main));
+            }
+        }
+        Ok(Self { main, v6 })
+    }
+
+    /// The IPv6 twin of a main address.
+    pub fn twin(&self, a: IpAddr) -> Option<IpAddr> {
+        let s6 = self.v6?;
+        Some(nth(s6, offset(self.main, a)))
+    }
+
+    /// An endpoint's interface addresses: `a` with the main prefix, and its twin.
+    pub fn interface(&self, a: IpAddr) -> Vec<IpNetwork> {
+        let mut out = vec![IpNetwork::new(a, self.main.prefix()).expect("prefix of the subnet")];
+        if let (Some(s6), Some(t)) = (self.v6, self.twin(a)) {
+            out.push(IpNetwork::new(t, s6.prefix()).expect("prefix of the subnet"));
+        }
+        out
+    }
+
+    /// An endpoint's addresses as allowed IPs: one host route per family.
+    pub fn hosts(&self, a: IpAddr) -> Vec<IpNetwork> {
+        std::iter::once(a)
+            .chain(self.twin(a))
+            .map(|a| IpNetwork::new(a, if a.is_ipv4() { 32 } else { 128 }).expect("host prefix"))
+            .collect()
+    }
+
+    /// Both subnets, for a peer that routes the whole tunnel.
+    pub fn all(&self) -> Vec<IpNetwork> {
+        std::iter::once(self.main).chain(self.v6).collect()
+    }
+
+    /// Whether the tunnel carries IPv6.
+    pub fn has_ipv6(&self) -> bool {
+        self.main.is_ipv6() || self.v6.is_some()
+    }
+}
+
+/// A random unique local /64 (RFC 4193: fd00::/8, 40 random bits of
+/// global ID, subnet 0).
+pub fn random_ula() -> IpNetwork {
+    let mut id = [0u8; 5];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut id);
+    let mut b = [0u8; 16];
+    b[0] = 0xfd;
+    b[1..6].copy_from_slice(&id);
+    IpNetwork::new(IpAddr::V6(Ipv6Addr::from(b)), 64).expect("a /64")
 }
 
 /// Number of usable host addresses (offsets `1..=count`).
@@ -167,6 +251,56 @@ mod tests {
             Err(IpamError::NotNetwork(..))
         ));
         assert!(Pool::new(net("10.9.0.0/30")).is_ok());
+    }
+
+    #[test]
+    fn dual_stack_twins_sit_at_the_same_offset() {
+        let s = Subnets::new(net("10.77.0.0/24"), Some(net("fd12:3456:789a:1::/64"))).unwrap();
+        let a: IpAddr = "10.77.0.5".parse().unwrap();
+        assert_eq!(s.twin(a).unwrap().to_string(), "fd12:3456:789a:1::5");
+        assert_eq!(
+            s.interface(a),
+            vec![net("10.77.0.5/24"), net("fd12:3456:789a:1::5/64")]
+        );
+        assert_eq!(
+            s.hosts(a),
+            vec![net("10.77.0.5/32"), net("fd12:3456:789a:1::5/128")]
+        );
+        assert_eq!(s.all().len(), 2);
+        let v4 = Subnets::new(net("10.77.0.0/24"), None).unwrap();
+        assert_eq!(v4.hosts(a), vec![net("10.77.0.5/32")]);
+        assert!(!v4.has_ipv6());
+        assert!(Subnets::new(net("fd00::/64"), None).unwrap().has_ipv6());
+    }
+
+    #[test]
+    fn bad_ipv6_subnets_are_refused() {
+        let v4 = net("10.0.0.0/8");
+        assert_eq!(
+            Subnets::new(v4, Some(net("10.1.0.0/16"))),
+            Err(IpamError::NotIpv6(net("10.1.0.0/16")))
+        );
+        assert!(matches!(
+            Subnets::new(v4, Some(net("fd00::/120"))),
+            Err(IpamError::Subnet6TooSmall(..))
+        ));
+        assert!(Subnets::new(v4, Some(net("fd00::/104"))).is_ok());
+        assert!(matches!(
+            Subnets::new(v4, Some(net("fd00::1/64"))),
+            Err(IpamError::NotNetwork(..))
+        ));
+        assert!(matches!(
+            Subnets::new(net("fd00::/64"), Some(net("fd01::/64"))),
+            Err(IpamError::Ipv6Only(_))
+        ));
+    }
+
+    #[test]
+    fn random_ulas_are_unique_local_64s() {
+        let (a, b) = (random_ula(), random_ula());
+        assert_ne!(a, b);
+        assert_eq!(a.prefix(), 64);
+        assert!(a.to_string().starts_with("fd"), "{a}");
     }
 
     #[test]

@@ -101,7 +101,7 @@ pub fn hub_peer(joined: &JoinedState, endpoint: SocketAddr) -> PeerSpec {
     PeerSpec {
         public_key: joined.server_public_key,
         endpoint: Some(endpoint),
-        allowed_ips: vec![joined.subnet],
+        allowed_ips: joined.subnets().all(),
         keepalive: Some(KEEPALIVE),
     }
 }
@@ -120,7 +120,7 @@ pub async fn start_gateway(
         net,
         store,
         iface,
-        inv.token.subnet,
+        inv.token.subnets(),
         inv.routes,
         inv.masquerade,
         firewall,
@@ -133,7 +133,7 @@ pub async fn site_gateway(
     net: &dyn NetOps,
     store: &StateDir,
     iface: &str,
-    subnet: IpNetwork,
+    subnets: crate::ipam::Subnets,
     routes: &[IpNetwork],
     masquerade: bool,
     firewall: bool,
@@ -145,7 +145,9 @@ pub async fn site_gateway(
         masquerade,
         ..Default::default()
     };
-    let nets: Vec<IpNetwork> = std::iter::once(subnet)
+    let nets: Vec<IpNetwork> = subnets
+        .all()
+        .into_iter()
         .chain(routes.iter().copied())
         .collect();
     Ok(Gateway::start(
@@ -224,7 +226,7 @@ impl Invitation<'_> {
             private_key: self.token.invite_key.clone(),
             listen_port: 0,
             peers: vec![self.hub(self.endpoint)],
-            addresses: vec![self.token.assigned_network()],
+            addresses: self.token.subnets().interface(self.token.assigned),
             mtu: self.initial_mtu(),
             confine: None,
             relay,
@@ -235,7 +237,7 @@ impl Invitation<'_> {
         PeerSpec {
             public_key: self.token.server_public_key,
             endpoint: Some(endpoint),
-            allowed_ips: vec![self.token.subnet],
+            allowed_ips: self.token.subnets().all(),
             keepalive: Some(KEEPALIVE),
         }
     }
@@ -516,6 +518,7 @@ pub async fn redeem_and_switch(
         address: token.assigned_network(),
         server_address: token.server_address,
         subnet: token.subnet,
+        subnet6: token.subnet6,
         containers: vec![],
         path: route.path.clone(),
         routes: inv.routes.to_vec(),
@@ -560,6 +563,7 @@ fn container_spec(joined: &JoinedState, c: &ContainerRecord, route: &Route) -> E
         key: c.private_key.clone(),
         address: IpNetwork::new(c.address, joined.subnet.prefix())
             .expect("validated with the state"),
+        address6: joined.subnets().interface(c.address).get(1).copied(),
         hub: hub_peer(joined, route.endpoint),
         mtu: joined.mtu,
         probe: api(joined),
@@ -763,7 +767,15 @@ pub async fn go_transparent(
         ),
     };
     device
-        .set_allowed_ips(&joined.server_public_key, &[joined.subnet, to])
+        .set_allowed_ips(
+            &joined.server_public_key,
+            &joined
+                .subnets()
+                .all()
+                .into_iter()
+                .chain([to])
+                .collect::<Vec<_>>(),
+        )
         .await?;
     let changes = gateway.changes();
     changes
@@ -913,7 +925,7 @@ impl RouteSync {
         if remote == self.current {
             return Ok(());
         }
-        let mut allowed = vec![self.joined.subnet];
+        let mut allowed = self.joined.subnets().all();
         allowed.extend(self.extra.iter().copied());
         allowed.extend(remote.iter().copied());
         self.device

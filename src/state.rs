@@ -115,6 +115,10 @@ pub struct ServerState {
     #[serde(default = "default_mtu")]
     pub mtu: u32,
     pub subnet: IpNetwork,
+    /// The IPv6 subnet of a dual-stack tunnel: each endpoint has the twin
+    /// of its address there ([`crate::ipam::Subnets`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<IpNetwork>,
     #[serde(default)]
     pub peers: Vec<PeerRecord>,
     #[serde(default)]
@@ -145,6 +149,9 @@ pub struct JoinedState {
     pub address: IpNetwork,
     pub server_address: IpAddr,
     pub subnet: IpNetwork,
+    /// The tunnel's IPv6 subnet when it is dual-stack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<IpNetwork>,
     #[serde(default)]
     pub containers: Vec<ContainerRecord>,
     /// How its datagrams reach the hub (UDP unless it joined over a WebSocket).
@@ -236,11 +243,19 @@ impl ServerState {
             port,
             mtu,
             subnet,
+            subnet6: None,
             peers: vec![],
             invites: vec![],
             containers: vec![],
             routes: vec![],
             websocket_secret: None,
+        }
+    }
+
+    pub fn subnets(&self) -> crate::ipam::Subnets {
+        crate::ipam::Subnets {
+            main: self.subnet,
+            v6: self.subnet6,
         }
     }
 
@@ -251,6 +266,7 @@ impl ServerState {
 
     fn validate(&self) -> Result<(), String> {
         let pool = pool_for(self.subnet)?;
+        crate::ipam::Subnets::new(self.subnet, self.subnet6).map_err(|e| e.to_string())?;
         check_mtu(self.mtu)?;
         if self.port == 0 {
             return Err("listen port 0".into());
@@ -289,8 +305,16 @@ impl ServerState {
 }
 
 impl JoinedState {
+    pub fn subnets(&self) -> crate::ipam::Subnets {
+        crate::ipam::Subnets {
+            main: self.subnet,
+            v6: self.subnet6,
+        }
+    }
+
     fn validate(&self) -> Result<(), String> {
         let pool = pool_for(self.subnet)?;
+        crate::ipam::Subnets::new(self.subnet, self.subnet6).map_err(|e| e.to_string())?;
         check_mtu(self.mtu)?;
         if self.address.prefix() != self.subnet.prefix() {
             return Err(format!(
@@ -514,6 +538,7 @@ mod tests {
             port: 51820,
             mtu: 1420,
             subnet: "10.77.0.0/24".parse().unwrap(),
+            subnet6: None,
             peers: vec![PeerRecord {
                 public_key: PrivateKey::generate().public_key(),
                 address: "10.77.0.2".parse().unwrap(),
@@ -656,6 +681,7 @@ mod tests {
             address: "10.77.0.2/24".parse().unwrap(),
             server_address: "10.77.0.1".parse().unwrap(),
             subnet: "10.77.0.0/24".parse().unwrap(),
+            subnet6: None,
             containers: vec![],
             path: crate::transport::Path::Udp,
             routes: vec![],

@@ -2,6 +2,7 @@
 //! instance fills it, how saved state fills it when nothing runs, and the
 //! human-readable rendering.
 
+use crate::ipam::Subnets;
 use crate::keys::PublicKey;
 use crate::state::Endpoint;
 use crate::wg::{BackendKind, PeerStatus};
@@ -56,6 +57,9 @@ pub struct EndpointStatus {
     /// Absent when down.
     pub backend: Option<BackendKind>,
     pub address: IpNetwork,
+    /// Its IPv6 address in a dual-stack tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<IpNetwork>,
     pub listen_port: Option<u16>,
     pub public_key: PublicKey,
     /// For container endpoints: the container's name.
@@ -135,32 +139,35 @@ pub fn peer_name(p: &crate::state::PeerRecord) -> String {
 
 /// The endpoints of a saved state, all marked down.
 pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
-    let down = |iface: &str, role: Role, address: IpNetwork, key: PublicKey| EndpointStatus {
-        iface: iface.to_owned(),
-        role,
-        state: State::Down,
-        backend: None,
-        address,
-        listen_port: None,
-        public_key: key,
-        container: None,
-        container_id: None,
-        server: None,
-        routes: vec![],
-        peers: vec![],
+    let down = |iface: &str, role: Role, subnets: Subnets, a: IpAddr, key: PublicKey| {
+        let addrs = subnets.interface(a);
+        EndpointStatus {
+            iface: iface.to_owned(),
+            role,
+            state: State::Down,
+            backend: None,
+            address: addrs[0],
+            address6: addrs.get(1).copied(),
+            listen_port: None,
+            public_key: key,
+            container: None,
+            container_id: None,
+            server: None,
+            routes: vec![],
+            peers: vec![],
+        }
     };
     // Saved state is validated when loaded: its addresses fit its subnet.
-    let net = |a: IpAddr, prefix: u8| IpNetwork::new(a, prefix).expect("prefix of the subnet");
     match endpoint {
         Endpoint::Server(s) => {
-            let prefix = s.subnet.prefix();
             let server_ip = crate::ipam::Pool::new(s.subnet)
                 .map(|p| p.server_address())
                 .unwrap_or(s.subnet.ip());
             let mut main = down(
                 iface,
                 Role::Server,
-                net(server_ip, prefix),
+                s.subnets(),
+                server_ip,
                 s.private_key.public_key(),
             );
             main.listen_port = Some(s.port);
@@ -186,7 +193,8 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
                 let mut e = down(
                     &c.iface,
                     Role::Container,
-                    net(c.address, prefix),
+                    s.subnets(),
+                    c.address,
                     c.private_key.public_key(),
                 );
                 e.container = Some(c.container.clone());
@@ -195,7 +203,13 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
             out
         }
         Endpoint::Joined(j) => {
-            let mut main = down(iface, Role::Joined, j.address, j.private_key.public_key());
+            let mut main = down(
+                iface,
+                Role::Joined,
+                j.subnets(),
+                j.address.ip(),
+                j.private_key.public_key(),
+            );
             main.server = Some(j.endpoint.clone());
             main.routes = j.routes.clone();
             main.peers = vec![PeerReport::saved(
@@ -208,7 +222,8 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
                 let mut e = down(
                     &c.iface,
                     Role::Container,
-                    net(c.address, j.subnet.prefix()),
+                    j.subnets(),
+                    c.address,
                     c.private_key.public_key(),
                 );
                 e.container = Some(c.container.clone());
@@ -245,7 +260,14 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
             let _ = write!(out, ", {b}");
         }
         let _ = writeln!(out, ")");
-        let _ = writeln!(out, "  address:    {}", e.address);
+        match e.address6 {
+            Some(a6) => {
+                let _ = writeln!(out, "  address:    {}, {a6}", e.address);
+            }
+            None => {
+                let _ = writeln!(out, "  address:    {}", e.address);
+            }
+        }
         if let Some(p) = e.listen_port {
             let _ = writeln!(out, "  listen port: {p}");
         }
@@ -308,6 +330,7 @@ mod tests {
             port: 51820,
             mtu: 1420,
             subnet: "10.77.0.0/24".parse().unwrap(),
+            subnet6: None,
             peers: vec![PeerRecord {
                 public_key: PrivateKey::generate().public_key(),
                 address: "10.77.0.3".parse().unwrap(),

@@ -8,10 +8,12 @@
 //! Layout of version 1 (all integers big-endian):
 //! `flags:u8 | server_pub:32 | invite_priv:32 | port:u16 | prefix:u8 |
 //!  subnet:A | assigned:A | server_addr:A | expires_unix:u64 |
-//!  [endpoint_len:u8 endpoint:utf8] | [websocket] | crc32:u32`, where `A`
-//!  is 4 bytes (IPv4) or 16 (IPv6, flag bit 0), bit 1 says an endpoint hint
-//!  follows, bit 2 that a WebSocket offer follows, and bit 3 that the
-//!  server takes no UDP. The WebSocket offer is `kind:u8` then, for kind 1
+//!  [prefix6:u8 subnet6:16] | [endpoint_len:u8 endpoint:utf8] | [websocket]
+//!  | crc32:u32`, where `A` is 4 bytes (IPv4) or 16 (IPv6, flag bit 0),
+//!  bit 1 says an endpoint hint follows, bit 2 that a WebSocket offer
+//!  follows, bit 3 that the server takes no UDP, and bit 4 that the tunnel
+//!  is dual-stack with that IPv6 subnet (addresses there are the twins of
+//!  the IPv4 ones, [`crate::ipam::Subnets`]). The WebSocket offer is `kind:u8` then, for kind 1
 //!  (TLS by the hub, pinned) `port:u16 sha256:32`, for kind 2 (plain)
 //!  `port:u16`, for kind 3 (a URL in front of the hub) `len:u8 url:utf8`;
 //!  then `path_len:u8 path:utf8`.
@@ -31,7 +33,8 @@ const FLAG_V6: u8 = 1;
 const FLAG_ENDPOINT: u8 = 2;
 const FLAG_WS: u8 = 4;
 const FLAG_NO_UDP: u8 = 8;
-const KNOWN_FLAGS: u8 = FLAG_V6 | FLAG_ENDPOINT | FLAG_WS | FLAG_NO_UDP;
+const FLAG_SUBNET6: u8 = 16;
+const KNOWN_FLAGS: u8 = FLAG_V6 | FLAG_ENDPOINT | FLAG_WS | FLAG_NO_UDP | FLAG_SUBNET6;
 const WS_PINNED: u8 = 1;
 const WS_PLAIN: u8 = 2;
 const WS_URL: u8 = 3;
@@ -64,6 +67,8 @@ pub struct Token {
     pub invite_key: PrivateKey,
     pub port: u16,
     pub subnet: IpNetwork,
+    /// The IPv6 subnet of a dual-stack tunnel.
+    pub subnet6: Option<IpNetwork>,
     pub assigned: IpAddr,
     pub server_address: IpAddr,
     /// Seconds since the Unix epoch.
@@ -83,6 +88,7 @@ impl fmt::Debug for Token {
             .field("invite_key", &self.invite_key)
             .field("port", &self.port)
             .field("subnet", &self.subnet)
+            .field("subnet6", &self.subnet6)
             .field("assigned", &self.assigned)
             .field("server_address", &self.server_address)
             .field("expires", &self.expires)
@@ -98,6 +104,13 @@ impl Token {
     /// forged token says so.
     pub fn expires_at(&self) -> Option<SystemTime> {
         UNIX_EPOCH.checked_add(Duration::from_secs(self.expires))
+    }
+
+    pub fn subnets(&self) -> crate::ipam::Subnets {
+        crate::ipam::Subnets {
+            main: self.subnet,
+            v6: self.subnet6,
+        }
     }
 
     /// The token's address with the subnet's prefix, as configured on the joiner.
@@ -142,6 +155,9 @@ impl Token {
         if !self.udp {
             flags |= FLAG_NO_UDP;
         }
+        if self.subnet6.is_some() {
+            flags |= FLAG_SUBNET6;
+        }
         let mut b = zeroize::Zeroizing::new(Vec::with_capacity(160));
         b.push(flags);
         b.extend_from_slice(self.server_public_key.as_bytes());
@@ -152,6 +168,10 @@ impl Token {
             push_addr(&mut b, a);
         }
         b.extend_from_slice(&self.expires.to_be_bytes());
+        if let Some(s6) = self.subnet6 {
+            b.push(s6.prefix());
+            push_addr(&mut b, s6.network());
+        }
         if let Some(hint) = &self.endpoint_hint {
             push_str(&mut b, hint);
         }
@@ -231,6 +251,15 @@ impl Token {
         let assigned = r.addr(alen);
         let server_address = r.addr(alen);
         let expires = u64::from_be_bytes(r.take::<8>());
+        let subnet6 = if flags & FLAG_SUBNET6 != 0 {
+            let prefix6 = r.take::<1>()[0];
+            let network6 = r.addr(16);
+            Some(IpNetwork::new(network6, prefix6).map_err(|_| {
+                TokenError::Invalid(format!("IPv6 prefix /{prefix6} is out of range"))
+            })?)
+        } else {
+            None
+        };
         let endpoint_hint = if flags & FLAG_ENDPOINT != 0 {
             Some(r.text("endpoint hint")?)
         } else {
@@ -279,6 +308,8 @@ impl Token {
                 )));
             }
         }
+        crate::ipam::Subnets::new(subnet, subnet6)
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
         if assigned == server_address {
             return Err(TokenError::Invalid(
                 "assigned address equals the server's".into(),
@@ -292,6 +323,7 @@ impl Token {
             invite_key,
             port,
             subnet,
+            subnet6,
             assigned,
             server_address,
             expires,
@@ -327,6 +359,9 @@ fn layout_len(raw: &[u8]) -> Result<usize, TokenError> {
     let flags = raw[0];
     let alen = if flags & FLAG_V6 != 0 { 16 } else { 4 };
     let mut at = 1 + 32 + 32 + 2 + 1 + 3 * alen + 8;
+    if flags & FLAG_SUBNET6 != 0 {
+        at += 1 + 16;
+    }
     // A length byte at `at`, then that many bytes.
     let string = |at: &mut usize| -> Result<(), TokenError> {
         need(*at + 1 + 4)?;
@@ -405,6 +440,7 @@ mod tests {
             invite_key: PrivateKey::generate(),
             port: 51820,
             subnet: "10.77.0.0/24".parse().unwrap(),
+            subnet6: None,
             assigned: "10.77.0.2".parse().unwrap(),
             server_address: "10.77.0.1".parse().unwrap(),
             expires: 2_000_000_000,
@@ -426,6 +462,25 @@ mod tests {
             );
             assert_eq!(Token::decode(&s).unwrap(), t);
         }
+    }
+
+    #[test]
+    fn a_dual_stack_token_carries_both_families() {
+        let t = Token {
+            subnet6: Some("fd12:3456:789a::/64".parse().unwrap()),
+            ..sample(Some("[2001:db8::1]:51820"))
+        };
+        let back = Token::decode(&t.encode()).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(
+            back.subnets().interface(back.assigned)[1].to_string(),
+            "fd12:3456:789a::2/64"
+        );
+        // An IPv4 "IPv6 subnet" is refused like any inconsistency.
+        let mut bad = sample(None);
+        bad.subnet6 = Some("fd00::/124".parse().unwrap());
+        let e = Token::decode(&bad.encode()).unwrap_err();
+        assert!(matches!(e, TokenError::Invalid(_)), "{e}");
     }
 
     #[test]

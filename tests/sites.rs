@@ -536,7 +536,9 @@ fn a_stock_wireguard_client_from_peer_add_reaches_a_hub_container_and_a_site_lan
     };
     r.run(&["wireguard-go", &iface]);
     r.run(&["wg", "setconf", &iface, plain.to_str().unwrap()]);
-    r.run(&["ip", "address", "add", &field("Address = "), "dev", &iface]);
+    for a in field("Address = ").split(", ") {
+        r.run(&["ip", "address", "add", a, "dev", &iface]);
+    }
     r.run(&["ip", "link", "set", &iface, "mtu", &field("MTU = "), "up"]);
     r.run(&["ip", "route", "add", &format!("{LAN}.0/24"), "dev", &iface]);
 
@@ -566,4 +568,133 @@ fn a_stock_wireguard_client_from_peer_add_reaches_a_hub_container_and_a_site_lan
     lab.tunnel_ok(&h, &revoke);
     assert!(!r.ping(&web_ip), "a revoked client still gets through");
     r.run(&["ip", "link", "del", &iface]);
+}
+
+/// The IPv6 address of `container`'s endpoint, from `status --json`.
+fn container_address6(status: &serde_json::Value, name: &str) -> String {
+    let ep = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["container"] == name)
+        .unwrap_or_else(|| panic!("no endpoint for {name} in {status}"));
+    ep["address6"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn address6(status: &serde_json::Value) -> String {
+    status[0]["address6"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no IPv6 address: {status}"))
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+#[ignore = "needs root and Docker: sudo make test"]
+fn a_dual_stack_tunnel_carries_ipv6_between_sites_and_containers() {
+    needs_docker("a_dual_stack_tunnel");
+    let mut lab = common::lab(2);
+    let (h, s) = (lab.host(0), lab.host(1));
+    let (web, cli) = (format!("tnl{}web", lab.id), format!("tnl{}cli", lab.id));
+    let page = format!("page-{}", lab.id);
+    let mut cs = Containers::default();
+    cs.web(&web, &page);
+    cs.run(&cli, &["sleep", "3600"]);
+    // Dual stack is the default: a random ULA /64 beside 10.77.0.0/24.
+    let hub = lab.serve(&h, "h", 1, &["--container", &web]);
+    let site = lab.join(&s, "s", &hub.lines[0], &h, &["--container", &cli]);
+    let hub_st = lab.status(&hub);
+    let (hub6, web6) = (address6(&hub_st), container_address6(&hub_st, &web));
+    assert!(hub6.starts_with("fd"), "{hub6}");
+    let site6 = address6(&lab.status(&site));
+    let cli6 = container_address6(&lab.status(&site), &cli);
+
+    assert!(
+        s.exec(&["ping", "-6", "-c", "1", "-W", "2", &hub6])
+            .status
+            .success()
+    );
+    assert!(
+        h.exec(&["ping", "-6", "-c", "1", "-W", "2", &site6])
+            .status
+            .success()
+    );
+    let web_url = format!("http://[{web6}]/");
+    assert_eq!(
+        until("the site does not get web's page over IPv6", || s
+            .curl(&web_url)),
+        page
+    );
+    assert_eq!(
+        until("cli does not get web's page over IPv6", || fetch(
+            &cli, &web_url
+        )),
+        page
+    );
+    let ping = common::docker(&["exec", &cli, "ping", "-6", "-c", "1", "-W", "2", &site6]);
+    assert!(ping.status.success(), "cli cannot ping its site over IPv6");
+    assert!(
+        h.exec(&["ping", "-6", "-c", "1", "-W", "2", &cli6]).status.success(),
+        "the hub cannot ping the site's container over IPv6"
+    );
+    let text = lab.tunnel_ok(&h, &["status", "--state-dir", hub.state.to_str().unwrap()]);
+    assert!(
+        text.contains(&format!("address:    10.77.0.1/24, {hub6}/64")),
+        "{text}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn an_ipv6_only_tunnel_over_an_ipv6_only_transport() {
+    needs_root("an_ipv6_only_tunnel");
+    let mut lab = common::lab(2);
+    let (h, s) = (lab.host(0), lab.host(1));
+    // The "internet" between them is IPv6 only for the tunnel.
+    for (host, a) in [(&h, "fd99::1/64"), (&s, "fd99::2/64")] {
+        host.run(&["ip", "addr", "add", a, "dev", &host.dev, "nodad"]);
+    }
+    let hub = lab.serve(&h, "h", 1, &["--subnet", "fd00:77::/64"]);
+    let iface = lab.iface("s");
+    let state = lab.state_dir("s");
+    let join = lab.spawn(
+        &s,
+        &[
+            "join",
+            &hub.lines[0],
+            "[fd99::1]:51820",
+            "--iface",
+            &iface,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--backend",
+            "userspace",
+        ],
+    );
+    let summary = lab.proc(join).wait_lines(1, UP);
+    assert!(summary[0].contains("as fd00:77::2/64"), "{summary:?}");
+    assert!(summary[0].contains("at [fd99::1]:51820"), "{summary:?}");
+    assert!(
+        s.exec(&["ping", "-6", "-c", "1", "-W", "2", "fd00:77::1"])
+            .status
+            .success()
+    );
+    let _whoami = WhoAmI::start(&h, "[fd00:77::1]:8080".parse().unwrap());
+    assert_eq!(
+        s.curl("http://[fd00:77::1]:8080/").as_deref(),
+        Some("fd00:77::2")
+    );
+    // No IPv4 anywhere in the tunnel.
+    assert!(
+        !s.run(&["ip", "-4", "addr", "show", "dev", &iface])
+            .contains("inet ")
+    );
 }

@@ -3,7 +3,6 @@
 //! It holds the endpoint's private key: it is for this host's root only.
 
 use super::{Failure, LocalArgs};
-use crate::hub::host_net;
 use crate::state::{Endpoint, StateDir};
 use anyhow::{Context, anyhow};
 use clap::Args;
@@ -42,20 +41,31 @@ pub fn endpoint_line(given: &str, port: u16) -> String {
     }
 }
 
+fn list(nets: &[IpNetwork]) -> String {
+    nets.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The wg-quick text for the endpoint `iface` (or one of its containers).
 pub fn render(iface: &str, endpoint: &Endpoint, container: Option<&str>) -> Result<String, String> {
     let mut o = String::new();
-    let iface_part =
-        |o: &mut String, what: &str, address: IpNetwork, key: &str, port: Option<u16>, mtu: u32| {
-            let _ = writeln!(o, "# {what}, exported by tunnel");
-            let _ = writeln!(o, "[Interface]");
-            let _ = writeln!(o, "Address = {address}");
-            if let Some(p) = port {
-                let _ = writeln!(o, "ListenPort = {p}");
-            }
-            let _ = writeln!(o, "PrivateKey = {key}");
-            let _ = writeln!(o, "MTU = {mtu}");
-        };
+    let iface_part = |o: &mut String,
+                      what: &str,
+                      address: Vec<IpNetwork>,
+                      key: &str,
+                      port: Option<u16>,
+                      mtu: u32| {
+        let _ = writeln!(o, "# {what}, exported by tunnel");
+        let _ = writeln!(o, "[Interface]");
+        let _ = writeln!(o, "Address = {}", list(&address));
+        if let Some(p) = port {
+            let _ = writeln!(o, "ListenPort = {p}");
+        }
+        let _ = writeln!(o, "PrivateKey = {key}");
+        let _ = writeln!(o, "MTU = {mtu}");
+    };
     let peer = |o: &mut String,
                 what: &str,
                 key: String,
@@ -76,7 +86,7 @@ pub fn render(iface: &str, endpoint: &Endpoint, container: Option<&str>) -> Resu
             iface_part(
                 &mut o,
                 &format!("{iface}: joined site"),
-                j.address,
+                j.subnets().interface(j.address.ip()),
                 &j.private_key.to_base64(),
                 None,
                 j.mtu,
@@ -96,7 +106,7 @@ pub fn render(iface: &str, endpoint: &Endpoint, container: Option<&str>) -> Resu
                 "server",
                 j.server_public_key.to_string(),
                 Some(e),
-                j.subnet.to_string(),
+                list(&j.subnets().all()),
                 Some(25),
             );
         }
@@ -104,18 +114,19 @@ pub fn render(iface: &str, endpoint: &Endpoint, container: Option<&str>) -> Resu
             let server_ip = crate::ipam::Pool::new(s.subnet)
                 .map_err(|e| e.to_string())?
                 .server_address();
-            let address =
-                IpNetwork::new(server_ip, s.subnet.prefix()).map_err(|e| e.to_string())?;
             iface_part(
                 &mut o,
                 &format!("{iface}: hub"),
-                address,
+                s.subnets().interface(server_ip),
                 &s.private_key.to_base64(),
                 Some(s.port),
                 s.mtu,
             );
             let _ = writeln!(o, "# The hub relays between its peers:");
             let _ = writeln!(o, "PostUp = sysctl -q -w net.ipv4.conf.%i.forwarding=1");
+            if s.subnets().has_ipv6() {
+                let _ = writeln!(o, "PostUp = sysctl -q -w net.ipv6.conf.all.forwarding=1");
+            }
             for p in &s.peers {
                 let what = p.name.clone().unwrap_or_else(|| "site".into());
                 peer(
@@ -123,7 +134,13 @@ pub fn render(iface: &str, endpoint: &Endpoint, container: Option<&str>) -> Resu
                     &what,
                     p.public_key.to_string(),
                     p.endpoint.map(|e| e.to_string()),
-                    host_net(p.address).to_string(),
+                    list(
+                        &s.subnets()
+                            .hosts(p.address)
+                            .into_iter()
+                            .chain(p.routes.iter().copied())
+                            .collect::<Vec<_>>(),
+                    ),
                     None,
                 );
             }
@@ -134,23 +151,23 @@ pub fn render(iface: &str, endpoint: &Endpoint, container: Option<&str>) -> Resu
                     &what,
                     c.private_key.public_key().to_string(),
                     None,
-                    host_net(c.address).to_string(),
+                    list(&s.subnets().hosts(c.address)),
                     None,
                 );
             }
         }
         (endpoint, Some(name)) => {
-            let (containers, subnet, hub_key, hub_endpoint, mtu) = match endpoint {
+            let (containers, subnets, hub_key, hub_endpoint, mtu) = match endpoint {
                 Endpoint::Server(s) => (
                     &s.containers,
-                    s.subnet,
+                    s.subnets(),
                     s.private_key.public_key(),
                     format!("127.0.0.1:{}", s.port),
                     s.mtu,
                 ),
                 Endpoint::Joined(j) => (
                     &j.containers,
-                    j.subnet,
+                    j.subnets(),
                     j.server_public_key,
                     endpoint_line(&j.endpoint, j.port),
                     j.mtu,
@@ -160,11 +177,10 @@ pub fn render(iface: &str, endpoint: &Endpoint, container: Option<&str>) -> Resu
                 .iter()
                 .find(|c| c.container == name)
                 .ok_or_else(|| format!("{iface} has no endpoint for container {name:?}"))?;
-            let address = IpNetwork::new(c.address, subnet.prefix()).map_err(|e| e.to_string())?;
             iface_part(
                 &mut o,
                 &format!("{}: container {name}", c.iface),
-                address,
+                subnets.interface(c.address),
                 &c.private_key.to_base64(),
                 None,
                 mtu,
@@ -174,7 +190,7 @@ pub fn render(iface: &str, endpoint: &Endpoint, container: Option<&str>) -> Resu
                 "server",
                 hub_key.to_string(),
                 Some(hub_endpoint),
-                subnet.to_string(),
+                list(&subnets.all()),
                 Some(25),
             );
         }
@@ -218,6 +234,7 @@ mod tests {
             address: "10.77.0.2/24".parse().unwrap(),
             server_address: "10.77.0.1".parse().unwrap(),
             subnet: "10.77.0.0/24".parse().unwrap(),
+            subnet6: None,
             containers: vec![],
             path: Path::Websocket {
                 offer: WsOffer {

@@ -117,7 +117,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
             ))
         })?;
     let endpoint = resolve(&server, token.port).await?;
-    args.lan.check(Some(token.subnet))?;
+    args.lan.check(&token.subnets().all())?;
     crate::sys::require_net_admin()?;
     let docker = super::containers_up_front(&args.common.containers).await?;
     let store = StateDir::new(&args.common.state_dir);

@@ -97,7 +97,7 @@ pub struct LanArgs {
 impl LanArgs {
     /// Checks the flags (against the tunnel's subnet, when known) before
     /// the host is touched.
-    pub fn check(&self, subnet: Option<ipnetwork::IpNetwork>) -> Result<(), Failure> {
+    pub fn check(&self, subnets: &[ipnetwork::IpNetwork]) -> Result<(), Failure> {
         if self.masquerade && self.routes.is_empty() {
             return Err(Failure::input(anyhow::anyhow!(
                 "--masquerade needs the LANs to masquerade towards: add --route CIDR"
@@ -108,7 +108,7 @@ impl LanArgs {
                 "--masquerade needs the firewall: its rules live there (drop --firewall off)"
             )));
         }
-        crate::hub::ledger::validate_routes(&self.routes, subnet).map_err(Failure::input)
+        crate::hub::ledger::validate_routes(&self.routes, subnets).map_err(Failure::input)
     }
 }
 

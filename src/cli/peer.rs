@@ -67,7 +67,8 @@ pub fn render(name: &str, grant: &PeerGrant, endpoint: &str, key: Option<&Privat
             let _ = writeln!(o, "# PrivateKey = <the private key made on this device>");
         }
     }
-    let _ = writeln!(o, "Address = {}", grant.address);
+    let addresses: Vec<String> = grant.addresses.iter().map(|n| n.to_string()).collect();
+    let _ = writeln!(o, "Address = {}", addresses.join(", "));
     let _ = writeln!(o, "MTU = {}", grant.mtu);
     let _ = writeln!(o, "\n[Peer]");
     let _ = writeln!(o, "PublicKey = {}", grant.server_public_key);
@@ -142,7 +143,10 @@ mod tests {
 
     fn grant() -> PeerGrant {
         PeerGrant {
-            address: "10.77.0.5/24".parse().unwrap(),
+            addresses: vec![
+                "10.77.0.5/24".parse().unwrap(),
+                "fd00:77::5/64".parse().unwrap(),
+            ],
             server_public_key: PrivateKey::generate().public_key(),
             port: 51820,
             endpoint_hint: None,
@@ -160,7 +164,7 @@ mod tests {
         let text = render("phone", &g, "vpn.example.org", None);
         assert!(!text.lines().any(|l| l.starts_with("PrivateKey")), "{text}");
         for want in [
-            "Address = 10.77.0.5/24",
+            "Address = 10.77.0.5/24, fd00:77::5/64",
             "Endpoint = vpn.example.org:51820",
             "AllowedIPs = 10.77.0.0/24, 192.168.50.0/24",
             "PersistentKeepalive = 25",

@@ -37,9 +37,12 @@ pub struct ServeArgs {
     /// UDP port WireGuard listens on, or "random" for a free one in 49152-65535 (kept in state) [default: 51820, or the saved one]
     #[arg(long, value_parser = parse_port)]
     pub port: Option<PortChoice>,
-    /// Tunnel subnet; the server takes its first host address [default: 10.77.0.0/24, or the saved one]
+    /// Tunnel subnet (IPv4, or IPv6 for an IPv6-only tunnel); the server takes its first host address [default: 10.77.0.0/24, or the saved one]
     #[arg(long)]
     pub subnet: Option<IpNetwork>,
+    /// IPv6 subnet beside an IPv4 one, where every endpoint gets the twin of its address, or "none" [default: a random ULA /64, or the saved one]
+    #[arg(long, value_parser = parse_subnet6, value_name = "CIDR|none")]
+    pub subnet6: Option<Subnet6>,
     /// Number of join tokens to print, at most 1000 [default: 1 on the first start, 0 on a restart]
     #[arg(long, value_parser = clap::value_parser!(u16).range(0..=1000))]
     pub tokens: Option<u16>,
@@ -66,6 +69,22 @@ pub struct ServeArgs {
     /// How many endpoints (containers) one joined site may register
     #[arg(long, default_value_t = limits::DEFAULT_ENDPOINTS_PER_SITE, value_parser = clap::value_parser!(u16).range(0..=4096))]
     pub endpoints_per_site: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subnet6 {
+    Net(IpNetwork),
+    /// IPv4 only.
+    None,
+}
+
+fn parse_subnet6(s: &str) -> Result<Subnet6, String> {
+    if s == "none" {
+        return Ok(Subnet6::None);
+    }
+    s.parse::<IpNetwork>()
+        .map(Subnet6::Net)
+        .map_err(|e| format!("{s:?} is not a CIDR or \"none\": {e}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,6 +296,20 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
                     saved.port
                 )));
             }
+            let want6 = match args.subnet6 {
+                Some(Subnet6::Net(n)) => Some(Some(n)),
+                Some(Subnet6::None) => Some(None),
+                None => None,
+            };
+            if let Some(want6) = want6.filter(|w| *w != saved.subnet6) {
+                let show = |s: Option<IpNetwork>| s.map_or("none".to_owned(), |n| n.to_string());
+                return Err(Failure::input(anyhow!(
+                    "{} holds IPv6 subnet {} for {iface}, not {}; drop --subnet6 or use another --state-dir",
+                    store.file(iface).display(),
+                    show(saved.subnet6),
+                    show(want6)
+                )));
+            }
             tracing::info!(
                 "reusing the key and peers saved in {}",
                 store.file(iface).display()
@@ -286,16 +319,29 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
                 ..saved
             })
         }
-        None => Ok(ServerState::new(
-            args.subnet
-                .unwrap_or_else(|| DEFAULT_SUBNET.parse().expect("valid default")),
-            match args.port {
+        None => {
+            let subnet = args
+                .subnet
+                .unwrap_or_else(|| DEFAULT_SUBNET.parse().expect("valid default"));
+            let subnet6 = match args.subnet6 {
+                Some(Subnet6::Net(n)) => Some(n),
+                Some(Subnet6::None) => None,
+                // Dual stack by default; an IPv6-only tunnel needs no twin.
+                None if subnet.is_ipv4() => Some(crate::ipam::random_ula()),
+                None => None,
+            };
+            crate::ipam::Subnets::new(subnet, subnet6).map_err(Failure::input)?;
+            crate::ipam::Pool::new(subnet).map_err(Failure::input)?;
+            let port = match args.port {
                 None => DEFAULT_PORT,
                 Some(PortChoice::Fixed(p)) => p,
                 Some(PortChoice::Random) => random_port()?,
-            },
-            default_mtu(args),
-        )),
+            };
+            Ok(ServerState {
+                subnet6,
+                ..ServerState::new(subnet, port, default_mtu(args))
+            })
+        }
     }
 }
 
@@ -305,14 +351,15 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     if let Some(h) = &args.endpoint {
         check_hint(h)?;
     }
-    args.lan.check(args.subnet)?;
+    args.lan
+        .check(&args.subnet.into_iter().collect::<Vec<_>>())?;
     crate::sys::require_net_admin()?;
     // Docker and the containers are checked before the host is touched.
     let docker = super::containers_up_front(&args.common.containers).await?;
     let store = StateDir::new(&args.common.state_dir);
     let restart = store.load_server(&iface)?.is_some();
     let mut state = load_or_new(&args, &store)?;
-    args.lan.check(Some(state.subnet))?;
+    args.lan.check(&state.subnets().all())?;
     if let Some((_, infos)) = &docker {
         let names: Vec<String> = infos.iter().map(|c| c.name.clone()).collect();
         hub::ensure_containers(&mut state, &names, |n| endpoint_iface(&iface, n))?;
@@ -340,7 +387,10 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         &store,
         policy(&args, &state),
         args.lan.firewall == Toggle::On,
-        &std::iter::once(state.subnet)
+        &state
+            .subnets()
+            .all()
+            .into_iter()
             .chain(ledger.site_routes())
             .collect::<Vec<_>>(),
     )
@@ -351,18 +401,22 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
             private_key: state.private_key.clone(),
             listen_port: state.port,
             peers: ledger.desired().into_values().collect(),
-            addresses: vec![
-                IpNetwork::new(server_ip, state.subnet.prefix()).expect("prefix of the subnet"),
-            ],
+            addresses: state.subnets().interface(server_ip),
             mtu: state.mtu,
             confine: gateway.confine(),
             relay: websocket.as_ref().map(|w| w.relay.clone()),
         };
         let device =
             crate::endpoint::create(&spec, args.common.backend, net.clone(), &store).await?;
+        let shown: Vec<String> = state
+            .subnets()
+            .interface(server_ip)
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
         tracing::info!(
-            "hub {server_ip}/{} on UDP port {}, public key {}",
-            state.subnet.prefix(),
+            "hub {} on UDP port {}, public key {}",
+            shown.join(", "),
             state.port,
             state.private_key.public_key()
         );
@@ -381,7 +435,9 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
             // everything else out. The kernel backend cannot confine by
             // itself, so without nftables it does not forward at all.
             if gateway.may_forward(device.backend() == BackendKind::Userspace) {
-                gateway.forward(net.as_ref(), false).await?;
+                gateway
+                    .forward(net.as_ref(), state.subnets().has_ipv6())
+                    .await?;
             } else {
                 tracing::warn!(
                     "without nftables the kernel backend cannot keep peers inside the tunnel; the hub does not forward between its peers"
@@ -471,10 +527,11 @@ fn container_specs(
             key: c.private_key.clone(),
             address: IpNetwork::new(c.address, state.subnet.prefix())
                 .expect("prefix of the subnet"),
+            address6: state.subnets().interface(c.address).get(1).copied(),
             hub: PeerSpec {
                 public_key: state.private_key.public_key(),
                 endpoint: Some(SocketAddr::from(([127, 0, 0, 1], state.port))),
-                allowed_ips: vec![state.subnet],
+                allowed_ips: state.subnets().all(),
                 keepalive: Some(KEEPALIVE),
             },
             mtu: state.mtu,

@@ -32,8 +32,8 @@ pub struct PeerRequest {
 /// What a stock client's config needs from the hub.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PeerGrant {
-    /// Its tunnel address, with the subnet's prefix.
-    pub address: ipnetwork::IpNetwork,
+    /// Its tunnel addresses (one per family), with the subnets' prefixes.
+    pub addresses: Vec<ipnetwork::IpNetwork>,
     pub server_public_key: crate::keys::PublicKey,
     pub port: u16,
     /// `serve --endpoint`, when it was given.

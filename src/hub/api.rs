@@ -118,11 +118,10 @@ impl LocalApi for HubApi {
                 d => unavailable(d),
             })?;
         let state = self.hub.snapshot().await;
-        let mut allowed_ips = vec![state.subnet];
+        let mut allowed_ips = state.subnets().all();
         allowed_ips.extend(self.hub.routes().borrow().iter().map(|a| a.prefix));
         Ok(PeerGrant {
-            address: ipnetwork::IpNetwork::new(address, state.subnet.prefix())
-                .expect("an address of the subnet"),
+            addresses: state.subnets().interface(address),
             server_public_key: state.private_key.public_key(),
             port: state.port,
             endpoint_hint: self.endpoint_hint.clone(),

@@ -170,7 +170,7 @@ fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
 
 /// What a list of routes must be by itself: network addresses, no default
 /// route, clear of the tunnel's `subnet` and of each other.
-pub fn validate_routes(routes: &[IpNetwork], subnet: Option<IpNetwork>) -> Result<(), RouteError> {
+pub fn validate_routes(routes: &[IpNetwork], subnets: &[IpNetwork]) -> Result<(), RouteError> {
     if routes.len() > MAX_ROUTES {
         return Err(RouteError::TooMany);
     }
@@ -182,10 +182,8 @@ pub fn validate_routes(routes: &[IpNetwork], subnet: Option<IpNetwork>) -> Resul
         if r.prefix() == 0 {
             return Err(RouteError::Default(*r));
         }
-        if let Some(s) = subnet
-            && overlaps(r, &s)
-        {
-            return Err(RouteError::Tunnel(*r, s));
+        if let Some(s) = subnets.iter().find(|s| overlaps(r, s)) {
+            return Err(RouteError::Tunnel(*r, *s));
         }
         if let Some(twin) = routes[..i].iter().find(|o| overlaps(r, o)) {
             return Err(RouteError::Taken {
@@ -376,11 +374,14 @@ impl Ledger {
                 },
             )
         };
+        let subnets = self.state.subnets();
         let peers = self.state.peers.iter().map(|p| {
             let allowed = if swapping(&p.public_key) {
                 vec![]
             } else {
-                std::iter::once(host_net(p.address))
+                subnets
+                    .hosts(p.address)
+                    .into_iter()
                     .chain(p.routes.iter().copied())
                     .collect()
             };
@@ -388,7 +389,7 @@ impl Ledger {
         });
         let invites = self.state.invites.iter().map(|i| {
             let allowed = if i.redeemed_by.is_none() || invite_keeps(&i.public_key) {
-                vec![host_net(i.address)]
+                subnets.hosts(i.address)
             } else {
                 vec![]
             };
@@ -398,14 +399,14 @@ impl Ledger {
             .state
             .containers
             .iter()
-            .map(|c| spec(c.private_key.public_key(), None, vec![host_net(c.address)]));
+            .map(|c| spec(c.private_key.public_key(), None, subnets.hosts(c.address)));
         peers.chain(invites).chain(containers).collect()
     }
 
     /// Checks `routes` for `owner` (a site's address, or `None` for the
     /// hub): network addresses, not the tunnel, not another's.
     fn check_routes(&self, owner: Option<IpAddr>, routes: &[IpNetwork]) -> Result<(), RouteError> {
-        validate_routes(routes, Some(self.state.subnet))?;
+        validate_routes(routes, &self.state.subnets().all())?;
         let mut others: Vec<(IpNetwork, String)> = Vec::new();
         if owner.is_some() {
             others.extend(self.state.routes.iter().map(|r| (*r, "the hub".to_owned())));
@@ -587,6 +588,7 @@ impl Ledger {
                 invite_key,
                 port: self.state.port,
                 subnet: self.state.subnet,
+                subnet6: self.state.subnet6,
                 assigned: address,
                 server_address: self.pool.server_address(),
                 expires,

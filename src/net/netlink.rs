@@ -45,6 +45,8 @@ fn forwarding_af_spec(on: bool) -> Vec<u8> {
 /// A netlink connection in the calling thread's network namespace.
 pub struct Netlink {
     handle: Handle,
+    /// The namespace it was opened in, when not the process's own.
+    netns: Option<String>,
 }
 
 impl Netlink {
@@ -53,7 +55,10 @@ impl Netlink {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| other("opening a netlink socket", e))?;
         tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            netns: None,
+        })
     }
 
     /// Opens the socket inside the network namespace of process `pid`. A
@@ -76,7 +81,10 @@ impl Netlink {
         .map_err(|_| other("entering a namespace", "the thread panicked"))?;
         let (conn, handle, _) = made?;
         tokio::spawn(conn);
-        Ok(Self { handle })
+        Ok(Self {
+            handle,
+            netns: Some(format!("/proc/{pid}/ns/net")),
+        })
     }
 
     async fn index(&self, name: &str) -> Result<Option<u32>, NetError> {
@@ -92,6 +100,37 @@ impl Netlink {
             Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
             Err(e) => Err(classify(e, "reading links", name)),
         }
+    }
+
+    /// Turns IPv6 on for the link if it is off (Docker turns it off for the
+    /// links of containers on networks without IPv6, new ones included).
+    /// A sysctl of the link's namespace: written from a thread in it.
+    fn enable_ipv6(&self, name: &str) -> Result<(), NetError> {
+        let file = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+        let work = {
+            let file = file.clone();
+            move || -> std::io::Result<()> {
+                if std::fs::read_to_string(&file)?.trim() == "1" {
+                    std::fs::write(&file, "0")?;
+                }
+                Ok(())
+            }
+        };
+        let done = match &self.netns {
+            None => work(),
+            Some(ns) => {
+                use std::os::fd::AsFd;
+                let ns_file = std::fs::File::open(ns).map_err(|e| other(ns, e))?;
+                std::thread::spawn(move || {
+                    nix::sched::setns(ns_file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)?;
+                    work()
+                })
+                .join()
+                .map_err(|_| other("entering a namespace", "the thread panicked"))?
+            }
+        };
+        done.map_err(|e| sysctl_err(&file, e))
     }
 
     async fn require_index(&self, name: &str) -> Result<u32, NetError> {
@@ -195,6 +234,9 @@ impl NetOps for Netlink {
             .execute()
             .await
             .map_err(|e| classify(e, "setting the MTU", name))?;
+        if addrs.iter().any(|a| a.is_ipv6()) {
+            self.enable_ipv6(name)?;
+        }
         for a in addrs {
             self.handle
                 .address()
