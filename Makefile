@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .NOTPARALLEL:
-.PHONY: all build test docker-env lint fmt bench demo deps ci clean help image compose-demo
+.PHONY: all build test docker-env lint fmt bench demo demo-sites deps ci clean help image compose-demo
 
 all: build
 
@@ -15,6 +15,7 @@ help:
 	@echo "make lint    - cargo fmt --check + cargo clippy --all-targets -- -D warnings"
 	@echo "make bench   - raw veth vs wireguard-go vs tunnel throughput, join latency, container attach/restart times (root)"
 	@echo "make demo    - two namespace sites with a container each, page fetched across the tunnel (root)"
+	@echo "make demo-sites - a hub, three sites and an office LAN behind a masquerading gateway (root)"
 	@echo "make image   - build the runtime image tunnel:latest offline (docker import)"
 	@echo "make compose-demo - compose/: two container sites, web <- client over the tunnel (root)"
 	@echo "make deps    - apt-get install the runtime tools that are missing (root)"
@@ -33,7 +34,7 @@ test:
 	else \
 		$(CARGO) test && echo "not root: the tests that need root or Docker were ignored, and make demo and make compose-demo were not run"; \
 	fi
-	@if [ "$$(id -u)" -eq 0 ]; then $(MAKE) --no-print-directory demo compose-demo; fi
+	@if [ "$$(id -u)" -eq 0 ]; then $(MAKE) --no-print-directory demo demo-sites compose-demo; fi
 
 docker-env:
 	bash scripts/docker-env.sh
@@ -52,6 +53,9 @@ bench: deps build
 
 demo: deps build
 	./target/release/demo
+
+demo-sites: deps build
+	./target/release/demo_sites
 
 # The runtime image, from target/release/tunnel + busybox-static (no registry).
 image:

@@ -185,7 +185,10 @@ fn stock_wireguard_go_takes_over_from_export() {
     std::fs::write(&plain, stripped).unwrap();
     b.run(&["wireguard-go", &site.iface]);
     b.run(&["wg", "setconf", &site.iface, plain.to_str().unwrap()]);
-    b.run(&["ip", "address", "add", &address, "dev", &site.iface]);
+    // Both families: the tunnel is dual-stack by default.
+    for a in address.split(", ") {
+        b.run(&["ip", "address", "add", a, "dev", &site.iface]);
+    }
     b.run(&["ip", "link", "set", &site.iface, "mtu", &mtu, "up"]);
     let took = b.ping_until("10.77.0.1", Instant::now());
     eprintln!(

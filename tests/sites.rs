@@ -491,10 +491,19 @@ fn a_stock_wireguard_client_from_peer_add_reaches_a_hub_container_and_a_site_lan
         ],
     );
     assert!(!conf.lines().any(|l| l.starts_with("PrivateKey")), "{conf}");
+    let allowed = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("AllowedIPs = "))
+        .unwrap_or_else(|| panic!("no AllowedIPs: {conf}"));
+    // The tunnel's subnets (dual stack by default) and the LAN behind C.
+    let allowed: Vec<&str> = allowed.split(", ").collect();
+    assert_eq!(allowed.len(), 3, "{conf}");
+    assert_eq!(allowed[0], "10.77.0.0/24");
     assert!(
-        conf.contains(&format!("AllowedIPs = 10.77.0.0/24, {LAN}.0/24")),
+        allowed[1].starts_with("fd") && allowed[1].ends_with("/64"),
         "{conf}"
     );
+    assert_eq!(allowed[2], format!("{LAN}.0/24"));
     assert!(conf.contains("PersistentKeepalive = 25"), "{conf}");
     let qr = lab.tunnel_ok(
         &h,
@@ -642,7 +651,9 @@ fn a_dual_stack_tunnel_carries_ipv6_between_sites_and_containers() {
     let ping = common::docker(&["exec", &cli, "ping", "-6", "-c", "1", "-W", "2", &site6]);
     assert!(ping.status.success(), "cli cannot ping its site over IPv6");
     assert!(
-        h.exec(&["ping", "-6", "-c", "1", "-W", "2", &cli6]).status.success(),
+        h.exec(&["ping", "-6", "-c", "1", "-W", "2", &cli6])
+            .status
+            .success(),
         "the hub cannot ping the site's container over IPv6"
     );
     let text = lab.tunnel_ok(&h, &["status", "--state-dir", hub.state.to_str().unwrap()]);

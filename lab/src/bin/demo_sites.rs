@@ -1,0 +1,172 @@
+//! `make demo-sites`: the setup of the guides in small. A hub and three
+//! sites on one namespace "internet"; site C is the gateway of an office
+//! LAN (`--route 192.168.50.0/24 --masquerade`), whose host has no route
+//! back to the tunnel. Site B and a container attached to site A reach
+//! that host, which sees the gateway's address; then everything stops and
+//! nothing is left behind: interfaces, nftables tables, forwarding, the
+//! journals of host changes. With DEMO_CONTAINERS=0, no Docker.
+//!
+//! Environment: TUNNEL_BIN (default target/release/tunnel),
+//! DEMO_CONTAINERS (default 1), TUNNEL_VERBOSE=1 for debug logs.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tunnel_lab::{Containers, Lab, WhoAmI, docker, needs_root};
+
+const LAN: &str = "192.168.50";
+
+fn step(s: &str) {
+    println!("==> {s}");
+}
+
+fn indent(s: &str) {
+    for l in s.lines() {
+        println!("    {l}");
+    }
+}
+
+/// Retries `f` for up to 30 s.
+fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let since = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(since.elapsed() < Duration::from_secs(30), "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn main() {
+    tunnel_lab::plain_panics();
+    needs_root("make demo-sites");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = std::env::var("TUNNEL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target/release/tunnel"));
+    assert!(
+        bin.exists(),
+        "{} not found; run `make build` first",
+        bin.display()
+    );
+    let with_containers = std::env::var("DEMO_CONTAINERS").as_deref() != Ok("0");
+    if with_containers {
+        step("making sure a Docker engine and the local image are there (scripts/docker-env.sh)");
+        let ok = Command::new("bash")
+            .arg(root.join("scripts/docker-env.sh"))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "scripts/docker-env.sh failed");
+    }
+
+    let mut lab = Lab::new(&bin, 4);
+    lab.log = if std::env::var("TUNNEL_VERBOSE").as_deref() == Ok("1") {
+        "tunnel=debug,warn".into()
+    } else {
+        "info".into()
+    };
+    let (h, a, b, c) = (lab.host(0), lab.host(1), lab.host(2), lab.host(3));
+    step(&format!(
+        "a hub ({}) and sites A ({}), B ({}), C ({}) on one bridge",
+        h.ip, a.ip, b.ip, c.ip
+    ));
+    let office = lab.lan(&c, LAN, "198.18.0.0/15");
+    let office_url = format!("http://{}:8080/", office.ip);
+    let _whoami = WhoAmI::start(&office, format!("{}:8080", office.ip).parse().unwrap());
+    step(&format!(
+        "an office LAN {LAN}.0/24 behind C; its host {} answers with the address it sees, and has no route to the tunnel",
+        office.ip
+    ));
+
+    let mut cs = Containers::default();
+    let app = format!("tdemo{}app", lab.id);
+    let mut extra_a = vec![];
+    if with_containers {
+        step(&format!("starting container {app} for site A"));
+        cs.run(&app, &["sleep", "3600"]);
+        extra_a = vec!["--container", &app];
+    }
+
+    step("tunnel serve --tokens 3 (the hub)");
+    let hub = lab.serve(&h, "h", 3, &["--endpoint", &h.ip]);
+    step(&format!(
+        "site A: tunnel join <token 1> {}",
+        extra_a.join(" ")
+    ));
+    let site_a = lab.join(&a, "a", &hub.lines[0], &h, &extra_a);
+    indent(&site_a.lines[0]);
+    step("site B: tunnel join <token 2>");
+    let site_b = lab.join(&b, "b", &hub.lines[1], &h, &[]);
+    indent(&site_b.lines[0]);
+    step(&format!(
+        "site C: tunnel join <token 3> --route {LAN}.0/24 --masquerade"
+    ));
+    let route = format!("{LAN}.0/24");
+    let site_c = lab.join(
+        &c,
+        "c",
+        &hub.lines[2],
+        &h,
+        &["--route", &route, "--masquerade"],
+    );
+    indent(&site_c.lines[0]);
+
+    step("tunnel status on the hub: C's route");
+    indent(&lab.tunnel_ok(&h, &["status", "--state-dir", hub.state.to_str().unwrap()]));
+    step("site B's routing table: the office LAN through the tunnel");
+    indent(&until("B never learned the route", || {
+        let r = b.routes();
+        r.contains(LAN).then_some(r)
+    }));
+
+    step(&format!("curl {office_url} from site B"));
+    let seen = until("B cannot reach the office host", || b.curl(&office_url));
+    println!("    the office host saw {seen} (the gateway C)");
+    assert_eq!(seen, format!("{LAN}.1"));
+    if with_containers {
+        step(&format!("wget {office_url} from container {app} on site A"));
+        let seen = until("the container cannot reach the office host", || {
+            let out = docker(&["exec", &app, "timeout", "5", "wget", "-qO-", &office_url]);
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        });
+        println!("    the office host saw {seen}");
+        assert_eq!(seen, format!("{LAN}.1"));
+    }
+
+    step("stopping the sites and the hub (tunnel down)");
+    for n in [&site_c, &site_b, &site_a, &hub] {
+        lab.tunnel_ok(&n.host, &n.local("down"));
+        let status = lab.proc(n.proc).wait(Duration::from_secs(30));
+        assert!(status.success(), "{} exited with {status}", n.iface);
+    }
+    step("checking that nothing is left behind");
+    for n in [&hub, &site_a, &site_b, &site_c] {
+        assert!(!n.host.has_link(&n.iface), "{} still exists", n.iface);
+        assert!(
+            !n.host.has_nft_table(&format!("tunnel-{}", n.iface)),
+            "table of {} left",
+            n.iface
+        );
+        assert!(
+            !n.state.join(format!("{}.host", n.iface)).exists(),
+            "journal of {} left",
+            n.iface
+        );
+    }
+    let lan_link = c.run(&["ip", "-o", "route", "get", &office.ip]);
+    let link = lan_link
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    assert!(!c.forwarding(&link), "forwarding left on for {link}");
+    println!("    no interface, table, forwarding or journal left; {link} forwards no more");
+    drop(cs);
+    drop(lab);
+    step("demo finished successfully");
+}
