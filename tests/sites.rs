@@ -709,3 +709,97 @@ fn an_ipv6_only_tunnel_over_an_ipv6_only_transport() {
             .contains("inet ")
     );
 }
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_gateway_killed_with_sigkill_is_put_back_by_its_next_start() {
+    needs_root("a_gateway_killed_with_sigkill");
+    let mut lab = common::lab(2);
+    let (h, s) = (lab.host(0), lab.host(1));
+    let lan = lab.lan(&s, "192.168.60", "198.18.0.0/15");
+    let lan_link = link_to(&s, &lan.ip);
+    let _whoami = WhoAmI::start(&lan, format!("{}:8080", lan.ip).parse().unwrap());
+    let hub = lab.serve(&h, "h", 1, &[]);
+    let site = lab.join(
+        &s,
+        "s",
+        &hub.lines[0],
+        &h,
+        &["--route", "192.168.60.0/24", "--masquerade"],
+    );
+    assert!(s.forwarding(&lan_link));
+    assert!(s.has_nft_table(&format!("tunnel-{}", site.iface)));
+    lab.proc(site.proc).kill();
+    // What the kernel does not undo by itself stays until the next start.
+    assert!(
+        s.forwarding(&lan_link),
+        "forwarding was not on to begin with"
+    );
+    let up = lab.spawn(&s, &site.local("up"));
+    lab.proc(up).wait_lines(1, UP);
+    let seen = until("the hub cannot reach the LAN again", || {
+        h.curl(&format!("http://{}:8080/", lan.ip))
+    });
+    assert_eq!(seen, "192.168.60.1");
+    lab.tunnel_ok(&s, &site.local("down"));
+    assert!(lab.proc(up).wait(UP).success());
+    left_clean(&s, &site, &[&lan_link]);
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_random_port_is_kept_and_firewall_off_leaves_nftables_alone() {
+    needs_root("a_random_port_is_kept");
+    let mut lab = common::lab(2);
+    let (h, s) = (lab.host(0), lab.host(1));
+    let hub = lab.serve(&h, "h", 1, &["--port", "random", "--firewall", "off"]);
+    lab.proc(hub.proc)
+        .wait_log("--firewall off: no forwarding confinement", UP);
+    assert!(!h.has_nft_table(&format!("tunnel-{}", hub.iface)));
+    let port = lab.status(&hub)[0]["listen_port"].as_u64().unwrap();
+    assert!((49152..=65535).contains(&port), "{port}");
+    // The token carries the port: join needs only the address.
+    let site = lab.join(&s, "s", &hub.lines[0], &h, &[]);
+    assert!(
+        site.lines[0].contains(&format!(":{port} over udp")),
+        "{:?}",
+        site.lines
+    );
+    lab.tunnel_ok(&h, &hub.local("down"));
+    lab.proc(hub.proc).wait(UP);
+    // Kept in state: the next start listens there again.
+    let again = lab.spawn(
+        &h,
+        &[
+            "serve",
+            "--iface",
+            &hub.iface,
+            "--state-dir",
+            hub.state.to_str().unwrap(),
+            "--backend",
+            "userspace",
+        ],
+    );
+    lab.proc(again).wait_log("is up", UP);
+    assert_eq!(lab.status(&hub)[0]["listen_port"].as_u64(), Some(port));
+    s.ping_until("10.77.0.1", Instant::now());
+    lab.tunnel_ok(&h, &hub.local("down"));
+    assert!(lab.proc(again).wait(UP).success());
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn the_hubs_own_lan_is_reached_from_a_site() {
+    needs_root("the_hubs_own_lan");
+    let mut lab = common::lab(2);
+    let (h, s) = (lab.host(0), lab.host(1));
+    let lan = lab.lan(&h, "192.168.70", "198.18.0.0/15");
+    let _whoami = WhoAmI::start(&lan, format!("{}:8080", lan.ip).parse().unwrap());
+    let hub = lab.serve(&h, "h", 1, &["--route", "192.168.70.0/24", "--masquerade"]);
+    let _site = lab.join(&s, "s", &hub.lines[0], &h, &[]);
+    let seen = until("the site does not reach the hub's LAN", || {
+        s.curl(&format!("http://{}:8080/", lan.ip))
+    });
+    assert_eq!(seen, "192.168.70.1");
+    assert_eq!(lab.status(&hub)[0]["routes"][0], "192.168.70.0/24");
+}
