@@ -734,6 +734,26 @@ pub async fn run(
     Ok(teardown?)
 }
 
+/// What a site changes on its host once its device is up: forwarding for
+/// its LANs, and transparent mode when it was asked for (the server's
+/// address, as a network, for the hub peer's allowed IPs).
+pub async fn prepare_host(
+    gateway: &mut Gateway,
+    net: &dyn NetOps,
+    device: &dyn WgDevice,
+    joined: &JoinedState,
+    iface: &str,
+    server: SocketAddr,
+    route: &Route,
+) -> Result<Option<IpNetwork>, SiteError> {
+    gateway.forward(net, false).await?;
+    if !joined.transparent {
+        return Ok(None);
+    }
+    let to = go_transparent(gateway, net, device, joined, iface, server, route).await?;
+    Ok(Some(to))
+}
+
 /// Transparent mode's routing table (`Table =` in the guide's config).
 pub const TRANSPARENT_TABLE: u32 = 51820;
 /// Its rules' priorities, as in the guide: the tunnel's own transport to
@@ -746,7 +766,7 @@ const TRANSPARENT_PRIORITY: u32 = 455;
 /// own and two policy rules, journaled and undone on exit like the rest;
 /// the hub peer is allowed that address too. Returns the address as a
 /// network, for the hub peer's allowed IPs.
-pub async fn go_transparent(
+async fn go_transparent(
     gateway: &mut Gateway,
     net: &dyn NetOps,
     device: &dyn WgDevice,

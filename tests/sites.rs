@@ -5,7 +5,10 @@
 
 mod common;
 
-use common::{Containers, Host, Node, WhoAmI, container_address, fetch, needs_docker, needs_root};
+use common::{
+    Containers, Host, Node, WhoAmI, container_address, container_address6, fetch, needs_docker,
+    needs_root, until,
+};
 use std::time::{Duration, Instant};
 
 const UP: Duration = common::UP;
@@ -21,18 +24,6 @@ fn link_to(host: &Host, ip: &str) -> String {
         .and_then(|_| words.next())
         .unwrap_or_else(|| panic!("no route to {ip}: {out}"))
         .to_owned()
-}
-
-/// Retries `f` until it gives `Some`, failing after [`UP`] with `what`.
-fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let since = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(since.elapsed() < UP, "{what} after {UP:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 /// What `iptables-nft` shows of a chain (it must still be able to read it:
@@ -62,6 +53,17 @@ fn left_clean(host: &Host, node: &Node, links: &[&str]) {
     );
 }
 
+/// A web container serving a page, and a client container, for lab `lab`:
+/// (the containers, web, cli, page).
+fn web_and_cli(lab: &common::Lab) -> (Containers, String, String, String) {
+    let (web, cli) = (format!("tnl{}web", lab.id), format!("tnl{}cli", lab.id));
+    let page = format!("page-{}", lab.id);
+    let mut cs = Containers::default();
+    cs.web(&web, &page);
+    cs.run(&cli, &["sleep", "3600"]);
+    (cs, web, cli, page)
+}
+
 fn url(ip: &str) -> String {
     format!("http://{ip}:8080/")
 }
@@ -89,11 +91,7 @@ fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
     ] {
         h.run(args);
     }
-    let (web, cli) = (format!("tnl{}web", lab.id), format!("tnl{}cli", lab.id));
-    let page = format!("page-{}", lab.id);
-    let mut cs = Containers::default();
-    cs.web(&web, &page);
-    cs.run(&cli, &["sleep", "3600"]);
+    let (_cs, web, cli, page) = web_and_cli(&lab);
 
     let hub = lab.serve(&h, "h", 4, &["--container", &web]);
     let site_a = lab.join(&a, "a", &hub.lines[0], &h, &["--container", &cli]);
@@ -268,19 +266,7 @@ fn the_firewall_is_repaired_after_a_flush_and_a_crash_is_cleaned_at_the_next_sta
     lab.proc(hub.proc).kill();
     assert!(h.has_nft_table(&table));
     assert!(hub.state.join(format!("{}.host", hub.iface)).exists());
-    let again = lab.spawn(
-        &h,
-        &[
-            "serve",
-            "--iface",
-            &hub.iface,
-            "--state-dir",
-            hub.state.to_str().unwrap(),
-            "--backend",
-            "userspace",
-        ],
-    );
-    lab.proc(again).wait_log("is up", UP);
+    let again = lab.serve_again(&hub, &[]);
     assert!(h.has_nft_table(&table));
     s.ping_until("10.77.0.1", Instant::now());
     lab.tunnel_ok(&h, &hub.local("down"));
@@ -304,39 +290,9 @@ fn allow_from_keeps_the_port_to_known_peers_and_listed_networks() {
     // Restarted with the port restricted to C's address: A (a known peer)
     // and C get through, B does not.
     let cidr = format!("{}/32", c.ip);
-    let again = lab.spawn(
-        &h,
-        &[
-            "serve",
-            "--iface",
-            &hub.iface,
-            "--state-dir",
-            hub.state.to_str().unwrap(),
-            "--backend",
-            "userspace",
-            "--allow-from",
-            &cidr,
-        ],
-    );
-    lab.proc(again).wait_log("is up", UP);
+    let again = lab.serve_again(&hub, &["--allow-from", &cidr]);
     a.ping_until("10.77.0.1", Instant::now());
-    let (iface_b, state_b) = (lab.iface("b"), lab.state_dir("b"));
-    let out = lab.tunnel(
-        &b,
-        &[
-            "join",
-            &hub.lines[1],
-            &h.ip,
-            "--iface",
-            &iface_b,
-            "--state-dir",
-            state_b.to_str().unwrap(),
-            "--backend",
-            "userspace",
-            "--timeout",
-            "3s",
-        ],
-    );
+    let out = lab.join_output(&b, "b", &hub.lines[1], &h.ip, &["--timeout", "3s"]);
     common::failed_with(&out, 1, "no WireGuard handshake");
     let site_c = lab.join(&c, "c", &hub.lines[2], &h, &[]);
     assert!(site_c.lines[0].contains("joined"), "{:?}", site_c.lines);
@@ -579,23 +535,6 @@ fn a_stock_wireguard_client_from_peer_add_reaches_a_hub_container_and_a_site_lan
     r.run(&["ip", "link", "del", &iface]);
 }
 
-/// The IPv6 address of `container`'s endpoint, from `status --json`.
-fn container_address6(status: &serde_json::Value, name: &str) -> String {
-    let ep = status
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["container"] == name)
-        .unwrap_or_else(|| panic!("no endpoint for {name} in {status}"));
-    ep["address6"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned()
-}
-
 fn address6(status: &serde_json::Value) -> String {
     status[0]["address6"]
         .as_str()
@@ -612,11 +551,7 @@ fn a_dual_stack_tunnel_carries_ipv6_between_sites_and_containers() {
     needs_docker("a_dual_stack_tunnel");
     let mut lab = common::lab(2);
     let (h, s) = (lab.host(0), lab.host(1));
-    let (web, cli) = (format!("tnl{}web", lab.id), format!("tnl{}cli", lab.id));
-    let page = format!("page-{}", lab.id);
-    let mut cs = Containers::default();
-    cs.web(&web, &page);
-    cs.run(&cli, &["sleep", "3600"]);
+    let (_cs, web, cli, page) = web_and_cli(&lab);
     // Dual stack is the default: a random ULA /64 beside 10.77.0.0/24.
     let hub = lab.serve(&h, "h", 1, &["--container", &web]);
     let site = lab.join(&s, "s", &hub.lines[0], &h, &["--container", &cli]);
@@ -768,19 +703,7 @@ fn a_random_port_is_kept_and_firewall_off_leaves_nftables_alone() {
     lab.tunnel_ok(&h, &hub.local("down"));
     lab.proc(hub.proc).wait(UP);
     // Kept in state: the next start listens there again.
-    let again = lab.spawn(
-        &h,
-        &[
-            "serve",
-            "--iface",
-            &hub.iface,
-            "--state-dir",
-            hub.state.to_str().unwrap(),
-            "--backend",
-            "userspace",
-        ],
-    );
-    lab.proc(again).wait_log("is up", UP);
+    let again = lab.serve_again(&hub, &[]);
     assert_eq!(lab.status(&hub)[0]["listen_port"].as_u64(), Some(port));
     s.ping_until("10.77.0.1", Instant::now());
     lab.tunnel_ok(&h, &hub.local("down"));

@@ -761,6 +761,51 @@ impl Lab {
         }
     }
 
+    /// `tunnel serve` again for `node`'s interface and state (a restart),
+    /// with `extra`; returns its process once it is up.
+    pub fn serve_again(&mut self, node: &Node, extra: &[&str]) -> usize {
+        let state = node.state.to_str().expect("a UTF-8 path").to_owned();
+        let mut args = vec![
+            "serve",
+            "--iface",
+            &node.iface,
+            "--state-dir",
+            &state,
+            "--backend",
+            "userspace",
+        ];
+        args.extend_from_slice(extra);
+        let proc = self.spawn(&node.host, &args);
+        self.proc(proc).wait_log("is up", UP);
+        proc
+    }
+
+    /// `tunnel join` run to completion (one that is to fail), with a new
+    /// interface and state dir tagged `tag`.
+    pub fn join_output(
+        &mut self,
+        host: &Host,
+        tag: &str,
+        token: &str,
+        server: &str,
+        extra: &[&str],
+    ) -> Output {
+        let (iface, state) = (self.iface(tag), self.state_dir(tag));
+        let mut args = vec![
+            "join",
+            token,
+            server,
+            "--iface",
+            &iface,
+            "--state-dir",
+            state.to_str().expect("a UTF-8 path"),
+            "--backend",
+            "userspace",
+        ];
+        args.extend_from_slice(extra);
+        self.tunnel(host, &args)
+    }
+
     pub fn serve(&mut self, host: &Host, tag: &str, tokens: usize, extra: &[&str]) -> Node {
         self.serve_via(host, tag, tokens, &[], extra)
     }
@@ -962,12 +1007,85 @@ pub fn fetch(from: &str, url: &str) -> Option<String> {
 
 /// The tunnel address of container `name`'s endpoint, from `status --json`.
 pub fn container_address(status: &serde_json::Value, name: &str) -> String {
+    container_field(status, name, "address")
+}
+
+/// Its IPv6 address in a dual-stack tunnel.
+pub fn container_address6(status: &serde_json::Value, name: &str) -> String {
+    container_field(status, name, "address6")
+}
+
+fn container_field(status: &serde_json::Value, name: &str, field: &str) -> String {
     let ep = status
         .as_array()
         .unwrap()
         .iter()
         .find(|e| e["container"] == name)
         .unwrap_or_else(|| panic!("no endpoint for {name} in {status}"));
-    let addr = ep["address"].as_str().unwrap();
+    let addr = ep[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("no {field} for {name} in {status}"));
     addr.split('/').next().unwrap().to_owned()
+}
+
+/// A step of a demo or the benchmark, on stdout.
+pub fn step(s: &str) {
+    println!("==> {s}");
+}
+
+/// Command output under a step, indented.
+pub fn indent(s: &str) {
+    for l in s.lines() {
+        println!("    {l}");
+    }
+}
+
+/// Retries `f` until it gives `Some`, panicking with `what` after [`UP`].
+pub fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let since = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(since.elapsed() < UP, "{what} after {UP:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// What a demo runs: the `tunnel` binary (TUNNEL_BIN, else the release
+/// build), and whether it uses Docker (DEMO_CONTAINERS, default 1), whose
+/// engine and image are then made sure of. Needs root.
+pub fn demo_setup(what: &str) -> (PathBuf, bool) {
+    plain_panics();
+    needs_root(what);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin = std::env::var("TUNNEL_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target/release/tunnel"));
+    assert!(
+        bin.exists(),
+        "{} not found; run `make build` first",
+        bin.display()
+    );
+    let with_containers = std::env::var("DEMO_CONTAINERS").as_deref() != Ok("0");
+    if with_containers {
+        step("making sure a Docker engine and the local image are there (scripts/docker-env.sh)");
+        let ok = Command::new("bash")
+            .arg(root.join("scripts/docker-env.sh"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "scripts/docker-env.sh failed");
+    }
+    (bin, with_containers)
+}
+
+/// The log filter of a demo's `tunnel` processes: info, or debug with
+/// TUNNEL_VERBOSE=1.
+pub fn demo_log() -> String {
+    if std::env::var("TUNNEL_VERBOSE").as_deref() == Ok("1") {
+        "tunnel=debug,warn".into()
+    } else {
+        "info".into()
+    }
 }

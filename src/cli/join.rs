@@ -192,26 +192,16 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         )
         .await?;
         let first_packet = started.elapsed();
-        gateway
-            .forward(net.as_ref(), false)
-            .await
-            .map_err(site::SiteError::Gateway)?;
-        let transparent = if args.transparent {
-            Some(
-                site::go_transparent(
-                    &mut gateway,
-                    net.as_ref(),
-                    device.as_ref(),
-                    &joined,
-                    &iface,
-                    endpoint,
-                    &route,
-                )
-                .await?,
-            )
-        } else {
-            None
-        };
+        let transparent = site::prepare_host(
+            &mut gateway,
+            net.as_ref(),
+            device.as_ref(),
+            &joined,
+            &iface,
+            endpoint,
+            &route,
+        )
+        .await?;
         let containers = match docker {
             Some((runtime, infos)) => {
                 progress.set_message("registering containers");

@@ -99,23 +99,15 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
             return Err(e.into());
         }
     };
-    let host = async {
-        gateway.forward(net.as_ref(), false).await?;
-        if !joined.transparent {
-            return Ok(None);
-        }
-        let to = site::go_transparent(
-            &mut gateway,
-            net.as_ref(),
-            device.as_ref(),
-            &joined,
-            &iface,
-            endpoint,
-            &route,
-        )
-        .await?;
-        Ok::<_, site::SiteError>(Some(to))
-    }
+    let host = site::prepare_host(
+        &mut gateway,
+        net.as_ref(),
+        device.as_ref(),
+        &joined,
+        &iface,
+        endpoint,
+        &route,
+    )
     .await;
     let transparent = match host {
         Ok(t) => t,

@@ -18,17 +18,13 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tunnel_lab::{Containers, Host, Lab, Node, docker_ok, fetch};
+use tunnel_lab::{Containers, Host, Lab, Node, docker_ok, fetch, step};
 
 const TARGET_RATIO: f64 = 1.3;
 const TARGET_JOIN_MS: u128 = 1000;
 const IPERF_PORT: &str = "5201";
 const PAGE: &str = "bench-page";
 const RESTARTS: usize = 3;
-
-fn step(s: &str) {
-    println!("==> {s}");
-}
 
 fn info(s: &str) {
     println!("    {s}");

@@ -8,54 +8,16 @@
 //! Environment: TUNNEL_BIN (default target/release/tunnel),
 //! DEMO_CONTAINERS (default 1), TUNNEL_VERBOSE=1 for debug logs.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
-use tunnel_lab::{Containers, Lab, container_address, docker_ok, needs_root};
+use tunnel_lab::{Containers, Lab, container_address, docker_ok, indent, step};
 
 const PAGE: &str = "hello from site A over the tunnel";
 
-fn step(s: &str) {
-    println!("==> {s}");
-}
-
-fn indent(s: &str) {
-    for l in s.lines() {
-        println!("    {l}");
-    }
-}
-
 fn main() {
-    tunnel_lab::plain_panics();
-    needs_root("make demo");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = std::env::var("TUNNEL_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target/release/tunnel"));
-    assert!(
-        bin.exists(),
-        "{} not found; run `make build` first",
-        bin.display()
-    );
-    let with_containers = std::env::var("DEMO_CONTAINERS").as_deref() != Ok("0");
-    if with_containers {
-        step(
-            "making sure a Docker engine and the local demo image are there (scripts/docker-env.sh)",
-        );
-        let ok = Command::new("bash")
-            .arg(root.join("scripts/docker-env.sh"))
-            .stdout(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "scripts/docker-env.sh failed");
-    }
-
+    let (bin, with_containers) = tunnel_lab::demo_setup("make demo");
     let mut lab = Lab::new(&bin, 2);
-    lab.log = if std::env::var("TUNNEL_VERBOSE").as_deref() == Ok("1") {
-        "tunnel=debug,warn".into()
-    } else {
-        "info".into()
-    };
+    lab.log = tunnel_lab::demo_log();
     let (a, b) = (lab.host(0), lab.host(1));
     step(&format!(
         "two namespace sites: A={} ({}) and B={} ({}), joined by a veth pair",

@@ -9,64 +9,15 @@
 //! Environment: TUNNEL_BIN (default target/release/tunnel),
 //! DEMO_CONTAINERS (default 1), TUNNEL_VERBOSE=1 for debug logs.
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::{Duration, Instant};
-use tunnel_lab::{Containers, Lab, WhoAmI, docker, needs_root};
+use std::time::Duration;
+use tunnel_lab::{Containers, Lab, WhoAmI, docker, indent, step, until};
 
 const LAN: &str = "192.168.50";
 
-fn step(s: &str) {
-    println!("==> {s}");
-}
-
-fn indent(s: &str) {
-    for l in s.lines() {
-        println!("    {l}");
-    }
-}
-
-/// Retries `f` for up to 30 s.
-fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let since = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(since.elapsed() < Duration::from_secs(30), "{what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn main() {
-    tunnel_lab::plain_panics();
-    needs_root("make demo-sites");
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = std::env::var("TUNNEL_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target/release/tunnel"));
-    assert!(
-        bin.exists(),
-        "{} not found; run `make build` first",
-        bin.display()
-    );
-    let with_containers = std::env::var("DEMO_CONTAINERS").as_deref() != Ok("0");
-    if with_containers {
-        step("making sure a Docker engine and the local image are there (scripts/docker-env.sh)");
-        let ok = Command::new("bash")
-            .arg(root.join("scripts/docker-env.sh"))
-            .stdout(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "scripts/docker-env.sh failed");
-    }
-
+    let (bin, with_containers) = tunnel_lab::demo_setup("make demo-sites");
     let mut lab = Lab::new(&bin, 4);
-    lab.log = if std::env::var("TUNNEL_VERBOSE").as_deref() == Ok("1") {
-        "tunnel=debug,warn".into()
-    } else {
-        "info".into()
-    };
+    lab.log = tunnel_lab::demo_log();
     let (h, a, b, c) = (lab.host(0), lab.host(1), lab.host(2), lab.host(3));
     step(&format!(
         "a hub ({}) and sites A ({}), B ({}), C ({}) on one bridge",
