@@ -142,12 +142,32 @@ impl Changes {
         self.journal.forwarding6 = true;
         self.journal.accept_ra = ra.clone();
         self.save()?;
-        for l in &ra {
-            net.set_accept_ra(l, 2).await?;
+        let done = async {
+            for l in &ra {
+                net.set_accept_ra(l, 2).await?;
+            }
+            net.set_forwarding6(true).await
         }
-        net.set_forwarding6(true).await?;
-        tracing::info!("IPv6 forwarding on (until exit)");
-        Ok(())
+        .await;
+        match done {
+            Ok(()) => {
+                tracing::info!("IPv6 forwarding on (until exit)");
+                Ok(())
+            }
+            // Inside a container /proc/sys is read-only: IPv4 still works.
+            Err(NetError::Permission(what)) => {
+                tracing::warn!(
+                    "IPv6 forwarding cannot be turned on here ({what}); IPv6 between the peers of this hub will not flow"
+                );
+                for l in &ra {
+                    let _ = net.set_accept_ra(l, 1).await;
+                }
+                self.journal.forwarding6 = false;
+                self.journal.accept_ra.clear();
+                self.save()
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub async fn add_rule(
@@ -463,6 +483,41 @@ mod tests {
         assert!(net.rules.lock().unwrap().is_empty());
         assert!(net.routes.lock().unwrap().is_empty());
         assert!(changes.journal().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_hub_turns_ipv6_forwarding_on_keeping_slaac_and_puts_both_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateDir::new(tmp.path());
+        let net = net();
+        net.accept_ra.lock().unwrap().insert("eth0".into(), 1);
+        let hub = Policy {
+            hub: true,
+            ..policy(&[])
+        };
+        let fw = Box::new(FakeFirewall::default());
+        let mut g = Gateway::start(fw, &net, &store, hub.clone(), true, &[])
+            .await
+            .unwrap();
+        g.forward(&net, true).await.unwrap();
+        assert!(*net.forwarding6.lock().unwrap());
+        assert_eq!(net.accept_ra.lock().unwrap()["eth0"], 2);
+        g.stop(&net).await;
+        assert!(!*net.forwarding6.lock().unwrap());
+        assert_eq!(net.accept_ra.lock().unwrap()["eth0"], 1);
+
+        // Inside a container /proc/sys is read-only: IPv4 goes on.
+        *net.readonly_sysctl.lock().unwrap() = true;
+        let fw = Box::new(FakeFirewall::default());
+        let mut g = Gateway::start(fw, &net, &store, hub, true, &[])
+            .await
+            .unwrap();
+        g.forward(&net, true).await.unwrap();
+        assert!(!*net.forwarding6.lock().unwrap());
+        assert!(!g.changes().journal().forwarding6);
+        assert_eq!(net.accept_ra.lock().unwrap()["eth0"], 1);
+        assert_eq!(forwarding(&net), ["wgt0"]);
+        g.stop(&net).await;
     }
 
     #[tokio::test]

@@ -26,6 +26,8 @@ pub struct FakeNet {
     pub lan: Mutex<Vec<(IpNetwork, String)>>,
     pub rules: Mutex<Vec<PolicyRule>>,
     pub forwarding6: Mutex<bool>,
+    /// When true, sysctl writes fail as inside a container (read-only /proc/sys).
+    pub readonly_sysctl: Mutex<bool>,
     /// `accept_ra` of the links that have one set.
     pub accept_ra: Mutex<BTreeMap<String, u8>>,
     /// When false, `create_wireguard` fails like a kernel without the module.
@@ -98,6 +100,9 @@ impl NetOps for FakeNet {
     }
 
     async fn set_forwarding6(&self, on: bool) -> Result<(), NetError> {
+        if *self.readonly_sysctl.lock().unwrap() {
+            return Err(NetError::Permission("writing forwarding".into()));
+        }
         *self.forwarding6.lock().unwrap() = on;
         Ok(())
     }

@@ -13,6 +13,7 @@ use rtnetlink::packet_route::{AddressFamily, IpProtocol};
 use rtnetlink::{Handle, LinkUnspec, LinkWireguard};
 
 const EPERM: i32 = 1;
+const EACCES: i32 = 13;
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
 const EOPNOTSUPP: i32 = 95;
@@ -234,16 +235,30 @@ impl NetOps for Netlink {
             .execute()
             .await
             .map_err(|e| classify(e, "setting the MTU", name))?;
-        if addrs.iter().any(|a| a.is_ipv6()) {
-            self.enable_ipv6(name)?;
+        // Where IPv6 is off for the link and cannot be turned on (/proc/sys
+        // is read-only inside a container, IPv6 disabled at boot), the
+        // endpoint still works over IPv4: its IPv6 address is left out.
+        let mut ipv6 = true;
+        if addrs.iter().any(|a| a.is_ipv6())
+            && let Err(e) = self.enable_ipv6(name)
+        {
+            tracing::warn!("{name} gets no IPv6 address: IPv6 is off for it here ({e})");
+            ipv6 = false;
         }
-        for a in addrs {
-            self.handle
+        for a in addrs.iter().filter(|a| ipv6 || a.is_ipv4()) {
+            match self
+                .handle
                 .address()
                 .add(index, a.ip(), a.prefix())
                 .execute()
                 .await
-                .map_err(|e| classify(e, &format!("adding address {a}"), name))?;
+            {
+                Ok(()) => {}
+                Err(e) if a.is_ipv6() && errno(&e) == Some(EACCES) => {
+                    tracing::warn!("{name} gets no IPv6 address: IPv6 is disabled on it");
+                }
+                Err(e) => return Err(classify(e, &format!("adding address {a}"), name)),
+            }
         }
         self.handle
             .link()
