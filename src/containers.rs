@@ -261,6 +261,7 @@ impl Follower {
                 (
                     EndpointStatus {
                         iface: s.spec.iface.clone(),
+                        name: None,
                         role: Role::Container,
                         state: if s.attached.is_some() {
                             State::Up

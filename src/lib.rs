@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod containers;
 pub mod control;
+pub mod dns;
 pub mod docker;
 pub mod endpoint;
 pub mod firewall;

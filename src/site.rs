@@ -187,6 +187,8 @@ pub struct Invitation<'a> {
     /// `--transparent`, and `--snat-public` with it.
     pub transparent: bool,
     pub snat_public: bool,
+    /// `--name`, else the host name (which the hub may number).
+    pub name: Option<&'a str>,
 }
 
 impl Invitation<'_> {
@@ -466,6 +468,12 @@ pub async fn redeem_and_switch(
         let joining = Joining {
             routes: inv.routes.to_vec(),
             snat_public: inv.snat_public,
+            name: Some(
+                inv.name
+                    .map(str::to_owned)
+                    .unwrap_or_else(crate::sys::hostname),
+            ),
+            default_name: inv.name.is_none(),
         };
         match tunnel::redeem_invite(api, &invite, &own_key.public_key(), &joining, attempt).await {
             Ok(r) => break r,
@@ -509,6 +517,7 @@ pub async fn redeem_and_switch(
     // Saved before the switch: once the server has our key, losing it would
     // strand this site.
     let joined = JoinedState {
+        name: redeemed.name.clone(),
         private_key: own_key.clone(),
         mtu: route.mtu,
         backend: Some(inv.backend),

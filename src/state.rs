@@ -110,6 +110,10 @@ pub struct InviteRecord {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ServerState {
+    /// The hub's own name (`serve --name`), under which its containers are
+    /// found in DNS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub private_key: PrivateKey,
     pub port: u16,
     #[serde(default = "default_mtu")]
@@ -136,6 +140,10 @@ pub struct ServerState {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JoinedState {
+    /// The site's name on the hub (`join --name`, the token's, or the host
+    /// name), under which its containers are found in DNS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     pub private_key: PrivateKey,
     #[serde(default = "default_mtu")]
     pub mtu: u32,
@@ -239,6 +247,7 @@ impl ServerState {
     /// A new hub: a fresh key, no peers yet.
     pub fn new(subnet: IpNetwork, port: u16, mtu: u32) -> Self {
         Self {
+            name: None,
             private_key: PrivateKey::generate(),
             port,
             mtu,
@@ -534,6 +543,7 @@ mod tests {
 
     fn server() -> Endpoint {
         Endpoint::Server(ServerState {
+            name: None,
             private_key: PrivateKey::generate(),
             port: 51820,
             mtu: 1420,
@@ -672,6 +682,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::new(tmp.path());
         let joined = Endpoint::Joined(JoinedState {
+            name: None,
             private_key: PrivateKey::generate(),
             mtu: 1420,
             backend: None,

@@ -51,6 +51,9 @@ impl std::fmt::Display for State {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EndpointStatus {
     pub iface: String,
+    /// The hub's or site's name on the tunnel (its DNS name's first label).
+    #[serde(default)]
+    pub name: Option<String>,
     pub role: Role,
     /// Up while a `tunnel` process runs it.
     pub state: State,
@@ -143,6 +146,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
         let addrs = subnets.interface(a);
         EndpointStatus {
             iface: iface.to_owned(),
+            name: None,
             role,
             state: State::Down,
             backend: None,
@@ -171,6 +175,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
                 s.private_key.public_key(),
             );
             main.listen_port = Some(s.port);
+            main.name = s.name.clone();
             main.routes = s.routes.clone();
             main.peers = s
                 .peers
@@ -211,6 +216,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
                 j.private_key.public_key(),
             );
             main.server = Some(j.endpoint.clone());
+            main.name = j.name.clone();
             main.routes = j.routes.clone();
             main.peers = vec![PeerReport::saved(
                 j.server_public_key,
@@ -260,6 +266,9 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
             let _ = write!(out, ", {b}");
         }
         let _ = writeln!(out, ")");
+        if let Some(n) = &e.name {
+            let _ = writeln!(out, "  name:       {n}");
+        }
         match e.address6 {
             Some(a6) => {
                 let _ = writeln!(out, "  address:    {}, {a6}", e.address);
@@ -326,6 +335,7 @@ mod tests {
     #[test]
     fn saved_server_with_a_container_reports_down() {
         let state = ServerState {
+            name: None,
             private_key: PrivateKey::generate(),
             port: 51820,
             mtu: 1420,

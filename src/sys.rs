@@ -36,3 +36,14 @@ pub fn notify_ready() {
         tracing::debug!("sd_notify: {e}");
     }
 }
+
+/// This host's name (the default name of a hub or site), lower case;
+/// "site" where there is none.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| h.split('.').next().unwrap_or("").to_ascii_lowercase())
+        .filter(|h| crate::limits::check_name(h).is_ok())
+        .unwrap_or_else(|| "site".to_owned())
+}

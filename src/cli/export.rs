@@ -225,6 +225,7 @@ mod tests {
         use crate::state::JoinedState;
         use crate::transport::{Path, WsOffer, WsTarget};
         let j = JoinedState {
+            name: None,
             private_key: crate::keys::PrivateKey::generate(),
             mtu: 1400,
             backend: None,

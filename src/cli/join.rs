@@ -142,6 +142,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         masquerade: args.lan.masquerade,
         transparent: args.transparent,
         snat_public: args.snat_public,
+        name: args.common.name.as_deref(),
     };
     inv.check()?;
     if let Some(p) = &args.proxy {

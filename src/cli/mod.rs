@@ -78,6 +78,9 @@ pub struct EndpointArgs {
     /// Put an endpoint inside this Docker container (name or id); repeatable. Each gets its own key and address
     #[arg(long = "container", value_name = "NAME|ID")]
     pub containers: Vec<String>,
+    /// This host's name on the tunnel, unique among its sites; DNS names its containers <container>.<name>.<zone> [default: the host name, numbered if taken]
+    #[arg(long, value_parser = crate::limits::parse_name)]
+    pub name: Option<String>,
 }
 
 /// The LANs behind this host, and the host's firewall.

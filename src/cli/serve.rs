@@ -66,6 +66,9 @@ pub struct ServeArgs {
     /// Accept the UDP port only from this network (CIDR) and from the peers' last known endpoints; repeatable. Roaming sites and new joiners from elsewhere are then dropped
     #[arg(long = "allow-from", value_name = "CIDR")]
     pub allow_from: Vec<IpNetwork>,
+    /// DNS zone the hub answers on its tunnel addresses: <container>.<site>.<zone> and <site>.<zone>
+    #[arg(long, default_value = crate::dns::DEFAULT_ZONE, value_name = "ZONE")]
+    pub dns_zone: String,
     /// How many endpoints (containers) one joined site may register
     #[arg(long, default_value_t = limits::DEFAULT_ENDPOINTS_PER_SITE, value_parser = clap::value_parser!(u16).range(0..=4096))]
     pub endpoints_per_site: u16,
@@ -316,6 +319,12 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
             );
             Ok(ServerState {
                 mtu: default_mtu(args),
+                name: args
+                    .common
+                    .name
+                    .clone()
+                    .or(saved.name.clone())
+                    .or_else(|| Some(crate::sys::hostname())),
                 ..saved
             })
         }
@@ -339,6 +348,12 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
             };
             Ok(ServerState {
                 subnet6,
+                name: Some(
+                    args.common
+                        .name
+                        .clone()
+                        .unwrap_or_else(crate::sys::hostname),
+                ),
                 ..ServerState::new(subnet, port, default_mtu(args))
             })
         }
@@ -353,6 +368,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     }
     args.lan
         .check(&args.subnet.into_iter().collect::<Vec<_>>())?;
+    crate::dns::parse_zone(&args.dns_zone).map_err(Failure::input)?;
     crate::sys::require_net_admin()?;
     // Docker and the containers are checked before the host is touched.
     let docker = super::containers_up_front(&args.common.containers).await?;
@@ -586,6 +602,27 @@ async fn poke_sites(hub: Arc<Hub>, server_ip: IpAddr, stop: impl std::future::Fu
     }
 }
 
+/// Keeps the DNS zone equal to the hub's state: rebuilt on every change.
+async fn follow_names(
+    hub: Arc<Hub>,
+    origin: hickory_proto::rr::Name,
+    zone: tokio::sync::watch::Sender<Arc<crate::dns::Zone>>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut changes = hub.changes();
+    tokio::pin!(stop);
+    loop {
+        let state = hub.snapshot().await;
+        let z = crate::dns::Zone::from_state(&state, &origin);
+        tracing::debug!("DNS zone {origin}: {} names", z.len());
+        zone.send_replace(Arc::new(z));
+        tokio::select! {
+            _ = &mut stop => return,
+            r = changes.changed() => if r.is_err() { return stop.await },
+        }
+    }
+}
+
 /// The prefixes of `routes`, as they change.
 fn prefixes(
     mut routes: tokio::sync::watch::Receiver<Vec<hub::Advertised>>,
@@ -622,6 +659,17 @@ async fn serve(
         .context("saving the hub's state")?;
 
     let listener = control::tunnel::bind(SocketAddr::new(server_ip, CONTROL_PORT), iface)?;
+    let zone = crate::dns::parse_zone(&args.dns_zone).map_err(Failure::input)?;
+    let dns_listeners = crate::dns::bind(
+        &std::iter::once(server_ip)
+            .chain(hub.snapshot().await.subnets().twin(server_ip))
+            .collect::<Vec<_>>(),
+        iface,
+    )?;
+    let (zone_tx, zone_rx) =
+        tokio::sync::watch::channel(Arc::new(crate::dns::Zone::empty(zone.clone())));
+    let dns = tokio::spawn(crate::dns::serve(dns_listeners, zone_rx, shutdown.waiter()));
+    let names = follow_names(hub.clone(), zone.clone(), zone_tx, shutdown.waiter());
     let api = tokio::spawn(control::tunnel::serve(
         listener,
         hub.clone(),
@@ -736,11 +784,15 @@ async fn serve(
             gateway.keep(Some(policy(args, &hub.snapshot().await)));
         }
     };
-    tokio::join!(follow, housekeeping, pokes);
+    tokio::join!(follow, housekeeping, pokes, names);
     if let Err(e) = hub.record_endpoints().await {
         tracing::warn!("saving peer endpoints: {:#}", anyhow!(e));
     }
-    let mut tasks = vec![("control API", api), ("local control socket", local)];
+    let mut tasks = vec![
+        ("control API", api),
+        ("local control socket", local),
+        ("DNS", dns),
+    ];
     tasks.extend(ws.map(|t| ("WebSocket listener", t)));
     for (what, task) in tasks {
         if tokio::time::timeout(Duration::from_secs(3), task)

@@ -34,6 +34,7 @@ pub const REGISTER: &str = "/v1/endpoints";
 pub const LEAVE: &str = "/v1/leave";
 pub const PING: &str = "/v1/ping";
 pub const ROUTES: &str = "/v1/routes";
+pub const RELEASE: &str = "/v1/endpoints/release";
 
 /// What the hub sends to each site's control port (UDP, through the
 /// tunnel) when the advertised LANs change; the site then asks for them.
@@ -55,6 +56,18 @@ pub struct RedeemRequest {
     /// `join --transparent --snat-public`.
     #[serde(default)]
     pub snat_public: bool,
+    /// The site's name (`join --name`, or the host name).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The name is only the host name: the hub may number it.
+    #[serde(default)]
+    pub default_name: bool,
+}
+
+/// An endpoint a site gives back (its container was removed).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ReleaseRequest {
+    pub public_key: PublicKey,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,6 +81,9 @@ pub struct RegisterRequest {
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct Admitted {
     pub address: IpNetwork,
+    /// The site's name on the hub (redeem only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 fn source(addr: SocketAddr) -> IpAddr {
@@ -180,14 +196,19 @@ async fn redeem(
     let joining = Joining {
         routes: req.routes,
         snat_public: req.snat_public,
+        name: req.name,
+        default_name: req.default_name,
     };
     hub.redeem(address, req.public_key, joining, SystemTime::now())
         .await
-        .map(|address| axum::Json(Admitted { address }))
+        .map(|(address, name)| axum::Json(Admitted { address, name }))
         .map_err(|d| {
             denied("redeem", src, d, |e| match e {
                 RedeemError::NoInvite(_) => StatusCode::FORBIDDEN,
-                RedeemError::AlreadyUsed | RedeemError::KeyInUse => StatusCode::CONFLICT,
+                RedeemError::AlreadyUsed | RedeemError::KeyInUse | RedeemError::NameTaken(_) => {
+                    StatusCode::CONFLICT
+                }
+                RedeemError::Name(_) => StatusCode::BAD_REQUEST,
                 RedeemError::Routes(RouteError::Taken { .. } | RouteError::Tunnel(..)) => {
                     StatusCode::CONFLICT
                 }
@@ -210,13 +231,41 @@ async fn register(
     let req: RegisterRequest = json(&body)?;
     hub.register(address, req.public_key, &req.name, SystemTime::now())
         .await
-        .map(|address| axum::Json(Admitted { address }))
+        .map(|address| {
+            axum::Json(Admitted {
+                address,
+                name: None,
+            })
+        })
         .map_err(|d| {
             denied("endpoint registration", src, d, |e| match e {
                 RegisterError::NotASite(_) | RegisterError::Quota(_) => StatusCode::FORBIDDEN,
+                RegisterError::Unknown => StatusCode::NOT_FOUND,
                 RegisterError::KeyInUse | RegisterError::NameTaken(_) => StatusCode::CONFLICT,
                 RegisterError::WeakKey | RegisterError::Name(_) => StatusCode::BAD_REQUEST,
                 RegisterError::Exhausted(_) => StatusCode::INSUFFICIENT_STORAGE,
+            })
+        })
+}
+
+async fn release(
+    State(hub): State<Arc<Hub>>,
+    Signed { caller, src, body }: Signed,
+) -> Result<axum::Json<()>, Refusal> {
+    let Caller::Site { address } = caller else {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "only an admitted site gives endpoints back",
+        ));
+    };
+    let req: ReleaseRequest = json(&body)?;
+    hub.release(address, req.public_key)
+        .await
+        .map(|()| axum::Json(()))
+        .map_err(|d| {
+            denied("endpoint release", src, d, |e| match e {
+                RegisterError::Unknown => StatusCode::NOT_FOUND,
+                _ => StatusCode::BAD_REQUEST,
             })
         })
 }
@@ -298,6 +347,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
     Router::new()
         .route(REDEEM, post(redeem))
         .route(REGISTER, post(register))
+        .route(RELEASE, post(release))
         .route(LEAVE, post(leave))
         .route(PING, get(pong))
         .route(ROUTES, get(routes).post(advertise))
@@ -378,6 +428,8 @@ pub async fn redeem_invite(
         public_key: *key,
         routes: joining.routes.clone(),
         snat_public: joining.snat_public,
+        name: joining.name.clone(),
+        default_name: joining.default_name,
     };
     signed_post(api, invite, REDEEM, &req, timeout).await
 }
@@ -395,6 +447,17 @@ pub async fn register_endpoint(
         name: name.to_owned(),
     };
     signed_post(api, site, REGISTER, &req, timeout).await
+}
+
+/// Gives an endpoint of this site back to the hub (its container is gone).
+pub async fn release_endpoint(
+    api: SocketAddr,
+    site: &Signer,
+    key: &PublicKey,
+    timeout: Duration,
+) -> Result<(), ControlError> {
+    let req = ReleaseRequest { public_key: *key };
+    signed_post::<()>(api, site, RELEASE, &req, timeout).await
 }
 
 /// Tells the hub this site is stopping cleanly (best effort).
@@ -548,6 +611,8 @@ mod tests {
                 public_key: own.public_key(),
                 routes,
                 snat_public: false,
+                name: None,
+                default_name: false,
             })
             .unwrap();
             let (status, text) = self
@@ -582,6 +647,8 @@ mod tests {
             public_key: PrivateKey::generate().public_key(),
             routes: vec![],
             snat_public: false,
+            name: None,
+            default_name: false,
         })
         .unwrap();
         // Unsigned, as any process on the joining host could send it.
@@ -626,6 +693,8 @@ mod tests {
             public_key: container,
             routes: vec![],
             snat_public: false,
+            name: None,
+            default_name: false,
         })
         .unwrap();
         let (status, text) = a
@@ -766,6 +835,8 @@ mod tests {
                 public_key: PrivateKey::generate().public_key(),
                 routes: routes.iter().map(|r| r.parse().unwrap()).collect(),
                 snat_public: false,
+                name: None,
+                default_name: false,
             })
             .unwrap()
         };

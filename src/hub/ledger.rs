@@ -56,6 +56,10 @@ pub enum RedeemError {
     WeakKey,
     #[error(transparent)]
     Routes(#[from] RouteError),
+    #[error("the name {0:?} is already taken by another site; join with another --name")]
+    NameTaken(String),
+    #[error(transparent)]
+    Name(#[from] LimitError),
 }
 
 /// Why a site's registration of an endpoint was refused.
@@ -75,6 +79,8 @@ pub enum RegisterError {
     Name(#[from] LimitError),
     #[error(transparent)]
     Exhausted(#[from] IpamError),
+    #[error("this site has no such endpoint")]
+    Unknown,
 }
 
 /// Why a stock WireGuard client (`peer add`) was not admitted.
@@ -151,6 +157,10 @@ pub struct Joining {
     pub routes: Vec<IpNetwork>,
     /// Transparent mode with its public source address kept.
     pub snat_public: bool,
+    /// The name it asks for ([`Ledger::name_site`]).
+    pub name: Option<String>,
+    /// That name is only a default (the host name).
+    pub default_name: bool,
 }
 
 /// Routes one site (or the hub) may advertise.
@@ -547,10 +557,12 @@ impl Ledger {
     }
 
     fn name_taken(&self, name: &str) -> bool {
-        self.state
-            .peers
-            .iter()
-            .any(|p| p.via.is_none() && p.name.as_deref() == Some(name))
+        self.state.name.as_deref() == Some(name)
+            || self
+                .state
+                .peers
+                .iter()
+                .any(|p| p.via.is_none() && p.name.as_deref() == Some(name))
             || self
                 .state
                 .invites
@@ -653,6 +665,62 @@ impl Ledger {
         Ok(assigned)
     }
 
+    /// Names the site just admitted at `address`: the name its token was
+    /// minted with, else `wanted`. A `wanted` name that another site has is
+    /// refused, unless it is only a default (the host name), which then
+    /// gets a number (`name-2`, ...). Returns the site's name.
+    pub fn name_site(
+        &mut self,
+        address: IpAddr,
+        wanted: Option<&str>,
+        default: bool,
+    ) -> Result<Option<String>, RedeemError> {
+        let idx = self
+            .state
+            .peers
+            .iter()
+            .position(|p| p.address == address && p.via.is_none())
+            .ok_or(RedeemError::NoInvite(address))?;
+        if let Some(n) = &self.state.peers[idx].name {
+            return Ok(Some(n.clone()));
+        }
+        let Some(wanted) = wanted else {
+            return Ok(None);
+        };
+        let name = if default {
+            let base = limits::check_name(wanted).unwrap_or("site").to_owned();
+            let mut name = base.clone();
+            let mut n = 2;
+            while self.name_taken(&name) {
+                name = format!("{base}-{n}");
+                n += 1;
+            }
+            name
+        } else {
+            limits::check_name(wanted)?;
+            if self.name_taken(wanted) {
+                return Err(RedeemError::NameTaken(wanted.to_owned()));
+            }
+            wanted.to_owned()
+        };
+        self.state_mut().peers[idx].name = Some(name.clone());
+        Ok(Some(name))
+    }
+
+    /// Gives back the endpoint `key` of the site at `site` (its container
+    /// was removed): the peer goes and its address is free again.
+    pub fn release(&mut self, site: IpAddr, key: &PublicKey) -> Result<IpAddr, RegisterError> {
+        let idx = self
+            .state
+            .peers
+            .iter()
+            .position(|p| p.public_key == *key && p.via == Some(site))
+            .ok_or(RegisterError::Unknown)?;
+        let p = self.state_mut().peers.remove(idx);
+        self.pool.release(p.address);
+        Ok(p.address)
+    }
+
     /// Admits a stock WireGuard client (a phone, a laptop) under `name`
     /// with a key made on that device: a peer like a site, with no invite
     /// to redeem and no key to swap. Returns its address.
@@ -701,12 +769,27 @@ impl Ledger {
             return Err(RegisterError::NotASite(site));
         }
         limits::check_name(name)?;
-        if let Some(p) = self.state.peers.iter().find(|p| p.public_key == key) {
-            return if p.via == Some(site) && p.name.as_deref() == Some(name) {
-                Ok(net(p.address))
-            } else {
-                Err(RegisterError::KeyInUse)
-            };
+        if let Some(i) = self.state.peers.iter().position(|p| p.public_key == key) {
+            let p = &self.state.peers[i];
+            if p.via != Some(site) {
+                return Err(RegisterError::KeyInUse);
+            }
+            if p.name.as_deref() == Some(name) {
+                return Ok(net(p.address));
+            }
+            // The same endpoint under a new name (its container is known
+            // by name only once it started).
+            if self
+                .state
+                .peers
+                .iter()
+                .any(|o| o.via == Some(site) && o.name.as_deref() == Some(name))
+            {
+                return Err(RegisterError::NameTaken(name.to_owned()));
+            }
+            let address = p.address;
+            self.state_mut().peers[i].name = Some(name.to_owned());
+            return Ok(net(address));
         }
         if self.key_in_use(&key) {
             return Err(RegisterError::KeyInUse);
@@ -1110,11 +1193,14 @@ mod tests {
             l.register(site_addr, key(), "web", t0()),
             Err(RegisterError::NameTaken("web".into()))
         );
+        // The same key under a new name renames the endpoint.
+        assert_eq!(l.register(site_addr, k1, "db", t0()).unwrap(), a1);
         assert_eq!(
-            l.register(site_addr, k1, "db", t0()),
-            Err(RegisterError::KeyInUse)
+            l.register(site_addr, k1, "db", t0()).unwrap(),
+            a1,
+            "idempotent under the new name"
         );
-        l.register(site_addr, key(), "db", t0()).unwrap();
+        l.register(site_addr, key(), "web", t0()).unwrap();
         assert_eq!(
             l.register(site_addr, key(), "cache", t0()),
             Err(RegisterError::Quota(2))
@@ -1282,5 +1368,49 @@ mod tests {
         assert!(!l.desired().contains_key(&k));
         // The address and the name are free again.
         assert_eq!(l.admit("phone", key(), t0()).unwrap(), a);
+    }
+
+    #[test]
+    fn sites_are_named_by_token_then_flag_then_numbered_host_name() {
+        let mut l = ledger();
+        l.state_mut().name = Some("hq".into());
+        let (token_named, _) = site(&mut l, Some("paris"));
+        assert_eq!(
+            l.name_site(token_named, Some("other"), false)
+                .unwrap()
+                .as_deref(),
+            Some("paris"),
+            "the token's name wins"
+        );
+        let (a, _) = site(&mut l, None);
+        assert_eq!(
+            l.name_site(a, Some("lyon"), false).unwrap().as_deref(),
+            Some("lyon")
+        );
+        let t = mint(&mut l, 1, None).remove(0);
+        l.redeem(t.assigned, key(), t0(), Instant::now()).unwrap();
+        assert_eq!(
+            l.name_site(t.assigned, Some("lyon"), false),
+            Err(RedeemError::NameTaken("lyon".into()))
+        );
+        // The hub's own name counts, and a default name is numbered.
+        assert_eq!(
+            l.name_site(t.assigned, Some("hq"), true)
+                .unwrap()
+                .as_deref(),
+            Some("hq-2")
+        );
+    }
+
+    #[test]
+    fn a_released_endpoint_frees_its_address() {
+        let mut l = ledger();
+        let (s, _) = site(&mut l, None);
+        let k = key();
+        let a = l.register(s, k, "web", t0()).unwrap();
+        assert_eq!(l.release(ip("10.77.0.9"), &k), Err(RegisterError::Unknown));
+        assert_eq!(l.release(s, &k).unwrap(), a.ip());
+        assert!(!l.desired().contains_key(&k));
+        assert_eq!(l.register(s, key(), "web", t0()).unwrap(), a);
     }
 }

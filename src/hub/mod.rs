@@ -72,6 +72,8 @@ pub struct Hub {
     net: Option<Arc<dyn crate::net::NetOps>>,
     /// Every advertised LAN, as sites and the hub's containers learn them.
     routes: tokio::sync::watch::Sender<Vec<Advertised>>,
+    /// Bumped on every change to the state (names follow it).
+    changes: tokio::sync::watch::Sender<u64>,
     store: StateDir,
     iface: String,
     ledger: Mutex<Ledger>,
@@ -135,6 +137,7 @@ impl Hub {
             wg,
             net,
             routes,
+            changes: tokio::sync::watch::channel(0).0,
             store,
             iface: iface.to_owned(),
             ledger: Mutex::new(ledger),
@@ -229,6 +232,7 @@ impl Hub {
                 return Err(Denied::Unavailable(e.into()));
             }
             self.saved(saved);
+            self.changes.send_modify(|n| *n += 1);
         }
         let advertised = ledger.advertised();
         self.routes.send_if_modified(|r| {
@@ -275,22 +279,28 @@ impl Hub {
         key: PublicKey,
         joining: Joining,
         now: SystemTime,
-    ) -> Result<IpNetwork, Denied<RedeemError>> {
+    ) -> Result<(IpNetwork, Option<String>), Denied<RedeemError>> {
         let shown: Vec<String> = joining.routes.iter().map(|r| r.to_string()).collect();
-        let net = self
+        let (net, name) = self
             .transact(true, |l| {
                 let net = l.redeem(address, key, now, Instant::now())?;
+                let name = l.name_site(address, joining.name.as_deref(), joining.default_name)?;
                 l.advertise(address, joining.routes)?;
                 l.set_snat_public(address, joining.snat_public)?;
-                Ok::<_, RedeemError>(net)
+                Ok::<_, RedeemError>((net, name))
             })
             .await?;
-        tracing::info!("{address} redeemed its invite; admitting public key {key}");
+        match &name {
+            Some(n) => tracing::info!(
+                "{address} redeemed its invite as site {n}; admitting public key {key}"
+            ),
+            None => tracing::info!("{address} redeemed its invite; admitting public key {key}"),
+        }
         if !shown.is_empty() {
             tracing::info!("{address} advertises {}", shown.join(", "));
         }
         self.redeemed.notify_one();
-        Ok(net)
+        Ok((net, name))
     }
 
     /// Admits an endpoint (a container) of the site at `site`.
@@ -306,6 +316,13 @@ impl Hub {
             .await?;
         tracing::info!("{site} registered container {name} as {net}");
         Ok(net)
+    }
+
+    /// Takes back the endpoint `key` of the site at `site`.
+    pub async fn release(&self, site: IpAddr, key: PublicKey) -> Result<(), Denied<RegisterError>> {
+        let address = self.transact(false, |l| l.release(site, &key)).await?;
+        tracing::info!("{site} gave back its endpoint {address}");
+        Ok(())
     }
 
     /// The LANs behind the site at `site` are now `routes`.
@@ -325,6 +342,11 @@ impl Hub {
     /// The hub's own LANs.
     pub async fn set_hub_routes(&self, routes: Vec<IpNetwork>) -> Result<(), Denied<RouteError>> {
         self.transact(true, |l| l.set_hub_routes(routes)).await
+    }
+
+    /// Changes to the state, as they happen.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Every advertised LAN, now and as it changes.

@@ -1,0 +1,435 @@
+//! The hub's names for the tunnel: every container endpoint as
+//! `<container>.<site>.<zone>`, and every site (road warriors included) and
+//! the hub itself as `<site>.<zone>`, with an A record and, in a dual-stack
+//! tunnel, an AAAA one. The hub answers them on its tunnel addresses, UDP
+//! and TCP port 53, for its peers only (the sockets are bound to the
+//! tunnel interface), and nothing else: no recursion.
+//!
+//! The zone is built from the ledger's state ([`Zone::from_state`]) each
+//! time it changes, and answering is a pure function of it
+//! ([`Zone::answer`]), both tested without sockets. Messages are parsed
+//! and written by hickory-proto.
+
+use crate::state::ServerState;
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const DNS_PORT: u16 = 53;
+/// Names follow attaches, detaches and revokes; resolvers must not keep
+/// them long.
+const TTL: u32 = 2;
+pub const DEFAULT_ZONE: &str = "tunnel";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error("--dns-zone {0:?} is not a domain name: {1}")]
+    BadZone(String, String),
+    #[error("listening for DNS on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A name as a DNS label: lower case, letters, digits and hyphens only
+/// (container and site names may hold `_` and `.`), at most 63 bytes.
+pub fn label(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    out.truncate(63);
+    out.trim_matches('-').to_owned()
+}
+
+/// Checks a `--dns-zone`.
+pub fn parse_zone(zone: &str) -> Result<Name, DnsError> {
+    let bad = |why: String| DnsError::BadZone(zone.to_owned(), why);
+    if zone.is_empty() || zone.len() > 200 {
+        return Err(bad("give 1 to 200 characters".into()));
+    }
+    let mut name = Name::from_ascii(zone).map_err(|e| bad(e.to_string()))?;
+    name.set_fqdn(true);
+    Ok(name.to_lowercase())
+}
+
+/// The names of a hub, and what they resolve to.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    origin: Name,
+    names: HashMap<Name, Vec<IpAddr>>,
+}
+
+impl Zone {
+    pub fn empty(origin: Name) -> Self {
+        Self {
+            origin,
+            names: HashMap::new(),
+        }
+    }
+
+    /// The names in `state`: the hub and its containers under the hub's
+    /// name, each site, and each site's containers under the site's name.
+    /// A name that two endpoints would share keeps the first, with a log
+    /// line; unnamed sites get `site-<address>`.
+    pub fn from_state(state: &ServerState, origin: &Name) -> Self {
+        let subnets = state.subnets();
+        let with_twin = |a: IpAddr| {
+            std::iter::once(a)
+                .chain(subnets.twin(a))
+                .collect::<Vec<_>>()
+        };
+        let mut zone = Zone::empty(origin.clone());
+        let unnamed = |a: IpAddr| format!("site-{a}");
+        let hub = state.name.clone().unwrap_or_else(|| "hub".to_owned());
+        let hub_ip = crate::ipam::Pool::new(state.subnet)
+            .map(|p| p.server_address())
+            .unwrap_or(state.subnet.ip());
+        zone.insert(&[&hub], with_twin(hub_ip));
+        for c in &state.containers {
+            zone.insert(&[&c.container, &hub], with_twin(c.address));
+        }
+        let site_name = |a: IpAddr| {
+            state
+                .peers
+                .iter()
+                .find(|p| p.address == a && p.via.is_none())
+                .map(|p| p.name.clone().unwrap_or_else(|| unnamed(a)))
+        };
+        for p in &state.peers {
+            match p.via {
+                None => {
+                    let n = p.name.clone().unwrap_or_else(|| unnamed(p.address));
+                    zone.insert(&[&n], with_twin(p.address));
+                }
+                Some(site) => {
+                    if let (Some(c), Some(s)) = (&p.name, site_name(site)) {
+                        zone.insert(&[c, &s], with_twin(p.address));
+                    }
+                }
+            }
+        }
+        zone
+    }
+
+    fn insert(&mut self, labels: &[&str], addrs: Vec<IpAddr>) {
+        let mut name = Name::root();
+        for l in labels.iter().rev() {
+            let l = label(l);
+            if l.is_empty() {
+                return;
+            }
+            name = match name.prepend_label(l.as_bytes()) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+        }
+        let Ok(name) = name.append_domain(&self.origin) else {
+            return;
+        };
+        if self.names.contains_key(&name) {
+            tracing::warn!("DNS: two endpoints would be {name}; the first keeps it");
+            return;
+        }
+        self.names.insert(name, addrs);
+    }
+
+    /// The addresses of `name`, if it is in the zone.
+    pub fn lookup(&self, name: &Name) -> Option<&[IpAddr]> {
+        self.names.get(&name.to_lowercase()).map(Vec::as_slice)
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The answer to the wire-format query `request`, or `None` when it is
+    /// not even a DNS header (dropped, as any server does).
+    pub fn answer(&self, request: &[u8]) -> Option<Vec<u8>> {
+        let query = match Message::from_vec(request) {
+            Ok(q) => q,
+            Err(_) => {
+                // A header we can read gets FORMERR; anything less, silence.
+                if request.len() < 12 {
+                    return None;
+                }
+                let id = u16::from_be_bytes([request[0], request[1]]);
+                return Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
+                    .to_vec()
+                    .ok();
+            }
+        };
+        if query.metadata.message_type != MessageType::Query {
+            return None;
+        }
+        let mut reply = Message::response(query.metadata.id, query.metadata.op_code);
+        reply.metadata.recursion_desired = query.metadata.recursion_desired;
+        reply.metadata.recursion_available = false;
+        reply.add_queries(query.queries.clone());
+        if query.metadata.op_code != OpCode::Query {
+            reply.metadata.response_code = ResponseCode::NotImp;
+            return reply.to_vec().ok();
+        }
+        let [q] = query.queries.as_slice() else {
+            reply.metadata.response_code = ResponseCode::FormErr;
+            return reply.to_vec().ok();
+        };
+        let name = q.name().to_lowercase();
+        if !self.origin.zone_of(&name) || q.query_class() != DNSClass::IN {
+            reply.metadata.response_code = ResponseCode::Refused;
+            return reply.to_vec().ok();
+        }
+        reply.metadata.authoritative = true;
+        match self.lookup(&name) {
+            None => reply.metadata.response_code = ResponseCode::NXDomain,
+            Some(addrs) => {
+                for a in addrs {
+                    let rdata = match (a, q.query_type()) {
+                        (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => RData::A(A(*v4)),
+                        (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => {
+                            RData::AAAA(AAAA(*v6))
+                        }
+                        _ => continue,
+                    };
+                    reply.add_answer(Record::from_rdata(q.name().clone(), TTL, rdata));
+                }
+            }
+        }
+        reply.to_vec().ok()
+    }
+}
+
+/// The hub's DNS sockets: UDP and TCP on each of its tunnel addresses,
+/// bound to the tunnel interface.
+pub struct Listeners {
+    udp: Vec<tokio::net::UdpSocket>,
+    tcp: Vec<tokio::net::TcpListener>,
+}
+
+pub fn bind(addrs: &[IpAddr], iface: &str) -> Result<Listeners, DnsError> {
+    use nix::sys::socket::{setsockopt, sockopt::BindToDevice};
+    let mut out = Listeners {
+        udp: vec![],
+        tcp: vec![],
+    };
+    for a in addrs {
+        let at = SocketAddr::new(*a, DNS_PORT);
+        let err = |source| DnsError::Bind {
+            addr: format!("{at} on {iface}"),
+            source,
+        };
+        let udp = std::net::UdpSocket::bind(at).map_err(err)?;
+        setsockopt(&udp, BindToDevice, &std::ffi::OsString::from(iface))
+            .map_err(|e| err(e.into()))?;
+        udp.set_nonblocking(true).map_err(err)?;
+        out.udp
+            .push(tokio::net::UdpSocket::from_std(udp).map_err(err)?);
+        out.tcp
+            .push(crate::control::server::bind_on_device(at, iface).map_err(err)?);
+    }
+    Ok(out)
+}
+
+/// Answers queries with the zone of the moment until `stop`.
+pub async fn serve(
+    listeners: Listeners,
+    zone: tokio::sync::watch::Receiver<Arc<Zone>>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for sock in listeners.udp {
+        let zone = zone.clone();
+        tasks.spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                    continue;
+                };
+                let answer = zone.borrow().answer(&buf[..n]);
+                if let Some(mut a) = answer {
+                    // Plain UDP DNS: at most 512 bytes, else truncated.
+                    if a.len() > 512 {
+                        a.truncate(512);
+                        a[2] |= 0x02;
+                    }
+                    let _ = sock.send_to(&a, from).await;
+                }
+            }
+        });
+    }
+    for listener in listeners.tcp {
+        let zone = zone.clone();
+        tasks.spawn(async move {
+            let slots = Arc::new(tokio::sync::Semaphore::new(64));
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    continue;
+                };
+                let zone = zone.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let _ = tokio::time::timeout(Duration::from_secs(10), tcp(stream, zone)).await;
+                });
+            }
+        });
+    }
+    stop.await;
+    tasks.abort_all();
+}
+
+/// One TCP connection: length-prefixed queries, answered in turn.
+async fn tcp(
+    mut stream: tokio::net::TcpStream,
+    zone: tokio::sync::watch::Receiver<Arc<Zone>>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let len = stream.read_u16().await? as usize;
+        let mut buf = vec![0u8; len];
+        stream.read_exact(&mut buf).await?;
+        let answer = zone.borrow().answer(&buf);
+        let Some(a) = answer else { return Ok(()) };
+        stream.write_u16(a.len() as u16).await?;
+        stream.write_all(&a).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::PrivateKey;
+    use crate::state::{ContainerRecord, PeerRecord};
+
+    fn peer(address: &str, name: Option<&str>, via: Option<&str>) -> PeerRecord {
+        PeerRecord {
+            public_key: PrivateKey::generate().public_key(),
+            address: address.parse().unwrap(),
+            joined_at: 0,
+            name: name.map(str::to_owned),
+            via: via.map(|v| v.parse().unwrap()),
+            endpoint: None,
+            routes: vec![],
+            snat_public: false,
+        }
+    }
+
+    fn zone() -> Zone {
+        let mut s = ServerState::new("10.77.0.0/24".parse().unwrap(), 51820, 1420);
+        s.subnet6 = Some("fd00:77::/64".parse().unwrap());
+        s.name = Some("hq".into());
+        s.containers.push(ContainerRecord {
+            container: "web".into(),
+            iface: "wgc0".into(),
+            private_key: PrivateKey::generate(),
+            address: "10.77.0.2".parse().unwrap(),
+        });
+        s.peers.push(peer("10.77.0.3", Some("Branch_Office"), None));
+        s.peers
+            .push(peer("10.77.0.4", Some("db"), Some("10.77.0.3")));
+        s.peers.push(peer("10.77.0.5", None, None));
+        Zone::from_state(&s, &parse_zone("tunnel").unwrap())
+    }
+
+    fn ask(zone: &Zone, name: &str, kind: RecordType) -> Message {
+        let mut q = Message::query();
+        q.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii(name).unwrap(),
+            kind,
+        ));
+        Message::from_vec(&zone.answer(&q.to_vec().unwrap()).unwrap()).unwrap()
+    }
+
+    fn addrs(m: &Message) -> Vec<String> {
+        m.answers
+            .iter()
+            .map(|r| match &r.data {
+                RData::A(a) => a.0.to_string(),
+                RData::AAAA(a) => a.0.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn endpoints_have_names_under_their_sites() {
+        let z = zone();
+        let m = ask(&z, "web.hq.tunnel.", RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.metadata.authoritative);
+        assert_eq!(addrs(&m), ["10.77.0.2"]);
+        assert_eq!(
+            addrs(&ask(&z, "web.hq.tunnel.", RecordType::AAAA)),
+            ["fd00:77::2"]
+        );
+        // Names are labels: lower case, `_` and `.` as `-`; case does not matter.
+        assert_eq!(
+            addrs(&ask(&z, "DB.branch-office.tunnel.", RecordType::A)),
+            ["10.77.0.4"]
+        );
+        assert_eq!(
+            addrs(&ask(&z, "branch-office.tunnel.", RecordType::A)),
+            ["10.77.0.3"]
+        );
+        assert_eq!(addrs(&ask(&z, "hq.tunnel.", RecordType::A)), ["10.77.0.1"]);
+        assert_eq!(
+            addrs(&ask(&z, "site-10-77-0-5.tunnel.", RecordType::A)),
+            ["10.77.0.5"]
+        );
+        assert_eq!(ask(&z, "web.hq.tunnel.", RecordType::ANY).answers.len(), 2);
+    }
+
+    #[test]
+    fn unknown_names_are_nxdomain_and_other_zones_refused() {
+        let z = zone();
+        let m = ask(&z, "gone.hq.tunnel.", RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::NXDomain);
+        let m = ask(&z, "example.org.", RecordType::A);
+        assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+        assert!(m.answers.is_empty());
+        // A name with no record of that type: NOERROR, no answer.
+        let m = ask(&z, "web.hq.tunnel.", RecordType::MX);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn garbage_gets_formerr_or_silence() {
+        let z = zone();
+        assert_eq!(z.answer(&[1, 2, 3]), None);
+        let reply = Message::from_vec(
+            &z.answer(&[0xab, 0xcd, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 9])
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(reply.metadata.id, 0xabcd);
+        assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+    }
+
+    #[test]
+    fn labels_and_zones() {
+        assert_eq!(label("My_App.v2"), "my-app-v2");
+        assert_eq!(label("-x-"), "x");
+        assert!(parse_zone("corp.example").is_ok());
+        assert!(parse_zone("").is_err());
+        assert!(parse_zone("a..b").is_err());
+    }
+}
