@@ -59,6 +59,7 @@ async fn main() {
         mtu: 1420,
         probe: std::net::SocketAddr::new(address.network(), 9),
         link: None,
+        by_label: false,
     };
     let mut follower = Follower::new(
         runtime,

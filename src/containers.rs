@@ -36,6 +36,26 @@ pub enum ContainerError {
         #[source]
         source: crate::net::NetError,
     },
+    #[error("an endpoint for container {container}: {reason}")]
+    Endpoint { container: String, reason: String },
+}
+
+/// Where the endpoints of containers attached by label (or by the network
+/// driver) come from and go back to: the ledger on a hub, the hub's API on
+/// a site. Each has a key made on this host.
+#[async_trait::async_trait]
+pub trait Endpoints: Send + Sync {
+    /// A new endpoint for container `name`.
+    async fn allocate(&self, name: &str) -> Result<EndpointSpec, ContainerError>;
+    /// Gives it back: the container is gone.
+    async fn release(&self, spec: &EndpointSpec) -> Result<(), ContainerError>;
+}
+
+/// `--attach-label`: containers that carry the label are attached as they
+/// start, and their endpoints given back when they are removed.
+pub struct ByLabel {
+    pub label: docker::Label,
+    pub endpoints: Arc<dyn Endpoints>,
 }
 
 /// How an endpoint gets into a container, and is checked from inside it:
@@ -169,6 +189,9 @@ pub struct EndpointSpec {
     pub probe: SocketAddr,
     /// How to reach the hub's WebSocket, when the site uses one.
     pub link: Option<Arc<Dialer>>,
+    /// Attached by label (or the network driver): given back when its
+    /// container is removed.
+    pub by_label: bool,
 }
 
 struct Slot {
@@ -184,6 +207,7 @@ pub struct Follower {
     runtime: Arc<dyn ContainerRuntime>,
     placer: Arc<dyn Placer>,
     slots: Vec<Slot>,
+    by_label: Option<ByLabel>,
     /// LANs behind other sites, routed through the hub from each container.
     routes: Vec<IpNetwork>,
     /// What status reports, updated on every attach and detach.
@@ -241,11 +265,94 @@ impl Follower {
             runtime,
             placer,
             slots,
+            by_label: None,
             routes: vec![],
             status: ContainerView::default(),
         };
         me.publish();
         me
+    }
+
+    /// Also attaches the containers that carry a label.
+    pub fn with_label(mut self, by_label: ByLabel) -> Self {
+        self.by_label = Some(by_label);
+        self
+    }
+
+    /// Attaches the running containers with the label that have no
+    /// endpoint yet.
+    pub async fn discover(&mut self) -> Result<(), ContainerError> {
+        let Some(b) = &self.by_label else {
+            return Ok(());
+        };
+        let names = self.runtime.labelled(&b.label).await?;
+        // Labelled endpoints whose containers went while nobody watched.
+        let mut i = 0;
+        while i < self.slots.len() {
+            if self.slots[i].spec.by_label
+                && self
+                    .runtime
+                    .inspect(&self.slots[i].spec.container)
+                    .await?
+                    .is_none()
+            {
+                self.drop_slot(i).await;
+            } else {
+                i += 1;
+            }
+        }
+        let mut first_err = None;
+        for name in names {
+            if let Err(e) = self.adopt(&name).await {
+                tracing::warn!("{e}");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Gives a labelled container an endpoint and attaches it, unless it
+    /// has one.
+    async fn adopt(&mut self, name: &str) -> Result<(), ContainerError> {
+        if self.slots.iter().any(|s| s.spec.container == name) {
+            return Ok(());
+        }
+        let Some(b) = &self.by_label else {
+            return Ok(());
+        };
+        let mut spec = b.endpoints.allocate(name).await?;
+        spec.by_label = true;
+        tracing::info!(
+            "container {name} carries the label {}: endpoint {} as {}",
+            b.label,
+            spec.iface,
+            spec.address
+        );
+        self.slots.push(Slot {
+            spec,
+            attached: None,
+            link: None,
+            net: None,
+        });
+        self.publish();
+        self.reconcile(self.slots.len() - 1).await
+    }
+
+    /// A labelled container was removed: its endpoint goes too.
+    async fn drop_slot(&mut self, i: usize) {
+        self.detach(i).await;
+        let slot = self.slots.remove(i);
+        self.publish();
+        if let Some(b) = &self.by_label {
+            match b.endpoints.release(&slot.spec).await {
+                Ok(()) => tracing::info!(
+                    "container {} was removed; its endpoint {} is given back",
+                    slot.spec.container,
+                    slot.spec.address
+                ),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
     }
 
     /// A live view of the container endpoints, for status.
@@ -438,6 +545,36 @@ impl Follower {
         }
     }
 
+    async fn on_event(&mut self, ev: docker::ContainerEvent) {
+        let hit = self.slots.iter().position(|s| {
+            s.spec.container == ev.name || s.attached.as_ref().is_some_and(|(a, _)| a.id == ev.id)
+        });
+        let Some(i) = hit else {
+            let labelled = self
+                .by_label
+                .as_ref()
+                .is_some_and(|b| b.label.matches(&ev.labels));
+            if ev.kind == EventKind::Start
+                && labelled
+                && let Err(e) = self.adopt(&ev.name).await
+            {
+                tracing::warn!("{e}");
+            }
+            return;
+        };
+        tracing::debug!("container {} {:?}", ev.name, ev.kind);
+        if ev.kind == EventKind::Destroy && self.slots[i].spec.by_label {
+            self.drop_slot(i).await;
+            return;
+        }
+        if ev.kind == EventKind::Die || ev.kind == EventKind::Destroy {
+            self.detach(i).await;
+        }
+        if let Err(e) = self.reconcile(i).await {
+            tracing::warn!("{e}");
+        }
+    }
+
     /// Follows Docker events, and the LANs in `routes`, until `stop`
     /// completes; reconnects the event stream if the engine restarts.
     pub async fn follow(
@@ -454,25 +591,13 @@ impl Follower {
             let mut events = self.runtime.events();
             // Whatever happened while not listening.
             let _ = self.reconcile_all().await;
+            let _ = self.discover().await;
             loop {
                 tokio::select! {
                     _ = &mut stop => return,
                     Some(now) = next_routes(&mut routes) => self.set_routes(now).await,
                     ev = events.next() => match ev {
-                        Some(Ok(ev)) => {
-                            let hit = self.slots.iter().position(|s| {
-                                s.spec.container == ev.name || s.attached.as_ref().is_some_and(|(a, _)| a.id == ev.id)
-                            });
-                            if let Some(i) = hit {
-                                tracing::debug!("container {} {:?}", ev.name, ev.kind);
-                                if ev.kind == EventKind::Die || ev.kind == EventKind::Destroy {
-                                    self.detach(i).await;
-                                }
-                                if let Err(e) = self.reconcile(i).await {
-                                    tracing::warn!("{e}");
-                                }
-                            }
-                        }
+                        Some(Ok(ev)) => self.on_event(ev).await,
                         Some(Err(e)) => {
                             tracing::warn!("Docker events: {e}; retrying");
                             break;
@@ -627,6 +752,7 @@ mod tests {
             mtu: 1420,
             probe: "10.77.0.1:51821".parse().unwrap(),
             link: None,
+            by_label: false,
         }
     }
 
@@ -643,6 +769,7 @@ mod tests {
             kind,
             id: id.into(),
             name: name.into(),
+            labels: Default::default(),
         }
     }
 
@@ -745,5 +872,85 @@ mod tests {
     fn endpoint_names_fit() {
         assert_eq!(endpoint_iface("wg-tunnel", 0), "wg-tunnelc0");
         assert_eq!(endpoint_iface("a23456789012345", 12).len(), 15);
+    }
+
+    /// Endpoints made up on the spot, and the ones given back.
+    #[derive(Default)]
+    struct FakeEndpoints {
+        released: Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl Endpoints for FakeEndpoints {
+        async fn allocate(&self, name: &str) -> Result<EndpointSpec, ContainerError> {
+            Ok(spec(name))
+        }
+
+        async fn release(&self, spec: &EndpointSpec) -> Result<(), ContainerError> {
+            self.released.lock().unwrap().push(spec.container.clone());
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn labelled_containers_are_attached_as_they_start_and_given_back_when_removed() {
+        let rt = Arc::new(FakeRuntime::default());
+        let label = docker::Label::parse("tunnel.attach").unwrap();
+        let labelled = |name: &str| {
+            rt.labels.lock().unwrap().insert(
+                name.to_owned(),
+                [("tunnel.attach".to_owned(), "1".to_owned())].into(),
+            );
+        };
+        rt.set(info("a1", "a", Some(10)));
+        labelled("a");
+        rt.set(info("b1", "b", Some(20)));
+        let placer = Arc::new(FakePlacer::default());
+        let endpoints = Arc::new(FakeEndpoints::default());
+        let mut f = Follower::new(rt.clone(), placer.clone(), vec![]).with_label(ByLabel {
+            label,
+            endpoints: endpoints.clone(),
+        });
+        f.discover().await.unwrap();
+        assert_eq!(placer.pids(), vec![10], "only the labelled one");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let driver = async {
+            rt.until_subscribed().await;
+            // Started later with the label: attached.
+            rt.set(info("c1", "c", Some(30)));
+            let mut ev = event(EventKind::Start, "c1", "c");
+            ev.labels = [("tunnel.attach".to_owned(), "yes".to_owned())].into();
+            rt.emit(ev);
+            placer.until("attach c", |p| p.pids() == [10, 30]).await;
+            // Started without it: never.
+            rt.set(info("d1", "d", Some(40)));
+            rt.emit(event(EventKind::Start, "d1", "d"));
+            // Removed: detached, and its endpoint given back.
+            rt.remove("a");
+            rt.emit(event(EventKind::Destroy, "a1", "a"));
+            placer
+                .until("detach a", |p| p.destroyed() == [true, false])
+                .await;
+            stop.send(()).unwrap();
+        };
+        tokio::join!(
+            f.follow(
+                async {
+                    let _ = stopped.await;
+                },
+                None
+            ),
+            driver
+        );
+        assert_eq!(*endpoints.released.lock().unwrap(), ["a"]);
+        assert_eq!(placer.pids(), vec![10, 30], "d was never attached");
+        let shown: Vec<String> = f
+            .status()
+            .report()
+            .await
+            .iter()
+            .filter_map(|e| e.container.clone())
+            .collect();
+        assert_eq!(shown, ["c"]);
     }
 }

@@ -341,6 +341,7 @@ mod tests {
             iface: "wgc0".into(),
             private_key: PrivateKey::generate(),
             address: "10.77.0.2".parse().unwrap(),
+            by_label: false,
         });
         s.peers.push(peer("10.77.0.3", Some("Branch_Office"), None));
         s.peers

@@ -4,7 +4,7 @@
 //! ([`run`]).
 
 use crate::containers::{
-    ContainerError, ContainerView, EndpointSpec, Follower, HostPlacer, endpoint_iface,
+    ByLabel, ContainerError, ContainerView, EndpointSpec, Follower, HostPlacer, endpoint_iface,
 };
 use crate::control::auth::{AuthError, Signer};
 use crate::control::local::{self, LocalApi};
@@ -189,6 +189,8 @@ pub struct Invitation<'a> {
     pub snat_public: bool,
     /// `--name`, else the host name (which the hub may number).
     pub name: Option<&'a str>,
+    /// `--attach-label`, saved for `up`.
+    pub attach_label: Option<String>,
 }
 
 impl Invitation<'_> {
@@ -534,6 +536,7 @@ pub async fn redeem_and_switch(
         masquerade: inv.masquerade,
         transparent: inv.transparent,
         snat_public: inv.snat_public,
+        attach_label: inv.attach_label.clone(),
     };
     store.save(inv.iface, &Endpoint::Joined(joined.clone()))?;
     device.set_private_key(own_key).await?;
@@ -566,6 +569,15 @@ pub async fn wait_for_flow(api: SocketAddr, deadline: Instant) -> Result<(), Con
 /// The endpoint of one of this site's containers: the hub is its peer on
 /// the site's route (a WebSocket link of its own when the site uses one).
 fn container_spec(joined: &JoinedState, c: &ContainerRecord, route: &Route) -> EndpointSpec {
+    spec_for(joined, c, route.endpoint, route.dialer.clone())
+}
+
+fn spec_for(
+    joined: &JoinedState,
+    c: &ContainerRecord,
+    hub: SocketAddr,
+    link: Option<Arc<Dialer>>,
+) -> EndpointSpec {
     EndpointSpec {
         container: c.container.clone(),
         iface: c.iface.clone(),
@@ -573,10 +585,11 @@ fn container_spec(joined: &JoinedState, c: &ContainerRecord, route: &Route) -> E
         address: IpNetwork::new(c.address, joined.subnet.prefix())
             .expect("validated with the state"),
         address6: joined.subnets().interface(c.address).get(1).copied(),
-        hub: hub_peer(joined, route.endpoint),
+        hub: hub_peer(joined, hub),
         mtu: joined.mtu,
         probe: api(joined),
-        link: route.dialer.clone(),
+        link,
+        by_label: c.by_label,
     }
 }
 
@@ -618,6 +631,7 @@ pub async fn register_containers(
             iface: endpoint_iface(iface, n),
             private_key: key,
             address: got.address.ip(),
+            by_label: false,
         });
     }
     store.save(iface, &Endpoint::Joined(joined.clone()))?;
@@ -645,6 +659,109 @@ pub struct Site {
 pub struct Containers {
     pub runtime: Arc<dyn ContainerRuntime>,
     pub specs: Vec<EndpointSpec>,
+    /// `--attach-label`.
+    pub label: Option<crate::docker::Label>,
+}
+
+/// A site's containers attached by label or the network driver: each
+/// with a key made here, registered with the hub (signed with the site's
+/// key) and saved with the site; given back when the container goes.
+pub struct SiteEndpoints {
+    signer: Signer,
+    store: StateDir,
+    iface: String,
+    joined: tokio::sync::Mutex<JoinedState>,
+    hub: SocketAddr,
+    link: Option<Arc<Dialer>>,
+}
+
+impl SiteEndpoints {
+    pub fn new(
+        joined: &JoinedState,
+        iface: &str,
+        store: &StateDir,
+        route: &Route,
+    ) -> Result<Self, SiteError> {
+        Ok(Self {
+            signer: Signer::new(&joined.private_key, &joined.server_public_key)?,
+            store: store.clone(),
+            iface: iface.to_owned(),
+            joined: tokio::sync::Mutex::new(joined.clone()),
+            hub: route.endpoint,
+            link: route.dialer.clone(),
+        })
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::containers::Endpoints for SiteEndpoints {
+    async fn allocate(&self, name: &str) -> Result<EndpointSpec, ContainerError> {
+        let fail = |reason: String| ContainerError::Endpoint {
+            container: name.to_owned(),
+            reason,
+        };
+        let mut joined = self.joined.lock().await;
+        if let Some(c) = joined.containers.iter().find(|c| c.container == name) {
+            return Ok(spec_for(&joined, c, self.hub, self.link.clone()));
+        }
+        let key = PrivateKey::generate();
+        let got = tunnel::register_endpoint(
+            api(&joined),
+            &self.signer,
+            &key.public_key(),
+            name,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| fail(format!("{:#}", anyhow::Error::from(e))))?;
+        let mut n = 0;
+        while joined
+            .containers
+            .iter()
+            .any(|c| c.iface == endpoint_iface(&self.iface, n))
+        {
+            n += 1;
+        }
+        let record = ContainerRecord {
+            container: name.to_owned(),
+            iface: endpoint_iface(&self.iface, n),
+            private_key: key,
+            address: got.address.ip(),
+            by_label: true,
+        };
+        joined.containers.push(record.clone());
+        self.store
+            .save(&self.iface, &Endpoint::Joined(joined.clone()))
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(spec_for(&joined, &record, self.hub, self.link.clone()))
+    }
+
+    async fn release(&self, spec: &EndpointSpec) -> Result<(), ContainerError> {
+        let mut joined = self.joined.lock().await;
+        match tunnel::release_endpoint(
+            api(&joined),
+            &self.signer,
+            &spec.key.public_key(),
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok(()) | Err(ControlError::Refused { status: 404, .. }) => {}
+            Err(e) => {
+                return Err(ContainerError::Endpoint {
+                    container: spec.container.clone(),
+                    reason: format!("giving it back: {:#}", anyhow::Error::from(e)),
+                });
+            }
+        }
+        joined.containers.retain(|c| c.container != spec.container);
+        self.store
+            .save(&self.iface, &Endpoint::Joined(joined.clone()))
+            .map_err(|e| ContainerError::Endpoint {
+                container: spec.container.clone(),
+                reason: e.to_string(),
+            })
+    }
 }
 
 /// What `join` and `up` share once the site's own endpoint is up: attach
@@ -688,12 +805,19 @@ pub async fn run(
             for s in &c.specs {
                 attached.push_str(&format!(", container {} as {}", s.container, s.address));
             }
-            let f = follower.insert(Follower::new(
-                c.runtime,
-                HostPlacer::shared(net.clone(), backend),
-                c.specs,
-            ));
+            let mut f = Follower::new(c.runtime, HostPlacer::shared(net.clone(), backend), c.specs);
+            if let Some(label) = c.label {
+                let endpoints = SiteEndpoints::new(&joined, &iface, &store, &route)?;
+                f = f.with_label(ByLabel {
+                    label,
+                    endpoints: Arc::new(endpoints),
+                });
+            }
+            let f = follower.insert(f);
             f.reconcile_all().await?;
+            if let Err(e) = f.discover().await {
+                tracing::warn!("attaching labelled containers: {e}");
+            }
         }
         progress.finish_and_clear();
         ready(&attached).map_err(SiteError::Output)?;

@@ -89,6 +89,10 @@ pub struct ContainerRecord {
     pub iface: String,
     pub private_key: PrivateKey,
     pub address: IpAddr,
+    /// Attached by label (or the network driver): the endpoint goes when
+    /// the container is removed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub by_label: bool,
 }
 
 /// An invite the server issued. Only its public half is kept: the private
@@ -178,6 +182,9 @@ pub struct JoinedState {
     /// The hub gives that traffic this site's public source address.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub snat_public: bool,
+    /// `--attach-label`, followed again by `up`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attach_label: Option<String>,
 }
 
 fn udp_path() -> crate::transport::Path {
@@ -699,6 +706,7 @@ mod tests {
             masquerade: false,
             transparent: false,
             snat_public: false,
+            attach_label: None,
         });
         dir.save("wg0", &joined).unwrap();
         assert!(matches!(

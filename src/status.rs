@@ -357,6 +357,7 @@ mod tests {
                 iface: "wg-tunnelc0".into(),
                 private_key: PrivateKey::generate(),
                 address: "10.77.0.2".parse().unwrap(),
+                by_label: false,
             }],
             routes: vec![],
             websocket_secret: None,

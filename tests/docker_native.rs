@@ -85,3 +85,97 @@ fn container_names_resolve_across_sites_and_go_with_revoke() {
     assert!(took.as_millis() < 2000, "NXDOMAIN only after {took:?}");
     drop(site);
 }
+
+/// Whether `container` has an interface named `iface` (its tunnel endpoint).
+fn has_iface(container: &str, iface: &str) -> bool {
+    let out = docker(&["exec", container, "ip", "-o", "link"]);
+    String::from_utf8_lossy(&out.stdout).contains(&format!(": {iface}"))
+}
+
+#[test]
+#[ignore = "needs root and Docker: sudo make test"]
+fn labelled_containers_are_attached_on_start_and_given_back_on_removal() {
+    needs_docker("labelled_containers_are_attached");
+    let mut lab = common::lab(2);
+    let (h, s) = (lab.host(0), lab.host(1));
+    // Labels of this test's own: other tests' tunnels leave these alone.
+    // The hub and the site share this machine's Docker, so each follows
+    // a label of its own, as two hosts would.
+    let hub_label = format!("tunnel.test={}hq", lab.id);
+    let site_label = format!("tunnel.test={}br", lab.id);
+    let mut cs = Containers::default();
+    let (early, late, plain) = (
+        format!("tnl{}early", lab.id),
+        format!("tnl{}late", lab.id),
+        format!("tnl{}plain", lab.id),
+    );
+    cs.run_with(&early, &["--label", &hub_label], &["sleep", "3600"]);
+    let hub = lab.serve(&h, "h", 1, &["--name", "hq", "--attach-label", &hub_label]);
+    let site = lab.join(
+        &s,
+        "s",
+        &hub.lines[0],
+        &h,
+        &["--name", "br", "--attach-label", &site_label],
+    );
+    // Running before: attached at start.
+    until("the running labelled container is not attached", || {
+        has_iface(&early, &format!("{}c0", hub.iface)).then_some(())
+    });
+
+    // Started after: attached within a second; an unlabelled one never.
+    cs.run_with(&plain, &[], &["sleep", "3600"]);
+    let took = cs.run_with(&late, &["--label", &site_label], &["sleep", "3600"]);
+    let started = Instant::now();
+    until(
+        "the labelled container started later is not attached",
+        || has_iface(&late, &format!("{}c0", site.iface)).then_some(()),
+    );
+    let attached = started.elapsed();
+    eprintln!(
+        "labelled container attached {} ms after `docker run` returned ({} ms)",
+        attached.as_millis(),
+        took.as_millis()
+    );
+    assert!(
+        attached.as_millis() < 1000,
+        "attached only after {attached:?}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let links = docker(&["exec", &plain, "ip", "-o", "link"]);
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(
+        !links.contains(&hub.iface) && !links.contains(&site.iface),
+        "{links}"
+    );
+
+    // Its name resolves from the other site, and goes with `docker rm`.
+    let late_ip = container_address(&lab.status(&site), &late);
+    let name = format!("{late}.br.tunnel");
+    assert_eq!(
+        resolve(&early, &name, "10.77.0.1"),
+        Lookup::Address(late_ip.clone())
+    );
+    common::docker_ok(&["rm", "-f", &late]);
+    let since = Instant::now();
+    until("the removed container still resolves", || {
+        (resolve(&early, &name, "10.77.0.1") == Lookup::NxDomain).then_some(())
+    });
+    assert!(
+        since.elapsed().as_millis() < 2000,
+        "NXDOMAIN only after {:?}",
+        since.elapsed()
+    );
+    let st = lab.status(&site);
+    assert!(
+        !st.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["container"] == late.as_str()),
+        "{st}"
+    );
+    // The hub no longer has it as a peer: its address is free again.
+    let peers = lab.status(&hub)[0]["peers"].to_string();
+    assert!(!peers.contains(&format!("\"{late_ip}\"")), "{peers}");
+    drop(site);
+}

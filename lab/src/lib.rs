@@ -967,10 +967,20 @@ pub struct Containers(pub Vec<String>);
 
 impl Containers {
     pub fn run(&mut self, name: &str, cmd: &[&str]) {
-        let mut args = vec!["run", "-d", "--name", name, IMAGE];
+        self.run_with(name, &[], cmd);
+    }
+
+    /// `docker run -d --name NAME OPTIONS... IMAGE CMD...`; the time
+    /// `docker run` took.
+    pub fn run_with(&mut self, name: &str, options: &[&str], cmd: &[&str]) -> Duration {
+        let mut args = vec!["run", "-d", "--name", name];
+        args.extend_from_slice(options);
+        args.push(IMAGE);
         args.extend_from_slice(cmd);
+        let started = Instant::now();
         docker_ok(&args);
         self.0.push(name.to_owned());
+        started.elapsed()
     }
 
     /// A busybox httpd serving `page` on port 80.

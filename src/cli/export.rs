@@ -248,6 +248,7 @@ mod tests {
             masquerade: false,
             transparent: false,
             snat_public: false,
+            attach_label: None,
         };
         let text = render("wg0", &Endpoint::Joined(j), None).unwrap();
         assert!(text.contains("stock WireGuard speaks UDP only"), "{text}");

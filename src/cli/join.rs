@@ -119,7 +119,9 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let endpoint = resolve(&server, token.port).await?;
     args.lan.check(&token.subnets().all())?;
     crate::sys::require_net_admin()?;
-    let docker = super::containers_up_front(&args.common.containers).await?;
+    let docker =
+        super::containers_up_front(&args.common.containers, args.common.attach_label.is_some())
+            .await?;
     let store = StateDir::new(&args.common.state_dir);
     if let Some(Endpoint::Server(_)) = store.load(&iface)? {
         return Err(Failure::input(anyhow!(
@@ -143,6 +145,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         transparent: args.transparent,
         snat_public: args.snat_public,
         name: args.common.name.as_deref(),
+        attach_label: args.common.attach_label.as_ref().map(|l| l.to_string()),
     };
     inv.check()?;
     if let Some(p) = &args.proxy {
@@ -208,7 +211,11 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
                 progress.set_message("registering containers");
                 let specs =
                     site::register_containers(&mut joined, &iface, &infos, &route, &store).await?;
-                Some(Containers { runtime, specs })
+                Some(Containers {
+                    runtime,
+                    specs,
+                    label: args.common.attach_label.clone(),
+                })
             }
             None => None,
         };

@@ -78,6 +78,9 @@ pub struct EndpointArgs {
     /// Put an endpoint inside this Docker container (name or id); repeatable. Each gets its own key and address
     #[arg(long = "container", value_name = "NAME|ID")]
     pub containers: Vec<String>,
+    /// Attach every container that carries this label, now and as they start, and give their endpoints back when they are removed [default label: tunnel.attach]
+    #[arg(long, value_name = "KEY[=VALUE]", num_args = 0..=1, default_missing_value = crate::docker::Label::DEFAULT, value_parser = crate::docker::Label::parse)]
+    pub attach_label: Option<crate::docker::Label>,
     /// This host's name on the tunnel, unique among its sites; DNS names its containers <container>.<name>.<zone> [default: the host name, numbered if taken]
     #[arg(long, value_parser = crate::limits::parse_name)]
     pub name: Option<String>,
@@ -295,6 +298,7 @@ pub(crate) fn not_running(local: &LocalArgs, e: crate::control::ControlError) ->
 /// changes nothing.
 pub(crate) async fn containers_up_front(
     references: &[String],
+    by_label: bool,
 ) -> Result<
     Option<(
         std::sync::Arc<dyn crate::docker::ContainerRuntime>,
@@ -302,7 +306,7 @@ pub(crate) async fn containers_up_front(
     )>,
     Failure,
 > {
-    if references.is_empty() {
+    if references.is_empty() && !by_label {
         return Ok(None);
     }
     let runtime: std::sync::Arc<dyn crate::docker::ContainerRuntime> =

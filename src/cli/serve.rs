@@ -1,7 +1,7 @@
 //! `tunnel serve`: the hub endpoint.
 
 use super::{EndpointArgs, Failure, LanArgs, Toggle};
-use crate::containers::{EndpointSpec, Follower, HostPlacer, endpoint_iface};
+use crate::containers::{ByLabel, EndpointSpec, Follower, HostPlacer, endpoint_iface};
 use crate::control::{self, CONTROL_PORT};
 use crate::firewall::{Nftables, Policy, Snat};
 use crate::gateway::Gateway;
@@ -10,13 +10,12 @@ use crate::hub::{self, Hub, Ledger, MintRequest};
 use crate::limits;
 use crate::net::{Netlink, validate_ifname};
 use crate::shutdown::Shutdown;
-use crate::site::KEEPALIVE;
 use crate::state::{ServerState, StateDir};
 use crate::transport::tls::Identity;
 use crate::transport::{
     Offer, Relay, ServeTransports, TransportError, WsOffer, WsTarget, is_virtual,
 };
-use crate::wg::{BackendKind, DeviceSpec, PeerSpec};
+use crate::wg::{BackendKind, DeviceSpec};
 use anyhow::{Context, anyhow};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -371,7 +370,9 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     crate::dns::parse_zone(&args.dns_zone).map_err(Failure::input)?;
     crate::sys::require_net_admin()?;
     // Docker and the containers are checked before the host is touched.
-    let docker = super::containers_up_front(&args.common.containers).await?;
+    let docker =
+        super::containers_up_front(&args.common.containers, args.common.attach_label.is_some())
+            .await?;
     let store = StateDir::new(&args.common.state_dir);
     let restart = store.load_server(&iface)?.is_some();
     let mut state = load_or_new(&args, &store)?;
@@ -436,15 +437,25 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
             state.port,
             state.private_key.public_key()
         );
-        let mut follower = docker.map(|(runtime, infos)| {
-            let specs = container_specs(&state, &infos, server_ip);
-            Follower::new(runtime, HostPlacer::shared(net.clone(), args.common.backend), specs)
-        });
         let tokens = args
             .tokens
             .map(usize::from)
             .unwrap_or(if restart { 0 } else { 1 });
         let hub = Arc::new(Hub::new(device.clone(), Some(net.clone()), store, &iface, ledger));
+        let mut follower = docker.map(|(runtime, infos)| {
+            let specs = container_specs(&state, &infos, server_ip);
+            let f = Follower::new(runtime, HostPlacer::shared(net.clone(), args.common.backend), specs);
+            match &args.common.attach_label {
+                Some(label) => f.with_label(ByLabel {
+                    label: label.clone(),
+                    endpoints: Arc::new(hub::HubEndpoints {
+                        hub: hub.clone(),
+                        iface: iface.clone(),
+                    }),
+                }),
+                None => f,
+            }
+        });
         let result = async {
             // The hub relays between its peers (sites, containers, the LANs
             // behind sites), and only between them: the firewall keeps
@@ -534,26 +545,11 @@ fn container_specs(
     infos: &[crate::docker::ContainerInfo],
     server_ip: IpAddr,
 ) -> Vec<EndpointSpec> {
-    infos
+    state
+        .containers
         .iter()
-        .filter_map(|info| state.containers.iter().find(|c| c.container == info.name))
-        .map(|c| EndpointSpec {
-            container: c.container.clone(),
-            iface: c.iface.clone(),
-            key: c.private_key.clone(),
-            address: IpNetwork::new(c.address, state.subnet.prefix())
-                .expect("prefix of the subnet"),
-            address6: state.subnets().interface(c.address).get(1).copied(),
-            hub: PeerSpec {
-                public_key: state.private_key.public_key(),
-                endpoint: Some(SocketAddr::from(([127, 0, 0, 1], state.port))),
-                allowed_ips: state.subnets().all(),
-                keepalive: Some(KEEPALIVE),
-            },
-            mtu: state.mtu,
-            probe: SocketAddr::new(server_ip, CONTROL_PORT),
-            link: None,
-        })
+        .filter(|c| c.by_label || infos.iter().any(|i| i.name == c.container))
+        .map(|c| hub::container_spec(state, c, server_ip))
         .collect()
 }
 

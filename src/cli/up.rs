@@ -27,6 +27,9 @@ pub struct UpArgs {
     /// HTTP proxy for a site that joined over WebSocket, http://[user:pass@]host:port [default: the one it joined through]
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
+    /// Attach the containers with this label [default: the label saved at join, if any]
+    #[arg(long, value_name = "KEY[=VALUE]", num_args = 0..=1, default_missing_value = crate::docker::Label::DEFAULT, value_parser = crate::docker::Label::parse)]
+    pub attach_label: Option<crate::docker::Label>,
     /// Our nftables table (the LANs and masquerading saved at join need it)
     #[arg(long, value_enum, default_value_t = Toggle::On)]
     pub firewall: Toggle,
@@ -59,11 +62,20 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let endpoint = resolve(&joined.endpoint, joined.port).await?;
     // Containers need Docker, but may be stopped now: they are attached
     // when they start.
-    let runtime: Option<Arc<dyn ContainerRuntime>> = if joined.containers.is_empty() {
-        None
-    } else {
-        Some(Arc::new(Bollard::connect().await?))
+    let label = match (&args.attach_label, &joined.attach_label) {
+        (Some(l), _) => Some(l.clone()),
+        (None, Some(saved)) => Some(
+            crate::docker::Label::parse(saved)
+                .map_err(|e| Failure::input(anyhow!("{}: {e}", store.file(&iface).display())))?,
+        ),
+        (None, None) => None,
     };
+    let runtime: Option<Arc<dyn ContainerRuntime>> =
+        if joined.containers.is_empty() && label.is_none() {
+            None
+        } else {
+            Some(Arc::new(Bollard::connect().await?))
+        };
 
     if joined.masquerade && args.firewall == Toggle::Off {
         return Err(Failure::input(anyhow!(
@@ -136,6 +148,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let containers = runtime.map(|runtime| Containers {
         runtime,
         specs: site::saved_containers(&joined, &route),
+        label,
     });
     let site = Site {
         device,

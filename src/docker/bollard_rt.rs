@@ -3,10 +3,10 @@
 //! Honours `DOCKER_HOST` and negotiates the API version, so older engines
 //! (20.10 here) work with a newer client library.
 
-use super::{ContainerEvent, ContainerInfo, ContainerRuntime, DockerError, EventKind};
+use super::{ContainerEvent, ContainerInfo, ContainerRuntime, DockerError, EventKind, Label};
 use async_trait::async_trait;
 use bollard::Docker;
-use bollard::query_parameters::EventsOptionsBuilder;
+use bollard::query_parameters::{EventsOptionsBuilder, ListContainersOptionsBuilder};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use std::collections::HashMap;
@@ -67,6 +67,23 @@ impl ContainerRuntime for Bollard {
         }
     }
 
+    async fn labelled(&self, label: &Label) -> Result<Vec<String>, DockerError> {
+        let filters = HashMap::from([("label", vec![label.filter()])]);
+        let options = ListContainersOptionsBuilder::new()
+            .filters(&filters)
+            .build();
+        let found = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(classify)?;
+        Ok(found
+            .into_iter()
+            .filter_map(|c| c.names?.into_iter().next())
+            .map(|n| n.trim_start_matches('/').to_owned())
+            .collect())
+    }
+
     fn events(&self) -> BoxStream<'static, Result<ContainerEvent, DockerError>> {
         let filters = HashMap::from([
             ("type", vec!["container"]),
@@ -87,16 +104,14 @@ impl ContainerRuntime for Bollard {
                     _ => return None,
                 };
                 let actor = m.actor?;
-                let name = actor
-                    .attributes
-                    .as_ref()
-                    .and_then(|a| a.get("name"))
-                    .cloned()
-                    .unwrap_or_default();
+                let mut labels: std::collections::BTreeMap<String, String> =
+                    actor.attributes.unwrap_or_default().into_iter().collect();
+                let name = labels.remove("name").unwrap_or_default();
                 Some(Ok(ContainerEvent {
                     kind,
                     id: actor.id.unwrap_or_default(),
                     name,
+                    labels,
                 }))
             })
             .boxed()

@@ -9,6 +9,9 @@ use tokio::sync::broadcast;
 
 pub struct FakeRuntime {
     containers: Mutex<Vec<ContainerInfo>>,
+    /// Labels by container name.
+    pub labels:
+        Mutex<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
     down: Mutex<bool>,
     events: broadcast::Sender<ContainerEvent>,
 }
@@ -17,6 +20,7 @@ impl Default for FakeRuntime {
     fn default() -> Self {
         Self {
             containers: Mutex::default(),
+            labels: Mutex::default(),
             down: Mutex::default(),
             events: broadcast::channel(64).0,
         }
@@ -72,6 +76,19 @@ impl ContainerRuntime for FakeRuntime {
 
     fn events(&self) -> BoxStream<'static, Result<ContainerEvent, DockerError>> {
         tokio_stream_like(self.events.subscribe())
+    }
+
+    async fn labelled(&self, label: &super::Label) -> Result<Vec<String>, DockerError> {
+        let labels = self.labels.lock().unwrap();
+        Ok(self
+            .containers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.pid.is_some())
+            .filter(|c| labels.get(&c.name).is_some_and(|l| label.matches(l)))
+            .map(|c| c.name.clone())
+            .collect())
     }
 }
 

@@ -13,6 +13,7 @@ pub use bollard_rt::Bollard;
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
+use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
@@ -53,6 +54,61 @@ pub struct ContainerEvent {
     pub kind: EventKind,
     pub id: String,
     pub name: String,
+    /// The container's labels (Docker sends them with its events).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `--attach-label KEY[=VALUE]`: which containers are attached by label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Label {
+    pub key: String,
+    /// Without one, any value.
+    pub value: Option<String>,
+}
+
+impl Label {
+    pub const DEFAULT: &str = "tunnel.attach";
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (key, value) = match s.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_owned())),
+            None => (s, None),
+        };
+        if key.is_empty()
+            || key.len() > 255
+            || key
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == ',')
+        {
+            return Err(format!("{s:?} is not a label KEY[=VALUE]"));
+        }
+        Ok(Self {
+            key: key.to_owned(),
+            value,
+        })
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        match (labels.get(&self.key), &self.value) {
+            (Some(v), Some(want)) => v == want,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// As Docker's `label` filter spells it.
+    pub fn filter(&self) -> String {
+        match &self.value {
+            Some(v) => format!("{}={v}", self.key),
+            None => self.key.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.filter())
+    }
 }
 
 #[async_trait]
@@ -61,6 +117,8 @@ pub trait ContainerRuntime: Send + Sync {
     async fn inspect(&self, reference: &str) -> Result<Option<ContainerInfo>, DockerError>;
     /// Container start/die/destroy events from now on.
     fn events(&self) -> BoxStream<'static, Result<ContainerEvent, DockerError>>;
+    /// The names of the running containers that carry `label`.
+    async fn labelled(&self, label: &Label) -> Result<Vec<String>, DockerError>;
 }
 
 /// Resolves the user's references up front: every container must exist and

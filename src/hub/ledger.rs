@@ -309,6 +309,7 @@ pub fn ensure_containers(
             iface,
             private_key: PrivateKey::generate(),
             address,
+            by_label: false,
         });
     }
     Ok(())
@@ -705,6 +706,48 @@ impl Ledger {
         };
         self.state_mut().peers[idx].name = Some(name.clone());
         Ok(Some(name))
+    }
+
+    /// A new endpoint for the hub's container `name` (attached by label or
+    /// the network driver), on an interface named by `iface_of`; the one it
+    /// has when it has one.
+    pub fn add_container(
+        &mut self,
+        name: &str,
+        iface_of: impl Fn(usize) -> String,
+    ) -> Result<ContainerRecord, IpamError> {
+        if let Some(c) = self.state.containers.iter().find(|c| c.container == name) {
+            return Ok(c.clone());
+        }
+        let address = self.pool.allocate()?;
+        let mut n = 0;
+        let mut iface = iface_of(n);
+        while self.state.containers.iter().any(|c| c.iface == iface) {
+            n += 1;
+            iface = iface_of(n);
+        }
+        let record = ContainerRecord {
+            container: name.to_owned(),
+            iface,
+            private_key: PrivateKey::generate(),
+            address,
+            by_label: true,
+        };
+        self.state_mut().containers.push(record.clone());
+        Ok(record)
+    }
+
+    /// The hub's container `name` is gone: its endpoint and address too.
+    pub fn remove_container(&mut self, name: &str) {
+        if let Some(i) = self
+            .state
+            .containers
+            .iter()
+            .position(|c| c.container == name)
+        {
+            let c = self.state_mut().containers.remove(i);
+            self.pool.release(c.address);
+        }
     }
 
     /// Gives back the endpoint `key` of the site at `site` (its container
