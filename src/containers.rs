@@ -45,8 +45,11 @@ pub enum ContainerError {
 /// a site. Each has a key made on this host.
 #[async_trait::async_trait]
 pub trait Endpoints: Send + Sync {
-    /// A new endpoint for container `name`.
-    async fn allocate(&self, name: &str) -> Result<EndpointSpec, ContainerError>;
+    /// A new endpoint for container `name` (for the network driver when
+    /// `driver`: not kept across runs).
+    async fn allocate(&self, name: &str, driver: bool) -> Result<EndpointSpec, ContainerError>;
+    /// The endpoint's container is `name` (known only once it started).
+    async fn rename(&self, spec: &EndpointSpec, name: &str) -> Result<(), ContainerError>;
     /// Gives it back: the container is gone.
     async fn release(&self, spec: &EndpointSpec) -> Result<(), ContainerError>;
 }
@@ -320,7 +323,7 @@ impl Follower {
         let Some(b) = &self.by_label else {
             return Ok(());
         };
-        let mut spec = b.endpoints.allocate(name).await?;
+        let mut spec = b.endpoints.allocate(name, false).await?;
         spec.by_label = true;
         tracing::info!(
             "container {name} carries the label {}: endpoint {} as {}",
@@ -761,6 +764,7 @@ mod tests {
             id: id.into(),
             name: name.into(),
             pid,
+            endpoint_ids: vec![],
         }
     }
 
@@ -882,8 +886,16 @@ mod tests {
 
     #[async_trait::async_trait]
     impl Endpoints for FakeEndpoints {
-        async fn allocate(&self, name: &str) -> Result<EndpointSpec, ContainerError> {
+        async fn allocate(
+            &self,
+            name: &str,
+            _driver: bool,
+        ) -> Result<EndpointSpec, ContainerError> {
             Ok(spec(name))
+        }
+
+        async fn rename(&self, _spec: &EndpointSpec, _name: &str) -> Result<(), ContainerError> {
+            Ok(())
         }
 
         async fn release(&self, spec: &EndpointSpec) -> Result<(), ContainerError> {

@@ -342,6 +342,7 @@ mod tests {
             private_key: PrivateKey::generate(),
             address: "10.77.0.2".parse().unwrap(),
             by_label: false,
+            driver: false,
         });
         s.peers.push(peer("10.77.0.3", Some("Branch_Office"), None));
         s.peers

@@ -15,6 +15,7 @@ pub mod containers;
 pub mod control;
 pub mod dns;
 pub mod docker;
+pub mod driver;
 pub mod endpoint;
 pub mod firewall;
 pub mod gateway;

@@ -83,6 +83,8 @@ pub enum SiteError {
     Output(#[source] std::io::Error),
     #[error(transparent)]
     Gateway(#[from] crate::gateway::GatewayError),
+    #[error(transparent)]
+    Driver(#[from] crate::driver::DriverError),
 }
 
 impl SiteError {
@@ -598,6 +600,7 @@ pub fn saved_containers(joined: &JoinedState, route: &Route) -> Vec<EndpointSpec
     joined
         .containers
         .iter()
+        .filter(|c| !c.driver)
         .map(|c| container_spec(joined, c, route))
         .collect()
 }
@@ -632,6 +635,7 @@ pub async fn register_containers(
             private_key: key,
             address: got.address.ip(),
             by_label: false,
+            driver: false,
         });
     }
     store.save(iface, &Endpoint::Joined(joined.clone()))?;
@@ -661,6 +665,8 @@ pub struct Containers {
     pub specs: Vec<EndpointSpec>,
     /// `--attach-label`.
     pub label: Option<crate::docker::Label>,
+    /// `--docker-driver`: the plugin name.
+    pub driver: Option<String>,
 }
 
 /// A site's containers attached by label or the network driver: each
@@ -676,6 +682,44 @@ pub struct SiteEndpoints {
 }
 
 impl SiteEndpoints {
+    /// Gives back the network driver's endpoints a crashed run left: Docker
+    /// lost them with that run.
+    pub async fn release_leftovers(&self) {
+        let mut joined = self.joined.lock().await;
+        let left: Vec<ContainerRecord> = joined
+            .containers
+            .iter()
+            .filter(|c| c.driver)
+            .cloned()
+            .collect();
+        if left.is_empty() {
+            return;
+        }
+        for c in &left {
+            if let Err(e) = tunnel::release_endpoint(
+                api(&joined),
+                &self.signer,
+                &c.private_key.public_key(),
+                Duration::from_secs(5),
+            )
+            .await
+            {
+                tracing::debug!("giving back {}: {e}", c.address);
+            }
+        }
+        joined.containers.retain(|c| !c.driver);
+        if let Err(e) = self
+            .store
+            .save(&self.iface, &Endpoint::Joined(joined.clone()))
+        {
+            tracing::warn!("{e}");
+        }
+        tracing::info!(
+            "gave back {} network-driver endpoint(s) a previous run left",
+            left.len()
+        );
+    }
+
     pub fn new(
         joined: &JoinedState,
         iface: &str,
@@ -695,7 +739,7 @@ impl SiteEndpoints {
 
 #[async_trait::async_trait]
 impl crate::containers::Endpoints for SiteEndpoints {
-    async fn allocate(&self, name: &str) -> Result<EndpointSpec, ContainerError> {
+    async fn allocate(&self, name: &str, driver: bool) -> Result<EndpointSpec, ContainerError> {
         let fail = |reason: String| ContainerError::Endpoint {
             container: name.to_owned(),
             reason,
@@ -727,13 +771,45 @@ impl crate::containers::Endpoints for SiteEndpoints {
             iface: endpoint_iface(&self.iface, n),
             private_key: key,
             address: got.address.ip(),
-            by_label: true,
+            by_label: !driver,
+            driver,
         };
         joined.containers.push(record.clone());
         self.store
             .save(&self.iface, &Endpoint::Joined(joined.clone()))
             .map_err(|e| fail(e.to_string()))?;
         Ok(spec_for(&joined, &record, self.hub, self.link.clone()))
+    }
+
+    async fn rename(&self, spec: &EndpointSpec, name: &str) -> Result<(), ContainerError> {
+        let mut joined = self.joined.lock().await;
+        // Registering the same key under another name renames it.
+        tunnel::register_endpoint(
+            api(&joined),
+            &self.signer,
+            &spec.key.public_key(),
+            name,
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|e| ContainerError::Endpoint {
+            container: name.to_owned(),
+            reason: format!("{:#}", anyhow::Error::from(e)),
+        })?;
+        let key = spec.key.public_key();
+        if let Some(c) = joined
+            .containers
+            .iter_mut()
+            .find(|c| c.private_key.public_key() == key)
+        {
+            c.container = name.to_owned();
+        }
+        self.store
+            .save(&self.iface, &Endpoint::Joined(joined.clone()))
+            .map_err(|e| ContainerError::Endpoint {
+                container: name.to_owned(),
+                reason: e.to_string(),
+            })
     }
 
     async fn release(&self, spec: &EndpointSpec) -> Result<(), ContainerError> {
@@ -754,7 +830,10 @@ impl crate::containers::Endpoints for SiteEndpoints {
                 });
             }
         }
-        joined.containers.retain(|c| c.container != spec.container);
+        let key = spec.key.public_key();
+        joined
+            .containers
+            .retain(|c| c.private_key.public_key() != key);
         self.store
             .save(&self.iface, &Endpoint::Joined(joined.clone()))
             .map_err(|e| ContainerError::Endpoint {
@@ -798,6 +877,7 @@ pub async fn run(
     };
     let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
     let mut follower = None;
+    let mut driver: Option<Arc<crate::driver::Driver>> = None;
     let result = async {
         let mut attached = String::new();
         if let Some(c) = containers {
@@ -805,12 +885,31 @@ pub async fn run(
             for s in &c.specs {
                 attached.push_str(&format!(", container {} as {}", s.container, s.address));
             }
+            // One book of the containers' endpoints, for labels and the driver.
+            let endpoints = if c.label.is_some() || c.driver.is_some() {
+                let e = Arc::new(SiteEndpoints::new(&joined, &iface, &store, &route)?);
+                e.release_leftovers().await;
+                Some(e)
+            } else {
+                None
+            };
+            if let (Some(name), Some(e)) = (&c.driver, &endpoints) {
+                let d = crate::driver::Driver::new(
+                    e.clone(),
+                    net.clone(),
+                    backend,
+                    joined.subnet,
+                    joined.server_address,
+                    lans.1.clone(),
+                );
+                crate::driver::start(name, &d, c.runtime.clone(), &mut shutdown)?;
+                driver = Some(d);
+            }
             let mut f = Follower::new(c.runtime, HostPlacer::shared(net.clone(), backend), c.specs);
-            if let Some(label) = c.label {
-                let endpoints = SiteEndpoints::new(&joined, &iface, &store, &route)?;
+            if let (Some(label), Some(e)) = (c.label, endpoints) {
                 f = f.with_label(ByLabel {
                     label,
-                    endpoints: Arc::new(endpoints),
+                    endpoints: e,
                 });
             }
             let f = follower.insert(f);
@@ -829,6 +928,7 @@ pub async fn run(
             joined,
             iface: iface.clone(),
             containers: follower.as_ref().map(|f: &Follower| f.status()),
+            driver: driver.clone(),
         });
         tokio::spawn(local::serve(
             listener,
@@ -851,6 +951,9 @@ pub async fn run(
             }
         };
         tokio::join!(following, routing.run(lans.0, stop_routing));
+    }
+    if let Some(d) = &driver {
+        d.close().await;
     }
     if let Some(f) = follower.as_mut() {
         f.detach_all().await;
@@ -1110,6 +1213,7 @@ struct SiteApi {
     joined: JoinedState,
     iface: String,
     containers: Option<ContainerView>,
+    driver: Option<Arc<crate::driver::Driver>>,
 }
 
 #[async_trait::async_trait]
@@ -1150,6 +1254,9 @@ impl LocalApi for SiteApi {
         let mut out = vec![main];
         if let Some(c) = &self.containers {
             out.extend(c.report().await);
+        }
+        if let Some(d) = &self.driver {
+            out.extend(d.report().await);
         }
         out
     }

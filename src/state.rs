@@ -93,6 +93,9 @@ pub struct ContainerRecord {
     /// the container is removed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub by_label: bool,
+    /// Made for the network driver: Docker holds it, for this run only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub driver: bool,
 }
 
 /// An invite the server issued. Only its public half is kept: the private

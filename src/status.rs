@@ -358,6 +358,7 @@ mod tests {
                 private_key: PrivateKey::generate(),
                 address: "10.77.0.2".parse().unwrap(),
                 by_label: false,
+                driver: false,
             }],
             routes: vec![],
             websocket_secret: None,

@@ -179,3 +179,130 @@ fn labelled_containers_are_attached_on_start_and_given_back_on_removal() {
     assert!(!peers.contains(&format!("\"{late_ip}\"")), "{peers}");
     drop(site);
 }
+
+/// A Docker network on a tunnel network driver, removed on drop.
+struct Network(String);
+
+impl Network {
+    fn create(name: &str, plugin: &str) -> Self {
+        common::docker_ok(&[
+            "network",
+            "create",
+            "-d",
+            plugin,
+            "--ipam-driver",
+            plugin,
+            name,
+        ]);
+        Network(name.to_owned())
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = docker(&["network", "rm", &self.0]);
+    }
+}
+
+#[test]
+#[ignore = "needs root and Docker: sudo make test"]
+fn the_network_driver_gives_containers_endpoints_at_creation() {
+    needs_docker("the_network_driver");
+    let mut lab = common::lab(2);
+    let (h, s) = (lab.host(0), lab.host(1));
+    let (plugin_a, plugin_b) = (format!("tnl{}a", lab.id), format!("tnl{}b", lab.id));
+    let hub = lab.serve(&h, "h", 1, &["--name", "hq", "--docker-driver", &plugin_a]);
+    let site = lab.join(
+        &s,
+        "s",
+        &hub.lines[0],
+        &h,
+        &["--name", "br", "--docker-driver", &plugin_b],
+    );
+    let (net_a, net_b) = (format!("tnl{}na", lab.id), format!("tnl{}nb", lab.id));
+    let nets = (
+        Network::create(&net_a, &plugin_a),
+        Network::create(&net_b, &plugin_b),
+    );
+    let (web, cli) = (format!("tnl{}web", lab.id), format!("tnl{}cli", lab.id));
+    let mut cs = Containers::default();
+    cs.run_with(
+        &web,
+        &["--network", &net_a],
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo page > /www/index.html && exec httpd -f -p 80 -h /www",
+        ],
+    );
+    let web_ip = until("web has no endpoint in status", || {
+        let st = lab.status(&hub);
+        st.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["container"] == web.as_str())
+            .and_then(|e| e["address"].as_str())
+            .map(|a| a.split('/').next().unwrap().to_owned())
+    });
+    // On its first attempt after start, by address and by name.
+    let url = format!("http://{web_ip}/");
+    let by_name = format!("http://{web}.hq.tunnel/");
+    let out = docker(&[
+        "run",
+        "--rm",
+        "--name",
+        &cli,
+        "--network",
+        &net_b,
+        "--dns",
+        "10.77.0.1",
+        common::IMAGE,
+        "sh",
+        "-c",
+        &format!("wget -qO- {url} && wget -qO- {by_name}"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.lines().collect::<Vec<_>>(), ["page", "page"]);
+    // Docker moved our TUN link in and named it; the container has no
+    // other way out (no gateway bridge).
+    let links = common::docker_ok(&["exec", &web, "ip", "-o", "link"]);
+    assert!(links.contains(": tun0"), "{links}");
+    let routes = common::docker_ok(&["exec", &web, "ip", "route"]);
+    assert!(!routes.contains("default"), "{routes}");
+
+    // `docker rm -f` gives the address back: the next container gets it.
+    common::docker_ok(&["rm", "-f", &web]);
+    until("web's endpoint is still in status", || {
+        let st = lab.status(&hub).to_string();
+        (!st.contains(&format!("\"{web_ip}/"))).then_some(())
+    });
+    let again = format!("tnl{}again", lab.id);
+    cs.run_with(&again, &["--network", &net_a], &["sleep", "3600"]);
+    let again_ip = until("the new container has no endpoint", || {
+        let st = lab.status(&hub);
+        st.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["container"] == again.as_str())
+            .and_then(|e| e["address"].as_str())
+            .map(|a| a.split('/').next().unwrap().to_owned())
+    });
+    assert_eq!(again_ip, web_ip, "the address was not given back");
+
+    // On exit: the plugin sockets and every interface are gone.
+    drop(cs);
+    drop(nets);
+    for (node, plugin) in [(&site, &plugin_b), (&hub, &plugin_a)] {
+        lab.tunnel_ok(&node.host, &node.local("down"));
+        assert!(lab.proc(node.proc).wait(common::UP).success());
+        let sock = std::path::Path::new("/run/docker/plugins").join(format!("{plugin}.sock"));
+        assert!(!sock.exists(), "{} left", sock.display());
+        assert!(!node.host.has_link(&node.iface));
+    }
+    let _ = s;
+}

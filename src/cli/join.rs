@@ -119,9 +119,14 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let endpoint = resolve(&server, token.port).await?;
     args.lan.check(&token.subnets().all())?;
     crate::sys::require_net_admin()?;
-    let docker =
-        super::containers_up_front(&args.common.containers, args.common.attach_label.is_some())
-            .await?;
+    if let Some(n) = &args.common.docker_driver {
+        crate::driver::check_name(n)?;
+    }
+    let docker = super::containers_up_front(
+        &args.common.containers,
+        args.common.attach_label.is_some() || args.common.docker_driver.is_some(),
+    )
+    .await?;
     let store = StateDir::new(&args.common.state_dir);
     if let Some(Endpoint::Server(_)) = store.load(&iface)? {
         return Err(Failure::input(anyhow!(
@@ -215,6 +220,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
                     runtime,
                     specs,
                     label: args.common.attach_label.clone(),
+                    driver: args.common.docker_driver.clone(),
                 })
             }
             None => None,

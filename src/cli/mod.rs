@@ -81,6 +81,9 @@ pub struct EndpointArgs {
     /// Attach every container that carries this label, now and as they start, and give their endpoints back when they are removed [default label: tunnel.attach]
     #[arg(long, value_name = "KEY[=VALUE]", num_args = 0..=1, default_missing_value = crate::docker::Label::DEFAULT, value_parser = crate::docker::Label::parse)]
     pub attach_label: Option<crate::docker::Label>,
+    /// Serve Docker's network-plugin API under this name: docker network create -d NAME --ipam-driver NAME NET gives containers tunnel endpoints as they are created [default name: tunnel]
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = crate::driver::DEFAULT_NAME)]
+    pub docker_driver: Option<String>,
     /// This host's name on the tunnel, unique among its sites; DNS names its containers <container>.<name>.<zone> [default: the host name, numbered if taken]
     #[arg(long, value_parser = crate::limits::parse_name)]
     pub name: Option<String>,
@@ -200,6 +203,12 @@ fn classify(e: &anyhow::Error) -> u8 {
     use crate::net::NetError;
     use crate::wg::WgError;
     for cause in e.chain() {
+        if matches!(
+            cause.downcast_ref::<crate::driver::DriverError>(),
+            Some(crate::driver::DriverError::BadName(_) | crate::driver::DriverError::InUse(_))
+        ) {
+            return 2;
+        }
         if cause.downcast_ref::<crate::docker::DockerError>().is_some()
             || matches!(
                 cause.downcast_ref::<crate::containers::ContainerError>(),

@@ -368,15 +368,27 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     args.lan
         .check(&args.subnet.into_iter().collect::<Vec<_>>())?;
     crate::dns::parse_zone(&args.dns_zone).map_err(Failure::input)?;
+    if let Some(n) = &args.common.docker_driver {
+        crate::driver::check_name(n)?;
+    }
     crate::sys::require_net_admin()?;
     // Docker and the containers are checked before the host is touched.
-    let docker =
-        super::containers_up_front(&args.common.containers, args.common.attach_label.is_some())
-            .await?;
+    let docker = super::containers_up_front(
+        &args.common.containers,
+        args.common.attach_label.is_some() || args.common.docker_driver.is_some(),
+    )
+    .await?;
     let store = StateDir::new(&args.common.state_dir);
     let restart = store.load_server(&iface)?.is_some();
     let mut state = load_or_new(&args, &store)?;
     args.lan.check(&state.subnets().all())?;
+    // The network driver's endpoints live as long as the run that made
+    // them: a crash's are given back now.
+    let leftovers = state.containers.iter().filter(|c| c.driver).count();
+    if leftovers > 0 {
+        tracing::info!("giving back {leftovers} network-driver endpoint(s) a previous run left");
+        state.containers.retain(|c| !c.driver);
+    }
     if let Some((_, infos)) = &docker {
         let names: Vec<String> = infos.iter().map(|c| c.name.clone()).collect();
         hub::ensure_containers(&mut state, &names, |n| endpoint_iface(&iface, n))?;
@@ -442,6 +454,25 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
             .map(usize::from)
             .unwrap_or(if restart { 0 } else { 1 });
         let hub = Arc::new(Hub::new(device.clone(), Some(net.clone()), store, &iface, ledger));
+        let engine = docker.as_ref().map(|(r, _)| r.clone());
+        let driver = match (&args.common.docker_driver, engine) {
+            (Some(name), Some(runtime)) => Some((
+                name.clone(),
+                crate::driver::Driver::new(
+                    Arc::new(hub::HubEndpoints {
+                        hub: hub.clone(),
+                        iface: iface.clone(),
+                    }),
+                    net.clone(),
+                    args.common.backend,
+                    state.subnet,
+                    server_ip,
+                    prefixes(hub.routes()),
+                ),
+                runtime,
+            )),
+            _ => None,
+        };
         let mut follower = docker.map(|(runtime, infos)| {
             let specs = container_specs(&state, &infos, server_ip);
             let f = Follower::new(runtime, HostPlacer::shared(net.clone(), args.common.backend), specs);
@@ -471,18 +502,25 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
                 );
             }
             hub.route_saved().await?;
+            let containers = Containers {
+                follower: follower.as_mut(),
+                driver: driver.clone(),
+            };
             serve(
                 &args,
                 tokens,
                 hub.clone(),
                 &mut gateway,
-                follower.as_mut(),
+                containers,
                 websocket,
                 shutdown,
             )
             .await
         }
         .await;
+        if let Some((_, d, _)) = &driver {
+            d.close().await;
+        }
         if let Some(f) = follower.as_mut() {
             f.detach_all().await;
         }
@@ -635,15 +673,30 @@ fn prefixes(
     rx
 }
 
+/// The hub's containers: followed by name and label, or made by Docker
+/// through the network driver.
+struct Containers<'a> {
+    follower: Option<&'a mut Follower>,
+    driver: Option<NetworkDriver>,
+}
+
+/// The driver, its plugin name, and the engine it names endpoints from.
+type NetworkDriver = (
+    String,
+    Arc<crate::driver::Driver>,
+    Arc<dyn crate::docker::ContainerRuntime>,
+);
+
 async fn serve(
     args: &ServeArgs,
     tokens: usize,
     hub: Arc<Hub>,
     gateway: &mut Gateway,
-    follower: Option<&mut Follower>,
+    containers: Containers<'_>,
     websocket: Option<WebSocket>,
     mut shutdown: Shutdown,
 ) -> Result<(), Failure> {
+    let Containers { follower, driver } = containers;
     let iface = &args.common.iface;
     let state = hub.snapshot().await;
     let server_ip = crate::ipam::Pool::new(state.subnet)?.server_address();
@@ -683,12 +736,22 @@ async fn serve(
     });
     let socket = hub.store().socket(iface);
     let local = control::local::bind(&socket)?;
+    let plugin = match &driver {
+        Some((name, d, runtime)) => Some(crate::driver::start(
+            name,
+            d,
+            runtime.clone(),
+            &mut shutdown,
+        )?),
+        None => None,
+    };
     let local_api = Arc::new(HubApi {
         hub: hub.clone(),
         iface: iface.clone(),
         endpoint_hint: args.endpoint.clone(),
         containers: follower.as_ref().map(|f| f.status()),
         relay,
+        driver: driver.as_ref().map(|(_, d, _)| d.clone()),
     });
     let local = tokio::spawn(control::local::serve(
         local,
@@ -790,6 +853,7 @@ async fn serve(
         ("DNS", dns),
     ];
     tasks.extend(ws.map(|t| ("WebSocket listener", t)));
+    tasks.extend(plugin.map(|t| ("network driver", t)));
     for (what, task) in tasks {
         if tokio::time::timeout(Duration::from_secs(3), task)
             .await

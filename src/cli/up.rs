@@ -30,6 +30,9 @@ pub struct UpArgs {
     /// Attach the containers with this label [default: the label saved at join, if any]
     #[arg(long, value_name = "KEY[=VALUE]", num_args = 0..=1, default_missing_value = crate::docker::Label::DEFAULT, value_parser = crate::docker::Label::parse)]
     pub attach_label: Option<crate::docker::Label>,
+    /// Serve Docker's network-plugin API under this name [default name: tunnel]
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = crate::driver::DEFAULT_NAME)]
+    pub docker_driver: Option<String>,
     /// Our nftables table (the LANs and masquerading saved at join need it)
     #[arg(long, value_enum, default_value_t = Toggle::On)]
     pub firewall: Toggle,
@@ -70,8 +73,11 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         ),
         (None, None) => None,
     };
+    if let Some(n) = &args.docker_driver {
+        crate::driver::check_name(n)?;
+    }
     let runtime: Option<Arc<dyn ContainerRuntime>> =
-        if joined.containers.is_empty() && label.is_none() {
+        if joined.containers.is_empty() && label.is_none() && args.docker_driver.is_none() {
             None
         } else {
             Some(Arc::new(Bollard::connect().await?))
@@ -149,6 +155,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         runtime,
         specs: site::saved_containers(&joined, &route),
         label,
+        driver: args.docker_driver.clone(),
     });
     let site = Site {
         device,

@@ -58,6 +58,13 @@ impl ContainerRuntime for Bollard {
                         .trim_start_matches('/')
                         .to_owned(),
                     pid,
+                    endpoint_ids: c
+                        .network_settings
+                        .and_then(|n| n.networks)
+                        .unwrap_or_default()
+                        .into_values()
+                        .filter_map(|e| e.endpoint_id)
+                        .collect(),
                 }))
             }
             Err(bollard::errors::Error::DockerResponseServerError {
@@ -82,6 +89,33 @@ impl ContainerRuntime for Bollard {
             .filter_map(|c| c.names?.into_iter().next())
             .map(|n| n.trim_start_matches('/').to_owned())
             .collect())
+    }
+
+    async fn by_endpoint(&self, ids: &[String]) -> Result<Vec<(String, String)>, DockerError> {
+        let found = self
+            .docker
+            .list_containers(None::<bollard::query_parameters::ListContainersOptions>)
+            .await
+            .map_err(classify)?;
+        let mut out = vec![];
+        for c in found {
+            let name = c
+                .names
+                .and_then(|n| n.into_iter().next())
+                .unwrap_or_default()
+                .trim_start_matches('/')
+                .to_owned();
+            let networks = c
+                .network_settings
+                .and_then(|n| n.networks)
+                .unwrap_or_default();
+            for e in networks.into_values().filter_map(|e| e.endpoint_id) {
+                if ids.contains(&e) {
+                    out.push((e, name.clone()));
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn events(&self) -> BoxStream<'static, Result<ContainerEvent, DockerError>> {

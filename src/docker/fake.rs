@@ -78,6 +78,10 @@ impl ContainerRuntime for FakeRuntime {
         tokio_stream_like(self.events.subscribe())
     }
 
+    async fn by_endpoint(&self, _ids: &[String]) -> Result<Vec<(String, String)>, DockerError> {
+        Ok(vec![])
+    }
+
     async fn labelled(&self, label: &super::Label) -> Result<Vec<String>, DockerError> {
         let labels = self.labels.lock().unwrap();
         Ok(self

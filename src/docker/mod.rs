@@ -40,6 +40,8 @@ pub struct ContainerInfo {
     /// The init process, while the container runs; its network namespace is
     /// `/proc/<pid>/ns/net`.
     pub pid: Option<u32>,
+    /// Its network endpoints' ids (for the network driver).
+    pub endpoint_ids: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +121,9 @@ pub trait ContainerRuntime: Send + Sync {
     fn events(&self) -> BoxStream<'static, Result<ContainerEvent, DockerError>>;
     /// The names of the running containers that carry `label`.
     async fn labelled(&self, label: &Label) -> Result<Vec<String>, DockerError>;
+    /// The running containers that hold any of these network endpoints:
+    /// (endpoint id, container name).
+    async fn by_endpoint(&self, ids: &[String]) -> Result<Vec<(String, String)>, DockerError>;
 }
 
 /// Resolves the user's references up front: every container must exist and
@@ -200,6 +205,7 @@ mod tests {
             id: id.into(),
             name: name.into(),
             pid: Some(pid),
+            endpoint_ids: vec![],
         }
     }
 
@@ -246,6 +252,7 @@ mod tests {
             id: "c1".into(),
             name: "web".into(),
             pid: None,
+            endpoint_ids: vec![],
         };
         assert_eq!(plan(Some(&a), Some(&stopped)), vec![Action::Detach]);
         assert_eq!(plan(Some(&a), None), vec![Action::Detach]);
@@ -261,6 +268,7 @@ mod tests {
             id: "bbb222".into(),
             name: "db".into(),
             pid: None,
+            endpoint_ids: vec![],
         });
         let ok = resolve_all(&rt, &["web".into()]).await.unwrap();
         assert_eq!(ok[0].id, "aaa111");

@@ -16,6 +16,8 @@ pub struct HubApi {
     pub containers: Option<ContainerView>,
     /// The WebSocket links, to name the peers that use them.
     pub relay: Option<Arc<crate::transport::Relay>>,
+    /// The network driver, whose endpoints status shows too.
+    pub driver: Option<Arc<crate::driver::Driver>>,
 }
 
 fn unavailable<E: std::error::Error>(d: Denied<E>) -> LocalError {
@@ -77,6 +79,9 @@ impl LocalApi for HubApi {
         let mut out = vec![main];
         if let Some(c) = &self.containers {
             out.extend(c.report().await);
+        }
+        if let Some(d) = &self.driver {
+            out.extend(d.report().await);
         }
         out
     }

@@ -310,6 +310,7 @@ pub fn ensure_containers(
             private_key: PrivateKey::generate(),
             address,
             by_label: false,
+            driver: false,
         });
     }
     Ok(())
@@ -714,6 +715,7 @@ impl Ledger {
     pub fn add_container(
         &mut self,
         name: &str,
+        driver: bool,
         iface_of: impl Fn(usize) -> String,
     ) -> Result<ContainerRecord, IpamError> {
         if let Some(c) = self.state.containers.iter().find(|c| c.container == name) {
@@ -731,10 +733,34 @@ impl Ledger {
             iface,
             private_key: PrivateKey::generate(),
             address,
-            by_label: true,
+            by_label: !driver,
+            driver,
         };
         self.state_mut().containers.push(record.clone());
         Ok(record)
+    }
+
+    /// The hub's container endpoint at `address` belongs to container `name`.
+    pub fn rename_container(&mut self, address: IpAddr, name: &str) -> Result<(), RegisterError> {
+        limits::check_name(name)?;
+        if self
+            .state
+            .containers
+            .iter()
+            .any(|c| c.container == name && c.address != address)
+        {
+            return Err(RegisterError::NameTaken(name.to_owned()));
+        }
+        let i = self
+            .state
+            .containers
+            .iter()
+            .position(|c| c.address == address)
+            .ok_or(RegisterError::Unknown)?;
+        if self.state.containers[i].container != name {
+            self.state_mut().containers[i].container = name.to_owned();
+        }
+        Ok(())
     }
 
     /// The hub's container `name` is gone: its endpoint and address too.

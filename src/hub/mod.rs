@@ -161,12 +161,15 @@ impl crate::containers::Endpoints for HubEndpoints {
     async fn allocate(
         &self,
         name: &str,
+        driver: bool,
     ) -> Result<crate::containers::EndpointSpec, crate::containers::ContainerError> {
         let iface = self.iface.clone();
         let record = self
             .hub
             .transact(true, |l| {
-                l.add_container(name, |n| crate::containers::endpoint_iface(&iface, n))
+                l.add_container(name, driver, |n| {
+                    crate::containers::endpoint_iface(&iface, n)
+                })
             })
             .await
             .map_err(|d| crate::containers::ContainerError::Endpoint {
@@ -180,14 +183,32 @@ impl crate::containers::Endpoints for HubEndpoints {
         Ok(container_spec(&state, &record, server_ip))
     }
 
+    async fn rename(
+        &self,
+        spec: &crate::containers::EndpointSpec,
+        name: &str,
+    ) -> Result<(), crate::containers::ContainerError> {
+        let address = spec.address.ip();
+        self.hub
+            .transact(true, |l| l.rename_container(address, name))
+            .await
+            .map_err(|d| crate::containers::ContainerError::Endpoint {
+                container: name.to_owned(),
+                reason: format!("{d}"),
+            })
+    }
+
     async fn release(
         &self,
         spec: &crate::containers::EndpointSpec,
     ) -> Result<(), crate::containers::ContainerError> {
-        let name = spec.container.clone();
+        let address = spec.address.ip();
         self.hub
             .transact(false, |l| {
-                l.remove_container(&name);
+                if let Some(c) = l.state().containers.iter().find(|c| c.address == address) {
+                    let name = c.container.clone();
+                    l.remove_container(&name);
+                }
                 Ok::<_, std::convert::Infallible>(())
             })
             .await
