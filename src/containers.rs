@@ -199,6 +199,8 @@ pub struct EndpointSpec {
 
 struct Slot {
     spec: EndpointSpec,
+    /// Times attached in this run (the first one is not a re-attach).
+    attaches: u32,
     attached: Option<(Attached, Arc<dyn WgDevice>)>,
     /// The endpoint's WebSocket link to the hub, while attached.
     link: Option<Link>,
@@ -211,6 +213,7 @@ pub struct Follower {
     placer: Arc<dyn Placer>,
     slots: Vec<Slot>,
     by_label: Option<ByLabel>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     /// LANs behind other sites, routed through the hub from each container.
     routes: Vec<IpNetwork>,
     /// What status reports, updated on every attach and detach.
@@ -259,6 +262,7 @@ impl Follower {
             .into_iter()
             .map(|spec| Slot {
                 spec,
+                attaches: 0,
                 attached: None,
                 link: None,
                 net: None,
@@ -269,11 +273,18 @@ impl Follower {
             placer,
             slots,
             by_label: None,
+            metrics: None,
             routes: vec![],
             status: ContainerView::default(),
         };
         me.publish();
         me
+    }
+
+    /// Counts attaches and re-attaches in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Also attaches the containers that carry a label.
@@ -333,6 +344,7 @@ impl Follower {
         );
         self.slots.push(Slot {
             spec,
+            attaches: 0,
             attached: None,
             link: None,
             net: None,
@@ -474,6 +486,10 @@ impl Follower {
             _ => None,
         };
         self.slots[i].attached = Some((Attached { id, pid }, Arc::from(device)));
+        self.slots[i].attaches += 1;
+        if let Some(m) = &self.metrics {
+            m.attached(&spec.container, self.slots[i].attaches > 1);
+        }
         self.publish();
         // The probe makes the first handshake happen now and shows that
         // traffic flows; it runs on its own so that a shutdown or the next

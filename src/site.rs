@@ -657,6 +657,8 @@ pub struct Site {
     /// The server's address, when it is reached through the tunnel
     /// (`--transparent`).
     pub transparent: Option<IpNetwork>,
+    /// `--metrics`: where Prometheus scrapes it.
+    pub metrics: Option<tokio::net::TcpListener>,
 }
 
 /// Its containers, and the engine that runs them.
@@ -864,7 +866,9 @@ pub async fn run(
         store,
         gateway,
         transparent,
+        metrics: metrics_listener,
     } = site;
+    let metrics = crate::metrics::Metrics::new();
     let hub_api = api(&joined);
     let lans = tokio::sync::watch::channel(vec![]);
     let routing = RouteSync {
@@ -905,7 +909,8 @@ pub async fn run(
                 crate::driver::start(name, &d, c.runtime.clone(), &mut shutdown)?;
                 driver = Some(d);
             }
-            let mut f = Follower::new(c.runtime, HostPlacer::shared(net.clone(), backend), c.specs);
+            let mut f = Follower::new(c.runtime, HostPlacer::shared(net.clone(), backend), c.specs)
+                .with_metrics(metrics.clone());
             if let (Some(label), Some(e)) = (c.label, endpoints) {
                 f = f.with_label(ByLabel {
                     label,
@@ -930,6 +935,14 @@ pub async fn run(
             containers: follower.as_ref().map(|f: &Follower| f.status()),
             driver: driver.clone(),
         });
+        if let Some(l) = metrics_listener {
+            tokio::spawn(crate::metrics::serve(
+                l,
+                metrics.clone(),
+                api.clone(),
+                shutdown.waiter(),
+            ));
+        }
         tokio::spawn(local::serve(
             listener,
             socket,

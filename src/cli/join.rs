@@ -134,6 +134,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
             store.file(&iface).display()
         )));
     }
+    let metrics = super::bind_metrics(args.common.metrics).await?;
 
     let inv = Invitation {
         token: &token,
@@ -256,6 +257,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         store,
         gateway,
         transparent,
+        metrics,
     };
     Ok(site::run(
         site,

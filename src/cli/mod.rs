@@ -84,6 +84,9 @@ pub struct EndpointArgs {
     /// Serve Docker's network-plugin API under this name: docker network create -d NAME --ipam-driver NAME NET gives containers tunnel endpoints as they are created [default name: tunnel]
     #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = crate::driver::DEFAULT_NAME)]
     pub docker_driver: Option<String>,
+    /// Serve Prometheus metrics on GET /metrics at this address (loopback unless an address says otherwise) [default: 127.0.0.1:9580]
+    #[arg(long, value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = crate::metrics::DEFAULT_ADDR, value_parser = parse_metrics)]
+    pub metrics: Option<std::net::SocketAddr>,
     /// This host's name on the tunnel, unique among its sites; DNS names its containers <container>.<name>.<zone> [default: the host name, numbered if taken]
     #[arg(long, value_parser = crate::limits::parse_name)]
     pub name: Option<String>,
@@ -282,6 +285,20 @@ pub(crate) fn summary_line(summary: String) -> impl FnOnce(&str) -> std::io::Res
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         writeln!(out, "{summary}{attached}").and_then(|_| out.flush())
+    }
+}
+
+fn parse_metrics(s: &str) -> Result<std::net::SocketAddr, String> {
+    crate::metrics::parse_addr(s).map_err(|e| e.to_string())
+}
+
+/// Binds `--metrics` before the host is touched: a port in use is bad input.
+pub(crate) async fn bind_metrics(
+    addr: Option<std::net::SocketAddr>,
+) -> Result<Option<tokio::net::TcpListener>, Failure> {
+    match addr {
+        Some(a) => Ok(Some(crate::metrics::bind(a).await.map_err(Failure::input)?)),
+        None => Ok(None),
     }
 }
 

@@ -382,6 +382,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let restart = store.load_server(&iface)?.is_some();
     let mut state = load_or_new(&args, &store)?;
     args.lan.check(&state.subnets().all())?;
+    let metrics_listener = super::bind_metrics(args.common.metrics).await?;
     // The network driver's endpoints live as long as the run that made
     // them: a crash's are given back now.
     let leftovers = state.containers.iter().filter(|c| c.driver).count();
@@ -475,7 +476,8 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         };
         let mut follower = docker.map(|(runtime, infos)| {
             let specs = container_specs(&state, &infos, server_ip);
-            let f = Follower::new(runtime, HostPlacer::shared(net.clone(), args.common.backend), specs);
+            let f = Follower::new(runtime, HostPlacer::shared(net.clone(), args.common.backend), specs)
+                .with_metrics(hub.metrics());
             match &args.common.attach_label {
                 Some(label) => f.with_label(ByLabel {
                     label: label.clone(),
@@ -502,16 +504,17 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
                 );
             }
             hub.route_saved().await?;
-            let containers = Containers {
+            let extras = Extras {
                 follower: follower.as_mut(),
                 driver: driver.clone(),
+                metrics: metrics_listener,
             };
             serve(
                 &args,
                 tokens,
                 hub.clone(),
                 &mut gateway,
-                containers,
+                extras,
                 websocket,
                 shutdown,
             )
@@ -673,11 +676,12 @@ fn prefixes(
     rx
 }
 
-/// The hub's containers: followed by name and label, or made by Docker
-/// through the network driver.
-struct Containers<'a> {
+/// What a hub runs beside its tunnel: its containers, followed by name
+/// and label or made by Docker through the network driver, and metrics.
+struct Extras<'a> {
     follower: Option<&'a mut Follower>,
     driver: Option<NetworkDriver>,
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 /// The driver, its plugin name, and the engine it names endpoints from.
@@ -692,11 +696,15 @@ async fn serve(
     tokens: usize,
     hub: Arc<Hub>,
     gateway: &mut Gateway,
-    containers: Containers<'_>,
+    extras: Extras<'_>,
     websocket: Option<WebSocket>,
     mut shutdown: Shutdown,
 ) -> Result<(), Failure> {
-    let Containers { follower, driver } = containers;
+    let Extras {
+        follower,
+        driver,
+        metrics,
+    } = extras;
     let iface = &args.common.iface;
     let state = hub.snapshot().await;
     let server_ip = crate::ipam::Pool::new(state.subnet)?.server_address();
@@ -753,6 +761,14 @@ async fn serve(
         relay,
         driver: driver.as_ref().map(|(_, d, _)| d.clone()),
     });
+    if let Some(l) = metrics {
+        tokio::spawn(crate::metrics::serve(
+            l,
+            hub.metrics(),
+            local_api.clone(),
+            shutdown.waiter(),
+        ));
+    }
     let local = tokio::spawn(control::local::serve(
         local,
         socket,

@@ -33,6 +33,9 @@ pub struct UpArgs {
     /// Serve Docker's network-plugin API under this name [default name: tunnel]
     #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = crate::driver::DEFAULT_NAME)]
     pub docker_driver: Option<String>,
+    /// Serve Prometheus metrics on GET /metrics at this address [default: 127.0.0.1:9580]
+    #[arg(long, value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = crate::metrics::DEFAULT_ADDR, value_parser = super::parse_metrics)]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Our nftables table (the LANs and masquerading saved at join need it)
     #[arg(long, value_enum, default_value_t = Toggle::On)]
     pub firewall: Toggle,
@@ -89,6 +92,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         )));
     }
     let (route, relay) = site::saved_route(&joined, endpoint, args.proxy.as_deref())?;
+    let metrics = super::bind_metrics(args.metrics).await?;
     let net = Arc::new(Netlink::connect()?);
     let mut gateway = site::site_gateway(
         net.as_ref(),
@@ -167,6 +171,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         store,
         gateway,
         transparent,
+        metrics,
     };
     Ok(site::run(
         site,

@@ -344,6 +344,7 @@ async fn pong(
 }
 
 pub fn router(hub: Arc<Hub>) -> Router {
+    let metrics = hub.metrics();
     Router::new()
         .route(REDEEM, post(redeem))
         .route(REGISTER, post(register))
@@ -352,6 +353,24 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route(PING, get(pong))
         .route(ROUTES, get(routes).post(advertise))
         .with_state(hub)
+        .layer(axum::middleware::map_response(
+            move |res: axum::response::Response| {
+                let metrics = metrics.clone();
+                async move {
+                    // Refusals by reason: the status says which.
+                    let s = res.status();
+                    if s.is_client_error() || s.is_server_error() {
+                        let reason = s
+                            .canonical_reason()
+                            .unwrap_or("other")
+                            .to_ascii_lowercase()
+                            .replace(' ', "_");
+                        metrics.refused(&reason);
+                    }
+                    res
+                }
+            },
+        ))
 }
 
 /// Binds the API on the hub's tunnel address, for connections that arrive

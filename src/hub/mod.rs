@@ -74,6 +74,7 @@ pub struct Hub {
     routes: tokio::sync::watch::Sender<Vec<Advertised>>,
     /// Bumped on every change to the state (names follow it).
     changes: tokio::sync::watch::Sender<u64>,
+    metrics: Arc<crate::metrics::Metrics>,
     store: StateDir,
     iface: String,
     ledger: Mutex<Ledger>,
@@ -234,6 +235,7 @@ impl Hub {
             net,
             routes,
             changes: tokio::sync::watch::channel(0).0,
+            metrics: crate::metrics::Metrics::new(),
             store,
             iface: iface.to_owned(),
             ledger: Mutex::new(ledger),
@@ -395,6 +397,7 @@ impl Hub {
         if !shown.is_empty() {
             tracing::info!("{address} advertises {}", shown.join(", "));
         }
+        self.metrics.redeemed();
         self.redeemed.notify_one();
         Ok((net, name))
     }
@@ -438,6 +441,11 @@ impl Hub {
     /// The hub's own LANs.
     pub async fn set_hub_routes(&self, routes: Vec<IpNetwork>) -> Result<(), Denied<RouteError>> {
         self.transact(true, |l| l.set_hub_routes(routes)).await
+    }
+
+    /// This hub's metrics.
+    pub fn metrics(&self) -> Arc<crate::metrics::Metrics> {
+        self.metrics.clone()
     }
 
     /// Changes to the state, as they happen.
