@@ -240,6 +240,57 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
     }
 }
 
+/// How recent a handshake must be for `status --check`: WireGuard renews
+/// a session every two minutes while packets flow (and keepalives flow
+/// every 25 s), so a working link is never older than this.
+pub const FRESH_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// What `status --check` makes of one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Ok(String),
+    Failing(String),
+    /// A container endpoint whose container is stopped: it has no link to
+    /// check, and the user stopped it.
+    NotCounted(String),
+}
+
+/// Judges one endpoint. `hub_answers`: for a joined site, whether the hub
+/// answered over the tunnel just now (a stopped hub fails the check at
+/// once, not when the last handshake ages out).
+pub fn health(e: &EndpointStatus, hub_answers: Option<bool>) -> Health {
+    let fresh = |secs: Option<u64>| secs.is_some_and(|s| s <= FRESH_HANDSHAKE.as_secs());
+    match (e.role, e.state) {
+        (Role::Container, State::Down) => Health::NotCounted("container not running".into()),
+        (_, State::Down) => Health::Failing("not running".into()),
+        (Role::Server, State::Up) => {
+            let live = e
+                .peers
+                .iter()
+                .filter(|p| fresh(p.last_handshake_secs))
+                .count();
+            Health::Ok(format!(
+                "serving, {live} of {} peer(s) with a handshake in the last {} s",
+                e.peers.len(),
+                FRESH_HANDSHAKE.as_secs()
+            ))
+        }
+        (Role::Joined | Role::Container, State::Up) => {
+            let last = e.peers.iter().filter_map(|p| p.last_handshake_secs).min();
+            match (last, hub_answers) {
+                (None, _) => Health::Failing("no handshake with the server yet".into()),
+                (Some(s), _) if !fresh(Some(s)) => {
+                    Health::Failing(format!("last handshake with the server {s} s ago"))
+                }
+                (Some(s), Some(false)) => Health::Failing(format!(
+                    "the server does not answer over the tunnel (last handshake {s} s ago)"
+                )),
+                (Some(s), _) => Health::Ok(format!("handshake with the server {s} s ago")),
+            }
+        }
+    }
+}
+
 fn ago(secs: Option<u64>) -> String {
     match secs {
         Some(s) => format!("{}s ago", s),
@@ -331,6 +382,84 @@ mod tests {
     use super::*;
     use crate::keys::PrivateKey;
     use crate::state::{ContainerRecord, PeerRecord, ServerState};
+
+    fn live(role: Role, state: State, handshakes: &[Option<u64>]) -> EndpointStatus {
+        let server = ServerState {
+            name: None,
+            private_key: PrivateKey::generate(),
+            port: 51820,
+            mtu: 1420,
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            subnet6: None,
+            peers: vec![],
+            invites: vec![],
+            containers: vec![],
+            routes: vec![],
+            websocket_secret: None,
+        };
+        let mut e = from_state("wgt0", &Endpoint::Server(server)).swap_remove(0);
+        e.role = role;
+        e.state = state;
+        e.peers = handshakes
+            .iter()
+            .map(|h| {
+                let mut p = PeerReport::saved(PrivateKey::generate().public_key(), "x", None);
+                p.last_handshake_secs = *h;
+                p
+            })
+            .collect();
+        e
+    }
+
+    #[test]
+    fn the_health_check_wants_a_fresh_handshake_and_an_answering_hub() {
+        let ok = |h: Health| matches!(h, Health::Ok(_));
+        let failing = |h: Health| matches!(h, Health::Failing(_));
+        // A site: fresh handshake and the hub answers.
+        assert!(ok(health(
+            &live(Role::Joined, State::Up, &[Some(30)]),
+            Some(true)
+        )));
+        assert!(ok(health(
+            &live(Role::Joined, State::Up, &[Some(180)]),
+            Some(true)
+        )));
+        assert!(failing(health(
+            &live(Role::Joined, State::Up, &[Some(181)]),
+            Some(true)
+        )));
+        assert!(failing(health(
+            &live(Role::Joined, State::Up, &[None]),
+            Some(true)
+        )));
+        assert!(failing(health(&live(Role::Joined, State::Up, &[]), None)));
+        // The hub stopped a moment ago: the handshake is fresh, the check fails.
+        assert!(failing(health(
+            &live(Role::Joined, State::Up, &[Some(5)]),
+            Some(false)
+        )));
+        assert!(failing(health(&live(Role::Joined, State::Down, &[]), None)));
+        // A hub is healthy while it runs, with or without peers.
+        assert!(ok(health(&live(Role::Server, State::Up, &[]), None)));
+        assert!(ok(health(
+            &live(Role::Server, State::Up, &[None, Some(999)]),
+            None
+        )));
+        assert!(failing(health(&live(Role::Server, State::Down, &[]), None)));
+        // Containers: a stopped one is not counted, a running one needs its handshake.
+        assert!(ok(health(
+            &live(Role::Container, State::Up, &[Some(10)]),
+            None
+        )));
+        assert!(failing(health(
+            &live(Role::Container, State::Up, &[Some(600)]),
+            None
+        )));
+        assert!(matches!(
+            health(&live(Role::Container, State::Down, &[]), None),
+            Health::NotCounted(_)
+        ));
+    }
 
     #[test]
     fn saved_server_with_a_container_reports_down() {

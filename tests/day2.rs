@@ -240,3 +240,138 @@ fn serve_tells_systemd_it_is_ready() {
     assert!(a.has_link(&iface));
     assert_eq!(lab.proc(serve).stdout().lines().count(), 1);
 }
+
+/// `tunnel status --check` for the state dir of `node`.
+fn check(lab: &common::Lab, node: &Node) -> std::process::Output {
+    lab.tunnel(
+        &node.host,
+        &[
+            "status",
+            "--check",
+            "--state-dir",
+            node.state.to_str().unwrap(),
+        ],
+    )
+}
+
+/// One scrape of `--metrics` at its default address in `host`, parsed as
+/// Prometheus text by a parser of its own.
+fn scrape(host: &common::Host) -> prometheus_parse::Scrape {
+    let out = host.exec(&["curl", "-sf", "-m", "5", "http://127.0.0.1:9580/metrics"]);
+    assert!(out.status.success(), "no metrics at 127.0.0.1:9580");
+    let text = String::from_utf8(out.stdout).expect("UTF-8 metrics");
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("the scrape is not Prometheus text: {e}\n{text}"))
+}
+
+/// The value of counter `name` for the peer named `peer`.
+fn peer_counter(s: &prometheus_parse::Scrape, name: &str, peer: &str) -> f64 {
+    s.samples
+        .iter()
+        .find(|m| m.metric == name && m.labels.get("name") == Some(peer))
+        .map(|m| counter(&m.value))
+        .unwrap_or_else(|| panic!("no {name} for peer {peer}"))
+}
+
+/// A counter's value. OpenMetrics names the family without `_total`, so
+/// the parser may not tie the sample to its `# TYPE` line.
+fn counter(v: &prometheus_parse::Value) -> f64 {
+    match v {
+        prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => *v,
+        other => panic!("not a counter: {other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn metrics_count_traffic_and_the_health_check_follows_the_hub() {
+    needs_root("metrics_and_health");
+    let mut lab = common::lab(2);
+    let (a, b) = (lab.host(0), lab.host(1));
+    let hub = lab.serve(&a, "a", 1, &["--metrics", "--name", "hub"]);
+    let site = lab.join(
+        &b,
+        "b",
+        &hub.lines[0],
+        &a,
+        &["--metrics", "--name", "branch"],
+    );
+    assert!(b.ping("10.77.0.1"));
+
+    // Both sides' counters rise while traffic flows.
+    let (hub0, site0) = (scrape(&a), scrape(&b));
+    b.run(&[
+        "ping",
+        "-q",
+        "-c",
+        "20",
+        "-i",
+        "0.01",
+        "-s",
+        "1000",
+        "10.77.0.1",
+    ]);
+    let (hub1, site1) = (scrape(&a), scrape(&b));
+    for name in ["tunnel_peer_rx_bytes_total", "tunnel_peer_tx_bytes_total"] {
+        let (before, after) = (
+            peer_counter(&hub0, name, "branch"),
+            peer_counter(&hub1, name, "branch"),
+        );
+        assert!(
+            after >= before + 20_000.0,
+            "hub {name}: {before} -> {after}"
+        );
+        let (before, after) = (
+            peer_counter(&site0, name, "server"),
+            peer_counter(&site1, name, "server"),
+        );
+        assert!(
+            after >= before + 20_000.0,
+            "site {name}: {before} -> {after}"
+        );
+    }
+    let redeemed = hub1
+        .samples
+        .iter()
+        .find(|m| m.metric == "tunnel_token_redemptions_total")
+        .expect("redemptions");
+    assert_eq!(counter(&redeemed.value), 1.0);
+    assert!(
+        hub1.samples
+            .iter()
+            .any(|m| m.metric == "tunnel_peer_handshake_age_seconds"
+                && m.labels.get("name") == Some("branch"))
+    );
+
+    // The health check: good on both sides while the tunnel is up.
+    for node in [&hub, &site] {
+        let out = check(&lab, node);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(&format!("{}: ok", node.iface)), "{stdout}");
+    }
+    // The hub stops: the site's check fails at once, though its last
+    // handshake is seconds old.
+    assert!(lab.proc(hub.proc).terminate().success());
+    let out = check(&lab, &site);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("does not answer"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unhealthy"));
+    // A stopped hub is not healthy either.
+    assert_eq!(check(&lab, &hub).status.code(), Some(1));
+    // The hub comes back: so does the site's health.
+    lab.serve_again(&hub, &[]);
+    common::until("the site's check passes again", || {
+        check(&lab, &site).status.success().then_some(())
+    });
+    assert!(lab.proc(site.proc).terminate().success());
+}

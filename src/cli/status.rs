@@ -1,6 +1,7 @@
-//! `tunnel status [--json]`: every endpoint in the state directory, live
-//! from its running `tunnel` through the local control socket, or from the
-//! saved state (marked down) when none runs.
+//! `tunnel status [--json | --check]`: every endpoint in the state
+//! directory, live from its running `tunnel` through the local control
+//! socket, or from the saved state (marked down) when none runs. `--check`
+//! judges them instead, for compose `healthcheck:` and systemd.
 
 use super::Failure;
 use crate::control;
@@ -20,6 +21,9 @@ pub struct StatusArgs {
     /// Print JSON (an array of endpoints; the shape is documented in the README)
     #[arg(long)]
     pub json: bool,
+    /// Exit 0 only if every endpoint here runs and had a handshake in the last 3 minutes (a joined site's server must also answer now); for healthchecks
+    #[arg(long, conflicts_with = "json")]
+    pub check: bool,
 }
 
 pub async fn run(args: StatusArgs) -> Result<(), Failure> {
@@ -34,6 +38,9 @@ pub async fn run(args: StatusArgs) -> Result<(), Failure> {
             .ok();
         endpoints.extend(live.unwrap_or_else(|| status::from_state(&iface, &saved)));
     }
+    if args.check {
+        return check(&store, &endpoints).await;
+    }
     let mut out = std::io::stdout().lock();
     if args.json {
         serde_json::to_writer_pretty(&mut out, &endpoints).context("writing JSON")?;
@@ -41,6 +48,54 @@ pub async fn run(args: StatusArgs) -> Result<(), Failure> {
     } else {
         out.write_all(status::render(&endpoints).as_bytes())
             .context("writing to stdout")?;
+    }
+    Ok(())
+}
+
+/// Prints one line per endpoint and fails unless all are healthy.
+async fn check(store: &StateDir, endpoints: &[EndpointStatus]) -> Result<(), Failure> {
+    use status::{Health, Role, State};
+    if endpoints.is_empty() {
+        return Err(
+            anyhow::anyhow!("unhealthy: no endpoints in {}", store.root().display()).into(),
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    let mut failing = 0;
+    for e in endpoints {
+        // A joined site asks its hub over the tunnel: a stopped hub fails
+        // the check now, not when the last handshake ages out.
+        let hub_answers = match (e.role, e.state, e.peers.first().and_then(|p| p.address)) {
+            (Role::Joined, State::Up, Some(hub)) => Some(
+                control::tunnel::ping(
+                    std::net::SocketAddr::new(hub, control::CONTROL_PORT),
+                    Duration::from_secs(3),
+                )
+                .await
+                .is_ok(),
+            ),
+            _ => None,
+        };
+        let (word, why) = match status::health(e, hub_answers) {
+            Health::Ok(why) => ("ok", why),
+            Health::NotCounted(why) => ("not counted", why),
+            Health::Failing(why) => {
+                failing += 1;
+                ("FAILING", why)
+            }
+        };
+        let what = match &e.container {
+            Some(c) => format!("{} (container {c})", e.iface),
+            None => e.iface.clone(),
+        };
+        writeln!(out, "{what}: {word}: {why}").context("writing to stdout")?;
+    }
+    if failing > 0 {
+        return Err(anyhow::anyhow!(
+            "unhealthy: {failing} of {} endpoint(s) failing",
+            endpoints.len()
+        )
+        .into());
     }
     Ok(())
 }
