@@ -11,7 +11,8 @@
 # engine and build tunnel-test-busybox (scripts/docker-env.sh); build
 # tunnel:latest (scripts/image.sh, i.e. `make image`) when it is missing or
 # older than target/release/tunnel, or the binary is older than the sources;
-# `up -d`; wait for "RESULT:" in the client's log; `down -v`; check.
+# `up -d`; wait for "RESULT:" in the client's log and for both sites'
+# healthchecks (`tunnel status --check`) to pass; `down -v`; check.
 #
 # Environment:
 #   COMPOSE        Compose command (default: docker-compose, else `docker compose`)
@@ -187,6 +188,21 @@ wait_for_result() {
 	done
 }
 
+# Waits (at most 30 s) for the compose healthcheck of service $1 to pass.
+wait_healthy() {
+	local deadline=$((SECONDS + 30)) health
+	while :; do
+		health=$(docker inspect -f '{{.State.Health.Status}}' "$(dc ps -q "$1")" 2>/dev/null) || health="missing"
+		if [ "$health" = healthy ]; then
+			info "$1: healthy; tunnel status --check says:"
+			dc exec -T "$1" tunnel status --check --state-dir /var/lib/tunnel 2>&1 | sed 's/^/      /' >&2 || true
+			return 0
+		fi
+		[ "$SECONDS" -lt "$deadline" ] || fail "$1 is $health, not healthy, 30 s after the page came"
+		sleep 0.5
+	done
+}
+
 main() {
 	[ "$(id -u)" -eq 0 ] || fail "must run as root (Docker, and the image build)"
 	local t0=$SECONDS t line page left
@@ -218,7 +234,7 @@ main() {
 	dc up -d >&2 2>&1 || fail "up failed"
 	info "up in $((SECONDS - t))s"
 
-	step "waiting (at most ${WAIT_SECS}s) for the client to fetch http://10.77.0.2/ over the tunnel"
+	step "waiting (at most ${WAIT_SECS}s) for the client to fetch http://$WEB.site-a.tunnel/ over the tunnel"
 	t=$SECONDS
 	line=$(wait_for_result)
 	page=${line#*: }
@@ -231,6 +247,10 @@ main() {
 	fi
 	RESULT_OK=1
 	info "client result after $((SECONDS - t))s (since up), $((SECONDS - t0))s in all"
+
+	step "health: both sites' healthcheck (tunnel status --check) passes"
+	wait_healthy site-a
+	wait_healthy site-b
 
 	step "what happened"
 	dc logs --no-color site-b 2>&1 | grep -E 'joined ' | sed 's/^/    /' >&2 || true

@@ -228,13 +228,22 @@ pub fn bind(addrs: &[IpAddr], iface: &str) -> Result<Listeners, DnsError> {
         udp: vec![],
         tcp: vec![],
     };
-    for a in addrs {
+    for (i, a) in addrs.iter().enumerate() {
         let at = SocketAddr::new(*a, DNS_PORT);
         let err = |source| DnsError::Bind {
             addr: format!("{at} on {iface}"),
             source,
         };
-        let udp = std::net::UdpSocket::bind(at).map_err(err)?;
+        let udp = match std::net::UdpSocket::bind(at) {
+            // The twin of a dual-stack hub is missing where IPv6 is off
+            // for the interface (a container's read-only /proc/sys): the
+            // names are still answered on the first address.
+            Err(e) if i > 0 && e.kind() == std::io::ErrorKind::AddrNotAvailable => {
+                tracing::warn!("no DNS on {at}: {iface} has no such address");
+                continue;
+            }
+            r => r.map_err(err)?,
+        };
         setsockopt(&udp, BindToDevice, &std::ffi::OsString::from(iface))
             .map_err(|e| err(e.into()))?;
         udp.set_nonblocking(true).map_err(err)?;
@@ -263,10 +272,13 @@ pub async fn serve(
                 };
                 let answer = zone.borrow().answer(&buf[..n]);
                 if let Some(mut a) = answer {
-                    // Plain UDP DNS: at most 512 bytes, else truncated.
+                    // Plain UDP DNS: at most 512 bytes; a longer answer
+                    // goes as its header alone with TC set, and the client
+                    // asks again over TCP.
                     if a.len() > 512 {
-                        a.truncate(512);
+                        a.truncate(12);
                         a[2] |= 0x02;
+                        a[4..12].fill(0);
                     }
                     let _ = sock.send_to(&a, from).await;
                 }

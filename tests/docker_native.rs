@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Containers, container_address, docker, needs_docker, until};
+use common::{Containers, Network, container_address, docker, needs_docker, until};
 use std::time::Instant;
 
 /// What `nslookup NAME SERVER` says inside `container` (busybox).
@@ -181,29 +181,6 @@ fn labelled_containers_are_attached_on_start_and_given_back_on_removal() {
 }
 
 /// A Docker network on a tunnel network driver, removed on drop.
-struct Network(String);
-
-impl Network {
-    fn create(name: &str, plugin: &str) -> Self {
-        common::docker_ok(&[
-            "network",
-            "create",
-            "-d",
-            plugin,
-            "--ipam-driver",
-            plugin,
-            name,
-        ]);
-        Network(name.to_owned())
-    }
-}
-
-impl Drop for Network {
-    fn drop(&mut self) {
-        let _ = docker(&["network", "rm", &self.0]);
-    }
-}
-
 #[test]
 #[ignore = "needs root and Docker: sudo make test"]
 fn the_network_driver_gives_containers_endpoints_at_creation() {

@@ -961,6 +961,38 @@ pub fn docker_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// A Docker network of one test, removed on drop even when it fails.
+pub struct Network(pub String);
+
+impl Network {
+    /// `docker network create -d PLUGIN --ipam-driver PLUGIN NAME`: a
+    /// network of `tunnel`'s driver.
+    pub fn create(name: &str, plugin: &str) -> Self {
+        docker_ok(&[
+            "network",
+            "create",
+            "-d",
+            plugin,
+            "--ipam-driver",
+            plugin,
+            name,
+        ]);
+        Network(name.to_owned())
+    }
+
+    /// A plain Docker bridge network, for comparison.
+    pub fn bridge(name: &str) -> Self {
+        docker_ok(&["network", "create", name]);
+        Network(name.to_owned())
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        let _ = docker(&["network", "rm", &self.0]);
+    }
+}
+
 /// Containers of one test, removed on drop even when the test fails.
 #[derive(Default)]
 pub struct Containers(pub Vec<String>);

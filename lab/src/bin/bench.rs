@@ -4,13 +4,15 @@
 //! backend); the time from `tunnel join` to the first packet; peak RSS;
 //! the WebSocket transport, direct and through tinyproxy, against stock
 //! wireguard-go over wstunnel through the same proxy; and how fast
-//! `--container` follows Docker (start -> attached, restart -> traffic).
+//! `--container` follows Docker (start -> attached, restart -> traffic);
+//! and, with the network driver, `docker run --network <tunnel net>` to
+//! the first page fetched across, against the same on a Docker bridge.
 //! Prints the ratios.
 //!
 //! Environment:
 //!   TUNNEL_BIN     binary to measure (default: target/release/tunnel)
 //!   BENCH_SECONDS  iperf3 duration per measurement (default 5)
-//!   BENCH_ONLY     comma list of raw,wggo,tunnel,wss,containers (default: all)
+//!   BENCH_ONLY     comma list of raw,wggo,tunnel,wss,containers,network (default: all)
 //!   WSTUNNEL       the wstunnel binary of the WebSocket reference
 //!   BENCH_STRICT   1 = exit non-zero when a target is missed
 //!   IPERF_EXTRA    extra iperf3 client arguments (e.g. "-P 2")
@@ -18,13 +20,15 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tunnel_lab::{Containers, Host, Lab, Node, docker_ok, fetch, step};
+use tunnel_lab::{Containers, Host, Lab, Network, Node, docker, docker_ok, fetch, step};
 
 const TARGET_RATIO: f64 = 1.3;
 const TARGET_JOIN_MS: u128 = 1000;
 const IPERF_PORT: &str = "5201";
 const PAGE: &str = "bench-page";
 const RESTARTS: usize = 3;
+/// `docker run` to the first page, per network: how many runs.
+const FIRST_PAGES: usize = 5;
 
 fn info(s: &str) {
     println!("    {s}");
@@ -55,7 +59,7 @@ impl Config {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(5),
             only: var("BENCH_ONLY")
-                .unwrap_or_else(|| "raw,wggo,tunnel,wss,containers".into())
+                .unwrap_or_else(|| "raw,wggo,tunnel,wss,containers,network".into())
                 .split(',')
                 .map(str::to_owned)
                 .collect(),
@@ -132,6 +136,11 @@ struct Results {
     attach_total_ms: Option<u128>,
     restarts: Vec<(u128, u128)>,
     fetch_ms: Option<u128>,
+    /// `docker run --network` -> page, ms: tunnel by address, by name, and
+    /// a Docker bridge network.
+    first_page: Vec<u128>,
+    first_page_by_name: Vec<u128>,
+    first_page_bridge: Vec<u128>,
     wss_direct: Option<Both>,
     wss_proxy: Option<Both>,
     wss_join_ms: Option<u128>,
@@ -538,6 +547,122 @@ fn containers(lab: &mut Lab, r: &mut Results) {
     }
 }
 
+/// `docker run --rm --network NET [--dns ...] IMAGE wget URL`, once: the
+/// time from the call to the page, or None when the one attempt failed.
+fn first_page(net: &str, dns: Option<&str>, url: &str) -> Option<u128> {
+    let mut args = vec!["run", "--rm", "--network", net];
+    if let Some(d) = dns {
+        args.extend(["--dns", d]);
+    }
+    args.extend([tunnel_lab::IMAGE, "wget", "-qO-", "-T", "5", url]);
+    let t = Instant::now();
+    let out = docker(&args);
+    let took = t.elapsed().as_millis();
+    (out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == PAGE).then_some(took)
+}
+
+fn network(lab: &mut Lab, r: &mut Results) {
+    let (a, b) = (lab.host(0), lab.host(1));
+    let (plugin_a, plugin_b) = (format!("tb{}a", lab.id), format!("tb{}b", lab.id));
+    let hub = lab.serve(
+        &a,
+        "na",
+        1,
+        &[
+            "--mtu",
+            "1420",
+            "--name",
+            "hq",
+            "--docker-driver",
+            &plugin_a,
+        ],
+    );
+    let site = lab.join(
+        &b,
+        "nb",
+        &hub.lines[0],
+        &a,
+        &["--mtu", "1420", "--docker-driver", &plugin_b],
+    );
+    let (na, nb, bridge) = (
+        format!("tb{}na", lab.id),
+        format!("tb{}nb", lab.id),
+        format!("tb{}br", lab.id),
+    );
+    let nets = [
+        Network::create(&na, &plugin_a),
+        Network::create(&nb, &plugin_b),
+        Network::bridge(&bridge),
+    ];
+    let (web, web_br) = (format!("tb{}nweb", lab.id), format!("tb{}bweb", lab.id));
+    let mut cs = Containers::default();
+    let httpd =
+        format!("mkdir -p /www && echo {PAGE} > /www/index.html && exec httpd -f -p 80 -h /www");
+    step(&format!(
+        "web containers: {web} on tunnel network {na} (hub), {web_br} on bridge {bridge}"
+    ));
+    cs.run_with(&web, &["--network", &na], &["sh", "-c", &httpd]);
+    cs.run_with(&web_br, &["--network", &bridge], &["sh", "-c", &httpd]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let web_ip = loop {
+        let st = lab.status(&hub);
+        let found = st.as_array().and_then(|eps| {
+            eps.iter()
+                .find(|e| e["container"] == web.as_str())
+                .and_then(|e| e["address"].as_str())
+                .map(|a| a.split('/').next().unwrap_or("").to_owned())
+        });
+        if let Some(ip) = found {
+            break ip;
+        }
+        if Instant::now() > deadline {
+            die(&format!("{web} got no endpoint on {na}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let br_ip = docker_ok(&[
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        &web_br,
+    ]);
+    // The page answers before measuring (httpd is up).
+    let url = format!("http://{web_ip}/");
+    let by_name = format!("http://{web}.hq.tunnel/");
+    let url_br = format!("http://{br_ip}/");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while first_page(&nb, None, &url).is_none() || first_page(&bridge, None, &url_br).is_none() {
+        if Instant::now() > deadline {
+            die("no page across the tunnel network or the bridge within 30 s");
+        }
+    }
+    step(&format!(
+        "docker run --rm --network {nb} ... wget {url} (and by name {by_name}), {FIRST_PAGES} times; the same on bridge {bridge}"
+    ));
+    for _ in 0..FIRST_PAGES {
+        match first_page(&nb, None, &url) {
+            Some(ms) => r.first_page.push(ms),
+            None => r.problems.push(format!(
+                "a container on {nb} missed {url} on its first attempt"
+            )),
+        }
+        match first_page(&nb, Some("10.77.0.1"), &by_name) {
+            Some(ms) => r.first_page_by_name.push(ms),
+            None => r.problems.push(format!(
+                "a container on {nb} missed {by_name} on its first attempt"
+            )),
+        }
+        if let Some(ms) = first_page(&bridge, None, &url_br) {
+            r.first_page_bridge.push(ms);
+        }
+    }
+    drop(cs);
+    drop(nets);
+    step("stopping tunnel join and serve with the network driver (SIGTERM)");
+    stop(lab, &site, r);
+    stop(lab, &hub, r);
+}
+
 fn median(v: &mut [u128]) -> u128 {
     v.sort();
     v[v.len() / 2]
@@ -690,7 +815,44 @@ fn summary(cfg: &Config, r: &mut Results) -> Vec<String> {
             r.fetch_ms.map(|m| m.to_string()).unwrap_or("?".into())
         );
     }
-    if cfg.want("tunnel") || cfg.want("containers") {
+    if cfg.want("network") {
+        if r.first_page.is_empty() {
+            println!("docker run --network -> page:    -");
+        } else {
+            let list = |v: &[u128]| {
+                v.iter()
+                    .map(|m| m.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            };
+            let by_ip = median(&mut r.first_page);
+            let ok = by_ip < TARGET_JOIN_MS;
+            if !ok {
+                missed.push(format!("docker run --network -> page took {by_ip} ms"));
+            }
+            println!(
+                "docker run --network -> page:    {} ms (median {by_ip} ms; target < {TARGET_JOIN_MS} ms: {}), container start included",
+                list(&r.first_page),
+                if ok { "ok" } else { "MISSED" }
+            );
+            if !r.first_page_by_name.is_empty() {
+                println!(
+                    "  ... by name via the hub's DNS: {} ms (median {} ms)",
+                    list(&r.first_page_by_name),
+                    median(&mut r.first_page_by_name)
+                );
+            }
+            if !r.first_page_bridge.is_empty() {
+                let br = median(&mut r.first_page_bridge);
+                println!(
+                    "  ... on a Docker bridge network: {} ms (median {br} ms); tunnel/bridge {:.2}",
+                    list(&r.first_page_bridge),
+                    by_ip as f64 / br.max(1) as f64
+                );
+            }
+        }
+    }
+    if cfg.want("tunnel") || cfg.want("containers") || cfg.want("network") {
         if r.problems.is_empty() {
             println!("shutdown: clean (exit 0, no interface or UAPI socket left)");
         } else {
@@ -713,7 +875,7 @@ fn main() {
             cfg.bin.display()
         ));
     }
-    if cfg.want("containers")
+    if (cfg.want("containers") || cfg.want("network"))
         && !(tunnel_lab::docker(&["info"]).status.success()
             && tunnel_lab::docker(&["image", "inspect", tunnel_lab::IMAGE])
                 .status
@@ -754,6 +916,9 @@ fn main() {
     }
     if cfg.want("containers") {
         containers(&mut lab, &mut r);
+    }
+    if cfg.want("network") {
+        network(&mut lab, &mut r);
     }
     let missed = summary(&cfg, &mut r);
     drop(lab);
