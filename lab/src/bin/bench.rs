@@ -554,11 +554,21 @@ fn first_page(net: &str, dns: Option<&str>, url: &str) -> Option<u128> {
     if let Some(d) = dns {
         args.extend(["--dns", d]);
     }
-    args.extend([tunnel_lab::IMAGE, "wget", "-qO-", "-T", "5", url]);
+    // busybox wget's own -T crashes (Debian's busybox-static 1.35).
+    args.extend([tunnel_lab::IMAGE, "timeout", "5", "wget", "-qO-", url]);
     let t = Instant::now();
     let out = docker(&args);
     let took = t.elapsed().as_millis();
-    (out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == PAGE).then_some(took)
+    let ok = out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == PAGE;
+    if !ok {
+        info(&format!(
+            "docker {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    ok.then_some(took)
 }
 
 fn network(lab: &mut Lab, r: &mut Results) {
@@ -825,7 +835,7 @@ fn summary(cfg: &Config, r: &mut Results) -> Vec<String> {
                     .collect::<Vec<_>>()
                     .join(" / ")
             };
-            let by_ip = median(&mut r.first_page);
+            let by_ip = median(&mut r.first_page.clone());
             let ok = by_ip < TARGET_JOIN_MS;
             if !ok {
                 missed.push(format!("docker run --network -> page took {by_ip} ms"));
@@ -839,11 +849,11 @@ fn summary(cfg: &Config, r: &mut Results) -> Vec<String> {
                 println!(
                     "  ... by name via the hub's DNS: {} ms (median {} ms)",
                     list(&r.first_page_by_name),
-                    median(&mut r.first_page_by_name)
+                    median(&mut r.first_page_by_name.clone())
                 );
             }
             if !r.first_page_bridge.is_empty() {
-                let br = median(&mut r.first_page_bridge);
+                let br = median(&mut r.first_page_bridge.clone());
                 println!(
                     "  ... on a Docker bridge network: {} ms (median {br} ms); tunnel/bridge {:.2}",
                     list(&r.first_page_bridge),
