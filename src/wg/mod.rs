@@ -11,6 +11,7 @@
 #[cfg(test)]
 pub mod fake;
 pub mod kernel;
+pub mod offload;
 pub mod userspace;
 
 use crate::keys::{PrivateKey, PublicKey};

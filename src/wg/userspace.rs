@@ -14,7 +14,6 @@ use bytes::{Bytes, BytesMut};
 use gotatun::device::uapi::UapiServer;
 use gotatun::device::{Device, DeviceBuilder, Peer};
 use gotatun::packet::{Ip, Packet, PacketBufPool};
-use gotatun::tun::tun_async_device::TunDevice;
 use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
 use gotatun::udp::socket::{UdpSocket, UdpSocketFactory};
 use gotatun::udp::{UdpRecv, UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
@@ -52,7 +51,7 @@ pub struct UserspaceDevice {
 /// instead of sent to a peer (the host forwarded it in from elsewhere).
 #[derive(Clone)]
 pub struct Tun {
-    inner: TunDevice,
+    inner: super::offload::OffloadTun,
     confine: Option<Arc<[IpNetwork]>>,
 }
 
@@ -111,6 +110,7 @@ impl UdpTransportFactory for Mux {
             MuxSend {
                 udp: send,
                 relay: self.relay.clone(),
+                gso: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             },
             MuxRecv { udp: recv, inbound },
         ))
@@ -121,6 +121,105 @@ impl UdpTransportFactory for Mux {
 pub struct MuxSend {
     udp: UdpSocket,
     relay: Option<Arc<Relay>>,
+    /// UDP GSO, until the kernel refuses it once.
+    gso: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Datagrams one GSO send carries at most (the kernel's UDP_MAX_SEGMENTS).
+const GSO_SEGMENTS: usize = 64;
+/// Bytes one GSO send carries at most (one UDP datagram's limit).
+const GSO_BYTES: usize = 65000;
+
+/// Runs of `packets` that one GSO send can carry: the same destination,
+/// the same size but for a shorter last one, within the kernel's limits.
+pub fn gso_runs(packets: &[(usize, SocketAddr)]) -> Vec<std::ops::Range<usize>> {
+    let mut runs = vec![];
+    let mut start = 0;
+    while start < packets.len() {
+        let (size, to) = packets[start];
+        let mut end = start + 1;
+        let mut bytes = size;
+        while end < packets.len()
+            && end - start < GSO_SEGMENTS
+            && packets[end].1 == to
+            && packets[end].0 <= size
+            && bytes + packets[end].0 <= GSO_BYTES
+        {
+            bytes += packets[end].0;
+            end += 1;
+            if packets[end - 1].0 < size {
+                break;
+            }
+        }
+        runs.push(start..end);
+        start = end;
+    }
+    runs
+}
+
+impl MuxSend {
+    /// Sends `packets` as few GSO datagrams (the kernel splits them, and
+    /// the receiver's UDP GRO may keep them whole up to its socket). On
+    /// the first refusal, GSO is off for good and the rest go by
+    /// `sendmmsg`.
+    async fn send_gso(&self, packets: &mut Vec<(Packet, SocketAddr)>) -> std::io::Result<()> {
+        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+        use std::os::fd::AsRawFd;
+        let sock = self.udp.socket();
+        let shape: Vec<(usize, SocketAddr)> = packets.iter().map(|(p, d)| (p.len(), *d)).collect();
+        let mut sent = 0;
+        for run in gso_runs(&shape) {
+            if run.len() == 1 {
+                let (p, d) = &packets[run.start];
+                sock.send_to(p, *d).await?;
+                sent = run.end;
+                continue;
+            }
+            let iov: Vec<std::io::IoSlice> = packets[run.clone()]
+                .iter()
+                .map(|(p, _)| std::io::IoSlice::new(p))
+                .collect();
+            let segment = shape[run.start].0 as u16;
+            let to = SockaddrStorage::from(shape[run.start].1);
+            let r = sock
+                .async_io(tokio::io::Interest::WRITABLE, || {
+                    sendmsg(
+                        sock.as_raw_fd(),
+                        &iov,
+                        &[ControlMessage::UdpGsoSegments(&segment)],
+                        MsgFlags::MSG_DONTWAIT,
+                        Some(&to),
+                    )
+                    .map_err(std::io::Error::from)
+                })
+                .await;
+            match r {
+                Ok(_) => sent = run.end,
+                // No GSO on this kernel or egress device (wireguard-go
+                // reads EIO the same way): off for good.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+                    ) =>
+                {
+                    tracing::debug!("UDP GSO refused ({e}); sending one datagram at a time");
+                    self.gso.store(false, std::sync::atomic::Ordering::Relaxed);
+                    break;
+                }
+                // This run only (a datagram over the path MTU, say): one
+                // at a time, as sendmmsg would.
+                Err(_) => {
+                    for (p, d) in &packets[run.clone()] {
+                        let _ = sock.send_to(p, *d).await;
+                    }
+                    sent = run.end;
+                }
+            }
+        }
+        packets.drain(..sent);
+        Ok(())
+    }
 }
 
 /// A datagram's bytes, without a copy.
@@ -165,6 +264,12 @@ impl UdpSend for MuxSend {
         }
         if packets.is_empty() {
             return Ok(());
+        }
+        if self.gso.load(std::sync::atomic::Ordering::Relaxed) {
+            self.send_gso(packets).await?;
+            if packets.is_empty() {
+                return Ok(());
+            }
         }
         self.udp.send_many_to(buf, packets).await
     }
@@ -296,17 +401,12 @@ impl UserspaceDevice {
     pub async fn create(spec: &DeviceSpec, net: Arc<dyn NetOps>) -> Result<Self, WgError> {
         check_tun()?;
         // Created with its MTU so that gotatun sizes packets right from the start.
-        let mut config = gotatun::tun::tun::Configuration::default();
-        config
-            .tun_name(&spec.name)
-            .mtu(spec.mtu.min(u16::MAX as u32) as u16);
-        let tun = gotatun::tun::tun::create_as_async(&config)
-            .map_err(Cause::from)
-            .and_then(|t| TunDevice::from_tun_device(t).map_err(Cause::from))
-            .map_err(|source| WgError::Userspace {
-                what: "creating the TUN device",
-                source,
-            })?;
+        let tun =
+            super::offload::OffloadTun::create(&spec.name, spec.mtu.min(u16::MAX as u32) as u16)
+                .map_err(|e| WgError::Userspace {
+                    what: "creating the TUN device",
+                    source: Cause::from(e),
+                })?;
         let socket = uapi_socket(&spec.name);
         let uapi = UapiServer::default_unix_socket(&spec.name, None, None).map_err(|e| {
             WgError::Userspace {
@@ -515,7 +615,27 @@ impl WgDevice for UserspaceDevice {
 
 #[cfg(test)]
 mod tests {
-    use super::within;
+    use super::{SocketAddr, gso_runs, within};
+
+    #[test]
+    fn gso_runs_group_equal_sizes_to_one_destination_within_limits() {
+        let a: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let b: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+        // Same size, then a shorter last one ends the run.
+        let shape = [(1452, a), (1452, a), (1452, a), (600, a), (1452, a)];
+        assert_eq!(gso_runs(&shape), vec![0..4, 4..5]);
+        // Another destination or a bigger datagram starts a new run.
+        let shape = [(1452, a), (1452, b), (100, b), (1452, b)];
+        assert_eq!(gso_runs(&shape), vec![0..1, 1..3, 3..4]);
+        // At most 64 datagrams, and 65000 bytes, per run.
+        let shape = vec![(100, a); 130];
+        assert_eq!(gso_runs(&shape), vec![0..64, 64..128, 128..130]);
+        let shape = vec![(1452, a); 50];
+        let runs = gso_runs(&shape);
+        assert_eq!(runs[0], 0..44);
+        assert!(runs.iter().all(|r| r.len() * 1452 <= 65000));
+        assert!(gso_runs(&[]).is_empty());
+    }
 
     #[test]
     fn confinement_keeps_packets_whose_other_end_is_inside() {
