@@ -160,14 +160,23 @@ async fn write_batches(dev: Arc<tun_rs::AsyncDevice>, mut rx: mpsc::Receiver<Pac
         if rx.recv_many(&mut queued, WRITE_BATCH).await == 0 {
             return;
         }
-        if queued.len() < WRITE_BATCH {
-            // Let the decrypting side add what it has in hand.
+        // Let the decrypting side add what it has in hand, while it has
+        // some: a few yields make batches worth coalescing (measured: one
+        // yield gives single-stream TCP a fifth more than none).
+        for _ in 0..4 {
+            if queued.len() >= WRITE_BATCH {
+                break;
+            }
             tokio::task::yield_now().await;
+            let before = queued.len();
             while queued.len() < WRITE_BATCH {
                 match rx.try_recv() {
                     Ok(p) => queued.push(p),
                     Err(_) => break,
                 }
+            }
+            if queued.len() == before {
+                break;
             }
         }
         for p in queued.drain(..) {
