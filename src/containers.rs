@@ -469,6 +469,7 @@ impl Follower {
             .placer
             .place(&device_spec, &spec.container, pid)
             .await?;
+        crate::sys::crash_point("container-attach");
         if let Err(source) =
             route_into(device.as_ref(), net.as_ref(), &spec, &[], &self.routes).await
         {

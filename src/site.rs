@@ -466,6 +466,7 @@ pub async fn redeem_and_switch(
         progress.set_message(format!("handshaking with {endpoint}"));
     }
     let mut handshake_at: Option<Instant> = None;
+    crate::sys::crash_point("redeem-sending");
     let redeemed = loop {
         let attempt =
             Duration::from_millis(700).min(deadline.saturating_duration_since(Instant::now()));
@@ -511,6 +512,7 @@ pub async fn redeem_and_switch(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    crate::sys::crash_point("redeem-answered");
     if redeemed.address != token.assigned_network() {
         return Err(SiteError::Mismatch {
             got: redeemed.address,
@@ -542,6 +544,7 @@ pub async fn redeem_and_switch(
     };
     store.save(inv.iface, &Endpoint::Joined(joined.clone()))?;
     device.set_private_key(own_key).await?;
+    crate::sys::crash_point("key-swapped");
     tracing::info!(
         "invite redeemed; now using this host's own key {}",
         own_key.public_key()

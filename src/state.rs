@@ -505,12 +505,64 @@ impl StateDir {
         }
     }
 
+    /// Where a join under way keeps the key it made for its token.
+    pub fn pending_file(&self, iface: &str) -> PathBuf {
+        self.root.join(format!("{iface}.joining"))
+    }
+
+    pub fn load_pending(&self, iface: &str) -> Result<Option<PendingJoin>, StateError> {
+        let path = self.pending_file(iface);
+        let bytes = match fs::read(&path) {
+            Ok(b) => zeroize::Zeroizing::new(b),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|source| StateError::Parse { path, source })
+    }
+
+    /// Saved (0600, atomically) before the redeem is sent.
+    pub fn save_pending(&self, iface: &str, pending: &PendingJoin) -> Result<(), StateError> {
+        self.ensure()?;
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(pending).expect("serializes"));
+        write_atomic(&self.pending_file(iface), &json)
+    }
+
+    /// Once the site's state is saved (or the token is refused for good).
+    pub fn remove_pending(&self, iface: &str) {
+        let path = self.pending_file(iface);
+        if let Err(e) = fs::remove_file(&path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!("removing {}: {e}", path.display());
+        }
+    }
+
     pub fn remove(&self, iface: &str) -> Result<(), StateError> {
         let path = self.file(iface);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
             _ => Ok(()),
         }
+    }
+}
+
+/// A join under way: the key made here for one token (named by its
+/// invite's public key). A join that crashes after sending the redeem and
+/// runs again redeems with the same key, which the hub accepts again, so
+/// no crash burns a token.
+#[derive(Serialize, Deserialize)]
+pub struct PendingJoin {
+    pub invite: PublicKey,
+    pub private_key: PrivateKey,
+}
+
+impl std::fmt::Debug for PendingJoin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingJoin")
+            .field("invite", &self.invite)
+            .finish_non_exhaustive()
     }
 }
 

@@ -47,3 +47,16 @@ pub fn hostname() -> String {
         .filter(|h| crate::limits::check_name(h).is_ok())
         .unwrap_or_else(|| "site".to_owned())
 }
+
+/// Test builds only (debug assertions on): SIGKILLs this process at the
+/// named step when `TUNNEL_TEST_CRASH_AT` names it, so that tests crash a
+/// flow at an exact point rather than guess one by timing. Release builds
+/// compile it to nothing.
+pub fn crash_point(step: &str) {
+    #[cfg(debug_assertions)]
+    if std::env::var("TUNNEL_TEST_CRASH_AT").is_ok_and(|s| s == step) {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = step;
+}

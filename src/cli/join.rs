@@ -85,6 +85,23 @@ pub async fn resolve(server: &str, default_port: u16) -> Result<SocketAddr, Fail
         .ok_or_else(|| Failure::input(anyhow!("{host} has no address")))
 }
 
+/// `up`'s arguments for a join that finds its site saved already.
+fn resume_args(args: &JoinArgs) -> super::up::UpArgs {
+    super::up::UpArgs {
+        local: super::LocalArgs {
+            iface: args.common.iface.clone(),
+            state_dir: args.common.state_dir.clone(),
+        },
+        backend: Some(args.common.backend),
+        timeout: args.timeout,
+        proxy: args.proxy.clone(),
+        attach_label: args.common.attach_label.clone(),
+        docker_driver: args.common.docker_driver.clone(),
+        metrics: args.common.metrics,
+        firewall: args.lan.firewall,
+    }
+}
+
 fn read_token(arg: &str) -> Result<Token, Failure> {
     let text = if arg == "-" {
         let mut s = String::new();
@@ -102,6 +119,22 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let started = Instant::now();
     // Everything about the input is checked before the host is touched.
     let token = read_token(&args.token)?;
+    crate::sys::crash_point("token-parsed");
+    let store = StateDir::new(&args.common.state_dir);
+    // A join with this token that crashed after saving the site: the
+    // token is spent on us, and `up` is what brings the site back.
+    if let Some(Endpoint::Joined(j)) = store.load(&args.common.iface)?
+        && j.server_public_key == token.server_public_key
+        && j.address == token.assigned_network()
+    {
+        eprintln!(
+            "{} joined with this token already ({}): bringing it up from its saved state, as `tunnel up` does",
+            args.common.iface,
+            store.file(&args.common.iface).display()
+        );
+        store.remove_pending(&args.common.iface);
+        return super::up::run(resume_args(&args), shutdown).await;
+    }
     token
         .check_expiry(SystemTime::now())
         .map_err(Failure::input)?;
@@ -127,7 +160,6 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         args.common.attach_label.is_some() || args.common.docker_driver.is_some(),
     )
     .await?;
-    let store = StateDir::new(&args.common.state_dir);
     if let Some(Endpoint::Server(_)) = store.load(&iface)? {
         return Err(Failure::input(anyhow!(
             "{} holds a server for {iface}; use another --iface or --state-dir",
@@ -178,7 +210,30 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
             }
         };
 
-    let own_key = PrivateKey::generate();
+    crate::sys::crash_point("iface-created");
+    // The key for this token is saved before the redeem goes out: a join
+    // that crashes and runs again redeems with the same key, which the hub
+    // takes again, so a crash never burns the token.
+    let invite = token.invite_key.public_key();
+    let own_key = match store.load_pending(&iface) {
+        Ok(Some(p)) if p.invite == invite => {
+            tracing::info!(
+                "resuming an interrupted join of this token with the key in {}",
+                store.pending_file(&iface).display()
+            );
+            p.private_key
+        }
+        _ => PrivateKey::generate(),
+    };
+    let pending = crate::state::PendingJoin {
+        invite,
+        private_key: own_key.clone(),
+    };
+    if let Err(e) = store.save_pending(&iface, &pending) {
+        let _ = device.destroy().await;
+        gateway.stop(net.as_ref()).await;
+        return Err(e.into());
+    }
     let progress = spinner();
     let deadline = started + args.timeout;
     let joined = async {
@@ -230,8 +285,17 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
     }
     .await;
     let (joined, route, first_packet, containers, transparent) = match joined {
-        Ok(j) => j,
+        Ok(j) => {
+            store.remove_pending(&iface);
+            j
+        }
         Err(e) => {
+            // Refused by the server: the saved key is of no more use.
+            // (AlreadyUsed is the joiner's guess from a handshake without
+            // an answer, which a crashed hub also gives: the key stays.)
+            if matches!(e, site::SiteError::Refused(_)) {
+                store.remove_pending(&iface);
+            }
             progress.finish_and_clear();
             if let Err(t) = device.destroy().await {
                 tracing::warn!("removing {iface}: {t}");

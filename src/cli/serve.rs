@@ -396,6 +396,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     }
     let websocket = websocket(&args, &mut state, &store).await?;
     let mut ledger = Ledger::new(state, args.endpoints_per_site.into())?;
+    ledger.resume_swaps(Instant::now());
     ledger
         .set_hub_routes(args.lan.routes.clone())
         .map_err(Failure::input)?;

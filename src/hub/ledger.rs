@@ -367,6 +367,33 @@ impl Ledger {
         self.pool.server_address()
     }
 
+    /// After a restart: swaps that were under way when the last run
+    /// stopped (redeemed, the new key never seen) are under way again, so
+    /// the joiner can still come back through its invite key, as a join
+    /// that crashed and runs again does. Known peers are not touched.
+    pub fn resume_swaps(&mut self, since: Instant) {
+        let resumed: Vec<Pending> = self
+            .state
+            .invites
+            .iter()
+            .filter_map(|i| {
+                let peer = i.redeemed_by?;
+                self.state
+                    .peers
+                    .iter()
+                    .any(|p| p.public_key == peer && p.address == i.address && p.endpoint.is_none())
+                    .then_some(Pending {
+                        invite: i.public_key,
+                        peer,
+                        address: i.address,
+                        since,
+                    })
+            })
+            .filter(|r| !self.pending.iter().any(|p| p.peer == r.peer))
+            .collect();
+        self.pending.extend(resumed);
+    }
+
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }
@@ -1194,6 +1221,19 @@ mod tests {
         let snapshot = l.state().clone();
         assert!(l.redeem(tok.assigned, first, t0(), Instant::now()).is_ok());
         assert_eq!(l.state(), &snapshot, "a retry changes nothing");
+        // A restart before the new key was seen: the invite keeps the
+        // address (the joiner can come back through it) until it is.
+        let mut restarted = Ledger::new(snapshot.clone(), 2).unwrap();
+        restarted.resume_swaps(Instant::now());
+        assert!(restarted.has_pending());
+        let invite = tok.invite_key.public_key();
+        assert!(!restarted.desired()[&invite].allowed_ips.is_empty());
+        assert!(restarted.desired()[&first].allowed_ips.is_empty());
+        assert!(
+            restarted
+                .redeem(tok.assigned, first, t0(), Instant::now())
+                .is_ok()
+        );
         assert_eq!(
             l.redeem(tok.assigned, key(), t0(), Instant::now()),
             Err(RedeemError::AlreadyUsed)

@@ -388,6 +388,8 @@ impl Hub {
                 Ok::<_, RedeemError>((net, name))
             })
             .await?;
+        // Saved, not yet answered.
+        crate::sys::crash_point("hub-redeemed");
         match &name {
             Some(n) => tracing::info!(
                 "{address} redeemed its invite as site {n}; admitting public key {key}"

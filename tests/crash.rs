@@ -1,0 +1,124 @@
+//! Crashes at every step of the join flow: `join` (and separately `serve`)
+//! is killed with SIGKILL at an exact step, through the test builds' crash
+//! hook (`TUNNEL_TEST_CRASH_AT`, compiled only with debug assertions), and
+//! running the same `join` again with the same token brings the site up.
+//! No crash burns a token, and nothing is left behind.
+
+mod common;
+
+use common::{Host, Lab, Node, needs_root};
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+const CRASH: &str = "TUNNEL_TEST_CRASH_AT";
+
+/// `tunnel join` as `Lab::join` runs it for `tag`, but killed at `step`;
+/// returns once it died of SIGKILL.
+fn join_crashing(lab: &mut Lab, b: &Host, a: &Host, tag: &str, token: &str, step: &str) {
+    let (iface, state) = (lab.iface(tag), lab.state_dir(tag));
+    let args = [
+        "join",
+        token,
+        &a.ip,
+        "--iface",
+        &iface,
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--backend",
+        "userspace",
+        "--timeout",
+        "10s",
+    ];
+    let p = lab.spawn_env(b, &args, &[(CRASH, step)]);
+    let status = lab.proc(p).wait(Duration::from_secs(20));
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "join was to die of SIGKILL at {step}: {status}\n{}",
+        lab.proc(p).stderr()
+    );
+}
+
+/// What a site must not leave behind once stopped.
+fn left_behind(node: &Node) -> Vec<String> {
+    let mut left = vec![];
+    if node.host.has_link(&node.iface) {
+        left.push(format!("link {}", node.iface));
+    }
+    let uapi = format!("/var/run/wireguard/{}.sock", node.iface);
+    if std::path::Path::new(&uapi).exists() {
+        left.push(uapi);
+    }
+    let pending = node.state.join(format!("{}.joining", node.iface));
+    if pending.exists() {
+        left.push(pending.display().to_string());
+    }
+    if node.host.has_nft_table(&format!("tunnel-{}", node.iface)) {
+        left.push(format!("nftables table of {}", node.iface));
+    }
+    left
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_join_killed_at_any_step_joins_when_run_again_with_the_same_token() {
+    needs_root("join_crash_steps");
+    for step in [
+        "token-parsed",
+        "iface-created",
+        "redeem-sending",
+        "redeem-answered",
+        "key-swapped",
+    ] {
+        let mut lab = common::lab(2);
+        let (a, b) = (lab.host(0), lab.host(1));
+        let hub = lab.serve(&a, "a", 1, &[]);
+        let token = hub.lines[0].clone();
+        join_crashing(&mut lab, &b, &a, "b", &token, step);
+        // The same command again, without the hook.
+        let site = lab.join(&b, "b", &token, &a, &["--timeout", "10s"]);
+        assert!(
+            b.ping("10.77.0.1"),
+            "after a crash at {step}, the second join does not carry traffic: {:?}",
+            site.lines
+        );
+        assert!(lab.proc(site.proc).terminate().success(), "{step}");
+        let left = left_behind(&site);
+        assert!(left.is_empty(), "after a crash at {step}: {left:?}");
+        // And `up` brings it back from what was saved.
+        let up = lab.spawn(&b, &site.local("up"));
+        lab.proc(up).wait_lines(1, common::UP);
+        assert!(b.ping("10.77.0.1"), "up after a crash at {step}");
+        assert!(lab.proc(up).terminate().success());
+        assert!(lab.proc(hub.proc).terminate().success());
+    }
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_hub_killed_after_saving_a_redemption_admits_the_site_after_its_restart() {
+    needs_root("serve_crash_redeem");
+    let mut lab = common::lab(2);
+    let (a, b) = (lab.host(0), lab.host(1));
+    let crash = format!("{CRASH}=hub-redeemed");
+    let hub = lab.serve_via(&a, "a", 1, &["env", &crash], &[]);
+    let token = hub.lines[0].clone();
+    // The join's redeem kills the hub after it saved the redemption and
+    // before it answered; the join gives up.
+    let out = lab.join_output(&b, "b", &token, &a.ip, &["--timeout", "4s"]);
+    assert!(!out.status.success());
+    let status = lab.proc(hub.proc).wait(Duration::from_secs(10));
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the hub was to die at hub-redeemed"
+    );
+    // The hub comes back from its state; the same join, run again, is in.
+    let again = lab.serve_again(&hub, &[]);
+    let site = lab.join(&b, "b", &token, &a, &["--timeout", "10s"]);
+    assert!(b.ping("10.77.0.1"), "{:?}", site.lines);
+    assert!(lab.proc(site.proc).terminate().success());
+    assert!(lab.proc(again).terminate().success());
+    let left = left_behind(&site);
+    assert!(left.is_empty(), "{left:?}");
+}
