@@ -90,3 +90,164 @@ fn a_site_whose_underlay_address_changes_is_followed_by_the_hub() {
     assert!(lab.proc(site.proc).terminate().success());
     assert!(lab.proc(hub.proc).terminate().success());
 }
+
+/// A small tmpfs, unmounted on drop even when the test fails.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: std::path::PathBuf, size: &str) -> Self {
+        std::fs::create_dir_all(&at).unwrap();
+        common::sh(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size},mode=0700"),
+            "tmpfs",
+            at.to_str().unwrap(),
+        ]);
+        Tmpfs(at)
+    }
+
+    /// Writes zeros until the filesystem is full.
+    fn fill(&self) -> std::path::PathBuf {
+        let filler = self.0.join("filler");
+        let _ = std::process::Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                &format!("of={}", filler.display()),
+                "bs=64k",
+            ])
+            .output();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_full_or_read_only_disk_never_takes_the_tunnel_down() {
+    needs_root("full_disk");
+    let mut lab = common::lab(2);
+    let (a, b) = (lab.host(0), lab.host(1));
+    let disk = Tmpfs::mount(lab.dir.path().join("disk"), "2m");
+    let state = disk.0.join("hub");
+    let state_arg = state.to_str().unwrap().to_owned();
+    let iface = lab.iface("a");
+    let serve = lab.spawn(
+        &a,
+        &[
+            "serve",
+            "--iface",
+            &iface,
+            "--state-dir",
+            &state_arg,
+            "--backend",
+            "userspace",
+            "--tokens",
+            "1",
+        ],
+    );
+    let token = lab.proc(serve).wait_lines(1, common::UP)[0].clone();
+    let site = lab.join(&b, "b", &token, &a, &[]);
+    assert!(b.ping("10.77.0.1"));
+    let local = |cmd: &'static str| -> Vec<String> {
+        vec![
+            cmd.into(),
+            "--iface".into(),
+            iface.clone(),
+            "--state-dir".into(),
+            state_arg.clone(),
+        ]
+    };
+    let run = |lab: &common::Lab, args: &[String]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lab.tunnel(&a, &args)
+    };
+    let saved = || -> serde_json::Value {
+        let text = std::fs::read_to_string(state.join(format!("{iface}.json"))).unwrap();
+        serde_json::from_str(&text).expect("the state file is always a complete state")
+    };
+
+    // Full: a token cannot be saved, so none is handed out; the tunnel
+    // stays up and the file keeps the last complete state.
+    let before = saved();
+    let filler = disk.fill();
+    let out = run(&lab, &local("token"));
+    assert_eq!(out.status.code(), Some(1), "a token was handed out unsaved");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(b.ping("10.77.0.1"), "the tunnel went down with the disk");
+    assert!(lab.proc(serve).running(), "the hub exited on a full disk");
+    assert_eq!(saved(), before);
+    // Space again: the next change is saved.
+    std::fs::remove_file(&filler).unwrap();
+    let out = run(&lab, &local("token"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token2 = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_ne!(saved(), before, "the new token's invite is not on disk");
+
+    // Read-only: a new serve or join refuses to start with one clear line
+    // and leaves nothing; the running hub stays up; the token is not spent.
+    common::sh(&["mount", "-o", "remount,ro", disk.0.to_str().unwrap()]);
+    let fresh = disk.0.join("other");
+    let (iface_c, iface_d) = (lab.iface("c"), lab.iface("d"));
+    let out = lab.tunnel(
+        &a,
+        &[
+            "serve",
+            "--iface",
+            &iface_c,
+            "--state-dir",
+            fresh.to_str().unwrap(),
+            "--backend",
+            "userspace",
+            "--port",
+            "51999",
+        ],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(fresh.to_str().unwrap()), "{err}");
+    let join_state = disk.0.join("joined");
+    let out = lab.tunnel(
+        &b,
+        &[
+            "join",
+            &token2,
+            &a.ip,
+            "--iface",
+            &iface_d,
+            "--state-dir",
+            join_state.to_str().unwrap(),
+            "--backend",
+            "userspace",
+        ],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(join_state.to_str().unwrap()), "{err}");
+    assert!(!b.has_link(&iface_d));
+    assert!(b.ping("10.77.0.1"));
+    common::sh(&["mount", "-o", "remount,rw", disk.0.to_str().unwrap()]);
+    // The token refused above was not spent: it joins another site now
+    // (from B's namespace, once the first site there has stopped).
+    assert!(lab.proc(site.proc).terminate().success());
+    let again = lab.join(&b, "e", &token2, &a, &[]);
+    assert!(again.lines[0].contains("10.77.0.3"), "{:?}", again.lines);
+    assert!(b.ping("10.77.0.1"));
+    assert!(lab.proc(again.proc).terminate().success());
+    assert!(lab.proc(serve).terminate().success());
+}
