@@ -431,9 +431,14 @@ impl Follower {
     pub async fn reconcile_all(&mut self) -> Result<(), ContainerError> {
         let mut first_err = None;
         for i in 0..self.slots.len() {
-            if let Err(e) = self.reconcile(i).await {
-                tracing::warn!("{e}");
-                first_err.get_or_insert(e);
+            match self.reconcile(i).await {
+                // One engine, one answer: the caller says it once.
+                Err(e @ ContainerError::Docker(DockerError::Unavailable(_))) => return Err(e),
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    first_err.get_or_insert(e);
+                }
+                Ok(()) => {}
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -607,32 +612,66 @@ impl Follower {
             let now = r.borrow_and_update().clone();
             self.set_routes(now).await;
         }
+        // The engine may go away (restarted, upgraded, killed): one line
+        // when it does, one when it is back, and retries that back off in
+        // between, never a log line per retry.
+        let mut away: Option<Instant> = None;
+        let mut backoff = RETRY_FIRST;
         loop {
             let mut events = self.runtime.events();
             // Whatever happened while not listening.
-            let _ = self.reconcile_all().await;
-            let _ = self.discover().await;
-            loop {
-                tokio::select! {
-                    _ = &mut stop => return,
-                    Some(now) = next_routes(&mut routes) => self.set_routes(now).await,
-                    ev = events.next() => match ev {
-                        Some(Ok(ev)) => self.on_event(ev).await,
-                        Some(Err(e)) => {
-                            tracing::warn!("Docker events: {e}; retrying");
-                            break;
-                        }
-                        None => break,
-                    },
+            let mut seen = self.reconcile_all().await;
+            if seen.is_ok() {
+                seen = self.discover().await;
+            }
+            match seen {
+                Err(ContainerError::Docker(DockerError::Unavailable(e))) => {
+                    if away.is_none() {
+                        tracing::warn!(
+                            "Docker is not reachable ({e}); attached containers keep their endpoints, reconnecting"
+                        );
+                        away = Some(Instant::now());
+                    }
+                }
+                _ => {
+                    if let Some(since) = away.take() {
+                        tracing::info!(
+                            "Docker answers again after {} s; containers reconciled",
+                            since.elapsed().as_secs()
+                        );
+                    }
+                    backoff = RETRY_FIRST;
+                }
+            }
+            if away.is_none() {
+                loop {
+                    tokio::select! {
+                        _ = &mut stop => return,
+                        Some(now) = next_routes(&mut routes) => self.set_routes(now).await,
+                        ev = events.next() => match ev {
+                            Some(Ok(ev)) => self.on_event(ev).await,
+                            Some(Err(e)) => {
+                                tracing::debug!("Docker events: {e}");
+                                break;
+                            }
+                            None => break,
+                        },
+                    }
                 }
             }
             tokio::select! {
                 _ = &mut stop => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                Some(now) = next_routes(&mut routes) => self.set_routes(now).await,
+                _ = tokio::time::sleep(backoff) => {}
             }
+            backoff = (backoff * 2).min(RETRY_MAX);
         }
     }
 }
+
+/// How soon the follower tries Docker again after losing it, and at most.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(4);
 
 /// The next value of `routes`; pending forever without one (or once its
 /// sender is gone), so a `select!` branch on it simply never fires.
