@@ -122,3 +122,52 @@ fn a_hub_killed_after_saving_a_redemption_admits_the_site_after_its_restart() {
     let left = left_behind(&site);
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+#[ignore = "needs root and Docker: sudo make test"]
+fn a_join_killed_during_a_container_attach_attaches_it_when_run_again() {
+    common::needs_docker("join_crash_container");
+    let mut lab = common::lab(2);
+    let (a, b) = (lab.host(0), lab.host(1));
+    let (web, cli) = (format!("tc{}web", lab.id), format!("tc{}cli", lab.id));
+    let mut cs = common::Containers::default();
+    cs.web(&web, "crash-page");
+    cs.run(&cli, &["sleep", "3600"]);
+    let hub = lab.serve(&a, "a", 1, &["--container", &web]);
+    let token = hub.lines[0].clone();
+    let (iface, state) = (lab.iface("b"), lab.state_dir("b"));
+    let args = [
+        "join",
+        &token,
+        &a.ip,
+        "--iface",
+        &iface,
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--backend",
+        "userspace",
+        "--container",
+        &cli,
+    ];
+    let p = lab.spawn_env(&b, &args, &[(CRASH, "container-attach")]);
+    let status = lab.proc(p).wait(Duration::from_secs(20));
+    assert_eq!(status.signal(), Some(9), "{}", lab.proc(p).stderr());
+    // Run again: the site and its container come up; the container's
+    // interface left by the crash is replaced, not doubled.
+    let site = lab.join(&b, "b", &token, &a, &["--container", &cli]);
+    let url = format!(
+        "http://{}/",
+        common::container_address(&lab.status(&hub), &web)
+    );
+    common::until("the container fetches across after the crash", || {
+        common::fetch(&cli, &url).filter(|p| p == "crash-page")
+    });
+    assert!(lab.proc(site.proc).terminate().success());
+    assert!(left_behind(&site).is_empty(), "{:?}", left_behind(&site));
+    let links = common::docker_ok(&["exec", &cli, "ip", "-o", "link"]);
+    assert!(
+        !links.contains("wt"),
+        "the container keeps a tunnel link: {links}"
+    );
+    assert!(lab.proc(hub.proc).terminate().success());
+}
