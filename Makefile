@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .NOTPARALLEL:
-.PHONY: all build test docker-env lint fmt bench demo demo-sites deps ci clean help image compose-demo
+.PHONY: all build test docker-env lint fmt bench scale demo demo-sites deps ci clean help image compose-demo
 
 all: build
 
@@ -14,6 +14,7 @@ help:
 	@echo "make docker-env - start a local Docker engine, build the test image (root)"
 	@echo "make lint    - cargo fmt --check + cargo clippy --all-targets -- -D warnings"
 	@echo "make bench   - raw veth vs wireguard-go vs tunnel throughput, join latency, container attach/restart times (root)"
+	@echo "make scale   - N sites join one hub at once (SCALE_SITES=250,500): admitted, RSS, idle CPU, status, revoke (root)"
 	@echo "make demo    - two namespace sites with a container each, page fetched across the tunnel (root)"
 	@echo "make demo-sites - a hub, three sites and an office LAN behind a masquerading gateway (root)"
 	@echo "make image   - build the runtime image tunnel:latest offline (docker import)"
@@ -50,6 +51,9 @@ fmt:
 # same namespace lab the tests use.
 bench: deps build
 	./target/release/bench
+
+scale: deps build
+	./target/release/scale
 
 demo: deps build
 	./target/release/demo

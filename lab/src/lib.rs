@@ -527,12 +527,15 @@ impl Lab {
             procs: vec![],
             ifaces: vec![],
         };
+        // Up to 250 hosts on 10.231.0.0/24; a bigger lab (the scale
+        // benchmark) spreads over 10.231.0.0/16.
+        let prefix = if n > 250 { 16 } else { 24 };
         for i in 0..n {
             let ns = format!("tnl{id}h{i}");
             add_ns(&ns);
             lab.hosts.push(Host {
                 ns,
-                ip: format!("10.231.0.{}", i + 1),
+                ip: format!("10.231.{}.{}", (i + 1) / 256, (i + 1) % 256),
                 dev: format!("v{id}h{i}"),
             });
         }
@@ -543,7 +546,7 @@ impl Lab {
                 &h.ns,
                 "addr",
                 "add",
-                &format!("{}/24", h.ip),
+                &format!("{}/{prefix}", h.ip),
                 "dev",
                 dev,
             ]);
