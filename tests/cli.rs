@@ -245,3 +245,41 @@ fn the_token_example_decodes_a_token() {
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn docker_native_and_metrics_flags_refuse_typos_with_one_line_and_change_nothing() {
+    // Unique enough that a link by this name can only be ours.
+    let iface = format!("wtcli{}", std::process::id() % 100000);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let base = ["serve", "--iface", &iface, "--state-dir", state, "--tokens", "0"];
+    for extra in [
+        &["--metrics", "localhost"][..],
+        &["--metrics", "127.0.0.1:99999"],
+        &["--attach-label", "=x"],
+        &["--attach-label", "a b"],
+        &["--name", "Bad Name!"],
+        &["--dns-zone", "a..b"],
+        &["--docker-driver", "a/b"],
+    ] {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{extra:?}: {err}");
+        // One line says what is wrong (clap adds its usage hint below it).
+        assert!(
+            err.lines().next().is_some_and(|l| l.starts_with("error: ")),
+            "{extra:?}: {err}"
+        );
+        assert!(
+            !std::path::Path::new(&format!("/sys/class/net/{iface}")).exists(),
+            "{extra:?} left a link"
+        );
+        assert!(
+            !std::path::Path::new(state).join(format!("{iface}.json")).exists(),
+            "{extra:?} saved a state"
+        );
+    }
+}
