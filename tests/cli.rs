@@ -253,7 +253,15 @@ fn docker_native_and_metrics_flags_refuse_typos_with_one_line_and_change_nothing
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let state = state.to_str().unwrap();
-    let base = ["serve", "--iface", &iface, "--state-dir", state, "--tokens", "0"];
+    let base = [
+        "serve",
+        "--iface",
+        &iface,
+        "--state-dir",
+        state,
+        "--tokens",
+        "0",
+    ];
     for extra in [
         &["--metrics", "localhost"][..],
         &["--metrics", "127.0.0.1:99999"],
@@ -278,7 +286,9 @@ fn docker_native_and_metrics_flags_refuse_typos_with_one_line_and_change_nothing
             "{extra:?} left a link"
         );
         assert!(
-            !std::path::Path::new(state).join(format!("{iface}.json")).exists(),
+            !std::path::Path::new(state)
+                .join(format!("{iface}.json"))
+                .exists(),
             "{extra:?} saved a state"
         );
     }

@@ -20,7 +20,9 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use tunnel_lab::{Containers, Host, Lab, Network, Node, docker, docker_ok, fetch, step};
+use tunnel_lab::{
+    Containers, Host, Lab, Network, Node, cpu_seconds, docker, docker_ok, fetch, step,
+};
 
 const TARGET_RATIO: f64 = 3.0;
 /// tunnel's single-stream TCP as a share of the raw veth's, at least.
@@ -136,17 +138,6 @@ fn iperf_json(
     json
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name, which may hold spaces.
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 here.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// One path's figures: TCP with 1 and 4 streams each way (Mbit/s, B -> A
 /// then A -> B), UDP packets per second with 64-byte datagrams, and the
 /// CPU seconds its processes spent per GB of single-stream TCP.
@@ -163,15 +154,7 @@ struct Path {
 
 /// VmHWM of a process, kB.
 fn hwm_kb(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches(" kB")
-        .trim()
-        .parse()
-        .ok()
+    tunnel_lab::status_kb(pid, "VmHWM")
 }
 
 /// Measures one path: server `a` at `addr`, client `b`; `pids` are the
