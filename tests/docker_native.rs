@@ -283,3 +283,55 @@ fn the_network_driver_gives_containers_endpoints_at_creation() {
     }
     let _ = s;
 }
+
+#[test]
+#[ignore = "needs root and Docker: sudo make test"]
+fn the_plugin_socket_is_refused_while_in_use_and_taken_back_after_a_sigkill() {
+    needs_docker("plugin_socket_sigkill");
+    let mut lab = common::lab(2);
+    let a = lab.host(0);
+    let plugin = format!("tnl{}k", lab.id);
+    let sock = std::path::Path::new("/run/docker/plugins").join(format!("{plugin}.sock"));
+    let hub = lab.serve(&a, "h", 0, &["--docker-driver", &plugin]);
+    until("the plugin socket", || sock.exists().then_some(()));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // A second tunnel may not take a plugin name in use.
+    let other = lab.iface("o");
+    let other_state = lab.state_dir("o");
+    let out = lab.tunnel(
+        &lab.host(1),
+        &[
+            "serve",
+            "--iface",
+            &other,
+            "--state-dir",
+            other_state.to_str().unwrap(),
+            "--backend",
+            "userspace",
+            "--docker-driver",
+            &plugin,
+        ],
+    );
+    common::failed_with(&out, 2, "already served by another process");
+    assert!(
+        !lab.host(1).has_link(&other),
+        "the refused serve left its link"
+    );
+    assert!(
+        sock.exists(),
+        "the refused serve removed the running one's socket"
+    );
+    // SIGKILL leaves the socket; the next start takes it back, exit removes it.
+    lab.proc(hub.proc).kill();
+    assert!(sock.exists());
+    let again = lab.serve_again(&hub, &["--docker-driver", &plugin]);
+    until("the plugin socket again", || {
+        std::os::unix::net::UnixStream::connect(&sock)
+            .ok()
+            .map(|_| ())
+    });
+    assert!(lab.proc(again).terminate().success());
+    assert!(!sock.exists(), "{} left", sock.display());
+}
