@@ -8,7 +8,7 @@ use crate::containers::{
 };
 use crate::control::auth::{AuthError, Signer};
 use crate::control::local::{self, LocalApi};
-use crate::control::{CONTROL_PORT, ControlError, tunnel};
+use crate::control::{CONTROL_PORT, ControlError, Patience, tunnel};
 use crate::docker::{ContainerInfo, ContainerRuntime};
 use crate::gateway::Gateway;
 use crate::hub::{Advertised, Joining};
@@ -33,9 +33,13 @@ use std::time::{Duration, Instant};
 
 /// Joiners are often behind NAT; 25 s keeps typical mappings alive.
 pub const KEEPALIVE: u16 = 25;
-/// After a handshake with the invite key, how long an unanswered redeem means
-/// the server knows the invite but no longer admits it.
-const USED_AFTER: Duration = Duration::from_secs(3);
+/// After a handshake with the invite key, how long without a connection to
+/// the API means the server knows the invite but no longer admits it. Long
+/// enough for a hub busy admitting hundreds to accept our connection.
+const USED_AFTER: Duration = Duration::from_secs(6);
+/// How long a request the hub has taken may wait for its answer before it
+/// is asked again (the hub answers the same request the same way).
+const ANSWER_WITHIN: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
@@ -466,10 +470,21 @@ pub async fn redeem_and_switch(
         progress.set_message(format!("handshaking with {endpoint}"));
     }
     let mut handshake_at: Option<Instant> = None;
+    // Once a connection is made the invite still routes, so the token is
+    // not used, whatever the hub's load.
+    let mut reached = false;
     crate::sys::crash_point("redeem-sending");
     let redeemed = loop {
-        let attempt =
-            Duration::from_millis(700).min(deadline.saturating_duration_since(Instant::now()));
+        // Connecting is retried quickly (the first packets may wait for the
+        // handshake); once connected, the hub may be busy with hundreds of
+        // joiners, so the answer is waited for longer, though not for ever:
+        // a lost answer costs TCP seconds of backoff, while asking again
+        // gets the same admission at once.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = Patience {
+            connect: Duration::from_millis(700).min(left),
+            total: ANSWER_WITHIN.min(left),
+        };
         let joining = Joining {
             routes: inv.routes.to_vec(),
             snat_public: inv.snat_public,
@@ -489,7 +504,10 @@ pub async fn redeem_and_switch(
                 };
                 return Err(SiteError::Refused(why));
             }
-            Err(e) => tracing::debug!("redeem attempt: {e}"),
+            Err(e) => {
+                reached |= e.connected();
+                tracing::debug!("redeem attempt: {e}");
+            }
         }
         if handshake_at.is_none()
             && device
@@ -501,7 +519,7 @@ pub async fn redeem_and_switch(
             handshake_at = Some(Instant::now());
             progress.set_message("redeeming the invite");
         }
-        if handshake_at.is_some_and(|t| t.elapsed() > USED_AFTER) {
+        if !reached && handshake_at.is_some_and(|t| t.elapsed() > USED_AFTER) {
             return Err(SiteError::AlreadyUsed(endpoint));
         }
         if Instant::now() >= deadline {
@@ -560,8 +578,12 @@ pub async fn redeem_and_switch(
 /// Probes the server's API through the tunnel until it answers or `deadline`.
 pub async fn wait_for_flow(api: SocketAddr, deadline: Instant) -> Result<(), ControlError> {
     loop {
-        let attempt =
-            Duration::from_millis(100).min(deadline.saturating_duration_since(Instant::now()));
+        // A connection shows traffic flows; its answer may wait on a busy hub.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let attempt = Patience {
+            connect: Duration::from_millis(100).min(left),
+            total: ANSWER_WITHIN.min(left),
+        };
         match tunnel::ping(api, attempt).await {
             Ok(()) => return Ok(()),
             Err(e) if Instant::now() >= deadline => return Err(e),

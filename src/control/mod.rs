@@ -38,6 +38,10 @@ pub enum ControlError {
     },
     #[error("no answer from {0}")]
     Timeout(String),
+    /// Connected, so the server is there, but it did not answer in time:
+    /// a busy server, not a lost one.
+    #[error("{0} took the request but did not answer in time")]
+    Unanswered(String),
     #[error("connecting to {target}")]
     Connect {
         target: String,
@@ -63,6 +67,15 @@ pub enum ControlError {
 impl ControlError {
     /// Whether asking again later may succeed: no answer, or the server
     /// could not act just now. A refusal on the merits is final.
+    /// Whether a connection was made: the server is there and our packets
+    /// reach it, whatever it then said.
+    pub fn connected(&self) -> bool {
+        !matches!(
+            self,
+            ControlError::Timeout(_) | ControlError::Connect { .. } | ControlError::Bind { .. }
+        )
+    }
+
     pub fn is_transient(&self) -> bool {
         match self {
             ControlError::Refused { status, .. } => *status >= 500 || *status == 429,
@@ -142,26 +155,49 @@ where
     Ok((status, bytes))
 }
 
-/// Connects with `connect`, then one exchange; all bounded by `timeout`.
+/// How long a call may take: to connect, and in all.
+///
+/// A connection that is made shows the server is there; a client that then
+/// gives up after the same short bound as for connecting throws away work
+/// the server has queued, which under load is all of it.
+#[derive(Clone, Copy, Debug)]
+pub struct Patience {
+    pub connect: Duration,
+    pub total: Duration,
+}
+
+impl From<Duration> for Patience {
+    fn from(d: Duration) -> Self {
+        Patience {
+            connect: d,
+            total: d,
+        }
+    }
+}
+
+/// Connects with `connect`, then one exchange, bounded by `patience`.
 pub(crate) async fn exchange_via<S>(
     target: &str,
     connect: impl Future<Output = std::io::Result<S>>,
     call: Call<'_>,
-    timeout: Duration,
+    patience: impl Into<Patience>,
 ) -> Result<(StatusCode, Bytes), ControlError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let work = async {
-        let stream = connect.await.map_err(|source| ControlError::Connect {
+    let p = patience.into();
+    let start = tokio::time::Instant::now();
+    let stream = tokio::time::timeout(p.connect.min(p.total), connect)
+        .await
+        .map_err(|_| ControlError::Timeout(target.to_owned()))?
+        .map_err(|source| ControlError::Connect {
             target: target.to_owned(),
             source,
         })?;
-        exchange_on(stream, target, call).await
-    };
-    tokio::time::timeout(timeout, work)
+    let rest = p.total.saturating_sub(start.elapsed());
+    tokio::time::timeout(rest, exchange_on(stream, target, call))
         .await
-        .map_err(|_| ControlError::Timeout(target.to_owned()))?
+        .map_err(|_| ControlError::Unanswered(target.to_owned()))?
 }
 
 /// The refusal in a non-success answer.
@@ -196,4 +232,53 @@ pub(crate) fn decode<T: serde::de::DeserializeOwned>(
         target: target.to_owned(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call() -> Call<'static> {
+        Call {
+            method: "GET",
+            path: "/",
+            body: vec![],
+            authorization: None,
+        }
+    }
+
+    /// A server that takes the connection and is slow to answer is told
+    /// apart from one that cannot be reached: the first is busy, and a
+    /// joiner must not conclude that its token was used.
+    #[tokio::test]
+    async fn a_taken_but_unanswered_request_is_not_a_lost_server() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _held = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(s);
+        });
+        let patience = Patience {
+            connect: Duration::from_secs(5),
+            total: Duration::from_millis(200),
+        };
+        let err = exchange_via(
+            "busy",
+            tokio::net::TcpStream::connect(addr),
+            call(),
+            patience,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ControlError::Unanswered(_)), "{err:?}");
+        assert!(err.connected() && err.is_transient());
+
+        let never = std::future::pending::<std::io::Result<tokio::net::TcpStream>>();
+        let err = exchange_via("gone", never, call(), Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ControlError::Timeout(_)), "{err:?}");
+        assert!(!err.connected() && err.is_transient());
+    }
 }

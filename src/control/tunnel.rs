@@ -12,7 +12,9 @@
 //! travelled through the signer's own WireGuard session.
 
 use super::auth::{AuthError, Proof, Signer};
-use super::{Call, ControlError, ErrorBody, Refusal, decode, exchange_via, refuse, refused};
+use super::{
+    Call, ControlError, ErrorBody, Patience, Refusal, decode, exchange_via, refuse, refused,
+};
 use crate::hub::{
     Advertised, Caller, Denied, Hub, Joining, LeaveError, RedeemError, RegisterError, RouteError,
 };
@@ -394,10 +396,10 @@ pub async fn serve(
 async fn exchange(
     api: SocketAddr,
     call: Call<'_>,
-    timeout: Duration,
+    patience: impl Into<Patience>,
 ) -> Result<(StatusCode, Bytes), ControlError> {
     let target = api.to_string();
-    exchange_via(&target, TcpStream::connect(api), call, timeout).await
+    exchange_via(&target, TcpStream::connect(api), call, patience).await
 }
 
 /// A signed POST; signs again once with the hub's clock if ours is off.
@@ -406,8 +408,9 @@ async fn signed_post<T: serde::de::DeserializeOwned>(
     signer: &Signer,
     path: &str,
     body: &impl Serialize,
-    timeout: Duration,
+    patience: impl Into<Patience>,
 ) -> Result<T, ControlError> {
+    let patience = patience.into();
     let body = serde_json::to_vec(body).expect("request types serialize");
     let mut resynced = false;
     loop {
@@ -418,7 +421,7 @@ async fn signed_post<T: serde::de::DeserializeOwned>(
             body: body.clone(),
             authorization: Some(authorization),
         };
-        let (status, bytes) = exchange(api, call, timeout).await?;
+        let (status, bytes) = exchange(api, call, patience).await?;
         if status == StatusCode::UNAUTHORIZED && !resynced {
             let (err, server_time) = refused(status, &bytes);
             match server_time {
@@ -441,7 +444,7 @@ pub async fn redeem_invite(
     invite: &Signer,
     key: &PublicKey,
     joining: &Joining,
-    timeout: Duration,
+    patience: impl Into<Patience>,
 ) -> Result<Admitted, ControlError> {
     let req = RedeemRequest {
         public_key: *key,
@@ -450,7 +453,7 @@ pub async fn redeem_invite(
         name: joining.name.clone(),
         default_name: joining.default_name,
     };
-    signed_post(api, invite, REDEEM, &req, timeout).await
+    signed_post(api, invite, REDEEM, &req, patience).await
 }
 
 /// Registers another endpoint of this site (a container) with the hub.
@@ -516,14 +519,14 @@ pub async fn fetch_routes(
 }
 
 /// A round trip through the tunnel: proof that traffic flows.
-pub async fn ping(api: SocketAddr, timeout: Duration) -> Result<(), ControlError> {
+pub async fn ping(api: SocketAddr, patience: impl Into<Patience>) -> Result<(), ControlError> {
     let call = Call {
         method: "GET",
         path: PING,
         body: vec![],
         authorization: None,
     };
-    let (status, bytes) = exchange(api, call, timeout).await?;
+    let (status, bytes) = exchange(api, call, patience).await?;
     if status.is_success() {
         Ok(())
     } else {
