@@ -823,6 +823,8 @@ async fn serve(
     };
     let housekeeping = async {
         let mut last_seen = Instant::now();
+        let mut changes = hub.changes();
+        let mut guarded = Instant::now();
         loop {
             // Poll quickly only while a joiner is switching keys.
             let tick = if hub.has_pending().await {
@@ -856,8 +858,15 @@ async fn serve(
                 tracing::warn!("removing expired invites: {:#}", anyhow!(e));
             }
             hub.retry_save().await;
-            // Peers' endpoints move (--allow-from, --snat-public).
-            gateway.keep(Some(policy(args, &hub.snapshot().await)));
+            // Peers' endpoints move (--allow-from, --snat-public). The
+            // firewall is read back once a second, not at every quick tick
+            // of a burst of joins.
+            if changes.has_changed().unwrap_or(false) || guarded.elapsed() >= Duration::from_secs(1)
+            {
+                changes.borrow_and_update();
+                gateway.keep(Some(policy(args, &hub.snapshot().await)));
+                guarded = Instant::now();
+            }
         }
     };
     tokio::join!(follow, housekeeping, pokes, names);

@@ -23,8 +23,8 @@ use crate::state::{ContainerRecord, InviteRecord, PeerRecord, ServerState};
 use crate::token::Token;
 use crate::wg::{PeerSpec, PeerStatus};
 use ipnetwork::IpNetwork;
-use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long a redeemed key may take to show up before the address moves anyway.
@@ -268,6 +268,12 @@ struct Pending {
     peer: PublicKey,
     address: IpAddr,
     since: Instant,
+}
+
+/// A swap completes once the new key has made a handshake, or after
+/// [`SWAP_GRACE`] whatever happened.
+fn swap_due(p: &Pending, handshaked: impl Fn(&PublicKey) -> bool, now: Instant) -> bool {
+    now.duration_since(p.since) > SWAP_GRACE || handshaked(&p.peer)
 }
 
 #[derive(Debug, Clone)]
@@ -1015,11 +1021,17 @@ impl Ledger {
     }
 
     /// Forgets expired invites; unused ones give their address back.
-    pub fn prune(&mut self, now: SystemTime) -> usize {
+    /// Whether an invite has expired by `now`: [`Ledger::prune`] has work.
+    pub fn any_expired(&self, now: SystemTime) -> bool {
         let now = unix(now);
-        if !self.state.invites.iter().any(|i| i.expires <= now) {
+        self.state.invites.iter().any(|i| i.expires <= now)
+    }
+
+    pub fn prune(&mut self, now: SystemTime) -> usize {
+        if !self.any_expired(now) {
             return 0;
         }
+        let now = unix(now);
         let (expired, live): (Vec<_>, Vec<_>) = self
             .state_mut()
             .invites
@@ -1046,19 +1058,40 @@ impl Ledger {
         let (done, waiting): (Vec<_>, Vec<_>) = self
             .pending
             .drain(..)
-            .partition(|p| now.duration_since(p.since) > SWAP_GRACE || handshaked(&p.peer));
+            .partition(|p| swap_due(p, &handshaked, now));
         self.pending = waiting;
         done.into_iter().map(|p| (p.address, p.peer)).collect()
     }
 
+    /// Whether [`Ledger::complete_swaps`] would move anything.
+    pub fn swaps_due(&self, handshaked: impl Fn(&PublicKey) -> bool, now: Instant) -> bool {
+        self.pending.iter().any(|p| swap_due(p, &handshaked, now))
+    }
+
+    /// Whether [`Ledger::record_endpoints`] would change anything.
+    pub fn endpoints_moved(&self, live: &[PeerStatus]) -> bool {
+        let seen: HashMap<&PublicKey, SocketAddr> = live
+            .iter()
+            .filter_map(|l| Some((&l.public_key, l.endpoint?)))
+            .collect();
+        self.state.peers.iter().any(|p| {
+            seen.get(&p.public_key)
+                .is_some_and(|e| p.endpoint != Some(*e))
+        })
+    }
+
     /// Remembers where peers were last seen; true when that changed.
     pub fn record_endpoints(&mut self, live: &[PeerStatus]) -> bool {
+        if !self.endpoints_moved(live) {
+            return false;
+        }
+        let seen: HashMap<PublicKey, SocketAddr> = live
+            .iter()
+            .filter_map(|l| Some((l.public_key, l.endpoint?)))
+            .collect();
         let mut changed = false;
         for p in self.state.peers.iter_mut() {
-            if let Some(e) = live
-                .iter()
-                .find(|l| l.public_key == p.public_key)
-                .and_then(|l| l.endpoint)
+            if let Some(e) = seen.get(&p.public_key).copied()
                 && p.endpoint != Some(e)
             {
                 p.endpoint = Some(e);
@@ -1188,9 +1221,16 @@ mod tests {
                 keepalive: None
             })]
         );
+        assert!(!l.swaps_due(|_| false, Instant::now()));
         assert!(l.complete_swaps(|_| false, Instant::now()).is_empty());
+        assert!(l.swaps_due(|k| *k == joiner, Instant::now()));
+        assert!(!l.swaps_due(|k| *k == invite, Instant::now()));
         let before = l.desired();
         assert_eq!(l.complete_swaps(|k| *k == joiner, Instant::now()).len(), 1);
+        assert!(
+            !l.swaps_due(|_| true, Instant::now()),
+            "nothing is left pending"
+        );
         let ops = diff(&before, &l.desired());
         assert_eq!(
             ops,
@@ -1412,7 +1452,10 @@ mod tests {
         l.redeem(tok[0].assigned, key(), t0(), Instant::now())
             .unwrap();
         let before = l.desired();
+        assert!(!l.any_expired(t0() + Duration::from_secs(59)));
+        assert!(l.any_expired(t0() + Duration::from_secs(61)));
         assert_eq!(l.prune(t0() + Duration::from_secs(61)), 2);
+        assert!(!l.any_expired(t0() + Duration::from_secs(61)));
         let ops = diff(&before, &l.desired());
         assert_eq!(ops.iter().filter(|o| matches!(o, Op::Remove(_))).count(), 2);
         assert!(
@@ -1448,8 +1491,11 @@ mod tests {
             tx_bytes: 0,
             keepalive: None,
         };
+        assert!(l.endpoints_moved(&[live("192.0.2.1:5")]));
         assert!(l.record_endpoints(&[live("192.0.2.1:5")]));
+        assert!(!l.endpoints_moved(&[live("192.0.2.1:5")]));
         assert!(!l.record_endpoints(&[live("192.0.2.1:5")]));
+        assert!(l.endpoints_moved(&[live("192.0.2.1:6")]));
         assert!(l.record_endpoints(&[live("192.0.2.1:6")]));
     }
 

@@ -24,7 +24,7 @@ use crate::token::Token;
 use crate::wg::{PeerSpec, WgDevice, WgError};
 use ipnetwork::IpNetwork;
 use ledger::{Op, diff};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -247,8 +247,16 @@ impl Hub {
     }
 
     fn save(&self, state: &ServerState) -> Result<(), StateError> {
-        self.store
-            .save(&self.iface, &Endpoint::Server(state.clone()))
+        let save = || {
+            self.store
+                .save(&self.iface, &Endpoint::Server(state.clone()))
+        };
+        // An fsync can take long on a busy disk: the other workers go on
+        // moving packets meanwhile.
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(save),
+            _ => save(),
+        }
     }
 
     fn saved(&self, result: Result<(), StateError>) {
@@ -494,6 +502,9 @@ impl Hub {
 
     /// Forgets expired invites.
     pub async fn prune(&self, now: SystemTime) -> Result<usize, HubError> {
+        if !self.ledger.lock().await.any_expired(now) {
+            return Ok(0);
+        }
         self.transact(false, |l| Ok::<_, std::convert::Infallible>(l.prune(now)))
             .await
             .map_err(unavailable)
@@ -506,15 +517,25 @@ impl Hub {
             return Ok(0);
         }
         let live = self.wg.peers().await?;
+        let handshaked: HashSet<PublicKey> = live
+            .iter()
+            .filter(|p| p.last_handshake.is_some())
+            .map(|p| p.public_key)
+            .collect();
+        // This runs every few milliseconds while hundreds may be joining: a
+        // transaction (a copy of the ledger, two peer sets) only when a swap
+        // is due.
+        if !self
+            .ledger
+            .lock()
+            .await
+            .swaps_due(|k| handshaked.contains(k), now)
+        {
+            return Ok(0);
+        }
         let moved = self
             .transact(false, |l| {
-                Ok::<_, std::convert::Infallible>(l.complete_swaps(
-                    |k| {
-                        live.iter()
-                            .any(|p| p.public_key == *k && p.last_handshake.is_some())
-                    },
-                    now,
-                ))
+                Ok::<_, std::convert::Infallible>(l.complete_swaps(|k| handshaked.contains(k), now))
             })
             .await
             .map_err(unavailable)?;
@@ -529,6 +550,9 @@ impl Hub {
         let mut live = self.wg.peers().await?;
         // A WebSocket link's address means nothing after a restart.
         live.retain(|p| !p.endpoint.is_some_and(|e| crate::transport::is_virtual(&e)));
+        if !self.ledger.lock().await.endpoints_moved(&live) {
+            return Ok(());
+        }
         self.transact(false, |l| {
             Ok::<_, std::convert::Infallible>(l.record_endpoints(&live))
         })
