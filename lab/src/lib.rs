@@ -20,6 +20,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod scale;
+
 /// The longest any bring-up may take in a test.
 pub const UP: Duration = Duration::from_secs(30);
 pub const IMAGE: &str = "tunnel-test-busybox:latest";
@@ -878,17 +880,24 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for p in &mut self.procs {
-            if p.child.try_wait().ok().flatten().is_none() {
-                let pid = nix::unistd::Pid::from_raw(p.child.id() as i32);
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while p.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = p.child.kill();
-                let _ = p.child.wait();
+        // All are told at once and share one grace period: a lab of 500
+        // sites must not take 500 grace periods to stop.
+        let running: Vec<&mut Proc> = self
+            .procs
+            .iter_mut()
+            .filter_map(|p| p.child.try_wait().ok().flatten().is_none().then_some(p))
+            .collect();
+        for p in &running {
+            let pid = nix::unistd::Pid::from_raw(p.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for p in running {
+            while p.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
             }
+            let _ = p.child.kill();
+            let _ = p.child.wait();
         }
         // Links that a test made with wireguard-go go with their namespace.
         for ns in self.hosts.iter().map(|h| &h.ns).chain(&self.extra) {

@@ -6,13 +6,15 @@
 //! wireguard-go over wstunnel through the same proxy; and how fast
 //! `--container` follows Docker (start -> attached, restart -> traffic);
 //! and, with the network driver, `docker run --network <tunnel net>` to
-//! the first page fetched across, against the same on a Docker bridge.
-//! Prints the ratios.
+//! the first page fetched across, against the same on a Docker bridge;
+//! and scale: 250 and 500 sites joining one hub at once (`tunnel_lab::scale`,
+//! as `make scale`). Prints the ratios.
 //!
 //! Environment:
 //!   TUNNEL_BIN     binary to measure (default: target/release/tunnel)
 //!   BENCH_SECONDS  iperf3 duration per measurement (default 5)
-//!   BENCH_ONLY     comma list of raw,wggo,tunnel,wss,containers,network (default: all)
+//!   BENCH_ONLY     comma list of raw,wggo,tunnel,wss,containers,network,scale (default: all)
+//!   BENCH_SCALE    site counts of the scale section (default 250,500)
 //!   WSTUNNEL       the wstunnel binary of the WebSocket reference
 //!   BENCH_STRICT   1 = exit non-zero when a target is missed
 //!   IPERF_EXTRA    extra iperf3 client arguments (e.g. "-P 2")
@@ -63,7 +65,7 @@ impl Config {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(5),
             only: var("BENCH_ONLY")
-                .unwrap_or_else(|| "raw,wggo,tunnel,wss,containers,network".into())
+                .unwrap_or_else(|| "raw,wggo,tunnel,wss,containers,network,scale".into())
                 .split(',')
                 .map(str::to_owned)
                 .collect(),
@@ -1069,10 +1071,34 @@ fn main() {
     if cfg.want("network") {
         network(&mut lab, &mut r);
     }
-    let missed = summary(&cfg, &mut r);
+    let mut missed = summary(&cfg, &mut r);
     drop(lab);
     if !r.problems.is_empty() {
         die("tunnel did not run or shut down cleanly");
+    }
+    if cfg.want("scale") {
+        // A lab of its own, once the two-host one is gone.
+        let sizes: Vec<usize> = std::env::var("BENCH_SCALE")
+            .unwrap_or_else(|_| "250,500".into())
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        let reports: Vec<_> = sizes
+            .iter()
+            .map(|n| tunnel_lab::scale::run(&cfg.bin, *n, "warn", None))
+            .collect();
+        println!();
+        println!("==================== scale ====================");
+        for rep in &reports {
+            println!("{rep}");
+            if !rep.failures.is_empty() {
+                missed.push(format!(
+                    "{} of {} sites did not join within their timeout",
+                    rep.failures.len(),
+                    rep.sites
+                ));
+            }
+        }
     }
     for m in &missed {
         eprintln!("error: target missed: {m}");
