@@ -96,31 +96,42 @@ fn a_join_killed_at_any_step_joins_when_run_again_with_the_same_token() {
 
 #[test]
 #[ignore = "needs root: sudo make test"]
-fn a_hub_killed_after_saving_a_redemption_admits_the_site_after_its_restart() {
-    needs_root("serve_crash_redeem");
-    let mut lab = common::lab(2);
-    let (a, b) = (lab.host(0), lab.host(1));
-    let crash = format!("{CRASH}=hub-redeemed");
-    let hub = lab.serve_via(&a, "a", 1, &["env", &crash], &[]);
-    let token = hub.lines[0].clone();
-    // The join's redeem kills the hub after it saved the redemption and
-    // before it answered; the join gives up.
-    let out = lab.join_output(&b, "b", &token, &a.ip, &["--timeout", "4s"]);
-    assert!(!out.status.success());
-    let status = lab.proc(hub.proc).wait(Duration::from_secs(10));
-    assert_eq!(
-        status.signal(),
-        Some(9),
-        "the hub was to die at hub-redeemed"
-    );
-    // The hub comes back from its state; the same join, run again, is in.
-    let again = lab.serve_again(&hub, &[]);
-    let site = lab.join(&b, "b", &token, &a, &["--timeout", "10s"]);
-    assert!(b.ping("10.77.0.1"), "{:?}", site.lines);
-    assert!(lab.proc(site.proc).terminate().success());
-    assert!(lab.proc(again).terminate().success());
-    let left = left_behind(&site);
-    assert!(left.is_empty(), "{left:?}");
+fn a_hub_killed_at_any_step_of_a_join_admits_the_site_after_its_restart() {
+    needs_root("serve_crash");
+    // The hub's side of the join flow: the redeem arrived (nothing saved),
+    // the redemption saved but not answered, the joiner's new key seen but
+    // its address not yet moved to it, and the address moved.
+    for step in [
+        "hub-redeem-received",
+        "hub-redeemed",
+        "hub-swap-due",
+        "hub-swapped",
+    ] {
+        let mut lab = common::lab(2);
+        let (a, b) = (lab.host(0), lab.host(1));
+        let crash = format!("{CRASH}={step}");
+        let hub = lab.serve_via(&a, "a", 1, &["env", &crash], &[]);
+        let token = hub.lines[0].clone();
+        // The join kills the hub at that step, and then gives up.
+        let out = lab.join_output(&b, "b", &token, &a.ip, &["--timeout", "4s"]);
+        assert!(!out.status.success(), "{step}: the join got in");
+        let status = lab.proc(hub.proc).wait(Duration::from_secs(10));
+        assert_eq!(status.signal(), Some(9), "the hub was to die at {step}");
+        // The hub comes back from its state, with nothing of the killed run
+        // in its way; the same join, run again, is in.
+        let again = lab.serve_again(&hub, &[]);
+        let site = lab.join(&b, "b", &token, &a, &["--timeout", "10s"]);
+        assert!(b.ping("10.77.0.1"), "{step}: {:?}", site.lines);
+        let hub_status = lab.status(&hub);
+        let peers = hub_status[0]["peers"].to_string();
+        assert!(peers.contains("10.77.0.2"), "{step}: {peers}");
+        assert!(lab.proc(site.proc).terminate().success(), "{step}");
+        assert!(lab.proc(again).terminate().success(), "{step}");
+        for node in [&site, &hub] {
+            let left = left_behind(node);
+            assert!(left.is_empty(), "{step}: {left:?}");
+        }
+    }
 }
 
 #[test]

@@ -387,6 +387,7 @@ impl Hub {
         now: SystemTime,
     ) -> Result<(IpNetwork, Option<String>), Denied<RedeemError>> {
         let shown: Vec<String> = joining.routes.iter().map(|r| r.to_string()).collect();
+        crate::sys::crash_point("hub-redeem-received");
         let (net, name) = self
             .transact(true, |l| {
                 let net = l.redeem(address, key, now, Instant::now())?;
@@ -533,12 +534,14 @@ impl Hub {
         {
             return Ok(0);
         }
+        crate::sys::crash_point("hub-swap-due");
         let moved = self
             .transact(false, |l| {
                 Ok::<_, std::convert::Infallible>(l.complete_swaps(|k| handshaked.contains(k), now))
             })
             .await
             .map_err(unavailable)?;
+        crate::sys::crash_point("hub-swapped");
         for (address, key) in &moved {
             tracing::info!("{address} now routes to {key}");
         }
