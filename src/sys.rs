@@ -48,6 +48,21 @@ pub fn hostname() -> String {
         .unwrap_or_else(|| "site".to_owned())
 }
 
+/// One malloc arena for the whole process. Packet buffers are allocated on
+/// one runtime worker and freed on another; with glibc's arena per thread
+/// the freed memory sat in the wrong arena, and a site moving traffic grew
+/// by ~26 MB steps (20 -> 97 MB over 8 minutes of a soak), while with one
+/// arena it stays flat, at the same throughput. Called first in `main`,
+/// before any thread exists.
+pub fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Test builds only (debug assertions on): SIGKILLs this process at the
 /// named step when `TUNNEL_TEST_CRASH_AT` names it, so that tests crash a
 /// flow at an exact point rather than guess one by timing. Release builds
