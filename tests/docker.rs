@@ -123,6 +123,16 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
     wait_for_page(&cli, &url, &page, "after re-creating web", &mut lab, serve);
     // The same address and key came back.
     assert_eq!(container_address(&lab.status(&hub), &web), web_ip);
+    // Each attach made a new device for web's endpoint; only the current
+    // one still listens on its UAPI socket (gotatun's own listener outlived
+    // its device, one per container restart).
+    let uapi = format!("/var/run/wireguard/{iface_a}c0.sock");
+    let listening = a.run(&["ss", "-xl"]);
+    assert_eq!(
+        listening.lines().filter(|l| l.contains(&uapi)).count(),
+        1,
+        "{listening}"
+    );
 
     // SIGTERM both: the containers keep running, with no WireGuard interface left.
     assert!(

@@ -39,9 +39,50 @@ pub struct UserspaceDevice {
     /// `None` once destroyed: gotatun's `stop` takes the device by value.
     device: RwLock<Option<Gotatun>>,
     socket: PathBuf,
+    /// The task answering on `socket`; stops with the device.
+    uapi: tokio::task::AbortHandle,
     net: Arc<dyn NetOps>,
     /// As configured; 0 means any free port.
     listen_port: u16,
+}
+
+impl Drop for UserspaceDevice {
+    fn drop(&mut self) {
+        self.uapi.abort();
+    }
+}
+
+/// Listens on the UAPI socket at `path` and hands each connection to
+/// gotatun's protocol. Ours rather than gotatun's `default_unix_socket`,
+/// whose accept loop never ends: every device made and destroyed (a
+/// container restarting) left a listening socket and a task behind, 14
+/// after 20 minutes of a soak.
+fn serve_uapi(path: &std::path::Path) -> Result<(UapiServer, tokio::task::AbortHandle), WgError> {
+    let fail = |what: &'static str| {
+        move |e: std::io::Error| WgError::Userspace {
+            what,
+            source: format!("{}: {e}", path.display()).into(),
+        }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail("creating the UAPI socket directory"))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path).map_err(fail("opening the UAPI socket"))?;
+    let (client, server) = UapiServer::new();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            // gotatun speaks the protocol on a blocking stream, on a thread
+            // of its own that ends when the client hangs up.
+            let Ok(stream) = stream.into_std() else {
+                continue;
+            };
+            if stream.set_nonblocking(false).is_ok() {
+                client.clone().wrap_read_write(stream);
+            }
+        }
+    });
+    Ok((server, task.abort_handle()))
 }
 
 /// The TUN device as gotatun sees it, optionally confined: with
@@ -408,12 +449,7 @@ impl UserspaceDevice {
                     source: Cause::from(e),
                 })?;
         let socket = uapi_socket(&spec.name);
-        let uapi = UapiServer::default_unix_socket(&spec.name, None, None).map_err(|e| {
-            WgError::Userspace {
-                what: "opening the UAPI socket",
-                source: e.into(),
-            }
-        })?;
+        let (uapi, uapi_task) = serve_uapi(&socket)?;
         let tun = Tun {
             inner: tun,
             confine: spec.confine.as_deref().map(Arc::from),
@@ -450,10 +486,12 @@ impl UserspaceDevice {
                 name: spec.name.clone(),
                 device: RwLock::new(Some(device)),
                 socket,
+                uapi: uapi_task,
                 net,
                 listen_port: spec.listen_port,
             }),
             Err(e) => {
+                uapi_task.abort();
                 let _ = std::fs::remove_file(&socket);
                 Err(err("starting the device")(e))
             }
@@ -596,6 +634,7 @@ impl WgDevice for UserspaceDevice {
             return Ok(());
         };
         device.stop().await;
+        self.uapi.abort();
         let _ = std::fs::remove_file(socket);
         // The TUN link goes away when its last descriptor closes, which happens
         // as gotatun's tasks wind down; wait for that, then make sure.
