@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 use tunnel::cli::{self, Cli, Shutdown};
 
 fn main() -> ExitCode {
-    tunnel::sys::one_malloc_arena();
+    tunnel::sys::tune_malloc();
     // Everything this process creates (state, sockets, the UAPI socket that
     // answers with private keys) is for root alone, before anything can
     // connect to it, whatever umask it was started with.
