@@ -625,6 +625,17 @@ async fn poke_sites(hub: Arc<Hub>, server_ip: IpAddr, stop: impl std::future::Fu
             return stop.await;
         }
     };
+    // At start, a datagram to every peer, sites and their containers: with
+    // no session yet, it makes the device start a handshake with each at
+    // its saved endpoint, so that a restarted hub is back with all of them
+    // at once. Otherwise a site's container, whose side still holds the old
+    // session, waits out WireGuard's 15 s before it starts one itself.
+    for p in hub.snapshot().await.peers {
+        let to = SocketAddr::new(p.address, CONTROL_PORT);
+        if let Err(e) = sock.send_to(control::tunnel::ROUTES_POKE, to).await {
+            tracing::debug!("greeting {to}: {e}");
+        }
+    }
     loop {
         tokio::select! {
             _ = &mut stop => return,
