@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 
 .NOTPARALLEL:
-.PHONY: all build test docker-env lint fmt bench scale demo demo-sites deps ci clean help image compose-demo
+.PHONY: all build test docker-env lint fmt bench scale soak demo demo-sites deps ci clean help image compose-demo
 
 all: build
 
@@ -13,8 +13,9 @@ help:
 	@echo "               after scripts/docker-env.sh, and make demo, make compose-demo after"
 	@echo "make docker-env - start a local Docker engine, build the test image (root)"
 	@echo "make lint    - cargo fmt --check + cargo clippy --all-targets -- -D warnings"
-	@echo "make bench   - raw veth vs wireguard-go vs tunnel throughput, join latency, container attach/restart times (root)"
+	@echo "make bench   - raw veth vs wireguard-go vs tunnel throughput, join latency, container attach/restart times, 250 and 500 sites at once (root)"
 	@echo "make scale   - N sites join one hub at once (SCALE_SITES=250,500): admitted, RSS, idle CPU, status, revoke (root)"
+	@echo "make soak    - reliability soak: iperf3, container/hub restarts, joins; fails on a lost peer or RSS/fd growth (SOAK_MINUTES=30) (root)"
 	@echo "make demo    - two namespace sites with a container each, page fetched across the tunnel (root)"
 	@echo "make demo-sites - a hub, three sites and an office LAN behind a masquerading gateway (root)"
 	@echo "make image   - build the runtime image tunnel:latest offline (docker import)"
@@ -54,6 +55,11 @@ bench: deps build
 
 scale: deps build
 	./target/release/scale
+
+# 30 minutes by default (SOAK_MINUTES), the short form under CI=true; the
+# same soak runs short in make test (tests/soak.rs).
+soak: deps build docker-env
+	./target/release/soak
 
 demo: deps build
 	./target/release/demo

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod scale;
+pub mod soak;
 
 /// The longest any bring-up may take in a test.
 pub const UP: Duration = Duration::from_secs(30);
@@ -1166,4 +1167,9 @@ pub fn status_kb(pid: u32, field: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// How many file descriptors process `pid` has open.
+pub fn fd_count(pid: u32) -> Option<u64> {
+    Some(fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
 }
