@@ -31,6 +31,9 @@ pub struct Report {
     pub site_cpu_ms: u64,
     /// Median RSS of a joined site after 10 s idle.
     pub site_rss_kb: u64,
+    /// Median of the same sites' private memory (USS): their RSS less the
+    /// binary's code and libraries, which every site on a host shares.
+    pub site_private_kb: u64,
     pub status_ms: u128,
     pub revoke_ms: u128,
     /// Whether the revoked site was cut off at once.
@@ -41,7 +44,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} sites: {} joined, {} failed; all admitted in {:.1} s (a join took {:.1} s median, {:.1} s at most); serve RSS {} kB, idle CPU {:.1}%; a site: CPU to join {} ms, idle RSS {} kB (median); status {} ms; revoke {} ms ({})",
+            "{} sites: {} joined, {} failed; all admitted in {:.1} s (a join took {:.1} s median, {:.1} s at most); serve RSS {} kB, idle CPU {:.1}%; a site: CPU to join {} ms, idle RSS {} kB, of it private {} kB (medians); status {} ms; revoke {} ms ({})",
             self.sites,
             self.joined,
             self.failures.len(),
@@ -52,6 +55,7 @@ impl fmt::Display for Report {
             self.serve_idle_cpu * 100.0,
             self.site_cpu_ms,
             self.site_rss_kb,
+            self.site_private_kb,
             self.status_ms,
             self.revoke_ms,
             if self.cut {
@@ -69,6 +73,16 @@ impl fmt::Display for Report {
 
 fn rss_kb(pid: u32) -> u64 {
     status_kb(pid, "VmRSS").unwrap_or(0)
+}
+
+/// Private_Clean + Private_Dirty of `/proc/<pid>/smaps_rollup`.
+fn private_kb(pid: u32) -> u64 {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    rollup
+        .lines()
+        .filter(|l| l.starts_with("Private_"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
 }
 
 fn median<T: Copy + Default>(sorted: &[T]) -> T {
@@ -151,13 +165,16 @@ pub fn run(bin: &Path, n: usize, log: &str, keep: Option<&Path>) -> Report {
     let c0 = cpu_seconds(hub_pid);
     std::thread::sleep(Duration::from_secs(10));
     let serve_idle_cpu = (cpu_seconds(hub_pid) - c0) / 10.0;
-    let mut site_rss: Vec<u64> = joins
+    let site_pids: Vec<u32> = joins
         .iter()
         .zip(&joined)
         .filter(|(_, j)| matches!(j, Some(Ok(_))))
-        .map(|((p, _), _)| rss_kb(lab.proc(*p).pid()))
+        .map(|((p, _), _)| lab.proc(*p).pid())
         .collect();
+    let mut site_rss: Vec<u64> = site_pids.iter().map(|p| rss_kb(*p)).collect();
     site_rss.sort_unstable();
+    let mut site_private: Vec<u64> = site_pids.iter().map(|p| private_kb(*p)).collect();
+    site_private.sort_unstable();
     let mut cpu: Vec<f64> = join_cpu.iter().copied().filter(|c| *c > 0.0).collect();
     cpu.sort_by(f64::total_cmp);
     let t = Instant::now();
@@ -208,6 +225,7 @@ pub fn run(bin: &Path, n: usize, log: &str, keep: Option<&Path>) -> Report {
         serve_idle_cpu,
         site_cpu_ms: (median(&cpu) * 1000.0) as u64,
         site_rss_kb: median(&site_rss),
+        site_private_kb: median(&site_private),
         status_ms,
         revoke_ms,
         cut,
