@@ -138,8 +138,9 @@ impl Config {
     }
 
     /// The periods and bounds of SOAK_CONTAINER_EVERY, SOAK_HUB_EVERY,
-    /// SOAK_JOIN_EVERY, SOAK_SAMPLE_EVERY (seconds), SOAK_WARMUP_SAMPLES,
-    /// SOAK_RSS_GROWTH_KB, SOAK_FD_GROWTH and SOAK_IPERF_RATE, where set.
+    /// SOAK_JOIN_EVERY, SOAK_SAMPLE_EVERY, SOAK_BACK_WITHIN (seconds),
+    /// SOAK_WARMUP_SAMPLES, SOAK_RSS_GROWTH_KB, SOAK_FD_GROWTH and
+    /// SOAK_IPERF_RATE, where set.
     pub fn env_overrides(mut self) -> Self {
         let secs = |k: &str, d: &mut Duration| {
             if let Some(s) = var(k).and_then(|v| v.parse::<f64>().ok()) {
@@ -150,6 +151,7 @@ impl Config {
         secs("SOAK_HUB_EVERY", &mut self.hub_every);
         secs("SOAK_JOIN_EVERY", &mut self.join_every);
         secs("SOAK_SAMPLE_EVERY", &mut self.sample_every);
+        secs("SOAK_BACK_WITHIN", &mut self.back_within);
         let num = |k: &str| var(k).and_then(|v| v.parse::<u64>().ok());
         if let Some(n) = num("SOAK_WARMUP_SAMPLES") {
             self.warmup_samples = n as usize;

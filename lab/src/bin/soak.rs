@@ -8,8 +8,8 @@
 //! Environment: TUNNEL_BIN (default target/release/tunnel), SOAK_MINUTES
 //! (default 30; under CI=true, unset means the 150 s short form), and the
 //! overrides of `Config::env_overrides` (SOAK_CONTAINER_EVERY,
-//! SOAK_HUB_EVERY, SOAK_JOIN_EVERY, SOAK_SAMPLE_EVERY in seconds,
-//! SOAK_WARMUP_SAMPLES, SOAK_RSS_GROWTH_KB, SOAK_FD_GROWTH,
+//! SOAK_HUB_EVERY, SOAK_JOIN_EVERY, SOAK_SAMPLE_EVERY, SOAK_BACK_WITHIN in
+//! seconds, SOAK_WARMUP_SAMPLES, SOAK_RSS_GROWTH_KB, SOAK_FD_GROWTH,
 //! SOAK_IPERF_RATE).
 
 use std::path::PathBuf;
