@@ -171,6 +171,16 @@ impl NetOps for FakeNet {
             .map(|(_, i)| i.clone()))
     }
 
+    async fn host_networks(&self) -> Result<Vec<IpNetwork>, NetError> {
+        let links = self.links.lock().unwrap();
+        let lan = self.lan.lock().unwrap();
+        Ok(links
+            .values()
+            .flat_map(|l| l.addrs.iter().copied())
+            .chain(lan.iter().map(|(n, _)| *n))
+            .collect())
+    }
+
     async fn add_rule(&self, rule: &PolicyRule) -> Result<(), NetError> {
         let mut rules = self.rules.lock().unwrap();
         if !rules.contains(rule) {

@@ -414,6 +414,37 @@ impl NetOps for Netlink {
         }
     }
 
+    async fn host_networks(&self) -> Result<Vec<IpNetwork>, NetError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        let mut dump = self.handle.address().get().execute();
+        let mut out = vec![];
+        while let Some(msg) = dump
+            .try_next()
+            .await
+            .map_err(|e| classify(e, "reading addresses", "any link"))?
+        {
+            // `Local` is the host's own address on point-to-point links,
+            // where `Address` is the other end's.
+            let ip = msg
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    AddressAttribute::Local(ip) => Some(*ip),
+                    _ => None,
+                })
+                .or_else(|| {
+                    msg.attributes.iter().find_map(|a| match a {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    })
+                });
+            if let Some(n) = ip.and_then(|ip| IpNetwork::new(ip, msg.header.prefix_len).ok()) {
+                out.push(n);
+            }
+        }
+        Ok(out)
+    }
+
     async fn add_rule(&self, rule: &PolicyRule) -> Result<(), NetError> {
         let mut req = self
             .handle
