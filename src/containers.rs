@@ -417,6 +417,7 @@ impl Follower {
                                 .into(),
                             ),
                             routes: self.routes.clone(),
+                            pending_routes: vec![],
                         }],
                     },
                     s.attached.as_ref().map(|(_, d)| d.clone()),
@@ -469,6 +470,7 @@ impl Follower {
             mtu: spec.mtu,
             confine: None,
             relay: spec.link.as_ref().map(|_| Relay::new("websocket")),
+            quarantine: None,
         };
         let Placed { device, net } = self
             .placer

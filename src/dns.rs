@@ -341,6 +341,8 @@ mod tests {
             endpoint: None,
             routes: vec![],
             snat_public: false,
+            approved: Some(vec![]),
+            road_warrior: false,
         }
     }
 

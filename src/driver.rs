@@ -745,6 +745,7 @@ async fn join(
         mtu: spec.mtu,
         confine: None,
         relay: relay.clone(),
+        quarantine: None,
     };
     // The link goes where the Docker engine can find it by name; its UDP
     // socket stays here.

@@ -315,6 +315,7 @@ mod tests {
                 keepalive: None,
                 transport: None,
                 routes: vec![],
+                pending_routes: vec![],
             }],
         }
     }

@@ -240,6 +240,7 @@ impl Invitation<'_> {
             mtu: self.initial_mtu(),
             confine: None,
             relay,
+            quarantine: None,
         }
     }
 
@@ -531,6 +532,17 @@ pub async fn redeem_and_switch(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     crate::sys::crash_point("redeem-answered");
+    if !redeemed.pending.is_empty() {
+        let who = redeemed
+            .name
+            .clone()
+            .unwrap_or_else(|| token.assigned.to_string());
+        for p in &redeemed.pending {
+            tracing::warn!(
+                "route {p} waits for the hub operator's approval (on the hub: tunnel route approve {who} {p})"
+            );
+        }
+    }
     if redeemed.address != token.assigned_network() {
         return Err(SiteError::Mismatch {
             got: redeemed.address,

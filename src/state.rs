@@ -80,6 +80,37 @@ pub struct PeerRecord {
     /// (`join --transparent --snat-public`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub snat_public: bool,
+    /// The prefixes the hub operator allowed this site to advertise
+    /// (`token --route`, `route approve`): an advertised LAN takes effect
+    /// only within one of them. `None` in a file saved before approvals
+    /// existed; the hub then keeps what the site had ([`PeerRecord::approved`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<Vec<IpNetwork>>,
+    /// A stock WireGuard client (`tunnel peer add`): routed like a site,
+    /// but it may do nothing on the control API.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub road_warrior: bool,
+}
+
+impl PeerRecord {
+    /// The prefixes this peer may advertise.
+    pub fn approved(&self) -> &[IpNetwork] {
+        self.approved.as_deref().unwrap_or_default()
+    }
+
+    /// Its advertised LANs within an approved prefix, and the others.
+    pub fn split_routes(&self) -> (Vec<IpNetwork>, Vec<IpNetwork>) {
+        self.routes
+            .iter()
+            .partition(|r| covered(self.approved(), r))
+    }
+}
+
+/// Whether `r` lies within one of `approved`.
+pub fn covered(approved: &[IpNetwork], r: &IpNetwork) -> bool {
+    approved
+        .iter()
+        .any(|a| a.is_ipv4() == r.is_ipv4() && a.prefix() <= r.prefix() && a.contains(r.network()))
 }
 
 /// A container endpoint of this host: its key is made and kept here.
@@ -113,6 +144,10 @@ pub struct InviteRecord {
     /// Given with `tunnel token --name`; the admitted peer takes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// Prefixes approved with the token (`token --route`): the site that
+    /// redeems it may advertise LANs within them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<IpNetwork>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -620,6 +655,8 @@ mod tests {
                 endpoint: None,
                 routes: vec![],
                 snat_public: false,
+                approved: Some(vec![]),
+                road_warrior: false,
             }],
             invites: vec![],
             containers: vec![],

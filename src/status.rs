@@ -95,6 +95,10 @@ pub struct PeerReport {
     /// site) those behind the hub and the other sites.
     #[serde(default)]
     pub routes: Vec<IpNetwork>,
+    /// A site's LANs that wait for the hub operator's approval (`tunnel
+    /// route approve`), or that the hub refuses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_routes: Vec<IpNetwork>,
 }
 
 impl PeerReport {
@@ -110,6 +114,7 @@ impl PeerReport {
             keepalive: p.keepalive,
             transport: None,
             routes: vec![],
+            pending_routes: vec![],
         }
     }
 
@@ -125,6 +130,7 @@ impl PeerReport {
             keepalive: None,
             transport: None,
             routes: vec![],
+            pending_routes: vec![],
         }
     }
 }
@@ -182,7 +188,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
                 .iter()
                 .map(|p| {
                     let mut r = PeerReport::saved(p.public_key, &peer_name(p), Some(p.address));
-                    r.routes = p.routes.clone();
+                    (r.routes, r.pending_routes) = p.split_routes();
                     r
                 })
                 .chain(s.containers.iter().map(|c| {
@@ -372,6 +378,18 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
             if !p.routes.is_empty() {
                 let _ = writeln!(out, "    routes {}", list(&p.routes));
             }
+            if !p.pending_routes.is_empty() {
+                let who = p.name.clone().unwrap_or_else(|| {
+                    p.address
+                        .map_or_else(|| "SITE".to_owned(), |a| a.to_string())
+                });
+                for r in &p.pending_routes {
+                    let _ = writeln!(
+                        out,
+                        "    waiting for approval: {r} (tunnel route approve {who} {r})"
+                    );
+                }
+            }
         }
     }
     out
@@ -479,6 +497,8 @@ mod tests {
                 endpoint: None,
                 routes: vec![],
                 snat_public: false,
+                approved: Some(vec![]),
+                road_warrior: false,
             }],
             invites: vec![],
             containers: vec![ContainerRecord {

@@ -8,6 +8,7 @@ pub mod export;
 pub mod join;
 pub mod peer;
 pub mod revoke;
+pub mod route;
 pub mod serve;
 pub mod status;
 pub mod token;
@@ -161,6 +162,8 @@ pub enum Command {
     Revoke(revoke::RevokeArgs),
     /// Stock WireGuard clients (phones, laptops) of the running server
     Peer(peer::PeerArgs),
+    /// Approve or reject the LANs sites ask to route through the running server
+    Route(route::RouteArgs),
     /// Bring a joined site back from its saved state, containers included (no token needed)
     Up(up::UpArgs),
     /// Stop a running serve/join/up cleanly (same as SIGTERM)
@@ -349,6 +352,7 @@ pub async fn run(command: Command, shutdown: Shutdown) -> Result<(), Failure> {
         Command::Token(args) => token::run(args).await,
         Command::Revoke(args) => revoke::run(args).await,
         Command::Peer(args) => peer::run(args).await,
+        Command::Route(args) => route::run(args).await,
         Command::Up(args) => up::run(args, shutdown).await,
         Command::Down(args) => down::run(args).await,
         Command::Export(args) => export::run(args).await,

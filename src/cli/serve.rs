@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// How long a token stays valid (e.g. 30m, 1h, 2d; at most 366d)
     #[arg(long, default_value = "1h", value_parser = limits::parse_ttl)]
     pub token_ttl: Duration,
+    /// A LAN (CIDR) the site that redeems a printed token may advertise without asking (`join --route` within it); repeatable. Other routes wait for `tunnel route approve`
+    #[arg(long = "token-route", value_name = "CIDR")]
+    pub token_routes: Vec<IpNetwork>,
     /// HOST[:PORT] at which joiners reach this server; a hint baked into tokens
     #[arg(long)]
     pub endpoint: Option<String>,
@@ -382,6 +385,8 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let restart = store.load_server(&iface)?.is_some();
     let mut state = load_or_new(&args, &store)?;
     args.lan.check(&state.subnets().all())?;
+    crate::hub::ledger::validate_routes(&args.token_routes, &state.subnets().all())
+        .map_err(|e| Failure::input(anyhow!("--token-route: {e}")))?;
     let metrics_listener = super::bind_metrics(args.common.metrics).await?;
     // The network driver's endpoints live as long as the run that made
     // them: a crash's are given back now.
@@ -410,6 +415,20 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let state = ledger.state().clone();
 
     let net = Arc::new(Netlink::connect()?);
+    // No site may claim what this host is or reaches directly.
+    match crate::net::NetOps::host_networks(net.as_ref()).await {
+        Ok(nets) => ledger.set_host_networks(&nets),
+        Err(e) => tracing::warn!("reading this host's addresses: {e}"),
+    }
+    let quarantine = Arc::new(crate::wg::Quarantine::new(
+        state
+            .subnets()
+            .interface(server_ip)
+            .iter()
+            .map(|n| n.ip())
+            .collect(),
+        CONTROL_PORT,
+    ));
     // The firewall comes first, so that no packet is forwarded before it
     // holds.
     let mut gateway = Gateway::start(
@@ -436,6 +455,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
             mtu: state.mtu,
             confine: gateway.confine(),
             relay: websocket.as_ref().map(|w| w.relay.clone()),
+            quarantine: Some(quarantine.clone()),
         };
         let device =
             crate::endpoint::create(&spec, args.common.backend, net.clone(), &store).await?;
@@ -455,7 +475,16 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
             .tokens
             .map(usize::from)
             .unwrap_or(if restart { 0 } else { 1 });
-        let hub = Arc::new(Hub::new(device.clone(), Some(net.clone()), store, &iface, ledger));
+        if device.backend() == BackendKind::Kernel {
+            tracing::warn!(
+                "with the kernel backend, an unused token's key is not kept to the control API: it reaches what a site reaches until redeemed"
+            );
+        }
+        let hub = Arc::new(
+            Hub::new(device.clone(), Some(net.clone()), store, &iface, ledger)
+                .with_quarantine(quarantine)
+                .await,
+        );
         let engine = docker.as_ref().map(|(r, _)| r.clone());
         let driver = match (&args.common.docker_driver, engine) {
             (Some(name), Some(runtime)) => Some((
@@ -794,6 +823,7 @@ async fn serve(
         ttl: args.token_ttl,
         endpoint_hint: args.endpoint.clone(),
         name: None,
+        routes: args.token_routes.clone(),
     };
     let tokens = hub
         .mint(&req, SystemTime::now())
@@ -863,6 +893,7 @@ async fn serve(
                 if let Err(e) = hub.record_endpoints().await {
                     tracing::warn!("recording peer endpoints: {:#}", anyhow!(e));
                 }
+                hub.refresh_host_networks().await;
                 last_seen = Instant::now();
             }
             if let Err(e) = hub.prune(SystemTime::now()).await {

@@ -20,6 +20,9 @@ pub struct TokenArgs {
     /// A name for the site that redeems the token (unique; shown in status, used by revoke)
     #[arg(long, value_parser = limits::parse_name)]
     pub name: Option<String>,
+    /// A LAN (CIDR) the site that redeems the token may advertise without asking (its `join --route` within it); repeatable. Other routes wait for `tunnel route approve`
+    #[arg(long = "route", value_name = "CIDR")]
+    pub routes: Vec<ipnetwork::IpNetwork>,
 }
 
 pub async fn run(args: TokenArgs) -> Result<(), Failure> {
@@ -27,6 +30,7 @@ pub async fn run(args: TokenArgs) -> Result<(), Failure> {
         count: args.count.into(),
         ttl_secs: args.ttl.as_secs(),
         name: args.name.clone(),
+        routes: args.routes.clone(),
     };
     let tokens = local::request_tokens(&args.local.socket(), &req)
         .await

@@ -113,6 +113,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         mtu: joined.mtu,
         confine: gateway.confine(),
         relay,
+        quarantine: None,
     };
     let device = match crate::endpoint::create(&spec, backend, net.clone(), &store).await {
         Ok(d) => d,

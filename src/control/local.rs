@@ -19,6 +19,8 @@ pub const TOKENS: &str = "/v1/tokens";
 pub const REVOKE: &str = "/v1/revoke";
 pub const DOWN: &str = "/v1/down";
 pub const PEERS: &str = "/v1/peers";
+pub const APPROVE: &str = "/v1/routes/approve";
+pub const REJECT: &str = "/v1/routes/reject";
 
 /// `tunnel peer add`'s request: the client's key, made on its device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -49,6 +51,24 @@ pub struct TokenRequest {
     pub count: u64,
     pub ttl_secs: u64,
     pub name: Option<String>,
+    /// LANs the redeeming site may advertise without asking (`--route`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<ipnetwork::IpNetwork>,
+}
+
+/// `tunnel route approve|reject SITE CIDR`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteDecision {
+    /// A site's name or tunnel address.
+    pub site: String,
+    pub prefix: ipnetwork::IpNetwork,
+}
+
+/// What a route decision left: the site, and its LANs still waiting.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RouteDecided {
+    pub site: std::net::IpAddr,
+    pub pending: Vec<ipnetwork::IpNetwork>,
 }
 
 /// `tunnel revoke`'s request.
@@ -102,6 +122,15 @@ pub trait LocalApi: Send + Sync {
     async fn add_peer(&self, _req: PeerRequest) -> Result<PeerGrant, LocalError> {
         Err(LocalError::NotAServer)
     }
+
+    /// Approves (`true`) or rejects a site's LAN (servers only).
+    async fn decide_route(
+        &self,
+        _approve: bool,
+        _req: RouteDecision,
+    ) -> Result<RouteDecided, LocalError> {
+        Err(LocalError::NotAServer)
+    }
 }
 
 type Api = (Arc<dyn LocalApi>, Arc<dyn Fn() + Send + Sync>);
@@ -153,6 +182,33 @@ async fn add_peer(
         .map_err(local_refusal)
 }
 
+async fn decide(
+    api: Arc<dyn LocalApi>,
+    approve: bool,
+    body: &[u8],
+) -> Result<axum::Json<RouteDecided>, Refusal> {
+    let req: RouteDecision =
+        serde_json::from_slice(body).map_err(|e| refuse(StatusCode::BAD_REQUEST, e))?;
+    api.decide_route(approve, req)
+        .await
+        .map(axum::Json)
+        .map_err(local_refusal)
+}
+
+async fn approve(
+    State((api, _)): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<RouteDecided>, Refusal> {
+    decide(api, true, &body).await
+}
+
+async fn reject(
+    State((api, _)): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<RouteDecided>, Refusal> {
+    decide(api, false, &body).await
+}
+
 async fn stop(State((_, down)): State<Api>) -> axum::Json<Vec<String>> {
     down();
     axum::Json(vec!["stopping".to_owned()])
@@ -165,6 +221,8 @@ pub fn router(api: Arc<dyn LocalApi>, down: Arc<dyn Fn() + Send + Sync>) -> Rout
         .route(TOKENS, post(tokens))
         .route(REVOKE, post(revoke))
         .route(PEERS, post(add_peer))
+        .route(APPROVE, post(approve))
+        .route(REJECT, post(reject))
         .route(DOWN, post(stop))
         .with_state((api, down))
 }
@@ -255,6 +313,17 @@ pub async fn request_revoke(socket: &Path, target: &str) -> Result<Vec<String>, 
 pub async fn request_peer(socket: &Path, req: &PeerRequest) -> Result<PeerGrant, ControlError> {
     let body = serde_json::to_vec(req).expect("serializes");
     call(socket, "POST", PEERS, body, TIMEOUT).await
+}
+
+/// Approves (`true`) or rejects a site's LAN on the hub behind `socket`.
+pub async fn request_route(
+    socket: &Path,
+    approve: bool,
+    req: &RouteDecision,
+) -> Result<RouteDecided, ControlError> {
+    let body = serde_json::to_vec(req).expect("serializes");
+    let path = if approve { APPROVE } else { REJECT };
+    call(socket, "POST", path, body, TIMEOUT).await
 }
 
 pub async fn request_down(socket: &Path) -> Result<(), ControlError> {

@@ -9,7 +9,11 @@
 //! - `GET /v1/ping`: a round trip through the tunnel; changes nothing.
 //!
 //! A signed request must also come from the signer's tunnel address, so it
-//! travelled through the signer's own WireGuard session.
+//! travelled through the signer's own WireGuard session. Each route takes
+//! the class of key it serves as a type ([`Signed<Invitee>`],
+//! [`Signed<SiteKey>`]): a road warrior's key, a used invite, a site's
+//! container endpoint or a hub container's key gets a 403 from every
+//! route that changes something, whatever it signs.
 
 use super::auth::{AuthError, Proof, Signer};
 use super::{
@@ -86,6 +90,16 @@ pub struct Admitted {
     /// The site's name on the hub (redeem only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The site's LANs that wait for the hub operator's approval (redeem only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<IpNetwork>,
+}
+
+/// The answer to a site's routes: what of them waits for approval.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RoutesAnswer {
+    #[serde(default)]
+    pub pending: Vec<IpNetwork>,
 }
 
 fn source(addr: SocketAddr) -> IpAddr {
@@ -107,15 +121,57 @@ fn unauthorized(e: AuthError, now: SystemTime) -> Refusal {
     )
 }
 
-/// A request whose signature checked out and that came from the signer's
-/// own tunnel address: the extractor every changing route starts with.
-struct Signed {
-    caller: Caller,
+/// A class of key, as a type: a route names the one it serves, and a key
+/// of any other class is refused before the route runs.
+trait Class: Sized {
+    /// Who may, as a refusal says it.
+    const WHO: &'static str;
+    fn of(caller: Caller) -> Option<Self>;
+}
+
+/// A token's invite key: it may redeem, and once used, repeat that
+/// redeem only.
+struct Invitee {
+    address: IpAddr,
+    used: bool,
+}
+
+impl Class for Invitee {
+    const WHO: &'static str = "a token's invite key";
+    fn of(caller: Caller) -> Option<Self> {
+        match caller {
+            Caller::Invite { address, used } => Some(Self { address, used }),
+            _ => None,
+        }
+    }
+}
+
+/// An admitted site's own key: it manages its own endpoints, asks for
+/// routes, leaves.
+struct SiteKey {
+    address: IpAddr,
+}
+
+impl Class for SiteKey {
+    const WHO: &'static str = "an admitted site's key";
+    fn of(caller: Caller) -> Option<Self> {
+        match caller {
+            Caller::Site { address } => Some(Self { address }),
+            _ => None,
+        }
+    }
+}
+
+/// A request whose signature checked out, that came from the signer's
+/// own tunnel address, and whose key is of class `C`: the extractor
+/// every changing route starts with.
+struct Signed<C> {
+    who: C,
     src: IpAddr,
     body: Bytes,
 }
 
-impl axum::extract::FromRequest<Arc<Hub>> for Signed {
+impl<C: Class> axum::extract::FromRequest<Arc<Hub>> for Signed<C> {
     type Rejection = Refusal;
 
     async fn from_request(req: axum::extract::Request, hub: &Arc<Hub>) -> Result<Self, Refusal> {
@@ -145,9 +201,7 @@ impl axum::extract::FromRequest<Arc<Hub>> for Signed {
                 tracing::warn!("refused {method} {path} from {src}: {e}");
                 unauthorized(e, now)
             })?;
-        let from = match caller {
-            Caller::Invite { address } | Caller::Site { address } => address,
-        };
+        let from = caller.address();
         if from != src {
             tracing::warn!("refused {path} from {src}: signed by the key of {from}");
             return Err(refuse(
@@ -155,7 +209,17 @@ impl axum::extract::FromRequest<Arc<Hub>> for Signed {
                 format!("the signing key belongs to {from}, not to {src}"),
             ));
         }
-        Ok(Signed { caller, src, body })
+        let Some(who) = C::of(caller) else {
+            tracing::warn!(
+                "refused {method} {path} from {src}: signed with {}",
+                caller.describe()
+            );
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                format!("{} cannot do this; only {} may", caller.describe(), C::WHO),
+            ));
+        };
+        Ok(Signed { who, src, body })
     }
 }
 
@@ -186,15 +250,13 @@ fn denied<E: std::error::Error + 'static>(
 
 async fn redeem(
     State(hub): State<Arc<Hub>>,
-    Signed { caller, src, body }: Signed,
+    Signed { who, src, body }: Signed<Invitee>,
 ) -> Result<axum::Json<Admitted>, Refusal> {
-    let Caller::Invite { address } = caller else {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            "only a token's invite key redeems",
-        ));
-    };
+    let Invitee { address, used } = who;
     let req: RedeemRequest = json(&body)?;
+    if used {
+        tracing::debug!("{src} repeats a redeem with a used invite");
+    }
     let joining = Joining {
         routes: req.routes,
         snat_public: req.snat_public,
@@ -203,7 +265,13 @@ async fn redeem(
     };
     hub.redeem(address, req.public_key, joining, SystemTime::now())
         .await
-        .map(|(address, name)| axum::Json(Admitted { address, name }))
+        .map(|r| {
+            axum::Json(Admitted {
+                address: r.address,
+                name: r.name,
+                pending: r.pending,
+            })
+        })
         .map_err(|d| {
             denied("redeem", src, d, |e| match e {
                 RedeemError::NoInvite(_) => StatusCode::FORBIDDEN,
@@ -222,14 +290,9 @@ async fn redeem(
 
 async fn register(
     State(hub): State<Arc<Hub>>,
-    Signed { caller, src, body }: Signed,
+    Signed { who, src, body }: Signed<SiteKey>,
 ) -> Result<axum::Json<Admitted>, Refusal> {
-    let Caller::Site { address } = caller else {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            "only an admitted site registers endpoints",
-        ));
-    };
+    let address = who.address;
     let req: RegisterRequest = json(&body)?;
     hub.register(address, req.public_key, &req.name, SystemTime::now())
         .await
@@ -237,6 +300,7 @@ async fn register(
             axum::Json(Admitted {
                 address,
                 name: None,
+                pending: vec![],
             })
         })
         .map_err(|d| {
@@ -252,14 +316,9 @@ async fn register(
 
 async fn release(
     State(hub): State<Arc<Hub>>,
-    Signed { caller, src, body }: Signed,
+    Signed { who, src, body }: Signed<SiteKey>,
 ) -> Result<axum::Json<()>, Refusal> {
-    let Caller::Site { address } = caller else {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            "only an admitted site gives endpoints back",
-        ));
-    };
+    let address = who.address;
     let req: ReleaseRequest = json(&body)?;
     hub.release(address, req.public_key)
         .await
@@ -274,14 +333,9 @@ async fn release(
 
 async fn leave(
     State(hub): State<Arc<Hub>>,
-    Signed { caller, src, .. }: Signed,
+    Signed { who, src, .. }: Signed<SiteKey>,
 ) -> Result<axum::Json<()>, Refusal> {
-    let Caller::Site { address } = caller else {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            "only an admitted site leaves",
-        ));
-    };
+    let address = who.address;
     match hub.leave(address).await {
         Ok(()) => Ok(axum::Json(())),
         Err(e @ LeaveError::TooSoon) => Err(refuse(StatusCode::TOO_MANY_REQUESTS, e)),
@@ -295,18 +349,12 @@ async fn leave(
 
 async fn advertise(
     State(hub): State<Arc<Hub>>,
-    Signed { caller, src, body }: Signed,
-) -> Result<axum::Json<()>, Refusal> {
-    let Caller::Site { address } = caller else {
-        return Err(refuse(
-            StatusCode::FORBIDDEN,
-            "only an admitted site advertises routes",
-        ));
-    };
+    Signed { who, src, body }: Signed<SiteKey>,
+) -> Result<axum::Json<RoutesAnswer>, Refusal> {
     let req: RoutesRequest = json(&body)?;
-    hub.advertise(address, req.routes)
+    hub.advertise(who.address, req.routes)
         .await
-        .map(|()| axum::Json(()))
+        .map(|pending| axum::Json(RoutesAnswer { pending }))
         .map_err(|d| {
             denied("route advertisement", src, d, |e| match e {
                 RouteError::NotASite(_) => StatusCode::FORBIDDEN,
@@ -321,10 +369,10 @@ async fn routes(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Result<axum::Json<Vec<Advertised>>, Refusal> {
     let src = source(peer);
-    if !hub.knows(src).await {
+    if !hub.is_site(src).await {
         return Err(refuse(
             StatusCode::FORBIDDEN,
-            format!("{src} is not a peer"),
+            format!("{src} is not an admitted site"),
         ));
     }
     Ok(axum::Json(hub.routes().borrow().clone()))
@@ -491,17 +539,20 @@ pub async fn leave_hub(
     signed_post::<()>(api, site, LEAVE, &serde_json::json!({}), timeout).await
 }
 
-/// Tells the hub which LANs are behind this site.
+/// Tells the hub which LANs are behind this site; returns those that
+/// wait for the hub operator's approval.
 pub async fn advertise_routes(
     api: SocketAddr,
     site: &Signer,
     routes: &[IpNetwork],
     timeout: Duration,
-) -> Result<(), ControlError> {
+) -> Result<Vec<IpNetwork>, ControlError> {
     let req = RoutesRequest {
         routes: routes.to_vec(),
     };
-    signed_post::<()>(api, site, ROUTES, &req, timeout).await
+    signed_post::<RoutesAnswer>(api, site, ROUTES, &req, timeout)
+        .await
+        .map(|a| a.pending)
 }
 
 /// Every LAN the hub and the sites advertise.
@@ -581,6 +632,7 @@ mod tests {
                 ttl: Duration::from_secs(600),
                 endpoint_hint: None,
                 name: None,
+                routes: vec![],
             };
             self.hub
                 .mint(&req, SystemTime::now())
@@ -823,6 +875,13 @@ mod tests {
         let (status, text, site) = a.site_with(vec![lan]).await;
         assert_eq!(status, StatusCode::OK, "{text}");
         let (c, _, _) = site.unwrap();
+        // Asked for, not approved: it waits, and the answer says so.
+        let got: Admitted = serde_json::from_str(&text).unwrap();
+        assert_eq!(got.pending, [lan]);
+        let peers = crate::wg::WgDevice::peers(&a.fake).await.unwrap();
+        assert!(!peers.iter().any(|p| p.allowed_ips.contains(&lan)));
+        assert!(a.hub.routes().borrow().is_empty());
+        a.hub.approve(&c.to_string(), lan).await.unwrap();
         // The hub routes the LAN to that site.
         let peers = crate::wg::WgDevice::peers(&a.fake).await.unwrap();
         let p = peers.iter().find(|p| p.allowed_ips.contains(&lan)).unwrap();
@@ -914,11 +973,182 @@ mod tests {
         assert_eq!(status, StatusCode::FORBIDDEN);
         let (status, text) = a.call(site, "POST", ROUTES, &body, Some(&signer)).await;
         assert_eq!(status, StatusCode::OK, "{text}");
+        let answer: RoutesAnswer = serde_json::from_str(&text).unwrap();
+        assert_eq!(answer.pending.len(), 1, "waits for approval");
+        assert!(a.hub.routes().borrow().is_empty());
+        a.hub
+            .approve(&site.to_string(), "192.168.0.0/16".parse().unwrap())
+            .await
+            .unwrap();
         assert_eq!(a.hub.routes().borrow().len(), 1);
         // An empty list withdraws them.
         let body = serde_json::to_vec(&RoutesRequest { routes: vec![] }).unwrap();
         let (status, _) = a.call(site, "POST", ROUTES, &body, Some(&signer)).await;
         assert_eq!(status, StatusCode::OK);
         assert!(a.hub.routes().borrow().is_empty());
+    }
+
+    /// A stock client admitted with `peer add`, signing with its own key.
+    async fn road_warrior(a: &Api) -> (IpAddr, Signer) {
+        let own = PrivateKey::generate();
+        let addr = a
+            .hub
+            .admit("phone", own.public_key(), SystemTime::now())
+            .await
+            .unwrap();
+        (addr, Signer::new(&own, &a.server).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_road_warrior_may_only_ping() {
+        let a = api();
+        let (_site, _, _) = a.site().await;
+        let (rw, signer) = road_warrior(&a).await;
+        let routes = serde_json::to_vec(&RoutesRequest {
+            routes: vec!["192.168.9.0/24".parse().unwrap()],
+        })
+        .unwrap();
+        for (path, body) in [
+            (ROUTES, routes.clone()),
+            (REGISTER, register_body("web")),
+            (
+                RELEASE,
+                br#"{"public_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}"#.to_vec(),
+            ),
+            (LEAVE, b"{}".to_vec()),
+            (REDEEM, b"{}".to_vec()),
+        ] {
+            let (status, text) = a.call(rw, "POST", path, &body, Some(&signer)).await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {text}");
+            assert!(text.contains("road warrior"), "{path}: {text}");
+        }
+        let (status, _) = a.call(rw, "GET", ROUTES, b"", None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "routes are for sites");
+        let (status, _) = a.call(rw, "GET", PING, b"", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(a.hub.routes().borrow().is_empty());
+        assert_eq!(a.hub.snapshot().await.peers.len(), 2, "nothing registered");
+    }
+
+    #[tokio::test]
+    async fn a_used_invite_only_repeats_its_own_redeem_and_changes_nothing() {
+        let a = api();
+        let tok = a.token().await;
+        let own = PrivateKey::generate();
+        let invite = Signer::new(&tok.invite_key, &a.server).unwrap();
+        let redeem = |routes: Vec<IpNetwork>, snat_public: bool| {
+            serde_json::to_vec(&RedeemRequest {
+                public_key: own.public_key(),
+                routes,
+                snat_public,
+                name: Some("branch".into()),
+                default_name: false,
+            })
+            .unwrap()
+        };
+        let (status, first) = a
+            .call(
+                tok.assigned,
+                "POST",
+                REDEEM,
+                &redeem(vec![], false),
+                Some(&invite),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "{first}");
+        let before = a.hub.snapshot().await;
+        // The crash-resume path: the same request gets the same answer.
+        let (status, again) = a
+            .call(
+                tok.assigned,
+                "POST",
+                REDEEM,
+                &redeem(vec![], false),
+                Some(&invite),
+            )
+            .await;
+        assert_eq!((status, &again), (StatusCode::OK, &first));
+        // The same key with other wishes: a reuse, refused, nothing changed.
+        for body in [
+            redeem(vec!["192.168.77.0/24".parse().unwrap()], false),
+            redeem(vec![], true),
+        ] {
+            let (status, text) = a
+                .call(tok.assigned, "POST", REDEEM, &body, Some(&invite))
+                .await;
+            assert_eq!(status, StatusCode::CONFLICT, "{text}");
+            assert!(text.contains("already used"), "{text}");
+        }
+        // Nothing else, whatever it signs.
+        for (path, body) in [
+            (ROUTES, br#"{"routes":["192.168.77.0/24"]}"#.to_vec()),
+            (REGISTER, register_body("web")),
+            (LEAVE, b"{}".to_vec()),
+        ] {
+            let (status, text) = a
+                .call(tok.assigned, "POST", path, &body, Some(&invite))
+                .await;
+            assert_eq!(status, StatusCode::FORBIDDEN, "{path}: {text}");
+        }
+        assert_eq!(a.hub.snapshot().await, before);
+    }
+
+    #[tokio::test]
+    async fn a_container_endpoint_cannot_act_for_its_site() {
+        let a = api();
+        let (site, _, signer) = a.site().await;
+        let ep = PrivateKey::generate();
+        let body = serde_json::to_vec(&RegisterRequest {
+            public_key: ep.public_key(),
+            name: "web".into(),
+        })
+        .unwrap();
+        let (status, text) = a.call(site, "POST", REGISTER, &body, Some(&signer)).await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let got: Admitted = serde_json::from_str(&text).unwrap();
+        let ep_signer = Signer::new(&ep, &a.server).unwrap();
+        let (status, text) = a
+            .call(
+                got.address.ip(),
+                "POST",
+                REGISTER,
+                &register_body("db"),
+                Some(&ep_signer),
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{text}");
+        assert!(text.contains("container endpoint"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn routes_a_token_approved_take_effect_and_others_wait() {
+        let a = api();
+        let lan: IpNetwork = "192.168.50.0/24".parse().unwrap();
+        let other: IpNetwork = "192.168.60.0/24".parse().unwrap();
+        let req = MintRequest {
+            count: 1,
+            ttl: Duration::from_secs(600),
+            endpoint_hint: None,
+            name: None,
+            routes: vec!["192.168.48.0/21".parse().unwrap()],
+        };
+        let tok = a.hub.mint(&req, SystemTime::now()).await.unwrap().remove(0);
+        let invite = Signer::new(&tok.invite_key, &a.server).unwrap();
+        let body = serde_json::to_vec(&RedeemRequest {
+            public_key: PrivateKey::generate().public_key(),
+            routes: vec![lan, other],
+            snat_public: false,
+            name: None,
+            default_name: false,
+        })
+        .unwrap();
+        let (status, text) = a
+            .call(tok.assigned, "POST", REDEEM, &body, Some(&invite))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+        let got: Admitted = serde_json::from_str(&text).unwrap();
+        assert_eq!(got.pending, [other]);
+        let shown: Vec<IpNetwork> = a.hub.routes().borrow().iter().map(|r| r.prefix).collect();
+        assert_eq!(shown, [lan]);
     }
 }

@@ -1,9 +1,11 @@
 //! What a running hub answers on its local socket: live status (peer
 //! stats named from the ledger), tokens and revocation.
 
-use super::{AdmitError, Denied, Hub, MintError, MintRequest, RevokeError};
+use super::{AdmitError, Denied, Hub, MintError, MintRequest, RevokeError, RouteError};
 use crate::containers::ContainerView;
-use crate::control::local::{LocalApi, LocalError, PeerGrant, PeerRequest, TokenRequest};
+use crate::control::local::{
+    LocalApi, LocalError, PeerGrant, PeerRequest, RouteDecided, RouteDecision, TokenRequest,
+};
 use crate::state::Endpoint;
 use crate::status::{self, EndpointStatus, PeerReport};
 use std::sync::Arc;
@@ -37,14 +39,17 @@ impl LocalApi for HubApi {
         main.state = status::State::Up;
         main.backend = Some(device.backend());
         let live = device.peers().await.unwrap_or_default();
+        let split = self.hub.route_split().await;
         main.peers = live
             .iter()
             .map(|p| {
-                let mut routes = vec![];
+                let (mut routes, mut pending) = (vec![], vec![]);
                 let (name, address) = if let Some(r) =
                     state.peers.iter().find(|r| r.public_key == p.public_key)
                 {
-                    routes = r.routes.clone();
+                    if let Some((on, waiting)) = split.get(&r.public_key) {
+                        (routes, pending) = (on.clone(), waiting.clone());
+                    }
                     (status::peer_name(r), Some(r.address))
                 } else if let Some(c) = state
                     .containers
@@ -65,6 +70,7 @@ impl LocalApi for HubApi {
                 };
                 let mut r = PeerReport::from_live(p, Some(name), address);
                 r.routes = routes;
+                r.pending_routes = pending;
                 match (&self.relay, r.endpoint) {
                     (Some(relay), Some(e)) if crate::transport::is_virtual(&e) => {
                         r.transport = Some(relay.kind().to_owned());
@@ -92,6 +98,7 @@ impl LocalApi for HubApi {
             ttl: Duration::from_secs(req.ttl_secs),
             endpoint_hint: self.endpoint_hint.clone(),
             name: req.name,
+            routes: req.routes,
         };
         let tokens = self
             .hub
@@ -132,6 +139,33 @@ impl LocalApi for HubApi {
             endpoint_hint: self.endpoint_hint.clone(),
             allowed_ips,
             mtu: state.mtu,
+        })
+    }
+
+    async fn decide_route(
+        &self,
+        approve: bool,
+        req: RouteDecision,
+    ) -> Result<RouteDecided, LocalError> {
+        let not_found = |d: Denied<RouteError>| match d {
+            Denied::Refused(e @ RouteError::UnknownSite(_)) => LocalError::NotFound(e.to_string()),
+            d => unavailable(d),
+        };
+        let site = if approve {
+            self.hub
+                .approve(&req.site, req.prefix)
+                .await
+                .map_err(not_found)?
+                .0
+        } else {
+            self.hub
+                .reject(&req.site, req.prefix)
+                .await
+                .map_err(not_found)?
+        };
+        Ok(RouteDecided {
+            site,
+            pending: self.hub.pending_routes(site).await,
         })
     }
 

@@ -19,7 +19,7 @@
 use crate::ipam::{IpamError, Pool};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::limits::{self, LimitError};
-use crate::state::{ContainerRecord, InviteRecord, PeerRecord, ServerState};
+use crate::state::{ContainerRecord, InviteRecord, PeerRecord, ServerState, covered};
 use crate::token::Token;
 use crate::wg::{PeerSpec, PeerStatus};
 use ipnetwork::IpNetwork;
@@ -108,6 +108,8 @@ pub enum MintError {
     #[error("a name belongs to one site: mint named tokens one at a time")]
     NamedBatch,
     #[error(transparent)]
+    Routes(#[from] RouteError),
+    #[error(transparent)]
     Exhausted(#[from] IpamError),
 }
 
@@ -148,6 +150,18 @@ pub enum RouteError {
     },
     #[error("at most {MAX_ROUTES} routes per site")]
     TooMany,
+    #[error("route {0} is a loopback, link-local, multicast or unspecified range")]
+    Special(IpNetwork),
+    #[error("route {0} overlaps {1}, a network of the hub's own host")]
+    HubNetwork(IpNetwork, IpNetwork),
+    #[error("route {0} covers {1}, the address a node reaches the hub from")]
+    Underlay(IpNetwork, IpAddr),
+    #[error("no site is named or addressed {0:?}")]
+    UnknownSite(String),
+    #[error("{0} is a road warrior (tunnel peer add): only sites advertise LANs")]
+    RoadWarrior(String),
+    #[error("{site} neither advertises nor is approved for anything within {prefix}")]
+    NothingToReject { site: String, prefix: IpNetwork },
 }
 
 /// What a joiner asks for beside its admission.
@@ -178,6 +192,30 @@ fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
     a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
 }
 
+/// Ranges that are never a LAN behind a site: loopback, link-local,
+/// multicast, the unspecified address.
+fn special(r: &IpNetwork) -> bool {
+    let specials: [&str; 7] = [
+        "0.0.0.0/8",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "224.0.0.0/4",
+        "::1/128",
+        "fe80::/10",
+        "ff00::/8",
+    ];
+    specials
+        .iter()
+        .map(|s| s.parse::<IpNetwork>().expect("valid"))
+        .any(|s| overlaps(r, &s))
+        || r.network().is_unspecified()
+}
+
+/// The network of an address with its prefix (`10.1.2.3/24` -> `10.1.2.0/24`).
+fn network_of(n: &IpNetwork) -> IpNetwork {
+    IpNetwork::new(n.network(), n.prefix()).expect("same prefix")
+}
+
 /// What a list of routes must be by itself: network addresses, no default
 /// route, clear of the tunnel's `subnet` and of each other.
 pub fn validate_routes(routes: &[IpNetwork], subnets: &[IpNetwork]) -> Result<(), RouteError> {
@@ -191,6 +229,9 @@ pub fn validate_routes(routes: &[IpNetwork], subnets: &[IpNetwork]) -> Result<()
         }
         if r.prefix() == 0 {
             return Err(RouteError::Default(*r));
+        }
+        if special(r) {
+            return Err(RouteError::Special(*r));
         }
         if let Some(s) = subnets.iter().find(|s| overlaps(r, s)) {
             return Err(RouteError::Tunnel(*r, *s));
@@ -206,13 +247,46 @@ pub fn validate_routes(routes: &[IpNetwork], subnets: &[IpNetwork]) -> Result<()
     Ok(())
 }
 
-/// Who holds the key that signed a request.
+/// Who holds the key that signed a request: the key's class, which
+/// decides what it may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
-    /// The invite key of a token, issued for `address`.
-    Invite { address: IpAddr },
+    /// The invite key of a token, issued for `address`; `used` once
+    /// redeemed (it may then only repeat its own redeem).
+    Invite { address: IpAddr, used: bool },
     /// An admitted site.
     Site { address: IpAddr },
+    /// An endpoint (a container) that the site at `site` registered.
+    Endpoint { address: IpAddr, site: IpAddr },
+    /// A stock WireGuard client (`tunnel peer add`).
+    RoadWarrior { address: IpAddr },
+    /// One of the hub's own container endpoints.
+    HubContainer { address: IpAddr },
+}
+
+impl Caller {
+    /// The tunnel address the key holds.
+    pub fn address(&self) -> IpAddr {
+        match *self {
+            Caller::Invite { address, .. }
+            | Caller::Site { address }
+            | Caller::Endpoint { address, .. }
+            | Caller::RoadWarrior { address }
+            | Caller::HubContainer { address } => address,
+        }
+    }
+
+    /// What the key is, for a refusal.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Caller::Invite { used: false, .. } => "a token's invite key",
+            Caller::Invite { used: true, .. } => "a used token's invite key",
+            Caller::Site { .. } => "a site's key",
+            Caller::Endpoint { .. } => "a site's container endpoint",
+            Caller::RoadWarrior { .. } => "a road warrior's key",
+            Caller::HubContainer { .. } => "a hub container's key",
+        }
+    }
 }
 
 /// What `tunnel token` and `serve --tokens` ask for.
@@ -222,6 +296,8 @@ pub struct MintRequest {
     pub ttl: Duration,
     pub endpoint_hint: Option<String>,
     pub name: Option<String>,
+    /// Prefixes approved in advance for the site that redeems the token.
+    pub routes: Vec<IpNetwork>,
 }
 
 /// A change the device must make.
@@ -287,6 +363,42 @@ pub struct Ledger {
     changed: bool,
     /// The transports tokens offer.
     offer: crate::transport::Offer,
+    /// The hub host's own networks (its addresses with their prefixes),
+    /// which no site may claim.
+    host: Vec<IpNetwork>,
+    /// Underlay addresses seen on the device that the state does not
+    /// hold yet (a joiner before its endpoint is recorded).
+    seen: std::collections::BTreeSet<IpAddr>,
+}
+
+/// What decides which of a site's advertised LANs take effect, computed
+/// once for a pass over all peers.
+struct RouteFilter<'a> {
+    host: &'a [IpNetwork],
+    underlay: std::collections::BTreeSet<IpAddr>,
+}
+
+impl RouteFilter<'_> {
+    /// Whatever the approval: not the hub's networks, not a node's
+    /// underlay address.
+    fn check(&self, r: &IpNetwork) -> Result<(), RouteError> {
+        if let Some(h) = self.host.iter().find(|h| overlaps(r, h)) {
+            return Err(RouteError::HubNetwork(*r, *h));
+        }
+        if let Some(a) = self.underlay.iter().find(|a| r.contains(**a)) {
+            return Err(RouteError::Underlay(*r, *a));
+        }
+        Ok(())
+    }
+
+    /// The routes of `p` that take effect: approved and allowed.
+    fn effective(&self, p: &PeerRecord) -> Vec<IpNetwork> {
+        p.routes
+            .iter()
+            .filter(|r| covered(p.approved(), r) && self.check(r).is_ok())
+            .copied()
+            .collect()
+    }
 }
 
 /// Gives each named container of this host an endpoint record (key made
@@ -339,14 +451,89 @@ fn pool_of(state: &ServerState) -> Result<Pool, IpamError> {
 impl Ledger {
     pub fn new(state: ServerState, quota: usize) -> Result<Self, IpamError> {
         let pool = pool_of(&state)?;
-        Ok(Self {
+        let mut ledger = Self {
             state,
             pool,
             pending: Vec::new(),
             quota,
             changed: false,
             offer: Default::default(),
-        })
+            host: vec![],
+            seen: Default::default(),
+        };
+        // A file from before approvals: what its sites had was accepted
+        // then; it stays approved (still subject to the hub's own checks).
+        if ledger.state.peers.iter().any(|p| p.approved.is_none()) {
+            for p in ledger.state_mut().peers.iter_mut() {
+                if p.approved.is_none() {
+                    p.approved = Some(p.routes.clone());
+                }
+            }
+        }
+        Ok(ledger)
+    }
+
+    /// The hub host's own addresses with their prefixes: no site may
+    /// advertise a LAN that overlaps them.
+    pub fn set_host_networks(&mut self, nets: &[IpNetwork]) {
+        self.host = self.host_view(nets);
+    }
+
+    /// Whether `nets` would change what [`Ledger::set_host_networks`] holds.
+    pub fn host_networks_differ(&self, nets: &[IpNetwork]) -> bool {
+        self.host != self.host_view(nets)
+    }
+
+    fn host_view(&self, nets: &[IpNetwork]) -> Vec<IpNetwork> {
+        let mut host: Vec<IpNetwork> = nets
+            .iter()
+            .map(network_of)
+            // The tunnel's subnets are checked on their own; loopback is special.
+            .filter(|n| !self.state.subnets().all().iter().any(|s| overlaps(n, s)) && !special(n))
+            .collect();
+        host.sort();
+        host.dedup();
+        host
+    }
+
+    /// Underlay addresses the device sees peers at (live endpoints).
+    pub fn note_underlay(&mut self, addrs: impl IntoIterator<Item = IpAddr>) {
+        self.seen.extend(addrs);
+    }
+
+    fn route_filter(&self) -> RouteFilter<'_> {
+        let underlay = self
+            .state
+            .peers
+            .iter()
+            .filter_map(|p| p.endpoint)
+            .filter(|e| !crate::transport::is_virtual(e))
+            .map(|e| e.ip())
+            .chain(self.seen.iter().copied())
+            .collect();
+        RouteFilter {
+            host: &self.host,
+            underlay,
+        }
+    }
+
+    /// The advertised LANs of the site at `site` that wait for the hub
+    /// operator (or that the hub refuses now).
+    pub fn pending_routes(&self, site: IpAddr) -> Vec<IpNetwork> {
+        let Some(p) = self.site(site) else {
+            return vec![];
+        };
+        let on = self.route_filter().effective(p);
+        p.routes
+            .iter()
+            .filter(|r| !on.contains(r))
+            .copied()
+            .collect()
+    }
+
+    /// A peer's advertised LANs that take effect.
+    pub fn effective_routes(&self, p: &PeerRecord) -> Vec<IpNetwork> {
+        self.route_filter().effective(p)
     }
 
     /// The transports the tokens minted from now on offer.
@@ -420,15 +607,16 @@ impl Ledger {
             )
         };
         let subnets = self.state.subnets();
+        let filter = self.route_filter();
         let peers = self.state.peers.iter().map(|p| {
             let allowed = if swapping(&p.public_key) {
                 vec![]
             } else {
-                subnets
-                    .hosts(p.address)
-                    .into_iter()
-                    .chain(p.routes.iter().copied())
-                    .collect()
+                let mut a = subnets.hosts(p.address);
+                if !p.routes.is_empty() {
+                    a.extend(filter.effective(p));
+                }
+                a
             };
             spec(p.public_key, p.endpoint, allowed)
         });
@@ -448,10 +636,32 @@ impl Ledger {
         peers.chain(invites).chain(containers).collect()
     }
 
+    /// The tunnel addresses (both families) that invite keys hold: an
+    /// unused invite's, and a redeemed one's until the joiner's own key
+    /// has taken over. Those keys may reach the control API only.
+    pub fn quarantined(&self) -> Vec<IpAddr> {
+        let subnets = self.state.subnets();
+        self.state
+            .invites
+            .iter()
+            .filter(|i| {
+                i.redeemed_by.is_none() || self.pending.iter().any(|p| p.invite == i.public_key)
+            })
+            .flat_map(|i| subnets.hosts(i.address))
+            .map(|n| n.ip())
+            .collect()
+    }
+
     /// Checks `routes` for `owner` (a site's address, or `None` for the
     /// hub): network addresses, not the tunnel, not another's.
     fn check_routes(&self, owner: Option<IpAddr>, routes: &[IpNetwork]) -> Result<(), RouteError> {
         validate_routes(routes, &self.state.subnets().all())?;
+        if owner.is_some() {
+            let filter = self.route_filter();
+            for r in routes {
+                filter.check(r)?;
+            }
+        }
         let mut others: Vec<(IpNetwork, String)> = Vec::new();
         if owner.is_some() {
             others.extend(self.state.routes.iter().map(|r| (*r, "the hub".to_owned())));
@@ -475,7 +685,8 @@ impl Ledger {
         Ok(())
     }
 
-    /// The LANs behind the site at `site` are now `routes`.
+    /// The LANs behind the site at `site` are now `routes`; they take
+    /// effect where approved ([`Ledger::approve`]).
     pub fn advertise(&mut self, site: IpAddr, routes: Vec<IpNetwork>) -> Result<(), RouteError> {
         if self.site(site).is_none() {
             return Err(RouteError::NotASite(site));
@@ -517,9 +728,10 @@ impl Ledger {
         Ok(())
     }
 
-    /// Every advertised LAN: the hub's, then the sites'.
+    /// Every LAN in effect: the hub's, then the sites' approved ones.
     pub fn advertised(&self) -> Vec<Advertised> {
         let hub = self.server_address();
+        let filter = self.route_filter();
         self.state
             .routes
             .iter()
@@ -527,22 +739,103 @@ impl Ledger {
                 prefix: *r,
                 via: hub,
             })
-            .chain(self.state.peers.iter().flat_map(|p| {
-                p.routes.iter().map(|r| Advertised {
-                    prefix: *r,
-                    via: p.address,
-                })
-            }))
+            .chain(
+                self.state
+                    .peers
+                    .iter()
+                    .filter(|p| !p.routes.is_empty())
+                    .flat_map(|p| {
+                        filter.effective(p).into_iter().map(|r| Advertised {
+                            prefix: r,
+                            via: p.address,
+                        })
+                    }),
+            )
             .collect()
     }
 
-    /// The LANs behind sites: the hub routes them into the tunnel.
+    /// The LANs behind sites in effect: the hub routes them into the tunnel.
     pub fn site_routes(&self) -> std::collections::BTreeSet<IpNetwork> {
+        let filter = self.route_filter();
         self.state
             .peers
             .iter()
-            .flat_map(|p| p.routes.iter().copied())
+            .filter(|p| !p.routes.is_empty())
+            .flat_map(|p| filter.effective(p))
             .collect()
+    }
+
+    /// The site named or addressed `target`.
+    fn find_site(&self, target: &str) -> Result<usize, RouteError> {
+        let addr: Option<IpAddr> = target.parse().ok();
+        let hits: Vec<usize> = self
+            .state
+            .peers
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.via.is_none())
+            .filter(|(_, p)| match addr {
+                Some(a) => p.address == a,
+                None => p.name.as_deref() == Some(target),
+            })
+            .map(|(i, _)| i)
+            .collect();
+        match hits.as_slice() {
+            [i] if self.state.peers[*i].road_warrior => {
+                Err(RouteError::RoadWarrior(target.to_owned()))
+            }
+            [i] => Ok(*i),
+            _ => Err(RouteError::UnknownSite(target.to_owned())),
+        }
+    }
+
+    /// The hub operator allows the site `target` to advertise LANs within
+    /// `prefix` (`tunnel route approve`). Refused, whatever the operator
+    /// says, where no site could have it ([`validate_routes`], the hub's
+    /// own networks, nodes' underlay addresses) or another has it.
+    /// Returns the site's address.
+    pub fn approve(&mut self, target: &str, prefix: IpNetwork) -> Result<IpAddr, RouteError> {
+        let i = self.find_site(target)?;
+        let site = self.state.peers[i].address;
+        self.check_routes(Some(site), &[prefix])?;
+        let p = &self.state.peers[i];
+        if !covered(p.approved(), &prefix) {
+            let mut approved: Vec<IpNetwork> = p
+                .approved()
+                .iter()
+                .filter(|a| !covered(&[prefix], a))
+                .copied()
+                .collect();
+            approved.push(prefix);
+            self.state_mut().peers[i].approved = Some(approved);
+        }
+        Ok(site)
+    }
+
+    /// Withdraws what the site `target` advertises or was approved for
+    /// within `prefix` (`tunnel route reject`). Returns the site's address.
+    pub fn reject(&mut self, target: &str, prefix: IpNetwork) -> Result<IpAddr, RouteError> {
+        let i = self.find_site(target)?;
+        let p = &self.state.peers[i];
+        let within = |r: &IpNetwork| covered(&[prefix], r);
+        if !p.routes.iter().any(within) && !p.approved().iter().any(within) {
+            return Err(RouteError::NothingToReject {
+                site: target.to_owned(),
+                prefix,
+            });
+        }
+        let routes = p.routes.iter().filter(|r| !within(r)).copied().collect();
+        let approved = p
+            .approved()
+            .iter()
+            .filter(|r| !within(r))
+            .copied()
+            .collect();
+        let site = p.address;
+        let p = &mut self.state_mut().peers[i];
+        p.routes = routes;
+        p.approved = Some(approved);
+        Ok(site)
     }
 
     /// The one check of whether a key is taken: the server's own, a peer's
@@ -566,21 +859,60 @@ impl Ledger {
     /// Who holds `key`, for authenticating a request signed with it.
     pub fn identify(&self, key: &PublicKey) -> Option<Caller> {
         if let Some(i) = self.state.invites.iter().find(|i| i.public_key == *key) {
-            return Some(Caller::Invite { address: i.address });
+            return Some(Caller::Invite {
+                address: i.address,
+                used: i.redeemed_by.is_some(),
+            });
+        }
+        if let Some(p) = self.state.peers.iter().find(|p| p.public_key == *key) {
+            let address = p.address;
+            return Some(match p.via {
+                Some(site) => Caller::Endpoint { address, site },
+                None if p.road_warrior => Caller::RoadWarrior { address },
+                None => Caller::Site { address },
+            });
         }
         self.state
-            .peers
+            .containers
             .iter()
-            .find(|p| p.public_key == *key && p.via.is_none())
-            .map(|p| Caller::Site { address: p.address })
+            .find(|c| c.private_key.public_key() == *key)
+            .map(|c| Caller::HubContainer { address: c.address })
     }
 
-    /// The admitted site at `addr`.
+    /// The admitted site at `addr` (road warriors are not sites).
     pub fn site(&self, addr: IpAddr) -> Option<&PeerRecord> {
         self.state
             .peers
             .iter()
-            .find(|p| p.address == addr && p.via.is_none())
+            .find(|p| p.address == addr && p.via.is_none() && !p.road_warrior)
+    }
+
+    /// The key that redeemed the invite for `address`, if it was.
+    pub fn redeemed_by(&self, address: IpAddr) -> Option<PublicKey> {
+        self.state
+            .invites
+            .iter()
+            .find(|i| i.address == address)
+            .and_then(|i| i.redeemed_by)
+    }
+
+    /// A redeem sent again by a joiner that did not get (or lost) the
+    /// answer: it must ask for exactly what it asked before, and then gets
+    /// the same answer, the site's name; anything else is a reuse.
+    pub fn repeated_redeem(
+        &self,
+        address: IpAddr,
+        joining: &Joining,
+    ) -> Result<Option<String>, RedeemError> {
+        let p = self.site(address).ok_or(RedeemError::AlreadyUsed)?;
+        let same_name = joining.default_name
+            || joining.name.is_none()
+            || p.name.as_deref() == joining.name.as_deref();
+        if p.routes == joining.routes && p.snat_public == joining.snat_public && same_name {
+            Ok(p.name.clone())
+        } else {
+            Err(RedeemError::AlreadyUsed)
+        }
     }
 
     /// Whether `addr` belongs to an admitted peer, a waiting invite or a
@@ -619,6 +951,11 @@ impl Ledger {
             }
         }
         let expires = unix(now).saturating_add(ttl.as_secs());
+        validate_routes(&req.routes, &self.state.subnets().all())?;
+        let filter = self.route_filter();
+        for r in &req.routes {
+            filter.check(r)?;
+        }
         let mut tokens = Vec::with_capacity(count);
         for _ in 0..count {
             let address = self.pool.allocate()?;
@@ -629,6 +966,7 @@ impl Ledger {
                 expires,
                 redeemed_by: None,
                 name: req.name.clone(),
+                routes: req.routes.clone(),
             });
             tokens.push(Token {
                 server_public_key: self.state.private_key.public_key(),
@@ -690,6 +1028,8 @@ impl Ledger {
             endpoint: None,
             routes: vec![],
             snat_public: false,
+            approved: Some(invite.routes.clone()),
+            road_warrior: false,
         });
         self.pending.push(Pending {
             invite: invite.public_key,
@@ -852,6 +1192,8 @@ impl Ledger {
             endpoint: None,
             routes: vec![],
             snat_public: false,
+            approved: Some(vec![]),
+            road_warrior: true,
         });
         Ok(address)
     }
@@ -920,6 +1262,8 @@ impl Ledger {
             endpoint: None,
             routes: vec![],
             snat_public: false,
+            approved: Some(vec![]),
+            road_warrior: false,
         });
         Ok(net(address))
     }
@@ -1085,6 +1429,8 @@ impl Ledger {
         if !self.endpoints_moved(live) {
             return false;
         }
+        // What was only seen is now recorded (or gone).
+        self.seen.clear();
         let seen: HashMap<PublicKey, SocketAddr> = live
             .iter()
             .filter_map(|l| Some((l.public_key, l.endpoint?)))
@@ -1126,6 +1472,7 @@ mod tests {
                 ttl: Duration::from_secs(60),
                 endpoint_hint: None,
                 name: name.map(str::to_owned),
+                routes: vec![],
             },
             t0(),
         )
@@ -1175,6 +1522,7 @@ mod tests {
             ttl: Duration::from_secs(ttl),
             endpoint_hint: None,
             name: name.map(str::to_owned),
+            routes: vec![],
         };
         assert!(matches!(
             l.mint(&req(1001, 60, None), t0()),
@@ -1384,15 +1732,43 @@ mod tests {
         assert_eq!(
             l.identify(&tok.invite_key.public_key()),
             Some(Caller::Invite {
-                address: tok.assigned
+                address: tok.assigned,
+                used: false
             })
         );
+        let ep_addr = l
+            .state()
+            .peers
+            .iter()
+            .find(|p| p.public_key == ep)
+            .unwrap()
+            .address;
         assert_eq!(
             l.identify(&ep),
-            None,
-            "an endpoint cannot sign for its site"
+            Some(Caller::Endpoint {
+                address: ep_addr,
+                site: site_addr
+            }),
+            "an endpoint is not its site"
         );
         assert_eq!(l.identify(&key()), None);
+        let rw = key();
+        let rw_addr = l.admit("phone", rw, t0()).unwrap();
+        assert_eq!(
+            l.identify(&rw),
+            Some(Caller::RoadWarrior { address: rw_addr })
+        );
+        assert!(l.site(rw_addr).is_none(), "a road warrior is not a site");
+        let used = mint(&mut l, 1, None).remove(0);
+        l.redeem(used.assigned, key(), t0(), Instant::now())
+            .unwrap();
+        assert_eq!(
+            l.identify(&used.invite_key.public_key()),
+            Some(Caller::Invite {
+                address: used.assigned,
+                used: true
+            })
+        );
     }
 
     #[test]
@@ -1567,5 +1943,186 @@ mod tests {
         assert_eq!(l.release(s, &k).unwrap(), a.ip());
         assert!(!l.desired().contains_key(&k));
         assert_eq!(l.register(s, key(), "web", t0()).unwrap(), a);
+    }
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+
+    fn routed(l: &Ledger) -> Vec<IpNetwork> {
+        l.site_routes().into_iter().collect()
+    }
+
+    #[test]
+    fn advertised_lans_take_effect_only_within_an_approval() {
+        let mut l = ledger();
+        let (a, _) = site(&mut l, Some("a"));
+        l.advertise(a, vec![net("192.168.50.0/24"), net("192.168.60.0/24")])
+            .unwrap();
+        assert!(routed(&l).is_empty(), "nothing approved yet");
+        assert_eq!(l.pending_routes(a).len(), 2);
+        assert!(l.desired().values().all(|p| p.allowed_ips.len() <= 1));
+        // By name, a wider prefix covers the narrower one asked for.
+        l.approve("a", net("192.168.48.0/21")).unwrap();
+        assert_eq!(routed(&l), [net("192.168.50.0/24")]);
+        assert_eq!(l.pending_routes(a), [net("192.168.60.0/24")]);
+        assert_eq!(l.advertised().len(), 1);
+        // By address.
+        l.approve(&a.to_string(), net("192.168.60.0/24")).unwrap();
+        assert_eq!(routed(&l).len(), 2);
+        // Rejecting withdraws the route and its approval.
+        l.reject("a", net("192.168.60.0/24")).unwrap();
+        assert_eq!(routed(&l), [net("192.168.50.0/24")]);
+        assert_eq!(l.state().peers[0].routes, [net("192.168.50.0/24")]);
+        assert!(matches!(
+            l.reject("a", net("10.9.0.0/16")),
+            Err(RouteError::NothingToReject { .. })
+        ));
+        assert!(matches!(
+            l.approve("nobody", net("10.9.0.0/16")),
+            Err(RouteError::UnknownSite(_))
+        ));
+    }
+
+    #[test]
+    fn no_approval_gives_a_site_the_hubs_networks_a_nodes_underlay_or_the_tunnel() {
+        let mut l = ledger();
+        l.set_host_networks(&[
+            net("192.168.1.5/24"),
+            net("10.77.0.1/24"),
+            net("127.0.0.1/8"),
+        ]);
+        let (a, _) = site(&mut l, Some("a"));
+        let (b, kb) = site(&mut l, Some("b"));
+        // b is seen at 198.51.100.7.
+        l.record_endpoints(&[PeerStatus {
+            public_key: kb,
+            endpoint: Some("198.51.100.7:40000".parse().unwrap()),
+            allowed_ips: vec![],
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            keepalive: None,
+        }]);
+        for (prefix, want) in [
+            ("198.51.100.7/32", "the address a node reaches the hub from"),
+            ("198.51.100.0/24", "the address a node reaches the hub from"),
+            ("192.168.1.0/24", "a network of the hub's own host"),
+            ("192.168.1.128/25", "a network of the hub's own host"),
+            ("192.168.0.0/16", "a network of the hub's own host"),
+            ("10.77.0.0/16", "overlaps the tunnel's subnet"),
+            ("0.0.0.0/0", "whole internet"),
+            ("127.0.0.0/8", "loopback"),
+            ("224.0.0.0/8", "multicast"),
+        ] {
+            let err = l.approve("a", net(prefix)).unwrap_err().to_string();
+            assert!(err.contains(want), "{prefix}: {err}");
+            let err = l.advertise(a, vec![net(prefix)]).unwrap_err().to_string();
+            assert!(err.contains(want), "{prefix}: {err}");
+        }
+        assert!(l.state().peers.iter().all(|p| p.approved().is_empty()));
+        // A token cannot approve them in advance either.
+        let err = l
+            .mint(
+                &MintRequest {
+                    count: 1,
+                    ttl: Duration::from_secs(60),
+                    endpoint_hint: None,
+                    name: None,
+                    routes: vec![net("192.168.1.0/24")],
+                },
+                t0(),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, MintError::Routes(RouteError::HubNetwork(..))),
+            "{err}"
+        );
+        // A route saved before a node was seen inside it stops taking effect.
+        l.advertise(b, vec![net("203.0.113.0/24")]).unwrap();
+        l.approve("b", net("203.0.113.0/24")).unwrap();
+        assert_eq!(routed(&l), [net("203.0.113.0/24")]);
+        l.note_underlay([ip("203.0.113.9")]);
+        assert!(routed(&l).is_empty());
+        assert_eq!(l.pending_routes(b), [net("203.0.113.0/24")]);
+    }
+
+    #[test]
+    fn a_road_warrior_is_no_site_and_approves_nothing() {
+        let mut l = ledger();
+        let rw = l.admit("phone", key(), t0()).unwrap();
+        assert!(l.site(rw).is_none());
+        assert!(matches!(
+            l.advertise(rw, vec![net("192.168.9.0/24")]),
+            Err(RouteError::NotASite(_))
+        ));
+        assert!(matches!(
+            l.register(rw, key(), "web", t0()),
+            Err(RegisterError::NotASite(_))
+        ));
+        assert!(matches!(
+            l.approve("phone", net("192.168.9.0/24")),
+            Err(RouteError::RoadWarrior(_))
+        ));
+    }
+
+    #[test]
+    fn a_saved_state_from_before_approvals_keeps_its_routes() {
+        let mut l = ledger();
+        let (a, _) = site(&mut l, Some("a"));
+        l.advertise(a, vec![net("192.168.50.0/24")]).unwrap();
+        let mut old = l.state().clone();
+        old.peers[0].approved = None;
+        let l = Ledger::new(old, 2).unwrap();
+        assert_eq!(routed(&l), [net("192.168.50.0/24")]);
+        assert_eq!(l.state().peers[0].approved(), [net("192.168.50.0/24")]);
+    }
+
+    #[test]
+    fn invite_addresses_are_quarantined_until_the_joiner_key_takes_over() {
+        let mut l = ledger();
+        let t = mint(&mut l, 1, None).remove(0);
+        assert_eq!(l.quarantined(), [t.assigned]);
+        let k = key();
+        l.redeem(t.assigned, k, t0(), Instant::now()).unwrap();
+        assert_eq!(l.quarantined(), [t.assigned], "the invite still holds it");
+        l.complete_swaps(|_| true, Instant::now());
+        assert!(l.quarantined().is_empty());
+    }
+
+    #[test]
+    fn a_repeated_redeem_must_ask_for_the_same() {
+        let mut l = ledger();
+        let t = mint(&mut l, 1, None).remove(0);
+        let k = key();
+        l.redeem(t.assigned, k, t0(), Instant::now()).unwrap();
+        l.name_site(t.assigned, Some("host"), true).unwrap();
+        l.advertise(t.assigned, vec![net("192.168.5.0/24")])
+            .unwrap();
+        let same = Joining {
+            routes: vec![net("192.168.5.0/24")],
+            snat_public: false,
+            name: Some("host".into()),
+            default_name: true,
+        };
+        assert_eq!(
+            l.repeated_redeem(t.assigned, &same),
+            Ok(Some("host".into()))
+        );
+        for other in [
+            Joining {
+                routes: vec![net("192.168.6.0/24")],
+                ..same.clone()
+            },
+            Joining {
+                snat_public: true,
+                ..same.clone()
+            },
+        ] {
+            assert_eq!(
+                l.repeated_redeem(t.assigned, &other),
+                Err(RedeemError::AlreadyUsed)
+            );
+        }
     }
 }

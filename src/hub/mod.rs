@@ -85,6 +85,18 @@ pub struct Hub {
     unsaved: std::sync::Mutex<Option<Instant>>,
     /// Wakes the swap loop as soon as a redeem leaves a swap pending.
     redeemed: Notify,
+    /// The addresses the device lets reach the control API only.
+    quarantine: Option<Arc<crate::wg::Quarantine>>,
+}
+
+/// What a redeem gave the joiner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redeemed {
+    pub address: IpNetwork,
+    /// The site's name on the hub.
+    pub name: Option<String>,
+    /// Its advertised LANs that wait for the hub operator's approval.
+    pub pending: Vec<IpNetwork>,
 }
 
 async fn apply(wg: &dyn WgDevice, ops: &[Op]) -> Result<(), WgError> {
@@ -243,7 +255,16 @@ impl Hub {
             leaves: Default::default(),
             unsaved: Default::default(),
             redeemed: Notify::new(),
+            quarantine: None,
         }
+    }
+
+    /// Keeps `q` holding the addresses of untrusted keys (invites), as the
+    /// ledger changes; the device it was given to enforces it.
+    pub async fn with_quarantine(mut self, q: Arc<crate::wg::Quarantine>) -> Self {
+        q.set(self.ledger.lock().await.quarantined());
+        self.quarantine = Some(q);
+        self
     }
 
     fn save(&self, state: &ServerState) -> Result<(), StateError> {
@@ -340,6 +361,9 @@ impl Hub {
             self.saved(saved);
             self.changes.send_modify(|n| *n += 1);
         }
+        if let Some(q) = &self.quarantine {
+            q.set(ledger.quarantined());
+        }
         let advertised = ledger.advertised();
         self.routes.send_if_modified(|r| {
             let changed = *r != advertised;
@@ -385,20 +409,42 @@ impl Hub {
         key: PublicKey,
         joining: Joining,
         now: SystemTime,
-    ) -> Result<(IpNetwork, Option<String>), Denied<RedeemError>> {
+    ) -> Result<Redeemed, Denied<RedeemError>> {
         let shown: Vec<String> = joining.routes.iter().map(|r| r.to_string()).collect();
         crate::sys::crash_point("hub-redeem-received");
-        let (net, name) = self
+        if !joining.routes.is_empty() {
+            self.note_underlay().await;
+        }
+        let (net, name, again) = self
             .transact(true, |l| {
+                // The same joiner asking again (its answer was lost, or it
+                // crashed and runs again): the same answer, nothing changed.
+                if l.redeemed_by(address) == Some(key) {
+                    let name = l.repeated_redeem(address, &joining)?;
+                    let net = IpNetwork::new(address, l.state().subnet.prefix())
+                        .map_err(|_| RedeemError::NoInvite(address))?;
+                    return Ok((net, name, true));
+                }
                 let net = l.redeem(address, key, now, Instant::now())?;
                 let name = l.name_site(address, joining.name.as_deref(), joining.default_name)?;
                 l.advertise(address, joining.routes)?;
                 l.set_snat_public(address, joining.snat_public)?;
-                Ok::<_, RedeemError>((net, name))
+                Ok::<_, RedeemError>((net, name, false))
             })
             .await?;
+        let pending = self.ledger.lock().await.pending_routes(address);
+        let redeemed = Redeemed {
+            address: net,
+            name,
+            pending,
+        };
+        if again {
+            tracing::info!("{address} asked again for its redeem; answered the same");
+            return Ok(redeemed);
+        }
         // Saved, not yet answered.
         crate::sys::crash_point("hub-redeemed");
+        let name = &redeemed.name;
         match &name {
             Some(n) => tracing::info!(
                 "{address} redeemed its invite as site {n}; admitting public key {key}"
@@ -408,9 +454,81 @@ impl Hub {
         if !shown.is_empty() {
             tracing::info!("{address} advertises {}", shown.join(", "));
         }
+        self.log_pending(address, &redeemed.pending);
         self.metrics.redeemed();
         self.redeemed.notify_one();
-        Ok((net, name))
+        Ok(redeemed)
+    }
+
+    fn log_pending(&self, site: IpAddr, pending: &[IpNetwork]) {
+        for r in pending {
+            tracing::warn!(
+                "{site} asks to route {r}; it waits for approval: tunnel route approve {site} {r}"
+            );
+        }
+    }
+
+    /// Tells the ledger where the device sees its peers now, so that no
+    /// site claims a node's underlay address before it is recorded.
+    async fn note_underlay(&self) {
+        if let Ok(live) = self.wg.peers().await {
+            let addrs: Vec<IpAddr> = live
+                .iter()
+                .filter_map(|p| p.endpoint)
+                .filter(|e| !crate::transport::is_virtual(e))
+                .map(|e| e.ip())
+                .collect();
+            self.ledger.lock().await.note_underlay(addrs);
+        }
+    }
+
+    /// The hub host's own networks, which no site may claim.
+    pub async fn set_host_networks(&self, nets: &[IpNetwork]) -> Result<(), HubError> {
+        self.transact(false, |l| {
+            l.set_host_networks(nets);
+            Ok::<_, std::convert::Infallible>(())
+        })
+        .await
+        .map_err(unavailable)
+    }
+
+    /// Reads the host's networks again (a Docker network made since, an
+    /// address added) and applies them when they changed.
+    pub async fn refresh_host_networks(&self) {
+        let Some(net) = &self.net else { return };
+        match net.host_networks().await {
+            Ok(nets) if self.ledger.lock().await.host_networks_differ(&nets) => {
+                if let Err(e) = self.set_host_networks(&nets).await {
+                    tracing::warn!("applying this host's networks: {e}");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("reading this host's addresses: {e}"),
+        }
+    }
+
+    /// The hub operator allows the site `target` LANs within `prefix`.
+    /// Returns the site's address and what of its LANs still waits.
+    pub async fn approve(
+        &self,
+        target: &str,
+        prefix: IpNetwork,
+    ) -> Result<(IpAddr, Vec<IpNetwork>), Denied<RouteError>> {
+        self.note_underlay().await;
+        let site = self.transact(true, |l| l.approve(target, prefix)).await?;
+        tracing::info!("approved {prefix} for {target} ({site})");
+        Ok((site, self.ledger.lock().await.pending_routes(site)))
+    }
+
+    /// Withdraws what the site `target` has within `prefix`.
+    pub async fn reject(
+        &self,
+        target: &str,
+        prefix: IpNetwork,
+    ) -> Result<IpAddr, Denied<RouteError>> {
+        let site = self.transact(false, |l| l.reject(target, prefix)).await?;
+        tracing::info!("rejected {prefix} for {target} ({site})");
+        Ok(site)
     }
 
     /// Admits an endpoint (a container) of the site at `site`.
@@ -436,17 +554,23 @@ impl Hub {
     }
 
     /// The LANs behind the site at `site` are now `routes`.
+    /// Returns those that wait for the hub operator's approval.
     pub async fn advertise(
         &self,
         site: IpAddr,
         routes: Vec<IpNetwork>,
-    ) -> Result<(), Denied<RouteError>> {
+    ) -> Result<Vec<IpNetwork>, Denied<RouteError>> {
         let shown: Vec<String> = routes.iter().map(|r| r.to_string()).collect();
+        if !routes.is_empty() {
+            self.note_underlay().await;
+        }
         self.transact(true, |l| l.advertise(site, routes)).await?;
         if !shown.is_empty() {
             tracing::info!("{site} advertises {}", shown.join(", "));
         }
-        Ok(())
+        let pending = self.ledger.lock().await.pending_routes(site);
+        self.log_pending(site, &pending);
+        Ok(pending)
     }
 
     /// The hub's own LANs.
@@ -633,6 +757,38 @@ impl Hub {
         self.ledger.lock().await.knows(addr)
     }
 
+    /// Whether `addr` is an admitted site's (not a road warrior's, not an
+    /// invite's, not an endpoint's).
+    pub async fn is_site(&self, addr: IpAddr) -> bool {
+        self.ledger.lock().await.site(addr).is_some()
+    }
+
+    /// Each site with LANs: those in effect, and those that wait.
+    pub async fn route_split(&self) -> HashMap<PublicKey, (Vec<IpNetwork>, Vec<IpNetwork>)> {
+        let ledger = self.ledger.lock().await;
+        ledger
+            .state()
+            .peers
+            .iter()
+            .filter(|p| !p.routes.is_empty())
+            .map(|p| {
+                let on = ledger.effective_routes(p);
+                let waiting = p
+                    .routes
+                    .iter()
+                    .filter(|r| !on.contains(r))
+                    .copied()
+                    .collect();
+                (p.public_key, (on, waiting))
+            })
+            .collect()
+    }
+
+    /// The advertised LANs of the site at `site` that are not in effect.
+    pub async fn pending_routes(&self, site: IpAddr) -> Vec<IpNetwork> {
+        self.ledger.lock().await.pending_routes(site)
+    }
+
     pub fn store(&self) -> &StateDir {
         &self.store
     }
@@ -682,6 +838,7 @@ mod tests {
             ttl: Duration::from_secs(60),
             endpoint_hint: None,
             name: None,
+            routes: vec![],
         }
     }
 
@@ -727,7 +884,13 @@ mod tests {
         );
         let lan: IpNetwork = "192.168.50.0/24".parse().unwrap();
         let tok = hub
-            .mint(&req(1), SystemTime::now())
+            .mint(
+                &MintRequest {
+                    routes: vec![lan],
+                    ..req(1)
+                },
+                SystemTime::now(),
+            )
             .await
             .unwrap()
             .remove(0);
@@ -851,7 +1014,8 @@ mod tests {
             hub.authenticate(&proof, "POST", "/v1/redeem", b"{}", now)
                 .await,
             Ok(Caller::Invite {
-                address: tok.assigned
+                address: tok.assigned,
+                used: false
             })
         );
         assert_eq!(

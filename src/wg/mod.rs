@@ -12,7 +12,10 @@
 pub mod fake;
 pub mod kernel;
 pub mod offload;
+pub mod quarantine;
 pub mod userspace;
+
+pub use quarantine::Quarantine;
 
 use crate::keys::{PrivateKey, PublicKey};
 use crate::net::{NetError, NetOps};
@@ -131,6 +134,9 @@ pub struct DeviceSpec {
     pub confine: Option<Vec<IpNetwork>>,
     /// Userspace only: WebSocket links beside the UDP socket.
     pub relay: Option<Arc<crate::transport::Relay>>,
+    /// Userspace only (a hub): addresses whose keys may reach nothing but
+    /// the control API, until the hub trusts them ([`Quarantine`]).
+    pub quarantine: Option<Arc<Quarantine>>,
 }
 
 /// A running WireGuard interface.
@@ -274,6 +280,7 @@ mod tests {
             mtu: 1420,
             confine: None,
             relay: None,
+            quarantine: None,
         }
     }
 

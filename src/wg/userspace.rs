@@ -94,6 +94,7 @@ fn serve_uapi(path: &std::path::Path) -> Result<(UapiServer, tokio::task::AbortH
 pub struct Tun {
     inner: super::offload::OffloadTun,
     confine: Option<Arc<[IpNetwork]>>,
+    quarantine: Option<Arc<super::Quarantine>>,
 }
 
 /// Whether a packet with address `a` stays within `nets`.
@@ -102,11 +103,23 @@ pub fn within(nets: &[IpNetwork], a: Option<IpAddr>) -> bool {
 }
 
 impl IpSend for Tun {
-    async fn send(&mut self, packet: Packet<Ip>) -> std::io::Result<()> {
+    async fn send(&mut self, mut packet: Packet<Ip>) -> std::io::Result<()> {
         if let Some(nets) = &self.confine
             && !within(nets, packet.destination())
         {
             return Ok(());
+        }
+        if let Some(q) = &self.quarantine
+            && packet.source().is_some_and(|s| q.holds(s))
+        {
+            let bytes = packet.into_bytes();
+            if !q.admits(bytes.as_ref()) {
+                return Ok(());
+            }
+            packet = match bytes.try_into_ip() {
+                Ok(p) => p,
+                Err(_) => return Ok(()),
+            };
         }
         self.inner.send(packet).await
     }
@@ -118,8 +131,14 @@ impl IpRecv for Tun {
         pool: &mut PacketBufPool,
     ) -> std::io::Result<impl Iterator<Item = Packet<Ip>> + Send + 'a> {
         let confine = self.confine.clone();
+        let quarantine = self.quarantine.clone();
         let packets = self.inner.recv(pool).await?;
-        Ok(packets.filter(move |p| confine.as_ref().is_none_or(|n| within(n, p.source()))))
+        Ok(packets.filter(move |p| {
+            confine.as_ref().is_none_or(|n| within(n, p.source()))
+                && quarantine
+                    .as_ref()
+                    .is_none_or(|q| q.delivers(p.source(), p.destination()))
+        }))
     }
 
     fn mtu(&self) -> MtuWatcher {
@@ -453,6 +472,7 @@ impl UserspaceDevice {
         let tun = Tun {
             inner: tun,
             confine: spec.confine.as_deref().map(Arc::from),
+            quarantine: spec.quarantine.clone(),
         };
         let mux = Mux {
             udp: UdpSocketFactory {
