@@ -147,6 +147,23 @@ fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
         &h,
         &["--route", &format!("{LAN}.0/24"), "--masquerade"],
     );
+    // Asked for, not yet approved: the hub routes nothing and says so.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!b.routes().contains(LAN), "{}", b.routes());
+    let waiting = lab.status(&hub)[0]["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["pending_routes"].as_array().cloned().unwrap_or_default())
+        .collect::<Vec<_>>();
+    assert_eq!(
+        waiting,
+        [format!("{LAN}.0/24")],
+        "status shows the waiting prefix"
+    );
+    let shown = lab.tunnel_ok(&h, &hub.local("status"));
+    assert!(shown.contains("waiting for approval"), "{shown}");
+    lab.decide_route(&hub, &site_c, "approve", &format!("{LAN}.0/24"));
     let gateway = format!("{LAN}.1");
     let seen_from_b = until("B does not reach the LAN host", || b.curl(&url(&lan.ip)));
     assert_eq!(
@@ -414,7 +431,19 @@ fn a_stock_wireguard_client_from_peer_add_reaches_a_hub_container_and_a_site_lan
     let page = format!("page-{}", lab.id);
     let mut cs = Containers::default();
     cs.web(&web, &page);
-    let hub = lab.serve(&h, "h", 1, &["--container", &web, "--endpoint", &h.ip]);
+    let hub = lab.serve(
+        &h,
+        "h",
+        1,
+        &[
+            "--container",
+            &web,
+            "--endpoint",
+            &h.ip,
+            "--token-route",
+            &format!("{LAN}.0/24"),
+        ],
+    );
     let _site = lab.join(
         &c,
         "c",
@@ -654,7 +683,7 @@ fn a_gateway_killed_with_sigkill_is_put_back_by_its_next_start() {
     let lan = lab.lan(&s, "192.168.60", "198.18.0.0/15");
     let lan_link = link_to(&s, &lan.ip);
     let _whoami = WhoAmI::start(&lan, format!("{}:8080", lan.ip).parse().unwrap());
-    let hub = lab.serve(&h, "h", 1, &[]);
+    let hub = lab.serve(&h, "h", 1, &["--token-route", "192.168.60.0/24"]);
     let site = lab.join(
         &s,
         "s",

@@ -486,6 +486,17 @@ impl Node {
     }
 }
 
+/// A joined site's tunnel address, from its summary line
+/// ("joined IFACE as 10.77.0.3/24, ...").
+pub fn site_address(site: &Node) -> String {
+    let line = site.lines.first().expect("a join summary");
+    line.split(" as ")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned()
+}
+
 /// Namespaces, processes and files of one test; all removed on drop.
 pub struct Lab {
     /// The `tunnel` binary it runs.
@@ -862,6 +873,15 @@ impl Lab {
             state,
             lines,
         }
+    }
+
+    /// `tunnel route approve|reject SITE PREFIX` on the hub, where SITE
+    /// is the site's tunnel address from its join summary. Returns stdout.
+    pub fn decide_route(&self, hub: &Node, site: &Node, verb: &str, prefix: &str) -> String {
+        let address = site_address(site);
+        let mut args = vec!["route", verb, &address, prefix];
+        args.extend(hub.local("x").into_iter().skip(1));
+        self.tunnel_ok(&hub.host, &args)
     }
 
     /// `tunnel status --json` for the state dir of `node`.

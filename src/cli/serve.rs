@@ -3,7 +3,7 @@
 use super::{EndpointArgs, Failure, LanArgs, Toggle};
 use crate::containers::{ByLabel, EndpointSpec, Follower, HostPlacer, endpoint_iface};
 use crate::control::{self, CONTROL_PORT};
-use crate::firewall::{Nftables, Policy, Snat};
+use crate::firewall::{HubInput, Nftables, Policy, Port, Snat};
 use crate::gateway::Gateway;
 use crate::hub::api::HubApi;
 use crate::hub::{self, Hub, Ledger, MintRequest};
@@ -400,6 +400,13 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         hub::ensure_containers(&mut state, &names, |n| endpoint_iface(&iface, n))?;
     }
     let websocket = websocket(&args, &mut state, &store).await?;
+    let openings = Openings {
+        ws_port: websocket
+            .as_ref()
+            .and_then(|w| w.listener.local_addr().ok())
+            .map(|a| a.port()),
+        uplinks: vec![],
+    };
     let mut ledger = Ledger::new(state, args.endpoints_per_site.into())?;
     ledger.resume_swaps(Instant::now());
     ledger
@@ -416,7 +423,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
 
     let net = Arc::new(Netlink::connect()?);
     // No site may claim what this host is or reaches directly.
-    match crate::net::NetOps::host_networks(net.as_ref()).await {
+    match crate::net::NetOps::host_networks(net.as_ref(), None).await {
         Ok(nets) => ledger.set_host_networks(&nets),
         Err(e) => tracing::warn!("reading this host's addresses: {e}"),
     }
@@ -435,7 +442,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
         Box::new(Nftables),
         net.as_ref(),
         &store,
-        policy(&args, &state),
+        policy(&args, &state, &openings),
         args.lan.firewall == Toggle::On,
         &state
             .subnets()
@@ -534,10 +541,13 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
                 );
             }
             hub.route_saved().await?;
+            // Peers reach the uplink addresses from the first packet on.
+            hub.refresh_host().await;
             let extras = Extras {
                 follower: follower.as_mut(),
                 driver: driver.clone(),
                 metrics: metrics_listener,
+                openings: openings.clone(),
             };
             serve(
                 &args,
@@ -571,7 +581,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
 /// masquerading towards them, and with `--allow-from`, its port open only
 /// to those networks, loopback (the hub's containers) and the peers' last
 /// known endpoints.
-fn policy(args: &ServeArgs, state: &ServerState) -> Policy {
+fn policy(args: &ServeArgs, state: &ServerState, open: &Openings) -> Policy {
     let listen = (!args.allow_from.is_empty()).then(|| {
         let mut from = args.allow_from.clone();
         from.push("127.0.0.0/8".parse().expect("valid"));
@@ -584,7 +594,12 @@ fn policy(args: &ServeArgs, state: &ServerState) -> Policy {
                 }
             }
         }
-        (state.port, from)
+        let mut ports = vec![];
+        if args.transport.udp {
+            ports.push(Port::Udp(state.port));
+        }
+        ports.extend(open.ws_port.map(Port::Tcp));
+        (ports, from)
     });
     let snat = state
         .peers
@@ -606,7 +621,19 @@ fn policy(args: &ServeArgs, state: &ServerState) -> Policy {
         masquerade: args.lan.masquerade,
         listen,
         snat,
+        input: Some(HubInput {
+            tunnel: state.subnets().all(),
+            uplinks: open.uplinks.clone(),
+        }),
     }
+}
+
+/// What the hub's firewall opens beside its state: the WebSocket
+/// listener's port, and the uplink addresses peers may reach.
+#[derive(Debug, Clone, Default)]
+struct Openings {
+    ws_port: Option<u16>,
+    uplinks: Vec<IpAddr>,
 }
 
 /// The endpoints of this host's containers: the hub is their peer, on
@@ -723,6 +750,7 @@ struct Extras<'a> {
     follower: Option<&'a mut Follower>,
     driver: Option<NetworkDriver>,
     metrics: Option<tokio::net::TcpListener>,
+    openings: Openings,
 }
 
 /// The driver, its plugin name, and the engine it names endpoints from.
@@ -745,7 +773,10 @@ async fn serve(
         follower,
         driver,
         metrics,
+        mut openings,
     } = extras;
+    openings.uplinks = hub.uplink_addresses();
+    gateway.keep(Some(policy(args, &hub.snapshot().await, &openings)));
     let iface = &args.common.iface;
     let state = hub.snapshot().await;
     let server_ip = crate::ipam::Pool::new(state.subnet)?.server_address();
@@ -893,7 +924,7 @@ async fn serve(
                 if let Err(e) = hub.record_endpoints().await {
                     tracing::warn!("recording peer endpoints: {:#}", anyhow!(e));
                 }
-                hub.refresh_host_networks().await;
+                hub.refresh_host().await;
                 last_seen = Instant::now();
             }
             if let Err(e) = hub.prune(SystemTime::now()).await {
@@ -906,7 +937,8 @@ async fn serve(
             if changes.has_changed().unwrap_or(false) || guarded.elapsed() >= Duration::from_secs(1)
             {
                 changes.borrow_and_update();
-                gateway.keep(Some(policy(args, &hub.snapshot().await)));
+                openings.uplinks = hub.uplink_addresses();
+                gateway.keep(Some(policy(args, &hub.snapshot().await, &openings)));
                 guarded = Instant::now();
             }
         }

@@ -107,12 +107,31 @@ impl Drop for Slot {
     }
 }
 
+/// Who a source address counts as for [`Limits::per_source`].
+pub type Owner = Arc<dyn Fn(IpAddr) -> IpAddr + Send + Sync>;
+
 /// Serves `app` on `listener` within `limits` until `shutdown` completes.
 /// Handlers see the peer's address as `ConnectInfo<L::Addr>`.
 pub async fn serve<L>(
+    listener: L,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()> + Send,
+) where
+    L: Listener,
+    L::Addr: Source,
+{
+    serve_owned(listener, app, limits, Arc::new(|ip| ip), shutdown).await
+}
+
+/// [`serve`], counting each source against the peer that `owner` says
+/// carries it: the addresses of a site's LAN all count as that site, so a
+/// site cannot open [`Limits::per_source`] connections from each of them.
+pub async fn serve_owned<L>(
     mut listener: L,
     app: Router,
     limits: Limits,
+    owner: Owner,
     shutdown: impl Future<Output = ()> + Send,
 ) where
     L: Listener,
@@ -133,7 +152,7 @@ pub async fn serve<L>(
             a = listener.accept() => a,
         };
         while conns.try_join_next().is_some() {}
-        let slot = match addr.ip() {
+        let slot = match addr.ip().map(|ip| owner(ip)) {
             Some(ip) => match per_source.take(ip, limits.per_source) {
                 Some(s) => Some(s),
                 None => {

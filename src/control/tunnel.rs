@@ -432,13 +432,33 @@ pub fn bind(addr: SocketAddr, iface: &str) -> Result<tokio::net::TcpListener, Co
     })
 }
 
-/// Serves the API until `shutdown` completes.
+/// The peer that carries traffic from `ip`: the site whose LAN holds it
+/// (longest prefix), else the address itself.
+fn owner_of(routes: &[Advertised], ip: IpAddr) -> IpAddr {
+    routes
+        .iter()
+        .filter(|r| r.prefix.contains(ip))
+        .max_by_key(|r| r.prefix.prefix())
+        .map_or(ip, |r| r.via)
+}
+
+/// Serves the API until `shutdown` completes. Connections are bounded per
+/// peer: those from a site's LAN count as that site's.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     hub: Arc<Hub>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
-    super::server::serve(listener, router(hub), super::server::TUNNEL, shutdown).await
+    let routes = hub.routes();
+    let owner: super::server::Owner = Arc::new(move |ip| owner_of(&routes.borrow(), ip));
+    super::server::serve_owned(
+        listener,
+        router(hub),
+        super::server::TUNNEL,
+        owner,
+        shutdown,
+    )
+    .await
 }
 
 async fn exchange(
@@ -1150,5 +1170,27 @@ mod tests {
         assert_eq!(got.pending, [other]);
         let shown: Vec<IpNetwork> = a.hub.routes().borrow().iter().map(|r| r.prefix).collect();
         assert_eq!(shown, [lan]);
+    }
+
+    #[test]
+    fn a_sites_lan_counts_as_the_site() {
+        let site: IpAddr = "10.77.0.2".parse().unwrap();
+        let routes = [
+            Advertised {
+                prefix: "192.168.0.0/16".parse().unwrap(),
+                via: "10.77.0.9".parse().unwrap(),
+            },
+            Advertised {
+                prefix: "192.168.50.0/24".parse().unwrap(),
+                via: site,
+            },
+        ];
+        assert_eq!(owner_of(&routes, "192.168.50.7".parse().unwrap()), site);
+        assert_eq!(
+            owner_of(&routes, "192.168.51.7".parse().unwrap()),
+            "10.77.0.9".parse::<IpAddr>().unwrap()
+        );
+        let other: IpAddr = "10.77.0.3".parse().unwrap();
+        assert_eq!(owner_of(&routes, other), other);
     }
 }

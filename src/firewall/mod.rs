@@ -15,8 +15,14 @@
 //! - **Masquerade** for a gateway (`--masquerade`): what comes from the
 //!   tunnel and leaves towards an advertised LAN gets the gateway's
 //!   address, so LAN hosts need no route back.
-//! - **The listen port**, with `--allow-from`: open only to those
-//!   networks and the peers' last known endpoints.
+//! - **The listen ports**, with `--allow-from`: the UDP port and the
+//!   WebSocket listener's TCP port open only to those networks and the
+//!   peers' last known endpoints.
+//! - **The hub host itself.** What comes in from the tunnel for this host
+//!   reaches its tunnel addresses, its `--route` LANs and its uplink
+//!   addresses only (those its peers reach over the underlay anyway);
+//!   its other addresses (a LAN it does not route, Docker's bridges) are
+//!   closed to peers.
 //! - **Docker's FORWARD chain.** Docker's policy is DROP, and an accept in
 //!   our table does not override a drop in another; the same accepts go
 //!   into Docker's `DOCKER-USER` chain (or an `ip filter` FORWARD chain
@@ -54,6 +60,8 @@ pub enum Match {
     NotDstNet(IpNetwork),
     /// UDP to this port.
     UdpDport(u16),
+    /// TCP to this port.
+    TcpDport(u16),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,12 +120,30 @@ pub struct Policy {
     pub routes: Vec<IpNetwork>,
     /// Masquerade what goes from the tunnel to those LANs.
     pub masquerade: bool,
-    /// The listen port and who may send to it, when restricted.
-    pub listen: Option<(u16, Vec<IpNetwork>)>,
+    /// The listen ports and who may send to them, when restricted.
+    pub listen: Option<(Vec<Port>, Vec<IpNetwork>)>,
+    /// A hub: what peers may reach on the host itself.
+    pub input: Option<HubInput>,
     /// Sites in transparent mode with `--snat-public`: what they send to
     /// this hub's own addresses outside the tunnel gets their public
     /// address as its source.
     pub snat: Vec<Snat>,
+}
+
+/// A port a listener takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Udp(u16),
+    Tcp(u16),
+}
+
+/// The hub host's addresses that peers may reach through the tunnel.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HubInput {
+    /// The tunnel's subnets (its own addresses, DNS, the control API).
+    pub tunnel: Vec<IpNetwork>,
+    /// Its uplink addresses, which peers reach over the underlay anyway.
+    pub uplinks: Vec<std::net::IpAddr>,
 }
 
 /// One `--snat-public` site, as a hub sees it.
@@ -216,17 +242,35 @@ pub fn plan(p: &Policy) -> (Table, Foreign) {
             rules: snat,
         });
     }
-    if let Some((port, allowed)) = &p.listen {
-        let mut rules: Vec<Rule> = allowed
+    let mut rules: Vec<Rule> = vec![];
+    if let Some(input) = &p.input {
+        let open = input
+            .tunnel
             .iter()
-            .map(|n| {
-                rule(
-                    vec![Match::UdpDport(*port), Match::SrcNet(*n)],
-                    Action::Accept,
-                )
-            })
-            .collect();
-        rules.push(rule(vec![Match::UdpDport(*port)], Action::Drop));
+            .chain(&p.routes)
+            .copied()
+            .chain(input.uplinks.iter().map(|a| crate::hub::host_net(*a)));
+        for n in open {
+            rules.push(rule(
+                vec![Match::InIface(tun()), Match::DstNet(n)],
+                Action::Accept,
+            ));
+        }
+        rules.push(rule(vec![Match::InIface(tun())], Action::Drop));
+    }
+    if let Some((ports, allowed)) = &p.listen {
+        for port in ports {
+            let m = match *port {
+                Port::Udp(n) => Match::UdpDport(n),
+                Port::Tcp(n) => Match::TcpDport(n),
+            };
+            for n in allowed {
+                rules.push(rule(vec![m.clone(), Match::SrcNet(*n)], Action::Accept));
+            }
+            rules.push(rule(vec![m], Action::Drop));
+        }
+    }
+    if !rules.is_empty() {
         chains.push(Chain {
             name: "input",
             hook: Hook::Input,
@@ -582,15 +626,69 @@ mod tests {
         let (t, _) = plan(&Policy {
             iface: "wg0".into(),
             hub: true,
-            listen: Some((51820, vec![net("198.51.100.0/24"), net("203.0.113.9/32")])),
+            listen: Some((
+                vec![Port::Udp(51820), Port::Tcp(443)],
+                vec![net("198.51.100.0/24"), net("203.0.113.9/32")],
+            )),
             ..Default::default()
         });
         let input = t.chains.iter().find(|c| c.hook == Hook::Input).unwrap();
-        assert_eq!(input.rules.len(), 3);
+        assert_eq!(input.rules.len(), 6);
         assert_eq!(
             input.rules[2],
             rule(vec![Match::UdpDport(51820)], Action::Drop)
         );
+        // The WebSocket listener too.
+        assert_eq!(
+            input.rules[3],
+            rule(
+                vec![Match::TcpDport(443), Match::SrcNet(net("198.51.100.0/24"))],
+                Action::Accept
+            )
+        );
+        assert_eq!(
+            input.rules[5],
+            rule(vec![Match::TcpDport(443)], Action::Drop)
+        );
+    }
+
+    #[test]
+    fn peers_reach_the_hub_host_at_its_tunnel_routed_and_uplink_addresses_only() {
+        let (t, _) = plan(&Policy {
+            iface: "wg0".into(),
+            hub: true,
+            routes: vec![net("192.168.70.0/24")],
+            input: Some(HubInput {
+                tunnel: vec![net("10.77.0.0/24")],
+                uplinks: vec!["198.51.100.1".parse().unwrap()],
+            }),
+            ..Default::default()
+        });
+        let input = t.chains.iter().find(|c| c.hook == Hook::Input).unwrap();
+        let accepted: Vec<&Match> = input
+            .rules
+            .iter()
+            .filter(|r| r.action == Action::Accept)
+            .map(|r| &r.matches[1])
+            .collect();
+        assert_eq!(
+            accepted,
+            [
+                &Match::DstNet(net("10.77.0.0/24")),
+                &Match::DstNet(net("192.168.70.0/24")),
+                &Match::DstNet(net("198.51.100.1/32")),
+            ]
+        );
+        assert_eq!(
+            input.rules.last().unwrap(),
+            &rule(vec![Match::InIface("wg0".into())], Action::Drop)
+        );
+        // A site keeps its host to itself: no input rules.
+        let (t, _) = plan(&Policy {
+            iface: "wg0".into(),
+            ..Default::default()
+        });
+        assert!(t.chains.iter().all(|c| c.hook != Hook::Input));
     }
 
     #[test]

@@ -30,6 +30,7 @@ const NFPROTO_IPV6: u8 = 10;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_TCP: u8 = 6;
 /// How long one exchange may wait for the kernel.
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// Docker's chain for users' rules, jumped to first from its FORWARD.
@@ -145,6 +146,16 @@ fn net_match(n: &IpNetwork, source: bool, op: Operator) -> Vec<Expressions> {
     ]
 }
 
+/// `meta l4proto PROTO th dport PORT`.
+fn dport(proto: u8, port: u16) -> Vec<Expressions> {
+    vec![
+        meta(MetaKey::L4Proto),
+        cmp(Operator::Equal, vec![proto]),
+        payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
+        cmp(Operator::Equal, port.to_be_bytes().to_vec()),
+    ]
+}
+
 fn expressions(m: &Match) -> Vec<Expressions> {
     match m {
         Match::InIface(n) => vec![meta(MetaKey::Iifname), cmp(Operator::Equal, ifname(n))],
@@ -153,12 +164,8 @@ fn expressions(m: &Match) -> Vec<Expressions> {
         Match::SrcNet(n) => net_match(n, true, Operator::Equal),
         Match::DstNet(n) => net_match(n, false, Operator::Equal),
         Match::NotDstNet(n) => net_match(n, false, Operator::NotEqual),
-        Match::UdpDport(p) => vec![
-            meta(MetaKey::L4Proto),
-            cmp(Operator::Equal, vec![IPPROTO_UDP]),
-            payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2),
-            cmp(Operator::Equal, p.to_be_bytes().to_vec()),
-        ],
+        Match::UdpDport(p) => dport(IPPROTO_UDP, *p),
+        Match::TcpDport(p) => dport(IPPROTO_TCP, *p),
     }
 }
 

@@ -87,6 +87,16 @@ pub struct Hub {
     redeemed: Notify,
     /// The addresses the device lets reach the control API only.
     quarantine: Option<Arc<crate::wg::Quarantine>>,
+    uplinks: std::sync::Mutex<Uplinks>,
+}
+
+/// The links through which the hub reaches its peers' endpoints.
+#[derive(Default)]
+struct Uplinks {
+    /// Each peer endpoint's address, and the link it is routed through.
+    via: HashMap<IpAddr, Option<String>>,
+    /// This host's addresses on those links.
+    addrs: Vec<IpAddr>,
 }
 
 /// What a redeem gave the joiner.
@@ -256,6 +266,7 @@ impl Hub {
             unsaved: Default::default(),
             redeemed: Notify::new(),
             quarantine: None,
+            uplinks: Default::default(),
         }
     }
 
@@ -493,10 +504,11 @@ impl Hub {
     }
 
     /// Reads the host's networks again (a Docker network made since, an
-    /// address added) and applies them when they changed.
-    pub async fn refresh_host_networks(&self) {
+    /// address added) and applies them when they changed; finds the
+    /// uplinks again ([`Hub::uplink_addresses`]).
+    pub async fn refresh_host(&self) {
         let Some(net) = &self.net else { return };
-        match net.host_networks().await {
+        match net.host_networks(None).await {
             Ok(nets) if self.ledger.lock().await.host_networks_differ(&nets) => {
                 if let Err(e) = self.set_host_networks(&nets).await {
                     tracing::warn!("applying this host's networks: {e}");
@@ -505,6 +517,51 @@ impl Hub {
             Ok(_) => {}
             Err(e) => tracing::debug!("reading this host's addresses: {e}"),
         }
+        let ips: HashSet<IpAddr> = self
+            .ledger
+            .lock()
+            .await
+            .state()
+            .peers
+            .iter()
+            .filter_map(|p| p.endpoint)
+            .filter(|e| !crate::transport::is_virtual(e))
+            .map(|e| e.ip())
+            .collect();
+        let known: HashMap<IpAddr, Option<String>> =
+            self.uplinks.lock().expect("uplinks lock").via.clone();
+        let mut via = HashMap::new();
+        for ip in ips {
+            let link = match known.get(&ip) {
+                Some(l) => l.clone(),
+                None => net.route_iface(ip).await.ok().flatten(),
+            };
+            via.insert(ip, link);
+        }
+        let links: std::collections::BTreeSet<&String> = via
+            .values()
+            .flatten()
+            .filter(|l| **l != self.iface)
+            .collect();
+        let mut addrs = vec![];
+        for l in links {
+            if let Ok(nets) = net.host_networks(Some(l)).await {
+                addrs.extend(nets.iter().map(|n| n.ip()));
+            }
+        }
+        addrs.sort();
+        addrs.dedup();
+        let mut u = self.uplinks.lock().expect("uplinks lock");
+        u.via = via;
+        u.addrs = addrs;
+    }
+
+    /// This host's addresses on the links it reaches its peers through:
+    /// what peers reach over the underlay anyway, and so may reach through
+    /// the tunnel too (transparent sites do). Its other addresses (a LAN
+    /// that is not a --route, Docker's bridges) are closed to peers.
+    pub fn uplink_addresses(&self) -> Vec<IpAddr> {
+        self.uplinks.lock().expect("uplinks lock").addrs.clone()
     }
 
     /// The hub operator allows the site `target` LANs within `prefix`.

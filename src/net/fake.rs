@@ -171,13 +171,18 @@ impl NetOps for FakeNet {
             .map(|(_, i)| i.clone()))
     }
 
-    async fn host_networks(&self) -> Result<Vec<IpNetwork>, NetError> {
+    async fn host_networks(&self, link: Option<&str>) -> Result<Vec<IpNetwork>, NetError> {
         let links = self.links.lock().unwrap();
         let lan = self.lan.lock().unwrap();
         Ok(links
-            .values()
-            .flat_map(|l| l.addrs.iter().copied())
-            .chain(lan.iter().map(|(n, _)| *n))
+            .iter()
+            .filter(|(n, _)| link.is_none_or(|l| l == n.as_str()))
+            .flat_map(|(_, l)| l.addrs.iter().copied())
+            .chain(
+                lan.iter()
+                    .filter(|(_, i)| link.is_none_or(|l| l == i))
+                    .map(|(n, _)| *n),
+            )
             .collect())
     }
 

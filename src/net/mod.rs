@@ -79,10 +79,11 @@ pub trait NetOps: Send + Sync {
     ) -> Result<(), NetError>;
     /// The interface the main table sends packets for `to` out of.
     async fn route_iface(&self, to: std::net::IpAddr) -> Result<Option<String>, NetError>;
-    /// Every address of this namespace with its prefix (`10.1.2.3/24`),
-    /// the tunnel's own included: what the host itself is and what it
-    /// reaches directly, which no peer may claim as its LAN.
-    async fn host_networks(&self) -> Result<Vec<IpNetwork>, NetError>;
+    /// Every address of this namespace (of `link` alone, when given) with
+    /// its prefix (`10.1.2.3/24`), the tunnel's own included: what the
+    /// host itself is and what it reaches directly, which no peer may
+    /// claim as its LAN.
+    async fn host_networks(&self, link: Option<&str>) -> Result<Vec<IpNetwork>, NetError>;
     /// A policy routing rule; one that is already there is fine.
     async fn add_rule(&self, rule: &PolicyRule) -> Result<(), NetError>;
     /// Removes that rule; one that is gone is fine.

@@ -414,9 +414,13 @@ impl NetOps for Netlink {
         }
     }
 
-    async fn host_networks(&self) -> Result<Vec<IpNetwork>, NetError> {
+    async fn host_networks(&self, link: Option<&str>) -> Result<Vec<IpNetwork>, NetError> {
         use rtnetlink::packet_route::address::AddressAttribute;
-        let mut dump = self.handle.address().get().execute();
+        let mut get = self.handle.address().get();
+        if let Some(name) = link {
+            get = get.set_link_index_filter(self.require_index(name).await?);
+        }
+        let mut dump = get.execute();
         let mut out = vec![];
         while let Some(msg) = dump
             .try_next()

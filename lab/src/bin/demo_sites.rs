@@ -63,6 +63,10 @@ fn main() {
         &["--route", &route, "--masquerade"],
     );
     indent(&site_c.lines[0]);
+    step(&format!(
+        "on the hub: tunnel route approve <site C> {route} (a site's LAN waits for the hub operator)"
+    ));
+    indent(&lab.decide_route(&hub, &site_c, "approve", &route));
 
     step("tunnel status on the hub: C's route");
     indent(&lab.tunnel_ok(&h, &["status", "--state-dir", hub.state.to_str().unwrap()]));
