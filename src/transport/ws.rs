@@ -42,6 +42,10 @@ const MAX_MESSAGE: usize = 1 << 16;
 const PING_EVERY: Duration = Duration::from_secs(15);
 /// Connections the hub's listener serves at once, at most.
 const MAX_CONNECTIONS: usize = 4096;
+/// A hub link's read buffer. tungstenite's default (128 KiB) is resident
+/// from the first read on, and made a link cost about 150 KB, idle or not;
+/// 16 KiB still takes a dozen full-size datagrams per read.
+const HUB_READ_BUFFER: usize = 16 * 1024;
 
 /// The bounds of the hub's WebSocket listener.
 #[derive(Debug, Clone, Copy)]
@@ -317,6 +321,7 @@ async fn upgrade(
     let admission = pass.take();
     let limits = hub.limits;
     ws.max_message_size(MAX_MESSAGE)
+        .read_buffer_size(HUB_READ_BUFFER)
         .on_upgrade(move |socket: WebSocket| async move {
             let _admission = admission;
             let (addr, outbound) = hub.relay.open(Some(peer));
