@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -46,6 +46,8 @@ const MAX_CONNECTIONS: usize = 4096;
 /// from the first read on, and made a link cost about 150 KB, idle or not;
 /// 16 KiB still takes a dozen full-size datagrams per read.
 const HUB_READ_BUFFER: usize = 16 * 1024;
+/// Requests for other paths are summed up in one log line this often.
+const WRONG_PATHS_EVERY: Duration = Duration::from_secs(60);
 
 /// The bounds of the hub's WebSocket listener.
 #[derive(Debug, Clone, Copy)]
@@ -241,6 +243,7 @@ async fn pump<M, S, E>(
 struct Hub {
     relay: Arc<Relay>,
     limits: Limits,
+    wrong: Arc<WrongPaths>,
 }
 
 /// A connection's places in the total and in its source's count; given
@@ -312,6 +315,81 @@ fn source(peer: IpAddr, limits: &Limits) -> (IpAddr, usize) {
     (key, limits.per_source)
 }
 
+/// Requests for other paths. Anything on a public port is scanned, so
+/// one line at most per `every`: the first request in full, the rest as
+/// a count. The tunnel's secret never appears in a line, not even inside
+/// a requested path.
+struct WrongPaths {
+    secret: String,
+    every: Duration,
+    state: Mutex<WrongState>,
+}
+
+#[derive(Default)]
+struct WrongState {
+    last_line: Option<Instant>,
+    unlogged: u64,
+}
+
+impl WrongPaths {
+    fn new(path: &str, every: Duration) -> Self {
+        WrongPaths {
+            secret: path.rsplit('/').next().unwrap_or_default().to_owned(),
+            every,
+            state: Mutex::default(),
+        }
+    }
+
+    /// The line to log for a request for `path` from `peer` at `now`, if
+    /// one is due.
+    fn note(&self, peer: SocketAddr, path: &str, now: Instant) -> Option<String> {
+        let mut st = self.state.lock().expect("wrong paths lock");
+        if st
+            .last_line
+            .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            st.unlogged += 1;
+            return None;
+        }
+        st.last_line = Some(now);
+        let more = std::mem::take(&mut st.unlogged);
+        let mut shown = if self.secret.is_empty() {
+            path.to_owned()
+        } else {
+            path.replace(&self.secret, "…")
+        };
+        if let Some((cut, _)) = shown.char_indices().nth(64) {
+            shown.truncate(cut);
+            shown.push('…');
+        }
+        Some(format!(
+            "WebSocket listener: {peer} asked for {shown:?}, which is not the tunnel's path{}",
+            if more > 0 {
+                format!(" ({more} more such requests since the last line)")
+            } else {
+                String::new()
+            }
+        ))
+    }
+
+    /// The count of requests not logged yet, if a line is due at `now`.
+    fn summary(&self, now: Instant) -> Option<String> {
+        let mut st = self.state.lock().expect("wrong paths lock");
+        if st.unlogged == 0
+            || st
+                .last_line
+                .is_some_and(|t| now.duration_since(t) < self.every)
+        {
+            return None;
+        }
+        st.last_line = Some(now);
+        let more = std::mem::take(&mut st.unlogged);
+        Some(format!(
+            "WebSocket listener: {more} more requests for paths which are not the tunnel's path"
+        ))
+    }
+}
+
 async fn upgrade(
     State(hub): State<Hub>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -341,13 +419,13 @@ async fn upgrade(
 }
 
 async fn not_found(
+    State(hub): State<Hub>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     uri: axum::http::Uri,
 ) -> impl IntoResponse {
-    tracing::info!(
-        "WebSocket listener: {peer} asked for {}, which is not the tunnel's path",
-        uri.path()
-    );
+    if let Some(line) = hub.wrong.note(peer, uri.path(), Instant::now()) {
+        tracing::info!("{line}");
+    }
     (axum::http::StatusCode::NOT_FOUND, "not found\n")
 }
 
@@ -384,13 +462,26 @@ pub async fn serve_within(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) {
     tracing::debug!("WebSocket listener: {limits:?}");
+    let wrong = Arc::new(WrongPaths::new(&path, WRONG_PATHS_EVERY));
     let app = Router::new()
         .route(&path, get(upgrade))
         .fallback(not_found)
-        .with_state(Hub { relay, limits });
+        .with_state(Hub {
+            relay,
+            limits,
+            wrong: wrong.clone(),
+        });
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.total));
     let sources = Sources::default();
     let mut conns = tokio::task::JoinSet::new();
+    conns.spawn(async move {
+        loop {
+            tokio::time::sleep(WRONG_PATHS_EVERY / 4).await;
+            if let Some(line) = wrong.summary(Instant::now()) {
+                tracing::info!("{line}");
+            }
+        }
+    });
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -1019,6 +1110,39 @@ mod tests {
         let _link = idle_link("127.0.0.1", port)
             .await
             .expect("the place was not given back");
+    }
+
+    #[test]
+    fn wrong_paths_are_summed_up_and_never_show_the_secret() {
+        let secret = "Zq0xVbN3kLmP7rT2wYc9Ea";
+        let w = WrongPaths::new(&format!("/tunnel/{secret}"), Duration::from_secs(60));
+        let peer: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let first = w
+            .note(peer, "/wp-login.php", t0)
+            .expect("the first is logged");
+        assert!(first.contains("192.0.2.7:4000") && first.contains("/wp-login.php"));
+        assert!(first.contains("which is not the tunnel's path"), "{first}");
+        // Within the minute: counted, not logged.
+        for i in 1..=3 {
+            assert_eq!(w.note(peer, "/x", t0 + s(i)), None);
+        }
+        assert_eq!(w.summary(t0 + s(30)), None);
+        let sum = w.summary(t0 + s(61)).expect("the count is logged");
+        assert!(sum.contains("3 more"), "{sum}");
+        // The count started again; the next line is due a minute later.
+        assert_eq!(w.note(peer, "/y", t0 + s(62)), None);
+        assert_eq!(w.summary(t0 + s(100)), None);
+        let near = format!("/tunnel/{secret}/");
+        let line = w.note(peer, &near, t0 + s(122)).expect("due again");
+        assert!(line.contains("1 more"), "{line}");
+        assert!(!line.contains(secret), "{line}");
+        assert!(line.contains("/tunnel/…/"), "{line}");
+        assert_eq!(w.summary(t0 + s(200)), None, "nothing left to count");
+        // A long path is cut.
+        let long = w.note(peer, &"/a".repeat(500), t0 + s(300)).unwrap();
+        assert!(long.len() < 300, "{long}");
     }
 
     #[tokio::test]
