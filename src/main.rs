@@ -8,6 +8,7 @@ use tunnel::cli::{self, Cli, Shutdown};
 
 fn main() -> ExitCode {
     tunnel::sys::tune_malloc();
+    let nofile = tunnel::sys::raise_nofile_limit();
     // Everything this process creates (state, sockets, the UAPI socket that
     // answers with private keys) is for root alone, before anything can
     // connect to it, whatever umask it was started with.
@@ -21,6 +22,13 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    match nofile {
+        Ok((before, after)) if before != after => {
+            tracing::debug!("open files limit raised from {before} to {after}")
+        }
+        Ok((limit, _)) => tracing::debug!("open files limit: {limit} (already the hard limit)"),
+        Err(e) => tracing::debug!("cannot raise the open files limit: {e}"),
+    }
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -71,6 +71,21 @@ pub fn tune_malloc() {
     }
 }
 
+/// Raises the soft limit on open descriptors to the hard one. Every
+/// tunnel, control connection and WebSocket link holds a descriptor, and
+/// the soft limit that services get by default (1,024) is a guess made
+/// for programs that use `select`, which this one never does. Returns
+/// (before, after) for `main` to log once logging is up; a failure
+/// leaves the limit as it was and never stops the start.
+pub fn raise_nofile_limit() -> nix::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok((soft, soft.max(hard)))
+}
+
 /// Test builds only (debug assertions on): SIGKILLs this process at the
 /// named step when `TUNNEL_TEST_CRASH_AT` names it, so that tests crash a
 /// flow at an exact point rather than guess one by timing. Release builds

@@ -242,7 +242,7 @@ async fn websocket(
         if t.wss { "TLS" } else { "plain" },
         listener.local_addr().context("the WebSocket listener")?,
         match &prefix {
-            Some((base, _)) => format!(", reached as {base}{path}"),
+            Some((base, prefix)) => format!(", reached as {base}{prefix}/…"),
             None => String::new(),
         }
     );
