@@ -404,9 +404,15 @@ fn redeeming_with_a_hub_containers_key_is_refused_and_the_container_keeps_its_tr
         }
         other => panic!("redeem with a container key: {other:?}"),
     }
-    // The container still answers through the tunnel.
+    // The container still answers through the tunnel (from the hub: an
+    // unused invite reaches the control API and nothing else).
     let url = format!("http://{web_ip}/");
-    let out = b.exec(&["curl", "-s", "-m", "5", &url]);
+    let out = a.exec(&["curl", "-s", "-m", "5", &url]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), page);
+    let out = b.exec(&["curl", "-s", "-m", "3", &url]);
+    assert!(
+        out.stdout.is_empty(),
+        "an unused invite reached a container"
+    );
     b.run(&["ip", "link", "del", &wg]);
 }

@@ -161,7 +161,7 @@ fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
         [format!("{LAN}.0/24")],
         "status shows the waiting prefix"
     );
-    let shown = lab.tunnel_ok(&h, &hub.local("status"));
+    let shown = lab.tunnel_ok(&h, &["status", "--state-dir", hub.state.to_str().unwrap()]);
     assert!(shown.contains("waiting for approval"), "{shown}");
     lab.decide_route(&hub, &site_c, "approve", &format!("{LAN}.0/24"));
     let gateway = format!("{LAN}.1");
