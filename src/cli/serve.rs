@@ -362,6 +362,7 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
 pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let iface = args.common.iface.clone();
     validate_ifname(&iface)?;
+    args.common.metrics.check()?;
     if let Some(h) = &args.endpoint {
         check_hint(h)?;
     }
@@ -382,7 +383,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let restart = store.load_server(&iface)?.is_some();
     let mut state = load_or_new(&args, &store)?;
     args.lan.check(&state.subnets().all())?;
-    let metrics_listener = super::bind_metrics(args.common.metrics).await?;
+    let metrics_listener = super::bind_metrics(&args.common.metrics).await?;
     // The network driver's endpoints live as long as the run that made
     // them: a crash's are given back now.
     let leftovers = state.containers.iter().filter(|c| c.driver).count();
@@ -693,7 +694,7 @@ fn prefixes(
 struct Extras<'a> {
     follower: Option<&'a mut Follower>,
     driver: Option<NetworkDriver>,
-    metrics: Option<tokio::net::TcpListener>,
+    metrics: Option<crate::metrics::Listener>,
 }
 
 /// The driver, its plugin name, and the engine it names endpoints from.
