@@ -23,6 +23,7 @@ pub mod hub;
 pub mod ipam;
 pub mod keys;
 pub mod limits;
+pub mod lograte;
 pub mod metrics;
 pub mod net;
 pub mod shutdown;

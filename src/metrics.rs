@@ -8,6 +8,12 @@
 //! Peer figures are read from the running endpoints at each scrape (what
 //! `tunnel status` shows); events are counted as they happen. Encoded by
 //! prometheus-client.
+//!
+//! Whoever can connect reads them: on loopback that is every local user,
+//! not just root. So the listener stays on loopback unless the operator
+//! opts in (`--metrics-public`), and peers are labelled by their tunnel
+//! address only unless the operator opts in to their keys and names
+//! (`--metrics-peers`); see [`Exposure`].
 
 use crate::status::EndpointStatus;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
@@ -31,12 +37,54 @@ struct ReasonLabels {
     reason: String,
 }
 
-/// One peer as the last scrape saw it.
+/// What the metrics show, and to whom: the operator's opt-ins.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Exposure {
+    /// Listen off loopback (`--metrics-public`).
+    pub public: bool,
+    /// Label the peer series with each peer's public key and name
+    /// (`--metrics-peers`).
+    pub peers: bool,
+}
+
+/// How a peer's series are labelled.
+///
+/// Without `--metrics-peers` a peer is named by its tunnel address alone.
+/// Aggregating all peers into one series would hide the one thing a
+/// per-peer metric is for (which site stopped handshaking), and an
+/// ordinal or a hash would either move between peers across restarts or
+/// let anyone holding a list of keys match them. The address is stable
+/// (saved, kept across restarts), reveals neither the key nor the site's
+/// name, and tells a local user nothing new: the tunnel's subnet is in
+/// the routing table every user can read, and its addresses answer
+/// pings. The operator maps it to a site with `tunnel status` (as root).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct PeerLabels {
+    iface: String,
+    /// The peer's tunnel address; peers without one share `none`.
+    address: String,
+    /// The public key and the name, with `--metrics-peers` only.
+    identity: Option<(String, String)>,
+}
+
+impl PeerLabels {
+    fn pairs(&self) -> Vec<(String, String)> {
+        let mut l = vec![
+            ("iface".to_owned(), self.iface.clone()),
+            ("address".to_owned(), self.address.clone()),
+        ];
+        if let Some((peer, name)) = &self.identity {
+            l.push(("peer".to_owned(), peer.clone()));
+            l.push(("name".to_owned(), name.clone()));
+        }
+        l
+    }
+}
+
+/// One peer (or, where labels coincide, several) as the last scrape saw it.
 #[derive(Debug, Clone)]
 struct PeerSample {
-    iface: String,
-    peer: String,
-    name: String,
+    labels: PeerLabels,
     rx: u64,
     tx: u64,
     handshake_age: Option<u64>,
@@ -63,13 +111,7 @@ struct Peers {
 impl prometheus_client::collector::Collector for Peers {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let samples = self.samples.lock().expect("samples lock").clone();
-        let labels = |s: &PeerSample| {
-            vec![
-                ("iface".to_owned(), s.iface.clone()),
-                ("peer".to_owned(), s.peer.clone()),
-                ("name".to_owned(), s.name.clone()),
-            ]
-        };
+        let labels = |s: &PeerSample| s.labels.pairs();
         let counters: [PeerCounter; 3] = [
             (
                 "tunnel_peer_rx_bytes",
@@ -190,10 +232,12 @@ impl Metrics {
     }
 
     /// Takes in what the endpoints report now: the peers' figures, and
-    /// whether their endpoints moved since last time.
-    pub fn sample(&self, endpoints: &[EndpointStatus]) {
+    /// whether their endpoints moved since last time. Without
+    /// `identities`, keys and names are left out of what is kept for
+    /// encoding (see [`PeerLabels`]).
+    pub fn sample(&self, endpoints: &[EndpointStatus], identities: bool) {
         let mut seen = self.peers.endpoints.lock().expect("endpoints lock");
-        let mut samples = vec![];
+        let mut samples: Vec<PeerSample> = vec![];
         for e in endpoints {
             for p in &e.peers {
                 let key = (e.iface.clone(), p.public_key.to_string());
@@ -204,15 +248,35 @@ impl Metrics {
                 if p.endpoint.is_some() {
                     entry.0 = p.endpoint;
                 }
-                samples.push(PeerSample {
+                let labels = PeerLabels {
                     iface: e.iface.clone(),
-                    peer: p.public_key.to_string(),
-                    name: p.name.clone().unwrap_or_default(),
+                    address: p
+                        .address
+                        .map_or_else(|| "none".to_owned(), |a| a.to_string()),
+                    identity: identities
+                        .then(|| (p.public_key.to_string(), p.name.clone().unwrap_or_default())),
+                };
+                let sample = PeerSample {
+                    labels,
                     rx: p.rx_bytes,
                     tx: p.tx_bytes,
                     handshake_age: p.last_handshake_secs,
                     endpoint_changes: entry.1,
-                });
+                };
+                // Two series with the same labels are not valid exposition:
+                // peers that share them (no address, no identity) are summed.
+                match samples.iter_mut().find(|s| s.labels == sample.labels) {
+                    Some(s) => {
+                        s.rx += sample.rx;
+                        s.tx += sample.tx;
+                        s.endpoint_changes += sample.endpoint_changes;
+                        s.handshake_age = match (s.handshake_age, sample.handshake_age) {
+                            (Some(a), Some(b)) => Some(a.min(b)),
+                            (a, b) => a.or(b),
+                        };
+                    }
+                    None => samples.push(sample),
+                }
             }
         }
         *self.peers.samples.lock().expect("samples lock") = samples;
@@ -231,6 +295,10 @@ impl Metrics {
 pub enum MetricsError {
     #[error("--metrics {0:?} is not ADDR:PORT")]
     BadAddr(String),
+    #[error(
+        "--metrics {0} is off loopback, where other hosts could read it; add --metrics-public if that is meant"
+    )]
+    NotLoopback(SocketAddr),
     #[error("listening for metrics on {addr}")]
     Bind {
         addr: SocketAddr,
@@ -243,21 +311,46 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, MetricsError> {
     s.parse().map_err(|_| MetricsError::BadAddr(s.to_owned()))
 }
 
-/// Binds the metrics listener; off loopback, says who can read it.
-pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsError> {
-    if !addr.ip().is_loopback() {
-        tracing::warn!(
-            "metrics on {addr}, off loopback: whoever reaches it sees the peers' keys, names and traffic"
-        );
+/// Refuses an address off loopback that the operator did not opt in to:
+/// checked before anything else, so that a mistaken address changes nothing.
+pub fn check(addr: SocketAddr, exposure: Exposure) -> Result<(), MetricsError> {
+    if addr.ip().to_canonical().is_loopback() || exposure.public {
+        Ok(())
+    } else {
+        Err(MetricsError::NotLoopback(addr))
     }
-    tokio::net::TcpListener::bind(addr)
+}
+
+/// A bound metrics listener, and what its scrapes show.
+#[derive(Debug)]
+pub struct Listener {
+    tcp: tokio::net::TcpListener,
+    identities: bool,
+}
+
+/// Binds the metrics listener; off loopback (opted in), says who can read it.
+pub async fn bind(addr: SocketAddr, exposure: Exposure) -> Result<Listener, MetricsError> {
+    check(addr, exposure)?;
+    if !addr.ip().to_canonical().is_loopback() {
+        let what = if exposure.peers {
+            "the peers' keys, names and traffic"
+        } else {
+            "the peers' addresses and traffic"
+        };
+        tracing::warn!("metrics on {addr}, off loopback: whoever reaches it sees {what}");
+    }
+    let tcp = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| MetricsError::Bind { addr, source })
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    Ok(Listener {
+        tcp,
+        identities: exposure.peers,
+    })
 }
 
 /// Serves `GET /metrics` until `stop`, sampling `api` at each scrape.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: Listener,
     metrics: Arc<Metrics>,
     api: Arc<dyn crate::control::local::LocalApi>,
     stop: impl std::future::Future<Output = ()> + Send,
@@ -265,10 +358,9 @@ pub async fn serve(
     use axum::extract::State;
     use axum::http::header;
     use axum::response::IntoResponse;
-    async fn scrape(
-        State((metrics, api)): State<(Arc<Metrics>, Arc<dyn crate::control::local::LocalApi>)>,
-    ) -> impl IntoResponse {
-        metrics.sample(&api.report().await);
+    type Scraped = (Arc<Metrics>, Arc<dyn crate::control::local::LocalApi>, bool);
+    async fn scrape(State((metrics, api, identities)): State<Scraped>) -> impl IntoResponse {
+        metrics.sample(&api.report().await, identities);
         (
             [(
                 header::CONTENT_TYPE,
@@ -279,8 +371,8 @@ pub async fn serve(
     }
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(scrape))
-        .with_state((metrics, api));
-    crate::control::server::serve(listener, app, crate::control::server::TUNNEL, stop).await;
+        .with_state((metrics, api, listener.identities));
+    crate::control::server::serve(listener.tcp, app, crate::control::server::TUNNEL, stop).await;
 }
 
 #[cfg(test)]
@@ -328,8 +420,8 @@ mod tests {
         m.refused("unauthorized");
         m.attached("web", false);
         m.attached("web", true);
-        m.sample(&[endpoint(100, "192.0.2.1:5000")]);
-        m.sample(&[endpoint(250, "192.0.2.9:5000")]);
+        m.sample(&[endpoint(100, "192.0.2.1:5000")], true);
+        m.sample(&[endpoint(250, "192.0.2.9:5000")], true);
         let text = m.encode();
         for want in [
             "tunnel_token_redemptions_total 1",
@@ -337,6 +429,8 @@ mod tests {
             "tunnel_container_attaches_total{container=\"web\"} 1",
             "tunnel_container_reattaches_total{container=\"web\"} 1",
             "name=\"branch\"} 250",
+            "address=\"10.77.0.2\"",
+            &format!("peer=\"{}\"", PrivateKey::from_bytes([9; 32]).public_key()),
             "tunnel_peer_endpoint_changes_total{",
             "tunnel_peer_handshake_age_seconds{",
             "# EOF",
@@ -348,5 +442,90 @@ mod tests {
             .find(|l| l.starts_with("tunnel_peer_endpoint_changes_total{"))
             .unwrap();
         assert!(changes.ends_with(" 1"), "{changes}");
+    }
+
+    #[test]
+    fn without_the_opt_in_peers_are_labelled_by_address_only() {
+        let m = Metrics::new();
+        m.sample(&[endpoint(100, "192.0.2.1:5000")], false);
+        m.sample(&[endpoint(250, "192.0.2.9:5000")], false);
+        let text = m.encode();
+        let key = PrivateKey::from_bytes([9; 32]).public_key().to_string();
+        assert!(!text.contains(&key), "the key leaked:\n{text}");
+        assert!(!text.contains("branch"), "the name leaked:\n{text}");
+        assert!(!text.contains("peer="), "{text}");
+        for want in [
+            "tunnel_peer_rx_bytes_total{iface=\"wgt0\",address=\"10.77.0.2\"} 250",
+            "tunnel_peer_handshake_age_seconds{iface=\"wgt0\",address=\"10.77.0.2\"} 4",
+            // Roaming is still counted per peer, by its key, internally.
+            "tunnel_peer_endpoint_changes_total{iface=\"wgt0\",address=\"10.77.0.2\"} 1",
+        ] {
+            assert!(text.contains(want), "{want}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn peers_without_an_address_share_one_series() {
+        let mut e = endpoint(100, "192.0.2.1:5000");
+        let mut other = e.peers[0].clone();
+        other.public_key = PrivateKey::from_bytes([8; 32]).public_key();
+        other.last_handshake_secs = Some(2);
+        e.peers.push(other);
+        for p in &mut e.peers {
+            p.address = None;
+        }
+        let m = Metrics::new();
+        m.sample(&[e.clone()], false);
+        let text = m.encode();
+        let rx: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("tunnel_peer_rx_bytes_total{"))
+            .collect();
+        assert_eq!(
+            rx,
+            ["tunnel_peer_rx_bytes_total{iface=\"wgt0\",address=\"none\"} 200"]
+        );
+        assert!(
+            text.contains("tunnel_peer_handshake_age_seconds{iface=\"wgt0\",address=\"none\"} 2")
+        );
+        // With the opt-in each is its own series again.
+        m.sample(&[e], true);
+        let text = m.encode();
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("tunnel_peer_rx_bytes_total{"))
+                .count(),
+            2,
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn off_loopback_needs_the_opt_in() {
+        let public = Exposure {
+            public: true,
+            peers: false,
+        };
+        for ok in [
+            "127.0.0.1:9580",
+            "127.8.9.1:1",
+            "[::1]:9580",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            let a = parse_addr(ok).unwrap();
+            assert!(check(a, Exposure::default()).is_ok(), "{ok}");
+        }
+        for off in [
+            "0.0.0.0:9580",
+            "[::]:9580",
+            "192.0.2.1:9580",
+            "[::ffff:0.0.0.0]:1",
+        ] {
+            let a = parse_addr(off).unwrap();
+            let e = check(a, Exposure::default()).unwrap_err();
+            assert!(matches!(e, MetricsError::NotLoopback(_)), "{off}");
+            assert!(e.to_string().contains("--metrics-public"), "{e}");
+            assert!(check(a, public).is_ok(), "{off}");
+        }
     }
 }

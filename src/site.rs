@@ -695,7 +695,7 @@ pub struct Site {
     /// (`--transparent`).
     pub transparent: Option<IpNetwork>,
     /// `--metrics`: where Prometheus scrapes it.
-    pub metrics: Option<tokio::net::TcpListener>,
+    pub metrics: Option<crate::metrics::Listener>,
 }
 
 /// Its containers, and the engine that runs them.

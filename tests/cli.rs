@@ -293,3 +293,57 @@ fn docker_native_and_metrics_flags_refuse_typos_with_one_line_and_change_nothing
         );
     }
 }
+
+#[test]
+fn metrics_off_loopback_without_the_opt_in_exit_2_with_one_line_and_create_nothing() {
+    let iface = format!("wtmx{}", std::process::id() % 100000);
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let state = state.to_str().unwrap();
+    let local = ["--iface", &iface, "--state-dir", state];
+    let serve: Vec<&str> = ["serve", "--tokens", "0"]
+        .iter()
+        .chain(&local)
+        .copied()
+        .collect();
+    let join: Vec<&str> = ["join", "tun1_not_read", "192.0.2.1"]
+        .iter()
+        .chain(&local)
+        .copied()
+        .collect();
+    let up: Vec<&str> = ["up"].iter().chain(&local).copied().collect();
+    for command in [&serve, &join, &up] {
+        for addr in ["0.0.0.0:9580", "[::]:9580", "192.0.2.7:9580"] {
+            let mut args = command.clone();
+            args.extend(["--metrics", addr]);
+            let out = run(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+            assert!(
+                err.starts_with("error: ") && err.contains("--metrics-public"),
+                "{args:?}: {err}"
+            );
+            assert!(
+                !std::path::Path::new(state).exists(),
+                "{args:?} created the state dir"
+            );
+            assert!(
+                !std::path::Path::new(&format!("/sys/class/net/{iface}")).exists(),
+                "{args:?} left a link"
+            );
+        }
+    }
+    // The opt-ins mean nothing without --metrics: a usage error, not a no-op.
+    for flag in ["--metrics-public", "--metrics-peers"] {
+        let mut args = serve.clone();
+        args.push(flag);
+        let out = run(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--metrics"),
+            "{args:?}"
+        );
+        assert!(!std::path::Path::new(state).exists());
+    }
+}

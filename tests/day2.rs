@@ -264,13 +264,13 @@ fn scrape(host: &common::Host) -> prometheus_parse::Scrape {
         .unwrap_or_else(|e| panic!("the scrape is not Prometheus text: {e}\n{text}"))
 }
 
-/// The value of counter `name` for the peer named `peer`.
-fn peer_counter(s: &prometheus_parse::Scrape, name: &str, peer: &str) -> f64 {
+/// The value of counter `name` for the peer whose label `label` is `peer`.
+fn peer_counter(s: &prometheus_parse::Scrape, name: &str, label: &str, peer: &str) -> f64 {
     s.samples
         .iter()
-        .find(|m| m.metric == name && m.labels.get("name") == Some(peer))
+        .find(|m| m.metric == name && m.labels.get(label) == Some(peer))
         .map(|m| counter(&m.value))
-        .unwrap_or_else(|| panic!("no {name} for peer {peer}"))
+        .unwrap_or_else(|| panic!("no {name} for peer {label}={peer}"))
 }
 
 /// A counter's value. OpenMetrics names the family without `_total`, so
@@ -288,7 +288,13 @@ fn metrics_count_traffic_and_the_health_check_follows_the_hub() {
     needs_root("metrics_and_health");
     let mut lab = common::lab(2);
     let (a, b) = (lab.host(0), lab.host(1));
-    let hub = lab.serve(&a, "a", 1, &["--metrics", "--name", "hub"]);
+    // The hub opts in to peers' keys and names; the site shows addresses only.
+    let hub = lab.serve(
+        &a,
+        "a",
+        1,
+        &["--metrics", "--metrics-peers", "--name", "hub"],
+    );
     let site = lab.join(
         &b,
         "b",
@@ -314,22 +320,30 @@ fn metrics_count_traffic_and_the_health_check_follows_the_hub() {
     let (hub1, site1) = (scrape(&a), scrape(&b));
     for name in ["tunnel_peer_rx_bytes_total", "tunnel_peer_tx_bytes_total"] {
         let (before, after) = (
-            peer_counter(&hub0, name, "branch"),
-            peer_counter(&hub1, name, "branch"),
+            peer_counter(&hub0, name, "name", "branch"),
+            peer_counter(&hub1, name, "name", "branch"),
         );
         assert!(
             after >= before + 20_000.0,
             "hub {name}: {before} -> {after}"
         );
         let (before, after) = (
-            peer_counter(&site0, name, "server"),
-            peer_counter(&site1, name, "server"),
+            peer_counter(&site0, name, "address", "10.77.0.1"),
+            peer_counter(&site1, name, "address", "10.77.0.1"),
         );
         assert!(
             after >= before + 20_000.0,
             "site {name}: {before} -> {after}"
         );
     }
+    assert!(
+        site1
+            .samples
+            .iter()
+            .filter(|m| m.metric.starts_with("tunnel_peer_"))
+            .all(|m| m.labels.get("name").is_none() && m.labels.get("peer").is_none()),
+        "the site's metrics name its peers without --metrics-peers"
+    );
     let redeemed = hub1
         .samples
         .iter()

@@ -97,7 +97,7 @@ fn resume_args(args: &JoinArgs) -> super::up::UpArgs {
         proxy: args.proxy.clone(),
         attach_label: args.common.attach_label.clone(),
         docker_driver: args.common.docker_driver.clone(),
-        metrics: args.common.metrics,
+        metrics: args.common.metrics.clone(),
         firewall: args.lan.firewall,
     }
 }
@@ -118,6 +118,7 @@ fn read_token(arg: &str) -> Result<Token, Failure> {
 pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let started = Instant::now();
     // Everything about the input is checked before the host is touched.
+    args.common.metrics.check()?;
     let token = read_token(&args.token)?;
     crate::sys::crash_point("token-parsed");
     let store = StateDir::new(&args.common.state_dir);
@@ -166,7 +167,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
             store.file(&iface).display()
         )));
     }
-    let metrics = super::bind_metrics(args.common.metrics).await?;
+    let metrics = super::bind_metrics(&args.common.metrics).await?;
 
     let inv = Invitation {
         token: &token,

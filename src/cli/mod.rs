@@ -85,12 +85,44 @@ pub struct EndpointArgs {
     /// Serve Docker's network-plugin API under this name: docker network create -d NAME --ipam-driver NAME NET gives containers tunnel endpoints as they are created [default name: tunnel]
     #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = crate::driver::DEFAULT_NAME)]
     pub docker_driver: Option<String>,
-    /// Serve Prometheus metrics on GET /metrics at this address (loopback unless an address says otherwise) [default: 127.0.0.1:9580]
-    #[arg(long, value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = crate::metrics::DEFAULT_ADDR, value_parser = parse_metrics)]
-    pub metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// This host's name on the tunnel, unique among its sites; DNS names its containers <container>.<name>.<zone> [default: the host name, numbered if taken]
     #[arg(long, value_parser = crate::limits::parse_name)]
     pub name: Option<String>,
+}
+
+/// `--metrics` and its opt-ins: whoever can connect reads the metrics, on
+/// loopback every local user, so showing more is the operator's choice.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics on GET /metrics at this address, a loopback one unless --metrics-public [default: 127.0.0.1:9580]
+    #[arg(id = "metrics", long = "metrics", value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = crate::metrics::DEFAULT_ADDR, value_parser = parse_metrics)]
+    pub addr: Option<std::net::SocketAddr>,
+    /// Allow --metrics on an address off loopback (other hosts can then read the metrics)
+    #[arg(long, requires = "metrics")]
+    pub metrics_public: bool,
+    /// Label each peer's metrics with its public key and name, not only its tunnel address (every local user can read them)
+    #[arg(long, requires = "metrics")]
+    pub metrics_peers: bool,
+}
+
+impl MetricsArgs {
+    fn exposure(&self) -> crate::metrics::Exposure {
+        crate::metrics::Exposure {
+            public: self.metrics_public,
+            peers: self.metrics_peers,
+        }
+    }
+
+    /// Refuses an address off loopback without the opt-in; run first, so
+    /// that it changes nothing.
+    pub fn check(&self) -> Result<(), Failure> {
+        match self.addr {
+            Some(a) => crate::metrics::check(a, self.exposure()).map_err(Failure::input),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The LANs behind this host, and the host's firewall.
@@ -297,10 +329,14 @@ fn parse_metrics(s: &str) -> Result<std::net::SocketAddr, String> {
 
 /// Binds `--metrics` before the host is touched: a port in use is bad input.
 pub(crate) async fn bind_metrics(
-    addr: Option<std::net::SocketAddr>,
-) -> Result<Option<tokio::net::TcpListener>, Failure> {
-    match addr {
-        Some(a) => Ok(Some(crate::metrics::bind(a).await.map_err(Failure::input)?)),
+    args: &MetricsArgs,
+) -> Result<Option<crate::metrics::Listener>, Failure> {
+    match args.addr {
+        Some(a) => Ok(Some(
+            crate::metrics::bind(a, args.exposure())
+                .await
+                .map_err(Failure::input)?,
+        )),
         None => Ok(None),
     }
 }

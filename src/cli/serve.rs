@@ -365,6 +365,7 @@ fn load_or_new(args: &ServeArgs, store: &StateDir) -> Result<ServerState, Failur
 pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let iface = args.common.iface.clone();
     validate_ifname(&iface)?;
+    args.common.metrics.check()?;
     if let Some(h) = &args.endpoint {
         check_hint(h)?;
     }
@@ -387,7 +388,7 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     args.lan.check(&state.subnets().all())?;
     crate::hub::ledger::validate_routes(&args.token_routes, &state.subnets().all())
         .map_err(|e| Failure::input(anyhow!("--token-route: {e}")))?;
-    let metrics_listener = super::bind_metrics(args.common.metrics).await?;
+    let metrics_listener = super::bind_metrics(&args.common.metrics).await?;
     // The network driver's endpoints live as long as the run that made
     // them: a crash's are given back now.
     let leftovers = state.containers.iter().filter(|c| c.driver).count();
@@ -749,7 +750,7 @@ fn prefixes(
 struct Extras<'a> {
     follower: Option<&'a mut Follower>,
     driver: Option<NetworkDriver>,
-    metrics: Option<tokio::net::TcpListener>,
+    metrics: Option<crate::metrics::Listener>,
     openings: Openings,
 }
 

@@ -33,9 +33,8 @@ pub struct UpArgs {
     /// Serve Docker's network-plugin API under this name [default name: tunnel]
     #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = crate::driver::DEFAULT_NAME)]
     pub docker_driver: Option<String>,
-    /// Serve Prometheus metrics on GET /metrics at this address [default: 127.0.0.1:9580]
-    #[arg(long, value_name = "ADDR:PORT", num_args = 0..=1, default_missing_value = crate::metrics::DEFAULT_ADDR, value_parser = super::parse_metrics)]
-    pub metrics: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub metrics: super::MetricsArgs,
     /// Our nftables table (the LANs and masquerading saved at join need it)
     #[arg(long, value_enum, default_value_t = Toggle::On)]
     pub firewall: Toggle,
@@ -45,6 +44,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let started = Instant::now();
     let iface = args.local.iface.clone();
     crate::net::validate_ifname(&iface)?;
+    args.metrics.check()?;
     crate::sys::require_net_admin()?;
     let store = StateDir::new(&args.local.state_dir);
     let joined = match store.load(&iface)? {
@@ -92,7 +92,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         )));
     }
     let (route, relay) = site::saved_route(&joined, endpoint, args.proxy.as_deref())?;
-    let metrics = super::bind_metrics(args.metrics).await?;
+    let metrics = super::bind_metrics(&args.metrics).await?;
     let net = Arc::new(Netlink::connect()?);
     let mut gateway = site::site_gateway(
         net.as_ref(),

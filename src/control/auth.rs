@@ -18,22 +18,26 @@
 //!
 //! A request is refused when its timestamp is more than [`WINDOW`] from
 //! the hub's clock, and when the same MAC was already seen within the
-//! window ([`ReplayGuard`]). A client whose clock is off learns the hub's
-//! time from the refusal and signs again ([`Skew`]).
+//! window ([`ReplayGuard`], which remembers each signer's proofs apart, so
+//! that one key's flood refuses that key only). A client whose clock is
+//! off learns the hub's time from the refusal and signs again ([`Skew`]).
 
 use crate::keys::{PrivateKey, PublicKey};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use blake2::digest::{Digest, Mac};
 use blake2::{Blake2s256, Blake2sMac256};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How far a request's timestamp may be from the hub's clock.
 pub const WINDOW: Duration = Duration::from_secs(120);
-/// Distinct signed requests remembered within the window; more than this
-/// many in two windows is a flood, refused until old ones age out.
-const REPLAY_CAPACITY: usize = 65_536;
+/// Distinct signed requests remembered per signing key; more than this
+/// many from one key in two windows is that key's flood, refused until its
+/// old ones age out. A site signs a few requests a minute (registrations,
+/// routes, leave; at most 64 endpoints), so 1,024 in 240 s leaves a wide
+/// margin, and a hub with a /24 of flooding keys still holds only ~25 MB.
+pub const REPLAY_PER_KEY: usize = 1_024;
 const SCHEME: &str = "Tunnel";
 const LABEL: &[u8] = b"tunnel-control-v1";
 
@@ -252,35 +256,62 @@ fn hex16(s: &str) -> Option<[u8; 16]> {
 
 /// Verified requests seen within the window, so that a captured request
 /// cannot be sent again. Only requests with a valid MAC get here, so only
-/// a key holder can fill it.
+/// a key holder can fill it, and only its own key's share: each signer
+/// has its own bounded set, so a flood from one key (a compromised or
+/// buggy site) leaves every other site and every new join untouched.
 #[derive(Default)]
 pub struct ReplayGuard {
-    seen: HashSet<[u8; 32]>,
+    signers: HashMap<PublicKey, Seen>,
+    /// When to next drop the signers with nothing left in the window: a
+    /// key that signed once (an invite, a site since revoked) would
+    /// otherwise keep its entry for as long as the hub runs.
+    next_sweep: u64,
+}
+
+/// One signer's proofs, oldest first.
+#[derive(Default)]
+struct Seen {
+    macs: HashSet<[u8; 32]>,
     order: VecDeque<([u8; 32], u64)>,
 }
 
-impl ReplayGuard {
-    /// Records the proof; refuses one already seen.
-    pub fn check(&mut self, proof: &Proof, now: SystemTime) -> Result<(), AuthError> {
-        let now = unix_secs(now);
-        // A proof is only ever accepted within WINDOW of its timestamp, so
-        // it can be forgotten once that has passed.
-        let horizon = now.saturating_sub(2 * WINDOW.as_secs());
+impl Seen {
+    fn forget_before(&mut self, horizon: u64) {
         while let Some((mac, ts)) = self.order.front().copied() {
             if ts >= horizon {
                 break;
             }
             self.order.pop_front();
-            self.seen.remove(&mac);
+            self.macs.remove(&mac);
         }
-        if self.seen.contains(&proof.mac) {
+    }
+}
+
+impl ReplayGuard {
+    /// Records the proof; refuses one already seen, and one more from a
+    /// key that already has [`REPLAY_PER_KEY`] in the window.
+    pub fn check(&mut self, proof: &Proof, now: SystemTime) -> Result<(), AuthError> {
+        let now = unix_secs(now);
+        // A proof is only ever accepted within WINDOW of its timestamp, so
+        // it can be forgotten once that has passed.
+        let horizon = now.saturating_sub(2 * WINDOW.as_secs());
+        if now >= self.next_sweep {
+            self.signers.retain(|_, seen| {
+                seen.forget_before(horizon);
+                !seen.order.is_empty()
+            });
+            self.next_sweep = now.saturating_add(WINDOW.as_secs());
+        }
+        let seen = self.signers.entry(proof.key).or_default();
+        seen.forget_before(horizon);
+        if seen.macs.contains(&proof.mac) {
             return Err(AuthError::Replay);
         }
-        if self.seen.len() >= REPLAY_CAPACITY {
+        if seen.macs.len() >= REPLAY_PER_KEY {
             return Err(AuthError::Flood);
         }
-        self.seen.insert(proof.mac);
-        self.order.push_back((proof.mac, now));
+        seen.macs.insert(proof.mac);
+        seen.order.push_back((proof.mac, now));
         Ok(())
     }
 }
@@ -369,7 +400,63 @@ mod tests {
         // Long after, the old entries are gone (and verify() refuses them as stale).
         let r = Proof::parse(&signer.sign("POST", "/x", b"", at(2000))).unwrap();
         assert_eq!(guard.check(&r, at(2000)), Ok(()));
-        assert_eq!(guard.seen.len(), 1);
+        assert_eq!(guard.signers[&site.public_key()].macs.len(), 1);
+    }
+
+    /// A proof by `key` with a MAC of its own; `check` trusts that
+    /// `verify` ran, so none is needed here.
+    fn proof(key: PublicKey, n: u32) -> Proof {
+        let mut mac = [0; 32];
+        mac[..4].copy_from_slice(&n.to_be_bytes());
+        mac[4..].copy_from_slice(&key.as_bytes()[4..]);
+        Proof {
+            key,
+            ts: 1000,
+            nonce: [0; 16],
+            mac,
+        }
+    }
+
+    #[test]
+    fn one_keys_flood_refuses_that_key_only_and_ages_out() {
+        let (a, b) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
+        let mut guard = ReplayGuard::default();
+        for n in 0..REPLAY_PER_KEY as u32 {
+            assert_eq!(guard.check(&proof(a, n), at(1000)), Ok(()), "{n}");
+        }
+        for n in REPLAY_PER_KEY as u32..REPLAY_PER_KEY as u32 + 100 {
+            assert_eq!(guard.check(&proof(a, n), at(1001)), Err(AuthError::Flood));
+        }
+        // A replay is still named as one, full or not.
+        assert_eq!(guard.check(&proof(a, 0), at(1001)), Err(AuthError::Replay));
+        // Another key is not touched by A's flood.
+        assert_eq!(guard.check(&proof(b, 0), at(1001)), Ok(()));
+        assert_eq!(guard.check(&proof(b, 0), at(1002)), Err(AuthError::Replay));
+        // Within two windows A is still full; after, it signs again.
+        let later = 1000 + 2 * WINDOW.as_secs();
+        assert_eq!(
+            guard.check(&proof(a, 1 << 20), at(later)),
+            Err(AuthError::Flood)
+        );
+        assert_eq!(guard.check(&proof(a, 1 << 20), at(later + 1)), Ok(()));
+        assert_eq!(guard.signers[&a].macs.len(), 1);
+    }
+
+    #[test]
+    fn keys_with_nothing_in_the_window_are_forgotten() {
+        let mut guard = ReplayGuard::default();
+        for _ in 0..50 {
+            let k = PrivateKey::generate().public_key();
+            assert_eq!(guard.check(&proof(k, 0), at(1000)), Ok(()));
+        }
+        assert_eq!(guard.signers.len(), 50);
+        // Someone else signs long after: the 50 keys that signed once are gone.
+        let c = PrivateKey::generate().public_key();
+        assert_eq!(guard.check(&proof(c, 0), at(2000)), Ok(()));
+        assert_eq!(guard.signers.len(), 1);
     }
 
     #[test]

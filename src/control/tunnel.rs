@@ -23,6 +23,7 @@ use crate::hub::{
     Advertised, Caller, Denied, Hub, Joining, LeaveError, RedeemError, RegisterError, RouteError,
 };
 use crate::keys::PublicKey;
+use crate::lograte::LogRate;
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
@@ -197,23 +198,16 @@ impl<C: Class> axum::extract::FromRequest<Arc<Hub>> for Signed<C> {
         let caller = hub
             .authenticate(&proof, method, path, &body, now)
             .await
-            .map_err(|e| {
-                tracing::warn!("refused {method} {path} from {src}: {e}");
-                unauthorized(e, now)
-            })?;
+            .map_err(|e| unauthorized(e, now))?;
         let from = caller.address();
         if from != src {
-            tracing::warn!("refused {path} from {src}: signed by the key of {from}");
             return Err(refuse(
                 StatusCode::FORBIDDEN,
                 format!("the signing key belongs to {from}, not to {src}"),
             ));
         }
+        // Refusals are logged by the router, at a bounded rate.
         let Some(who) = C::of(caller) else {
-            tracing::warn!(
-                "refused {method} {path} from {src}: signed with {}",
-                caller.describe()
-            );
             return Err(refuse(
                 StatusCode::FORBIDDEN,
                 format!("{} cannot do this; only {} may", caller.describe(), C::WHO),
@@ -234,10 +228,7 @@ fn denied<E: std::error::Error + 'static>(
     status: impl Fn(&E) -> StatusCode,
 ) -> Refusal {
     match d {
-        Denied::Refused(e) => {
-            tracing::warn!("refused {what} from {src}: {e}");
-            refuse(status(&e), e)
-        }
+        Denied::Refused(e) => refuse(status(&e), e),
         Denied::Unavailable(e) => {
             tracing::error!("{what} from {src} failed: {:#}", anyhow::Error::from(e));
             refuse(
@@ -421,6 +412,55 @@ pub fn router(hub: Arc<Hub>) -> Router {
                 }
             },
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            LogRate::shared(REFUSAL_LOG_EVERY),
+            log_refusal,
+        ))
+}
+
+/// At most one line per source and status in this long: a peer can make
+/// the hub refuse thousands of requests a second.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Logs every refusal (4xx) of the API in one place, so that none goes
+/// unlogged (a handler's own 403 or 429 included), each source's kind at a
+/// bounded rate.
+async fn log_refusal(
+    State(rate): State<crate::lograte::Shared<(IpAddr, u16)>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let Some(src) = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| source(c.0))
+    else {
+        return next.run(req).await;
+    };
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let res = next.run(req).await;
+    let status = res.status();
+    if !status.is_client_error() {
+        return res;
+    }
+    let now = std::time::Instant::now();
+    let Some(write) = rate
+        .lock()
+        .expect("log rate lock")
+        .admit((src, status.as_u16()), now)
+    else {
+        return res;
+    };
+    // The reason is in the refusal's body; it is small and ours.
+    let (parts, body) = res.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let reason = serde_json::from_slice::<ErrorBody>(&bytes)
+        .map(|b| b.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+    tracing::warn!("refused {method} {path} from {src}: {status}: {reason}{write}");
+    axum::response::Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// Binds the API on the hub's tunnel address, for connections that arrive
