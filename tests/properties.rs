@@ -240,3 +240,93 @@ impl tunnel::wg::WgDevice for NullDevice {
         Ok(())
     }
 }
+
+/// A ledger with one admitted site at 10.77.0.2 named "a", and the hub
+/// host's own network 192.168.1.0/24.
+fn ledger_with_a_site() -> tunnel::hub::Ledger {
+    use tunnel::hub::{Ledger, MintRequest};
+    let state = tunnel::state::ServerState::new("10.77.0.0/24".parse().unwrap(), 51820, 1420);
+    let mut l = Ledger::new(state, 4).unwrap();
+    l.set_host_networks(&["192.168.1.5/24".parse().unwrap()]);
+    let req = MintRequest {
+        count: 1,
+        ttl: Duration::from_secs(60),
+        endpoint_hint: None,
+        name: Some("a".into()),
+        routes: vec![],
+    };
+    let tok = l.mint(&req, now()).unwrap().remove(0);
+    let key = tunnel::keys::PrivateKey::generate().public_key();
+    l.redeem(tok.assigned, key, now(), std::time::Instant::now())
+        .unwrap();
+    l.name_site(tok.assigned, None, false).unwrap();
+    l.complete_swaps(|_| true, std::time::Instant::now());
+    l
+}
+
+fn any_prefix() -> impl Strategy<Value = ipnetwork::IpNetwork> {
+    // Half from prefixes near what matters, so that asking and approving
+    // meet often; half anything.
+    let near = [
+        "192.168.1.0/25",
+        "192.168.0.0/16",
+        "192.168.50.0/24",
+        "192.168.50.0/23",
+        "10.77.0.0/25",
+        "10.0.0.0/8",
+        "0.0.0.0/0",
+        "127.0.0.0/8",
+        "fd00::/64",
+    ]
+    .map(|n| n.parse::<ipnetwork::IpNetwork>().unwrap());
+    prop_oneof![
+        proptest::sample::select(near.to_vec()),
+        (any::<[u8; 4]>(), 0u8..=32).prop_map(|(a, p)| {
+            ipnetwork::IpNetwork::new(std::net::Ipv4Addr::from(a).into(), p).unwrap()
+        }),
+        (any::<[u8; 16]>(), 0u8..=128).prop_map(|(a, p)| {
+            ipnetwork::IpNetwork::new(std::net::Ipv6Addr::from(a).into(), p).unwrap()
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// Whatever a site asks for and an operator approves or rejects, what
+    /// takes effect is approved, a network address, not a default route,
+    /// and clear of the tunnel and of the hub host's networks.
+    #[test]
+    fn any_advertised_and_approved_prefixes_keep_the_invariants(
+        asked in proptest::collection::vec(any_prefix(), 0..6),
+        decisions in proptest::collection::vec((any::<bool>(), any_prefix()), 0..6),
+        target in prop_oneof![Just("a".to_owned()), Just("10.77.0.2".to_owned()), ".{0,12}"],
+    ) {
+        let mut l = ledger_with_a_site();
+        let site: std::net::IpAddr = "10.77.0.2".parse().unwrap();
+        let _ = l.advertise(site, asked);
+        for (approve, prefix) in decisions {
+            let _ = if approve { l.approve(&target, prefix) } else { l.reject(&target, prefix) };
+        }
+        let host: ipnetwork::IpNetwork = "192.168.1.0/24".parse().unwrap();
+        let tunnel: ipnetwork::IpNetwork = "10.77.0.0/24".parse().unwrap();
+        let overlaps = |a: &ipnetwork::IpNetwork, b: &ipnetwork::IpNetwork| {
+            a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
+        };
+        let peer = l.site(site).unwrap().clone();
+        for r in l.site_routes() {
+            prop_assert!(tunnel::state::covered(peer.approved(), &r), "{r} not approved");
+            prop_assert!(r.prefix() > 0);
+            prop_assert_eq!(r.ip(), r.network());
+            prop_assert!(!overlaps(&r, &host) && !overlaps(&r, &tunnel), "{}", r);
+        }
+        let pending = l.pending_routes(site);
+        prop_assert_eq!(pending.len() + l.site_routes().len(), peer.routes.len());
+    }
+
+    #[test]
+    fn any_route_decision_body_is_parsed_or_refused(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let _ = serde_json::from_slice::<tunnel::control::local::RouteDecision>(&body);
+        let _ = serde_json::from_slice::<tunnel::control::tunnel::RoutesRequest>(&body);
+    }
+}
