@@ -282,10 +282,12 @@ fn any_prefix() -> impl Strategy<Value = ipnetwork::IpNetwork> {
     prop_oneof![
         proptest::sample::select(near.to_vec()),
         (any::<[u8; 4]>(), 0u8..=32).prop_map(|(a, p)| {
-            ipnetwork::IpNetwork::new(std::net::Ipv4Addr::from(a).into(), p).unwrap()
+            let n = ipnetwork::IpNetwork::new(std::net::Ipv4Addr::from(a).into(), p).unwrap();
+            ipnetwork::IpNetwork::new(n.network(), p).unwrap()
         }),
         (any::<[u8; 16]>(), 0u8..=128).prop_map(|(a, p)| {
-            ipnetwork::IpNetwork::new(std::net::Ipv6Addr::from(a).into(), p).unwrap()
+            let n = ipnetwork::IpNetwork::new(std::net::Ipv6Addr::from(a).into(), p).unwrap();
+            ipnetwork::IpNetwork::new(n.network(), p).unwrap()
         }),
     ]
 }
@@ -304,7 +306,16 @@ proptest! {
     ) {
         let mut l = ledger_with_a_site();
         let site: std::net::IpAddr = "10.77.0.2".parse().unwrap();
-        let _ = l.advertise(site, asked);
+        // One at a time, keeping what the hub took: a list with one bad
+        // prefix is refused whole.
+        let mut kept = vec![];
+        for p in asked {
+            let mut next = kept.clone();
+            next.push(p);
+            if l.advertise(site, next.clone()).is_ok() {
+                kept = next;
+            }
+        }
         for (approve, prefix) in decisions {
             let _ = if approve { l.approve(&target, prefix) } else { l.reject(&target, prefix) };
         }
