@@ -158,7 +158,7 @@ fn one_sites_flood_of_signed_requests_refuses_that_site_only() {
     assert!(
         lines.iter().any(|l| l.contains("403")
             && l.contains(api::REDEEM)
-            && l.contains("only a token's invite key redeems")),
+            && l.contains("only a token's invite key may")),
         "the 403s are not logged:\n{log}"
     );
     assert!(
