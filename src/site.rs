@@ -384,7 +384,7 @@ pub async fn choose_path(
     }
     let relay = relay.expect("a relay when WebSocket is possible").clone();
     let dialers = inv.dialers()?;
-    progress.set_message(format!("connecting to {}", dialers[0].url()));
+    progress.set_message(format!("connecting to {}", dialers[0].shown()));
     let (i, conn) = first_connection(&dialers, deadline).await?;
     let offer = inv.token.websocket.clone().expect("checked above");
     let mtu = inv.mtu.unwrap_or(WS_MTU);
@@ -426,11 +426,11 @@ async fn first_connection(
             done = running.next() => match done {
                 Some((i, Ok(conn))) => return Ok((i, conn)),
                 Some((i, Err(e))) => {
-                    tracing::info!("WebSocket via {}: {e}", dialers[i].url());
+                    tracing::info!("WebSocket via {}: {e}", dialers[i].shown());
                     if e.is_input() {
                         return Err(e.into());
                     }
-                    errors.push(format!("{}{}: {e}", dialers[i].url(), dialers[i].proxy().map(|p| format!(" via {p:?}")).unwrap_or_default()));
+                    errors.push(format!("{}{}: {e}", dialers[i].shown(), dialers[i].proxy().map(|p| format!(" via {p:?}")).unwrap_or_default()));
                     if next < dialers.len() {
                         running.push(attempt(next));
                         next += 1;

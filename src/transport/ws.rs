@@ -586,7 +586,7 @@ pub struct Dialer {
 
 impl std::fmt::Debug for Dialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Dialer({}, {:?})", self.url(), self.proxy)
+        write!(f, "Dialer({}, {:?})", self.shown(), self.proxy)
     }
 }
 
@@ -653,9 +653,22 @@ impl Dialer {
         format!("{scheme}://{host}:{}{}", self.port, self.path)
     }
 
+    /// The URL with its secret path segment left out, for messages and
+    /// logs: the secret is in every token and must not be in a log.
+    pub fn shown(&self) -> String {
+        let url = self.url();
+        let path = self.path.trim_end_matches('/');
+        match path.rfind('/') {
+            Some(i) if i + 1 < path.len() => {
+                format!("{}{}/…", &url[..url.len() - self.path.len()], &path[..i])
+            }
+            _ => url,
+        }
+    }
+
     /// One connection attempt, bounded by `timeout`.
     pub async fn connect(&self, timeout: Duration) -> Result<Connection, TransportError> {
-        let target = self.url();
+        let target = self.shown();
         tokio::time::timeout(timeout, self.connect_inner())
             .await
             .map_err(|_| TransportError::Timeout(target))?
@@ -663,13 +676,14 @@ impl Dialer {
 
     async fn connect_inner(&self) -> Result<Connection, TransportError> {
         let target = self.url();
+        let shown = self.shown();
         let (io, remote): (Box<dyn Io>, Option<SocketAddr>) = match &self.proxy {
             Some(p) => (Box::new(p.connect(&self.host, self.port).await?), None),
             None => {
                 let tcp = TcpStream::connect((self.host.as_str(), self.port))
                     .await
                     .map_err(|source| TransportError::Connect {
-                        target: target.clone(),
+                        target: shown.clone(),
                         source,
                     })?;
                 let _ = tcp.set_nodelay(true);
@@ -683,7 +697,7 @@ impl Dialer {
                     rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|e| {
                         TransportError::BadUrl {
                             what: "WebSocket",
-                            url: target.clone(),
+                            url: shown.clone(),
                             why: e.to_string(),
                         }
                     })?;
@@ -693,7 +707,7 @@ impl Dialer {
                     .await
                     .map_err(|source| {
                         trust.mismatch().unwrap_or(TransportError::Tls {
-                            target: target.clone(),
+                            target: shown.clone(),
                             source,
                         })
                     })?;
@@ -708,7 +722,7 @@ impl Dialer {
             tokio_tungstenite::client_async_with_config(target.as_str(), io, Some(config))
                 .await
                 .map_err(|e| TransportError::Upgrade {
-                    target: target.clone(),
+                    target: shown.clone(),
                     source: Box::new(e),
                 })?;
         Ok(Connection { ws, remote })
@@ -745,21 +759,24 @@ impl Link {
                 match conn {
                     Ok(Connection { ws, remote }) => {
                         if failing {
-                            tracing::info!("WebSocket link to {} is back", dialer.url());
+                            tracing::info!("WebSocket link to {} is back", dialer.shown());
                         }
                         backoff = Duration::from_millis(100);
                         let outbound = relay.open_at(addr, remote);
                         pump(ws, &relay, addr, outbound, Some(PING_EVERY), None).await;
                         relay.close(&addr);
-                        tracing::warn!("WebSocket link to {} dropped; reconnecting", dialer.url());
+                        tracing::warn!(
+                            "WebSocket link to {} dropped; reconnecting",
+                            dialer.shown()
+                        );
                         failing = true;
                     }
                     Err(e) => {
                         if !failing {
-                            tracing::warn!("WebSocket link to {}: {e}; retrying", dialer.url());
+                            tracing::warn!("WebSocket link to {}: {e}; retrying", dialer.shown());
                             failing = true;
                         } else {
-                            tracing::debug!("WebSocket link to {}: {e}", dialer.url());
+                            tracing::debug!("WebSocket link to {}: {e}", dialer.shown());
                         }
                         let jitter = rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 100;
                         tokio::time::sleep(backoff + Duration::from_millis(u64::from(jitter)))
@@ -803,6 +820,8 @@ mod tests {
         let mut site_device = site_relay.attach();
         let dialer = Arc::new(Dialer::new(&offer, "127.0.0.1", None).unwrap());
         assert_eq!(dialer.url(), format!("ws://127.0.0.1:{port}/t/secret"));
+        assert_eq!(dialer.shown(), format!("ws://127.0.0.1:{port}/t/…"));
+        assert!(!format!("{dialer:?}").contains("secret"));
         let _link = Link::spawn(dialer, site_relay.clone(), None);
         let hub_addr = virtual_addr(HUB_LINK);
         // The link is up once the site can send.
