@@ -10,13 +10,13 @@
 
 mod common;
 
-use common::{Node, needs_root};
+use common::needs_root;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tunnel::control::auth::Signer;
-use tunnel::control::{ControlError, tunnel as api};
+use tunnel::control::tunnel as api;
 use tunnel::keys::PrivateKey;
 
 const HUB_API: &str = "10.77.0.1:51821";
@@ -77,32 +77,6 @@ async fn one(signer: &Signer, addr: SocketAddr) -> Option<u16> {
         .flatten()
 }
 
-/// Registers a container endpoint for `site`, signed with its key.
-fn register_as(site: &Node, name: &'static str) -> Result<String, ControlError> {
-    let (key, hub) = common::keys(site);
-    site.host.block_on(move || async move {
-        let signer = Signer::new(&key, &hub).unwrap();
-        let fresh = PrivateKey::generate().public_key();
-        api::register_endpoint(
-            HUB_API.parse().unwrap(),
-            &signer,
-            &fresh,
-            name,
-            Duration::from_secs(5),
-        )
-        .await
-        .map(|a| a.address.to_string())
-    })
-}
-
-/// A joined site's tunnel address, from its summary line
-/// ("joined IFACE as 10.77.0.2/24, ...").
-fn address(site: &Node) -> String {
-    let line = &site.lines[0];
-    let rest = &line[line.find(" as ").expect(line) + 4..];
-    rest[..rest.find('/').expect(line)].to_owned()
-}
-
 #[test]
 #[ignore = "needs root: sudo make test"]
 fn one_sites_flood_of_signed_requests_refuses_that_site_only() {
@@ -123,7 +97,7 @@ fn one_sites_flood_of_signed_requests_refuses_that_site_only() {
     );
 
     // The other site's next signed request goes through, not a 429.
-    let registered = register_as(&site_c, "after-the-flood");
+    let registered = common::register_as(&site_c, "after-the-flood");
     assert!(
         registered.is_ok(),
         "site C refused after B's flood: {registered:?}"
@@ -150,7 +124,7 @@ fn one_sites_flood_of_signed_requests_refuses_that_site_only() {
     // Its refusals are logged, B's handler 403s included (before, they
     // were not at all), but a few lines per interval, not one per request.
     let log = lab.proc(hub.proc).stderr();
-    let from_b = format!(" from {}: ", address(&site_b));
+    let from_b = format!(" from {}: ", common::site_address(&site_b));
     let lines: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("refused") && l.contains(&from_b))

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Containers, Node, needs_docker, needs_root};
+use common::{Containers, needs_docker, needs_root};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -29,24 +29,6 @@ fn with<'a>(head: &[&'a str], tail: &[&'a str]) -> Vec<&'a str> {
 
 fn mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
-}
-
-/// Registers `name` for `site` with a fresh key, signed with the site's key.
-fn register_as(site: &Node, name: &'static str) -> Result<String, ControlError> {
-    let (key, hub) = common::keys(site);
-    site.host.block_on(move || async move {
-        let signer = Signer::new(&key, &hub).unwrap();
-        let fresh = PrivateKey::generate().public_key();
-        api::register_endpoint(
-            HUB_API.parse().unwrap(),
-            &signer,
-            &fresh,
-            name,
-            Duration::from_secs(5),
-        )
-        .await
-        .map(|a| a.address.to_string())
-    })
 }
 
 #[test]
@@ -138,18 +120,18 @@ fn only_a_sites_key_changes_the_hub_and_sockets_are_owner_only() {
     assert!(!out.status.success(), "nobody read the local socket");
 
     // The same request, signed with the site's key, is admitted.
-    let web_b = register_as(&site_b, "web").expect("a signed registration is admitted");
+    let web_b = common::register_as(&site_b, "web").expect("a signed registration is admitted");
     assert!(web_b.starts_with("10.77.0."), "{web_b}");
     let st = lab.status(&hub).to_string();
     assert!(st.contains("container web"), "{st}");
     assert!(!st.contains("evil"), "{st}");
     // Names are unique within a site, not across sites.
-    let again = register_as(&site_b, "web").unwrap_err();
+    let again = common::register_as(&site_b, "web").unwrap_err();
     assert!(
         matches!(again, ControlError::Refused { status: 409, .. }),
         "{again}"
     );
-    let web_c = register_as(&site_c, "web").expect("another site may have its own web");
+    let web_c = common::register_as(&site_c, "web").expect("another site may have its own web");
 
     // `revoke web` could mean either: refused, with both listed.
     let out = lab.tunnel(&a, &with(&hub.local("revoke"), &["web"]));

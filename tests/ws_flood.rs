@@ -9,37 +9,15 @@
 
 mod common;
 
-use common::{Node, needs_root};
+use common::needs_root;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tunnel::control::auth::Signer;
-use tunnel::control::{ControlError, tunnel as api};
-use tunnel::keys::PrivateKey;
 use tunnel::transport::ws::Dialer;
 
-const HUB_API: &str = "10.77.0.1:51821";
 /// Upgrades the flood asks for.
 const FLOOD: usize = 1100;
 /// "Answers within a second", with room for a loaded machine.
 const WITHIN: Duration = Duration::from_secs(2);
-
-/// Registers `name` for `site` with a fresh key, signed with the site's key.
-fn register_as(site: &Node, name: &'static str) -> Result<String, ControlError> {
-    let (key, hub) = common::keys(site);
-    site.host.block_on(move || async move {
-        let signer = Signer::new(&key, &hub).unwrap();
-        let fresh = PrivateKey::generate().public_key();
-        api::register_endpoint(
-            HUB_API.parse().unwrap(),
-            &signer,
-            &fresh,
-            name,
-            Duration::from_secs(5),
-        )
-        .await
-        .map(|a| a.address.to_string())
-    })
-}
 
 /// A `/proc/PID/status` figure in kB.
 fn status_kb(pid: u32, field: &str) -> u64 {
@@ -115,7 +93,7 @@ fn a_thousand_idle_websockets_on_the_secret_path_do_not_take_the_hub_down() {
     let token = lab.tunnel(&a, &hub.local("token"));
     let token_took = start.elapsed();
     let start = Instant::now();
-    let registered = register_as(&site, "during-flood");
+    let registered = common::register_as(&site, "during-flood");
     let register_took = start.elapsed();
     let rss = status_kb(pid, "VmRSS:");
     eprintln!(
@@ -149,7 +127,7 @@ fn a_thousand_idle_websockets_on_the_secret_path_do_not_take_the_hub_down() {
     // A site on another address still gets a WebSocket link, and its
     // signed request crosses it.
     let other = lab.join(&c, "c", &hub.lines[1].clone(), &a, &["--transport", "wss"]);
-    let other_registered = register_as(&other, "over-wss");
+    let other_registered = common::register_as(&other, "over-wss");
 
     assert!(
         other.lines[0].contains("over wss"),
