@@ -181,12 +181,56 @@ fn lan_flags_that_contradict_each_other_are_refused_before_anything_runs() {
             ],
             "overlaps 192.168.0.0/16",
         ),
+        (
+            &[
+                "serve",
+                "--token-route",
+                "192.168.1.1/24",
+                "--state-dir",
+                dir,
+            ],
+            "--token-route: route 192.168.1.1/24 is not a network address",
+        ),
+        (
+            &["serve", "--token-route", "0.0.0.0/0", "--state-dir", dir],
+            "whole internet",
+        ),
+        (
+            &["serve", "--token-route", "127.0.0.0/8", "--state-dir", dir],
+            "loopback",
+        ),
     ] {
         let out = run(args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+    // Typos in the approval commands' words: usage errors, nothing sent.
+    for args in [
+        &[
+            "route",
+            "approve",
+            "site-a",
+            "not-a-net",
+            "--state-dir",
+            dir,
+        ][..],
+        &["route", "approve", "site-a", "--state-dir", dir],
+        &[
+            "route",
+            "allow",
+            "site-a",
+            "192.168.9.0/24",
+            "--state-dir",
+            dir,
+        ],
+        &["token", "--route", "192.168.9.0/33", "--state-dir", dir],
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.starts_with("error:"), "{args:?}: {err}");
     }
     assert!(
         std::fs::read_dir(state.path()).unwrap().next().is_none(),

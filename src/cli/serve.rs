@@ -371,6 +371,11 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     }
     args.lan
         .check(&args.subnet.into_iter().collect::<Vec<_>>())?;
+    crate::hub::ledger::validate_routes(
+        &args.token_routes,
+        &args.subnet.into_iter().collect::<Vec<_>>(),
+    )
+    .map_err(|e| Failure::input(anyhow!("--token-route: {e}")))?;
     crate::dns::parse_zone(&args.dns_zone).map_err(Failure::input)?;
     if let Some(n) = &args.common.docker_driver {
         crate::driver::check_name(n)?;
