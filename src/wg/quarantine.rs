@@ -74,6 +74,12 @@ impl Quarantine {
         self.any.store(!held.is_empty(), Ordering::Release);
     }
 
+    /// Whether any address is held: when not, nothing needs a look (the
+    /// data path asks this before it parses a packet's addresses).
+    pub fn active(&self) -> bool {
+        self.any.load(Ordering::Acquire)
+    }
+
     /// Whether a packet from `src` must be checked.
     pub fn holds(&self, src: IpAddr) -> bool {
         self.any.load(Ordering::Acquire)

@@ -110,6 +110,7 @@ impl IpSend for Tun {
             return Ok(());
         }
         if let Some(q) = &self.quarantine
+            && q.active()
             && packet.source().is_some_and(|s| q.holds(s))
         {
             let bytes = packet.into_bytes();
@@ -137,7 +138,7 @@ impl IpRecv for Tun {
             confine.as_ref().is_none_or(|n| within(n, p.source()))
                 && quarantine
                     .as_ref()
-                    .is_none_or(|q| q.delivers(p.source(), p.destination()))
+                    .is_none_or(|q| !q.active() || q.delivers(p.source(), p.destination()))
         }))
     }
 
