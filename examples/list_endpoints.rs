@@ -6,7 +6,7 @@
 //! sudo cargo run --example list_endpoints -- /var/lib/tunnel
 //! ```
 
-use tunnel::state::StateDir;
+use tunnel::store::StateDir;
 use tunnel::status;
 
 fn main() {

@@ -3,7 +3,7 @@
 //! device is created and configured.
 
 use crate::net::{NetError, NetOps};
-use crate::state::StateDir;
+use crate::store::StateDir;
 use crate::wg::{self, BackendChoice, DeviceSpec, WgDevice, WgError};
 use std::sync::Arc;
 

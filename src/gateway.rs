@@ -9,7 +9,7 @@
 
 use crate::firewall::{self, Firewall, FirewallError, Policy, Setup};
 use crate::net::{NetError, NetOps, PolicyRule};
-use crate::state::{StateDir, StateError, write_atomic};
+use crate::store::{StateDir, StateError, write_atomic};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;

@@ -197,6 +197,11 @@ fn offset(subnet: IpNetwork, addr: IpAddr) -> u128 {
     }
 }
 
+/// The single-address network of a host: /32 or /128.
+pub fn host_net(addr: IpAddr) -> IpNetwork {
+    IpNetwork::new(addr, if addr.is_ipv4() { 32 } else { 128 }).expect("full prefix is valid")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

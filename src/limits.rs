@@ -89,6 +89,33 @@ pub fn parse_name(s: &str) -> Result<String, String> {
     check_name(s).map(str::to_owned).map_err(|e| e.to_string())
 }
 
+
+/// Why the kernel would refuse `name` as an interface name
+/// (`dev_valid_name`), if it would.
+pub fn ifname_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        return Some("it is empty");
+    }
+    if name.len() > 15 {
+        return Some("it is longer than 15 bytes");
+    }
+    if name == "." || name == ".." {
+        return Some("it is a path component");
+    }
+    if name
+        .bytes()
+        .any(|c| c == b'/' || c == b':' || c.is_ascii_whitespace() || !c.is_ascii_graphic())
+    {
+        return Some("it may not hold '/', ':', spaces or control characters");
+    }
+    None
+}
+
+/// [`ifname_problem`] as a sentence, for the consistency checks of records.
+pub fn check_ifname(name: &str) -> Result<(), String> {
+    ifname_problem(name).map_or(Ok(()), |why| Err(format!("invalid interface name {name:?}: {why}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

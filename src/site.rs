@@ -11,12 +11,13 @@ use crate::control::local::{self, LocalApi};
 use crate::control::{CONTROL_PORT, ControlError, Patience, tunnel};
 use crate::docker::{ContainerInfo, ContainerRuntime};
 use crate::gateway::Gateway;
-use crate::hub::{Advertised, Joining};
+use crate::control::tunnel::{Advertised, Joining};
 use crate::keys::PrivateKey;
 use crate::net::Netlink;
 use crate::net::{MAIN_TABLE, NetOps, PolicyRule};
 use crate::shutdown::Shutdown;
-use crate::state::{ContainerRecord, Endpoint, JoinedState, StateDir, StateError};
+use crate::state::{ContainerRecord, Endpoint, JoinedState};
+use crate::store::{StateDir, StateError};
 use crate::status::{EndpointStatus, PeerReport, Role};
 use crate::token::Token;
 use crate::transport::proxy::Proxy;
@@ -24,15 +25,13 @@ use crate::transport::ws::{Connection, Dialer, Link};
 use crate::transport::{
     HUB_LINK, JoinTransport, Path, Relay, TransportError, UDP_MTU, WS_MTU, WsOffer, virtual_addr,
 };
-use crate::wg::{BackendChoice, DeviceSpec, PeerSpec, WgDevice, WgError};
+use crate::wg::{BackendChoice, KEEPALIVE, DeviceSpec, PeerSpec, WgDevice, WgError};
 use indicatif::ProgressBar;
 use ipnetwork::IpNetwork;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Joiners are often behind NAT; 25 s keeps typical mappings alive.
-pub const KEEPALIVE: u16 = 25;
 /// After a handshake with the invite key, how long without a connection to
 /// the API means the server knows the invite but no longer admits it. Long
 /// enough for a hub busy admitting hundreds to accept our connection.
@@ -1061,7 +1060,7 @@ async fn go_transparent(
     server: SocketAddr,
     route: &Route,
 ) -> Result<IpNetwork, SiteError> {
-    let to = crate::hub::host_net(server.ip());
+    let to = crate::ipam::host_net(server.ip());
     let transport = match &route.dialer {
         None => (IPPROTO_UDP, server.port()),
         Some(d) => (

@@ -19,7 +19,7 @@
 //!  then `path_len:u8 path:utf8`.
 
 use crate::keys::{PrivateKey, PublicKey};
-use crate::transport::{WsOffer, WsTarget};
+use crate::reach::{WsOffer, WsTarget};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use ipnetwork::IpNetwork;

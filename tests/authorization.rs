@@ -320,7 +320,7 @@ fn a_used_token_is_worthless_even_from_the_site_itself() {
     let site = lab.join(&b, "b", &token_text, &a, &[]);
     let (own, server) = common::keys(&site);
     let saved = || {
-        tunnel::state::StateDir::new(&hub.state)
+        tunnel::store::StateDir::new(&hub.state)
             .load_server(&hub.iface)
             .unwrap()
             .unwrap()

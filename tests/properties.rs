@@ -8,7 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tunnel::control::auth::Proof;
 use tunnel::control::local::{RevokeRequest, TokenRequest};
 use tunnel::control::tunnel::{RedeemRequest, RegisterRequest};
-use tunnel::state::{Endpoint, StateDir};
+use tunnel::state::Endpoint;
+use tunnel::store::StateDir;
 use tunnel::token::Token;
 
 /// A token around `payload` with a valid CRC: what a forger can make.
@@ -180,7 +181,7 @@ fn the_routers_answer_any_request_without_panicking() {
         "wg0",
         tunnel::hub::Ledger::new(state, 4).unwrap(),
     ));
-    let router = tunnel::control::tunnel::router(hub);
+    let router = tunnel::hub::http::router(hub);
     runner
         .run(&strategy, |(path, auth, body, ip)| {
             let mut req = axum::http::Request::builder()

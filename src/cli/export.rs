@@ -3,7 +3,8 @@
 //! It holds the endpoint's private key: it is for this host's root only.
 
 use super::{Failure, LocalArgs};
-use crate::state::{Endpoint, StateDir};
+use crate::state::Endpoint;
+use crate::store::StateDir;
 use anyhow::{Context, anyhow};
 use clap::Args;
 use ipnetwork::IpNetwork;

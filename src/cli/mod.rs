@@ -176,7 +176,7 @@ pub struct LocalArgs {
 
 impl LocalArgs {
     pub fn socket(&self) -> PathBuf {
-        crate::state::StateDir::new(&self.state_dir).socket(&self.iface)
+        crate::store::StateDir::new(&self.state_dir).socket(&self.iface)
     }
 }
 

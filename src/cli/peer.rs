@@ -11,7 +11,7 @@ use super::export::endpoint_line;
 use super::{Failure, LocalArgs, not_running};
 use crate::control::local::{self, PeerGrant, PeerRequest};
 use crate::keys::{PrivateKey, PublicKey};
-use crate::site::KEEPALIVE;
+use crate::wg::KEEPALIVE;
 use anyhow::anyhow;
 use clap::{Args, Subcommand};
 use std::fmt::Write as _;

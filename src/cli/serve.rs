@@ -10,7 +10,8 @@ use crate::hub::{self, Hub, Ledger, MintRequest};
 use crate::limits;
 use crate::net::{Netlink, validate_ifname};
 use crate::shutdown::Shutdown;
-use crate::state::{ServerState, StateDir};
+use crate::state::ServerState;
+use crate::store::StateDir;
 use crate::transport::tls::Identity;
 use crate::transport::{
     Offer, Relay, ServeTransports, TransportError, WsOffer, WsTarget, is_virtual,
@@ -223,7 +224,7 @@ async fn websocket(
                 .to_owned(),
         ];
         let id =
-            Identity::load_or_create(&ServerState::certificate(store, &args.common.iface), names)?;
+            Identity::load_or_create(&store.certificate(&args.common.iface), names)?;
         let acceptor = id.acceptor().context("the TLS configuration")?;
         Some((acceptor, id.fingerprint()))
     } else {
@@ -793,7 +794,7 @@ async fn serve(
         .save(iface, &crate::state::Endpoint::Server(state))
         .context("saving the hub's state")?;
 
-    let listener = control::tunnel::bind(SocketAddr::new(server_ip, CONTROL_PORT), iface)?;
+    let listener = crate::hub::http::bind(SocketAddr::new(server_ip, CONTROL_PORT), iface)?;
     let zone = crate::dns::parse_zone(&args.dns_zone).map_err(Failure::input)?;
     let dns_listeners = crate::dns::bind(
         &std::iter::once(server_ip)
@@ -805,7 +806,7 @@ async fn serve(
         tokio::sync::watch::channel(Arc::new(crate::dns::Zone::empty(zone.clone())));
     let dns = tokio::spawn(crate::dns::serve(dns_listeners, zone_rx, shutdown.waiter()));
     let names = follow_names(hub.clone(), zone.clone(), zone_tx, shutdown.waiter());
-    let api = tokio::spawn(control::tunnel::serve(
+    let api = tokio::spawn(crate::hub::http::serve(
         listener,
         hub.clone(),
         shutdown.waiter(),

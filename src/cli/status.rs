@@ -5,7 +5,7 @@
 
 use super::Failure;
 use crate::control;
-use crate::state::StateDir;
+use crate::store::StateDir;
 use crate::status::{self, EndpointStatus};
 use anyhow::Context;
 use clap::Args;

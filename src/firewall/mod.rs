@@ -224,7 +224,7 @@ pub fn plan(p: &Policy) -> (Table, Foreign) {
             rule(
                 vec![
                     Match::InIface(tun()),
-                    Match::SrcNet(crate::hub::host_net(s.site)),
+                    Match::SrcNet(crate::ipam::host_net(s.site)),
                     Match::NotDstNet(s.subnet),
                 ],
                 Action::Snat(s.public),
@@ -249,7 +249,7 @@ pub fn plan(p: &Policy) -> (Table, Foreign) {
             .iter()
             .chain(&p.routes)
             .copied()
-            .chain(input.uplinks.iter().map(|a| crate::hub::host_net(*a)));
+            .chain(input.uplinks.iter().map(|a| crate::ipam::host_net(*a)));
         for n in open {
             rules.push(rule(
                 vec![Match::InIface(tun()), Match::DstNet(n)],

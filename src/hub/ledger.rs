@@ -16,6 +16,8 @@
 //! that a reused token completes a handshake but gets no answer: the joiner
 //! can then say "already used" instead of "server unreachable".
 
+pub use crate::control::tunnel::{Advertised, Joining};
+pub use crate::ipam::host_net;
 use crate::ipam::{IpamError, Pool};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::limits::{self, LimitError};
@@ -34,11 +36,6 @@ pub fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// The single-address network of a host: /32 or /128.
-pub fn host_net(addr: IpAddr) -> IpNetwork {
-    IpNetwork::new(addr, if addr.is_ipv4() { 32 } else { 128 }).expect("full prefix is valid")
 }
 
 /// Why a redeem was refused. The text goes back to the joiner.
@@ -164,29 +161,8 @@ pub enum RouteError {
     NothingToReject { site: String, prefix: IpNetwork },
 }
 
-/// What a joiner asks for beside its admission.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Joining {
-    /// The LANs behind it.
-    pub routes: Vec<IpNetwork>,
-    /// Transparent mode with its public source address kept.
-    pub snat_public: bool,
-    /// The name it asks for ([`Ledger::name_site`]).
-    pub name: Option<String>,
-    /// That name is only a default (the host name).
-    pub default_name: bool,
-}
-
 /// Routes one site (or the hub) may advertise.
 pub const MAX_ROUTES: usize = 64;
-
-/// A LAN someone advertises, as sites learn it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Advertised {
-    pub prefix: IpNetwork,
-    /// The tunnel address of the site behind which it is (the hub's for its own).
-    pub via: IpAddr,
-}
 
 fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
     a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))

@@ -10,6 +10,7 @@
 //! read-only disk never takes the tunnel down.
 
 pub mod api;
+pub mod http;
 pub mod ledger;
 
 pub use ledger::{
@@ -19,7 +20,8 @@ pub use ledger::{
 
 use crate::control::auth::{AuthError, Proof, ReplayGuard};
 use crate::keys::PublicKey;
-use crate::state::{Endpoint, ServerState, StateDir, StateError};
+use crate::state::{Endpoint, ServerState};
+use crate::store::{StateDir, StateError};
 use crate::token::Token;
 use crate::wg::{PeerSpec, WgDevice, WgError};
 use ipnetwork::IpNetwork;
@@ -163,7 +165,7 @@ pub fn container_spec(
             public_key: state.private_key.public_key(),
             endpoint: Some(std::net::SocketAddr::from(([127, 0, 0, 1], state.port))),
             allowed_ips: state.subnets().all(),
-            keepalive: Some(crate::site::KEEPALIVE),
+            keepalive: Some(crate::wg::KEEPALIVE),
         },
         mtu: state.mtu,
         probe: std::net::SocketAddr::new(server_ip, crate::control::CONTROL_PORT),

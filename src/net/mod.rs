@@ -105,23 +105,9 @@ pub const MAIN_TABLE: u32 = 254;
 
 /// Checks an interface name the way the kernel will (`dev_valid_name`).
 pub fn validate_ifname(name: &str) -> Result<(), NetError> {
-    let bad = |why| Err(NetError::BadName(name.to_owned(), why));
-    if name.is_empty() {
-        return bad("it is empty");
-    }
-    if name.len() > 15 {
-        return bad("it is longer than 15 bytes");
-    }
-    if name == "." || name == ".." {
-        return bad("it is a path component");
-    }
-    if name
-        .bytes()
-        .any(|c| c == b'/' || c == b':' || c.is_ascii_whitespace() || !c.is_ascii_graphic())
-    {
-        return bad("it may not hold '/', ':', spaces or control characters");
-    }
-    Ok(())
+    crate::limits::ifname_problem(name).map_or(Ok(()), |why| {
+        Err(NetError::BadName(name.to_owned(), why))
+    })
 }
 
 #[cfg(test)]

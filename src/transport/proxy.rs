@@ -2,6 +2,7 @@
 //! and their lowercase forms, minus `NO_PROXY`), and a tunnel through it
 //! with HTTP CONNECT, with Basic auth from the URL's user and password.
 
+pub use crate::reach::redact;
 use super::TransportError;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -25,17 +26,6 @@ pub struct Proxy {
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Proxy({})", redact(&self.url))
-    }
-}
-
-/// A proxy URL without its password, for logs and status.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
     }
 }
 

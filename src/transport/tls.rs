@@ -8,27 +8,13 @@
 //! certificate against the system's roots (`SSL_CERT_FILE` is honoured).
 
 use super::TransportError;
+pub use crate::reach::{hex, unhex32};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn unhex32(s: &str) -> Option<[u8; 32]> {
-    if s.len() != 64 || !s.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(out)
-}
 
 pub fn sha256(der: &[u8]) -> [u8; 32] {
     let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
@@ -72,7 +58,7 @@ impl Identity {
                     made.cert.pem()
                 ));
                 // The state error names the path already; its text is enough.
-                crate::state::write_atomic(path, pem.as_bytes())
+                crate::store::write_atomic(path, pem.as_bytes())
                     .map_err(|e| fail(e.to_string().into()))?;
                 tracing::info!(
                     "made the TLS certificate of the WebSocket transport, {} (SHA-256 {})",

@@ -28,6 +28,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The directory of UAPI sockets, shared by every network namespace.
+
+/// Joiners are often behind NAT; 25 s keeps typical mappings alive.
+pub const KEEPALIVE: u16 = 25;
+
 pub const UAPI_DIR: &str = "/var/run/wireguard";
 
 pub fn uapi_socket(name: &str) -> PathBuf {
@@ -69,16 +73,7 @@ pub enum WgError {
     },
 }
 
-/// Which implementation to use; `auto` prefers the kernel.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendChoice {
-    Auto,
-    Kernel,
-    Userspace,
-}
+pub use crate::state::BackendChoice;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

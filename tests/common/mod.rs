@@ -14,7 +14,7 @@ pub fn lab(n: usize) -> Lab {
 
 /// An endpoint's private key and the hub's public key, from its state.
 pub fn keys(node: &Node) -> (tunnel::keys::PrivateKey, tunnel::keys::PublicKey) {
-    let store = tunnel::state::StateDir::new(&node.state);
+    let store = tunnel::store::StateDir::new(&node.state);
     match store.load(&node.iface).unwrap().expect("saved state") {
         tunnel::state::Endpoint::Joined(j) => (j.private_key, j.server_public_key),
         tunnel::state::Endpoint::Server(s) => {
