@@ -1,6 +1,6 @@
 //! The records of persistent state, as pure data: keys, peers,
 //! allocations, unused invites, a joined site's settings, and their
-//! consistency checks. Reading and writing them is [`crate::store`]'s.
+//! consistency checks. Reading and writing them is the `store` module's.
 
 use crate::keys::{PrivateKey, PublicKey};
 use ipnetwork::IpNetwork;
