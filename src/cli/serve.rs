@@ -223,8 +223,7 @@ async fn websocket(
                 .trim_matches(|c| c == '[' || c == ']')
                 .to_owned(),
         ];
-        let id =
-            Identity::load_or_create(&store.certificate(&args.common.iface), names)?;
+        let id = Identity::load_or_create(&store.certificate(&args.common.iface), names)?;
         let acceptor = id.acceptor().context("the TLS configuration")?;
         Some((acceptor, id.fingerprint()))
     } else {

@@ -430,11 +430,11 @@ mod tests {
     //! The router in-process, with spoofed peer addresses (as innernet's
     //! server tests do): no sockets, no root.
     use super::*;
-    use crate::keys::PublicKey;
     use crate::hub::{Ledger, MintRequest};
     use crate::keys::PrivateKey;
+    use crate::keys::PublicKey;
     use crate::state::ServerState;
-use crate::store::StateDir;
+    use crate::store::StateDir;
     use crate::token::Token;
     use crate::wg::fake::FakeWg;
     use http_body_util::BodyExt;
