@@ -300,6 +300,19 @@ fn classify(e: &anyhow::Error) -> u8 {
 }
 
 /// A spinner on stderr while a bring-up waits, when stderr is a terminal.
+/// The spinner shows the library's steps.
+pub(crate) struct Spinner(pub indicatif::ProgressBar);
+
+impl crate::site::Progress for Spinner {
+    fn step(&self, message: &str) {
+        self.0.set_message(message.to_owned());
+    }
+
+    fn done(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
 pub(crate) fn spinner() -> indicatif::ProgressBar {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {

@@ -1,7 +1,7 @@
 //! `join`: redeeming a token's invite over the tunnel for a key made
 //! here, and switching the device to it.
 
-use super::{Route, SiteError};
+use super::{Progress, Route, SiteError};
 use crate::control::auth::Signer;
 use crate::control::tunnel::Joining;
 use crate::control::{CONTROL_PORT, ControlError, Patience, tunnel};
@@ -13,7 +13,6 @@ use crate::transport::proxy::Proxy;
 use crate::transport::ws::Dialer;
 use crate::transport::{JoinTransport, Path, Relay, UDP_MTU, WS_MTU};
 use crate::wg::{BackendChoice, DeviceSpec, KEEPALIVE, PeerSpec, WgDevice};
-use indicatif::ProgressBar;
 use ipnetwork::IpNetwork;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -139,19 +138,19 @@ pub async fn redeem_and_switch(
     own_key: &PrivateKey,
     device: &dyn WgDevice,
     store: &StateDir,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
     deadline: Instant,
 ) -> Result<JoinedState, SiteError> {
     let token = inv.token;
     let endpoint = inv.endpoint;
     let api = SocketAddr::new(token.server_address, CONTROL_PORT);
     if route.path != Path::Udp {
-        progress.set_message(format!("handshaking over {}", route.path));
+        progress.step(&format!("handshaking over {}", route.path));
     }
     let invite = Signer::new(&token.invite_key, &token.server_public_key)?;
 
     if route.path == Path::Udp {
-        progress.set_message(format!("handshaking with {endpoint}"));
+        progress.step(&format!("handshaking with {endpoint}"));
     }
     let mut handshake_at: Option<Instant> = None;
     // Once a connection is made the invite still routes, so the token is
@@ -201,7 +200,7 @@ pub async fn redeem_and_switch(
                 .any(|p| p.last_handshake.is_some())
         {
             handshake_at = Some(Instant::now());
-            progress.set_message("redeeming the invite");
+            progress.step("redeeming the invite");
         }
         if !reached && handshake_at.is_some_and(|t| t.elapsed() > USED_AFTER) {
             return Err(SiteError::AlreadyUsed(endpoint));
@@ -263,7 +262,7 @@ pub async fn redeem_and_switch(
         own_key.public_key()
     );
 
-    progress.set_message("waiting for traffic with our own key");
+    progress.step("waiting for traffic with our own key");
     wait_for_flow(api, deadline)
         .await
         .map_err(SiteError::NoFlow)?;

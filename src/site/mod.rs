@@ -32,11 +32,19 @@ use crate::transport::proxy::Proxy;
 use crate::transport::ws::{Connection, Dialer, Link};
 use crate::transport::{HUB_LINK, Path, Relay, TransportError, WsOffer, virtual_addr};
 use crate::wg::{BackendChoice, KEEPALIVE, PeerSpec, WgDevice, WgError};
-use indicatif::ProgressBar;
 use ipnetwork::IpNetwork;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Where a bring-up reports its steps: the command shows them (a
+/// spinner on a terminal); the library only says what it is doing.
+pub trait Progress: Send + Sync {
+    /// The step under way.
+    fn step(&self, message: &str);
+    /// The steps are over; whatever shows them goes away.
+    fn done(&self);
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SiteError {
@@ -209,7 +217,7 @@ pub async fn run(
     site: Site,
     containers: Option<Containers>,
     ready: impl FnOnce(&str) -> std::io::Result<()>,
-    progress: ProgressBar,
+    progress: &dyn Progress,
     mut shutdown: Shutdown,
 ) -> Result<(), SiteError> {
     let Site {
@@ -241,7 +249,7 @@ pub async fn run(
     let result = async {
         let mut attached = String::new();
         if let Some(c) = containers {
-            progress.set_message("attaching containers");
+            progress.step("attaching containers");
             for s in &c.specs {
                 attached.push_str(&format!(", container {} as {}", s.container, s.address));
             }
@@ -279,7 +287,7 @@ pub async fn run(
                 tracing::warn!("attaching labelled containers: {e}");
             }
         }
-        progress.finish_and_clear();
+        progress.done();
         ready(&attached).map_err(SiteError::Output)?;
         let socket = store.socket(&iface);
         let listener = local::bind(&socket)?;
@@ -310,7 +318,7 @@ pub async fn run(
         Ok::<(), SiteError>(())
     }
     .await;
-    progress.finish_and_clear();
+    progress.done();
     if result.is_ok() {
         let stop_routing = shutdown.waiter();
         let following = async {

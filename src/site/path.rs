@@ -3,13 +3,12 @@
 //! proxy, staggered.
 
 use super::join::Invitation;
-use super::{Route, SiteError};
+use super::{Progress, Route, SiteError};
 use crate::control::{CONTROL_PORT, tunnel};
 use crate::net::NetOps;
 use crate::transport::ws::{Connection, Dialer};
 use crate::transport::{Relay, WS_MTU};
 use crate::wg::{WgDevice, WgError};
-use indicatif::ProgressBar;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +26,7 @@ pub async fn choose_path(
     device: &dyn WgDevice,
     relay: Option<&Arc<Relay>>,
     net: &dyn NetOps,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
     deadline: Instant,
 ) -> Result<Route, SiteError> {
     let mtu = inv.initial_mtu();
@@ -35,7 +34,7 @@ pub async fn choose_path(
         return Ok(Route::udp(inv.endpoint, mtu));
     }
     if inv.udp() {
-        progress.set_message(format!("trying UDP to {}", inv.endpoint));
+        progress.step(&format!("trying UDP to {}", inv.endpoint));
         let api = SocketAddr::new(inv.token.server_address, CONTROL_PORT);
         let until = (Instant::now() + UDP_BOUND).min(deadline);
         while Instant::now() < until {
@@ -54,7 +53,7 @@ pub async fn choose_path(
     }
     let relay = relay.expect("a relay when WebSocket is possible").clone();
     let dialers = inv.dialers()?;
-    progress.set_message(format!("connecting to {}", dialers[0].shown()));
+    progress.step(&format!("connecting to {}", dialers[0].shown()));
     let (i, conn) = first_connection(&dialers, deadline).await?;
     let offer = inv.token.websocket.clone().expect("checked above");
     let mtu = inv.mtu.unwrap_or(WS_MTU);
