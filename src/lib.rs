@@ -26,6 +26,7 @@ pub mod limits;
 pub mod lograte;
 pub mod metrics;
 pub mod net;
+pub mod node;
 pub mod reach;
 pub mod shutdown;
 pub mod site;

@@ -5,7 +5,7 @@ use super::{Route, SiteError, api, hub_peer};
 use crate::containers::{ContainerError, EndpointSpec, endpoint_iface};
 use crate::control::auth::Signer;
 use crate::control::{ControlError, tunnel};
-use crate::docker::{ContainerInfo, ContainerRuntime};
+use crate::docker::ContainerInfo;
 use crate::keys::PrivateKey;
 use crate::state::{ContainerRecord, Endpoint, JoinedState};
 use crate::store::StateDir;
@@ -87,16 +87,6 @@ pub async fn register_containers(
     }
     store.save(iface, &Endpoint::Joined(joined.clone()))?;
     Ok(saved_containers(joined, route))
-}
-
-/// Its containers, and the engine that runs them.
-pub struct Containers {
-    pub runtime: Arc<dyn ContainerRuntime>,
-    pub specs: Vec<EndpointSpec>,
-    /// `--attach-label`.
-    pub label: Option<crate::docker::Label>,
-    /// `--docker-driver`: the plugin name.
-    pub driver: Option<String>,
 }
 
 /// A site's containers attached by label or the network driver: each

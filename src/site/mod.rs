@@ -11,20 +11,21 @@ pub mod join;
 pub mod path;
 pub mod routes;
 
+pub use crate::node::Containers;
 use api::SiteApi;
-pub use endpoints::{Containers, SiteEndpoints, register_containers, saved_containers};
+pub use endpoints::{SiteEndpoints, register_containers, saved_containers};
 pub use host::{TRANSPARENT_TABLE, prepare_host, site_gateway, start_gateway};
 pub use join::{Invitation, redeem_and_switch, wait_for_flow};
 pub use path::choose_path;
 use routes::RouteSync;
 pub use routes::remote_routes;
 
-use crate::containers::{ByLabel, ContainerError, Follower, HostPlacer};
+use crate::containers::ContainerError;
 use crate::control::auth::{AuthError, Signer};
-use crate::control::local::{self};
 use crate::control::{CONTROL_PORT, ControlError, tunnel};
 use crate::gateway::Gateway;
-use crate::net::Netlink;
+use crate::net::NetOps;
+use crate::node::Services;
 use crate::shutdown::Shutdown;
 use crate::state::JoinedState;
 use crate::store::{StateDir, StateError};
@@ -94,6 +95,8 @@ pub enum SiteError {
     Gateway(#[from] crate::gateway::GatewayError),
     #[error(transparent)]
     Driver(#[from] crate::driver::DriverError),
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
 }
 
 impl SiteError {
@@ -195,7 +198,7 @@ pub struct Site {
     pub device: Arc<dyn WgDevice>,
     /// How its datagrams reach the hub; its link lives as long as the site.
     pub route: Route,
-    pub net: Arc<Netlink>,
+    pub net: Arc<dyn NetOps>,
     pub joined: JoinedState,
     pub iface: String,
     pub backend: BackendChoice,
@@ -244,76 +247,48 @@ pub async fn run(
         extra: transparent.into_iter().collect(),
     };
     let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
-    let mut follower = None;
-    let mut driver: Option<Arc<crate::driver::Driver>> = None;
+    let mut services = Services::default();
     let result = async {
         let mut attached = String::new();
-        if let Some(c) = containers {
+        if let Some(c) = &containers {
             progress.step("attaching containers");
             for s in &c.specs {
                 attached.push_str(&format!(", container {} as {}", s.container, s.address));
             }
-            // One book of the containers' endpoints, for labels and the driver.
-            let endpoints = if c.label.is_some() || c.driver.is_some() {
+        }
+        // One book of the containers' endpoints, for labels and the driver.
+        let endpoints: Option<Arc<dyn crate::containers::Endpoints>> = match containers
+            .as_ref()
+            .filter(|c| c.label.is_some() || c.driver.is_some())
+        {
+            Some(_) => {
                 let e = Arc::new(SiteEndpoints::new(&joined, &iface, &store, &route)?);
                 e.release_leftovers().await;
                 Some(e)
-            } else {
-                None
-            };
-            if let (Some(name), Some(e)) = (&c.driver, &endpoints) {
-                let d = crate::driver::Driver::new(
-                    e.clone(),
-                    net.clone(),
-                    backend,
-                    joined.subnet,
-                    joined.server_address,
-                    lans.1.clone(),
-                );
-                crate::driver::start(name, &d, c.runtime.clone(), &mut shutdown)?;
-                driver = Some(d);
             }
-            let mut f = Follower::new(c.runtime, HostPlacer::shared(net.clone(), backend), c.specs)
-                .with_metrics(metrics.clone());
-            if let (Some(label), Some(e)) = (c.label, endpoints) {
-                f = f.with_label(ByLabel {
-                    label,
-                    endpoints: e,
-                });
-            }
-            let f = follower.insert(f);
-            f.reconcile_all().await?;
-            if let Err(e) = f.discover().await {
-                tracing::warn!("attaching labelled containers: {e}");
-            }
-        }
+            None => None,
+        };
+        let ctx = crate::node::Context {
+            net: net.clone(),
+            backend,
+            subnet: joined.subnet,
+            server: joined.server_address,
+            metrics: metrics.clone(),
+        };
+        services = Services::start(containers, endpoints, &ctx, lans.1.clone(), &mut shutdown)?;
+        services.attach().await?;
         progress.done();
         ready(&attached).map_err(SiteError::Output)?;
-        let socket = store.socket(&iface);
-        let listener = local::bind(&socket)?;
         let api = Arc::new(SiteApi {
             device: device.clone(),
             path: route.path.clone(),
             joined,
             iface: iface.clone(),
-            containers: follower.as_ref().map(|f: &Follower| f.status()),
-            driver: driver.clone(),
+            containers: services.containers(),
+            driver: services.driver(),
         });
-        if let Some(l) = metrics_listener {
-            tokio::spawn(crate::metrics::serve(
-                l,
-                metrics.clone(),
-                api.clone(),
-                shutdown.waiter(),
-            ));
-        }
-        tokio::spawn(local::serve(
-            listener,
-            socket,
-            api,
-            shutdown.trigger_fn(),
-            shutdown.waiter(),
-        ));
+        let metrics = metrics_listener.map(|l| (l, metrics.clone()));
+        services.listen(&store, &iface, api, metrics, &shutdown)?;
         crate::sys::notify_ready();
         Ok::<(), SiteError>(())
     }
@@ -321,28 +296,16 @@ pub async fn run(
     progress.done();
     if result.is_ok() {
         let stop_routing = shutdown.waiter();
-        let following = async {
-            match follower.as_mut() {
-                Some(f) => f.follow(shutdown.waiter(), Some(lans.1)).await,
-                None => shutdown.wait().await,
-            }
-        };
+        let following = services.follow(shutdown.waiter(), lans.1.clone());
         tokio::join!(following, routing.run(lans.0, stop_routing));
     }
-    if let Some(d) = &driver {
-        d.close().await;
-    }
-    if let Some(f) = follower.as_mut() {
-        f.detach_all().await;
-    }
+    services.stop().await;
     if result.is_ok()
         && let Err(e) = tunnel::leave_hub(hub_api, &signer, Duration::from_millis(500)).await
     {
         tracing::debug!("telling the server we leave: {e}");
     }
-    let teardown = device.destroy().await;
-    tracing::info!("{iface} removed");
-    gateway.stop(net.as_ref()).await;
+    let teardown = crate::node::remove(device.as_ref(), gateway, net.as_ref(), &iface).await;
     result?;
     Ok(teardown?)
 }

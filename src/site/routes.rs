@@ -5,7 +5,6 @@ use super::{SiteError, api};
 use crate::control::tunnel::Advertised;
 use crate::control::{CONTROL_PORT, tunnel};
 use crate::net::NetOps;
-use crate::net::Netlink;
 use crate::state::JoinedState;
 use crate::wg::{WgDevice, WgError};
 use ipnetwork::IpNetwork;
@@ -22,7 +21,7 @@ const ROUTES_POLL: Duration = Duration::from_secs(30);
 /// the watch) its containers' endpoints follow what the hub says.
 pub(super) struct RouteSync {
     pub(super) device: Arc<dyn WgDevice>,
-    pub(super) net: Arc<Netlink>,
+    pub(super) net: Arc<dyn NetOps>,
     pub(super) iface: String,
     pub(super) joined: JoinedState,
     /// What is routed now.
