@@ -12,6 +12,7 @@
 pub mod api;
 pub mod http;
 pub mod ledger;
+pub mod run;
 
 pub use ledger::{
     AdmitError, Advertised, Caller, Joining, Ledger, MintError, MintRequest, RedeemError,
