@@ -430,6 +430,8 @@ mod tests {
     //! The router in-process, with spoofed peer addresses (as innernet's
     //! server tests do): no sockets, no root.
     use super::*;
+    use crate::control::auth::Signer;
+    use crate::control::tunnel::Admitted;
     use crate::hub::{Ledger, MintRequest};
     use crate::keys::PrivateKey;
     use crate::keys::PublicKey;
@@ -438,6 +440,7 @@ mod tests {
     use crate::token::Token;
     use crate::wg::fake::FakeWg;
     use http_body_util::BodyExt;
+    use ipnetwork::IpNetwork;
     use tower::ServiceExt;
 
     struct Api {
