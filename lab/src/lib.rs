@@ -22,6 +22,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod bench;
 mod docker;
 mod host;
 mod lab;
