@@ -433,8 +433,10 @@ mod tests {
     use crate::keys::PublicKey;
     use crate::hub::{Ledger, MintRequest};
     use crate::keys::PrivateKey;
+    use crate::control::auth::Signer;
     use crate::state::ServerState;
-use crate::store::StateDir;
+    use crate::store::StateDir;
+    use ipnetwork::IpNetwork;
     use crate::token::Token;
     use crate::wg::fake::FakeWg;
     use http_body_util::BodyExt;
