@@ -2,9 +2,9 @@
 //! containers (named on the command line, by label, or through the network
 //! driver), whose keys the hub makes.
 
-use super::{Ledger, pool_of, unix};
+use super::{KeySource, Ledger, pool_of, unix};
 use crate::ipam::IpamError;
-use crate::keys::{PrivateKey, PublicKey};
+use crate::keys::PublicKey;
 use crate::limits::{self, LimitError};
 use crate::state::{ContainerRecord, PeerRecord, ServerState};
 use ipnetwork::IpNetwork;
@@ -35,11 +35,21 @@ pub enum RegisterError {
 /// Gives each named container of this host an endpoint record (key made
 /// here, address from the pool), keeping the ones already saved, so that a
 /// restart brings back the same key and address. `iface_of(n)` names the
-/// `n`th endpoint's interface.
+/// `n`th endpoint's interface. The keys come from the OS's random source.
 pub fn ensure_containers(
     state: &mut ServerState,
     names: &[String],
     iface_of: impl Fn(usize) -> String,
+) -> Result<(), IpamError> {
+    ensure_containers_with(state, names, iface_of, &KeySource::os())
+}
+
+/// [`ensure_containers`] with the keys from `keys`.
+pub fn ensure_containers_with(
+    state: &mut ServerState,
+    names: &[String],
+    iface_of: impl Fn(usize) -> String,
+    keys: &KeySource,
 ) -> Result<(), IpamError> {
     let mut pool = pool_of(state)?;
     for (n, name) in names.iter().enumerate() {
@@ -56,7 +66,7 @@ pub fn ensure_containers(
         state.containers.push(ContainerRecord {
             container: name.clone(),
             iface,
-            private_key: PrivateKey::generate(),
+            private_key: keys.private_key(),
             address,
             by_label: false,
             driver: false,
@@ -88,7 +98,7 @@ impl Ledger {
         let record = ContainerRecord {
             container: name.to_owned(),
             iface,
-            private_key: PrivateKey::generate(),
+            private_key: self.keys.private_key(),
             address,
             by_label: !driver,
             driver,
@@ -288,5 +298,32 @@ mod tests {
         assert_eq!(l.release(s, &k).unwrap(), a.ip());
         assert!(!l.desired().contains_key(&k));
         assert_eq!(l.register(s, key(), "web", t0()).unwrap(), a);
+    }
+
+    #[test]
+    fn container_keys_come_from_the_random_source_given() {
+        let names = vec!["web".to_string(), "db".to_string()];
+        let made = |seed| {
+            let mut s = state();
+            ensure_containers_with(
+                &mut s,
+                &names,
+                |n| format!("wgc{n}"),
+                &KeySource::new(Seeded::new(seed)),
+            )
+            .unwrap();
+            s.containers
+        };
+        assert_eq!(made(9), made(9));
+        assert_ne!(made(9)[0].private_key, made(10)[0].private_key);
+        // So do those the hub adds while it runs.
+        let added = |seed| {
+            seeded(seed)
+                .add_container("cache", false, |n| format!("wgc{n}"))
+                .unwrap()
+                .private_key
+        };
+        assert_eq!(added(3), added(3));
+        assert_ne!(added(3), added(4));
     }
 }

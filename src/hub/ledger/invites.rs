@@ -3,7 +3,6 @@
 
 use super::{Ledger, RouteError, unix, validate_routes};
 use crate::ipam::IpamError;
-use crate::keys::PrivateKey;
 use crate::limits::{self, LimitError};
 use crate::state::InviteRecord;
 use crate::token::Token;
@@ -59,7 +58,7 @@ impl Ledger {
         let mut tokens = Vec::with_capacity(count);
         for _ in 0..count {
             let address = self.pool.allocate()?;
-            let invite_key = PrivateKey::generate();
+            let invite_key = self.keys.private_key();
             self.state_mut().invites.push(InviteRecord {
                 public_key: invite_key.public_key(),
                 address,
@@ -189,5 +188,36 @@ mod tests {
         );
         // .3 is free again; .2 stays with the admitted peer.
         assert_eq!(mint(&mut l, 1, None)[0].assigned, ip("10.77.0.3"));
+    }
+
+    #[test]
+    fn two_ledgers_with_the_same_seed_mint_the_same_invite_keys() {
+        let keys = |l: &mut Ledger| -> Vec<PublicKey> {
+            mint(l, 3, None)
+                .iter()
+                .map(|t| t.invite_key.public_key())
+                .collect()
+        };
+        let (mut a, mut b, mut c) = (seeded(42), seeded(42), seeded(43));
+        let ka = keys(&mut a);
+        assert_eq!(ka, keys(&mut b));
+        assert_ne!(ka, keys(&mut c), "another seed, other keys");
+        assert_eq!(
+            a.state().invites,
+            b.state().invites,
+            "the same invites in the state too"
+        );
+    }
+
+    #[test]
+    fn an_undone_mint_does_not_mint_the_same_keys_again() {
+        // The hub keeps a clone to restore when the device or the disk
+        // fails: the restored ledger must not hand out the undone keys.
+        let mut l = seeded(5);
+        let mut snapshot = l.clone();
+        let undone = mint(&mut l, 1, None).remove(0).invite_key.public_key();
+        let again = mint(&mut snapshot, 1, None).remove(0);
+        assert_eq!(again.assigned, ip("10.77.0.2"), "the address is reused");
+        assert_ne!(again.invite_key.public_key(), undone, "the key is not");
     }
 }

@@ -23,20 +23,26 @@
 //! hub's own containers), [`road_warriors`] (stock WireGuard clients) and
 //! [`revoke`]. What they share lives here: the state, who holds a key, and
 //! the peers the device should have.
+//!
+//! The random source is passed in too ([`KeySource`]): the keys the ledger
+//! makes (invite keys, the hub's container keys) come from it, so a test
+//! with a seeded source mints the same keys every run.
 
 mod endpoints;
 mod invites;
+mod keysource;
 mod revoke;
 mod road_warriors;
 mod routes;
 mod swaps;
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 
 pub use crate::control::tunnel::{Advertised, Joining};
 pub use crate::ipam::host_net;
-pub use endpoints::{RegisterError, ensure_containers};
+pub use endpoints::{RegisterError, ensure_containers, ensure_containers_with};
 pub use invites::{MintError, MintRequest};
+pub use keysource::KeySource;
 pub use revoke::RevokeError;
 pub use road_warriors::AdmitError;
 pub use routes::{MAX_ROUTES, RouteError, validate_routes};
@@ -155,6 +161,8 @@ pub struct Ledger {
     /// Underlay addresses seen on the device that the state does not
     /// hold yet (a joiner before its endpoint is recorded).
     seen: std::collections::BTreeSet<IpAddr>,
+    /// Where the keys the ledger makes come from.
+    keys: KeySource,
 }
 
 fn pool_of(state: &ServerState) -> Result<Pool, IpamError> {
@@ -172,6 +180,8 @@ fn pool_of(state: &ServerState) -> Result<Pool, IpamError> {
 }
 
 impl Ledger {
+    /// A ledger over `state`, whose sites may register `quota` endpoints
+    /// each; its keys come from the OS's random source ([`Ledger::with_rng`]).
     pub fn new(state: ServerState, quota: usize) -> Result<Self, IpamError> {
         let pool = pool_of(&state)?;
         let mut ledger = Self {
@@ -183,6 +193,7 @@ impl Ledger {
             offer: Default::default(),
             host: vec![],
             seen: Default::default(),
+            keys: KeySource::os(),
         };
         // A file from before approvals: what its sites had was accepted
         // then; it stays approved (still subject to the hub's own checks).
@@ -194,6 +205,14 @@ impl Ledger {
             }
         }
         Ok(ledger)
+    }
+
+    /// The same ledger, making its keys from `rng` instead of the OS's
+    /// random source (a seeded generator in tests).
+    #[must_use]
+    pub fn with_rng(mut self, rng: impl rand_core::CryptoRngCore + Send + 'static) -> Self {
+        self.keys = KeySource::new(rng);
+        self
     }
 
     /// The transports the tokens minted from now on offer.

@@ -1,5 +1,6 @@
-//! What the ledger's tests share: a state, a ledger, a fixed wall clock,
-//! and the steps that bring a site in.
+//! What the ledger's (and the hub's) tests share: a state, a ledger, a
+//! fixed wall clock, a seeded random source, and the steps that bring a
+//! site in.
 
 pub use super::*;
 pub use crate::keys::{PrivateKey, PublicKey};
@@ -59,4 +60,63 @@ pub fn net(s: &str) -> IpNetwork {
 
 pub fn routed(l: &Ledger) -> Vec<IpNetwork> {
     l.site_routes().into_iter().collect()
+}
+
+/// A deterministic random source for tests: BLAKE2b over a seed and a
+/// counter, so that a seed gives the same keys every run.
+pub struct Seeded {
+    seed: u64,
+    counter: u64,
+    block: [u8; 64],
+    used: usize,
+}
+
+impl Seeded {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            counter: 0,
+            block: [0; 64],
+            used: 64,
+        }
+    }
+}
+
+impl rand_core::RngCore for Seeded {
+    fn next_u32(&mut self) -> u32 {
+        rand_core::impls::next_u32_via_fill(self)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        rand_core::impls::next_u64_via_fill(self)
+    }
+
+    fn fill_bytes(&mut self, dest: &mut [u8]) {
+        use blake2::Digest;
+        for b in dest {
+            if self.used == self.block.len() {
+                let mut h = blake2::Blake2b512::new();
+                h.update(self.seed.to_le_bytes());
+                h.update(self.counter.to_le_bytes());
+                self.block.copy_from_slice(&h.finalize());
+                self.counter += 1;
+                self.used = 0;
+            }
+            *b = self.block[self.used];
+            self.used += 1;
+        }
+    }
+
+    fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+        self.fill_bytes(dest);
+        Ok(())
+    }
+}
+
+/// Unpredictable to no one who knows the seed: for tests only.
+impl rand_core::CryptoRng for Seeded {}
+
+/// A ledger like [`ledger`] whose keys come from `Seeded::new(seed)`.
+pub fn seeded(seed: u64) -> Ledger {
+    ledger().with_rng(Seeded::new(seed))
 }
