@@ -4,6 +4,7 @@
 //! address or name, and missing privileges), 1 runtime failure.
 
 pub mod down;
+pub mod exit;
 pub mod export;
 pub mod join;
 pub mod peer;
@@ -226,80 +227,36 @@ impl Failure {
     }
 }
 
-impl<E: Into<anyhow::Error>> From<E> for Failure {
+impl<E: exit::Exit + std::error::Error + Send + Sync + 'static> From<E> for Failure {
     fn from(e: E) -> Self {
-        let error = e.into();
         Self {
-            code: classify(&error),
-            error,
+            code: e.code(),
+            error: e.into(),
         }
     }
 }
 
-/// Bad input, names and privileges exit 2; the rest 1.
-fn classify(e: &anyhow::Error) -> u8 {
-    use crate::net::NetError;
-    use crate::wg::WgError;
-    for cause in e.chain() {
-        if matches!(
-            cause.downcast_ref::<crate::driver::DriverError>(),
-            Some(crate::driver::DriverError::BadName(_) | crate::driver::DriverError::InUse(_))
-        ) {
-            return 2;
-        }
-        if cause.downcast_ref::<crate::docker::DockerError>().is_some()
-            || matches!(
-                cause.downcast_ref::<crate::containers::ContainerError>(),
-                Some(crate::containers::ContainerError::Docker(_))
-            )
-        {
-            return 2;
-        }
-        if cause.downcast_ref::<crate::token::TokenError>().is_some()
-            || cause.downcast_ref::<crate::sys::SysError>().is_some()
-            || cause.downcast_ref::<crate::ipam::IpamError>().is_some()
-            || cause.downcast_ref::<crate::limits::LimitError>().is_some()
-            || matches!(
-                cause.downcast_ref::<crate::firewall::FirewallError>(),
-                Some(crate::firewall::FirewallError::Permission(_))
-            )
-        {
-            return 2;
-        }
-        if cause
-            .downcast_ref::<crate::site::SiteError>()
-            .is_some_and(|e| e.is_input())
-        {
-            return 2;
-        }
-        let net = cause
-            .downcast_ref::<NetError>()
-            .or(match cause.downcast_ref::<WgError>() {
-                Some(WgError::Net(n)) => Some(n),
-                _ => None,
-            });
-        if matches!(
-            net,
-            Some(NetError::Permission(_) | NetError::Exists(_) | NetError::BadName(..))
-        ) {
-            return 2;
-        }
-        if matches!(
-            cause.downcast_ref::<WgError>(),
-            Some(
-                WgError::TunPermission
-                    | WgError::UapiInUse(..)
-                    | WgError::PortInUse(_)
-                    | WgError::KernelWebSocket
-            )
-        ) {
-            return 2;
-        }
+/// A failure the command layer described itself: a runtime one.
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Self {
+        Self { code: 1, error }
     }
-    1
 }
 
 /// A spinner on stderr while a bring-up waits, when stderr is a terminal.
+/// The spinner shows the library's steps.
+pub(crate) struct Spinner(pub indicatif::ProgressBar);
+
+impl crate::site::Progress for Spinner {
+    fn step(&self, message: &str) {
+        self.0.set_message(message.to_owned());
+    }
+
+    fn done(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
 pub(crate) fn spinner() -> indicatif::ProgressBar {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
     if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {

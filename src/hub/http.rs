@@ -430,9 +430,9 @@ mod tests {
     //! The router in-process, with spoofed peer addresses (as innernet's
     //! server tests do): no sockets, no root.
     use super::*;
-    use crate::keys::PublicKey;
     use crate::hub::{Ledger, MintRequest};
     use crate::keys::PrivateKey;
+    use crate::keys::PublicKey;
     use crate::control::auth::Signer;
     use crate::state::ServerState;
     use crate::store::StateDir;

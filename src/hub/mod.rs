@@ -20,6 +20,7 @@ mod housekeeping;
 pub mod http;
 pub mod ledger;
 mod requests;
+pub mod run;
 #[cfg(test)]
 mod testkit;
 

@@ -105,9 +105,8 @@ pub const MAIN_TABLE: u32 = 254;
 
 /// Checks an interface name the way the kernel will (`dev_valid_name`).
 pub fn validate_ifname(name: &str) -> Result<(), NetError> {
-    crate::limits::ifname_problem(name).map_or(Ok(()), |why| {
-        Err(NetError::BadName(name.to_owned(), why))
-    })
+    crate::limits::ifname_problem(name)
+        .map_or(Ok(()), |why| Err(NetError::BadName(name.to_owned(), why)))
 }
 
 #[cfg(test)]
