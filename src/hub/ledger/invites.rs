@@ -7,7 +7,7 @@ use crate::limits::{self, LimitError};
 use crate::state::InviteRecord;
 use crate::token::Token;
 use ipnetwork::IpNetwork;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Why tokens were not minted.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -82,6 +82,13 @@ impl Ledger {
             });
         }
         Ok(tokens)
+    }
+
+    /// When the next invite expires (by the wall clock); `None` when no
+    /// invite is out. Redeemed invites count: they stay until they expire.
+    pub fn next_expiry(&self) -> Option<SystemTime> {
+        let secs = self.state.invites.iter().map(|i| i.expires).min()?;
+        Some(UNIX_EPOCH + Duration::from_secs(secs))
     }
 
     /// Whether an invite has expired by `now`: [`Ledger::prune`] has work.
@@ -219,5 +226,29 @@ mod tests {
         let again = mint(&mut snapshot, 1, None).remove(0);
         assert_eq!(again.assigned, ip("10.77.0.2"), "the address is reused");
         assert_ne!(again.invite_key.public_key(), undone, "the key is not");
+    }
+
+    #[test]
+    fn the_next_expiry_is_the_first_invites_and_prune_is_due_then() {
+        let mut l = ledger();
+        assert_eq!(l.next_expiry(), None);
+        mint(&mut l, 1, None);
+        l.mint(
+            &MintRequest {
+                count: 1,
+                ttl: Duration::from_secs(30),
+                endpoint_hint: None,
+                name: None,
+                routes: vec![],
+            },
+            t0(),
+        )
+        .unwrap();
+        let first = t0() + Duration::from_secs(30);
+        assert_eq!(l.next_expiry(), Some(first));
+        assert!(!l.any_expired(first - Duration::from_millis(1)));
+        assert!(l.any_expired(first), "due at the deadline, not after");
+        assert_eq!(l.prune(first), 1);
+        assert_eq!(l.next_expiry(), Some(t0() + Duration::from_secs(60)));
     }
 }

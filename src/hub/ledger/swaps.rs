@@ -42,10 +42,11 @@ pub(super) struct Pending {
     pub(super) since: Instant,
 }
 
-/// A swap completes once the new key has made a handshake, or after
-/// [`SWAP_GRACE`] whatever happened.
+/// A swap completes once the new key has made a handshake, or once
+/// [`SWAP_GRACE`] has passed whatever happened (its deadline,
+/// [`Ledger::swap_deadline`]).
 fn swap_due(p: &Pending, handshaked: impl Fn(&PublicKey) -> bool, now: Instant) -> bool {
-    now.duration_since(p.since) > SWAP_GRACE || handshaked(&p.peer)
+    now >= p.since + SWAP_GRACE || handshaked(&p.peer)
 }
 
 impl Ledger {
@@ -221,6 +222,12 @@ impl Ledger {
         done.into_iter().map(|p| (p.address, p.peer)).collect()
     }
 
+    /// When the first pending swap completes whatever the device says
+    /// (its grace has passed); `None` when none is pending.
+    pub fn swap_deadline(&self) -> Option<Instant> {
+        self.pending.iter().map(|p| p.since + SWAP_GRACE).min()
+    }
+
     /// Whether [`Ledger::complete_swaps`] would move anything.
     pub fn swaps_due(&self, handshaked: impl Fn(&PublicKey) -> bool, now: Instant) -> bool {
         self.pending.iter().any(|p| swap_due(p, &handshaked, now))
@@ -276,12 +283,11 @@ mod tests {
         let tok = mint(&mut l, 1, None).remove(0);
         let start = Instant::now();
         l.redeem(tok.assigned, key(), t0(), start).unwrap();
-        assert!(l.complete_swaps(|_| false, start + SWAP_GRACE).is_empty());
-        assert_eq!(
-            l.complete_swaps(|_| false, start + SWAP_GRACE + Duration::from_secs(1))
-                .len(),
-            1
-        );
+        assert_eq!(l.swap_deadline(), Some(start + SWAP_GRACE));
+        let just_before = start + SWAP_GRACE - Duration::from_millis(1);
+        assert!(l.complete_swaps(|_| false, just_before).is_empty());
+        assert_eq!(l.complete_swaps(|_| false, start + SWAP_GRACE).len(), 1);
+        assert_eq!(l.swap_deadline(), None);
     }
 
     #[test]
