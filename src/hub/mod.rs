@@ -12,10 +12,14 @@
 //! The shell is split by what drives it: [`requests`] (what peers and the
 //! operator ask for), [`housekeeping`] (what time and the device's
 //! statistics bring: key swaps, invite expiry, endpoints, save retries),
-//! and [`containers`] (the hub's own containers as transactions).
+//! and [`containers`] (the hub's own containers as transactions). When
+//! housekeeping is due is decided by the sans-IO [`housekeeper`]: the
+//! hub's runtime calls [`Hub::housekeep`] and sleeps until the deadline it
+//! returns, or until [`Hub::wakeup`] says something sooner came in.
 
 pub mod api;
 mod containers;
+mod housekeeper;
 mod housekeeping;
 pub mod http;
 pub mod ledger;
@@ -25,6 +29,8 @@ pub mod run;
 mod testkit;
 
 pub use containers::{HubEndpoints, container_spec};
+pub use housekeeper::{Chore, Housekeeper, SaveNote, Timings};
+pub use housekeeping::Housekept;
 pub use ledger::{
     AdmitError, Advertised, Caller, Joining, KeySource, Ledger, MintError, MintRequest,
     RedeemError, RegisterError, RevokeError, RouteError, ensure_containers, ensure_containers_with,
@@ -42,11 +48,8 @@ use ledger::{Op, diff};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Instant, SystemTime};
 use tokio::sync::{Mutex, Notify};
-
-/// How often a failing save is logged again.
-const SAVE_NAG: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
@@ -83,11 +86,12 @@ pub struct Hub {
     ledger: Mutex<Ledger>,
     replay: std::sync::Mutex<ReplayGuard>,
     leaves: std::sync::Mutex<HashMap<PublicKey, Instant>>,
-    /// The last failed save and when it was last logged; `None` when the
-    /// disk holds the current state.
-    unsaved: std::sync::Mutex<Option<Instant>>,
-    /// Wakes the swap loop as soon as a redeem leaves a swap pending.
-    redeemed: Notify,
+    /// When housekeeping is due (swaps, expiry, endpoints, save retries,
+    /// the firewall), and whether the disk lags behind the state.
+    keeper: std::sync::Mutex<Housekeeper>,
+    /// Wakes the housekeeping loop when something came in that is due
+    /// before the deadline it sleeps until (a redeem left a swap pending).
+    wake: Notify,
     /// The addresses the device lets reach the control API only.
     quarantine: Option<Arc<crate::wg::Quarantine>>,
     uplinks: std::sync::Mutex<Uplinks>,
@@ -159,6 +163,7 @@ impl Hub {
         ledger: Ledger,
     ) -> Self {
         let (routes, _) = tokio::sync::watch::channel(ledger.advertised());
+        let keeper = keeper_for(&ledger, Instant::now(), SystemTime::now());
         Self {
             wg,
             net,
@@ -170,8 +175,8 @@ impl Hub {
             ledger: Mutex::new(ledger),
             replay: Default::default(),
             leaves: Default::default(),
-            unsaved: Default::default(),
-            redeemed: Notify::new(),
+            keeper: std::sync::Mutex::new(keeper),
+            wake: Notify::new(),
             quarantine: None,
             uplinks: Default::default(),
         }
@@ -199,26 +204,46 @@ impl Hub {
     }
 
     fn saved(&self, result: Result<(), StateError>) {
-        let mut unsaved = self.unsaved.lock().expect("unsaved lock");
-        match result {
-            Ok(()) => {
-                if unsaved.take().is_some() {
-                    tracing::info!(
-                        "the state is saved again in {}",
-                        self.store.file(&self.iface).display()
-                    );
-                }
-            }
-            Err(e) => {
-                let nag = unsaved.is_none_or(|at| at.elapsed() >= SAVE_NAG);
-                if nag {
-                    tracing::error!(
-                        "cannot save the state ({e}); the tunnel stays up, the file keeps the last saved state, and saving is retried"
-                    );
-                    *unsaved = Some(Instant::now());
-                }
-            }
+        match (
+            self.keeper().handle_saved(Instant::now(), result.is_ok()),
+            result,
+        ) {
+            (SaveNote::Recovered, _) => tracing::info!(
+                "the state is saved again in {}",
+                self.store.file(&self.iface).display()
+            ),
+            (SaveNote::Failing, Err(e)) => tracing::error!(
+                "cannot save the state ({e}); the tunnel stays up, the file keeps the last saved state, and saving is retried"
+            ),
+            _ => {}
         }
+    }
+
+    /// The housekeeping deadlines. Held briefly, never across an await.
+    fn keeper(&self) -> std::sync::MutexGuard<'_, Housekeeper> {
+        // The housekeeper's state is a few instants: whatever a panic left
+        // there is still a schedule to go on with.
+        self.keeper.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the housekeeping loop if what came in is due before the
+    /// deadline it sleeps until.
+    fn wake_if_sooner(&self) {
+        if self.keeper().needs_wake() {
+            self.wake.notify_one();
+        }
+    }
+
+    /// The state changed: the next invite expiry may be another, and the
+    /// firewall reads the state back.
+    fn note_change(&self, ledger: &Ledger) {
+        let now = Instant::now();
+        {
+            let mut keeper = self.keeper();
+            keeper.handle_invites(now, SystemTime::now(), ledger.next_expiry());
+            keeper.handle_state_changed(now);
+        }
+        self.wake_if_sooner();
     }
 
     /// Runs `decide` on the ledger and makes the device and the disk
@@ -277,6 +302,7 @@ impl Hub {
                 return Err(Denied::Unavailable(e.into()));
             }
             self.saved(saved);
+            self.note_change(&ledger);
             self.changes.send_modify(|n| *n += 1);
         }
         if let Some(q) = &self.quarantine {
@@ -319,9 +345,17 @@ impl Hub {
         Ok(())
     }
 
-    /// Completes when a redeem has left a swap pending since the last call.
+    /// Completes when something came in that housekeeping must see
+    /// before the deadline [`Hub::housekeep`] last returned (a redeem left
+    /// a swap pending, the state changed), including since the last call.
+    pub async fn wakeup(&self) {
+        self.wake.notified().await
+    }
+
+    /// [`Hub::wakeup`], by the name the housekeeping loop knew it by when
+    /// only a redeem woke it.
     pub async fn redeemed(&self) {
-        self.redeemed.notified().await
+        self.wakeup().await
     }
 
     pub async fn has_pending(&self) -> bool {
@@ -377,6 +411,17 @@ impl Hub {
     pub async fn snapshot(&self) -> ServerState {
         self.ledger.lock().await.state().clone()
     }
+}
+
+/// A housekeeper for `ledger` as it is at `now` (the wall clock reading
+/// `wall`): its next invite expiry, and the swaps a restart resumed.
+fn keeper_for(ledger: &Ledger, now: Instant, wall: SystemTime) -> Housekeeper {
+    let mut keeper = Housekeeper::new(now, Timings::default());
+    keeper.handle_invites(now, wall, ledger.next_expiry());
+    if ledger.has_pending() {
+        keeper.handle_redeemed(now, ledger.swap_deadline());
+    }
+    keeper
 }
 
 fn unavailable(d: Denied<std::convert::Infallible>) -> HubError {

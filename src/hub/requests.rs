@@ -109,7 +109,7 @@ impl Hub {
         }
         self.log_pending(address, &redeemed.pending);
         self.metrics.redeemed();
-        self.redeemed.notify_one();
+        self.swap_pending().await;
         Ok(redeemed)
     }
 
