@@ -430,16 +430,17 @@ mod tests {
     //! The router in-process, with spoofed peer addresses (as innernet's
     //! server tests do): no sockets, no root.
     use super::*;
+    use crate::control::auth::Signer;
+    use crate::control::tunnel::Admitted;
     use crate::hub::{Ledger, MintRequest};
     use crate::keys::PrivateKey;
     use crate::keys::PublicKey;
-    use crate::control::auth::Signer;
     use crate::state::ServerState;
     use crate::store::StateDir;
-    use ipnetwork::IpNetwork;
     use crate::token::Token;
     use crate::wg::fake::FakeWg;
     use http_body_util::BodyExt;
+    use ipnetwork::IpNetwork;
     use tower::ServiceExt;
 
     struct Api {

@@ -13,6 +13,7 @@ pub mod fake;
 pub mod kernel;
 pub mod offload;
 pub mod quarantine;
+pub mod quick;
 pub mod userspace;
 
 pub use quarantine::Quarantine;
