@@ -130,3 +130,142 @@ fn fresh(config: &HubConfig) -> Result<ServerState, ServeError> {
         ..ServerState::new(subnet, port, default_mtu(config))
     })
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::state::Endpoint;
+    use crate::transport::ServeTransports;
+
+    /// `tunnel serve` with no flags, its state in `dir`.
+    pub(in crate::hub::run) fn config(dir: &std::path::Path) -> HubConfig {
+        HubConfig {
+            iface: "wgt0".into(),
+            state_dir: dir.to_owned(),
+            backend: crate::wg::BackendChoice::Auto,
+            mtu: None,
+            name: Some("hub".into()),
+            attach_label: None,
+            docker_driver: None,
+            port: None,
+            subnet: None,
+            subnet6: None,
+            tokens: None,
+            token_ttl: std::time::Duration::from_secs(3600),
+            token_routes: vec![],
+            endpoint: None,
+            transport: ServeTransports::parse("udp").unwrap(),
+            wss_listen: "[::]:443".parse().unwrap(),
+            public_url: None,
+            routes: vec![],
+            masquerade: false,
+            firewall: true,
+            allow_from: vec![],
+            dns_zone: "tunnel".into(),
+            endpoints_per_site: 16,
+        }
+    }
+
+    fn saved(dir: &std::path::Path) -> (StateDir, ServerState) {
+        let store = StateDir::new(dir);
+        let mut state = ServerState::new("10.9.0.0/24".parse().unwrap(), 40000, 1420);
+        state.subnet6 = Some("fd00:9::/64".parse().unwrap());
+        store
+            .save("wgt0", &Endpoint::Server(state.clone()))
+            .unwrap();
+        (store, state)
+    }
+
+    #[test]
+    fn a_first_start_takes_the_defaults_and_a_twin_ipv6_subnet() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = load_or_new(&config(tmp.path()), &StateDir::new(tmp.path())).unwrap();
+        assert_eq!(s.subnet, DEFAULT_SUBNET.parse::<IpNetwork>().unwrap());
+        assert_eq!(s.port, DEFAULT_PORT);
+        assert_eq!(s.mtu, crate::transport::UDP_MTU);
+        assert!(s.subnet6.is_some_and(|n| n.is_ipv6()));
+        assert_eq!(s.name.as_deref(), Some("hub"));
+    }
+
+    #[test]
+    fn ipv4_only_and_ipv6_only_tunnels_have_no_twin() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateDir::new(tmp.path());
+        let mut c = config(tmp.path());
+        c.subnet6 = Some(Subnet6::None);
+        assert_eq!(load_or_new(&c, &store).unwrap().subnet6, None);
+        let mut c = config(tmp.path());
+        c.subnet = Some("fd00:77::/64".parse().unwrap());
+        assert_eq!(load_or_new(&c, &store).unwrap().subnet6, None);
+    }
+
+    #[test]
+    fn a_random_port_is_from_the_dynamic_range() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = config(tmp.path());
+        c.port = Some(PortChoice::Random);
+        let port = load_or_new(&c, &StateDir::new(tmp.path())).unwrap().port;
+        assert!(port >= 49152, "{port}");
+    }
+
+    #[test]
+    fn a_hub_reached_only_over_websocket_gets_the_smaller_mtu() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = config(tmp.path());
+        c.transport = ServeTransports::parse("wss").unwrap();
+        let s = load_or_new(&c, &StateDir::new(tmp.path())).unwrap();
+        assert_eq!(s.mtu, crate::transport::WS_MTU);
+    }
+
+    #[test]
+    fn a_restart_keeps_the_key_port_and_subnets() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, before) = saved(tmp.path());
+        let after = load_or_new(&config(tmp.path()), &store).unwrap();
+        assert_eq!(
+            after.private_key.public_key(),
+            before.private_key.public_key()
+        );
+        assert_eq!(
+            (after.port, after.subnet, after.subnet6),
+            (40000, before.subnet, before.subnet6)
+        );
+    }
+
+    #[test]
+    fn flags_that_contradict_the_saved_state_are_refused_with_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (store, _) = saved(tmp.path());
+        let file = store.file("wgt0").display().to_string();
+        let mut subnet = config(tmp.path());
+        subnet.subnet = Some("10.8.0.0/24".parse().unwrap());
+        let mut port = config(tmp.path());
+        port.port = Some(PortChoice::Fixed(40001));
+        let mut six = config(tmp.path());
+        six.subnet6 = Some(Subnet6::None);
+        for (c, flag) in [(subnet, "--subnet"), (port, "--port"), (six, "--subnet6")] {
+            match load_or_new(&c, &store) {
+                Err(ServeError::Input(m)) => {
+                    assert!(m.contains(&file) && m.contains(flag), "{m}")
+                }
+                other => panic!("{flag}: {other:?}"),
+            }
+        }
+        // Saying what is saved is no contradiction.
+        let mut same = config(tmp.path());
+        same.port = Some(PortChoice::Fixed(40000));
+        same.subnet = Some("10.9.0.0/24".parse().unwrap());
+        assert!(load_or_new(&same, &store).is_ok());
+    }
+
+    #[test]
+    fn a_subnet_too_small_for_a_hub_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = config(tmp.path());
+        c.subnet = Some("10.9.0.0/31".parse().unwrap());
+        assert!(matches!(
+            load_or_new(&c, &StateDir::new(tmp.path())),
+            Err(ServeError::Ipam(_))
+        ));
+    }
+}
