@@ -141,10 +141,6 @@ impl Housekeeper {
         }
     }
 
-    pub fn timings(&self) -> &Timings {
-        &self.t
-    }
-
     /// A swap is pending (a redeem, or swaps resumed after a restart):
     /// look at the device now. `grace`: when the first pending swap
     /// completes anyway.
