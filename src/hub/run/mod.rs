@@ -484,8 +484,10 @@ async fn listen(
 }
 
 /// Swaps, endpoints, expiry, save retries and the firewall's view of the
-/// peers, until shutdown. Nothing here may stop the hub: a failure is
-/// logged, and the next round tries again.
+/// peers, until shutdown: each round does what is due and sleeps until
+/// the next deadline ([`Hub::housekeep`]), or until something sooner comes
+/// in (a redeem). Nothing here may stop the hub: the hub logs a failure,
+/// and the chore comes round again.
 async fn housekeeping(
     config: &HubConfig,
     hub: &Hub,
@@ -493,49 +495,18 @@ async fn housekeeping(
     mut openings: Openings,
     mut shutdown: Shutdown,
 ) {
-    let mut last_seen = Instant::now();
-    let mut changes = hub.changes();
-    let mut guarded = Instant::now();
     loop {
-        // Poll quickly only while a joiner is switching keys.
-        let tick = if hub.has_pending().await {
-            Duration::from_millis(20)
-        } else {
-            Duration::from_secs(1)
-        };
-        tokio::select! {
-            _ = shutdown.wait() => return,
-            _ = hub.redeemed() => {}
-            _ = tokio::time::sleep(tick) => {}
-        }
-        let swapped = match hub.complete_swaps(Instant::now()).await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::warn!("completing key swaps: {}", chain(&e));
-                0
-            }
-        };
-        // A fresh peer's endpoint is worth saving at once: a server that
-        // is killed and restarted uses it to reach the peer first.
-        if swapped > 0 || last_seen.elapsed() > Duration::from_secs(10) {
-            if let Err(e) = hub.record_endpoints().await {
-                tracing::warn!("recording peer endpoints: {}", chain(&e));
-            }
-            hub.refresh_host().await;
-            last_seen = Instant::now();
-        }
-        if let Err(e) = hub.prune(SystemTime::now()).await {
-            tracing::warn!("removing expired invites: {}", chain(&e));
-        }
-        hub.retry_save().await;
-        // Peers' endpoints move (--allow-from, --snat-public). The
-        // firewall is read back once a second, not at every quick tick
-        // of a burst of joins.
-        if changes.has_changed().unwrap_or(false) || guarded.elapsed() >= Duration::from_secs(1) {
-            changes.borrow_and_update();
+        let round = hub.housekeep(Instant::now(), SystemTime::now()).await;
+        // Peers' endpoints move (--allow-from, --snat-public), and someone
+        // may flush the firewall: read back after changes and once a second.
+        if round.check_firewall {
             openings.uplinks = hub.uplink_addresses();
             gateway.keep(Some(policy(config, &hub.snapshot().await, &openings)));
-            guarded = Instant::now();
+        }
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = hub.wakeup() => {}
+            _ = tokio::time::sleep_until(round.next.into()) => {}
         }
     }
 }
