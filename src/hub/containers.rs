@@ -4,7 +4,6 @@
 use super::Hub;
 use crate::state::ServerState;
 use crate::wg::PeerSpec;
-use ipnetwork::IpNetwork;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -15,23 +14,14 @@ pub fn container_spec(
     c: &crate::state::ContainerRecord,
     server_ip: IpAddr,
 ) -> crate::containers::EndpointSpec {
-    crate::containers::EndpointSpec {
-        container: c.container.clone(),
-        iface: c.iface.clone(),
-        key: c.private_key.clone(),
-        address: IpNetwork::new(c.address, state.subnet.prefix()).expect("prefix of the subnet"),
-        address6: state.subnets().interface(c.address).get(1).copied(),
-        hub: PeerSpec {
-            public_key: state.private_key.public_key(),
-            endpoint: Some(std::net::SocketAddr::from(([127, 0, 0, 1], state.port))),
-            allowed_ips: state.subnets().all(),
-            keepalive: Some(crate::wg::KEEPALIVE),
-        },
-        mtu: state.mtu,
-        probe: std::net::SocketAddr::new(server_ip, crate::control::CONTROL_PORT),
-        link: None,
-        by_label: c.by_label,
-    }
+    let hub = PeerSpec {
+        public_key: state.private_key.public_key(),
+        endpoint: Some(std::net::SocketAddr::from(([127, 0, 0, 1], state.port))),
+        allowed_ips: state.subnets().all(),
+        keepalive: Some(crate::wg::KEEPALIVE),
+    };
+    let probe = std::net::SocketAddr::new(server_ip, crate::control::CONTROL_PORT);
+    crate::node::endpoint_spec(c, state.subnets(), state.mtu, hub, probe, None)
 }
 
 /// The hub's containers attached by label or the network driver: records

@@ -136,7 +136,7 @@ async fn undo(wg: &dyn WgDevice, ops: &[Op]) {
 }
 
 /// Routes the LANs of `after` that `before` lacked into the tunnel, and
-/// takes back the others.
+/// takes back the others (where the hub has a host to route on).
 async fn sync_routes(
     net: Option<&dyn crate::net::NetOps>,
     iface: &str,
@@ -144,13 +144,11 @@ async fn sync_routes(
     after: &std::collections::BTreeSet<IpNetwork>,
 ) -> Result<(), crate::net::NetError> {
     let Some(net) = net else { return Ok(()) };
-    for r in after.difference(before) {
-        net.add_route(*r, iface, None).await?;
-    }
-    for r in before.difference(after) {
-        net.del_route(*r, iface, None).await?;
-    }
-    Ok(())
+    let (before, after): (Vec<_>, Vec<_>) = (
+        before.iter().copied().collect(),
+        after.iter().copied().collect(),
+    );
+    crate::net::sync_routes(net, iface, &before, &after).await
 }
 
 impl Hub {
