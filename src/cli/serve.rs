@@ -166,6 +166,11 @@ pub async fn run(args: ServeArgs, shutdown: Shutdown) -> Result<(), Failure> {
     )
     .await?;
     let metrics = super::bind_metrics(&args.common.metrics).await?;
-    let prepared = Prepared { docker, metrics };
+    let prepared = Prepared {
+        docker,
+        metrics,
+        net: std::sync::Arc::new(crate::net::Netlink::connect()?),
+        firewall: Box::new(crate::firewall::Nftables),
+    };
     Ok(crate::hub::run::run(args.config(), prepared, print_tokens, shutdown).await?)
 }

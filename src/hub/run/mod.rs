@@ -23,7 +23,7 @@ use crate::control::{CONTROL_PORT, ControlError};
 use crate::docker::{ContainerInfo, ContainerRuntime, Label};
 use crate::gateway::Gateway;
 use crate::metrics::Listener;
-use crate::net::{NetOps, Netlink};
+use crate::net::NetOps;
 use crate::node::{Containers, Context, Services};
 use crate::shutdown::Shutdown;
 use crate::state::{Endpoint, ServerState};
@@ -109,11 +109,13 @@ pub struct HubConfig {
 }
 
 /// What the command has prepared before the host is touched: the Docker
-/// engine and the named containers, `--metrics` bound.
-#[derive(Default)]
+/// engine and the named containers, `--metrics` bound, and the host's
+/// real implementations (netlink, nftables) that the hub changes it with.
 pub struct Prepared {
     pub docker: Option<(Arc<dyn ContainerRuntime>, Vec<ContainerInfo>)>,
     pub metrics: Option<Listener>,
+    pub net: Arc<dyn NetOps>,
+    pub firewall: Box<dyn crate::firewall::Firewall>,
 }
 
 /// The hub's state reconciled, its ledger made and its WebSocket bound:
@@ -187,9 +189,13 @@ pub async fn run(
     print: impl FnOnce(&[Token]) -> std::io::Result<()>,
     shutdown: Shutdown,
 ) -> Result<(), ServeError> {
-    let Prepared { docker, metrics } = prepared;
+    let Prepared {
+        docker,
+        metrics,
+        net,
+        firewall,
+    } = prepared;
     let (plan, mut ledger) = plan(&config, docker.as_ref().map(|(_, i)| i.as_slice())).await?;
-    let net: Arc<dyn NetOps> = Arc::new(Netlink::connect()?);
     // No site may claim what this host is or reaches directly.
     match net.host_networks(None).await {
         Ok(nets) => ledger.set_host_networks(&nets),
@@ -198,7 +204,7 @@ pub async fn run(
     // The firewall comes first, so that no packet is forwarded before it
     // holds.
     let mut gateway = Gateway::start(
-        Box::new(crate::firewall::Nftables),
+        firewall,
         net.as_ref(),
         &plan.store,
         policy(&config, &plan.state, &plan.openings),
