@@ -430,7 +430,9 @@ mod tests {
     //! The router in-process, with spoofed peer addresses (as innernet's
     //! server tests do): no sockets, no root.
     use super::*;
+    use crate::control::auth::Signer;
     use crate::keys::PublicKey;
+    use ipnetwork::IpNetwork;
     use crate::hub::{Ledger, MintRequest};
     use crate::keys::PrivateKey;
     use crate::state::ServerState;
