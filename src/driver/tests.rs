@@ -95,8 +95,8 @@ async fn the_handshake_says_network_and_ipam() {
 }
 
 #[tokio::test]
-async fn addresses_come_from_the_hub_and_go_back_to_it() {
-    let (d, book) = driver();
+async fn the_pool_is_the_tunnels_subnet_and_the_gateway_the_hub() {
+    let (d, _) = driver();
     let v = call(
         &d,
         "/IpamDriver.RequestPool",
@@ -121,6 +121,11 @@ async fn addresses_come_from_the_hub_and_go_back_to_it() {
     )
     .await;
     assert_eq!(v["Address"], "10.77.0.1/24");
+}
+
+#[tokio::test]
+async fn addresses_come_from_the_hub_and_go_back_to_it() {
+    let (d, book) = driver();
     // A network made with another IPAM is refused.
     let v = call(
         &d,
