@@ -6,8 +6,8 @@
 //! sudo cargo run --example list_endpoints -- /var/lib/tunnel
 //! ```
 
-use tunnel::store::StateDir;
 use tunnel::status;
+use tunnel::store::StateDir;
 
 fn main() {
     let dir = std::env::args()

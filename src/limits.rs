@@ -89,7 +89,6 @@ pub fn parse_name(s: &str) -> Result<String, String> {
     check_name(s).map(str::to_owned).map_err(|e| e.to_string())
 }
 
-
 /// Why the kernel would refuse `name` as an interface name
 /// (`dev_valid_name`), if it would.
 pub fn ifname_problem(name: &str) -> Option<&'static str> {
@@ -113,7 +112,9 @@ pub fn ifname_problem(name: &str) -> Option<&'static str> {
 
 /// [`ifname_problem`] as a sentence, for the consistency checks of records.
 pub fn check_ifname(name: &str) -> Result<(), String> {
-    ifname_problem(name).map_or(Ok(()), |why| Err(format!("invalid interface name {name:?}: {why}")))
+    ifname_problem(name).map_or(Ok(()), |why| {
+        Err(format!("invalid interface name {name:?}: {why}"))
+    })
 }
 
 #[cfg(test)]

@@ -16,13 +16,24 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, &[&str])] = &[
     (
         "pure data",
-        &["keys", "limits", "ipam", "token", "state", "reach", "lograte"],
+        &[
+            "keys", "limits", "ipam", "token", "state", "reach", "lograte",
+        ],
     ),
     (
         "OS edge",
         &[
-            "sys", "shutdown", "store", "net", "wg", "firewall", "docker", "transport", "gateway",
-            "endpoint", "status",
+            "sys",
+            "shutdown",
+            "store",
+            "net",
+            "wg",
+            "firewall",
+            "docker",
+            "transport",
+            "gateway",
+            "endpoint",
+            "status",
         ],
     ),
     ("wire protocol", &["control"]),
@@ -238,7 +249,11 @@ fn modules_import_only_their_own_layer_and_below() {
             }
         }
     }
-    assert!(wrong.is_empty(), "imports against the layers:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "imports against the layers:\n{}",
+        wrong.join("\n")
+    );
 }
 
 #[test]
@@ -268,8 +283,10 @@ fn no_import_circles_among_files() {
             match marks.get(next) {
                 Some(Mark::Grey) => {
                     let from = path.iter().position(|p| p == next).unwrap();
-                    let names: Vec<String> =
-                        path[from..].iter().map(|p| p.display().to_string()).collect();
+                    let names: Vec<String> = path[from..]
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect();
                     circles.push(format!("{} -> {}", names.join(" -> "), next.display()));
                 }
                 Some(Mark::Black) => {}
@@ -285,7 +302,11 @@ fn no_import_circles_among_files() {
             visit(node, &graph, &mut marks, &mut Vec::new(), &mut circles);
         }
     }
-    assert!(circles.is_empty(), "import circles:\n{}", circles.join("\n"));
+    assert!(
+        circles.is_empty(),
+        "import circles:\n{}",
+        circles.join("\n")
+    );
 }
 
 #[test]
@@ -300,8 +321,16 @@ fn the_checker_sees_grouped_and_relative_imports() {
     std::fs::write(src.join("cli/a.rs"), "use super::{b::{run, X}};\n").unwrap();
     std::fs::write(src.join("cli/b.rs"), "use crate::cli::a::Y;\n").unwrap();
     let krate = Crate::read(src);
-    assert!(krate.uses(Path::new("cli/a.rs")).contains(Path::new("cli/b.rs")));
-    assert!(krate.uses(Path::new("cli/b.rs")).contains(Path::new("cli/a.rs")));
+    assert!(
+        krate
+            .uses(Path::new("cli/a.rs"))
+            .contains(Path::new("cli/b.rs"))
+    );
+    assert!(
+        krate
+            .uses(Path::new("cli/b.rs"))
+            .contains(Path::new("cli/a.rs"))
+    );
     assert_eq!(
         expand("x::{y, z::{p, q}};"),
         vec![

@@ -236,7 +236,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         gateway.stop(net.as_ref()).await;
         return Err(e.into());
     }
-    let progress = spinner();
+    let progress = super::Spinner(spinner());
     let deadline = started + args.timeout;
     let joined = async {
         let route = site::choose_path(
@@ -271,7 +271,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         .await?;
         let containers = match docker {
             Some((runtime, infos)) => {
-                progress.set_message("registering containers");
+                progress.0.set_message("registering containers");
                 let specs =
                     site::register_containers(&mut joined, &iface, &infos, &route, &store).await?;
                 Some(Containers {
@@ -298,7 +298,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
             if matches!(e, site::SiteError::Refused(_)) {
                 store.remove_pending(&iface);
             }
-            progress.finish_and_clear();
+            progress.0.finish_and_clear();
             if let Err(t) = device.destroy().await {
                 tracing::warn!("removing {iface}: {t}");
             }
@@ -329,7 +329,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         site,
         containers,
         super::summary_line(summary),
-        progress,
+        &progress,
         shutdown,
     )
     .await?)

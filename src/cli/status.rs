@@ -5,8 +5,8 @@
 
 use super::Failure;
 use crate::control;
-use crate::store::StateDir;
 use crate::status::{self, EndpointStatus};
+use crate::store::StateDir;
 use anyhow::Context;
 use clap::Args;
 use std::io::Write;

@@ -142,8 +142,10 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         }
     };
 
-    let progress = spinner();
-    progress.set_message(format!("waiting for the server at {endpoint}"));
+    let progress = super::Spinner(spinner());
+    progress
+        .0
+        .set_message(format!("waiting for the server at {endpoint}"));
     let flow = match site::wait_for_flow(site::api(&joined), started + args.timeout).await {
         Ok(()) => format!("first packet after {} ms", started.elapsed().as_millis()),
         Err(e) => {
@@ -179,7 +181,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         site,
         containers,
         super::summary_line(summary),
-        progress,
+        &progress,
         shutdown,
     )
     .await?)

@@ -2,8 +2,8 @@
 //! and their lowercase forms, minus `NO_PROXY`), and a tunnel through it
 //! with HTTP CONNECT, with Basic auth from the URL's user and password.
 
-pub use crate::reach::redact;
 use super::TransportError;
+pub use crate::reach::redact;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use http_body_util::Empty;

@@ -1,0 +1,181 @@
+//! What a site changes on its host: its firewall and forwarding, and
+//! transparent mode's table and rules; all journaled by the gateway.
+
+use super::join::Invitation;
+use super::{Route, SiteError};
+use crate::gateway::Gateway;
+use crate::net::{MAIN_TABLE, NetOps, PolicyRule};
+use crate::state::JoinedState;
+use crate::store::StateDir;
+use crate::wg::WgDevice;
+use ipnetwork::IpNetwork;
+use std::net::SocketAddr;
+
+/// A site's firewall, before its device exists: forwarding between the
+/// tunnel and its own LANs only, masquerading towards them with
+/// `--masquerade`.
+pub async fn start_gateway(
+    net: &dyn NetOps,
+    store: &StateDir,
+    iface: &str,
+    inv: &Invitation<'_>,
+    firewall: bool,
+) -> Result<Gateway, SiteError> {
+    site_gateway(
+        net,
+        store,
+        iface,
+        inv.token.subnets(),
+        inv.routes,
+        inv.masquerade,
+        firewall,
+    )
+    .await
+}
+
+/// The same for a saved site (`up`).
+pub async fn site_gateway(
+    net: &dyn NetOps,
+    store: &StateDir,
+    iface: &str,
+    subnets: crate::ipam::Subnets,
+    routes: &[IpNetwork],
+    masquerade: bool,
+    firewall: bool,
+) -> Result<Gateway, SiteError> {
+    let policy = crate::firewall::Policy {
+        iface: iface.to_owned(),
+        hub: false,
+        routes: routes.to_vec(),
+        masquerade,
+        ..Default::default()
+    };
+    let nets: Vec<IpNetwork> = subnets
+        .all()
+        .into_iter()
+        .chain(routes.iter().copied())
+        .collect();
+    Ok(Gateway::start(
+        Box::new(crate::firewall::Nftables),
+        net,
+        store,
+        policy,
+        firewall,
+        &nets,
+    )
+    .await?)
+}
+
+/// What a site changes on its host once its device is up: forwarding for
+/// its LANs, and transparent mode when it was asked for (the server's
+/// address, as a network, for the hub peer's allowed IPs).
+pub async fn prepare_host(
+    gateway: &mut Gateway,
+    net: &dyn NetOps,
+    device: &dyn WgDevice,
+    joined: &JoinedState,
+    iface: &str,
+    server: SocketAddr,
+    route: &Route,
+) -> Result<Option<IpNetwork>, SiteError> {
+    gateway.forward(net, false).await?;
+    if !joined.transparent {
+        return Ok(None);
+    }
+    let to = go_transparent(gateway, net, device, joined, iface, server, route).await?;
+    Ok(Some(to))
+}
+
+/// Transparent mode's routing table (`Table =` in the guide's config).
+pub const TRANSPARENT_TABLE: u32 = 51820;
+/// Its rules' priorities, as in the guide: the tunnel's own transport to
+/// the server stays on the main table; the rest for the server goes to ours.
+const TRANSPARENT_PRIORITY: u32 = 455;
+
+/// Transparent mode (seed 002): whatever this host sends to the server's
+/// address goes through the tunnel, except the tunnel's own transport
+/// (its UDP port, or the WebSocket's TCP port). A route in a table of our
+/// own and two policy rules, journaled and undone on exit like the rest;
+/// the hub peer is allowed that address too. Returns the address as a
+/// network, for the hub peer's allowed IPs.
+async fn go_transparent(
+    gateway: &mut Gateway,
+    net: &dyn NetOps,
+    device: &dyn WgDevice,
+    joined: &JoinedState,
+    iface: &str,
+    server: SocketAddr,
+    route: &Route,
+) -> Result<IpNetwork, SiteError> {
+    let to = crate::ipam::host_net(server.ip());
+    let transport = match &route.dialer {
+        None => (IPPROTO_UDP, server.port()),
+        Some(d) => (
+            IPPROTO_TCP,
+            url::Url::parse(&d.url())
+                .ok()
+                .and_then(|u| u.port_or_known_default())
+                .unwrap_or(443),
+        ),
+    };
+    device
+        .set_allowed_ips(
+            &joined.server_public_key,
+            &joined
+                .subnets()
+                .all()
+                .into_iter()
+                .chain([to])
+                .collect::<Vec<_>>(),
+        )
+        .await?;
+    let changes = gateway.changes();
+    changes
+        .add_route(
+            net,
+            crate::gateway::TableRoute {
+                dst: to,
+                iface: iface.to_owned(),
+                table: TRANSPARENT_TABLE,
+            },
+        )
+        .await?;
+    changes
+        .add_rule(
+            net,
+            PolicyRule {
+                priority: TRANSPARENT_PRIORITY,
+                to,
+                table: MAIN_TABLE,
+                ip_proto: Some(transport.0),
+                dport: Some(transport.1),
+            },
+        )
+        .await?;
+    changes
+        .add_rule(
+            net,
+            PolicyRule {
+                priority: TRANSPARENT_PRIORITY + 1,
+                to,
+                table: TRANSPARENT_TABLE,
+                ip_proto: None,
+                dport: None,
+            },
+        )
+        .await?;
+    tracing::info!(
+        "transparent: traffic for {} goes through {iface}, except {} port {}",
+        server.ip(),
+        if transport.0 == IPPROTO_UDP {
+            "UDP"
+        } else {
+            "TCP"
+        },
+        transport.1
+    );
+    Ok(to)
+}
+
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;

@@ -1,0 +1,311 @@
+//! A joined site: what it is ([`Site`]), how `join` redeems a token and
+//! switches to the site's own key ([`join`]), how it chooses its path to
+//! the hub ([`path`]), its containers ([`endpoints`]), what it changes on
+//! its host ([`host`]), how it follows the LANs the hub advertises
+//! ([`routes`]), and how it runs until shutdown ([`run`]).
+
+mod api;
+pub mod endpoints;
+pub mod host;
+pub mod join;
+pub mod path;
+pub mod routes;
+
+pub use crate::node::Containers;
+use api::SiteApi;
+pub use endpoints::{SiteEndpoints, register_containers, saved_containers};
+pub use host::{TRANSPARENT_TABLE, prepare_host, site_gateway, start_gateway};
+pub use join::{Invitation, redeem_and_switch, wait_for_flow};
+pub use path::choose_path;
+use routes::RouteSync;
+pub use routes::remote_routes;
+
+use crate::containers::ContainerError;
+use crate::control::auth::{AuthError, Signer};
+use crate::control::{CONTROL_PORT, ControlError, tunnel};
+use crate::gateway::Gateway;
+use crate::net::NetOps;
+use crate::node::Services;
+use crate::shutdown::Shutdown;
+use crate::state::JoinedState;
+use crate::store::{StateDir, StateError};
+use crate::transport::proxy::Proxy;
+use crate::transport::ws::{Connection, Dialer, Link};
+use crate::transport::{HUB_LINK, Path, Relay, TransportError, WsOffer, virtual_addr};
+use crate::wg::{BackendChoice, KEEPALIVE, PeerSpec, WgDevice, WgError};
+use ipnetwork::IpNetwork;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Where a bring-up reports its steps: the command shows them (a
+/// spinner on a terminal); the library only says what it is doing.
+pub trait Progress: Send + Sync {
+    /// The step under way.
+    fn step(&self, message: &str);
+    /// The steps are over; whatever shows them goes away.
+    fn done(&self);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SiteError {
+    #[error("the server refused this token: {0}")]
+    Refused(String),
+    #[error(
+        "the token was already used: the server at {0} recognised it but no longer admits it; ask for a new token"
+    )]
+    AlreadyUsed(SocketAddr),
+    #[error(
+        "server unreachable: no WireGuard handshake with {endpoint} within {timeout} (is `tunnel serve` running there, and UDP port {} open?)",
+        endpoint.port()
+    )]
+    Unreachable {
+        endpoint: SocketAddr,
+        timeout: String,
+    },
+    #[error("the server assigned {got} but the token says {want}")]
+    Mismatch { got: IpNetwork, want: IpNetwork },
+    #[error("the server admitted this host but traffic does not flow")]
+    NoFlow(#[source] ControlError),
+    #[error(
+        "server unreachable: no WireGuard handshake over UDP, and no WebSocket connection ({0})"
+    )]
+    NoPath(String),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("registering container {name} with the server")]
+    Register {
+        name: String,
+        #[source]
+        source: ControlError,
+    },
+    #[error("the token's keys cannot sign requests")]
+    Auth(#[from] AuthError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Wg(#[from] WgError),
+    #[error(transparent)]
+    Containers(#[from] ContainerError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("writing to stdout")]
+    Output(#[source] std::io::Error),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
+    #[error(transparent)]
+    Driver(#[from] crate::driver::DriverError),
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
+}
+
+impl SiteError {
+    /// Whether the input (the token) is at fault, rather than the network.
+    pub fn is_input(&self) -> bool {
+        match self {
+            SiteError::Refused(_) | SiteError::AlreadyUsed(_) => true,
+            SiteError::Transport(t) => t.is_input(),
+            _ => false,
+        }
+    }
+}
+
+/// The hub as a site's only peer: the whole tunnel subnet through it.
+pub fn hub_peer(joined: &JoinedState, endpoint: SocketAddr) -> PeerSpec {
+    PeerSpec {
+        public_key: joined.server_public_key,
+        endpoint: Some(endpoint),
+        allowed_ips: joined.subnets().all(),
+        keepalive: Some(KEEPALIVE),
+    }
+}
+
+/// The hub's control API, through the tunnel.
+pub fn api(joined: &JoinedState) -> SocketAddr {
+    SocketAddr::new(joined.server_address, CONTROL_PORT)
+}
+
+/// How this site's datagrams reach the hub, once chosen.
+pub struct Route {
+    pub path: Path,
+    /// The hub's endpoint for the device: its UDP address, or the link's
+    /// virtual address.
+    pub endpoint: SocketAddr,
+    /// For WebSocket: how to reach the hub again (containers use it too).
+    pub dialer: Option<Arc<Dialer>>,
+    /// The site's own link, kept up while the route is.
+    pub link: Option<Link>,
+    pub mtu: u32,
+}
+
+impl Route {
+    pub(crate) fn udp(endpoint: SocketAddr, mtu: u32) -> Self {
+        Route {
+            path: Path::Udp,
+            endpoint,
+            dialer: None,
+            link: None,
+            mtu,
+        }
+    }
+
+    /// A route over `dialer`'s WebSocket, through `relay`.
+    pub fn websocket(
+        offer: WsOffer,
+        dialer: Arc<Dialer>,
+        relay: Arc<Relay>,
+        first: Option<Connection>,
+        mtu: u32,
+    ) -> Self {
+        let path = Path::Websocket {
+            offer,
+            proxy: dialer.proxy().map(|p| p.url.clone()),
+        };
+        Route {
+            path,
+            endpoint: virtual_addr(HUB_LINK),
+            link: Some(Link::spawn(dialer.clone(), relay, first)),
+            dialer: Some(dialer),
+            mtu,
+        }
+    }
+}
+
+/// The route a joined site saved (for `up`), with the relay its device
+/// needs for a WebSocket. `proxy` (`--proxy`) replaces the saved proxy.
+pub fn saved_route(
+    joined: &JoinedState,
+    endpoint: SocketAddr,
+    proxy: Option<&str>,
+) -> Result<(Route, Option<Arc<Relay>>), SiteError> {
+    match &joined.path {
+        Path::Udp => Ok((Route::udp(endpoint, joined.mtu), None)),
+        Path::Websocket {
+            offer,
+            proxy: saved,
+        } => {
+            let proxy = proxy.or(saved.as_deref()).map(Proxy::parse).transpose()?;
+            let dialer = Arc::new(Dialer::new(offer, &endpoint.ip().to_string(), proxy)?);
+            let relay = Relay::new("websocket");
+            let route = Route::websocket(offer.clone(), dialer, relay.clone(), None, joined.mtu);
+            Ok((route, Some(relay)))
+        }
+    }
+}
+
+/// A joined site that is up: its device carries its own key.
+pub struct Site {
+    pub device: Arc<dyn WgDevice>,
+    /// How its datagrams reach the hub; its link lives as long as the site.
+    pub route: Route,
+    pub net: Arc<dyn NetOps>,
+    pub joined: JoinedState,
+    pub iface: String,
+    pub backend: BackendChoice,
+    pub store: StateDir,
+    /// Its firewall and forwarding, stopped with it.
+    pub gateway: Gateway,
+    /// The server's address, when it is reached through the tunnel
+    /// (`--transparent`).
+    pub transparent: Option<IpNetwork>,
+    /// `--metrics`: where Prometheus scrapes it.
+    pub metrics: Option<crate::metrics::Listener>,
+}
+
+/// What `join` and `up` share once the site's own endpoint is up: attach
+/// the containers, call `ready` with what was attached (it prints the
+/// summary), answer on the local socket, follow the containers until
+/// shutdown, then remove everything.
+pub async fn run(
+    site: Site,
+    containers: Option<Containers>,
+    ready: impl FnOnce(&str) -> std::io::Result<()>,
+    progress: &dyn Progress,
+    mut shutdown: Shutdown,
+) -> Result<(), SiteError> {
+    let Site {
+        device,
+        route,
+        net,
+        joined,
+        iface,
+        backend,
+        store,
+        gateway,
+        transparent,
+        metrics: metrics_listener,
+    } = site;
+    let metrics = crate::metrics::Metrics::new();
+    let hub_api = api(&joined);
+    let lans = tokio::sync::watch::channel(vec![]);
+    let routing = RouteSync {
+        device: device.clone(),
+        net: net.clone(),
+        iface: iface.clone(),
+        joined: joined.clone(),
+        current: vec![],
+        extra: transparent.into_iter().collect(),
+    };
+    let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
+    let mut services = Services::default();
+    let result = async {
+        let mut attached = String::new();
+        if let Some(c) = &containers {
+            progress.step("attaching containers");
+            for s in &c.specs {
+                attached.push_str(&format!(", container {} as {}", s.container, s.address));
+            }
+        }
+        // One book of the containers' endpoints, for labels and the driver.
+        let endpoints: Option<Arc<dyn crate::containers::Endpoints>> = match containers
+            .as_ref()
+            .filter(|c| c.label.is_some() || c.driver.is_some())
+        {
+            Some(_) => {
+                let e = Arc::new(SiteEndpoints::new(&joined, &iface, &store, &route)?);
+                e.release_leftovers().await;
+                Some(e)
+            }
+            None => None,
+        };
+        let ctx = crate::node::Context {
+            net: net.clone(),
+            backend,
+            subnet: joined.subnet,
+            server: joined.server_address,
+            metrics: metrics.clone(),
+        };
+        services = Services::start(containers, endpoints, &ctx, lans.1.clone(), &mut shutdown)?;
+        services.attach().await?;
+        progress.done();
+        ready(&attached).map_err(SiteError::Output)?;
+        let api = Arc::new(SiteApi {
+            device: device.clone(),
+            path: route.path.clone(),
+            joined,
+            iface: iface.clone(),
+            containers: services.containers(),
+            driver: services.driver(),
+        });
+        let metrics = metrics_listener.map(|l| (l, metrics.clone()));
+        services.listen(&store, &iface, api, metrics, &shutdown)?;
+        crate::sys::notify_ready();
+        Ok::<(), SiteError>(())
+    }
+    .await;
+    progress.done();
+    if result.is_ok() {
+        let stop_routing = shutdown.waiter();
+        let following = services.follow(shutdown.waiter(), lans.1.clone());
+        tokio::join!(following, routing.run(lans.0, stop_routing));
+    }
+    services.stop().await;
+    if result.is_ok()
+        && let Err(e) = tunnel::leave_hub(hub_api, &signer, Duration::from_millis(500)).await
+    {
+        tracing::debug!("telling the server we leave: {e}");
+    }
+    let teardown = crate::node::remove(device.as_ref(), gateway, net.as_ref(), &iface).await;
+    result?;
+    Ok(teardown?)
+}
