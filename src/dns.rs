@@ -271,16 +271,8 @@ pub async fn serve(
                     continue;
                 };
                 let answer = zone.borrow().answer(&buf[..n]);
-                if let Some(mut a) = answer {
-                    // Plain UDP DNS: at most 512 bytes; a longer answer
-                    // goes as its header alone with TC set, and the client
-                    // asks again over TCP.
-                    if a.len() > 512 {
-                        a.truncate(12);
-                        a[2] |= 0x02;
-                        a[4..12].fill(0);
-                    }
-                    let _ = sock.send_to(&a, from).await;
+                if let Some(a) = answer {
+                    let _ = sock.send_to(&fit_udp(a), from).await;
                 }
             }
         });
@@ -306,6 +298,18 @@ pub async fn serve(
     }
     stop.await;
     tasks.abort_all();
+}
+
+/// Plain UDP DNS carries at most 512 bytes: a longer answer goes as its
+/// header alone, with TC set and no records counted, and the client asks
+/// again over TCP.
+fn fit_udp(mut answer: Vec<u8>) -> Vec<u8> {
+    if answer.len() > 512 {
+        answer.truncate(12);
+        answer[2] |= 0x02;
+        answer[4..12].fill(0);
+    }
+    answer
 }
 
 /// One TCP connection: length-prefixed queries, answered in turn.
@@ -447,5 +451,137 @@ mod tests {
         assert!(parse_zone("corp.example").is_ok());
         assert!(parse_zone("").is_err());
         assert!(parse_zone("a..b").is_err());
+    }
+
+    fn zone_of(state: &ServerState) -> Zone {
+        Zone::from_state(state, &parse_zone("tunnel").unwrap())
+    }
+
+    fn names(z: &Zone) -> Vec<String> {
+        let mut n: Vec<String> = z.names.keys().map(|n| n.to_string()).collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn an_unnamed_hub_is_hub_and_unlabelable_or_orphaned_names_are_left_out() {
+        let mut s = ServerState::new("10.77.0.0/24".parse().unwrap(), 51820, 1420);
+        s.peers.push(peer("10.77.0.3", None, None));
+        // A container of that unnamed site: under its made-up name.
+        s.peers
+            .push(peer("10.77.0.4", Some("db"), Some("10.77.0.3")));
+        // A container whose site is not (or no longer) a peer.
+        s.peers
+            .push(peer("10.77.0.5", Some("cache"), Some("10.77.0.99")));
+        // A container without a name yet (the driver's, before it starts).
+        s.peers.push(peer("10.77.0.6", None, Some("10.77.0.3")));
+        // A name with nothing a label can hold.
+        s.peers.push(peer("10.77.0.7", Some("___"), None));
+        let z = zone_of(&s);
+        assert_eq!(
+            names(&z),
+            [
+                "db.site-10-77-0-3.tunnel.",
+                "hub.tunnel.",
+                "site-10-77-0-3.tunnel.",
+            ]
+        );
+        // A single-stack tunnel has no AAAA records.
+        let m = ask(&z, "hub.tunnel.", RecordType::AAAA);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert!(m.answers.is_empty());
+    }
+
+    #[test]
+    fn two_endpoints_with_one_name_leave_it_to_the_first() {
+        let mut s = ServerState::new("10.77.0.0/24".parse().unwrap(), 51820, 1420);
+        s.peers.push(peer("10.77.0.3", Some("Branch"), None));
+        s.peers.push(peer("10.77.0.4", Some("branch"), None));
+        let z = zone_of(&s);
+        assert_eq!(z.len(), 2, "{:?}", names(&z));
+        assert_eq!(
+            addrs(&ask(&z, "branch.tunnel.", RecordType::A)),
+            ["10.77.0.3"]
+        );
+    }
+
+    #[test]
+    fn a_label_is_cut_to_63_bytes_and_trimmed_of_hyphens() {
+        let long = format!("{}_tail", "a".repeat(62));
+        assert_eq!(label(&long), "a".repeat(62));
+        assert_eq!(label(&"b".repeat(80)).len(), 63);
+        assert_eq!(label("Ünïcode"), "n-code");
+    }
+
+    #[test]
+    fn a_zone_is_a_lower_case_fqdn() {
+        let z = parse_zone("Corp.Example").unwrap();
+        assert!(z.is_fqdn());
+        assert_eq!(z.to_string(), "corp.example.");
+        let e = parse_zone(&"a".repeat(201)).unwrap_err();
+        assert!(e.to_string().contains("1 to 200 characters"), "{e}");
+    }
+
+    /// The answer to `q` as sent, parsed.
+    fn answer(z: &Zone, q: &Message) -> Option<Message> {
+        z.answer(&q.to_vec().unwrap())
+            .map(|a| Message::from_vec(&a).unwrap())
+    }
+
+    fn query(name: &str) -> Message {
+        let mut q = Message::query();
+        q.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii(name).unwrap(),
+            RecordType::A,
+        ));
+        q
+    }
+
+    #[test]
+    fn only_plain_queries_with_one_question_are_answered() {
+        let z = zone();
+        // A response is never answered (no loops between two servers).
+        let mut r = query("hq.tunnel.");
+        r.metadata.message_type = MessageType::Response;
+        assert!(answer(&z, &r).is_none());
+        let mut notify = query("hq.tunnel.");
+        notify.metadata.op_code = OpCode::Notify;
+        let a = answer(&z, &notify).unwrap();
+        assert_eq!(a.metadata.response_code, ResponseCode::NotImp);
+        let mut two = query("hq.tunnel.");
+        two.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii("web.hq.tunnel.").unwrap(),
+            RecordType::A,
+        ));
+        let a = answer(&z, &two).unwrap();
+        assert_eq!(a.metadata.response_code, ResponseCode::FormErr);
+        assert!(a.answers.is_empty());
+    }
+
+    #[test]
+    fn an_answer_echoes_the_id_and_recursion_desired_and_offers_no_recursion() {
+        let z = zone();
+        let mut q = query("hq.tunnel.");
+        q.metadata.id = 4242;
+        q.metadata.recursion_desired = true;
+        let a = answer(&z, &q).unwrap();
+        assert_eq!(a.metadata.id, 4242);
+        assert!(a.metadata.recursion_desired);
+        assert!(!a.metadata.recursion_available);
+        assert_eq!(a.metadata.message_type, MessageType::Response);
+        assert_eq!(a.answers[0].ttl, TTL);
+    }
+
+    #[test]
+    fn a_long_udp_answer_becomes_a_truncated_header() {
+        let short = vec![7u8; 100];
+        assert_eq!(fit_udp(short.clone()), short);
+        let mut long = vec![0u8; 600];
+        long[..12].copy_from_slice(&[0xab, 0xcd, 0x84, 0x00, 0, 1, 0, 30, 0, 0, 0, 0]);
+        let cut = fit_udp(long);
+        assert_eq!(cut, [0xab, 0xcd, 0x86, 0x00, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let m = Message::from_vec(&cut).unwrap();
+        assert!(m.metadata.truncation);
+        assert_eq!(m.metadata.id, 0xabcd);
     }
 }

@@ -530,4 +530,143 @@ mod tests {
             .unwrap();
         assert!(e.to_string().contains("wgt0.host"), "{e}");
     }
+
+    #[tokio::test]
+    async fn with_the_firewall_off_a_crashed_runs_table_and_docker_rules_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let net = net();
+        let fw = std::sync::Arc::new(FakeFirewall::default());
+        let (stale, _) = firewall::plan(&policy(&["192.168.50.0/24"]));
+        fw.apply(&stale).unwrap();
+        *fw.docker.lock().unwrap() =
+            Some(vec![(stale.name.clone(), stale.chains[0].rules[0].clone())]);
+        let g = Gateway::start(
+            Box::new(fw.clone()),
+            &net,
+            &StateDir::new(tmp.path()),
+            policy(&[]),
+            false,
+            &[],
+        )
+        .await
+        .unwrap();
+        assert!(fw.tables.lock().unwrap().is_empty());
+        assert_eq!(*fw.docker.lock().unwrap(), Some(vec![]));
+        assert!(g.confine().is_none());
+        g.stop(&net).await;
+    }
+
+    #[tokio::test]
+    async fn without_nftables_only_the_userspace_device_may_forward() {
+        let tmp = tempfile::tempdir().unwrap();
+        let net = net();
+        let store = StateDir::new(tmp.path());
+        let missing = Box::new(FakeFirewall {
+            missing: true,
+            ..Default::default()
+        });
+        let tunnel: IpNetwork = "10.77.0.0/24".parse().unwrap();
+        let g = Gateway::start(missing, &net, &store, policy(&[]), true, &[tunnel])
+            .await
+            .unwrap();
+        assert!(
+            !g.may_forward(false),
+            "a kernel device would forward unconfined"
+        );
+        assert!(g.may_forward(true));
+        assert_eq!(g.confine(), Some(vec![tunnel]));
+        g.stop(&net).await;
+        let fw = Box::new(FakeFirewall::default());
+        let g = Gateway::start(fw, &net, &store, policy(&[]), true, &[tunnel])
+            .await
+            .unwrap();
+        assert!(g.may_forward(false));
+        g.stop(&net).await;
+    }
+
+    #[tokio::test]
+    async fn keep_applies_a_changed_policy_and_puts_back_a_flushed_table() {
+        let tmp = tempfile::tempdir().unwrap();
+        let net = net();
+        let fw = std::sync::Arc::new(FakeFirewall::default());
+        let mut g = Gateway::start(
+            Box::new(fw.clone()),
+            &net,
+            &StateDir::new(tmp.path()),
+            policy(&[]),
+            true,
+            &[],
+        )
+        .await
+        .unwrap();
+        fw.tables.lock().unwrap().clear();
+        g.keep(None);
+        assert!(fw.exists("tunnel-wgt0").unwrap(), "not put back");
+        let routed = policy(&["192.168.50.0/24"]);
+        g.keep(Some(routed.clone()));
+        assert_eq!(g.policy(), &routed);
+        assert_eq!(
+            fw.tables.lock().unwrap()["tunnel-wgt0"],
+            firewall::plan(&routed).0
+        );
+        g.stop(&net).await;
+        assert!(fw.tables.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_route_this_host_cannot_reach_turns_on_no_link_for_it_and_no_ipv6() {
+        let tmp = tempfile::tempdir().unwrap();
+        let net = net();
+        let fw = Box::new(FakeFirewall::default());
+        let store = StateDir::new(tmp.path());
+        let mut g = Gateway::start(fw, &net, &store, policy(&["10.99.0.0/16"]), true, &[])
+            .await
+            .unwrap();
+        g.forward(&net, false).await.unwrap();
+        assert_eq!(forwarding(&net), ["wgt0"]);
+        assert!(!*net.forwarding6.lock().unwrap(), "no IPv6 asked for");
+        g.stop(&net).await;
+        // An IPv6 LAN needs IPv6 forwarding even when the tunnel is not
+        // dual-stack.
+        let fw = Box::new(FakeFirewall::default());
+        let mut g = Gateway::start(fw, &net, &store, policy(&["fd00:50::/64"]), true, &[])
+            .await
+            .unwrap();
+        g.forward(&net, false).await.unwrap();
+        assert!(*net.forwarding6.lock().unwrap());
+        assert!(forwarding(&net).is_empty(), "no IPv4 to forward");
+        g.stop(&net).await;
+    }
+
+    #[tokio::test]
+    async fn the_journal_holds_each_change_once_and_reads_older_journals() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateDir::new(tmp.path());
+        let net = net();
+        let mut c = Changes::recover(&net, &store, "wgt0").await.unwrap();
+        let rule = PolicyRule {
+            priority: 100,
+            to: "198.51.100.7/32".parse().unwrap(),
+            table: 51820,
+            ip_proto: None,
+            dport: None,
+        };
+        c.add_rule(&net, rule.clone()).await.unwrap();
+        c.add_rule(&net, rule.clone()).await.unwrap();
+        c.enable_forwarding(&net, &["lan0".into(), "lan0".into()])
+            .await
+            .unwrap();
+        assert_eq!(c.journal().rules, [rule]);
+        assert_eq!(c.journal().forwarding, ["lan0"]);
+        // What is on disk is what is journaled, before it is undone.
+        let saved: Journal =
+            serde_json::from_slice(&std::fs::read(tmp.path().join("wgt0.host")).unwrap()).unwrap();
+        assert_eq!(&saved, c.journal());
+        // A journal from a version that knew only forwarding.
+        let old: Journal = serde_json::from_str(r#"{"forwarding": ["eth1"]}"#).unwrap();
+        assert_eq!(old.forwarding, ["eth1"]);
+        assert!(old.rules.is_empty() && !old.forwarding6);
+        c.undo(&net).await;
+        assert!(!tmp.path().join("wgt0.host").exists());
+    }
 }

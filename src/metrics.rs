@@ -528,4 +528,114 @@ mod tests {
             assert!(check(a, public).is_ok(), "{off}");
         }
     }
+
+    /// The value of the one series that starts with `prefix`, if any.
+    fn value(text: &str, prefix: &str) -> Option<String> {
+        let mut found = text.lines().filter(|l| l.starts_with(prefix));
+        let line = found.next()?;
+        assert!(found.next().is_none(), "two series {prefix}:\n{text}");
+        line.rsplit(' ').next().map(str::to_owned)
+    }
+
+    const CHANGES: &str = "tunnel_peer_endpoint_changes_total{iface=\"wgt0\"";
+
+    #[test]
+    fn only_a_move_from_one_known_endpoint_to_another_is_a_change() {
+        let m = Metrics::new();
+        let at = |now: Option<&str>| {
+            let mut e = endpoint(1, "192.0.2.1:5000");
+            e.peers[0].endpoint = now.map(|s| s.parse().unwrap());
+            m.sample(&[e], false);
+            value(&m.encode(), CHANGES).unwrap()
+        };
+        assert_eq!(
+            at(Some("192.0.2.1:5000")),
+            "0",
+            "the first one is no change"
+        );
+        // Not known for a while (a device re-made): not a move either, and
+        // the last known one is kept.
+        assert_eq!(at(None), "0");
+        assert_eq!(at(Some("192.0.2.1:5000")), "0");
+        assert_eq!(at(Some("192.0.2.1:6000")), "1", "NAT rebinding");
+        assert_eq!(at(Some("192.0.2.1:6000")), "1");
+        assert_eq!(at(Some("203.0.113.4:6000")), "2");
+    }
+
+    #[test]
+    fn the_same_key_on_two_interfaces_roams_separately() {
+        let m = Metrics::new();
+        let on = |iface: &str, ep: &str| {
+            let mut e = endpoint(1, ep);
+            e.iface = iface.into();
+            e
+        };
+        m.sample(
+            &[on("wgt0", "192.0.2.1:1"), on("wgt1", "192.0.2.1:1")],
+            false,
+        );
+        m.sample(
+            &[on("wgt0", "192.0.2.1:2"), on("wgt1", "192.0.2.1:1")],
+            false,
+        );
+        let text = m.encode();
+        assert_eq!(value(&text, CHANGES).as_deref(), Some("1"));
+        assert_eq!(
+            value(&text, "tunnel_peer_endpoint_changes_total{iface=\"wgt1\"").as_deref(),
+            Some("0")
+        );
+    }
+
+    #[test]
+    fn a_peer_without_a_handshake_has_traffic_series_but_no_age() {
+        let mut e = endpoint(100, "192.0.2.1:5000");
+        e.peers[0].last_handshake_secs = None;
+        let m = Metrics::new();
+        m.sample(&[e], false);
+        let text = m.encode();
+        assert_eq!(
+            value(&text, "tunnel_peer_rx_bytes_total{").as_deref(),
+            Some("100")
+        );
+        assert_eq!(value(&text, "tunnel_peer_handshake_age_seconds{"), None);
+    }
+
+    #[test]
+    fn a_peer_gone_since_the_last_scrape_is_gone_from_the_next() {
+        let m = Metrics::new();
+        m.sample(&[endpoint(100, "192.0.2.1:5000")], false);
+        assert!(value(&m.encode(), "tunnel_peer_rx_bytes_total{").is_some());
+        m.sample(&[], false);
+        let text = m.encode();
+        assert_eq!(value(&text, "tunnel_peer_rx_bytes_total{"), None, "{text}");
+        // The families stay, described, for whoever scrapes next.
+        assert!(
+            text.contains("# TYPE tunnel_peer_rx_bytes counter"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn refusals_are_counted_per_reason_and_an_address_that_is_none_is_named() {
+        let m = Metrics::new();
+        m.refused("unauthorized");
+        m.refused("rate");
+        m.refused("rate");
+        let text = m.encode();
+        assert_eq!(
+            value(&text, "tunnel_control_refusals_total{reason=\"rate\"}").as_deref(),
+            Some("2")
+        );
+        assert_eq!(
+            value(
+                &text,
+                "tunnel_control_refusals_total{reason=\"unauthorized\"}"
+            )
+            .as_deref(),
+            Some("1")
+        );
+        let e = parse_addr("localhost:9580").unwrap_err();
+        assert!(matches!(e, MetricsError::BadAddr(_)), "{e:?}");
+        assert!(e.to_string().contains("not ADDR:PORT"), "{e}");
+    }
 }

@@ -528,4 +528,194 @@ mod tests {
         assert_eq!(json[0]["state"], "down");
         assert!(json[0]["peers"][0]["last_handshake_secs"].is_null());
     }
+
+    fn joined() -> crate::state::JoinedState {
+        crate::state::JoinedState {
+            name: Some("branch".into()),
+            private_key: PrivateKey::generate(),
+            mtu: 1420,
+            backend: None,
+            server_public_key: PrivateKey::generate().public_key(),
+            endpoint: "vpn.example.org:51820".into(),
+            port: 51820,
+            address: "10.77.0.2/24".parse().unwrap(),
+            server_address: "10.77.0.1".parse().unwrap(),
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            subnet6: Some("fd00:77::/64".parse().unwrap()),
+            containers: vec![ContainerRecord {
+                container: "db".into(),
+                iface: "wgtc0".into(),
+                private_key: PrivateKey::generate(),
+                address: "10.77.0.9".parse().unwrap(),
+                by_label: false,
+                driver: false,
+            }],
+            path: crate::reach::Path::Udp,
+            routes: vec!["192.168.7.0/24".parse().unwrap()],
+            masquerade: false,
+            transparent: false,
+            snat_public: false,
+            attach_label: None,
+        }
+    }
+
+    fn record(name: Option<&str>, via: Option<&str>) -> PeerRecord {
+        PeerRecord {
+            public_key: PrivateKey::generate().public_key(),
+            address: "10.77.0.3".parse().unwrap(),
+            joined_at: 0,
+            name: name.map(str::to_owned),
+            via: via.map(|v| v.parse().unwrap()),
+            endpoint: None,
+            routes: vec![],
+            snat_public: false,
+            approved: Some(vec![]),
+            road_warrior: false,
+        }
+    }
+
+    #[test]
+    fn a_hubs_peer_is_named_as_a_site_or_as_a_sites_container() {
+        assert_eq!(peer_name(&record(Some("branch"), None)), "branch");
+        assert_eq!(peer_name(&record(None, None)), "site");
+        assert_eq!(
+            peer_name(&record(Some("db"), Some("10.77.0.2"))),
+            "container db"
+        );
+        assert_eq!(peer_name(&record(None, Some("10.77.0.2"))), "container");
+    }
+
+    #[test]
+    fn a_saved_site_reports_its_server_its_twin_address_and_its_containers_down() {
+        let j = joined();
+        let server_key = j.server_public_key;
+        let eps = from_state("wgt0", &Endpoint::Joined(j));
+        let [site, db] = eps.as_slice() else {
+            panic!("{eps:?}")
+        };
+        assert_eq!((site.role, site.state), (Role::Joined, State::Down));
+        assert_eq!(site.name.as_deref(), Some("branch"));
+        assert_eq!(site.server.as_deref(), Some("vpn.example.org:51820"));
+        assert_eq!(site.address6.unwrap().to_string(), "fd00:77::2/64");
+        assert_eq!(site.routes.len(), 1);
+        assert_eq!(site.listen_port, None);
+        let [hub] = site.peers.as_slice() else {
+            panic!("{:?}", site.peers)
+        };
+        assert_eq!(hub.public_key, server_key);
+        assert_eq!(hub.name.as_deref(), Some("server"));
+        assert_eq!(hub.address, Some("10.77.0.1".parse().unwrap()));
+        assert_eq!((db.iface.as_str(), db.role), ("wgtc0", Role::Container));
+        assert_eq!(db.address.to_string(), "10.77.0.9/24");
+        assert_eq!(db.address6.unwrap().to_string(), "fd00:77::9/64");
+        assert!(db.peers.is_empty());
+    }
+
+    #[test]
+    fn a_saved_hubs_peers_show_approved_and_pending_routes_apart() {
+        let mut state = ServerState::new("10.77.0.0/24".parse().unwrap(), 51820, 1420);
+        let mut p = record(Some("branch"), None);
+        p.routes = vec![
+            "192.168.7.0/24".parse().unwrap(),
+            "172.27.88.0/24".parse().unwrap(),
+        ];
+        p.approved = Some(vec!["192.168.0.0/16".parse().unwrap()]);
+        state.peers.push(p);
+        let eps = from_state("wgt0", &Endpoint::Server(state));
+        let peer = &eps[0].peers[0];
+        assert_eq!(
+            peer.routes,
+            ["192.168.7.0/24".parse::<IpNetwork>().unwrap()]
+        );
+        assert_eq!(
+            peer.pending_routes,
+            ["172.27.88.0/24".parse::<IpNetwork>().unwrap()]
+        );
+        assert_eq!(eps[0].listen_port, Some(51820));
+    }
+
+    #[test]
+    fn the_text_shows_transport_keepalive_routes_and_how_to_approve_a_route() {
+        let mut e = live(Role::Server, State::Up, &[Some(12)]);
+        e.backend = Some(BackendKind::Userspace);
+        e.address6 = Some("fd00:77::1/64".parse().unwrap());
+        let p = &mut e.peers[0];
+        p.name = Some("branch".into());
+        p.address = Some("10.77.0.3".parse().unwrap());
+        p.endpoint = Some("198.51.100.7:40000".parse().unwrap());
+        p.transport = Some("wss via proxy 10.0.0.1:3128".into());
+        p.keepalive = Some(25);
+        p.rx_bytes = 5;
+        p.tx_bytes = 7;
+        p.routes = vec!["192.168.7.0/24".parse().unwrap()];
+        p.pending_routes = vec!["172.27.88.0/24".parse().unwrap()];
+        let text = render(&[e]);
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("wgt0 (server, up, "), "{text}");
+        assert!(
+            text.contains("  address:    10.77.0.1/24, fd00:77::1/64\n"),
+            "{text}"
+        );
+        assert!(text.contains("  listen port: 51820\n"), "{text}");
+        assert!(
+            text.contains(
+                "  peer 10.77.0.3 (branch): endpoint 198.51.100.7:40000 over wss via proxy 10.0.0.1:3128, handshake 12s ago, rx 5 B, tx 7 B, keepalive 25s\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("    routes 192.168.7.0/24\n"), "{text}");
+        assert!(
+            text.contains(
+                "    waiting for approval: 172.27.88.0/24 (tunnel route approve branch 172.27.88.0/24)\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_text_leaves_out_udp_and_what_is_unknown() {
+        let mut e = live(Role::Joined, State::Up, &[None]);
+        e.container = Some("web".into());
+        e.container_id = Some("0123456789abcdef0123".into());
+        let p = &mut e.peers[0];
+        p.name = None;
+        p.transport = Some("udp".into());
+        p.pending_routes = vec!["172.27.88.0/24".parse().unwrap()];
+        let text = render(&[e]);
+        assert!(
+            text.contains("  peer - (?): endpoint -, handshake never, rx 0 B, tx 0 B\n"),
+            "{text}"
+        );
+        // A container id is shown short, as docker ps does.
+        assert!(
+            text.contains("  container:  web (0123456789ab)\n"),
+            "{text}"
+        );
+        // No name, no address: the approval hint has a placeholder.
+        assert!(text.contains("route approve SITE 172.27.88.0/24"), "{text}");
+        assert_eq!(
+            render(&[]),
+            "no endpoints (nothing in the state directory)\n"
+        );
+    }
+
+    #[test]
+    fn the_json_leaves_out_empty_optional_fields_and_reads_older_reports() {
+        let e = live(Role::Server, State::Up, &[Some(1)]);
+        let json = serde_json::to_value(&e).unwrap();
+        assert!(json.get("address6").is_none(), "{json}");
+        assert!(json["peers"][0].get("pending_routes").is_none(), "{json}");
+        // A report from before names, routes and transports: still read.
+        let mut old = json.clone();
+        let obj = old.as_object_mut().unwrap();
+        obj.remove("name");
+        obj.remove("routes");
+        let peer = old["peers"][0].as_object_mut().unwrap();
+        peer.remove("transport");
+        peer.remove("routes");
+        let back: EndpointStatus = serde_json::from_value(old).unwrap();
+        assert_eq!(back.name, None);
+        assert!(back.routes.is_empty() && back.peers[0].transport.is_none());
+        assert_eq!(serde_json::from_value::<EndpointStatus>(json).unwrap(), e);
+    }
 }

@@ -674,40 +674,4 @@ impl WgDevice for UserspaceDevice {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::{SocketAddr, gso_runs, within};
-
-    #[test]
-    fn gso_runs_group_equal_sizes_to_one_destination_within_limits() {
-        let a: SocketAddr = "192.0.2.1:51820".parse().unwrap();
-        let b: SocketAddr = "192.0.2.2:51820".parse().unwrap();
-        // Same size, then a shorter last one ends the run.
-        let shape = [(1452, a), (1452, a), (1452, a), (600, a), (1452, a)];
-        assert_eq!(gso_runs(&shape), vec![0..4, 4..5]);
-        // Another destination or a bigger datagram starts a new run.
-        let shape = [(1452, a), (1452, b), (100, b), (1452, b)];
-        assert_eq!(gso_runs(&shape), vec![0..1, 1..3, 3..4]);
-        // At most 64 datagrams, and 65000 bytes, per run.
-        let shape = vec![(100, a); 130];
-        assert_eq!(gso_runs(&shape), vec![0..64, 64..128, 128..130]);
-        let shape = vec![(1452, a); 50];
-        let runs = gso_runs(&shape);
-        assert_eq!(runs[0], 0..44);
-        assert!(runs.iter().all(|r| r.len() * 1452 <= 65000));
-        assert!(gso_runs(&[]).is_empty());
-    }
-
-    #[test]
-    fn confinement_keeps_packets_whose_other_end_is_inside() {
-        let nets = [
-            "10.77.0.0/24".parse().unwrap(),
-            "fd00::/64".parse().unwrap(),
-        ];
-        assert!(within(&nets, Some("10.77.0.3".parse().unwrap())));
-        assert!(within(&nets, Some("fd00::9".parse().unwrap())));
-        assert!(!within(&nets, Some("192.168.1.5".parse().unwrap())));
-        assert!(!within(&nets, Some("10.78.0.1".parse().unwrap())));
-        // Not an IP packet at all: dropped.
-        assert!(!within(&nets, None));
-    }
-}
+mod tests;
