@@ -26,9 +26,14 @@ impl ContainerView {
                 && let Ok(peers) = d.peers().await
             {
                 for (report, live) in e.peers.iter_mut().zip(peers.iter()) {
+                    // Live figures replace the configured ones; what only
+                    // the configuration knows (the transport, the LANs
+                    // through the hub) stays.
                     let transport = report.transport.take();
+                    let routes = std::mem::take(&mut report.routes);
                     *report = PeerReport::from_live(live, report.name.clone(), report.address);
                     report.transport = transport;
+                    report.routes = routes;
                     if report
                         .endpoint
                         .as_ref()
@@ -208,5 +213,33 @@ mod tests {
         assert_eq!(hub.endpoint, None);
         assert_eq!(hub.name.as_deref(), Some("server"));
         assert_eq!(hub.transport.as_deref(), Some("udp"));
+    }
+
+    #[tokio::test]
+    async fn an_attached_endpoint_keeps_the_lans_it_reaches_through_the_hub() {
+        let s = spec();
+        let dev = FakeWg::default();
+        dev.state.lock().unwrap().peers.push(PeerStatus {
+            public_key: s.hub.public_key,
+            endpoint: s.hub.endpoint,
+            allowed_ips: s.hub.allowed_ips.clone(),
+            last_handshake: Some(Duration::from_secs(3)),
+            rx_bytes: 1,
+            tx_bytes: 2,
+            keepalive: Some(25),
+        });
+        let attached: (Attached, Arc<dyn WgDevice>) = (
+            Attached {
+                id: "0123456789abcdef".into(),
+                pid: 10,
+            },
+            Arc::new(dev),
+        );
+        let lan: IpNetwork = "192.168.50.0/24".parse().unwrap();
+        let view = ContainerView::default();
+        view.publish(std::iter::once((&s, Some(&attached))), &[lan]);
+        let [e] = view.report().await.try_into().unwrap();
+        assert_eq!(e.peers[0].routes, [lan]);
+        assert_eq!(e.peers[0].last_handshake_secs, Some(3));
     }
 }
