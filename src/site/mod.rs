@@ -8,6 +8,7 @@ mod api;
 pub mod endpoints;
 pub mod host;
 pub mod join;
+pub mod machine;
 pub mod path;
 pub mod routes;
 
