@@ -213,51 +213,26 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         };
 
     crate::sys::crash_point("iface-created");
-    // The key for this token is saved before the redeem goes out: a join
-    // that crashes and runs again redeems with the same key, which the hub
-    // takes again, so a crash never burns the token.
-    let invite = token.invite_key.public_key();
-    let own_key = match store.load_pending(&iface) {
-        Ok(Some(p)) if p.invite == invite => {
-            tracing::info!(
-                "resuming an interrupted join of this token with the key in {}",
-                store.pending_file(&iface).display()
-            );
-            p.private_key
+    let own_key = match site::own_key(&store, &iface, &token, PrivateKey::generate) {
+        Ok(k) => k,
+        Err(e) => {
+            let _ = device.destroy().await;
+            gateway.stop(net.as_ref()).await;
+            return Err(e.into());
         }
-        _ => PrivateKey::generate(),
     };
-    let pending = crate::state::PendingJoin {
-        invite,
-        private_key: own_key.clone(),
-    };
-    if let Err(e) = store.save_pending(&iface, &pending) {
-        let _ = device.destroy().await;
-        gateway.stop(net.as_ref()).await;
-        return Err(e.into());
-    }
     let progress = super::Spinner(spinner());
     let deadline = started + args.timeout;
     let joined = async {
-        let route = site::choose_path(
-            &inv,
-            device.as_ref(),
-            relay.as_ref(),
-            net.as_ref(),
-            &progress,
-            deadline,
-        )
-        .await?;
-        let mut joined = site::redeem_and_switch(
-            &inv,
-            &route,
-            &own_key,
-            device.as_ref(),
-            &store,
-            &progress,
-            deadline,
-        )
-        .await?;
+        let joiner = site::Joiner {
+            inv: &inv,
+            device: device.as_ref(),
+            relay: relay.as_ref(),
+            net: net.as_ref(),
+            store: &store,
+            own_key: &own_key,
+        };
+        let (route, mut joined) = site::establish(&joiner, &progress, deadline).await?;
         let first_packet = started.elapsed();
         let transparent = site::prepare_host(
             &mut gateway,

@@ -8,7 +8,7 @@
 //! (progress, the end) out of [`JoinMachine::poll_event`], and when to wake
 //! it with [`JoinMachine::handle_timeout`] out of
 //! [`JoinMachine::poll_timeout`]. It reads no clock and no random source
-//! and touches nothing: a driver runs it against the
+//! and touches nothing: its driver (`drive`) runs it against the
 //! device, the hub's API and the WebSocket dialers, and the simulation
 //! tests run it against a fake clock.
 

@@ -5,8 +5,10 @@
 //! ([`routes`]), and how it runs until shutdown ([`run`]).
 
 mod api;
+mod drive;
 pub mod endpoints;
 pub mod host;
+mod invitation;
 pub mod join;
 pub mod machine;
 pub mod path;
@@ -16,8 +18,8 @@ pub use crate::node::Containers;
 use api::SiteApi;
 pub use endpoints::{SiteEndpoints, register_containers, saved_containers};
 pub use host::{TRANSPARENT_TABLE, prepare_host, site_gateway, start_gateway};
-pub use join::{Invitation, redeem_and_switch, wait_for_flow};
-pub use path::choose_path;
+pub use invitation::Invitation;
+pub use join::{Joiner, establish, own_key, wait_for_flow};
 use routes::RouteSync;
 pub use routes::remote_routes;
 
