@@ -5,7 +5,7 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use rand_core::OsRng;
+use rand_core::{CryptoRngCore, OsRng};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use x25519_dalek::StaticSecret;
@@ -26,6 +26,12 @@ impl PrivateKey {
     /// A new random key from the OS RNG.
     pub fn generate() -> Self {
         Self(StaticSecret::random_from_rng(OsRng))
+    }
+
+    /// A new key from `rng`: pure code is handed its random source (a
+    /// seeded one in tests) instead of reaching for the OS's.
+    pub fn from_rng(rng: &mut (impl CryptoRngCore + ?Sized)) -> Self {
+        Self(StaticSecret::random_from_rng(rng))
     }
 
     pub fn from_bytes(bytes: [u8; 32]) -> Self {

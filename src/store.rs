@@ -278,6 +278,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::PrivateKey;
     use crate::state::*;
 
     fn server() -> Endpoint {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Containers, IMAGE, Lab, container_address, docker_ok, fetch, needs_docker};
+use common::{Containers, IMAGE, Lab, Node, container_address, docker_ok, fetch, needs_docker};
 use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -48,8 +48,6 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
 
     let hub = lab.serve(&a, "a", 1, &["--container", &web]);
     let site = lab.join(&b, "b", &hub.lines[0], &a, &["--container", &cli]);
-    let (iface_a, iface_b) = (hub.iface.clone(), site.iface.clone());
-    let (serve, join) = (hub.proc, site.proc);
     let summary = site.lines[0].clone();
     assert!(
         summary.contains(&format!("container {cli} as 10.77.0.")),
@@ -63,91 +61,21 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
         Some(page.as_str()),
         "cli cannot fetch from web over the tunnel"
     );
-    // A container that was not attached has no way into the tunnel: no
-    // interface and no route for the subnet. (Checked without sending: its
-    // packets to 10.77.0.x would follow its default route off this host.)
-    let other_links = interfaces_in(&other);
-    assert!(
-        !other_links.contains(&iface_a) && !other_links.contains(&iface_b),
-        "{other_links}"
-    );
-    let other_routes = docker_ok(&["exec", &other, "ip", "route"]);
-    assert!(!other_routes.contains("10.77.0."), "{other_routes}");
-    assert!(
-        docker_ok(&["exec", &cli, "ip", "route"]).contains("10.77.0.0/24"),
-        "cli has no tunnel route"
-    );
-
-    // Container endpoints report live figures too.
-    let st = lab.status(&hub);
-    let web_ep = st
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["container"] == web.as_str())
-        .unwrap();
-    assert_eq!(web_ep["state"], "up");
-    assert!(
-        web_ep["peers"][0]["last_handshake_secs"].is_u64(),
-        "{web_ep}"
-    );
-    assert!(
-        web_ep["peers"][0]["rx_bytes"].as_u64().unwrap() > 0,
-        "{web_ep}"
-    );
-
-    // Human-readable status shows both endpoints and the container.
-    let text = String::from_utf8_lossy(
-        &lab.tunnel(&a, &["status", "--state-dir", hub.state.to_str().unwrap()])
-            .stdout,
-    )
-    .into_owned();
-    assert!(text.contains(&format!("container:  {web} (")), "{text}");
-    assert!(text.contains(&format!("{iface_a} (server, up")), "{text}");
-
-    // A restart gives web a new namespace; the endpoint follows it.
-    let t = Instant::now();
-    docker_ok(&["restart", "-t", "1", &web]);
-    let restarted = Instant::now();
-    wait_for_page(&cli, &url, &page, "after docker restart", &mut lab, serve);
-    eprintln!(
-        "docker restart {web}: page reachable again {} ms after `docker restart` returned ({} ms including the restart)",
-        restarted.elapsed().as_millis(),
-        t.elapsed().as_millis()
-    );
-
-    // Removed and re-created under the same name: re-attached.
-    docker_ok(&["rm", "-f", &web]);
-    cs.0.retain(|c| c != &web);
-    cs.web(&web, &page);
-    wait_for_page(&cli, &url, &page, "after re-creating web", &mut lab, serve);
-    // The same address and key came back.
-    assert_eq!(container_address(&lab.status(&hub), &web), web_ip);
-    // Each attach made a new device for web's endpoint; only the current
-    // one still listens on its UAPI socket (gotatun's own listener outlived
-    // its device, one per container restart).
-    let uapi = format!("/var/run/wireguard/{iface_a}c0.sock");
-    let listening = a.run(&["ss", "-xl"]);
-    assert_eq!(
-        listening.lines().filter(|l| l.contains(&uapi)).count(),
-        1,
-        "{listening}"
-    );
+    only_attached_containers_are_in(&cli, &other, &[&hub.iface, &site.iface]);
+    status_shows_the_container(&lab, &hub, &web);
+    follows_restart_and_recreation(&mut lab, &mut cs, &hub, &cli, &web, &page);
 
     // SIGTERM both: the containers keep running, with no WireGuard interface left.
-    assert!(
-        lab.proc(join).terminate().success(),
-        "{}",
-        lab.proc(join).stderr()
-    );
-    assert!(
-        lab.proc(serve).terminate().success(),
-        "{}",
-        lab.proc(serve).stderr()
-    );
+    for node in [&site, &hub] {
+        assert!(
+            lab.proc(node.proc).terminate().success(),
+            "{}",
+            lab.proc(node.proc).stderr()
+        );
+    }
     for (c, endpoint_iface) in [
-        (&web, format!("{iface_a}c0")),
-        (&cli, format!("{iface_b}c0")),
+        (&web, format!("{}c0", hub.iface)),
+        (&cli, format!("{}c0", site.iface)),
     ] {
         assert_eq!(
             docker_ok(&["inspect", "-f", "{{.State.Running}}", c]),
@@ -161,7 +89,7 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
         );
         assert!(!Path::new(&format!("/var/run/wireguard/{endpoint_iface}.sock")).exists());
     }
-    assert!(!a.has_link(&iface_a) && !b.has_link(&iface_b));
+    assert!(!a.has_link(&hub.iface) && !b.has_link(&site.iface));
     // Status afterwards reports from saved state.
     let after = lab.status(&hub);
     assert!(
@@ -171,6 +99,101 @@ fn containers_on_two_hosts_talk_over_the_tunnel_and_follow_restarts() {
             .iter()
             .all(|e| e["state"] == "down"),
         "{after}"
+    );
+}
+
+/// A container that was not attached (`other`) has no way into the
+/// tunnel: no interface and no route for the subnet; `cli` has its route.
+/// (Checked without sending: `other`'s packets to 10.77.0.x would follow
+/// its default route off this host.)
+fn only_attached_containers_are_in(cli: &str, other: &str, ifaces: &[&str]) {
+    let other_links = interfaces_in(other);
+    assert!(
+        !ifaces.iter().any(|i| other_links.contains(i)),
+        "{other_links}"
+    );
+    let other_routes = docker_ok(&["exec", other, "ip", "route"]);
+    assert!(!other_routes.contains("10.77.0."), "{other_routes}");
+    assert!(
+        docker_ok(&["exec", cli, "ip", "route"]).contains("10.77.0.0/24"),
+        "cli has no tunnel route"
+    );
+}
+
+/// Container endpoints report live figures too, and the human-readable
+/// status shows both endpoints and the container.
+fn status_shows_the_container(lab: &Lab, hub: &Node, web: &str) {
+    let st = lab.status(hub);
+    let web_ep = st
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["container"] == web)
+        .unwrap();
+    assert_eq!(web_ep["state"], "up");
+    assert!(
+        web_ep["peers"][0]["last_handshake_secs"].is_u64(),
+        "{web_ep}"
+    );
+    assert!(
+        web_ep["peers"][0]["rx_bytes"].as_u64().unwrap() > 0,
+        "{web_ep}"
+    );
+    let text = String::from_utf8_lossy(
+        &lab.tunnel(
+            &hub.host,
+            &["status", "--state-dir", hub.state.to_str().unwrap()],
+        )
+        .stdout,
+    )
+    .into_owned();
+    assert!(text.contains(&format!("container:  {web} (")), "{text}");
+    assert!(
+        text.contains(&format!("{} (server, up", hub.iface)),
+        "{text}"
+    );
+}
+
+/// `web` restarted, then removed and re-created under the same name: the
+/// hub's endpoint follows each time, with the same address, and leaves no
+/// UAPI listener behind.
+fn follows_restart_and_recreation(
+    lab: &mut Lab,
+    cs: &mut Containers,
+    hub: &Node,
+    cli: &str,
+    web: &str,
+    page: &str,
+) {
+    let web_ip = container_address(&lab.status(hub), web);
+    let url = format!("http://{web_ip}/");
+    // A restart gives web a new namespace; the endpoint follows it.
+    let t = Instant::now();
+    docker_ok(&["restart", "-t", "1", web]);
+    let restarted = Instant::now();
+    wait_for_page(cli, &url, page, "after docker restart", lab, hub.proc);
+    eprintln!(
+        "docker restart {web}: page reachable again {} ms after `docker restart` returned ({} ms including the restart)",
+        restarted.elapsed().as_millis(),
+        t.elapsed().as_millis()
+    );
+
+    // Removed and re-created under the same name: re-attached.
+    docker_ok(&["rm", "-f", web]);
+    cs.0.retain(|c| c != web);
+    cs.web(web, page);
+    wait_for_page(cli, &url, page, "after re-creating web", lab, hub.proc);
+    // The same address and key came back.
+    assert_eq!(container_address(&lab.status(hub), web), web_ip);
+    // Each attach made a new device for web's endpoint; only the current
+    // one still listens on its UAPI socket (gotatun's own listener outlived
+    // its device, one per container restart).
+    let uapi = format!("/var/run/wireguard/{}c0.sock", hub.iface);
+    let listening = hub.host.run(&["ss", "-xl"]);
+    assert_eq!(
+        listening.lines().filter(|l| l.contains(&uapi)).count(),
+        1,
+        "{listening}"
     );
 }
 

@@ -135,8 +135,8 @@ proptest! {
 fn use_state(e: &Endpoint) {
     let statuses = tunnel::status::from_state("wg0", e);
     let _ = tunnel::status::render(&statuses);
-    let _ = tunnel::cli::export::render("wg0", e, None);
-    let _ = tunnel::cli::export::render("wg0", e, Some("web"));
+    let _ = tunnel::wg::quick::render("wg0", e, None);
+    let _ = tunnel::wg::quick::render("wg0", e, Some("web"));
     if let Endpoint::Server(s) = e
         && let Ok(mut l) = tunnel::hub::Ledger::new(s.clone(), 4)
     {

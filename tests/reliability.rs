@@ -132,6 +132,32 @@ impl Drop for Tmpfs {
     }
 }
 
+/// The hub of the disk test, its state on the small tmpfs.
+struct DiskHub {
+    host: common::Host,
+    iface: String,
+    state: std::path::PathBuf,
+    proc: usize,
+}
+
+impl DiskHub {
+    /// `tunnel CMD` for this hub's interface and state, to completion.
+    fn tunnel(&self, lab: &common::Lab, cmd: &str) -> std::process::Output {
+        let state = self.state.to_str().unwrap();
+        lab.tunnel(
+            &self.host,
+            &[cmd, "--iface", &self.iface, "--state-dir", state],
+        )
+    }
+
+    /// What its state file holds; it must parse whatever happened.
+    fn saved(&self) -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(self.state.join(format!("{}.json", self.iface))).unwrap();
+        serde_json::from_str(&text).expect("the state file is always a complete state")
+    }
+}
+
 #[test]
 #[ignore = "needs root: sudo make test"]
 fn a_full_or_read_only_disk_never_takes_the_tunnel_down() {
@@ -140,7 +166,6 @@ fn a_full_or_read_only_disk_never_takes_the_tunnel_down() {
     let (a, b) = (lab.host(0), lab.host(1));
     let disk = Tmpfs::mount(lab.dir.path().join("disk"), "2m");
     let state = disk.0.join("hub");
-    let state_arg = state.to_str().unwrap().to_owned();
     let iface = lab.iface("a");
     let serve = lab.spawn(
         &a,
@@ -149,7 +174,7 @@ fn a_full_or_read_only_disk_never_takes_the_tunnel_down() {
             "--iface",
             &iface,
             "--state-dir",
-            &state_arg,
+            state.to_str().unwrap(),
             "--backend",
             "userspace",
             "--tokens",
@@ -159,53 +184,72 @@ fn a_full_or_read_only_disk_never_takes_the_tunnel_down() {
     let token = lab.proc(serve).wait_lines(1, common::UP)[0].clone();
     let site = lab.join(&b, "b", &token, &a, &[]);
     assert!(b.ping("10.77.0.1"));
-    let local = |cmd: &'static str| -> Vec<String> {
-        vec![
-            cmd.into(),
-            "--iface".into(),
-            iface.clone(),
-            "--state-dir".into(),
-            state_arg.clone(),
-        ]
+    let hub = DiskHub {
+        host: a,
+        iface,
+        state,
+        proc: serve,
     };
-    let run = |lab: &common::Lab, args: &[String]| {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        lab.tunnel(&a, &args)
-    };
-    let saved = || -> serde_json::Value {
-        let text = std::fs::read_to_string(state.join(format!("{iface}.json"))).unwrap();
-        serde_json::from_str(&text).expect("the state file is always a complete state")
-    };
+    let token2 = a_full_disk_hands_out_no_token(&mut lab, &hub, &disk, &b);
+    a_read_only_disk_refuses_new_endpoints(&mut lab, &hub, &disk, &b, &token2);
+    // The token refused above was not spent: it joins another site now
+    // (from B's namespace, once the first site there has stopped).
+    assert!(lab.proc(site.proc).terminate().success());
+    let again = lab.join(&b, "e", &token2, &hub.host, &[]);
+    assert!(again.lines[0].contains("10.77.0.3"), "{:?}", again.lines);
+    assert!(b.ping("10.77.0.1"));
+    assert!(lab.proc(again.proc).terminate().success());
+    assert!(lab.proc(serve).terminate().success());
+}
 
-    // Full: a token cannot be saved, so none is handed out; the tunnel
-    // stays up and the file keeps the last complete state.
-    let before = saved();
+/// Full: a token cannot be saved, so none is handed out; the tunnel stays
+/// up and the file keeps the last complete state. With space again, the
+/// next token is saved; it is returned.
+fn a_full_disk_hands_out_no_token(
+    lab: &mut common::Lab,
+    hub: &DiskHub,
+    disk: &Tmpfs,
+    b: &common::Host,
+) -> String {
+    let before = hub.saved();
     let filler = disk.fill();
-    let out = run(&lab, &local("token"));
+    let out = hub.tunnel(lab, "token");
     assert_eq!(out.status.code(), Some(1), "a token was handed out unsaved");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(b.ping("10.77.0.1"), "the tunnel went down with the disk");
-    assert!(lab.proc(serve).running(), "the hub exited on a full disk");
-    assert_eq!(saved(), before);
+    assert!(
+        lab.proc(hub.proc).running(),
+        "the hub exited on a full disk"
+    );
+    assert_eq!(hub.saved(), before);
     // Space again: the next change is saved.
     std::fs::remove_file(&filler).unwrap();
-    let out = run(&lab, &local("token"));
+    let out = hub.tunnel(lab, "token");
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let token2 = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert_ne!(saved(), before, "the new token's invite is not on disk");
+    assert_ne!(hub.saved(), before, "the new token's invite is not on disk");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
 
-    // Read-only: a new serve or join refuses to start with one clear line
-    // and leaves nothing; the running hub stays up; the token is not spent.
+/// Read-only: a new serve or join refuses to start with one clear line
+/// and leaves nothing; the running hub stays up; `token` is not spent.
+fn a_read_only_disk_refuses_new_endpoints(
+    lab: &mut common::Lab,
+    hub: &DiskHub,
+    disk: &Tmpfs,
+    b: &common::Host,
+    token: &str,
+) {
+    let a = &hub.host;
     common::sh(&["mount", "-o", "remount,ro", disk.0.to_str().unwrap()]);
     let fresh = disk.0.join("other");
     let (iface_c, iface_d) = (lab.iface("c"), lab.iface("d"));
     let out = lab.tunnel(
-        &a,
+        a,
         &[
             "serve",
             "--iface",
@@ -223,10 +267,10 @@ fn a_full_or_read_only_disk_never_takes_the_tunnel_down() {
     assert!(err.contains(fresh.to_str().unwrap()), "{err}");
     let join_state = disk.0.join("joined");
     let out = lab.tunnel(
-        &b,
+        b,
         &[
             "join",
-            &token2,
+            token,
             &a.ip,
             "--iface",
             &iface_d,
@@ -242,12 +286,4 @@ fn a_full_or_read_only_disk_never_takes_the_tunnel_down() {
     assert!(!b.has_link(&iface_d));
     assert!(b.ping("10.77.0.1"));
     common::sh(&["mount", "-o", "remount,rw", disk.0.to_str().unwrap()]);
-    // The token refused above was not spent: it joins another site now
-    // (from B's namespace, once the first site there has stopped).
-    assert!(lab.proc(site.proc).terminate().success());
-    let again = lab.join(&b, "e", &token2, &a, &[]);
-    assert!(again.lines[0].contains("10.77.0.3"), "{:?}", again.lines);
-    assert!(b.ping("10.77.0.1"));
-    assert!(lab.proc(again.proc).terminate().success());
-    assert!(lab.proc(serve).terminate().success());
 }

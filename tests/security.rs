@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Containers, needs_docker, needs_root};
+use common::{Containers, Lab, Node, needs_docker, needs_root};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -45,6 +45,18 @@ fn only_a_sites_key_changes_the_hub_and_sockets_are_owner_only() {
         &["sh", "-c", "umask 000; exec \"$0\" \"$@\""],
         &[],
     );
+    sockets_are_owner_only(&hub);
+    let site_b = lab.join(&b, "b", &hub.lines[0].clone(), &a, &[]);
+    let site_c = lab.join(&c, "c", &hub.lines[1].clone(), &a, &[]);
+    without_the_key_nothing_changes(&site_b);
+    signed_requests_are_admitted(&lab, &hub, &site_b, &site_c);
+    the_local_api_bounds_a_request(&hub);
+    assert!(lab.proc(hub.proc).running());
+}
+
+/// The UAPI and control sockets and the state directory are the owner's
+/// alone, whatever the umask.
+fn sockets_are_owner_only(hub: &Node) {
     let uapi = Path::new("/var/run/wireguard").join(format!("{}.sock", hub.iface));
     let control = hub.state.join(format!("{}.sock", hub.iface));
     assert_eq!(mode(&uapi) & 0o077, 0, "UAPI socket mode {:o}", mode(&uapi));
@@ -55,12 +67,13 @@ fn only_a_sites_key_changes_the_hub_and_sockets_are_owner_only() {
         mode(&control)
     );
     assert_eq!(mode(&hub.state) & 0o077, 0);
+}
 
-    let site_b = lab.join(&b, "b", &hub.lines[0].clone(), &a, &[]);
-    let site_c = lab.join(&c, "c", &hub.lines[1].clone(), &a, &[]);
-
-    // Any process on the site can connect from the site's tunnel address;
-    // without the site's key it changes nothing.
+/// Any process on the site can connect from the site's tunnel address;
+/// without the site's key it changes nothing, and nobody but root on the
+/// site can use its local socket.
+fn without_the_key_nothing_changes(site_b: &Node) {
+    let b = &site_b.host;
     let body = format!(
         r#"{{"public_key":"{}","name":"evil"}}"#,
         PrivateKey::generate().public_key()
@@ -83,7 +96,7 @@ fn only_a_sites_key_changes_the_hub_and_sockets_are_owner_only() {
     // A forged signature header is no better.
     let forged = format!(
         "Authorization: Tunnel key={}, ts=1, nonce=00000000000000000000000000000000, mac=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-        common::keys(&site_b).0.public_key()
+        common::keys(site_b).0.public_key()
     );
     let out = b.exec(&[
         "curl",
@@ -118,33 +131,40 @@ fn only_a_sites_key_changes_the_hub_and_sockets_are_owner_only() {
         "http://x/v1/status",
     ]);
     assert!(!out.status.success(), "nobody read the local socket");
+}
 
-    // The same request, signed with the site's key, is admitted.
-    let web_b = common::register_as(&site_b, "web").expect("a signed registration is admitted");
+/// The same request, signed with the site's key, is admitted; names are
+/// unique within a site, and a `revoke` by an ambiguous name is refused.
+fn signed_requests_are_admitted(lab: &Lab, hub: &Node, site_b: &Node, site_c: &Node) {
+    let a = &hub.host;
+    let web_b = common::register_as(site_b, "web").expect("a signed registration is admitted");
     assert!(web_b.starts_with("10.77.0."), "{web_b}");
-    let st = lab.status(&hub).to_string();
+    let st = lab.status(hub).to_string();
     assert!(st.contains("container web"), "{st}");
     assert!(!st.contains("evil"), "{st}");
     // Names are unique within a site, not across sites.
-    let again = common::register_as(&site_b, "web").unwrap_err();
+    let again = common::register_as(site_b, "web").unwrap_err();
     assert!(
         matches!(again, ControlError::Refused { status: 409, .. }),
         "{again}"
     );
-    let web_c = common::register_as(&site_c, "web").expect("another site may have its own web");
+    let web_c = common::register_as(site_c, "web").expect("another site may have its own web");
 
     // `revoke web` could mean either: refused, with both listed.
-    let out = lab.tunnel(&a, &with(&hub.local("revoke"), &["web"]));
+    let out = lab.tunnel(a, &with(&hub.local("revoke"), &["web"]));
     let err = common::failed_with(&out, 2, "ambiguous");
     let ip = |n: &str| n.split('/').next().unwrap().to_owned();
     assert!(
         err.contains(&ip(&web_b)) && err.contains(&ip(&web_c)),
         "{err}"
     );
-    let out = lab.tunnel_ok(&a, &with(&hub.local("revoke"), &[&ip(&web_c)]));
+    let out = lab.tunnel_ok(a, &with(&hub.local("revoke"), &[&ip(&web_c)]));
     assert!(out.contains("container web"), "{out}");
+}
 
-    // The local API bounds what it is asked for.
+/// The local API bounds what it is asked for.
+fn the_local_api_bounds_a_request(hub: &Node) {
+    let (a, control) = (&hub.host, hub.state.join(format!("{}.sock", hub.iface)));
     let out = a.exec(&[
         "curl",
         "-s",
@@ -161,7 +181,6 @@ fn only_a_sites_key_changes_the_hub_and_sockets_are_owner_only() {
         "http://x/v1/tokens",
     ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "400");
-    assert!(lab.proc(hub.proc).running());
 }
 
 #[test]

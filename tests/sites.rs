@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    Containers, Host, Node, WhoAmI, container_address, container_address6, fetch, needs_docker,
-    needs_root, until,
+    Containers, Host, Lab, Node, WhoAmI, container_address, container_address6, fetch,
+    needs_docker, needs_root, until,
 };
 use std::time::{Duration, Instant};
 
@@ -78,19 +78,7 @@ fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
     // gets replies home.
     let lan = lab.lan(&c, LAN, "198.18.0.0/15");
     let _whoami = WhoAmI::start(&lan, format!("{}:8080", lan.ip).parse().unwrap());
-    // The hub is a Docker host: FORWARD drops what no rule accepts, and
-    // DOCKER-USER is where users' rules go. (The lab's "internet" bridge
-    // lives in the hub's namespace; Docker's br_netfilter would send its
-    // frames through FORWARD too, which a real hub does not have.)
-    h.run(&["sysctl", "-qew", "net.bridge.bridge-nf-call-iptables=0"]);
-    for args in [
-        &["iptables", "-N", "DOCKER-USER"][..],
-        &["iptables", "-A", "DOCKER-USER", "-j", "RETURN"],
-        &["iptables", "-A", "FORWARD", "-j", "DOCKER-USER"],
-        &["iptables", "-P", "FORWARD", "DROP"],
-    ] {
-        h.run(args);
-    }
+    a_docker_host(&h);
     let (_cs, web, cli, page) = web_and_cli(&lab);
 
     let hub = lab.serve(&h, "h", 4, &["--container", &web]);
@@ -107,10 +95,61 @@ fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
     let docker_user = iptables(&h, "DOCKER-USER");
     assert!(docker_user.contains(&hub.iface), "{docker_user}");
 
-    // Site C joins without --route: its LAN stays out of reach, though C
-    // forwards in general (as a Docker host does).
+    without_route_the_lan_is_out_of_reach(&mut lab, &hub.lines[2], &site_b, &lan);
+
+    // With --route and --masquerade, C is the LAN's gateway.
+    let lan_link = link_to(&c, &lan.ip);
+    let site_c = lab.join(
+        &c,
+        "d",
+        &hub.lines[3],
+        &h,
+        &["--route", &format!("{LAN}.0/24"), "--masquerade"],
+    );
+    the_route_waits_for_approval(&lab, &hub, &b);
+    lab.decide_route(&hub, &site_c, "approve", &format!("{LAN}.0/24"));
+    the_lan_is_reached_through_the_gateway(&hub, &site_b, &cli, &lan);
+    status_shows_the_route(&lab, &hub, &site_c);
+    // C forwards for that prefix only: its other networks stay closed.
+    c.run(&["ip", "addr", "add", "192.168.51.1/24", "dev", "lo"]);
+    b.run(&[
+        "ip",
+        "route",
+        "add",
+        "192.168.51.0/24",
+        "dev",
+        &site_b.iface,
+    ]);
+    assert!(
+        !b.ping("192.168.51.1"),
+        "C forwards beyond its advertised LAN"
+    );
+    everything_goes_on_exit(&mut lab, &hub, [&site_a, &site_b, &site_c], &lan_link);
+}
+
+/// The hub is a Docker host: FORWARD drops what no rule accepts, and
+/// DOCKER-USER is where users' rules go. (The lab's "internet" bridge
+/// lives in the hub's namespace; Docker's br_netfilter would send its
+/// frames through FORWARD too, which a real hub does not have.)
+fn a_docker_host(h: &Host) {
+    h.run(&["sysctl", "-qew", "net.bridge.bridge-nf-call-iptables=0"]);
+    for args in [
+        &["iptables", "-N", "DOCKER-USER"][..],
+        &["iptables", "-A", "DOCKER-USER", "-j", "RETURN"],
+        &["iptables", "-A", "FORWARD", "-j", "DOCKER-USER"],
+        &["iptables", "-P", "FORWARD", "DROP"],
+    ] {
+        h.run(args);
+    }
+}
+
+/// Site C (the LAN's gateway) joins with `token` but without --route: its
+/// LAN stays out of reach of site B, though C forwards in general (as a
+/// Docker host does); then it goes down again.
+fn without_route_the_lan_is_out_of_reach(lab: &mut Lab, token: &str, site_b: &Node, lan: &Host) {
+    let (h, b, c) = (lab.host(0), &site_b.host, lab.host(3));
     c.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    let plain_c = lab.join(&c, "c", &hub.lines[2], &h, &[]);
+    let plain_c = lab.join(&c, "c", token, &h, &[]);
     assert!(!b.routes().contains(LAN), "{}", b.routes());
     // Even a route added by hand on B leads nowhere: the hub has none.
     b.run(&[
@@ -137,20 +176,13 @@ fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
     c.run(&["sysctl", "-qw", "net.ipv4.ip_forward=0"]);
     lab.tunnel_ok(&c, &plain_c.local("down"));
     lab.proc(plain_c.proc).wait(UP);
+}
 
-    // With --route and --masquerade, C is the LAN's gateway.
-    let lan_link = link_to(&c, &lan.ip);
-    let site_c = lab.join(
-        &c,
-        "d",
-        &hub.lines[3],
-        &h,
-        &["--route", &format!("{LAN}.0/24"), "--masquerade"],
-    );
-    // Asked for, not yet approved: the hub routes nothing and says so.
+/// Asked for, not yet approved: the hub routes nothing and says so.
+fn the_route_waits_for_approval(lab: &Lab, hub: &Node, b: &Host) {
     std::thread::sleep(Duration::from_secs(1));
     assert!(!b.routes().contains(LAN), "{}", b.routes());
-    let waiting = lab.status(&hub)[0]["peers"]
+    let waiting = lab.status(hub)[0]["peers"]
         .as_array()
         .unwrap()
         .iter()
@@ -161,9 +193,17 @@ fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
         [format!("{LAN}.0/24")],
         "status shows the waiting prefix"
     );
-    let shown = lab.tunnel_ok(&h, &["status", "--state-dir", hub.state.to_str().unwrap()]);
+    let shown = lab.tunnel_ok(
+        &hub.host,
+        &["status", "--state-dir", hub.state.to_str().unwrap()],
+    );
     assert!(shown.contains("waiting for approval"), "{shown}");
-    lab.decide_route(&hub, &site_c, "approve", &format!("{LAN}.0/24"));
+}
+
+/// Approved: site B and the container `cli` reach the LAN host, which
+/// sees the gateway's address, and the hub routes the LAN to C.
+fn the_lan_is_reached_through_the_gateway(hub: &Node, site_b: &Node, cli: &str, lan: &Host) {
+    let (h, b) = (&hub.host, &site_b.host);
     let gateway = format!("{LAN}.1");
     let seen_from_b = until("B does not reach the LAN host", || b.curl(&url(&lan.ip)));
     assert_eq!(
@@ -177,7 +217,7 @@ fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
         b.routes()
     );
     let seen_from_cli = until("the container on A does not reach the LAN host", || {
-        fetch(&cli, &url(&lan.ip))
+        fetch(cli, &url(&lan.ip))
     });
     assert_eq!(seen_from_cli, gateway);
     // The hub's routing table sends the LAN to C through the tunnel.
@@ -187,9 +227,11 @@ fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
         "{}",
         h.routes()
     );
+}
 
-    // status shows each site's routes.
-    let st = lab.status(&hub);
+/// status shows each site's routes, on the hub and on the site.
+fn status_shows_the_route(lab: &Lab, hub: &Node, site_c: &Node) {
+    let st = lab.status(hub);
     let routes: Vec<&serde_json::Value> = st[0]["peers"]
         .as_array()
         .unwrap()
@@ -198,37 +240,34 @@ fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
         .collect();
     assert_eq!(routes.len(), 1, "{st}");
     assert_eq!(routes[0]["routes"][0], format!("{LAN}.0/24"));
-    let text = lab.tunnel_ok(&h, &["status", "--state-dir", hub.state.to_str().unwrap()]);
-    assert!(text.contains(&format!("routes {LAN}.0/24")), "{text}");
-    assert_eq!(lab.status(&site_c)[0]["routes"][0], format!("{LAN}.0/24"));
-
-    // C forwards for that prefix only: its other networks stay closed.
-    c.run(&["ip", "addr", "add", "192.168.51.1/24", "dev", "lo"]);
-    b.run(&[
-        "ip",
-        "route",
-        "add",
-        "192.168.51.0/24",
-        "dev",
-        &site_b.iface,
-    ]);
-    assert!(
-        !b.ping("192.168.51.1"),
-        "C forwards beyond its advertised LAN"
+    let text = lab.tunnel_ok(
+        &hub.host,
+        &["status", "--state-dir", hub.state.to_str().unwrap()],
     );
+    assert!(text.contains(&format!("routes {LAN}.0/24")), "{text}");
+    assert_eq!(lab.status(site_c)[0]["routes"][0], format!("{LAN}.0/24"));
+}
 
-    // Everything goes on exit: C's table and forwarding, the hub's rules
-    // in DOCKER-USER. A site that is down keeps its LAN (it comes back
-    // with `up`); revoked, its LAN leaves the hub and the other sites.
-    lab.tunnel_ok(&c, &site_c.local("down"));
+/// Everything goes on exit, of the hub and its sites A, B and C: C's
+/// table and forwarding on `lan_link`, the hub's rules in DOCKER-USER. A site that is down keeps its LAN (it
+/// comes back with `up`); revoked, its LAN leaves the hub and the other
+/// sites.
+fn everything_goes_on_exit(
+    lab: &mut Lab,
+    hub: &Node,
+    [site_a, site_b, site_c]: [&Node; 3],
+    lan_link: &str,
+) {
+    let (h, b, c) = (&hub.host, &site_b.host, &site_c.host);
+    lab.tunnel_ok(c, &site_c.local("down"));
     assert!(lab.proc(site_c.proc).wait(UP).success());
-    left_clean(&c, &site_c, &[&lan_link]);
+    left_clean(c, site_c, &[lan_link]);
     assert!(
         b.routes().contains(&format!("{LAN}.0/24")),
         "{}",
         b.routes()
     );
-    let c_address = lab.status(&site_c)[0]["address"]
+    let c_address = lab.status(site_c)[0]["address"]
         .as_str()
         .unwrap()
         .split('/')
@@ -237,21 +276,21 @@ fn three_sites_and_two_containers_reach_a_lan_behind_a_masquerading_gateway() {
         .to_owned();
     let mut revoke = hub.local("revoke");
     revoke.push(&c_address);
-    lab.tunnel_ok(&h, &revoke);
+    lab.tunnel_ok(h, &revoke);
     until("the LAN's route stays on B", || {
         (!b.routes().contains(&format!("{LAN}.0/24"))).then_some(())
     });
     until("the LAN's route stays on the hub", || {
         (!h.routes().contains(&format!("{LAN}.0/24"))).then_some(())
     });
-    for n in [&site_a, &site_b] {
+    for n in [site_a, site_b] {
         lab.tunnel_ok(&n.host, &n.local("down"));
         assert!(lab.proc(n.proc).wait(UP).success());
     }
-    lab.tunnel_ok(&h, &hub.local("down"));
+    lab.tunnel_ok(h, &hub.local("down"));
     assert!(lab.proc(hub.proc).wait(UP).success());
-    left_clean(&h, &hub, &[]);
-    let docker_user = iptables(&h, "DOCKER-USER");
+    left_clean(h, hub, &[]);
+    let docker_user = iptables(h, "DOCKER-USER");
     assert!(!docker_user.contains(&hub.iface), "{docker_user}");
 }
 
@@ -452,89 +491,10 @@ fn a_stock_wireguard_client_from_peer_add_reaches_a_hub_container_and_a_site_lan
         &["--route", &format!("{LAN}.0/24"), "--masquerade"],
     );
 
-    // The client's key is made on the client; the hub only sees its
-    // public half, and the config has every line but the private key.
-    let private = r.run(&["wg", "genkey"]).trim().to_owned();
-    let keyfile = lab.dir.path().join("rw.key");
-    std::fs::write(&keyfile, &private).unwrap();
-    let public = r
-        .run(&["sh", "-c", &format!("wg pubkey < {}", keyfile.display())])
-        .trim()
-        .to_owned();
-    let conf = lab.tunnel_ok(
-        &h,
-        &[
-            "peer",
-            "add",
-            "phone",
-            "--public-key",
-            &public,
-            "--iface",
-            &hub.iface,
-            "--state-dir",
-            hub.state.to_str().unwrap(),
-        ],
-    );
-    assert!(!conf.lines().any(|l| l.starts_with("PrivateKey")), "{conf}");
-    let allowed = conf
-        .lines()
-        .find_map(|l| l.strip_prefix("AllowedIPs = "))
-        .unwrap_or_else(|| panic!("no AllowedIPs: {conf}"));
-    // The tunnel's subnets (dual stack by default) and the LAN behind C.
-    let allowed: Vec<&str> = allowed.split(", ").collect();
-    assert_eq!(allowed.len(), 3, "{conf}");
-    assert_eq!(allowed[0], "10.77.0.0/24");
-    assert!(
-        allowed[1].starts_with("fd") && allowed[1].ends_with("/64"),
-        "{conf}"
-    );
-    assert_eq!(allowed[2], format!("{LAN}.0/24"));
-    assert!(conf.contains("PersistentKeepalive = 25"), "{conf}");
-    let qr = lab.tunnel_ok(
-        &h,
-        &[
-            "peer",
-            "add",
-            "phone2",
-            "--allow-generated-key",
-            "--qr",
-            "--iface",
-            &hub.iface,
-            "--state-dir",
-            hub.state.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        qr.contains('\u{2588}') && !qr.contains("PrivateKey"),
-        "{qr}"
-    );
-
-    // A stock wireguard-go, configured from that output and its own key
-    // only (what wg-quick would do, by hand).
+    let (conf, private) = a_config_without_the_private_key(&lab, &hub, &r);
+    a_qr_code_without_the_private_key(&lab, &hub);
     let iface = lab.iface("r");
-    let full = conf.replace(
-        "# PrivateKey = <the private key made on this device>",
-        &format!("PrivateKey = {private}"),
-    );
-    let file = lab.dir.path().join(format!("{iface}.conf"));
-    std::fs::write(&file, &full).unwrap();
-    let stripped = common::sh(&["wg-quick", "strip", file.to_str().unwrap()]);
-    let plain = lab.dir.path().join("rw-plain.conf");
-    std::fs::write(&plain, stripped).unwrap();
-    let field = |k: &str| {
-        conf.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap()
-            .trim()
-            .to_owned()
-    };
-    r.run(&["wireguard-go", &iface]);
-    r.run(&["wg", "setconf", &iface, plain.to_str().unwrap()]);
-    for a in field("Address = ").split(", ") {
-        r.run(&["ip", "address", "add", a, "dev", &iface]);
-    }
-    r.run(&["ip", "link", "set", &iface, "mtu", &field("MTU = "), "up"]);
-    r.run(&["ip", "route", "add", &format!("{LAN}.0/24"), "dev", &iface]);
+    stock_client_from(&lab, &r, &iface, &conf, &private);
 
     let web_ip = common::container_address(&lab.status(&hub), &web);
     r.ping_until(&web_ip, Instant::now());
@@ -562,6 +522,101 @@ fn a_stock_wireguard_client_from_peer_add_reaches_a_hub_container_and_a_site_lan
     lab.tunnel_ok(&h, &revoke);
     assert!(!r.ping(&web_ip), "a revoked client still gets through");
     r.run(&["ip", "link", "del", &iface]);
+}
+
+/// The client's key is made on the client (`r`); the hub only sees its
+/// public half, and `peer add`'s config has every line but the private
+/// key. The config and that private key.
+fn a_config_without_the_private_key(lab: &Lab, hub: &Node, r: &Host) -> (String, String) {
+    let h = &hub.host;
+    let private = r.run(&["wg", "genkey"]).trim().to_owned();
+    let keyfile = lab.dir.path().join("rw.key");
+    std::fs::write(&keyfile, &private).unwrap();
+    let public = r
+        .run(&["sh", "-c", &format!("wg pubkey < {}", keyfile.display())])
+        .trim()
+        .to_owned();
+    let conf = lab.tunnel_ok(
+        h,
+        &[
+            "peer",
+            "add",
+            "phone",
+            "--public-key",
+            &public,
+            "--iface",
+            &hub.iface,
+            "--state-dir",
+            hub.state.to_str().unwrap(),
+        ],
+    );
+    assert!(!conf.lines().any(|l| l.starts_with("PrivateKey")), "{conf}");
+    let allowed = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("AllowedIPs = "))
+        .unwrap_or_else(|| panic!("no AllowedIPs: {conf}"));
+    // The tunnel's subnets (dual stack by default) and the LAN behind C.
+    let allowed: Vec<&str> = allowed.split(", ").collect();
+    assert_eq!(allowed.len(), 3, "{conf}");
+    assert_eq!(allowed[0], "10.77.0.0/24");
+    assert!(
+        allowed[1].starts_with("fd") && allowed[1].ends_with("/64"),
+        "{conf}"
+    );
+    assert_eq!(allowed[2], format!("{LAN}.0/24"));
+    assert!(conf.contains("PersistentKeepalive = 25"), "{conf}");
+    (conf, private)
+}
+
+/// `peer add --qr` draws the config, and a generated key stays out of it.
+fn a_qr_code_without_the_private_key(lab: &Lab, hub: &Node) {
+    let h = &hub.host;
+    let qr = lab.tunnel_ok(
+        h,
+        &[
+            "peer",
+            "add",
+            "phone2",
+            "--allow-generated-key",
+            "--qr",
+            "--iface",
+            &hub.iface,
+            "--state-dir",
+            hub.state.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        qr.contains('\u{2588}') && !qr.contains("PrivateKey"),
+        "{qr}"
+    );
+}
+
+/// A stock wireguard-go as `iface` on `r`, configured from `conf` and its
+/// own key only (what wg-quick would do, by hand).
+fn stock_client_from(lab: &Lab, r: &Host, iface: &str, conf: &str, private: &str) {
+    let full = conf.replace(
+        "# PrivateKey = <the private key made on this device>",
+        &format!("PrivateKey = {private}"),
+    );
+    let file = lab.dir.path().join(format!("{iface}.conf"));
+    std::fs::write(&file, &full).unwrap();
+    let stripped = common::sh(&["wg-quick", "strip", file.to_str().unwrap()]);
+    let plain = lab.dir.path().join("rw-plain.conf");
+    std::fs::write(&plain, stripped).unwrap();
+    let field = |k: &str| {
+        conf.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap()
+            .trim()
+            .to_owned()
+    };
+    r.run(&["wireguard-go", iface]);
+    r.run(&["wg", "setconf", iface, plain.to_str().unwrap()]);
+    for a in field("Address = ").split(", ") {
+        r.run(&["ip", "address", "add", a, "dev", iface]);
+    }
+    r.run(&["ip", "link", "set", iface, "mtu", &field("MTU = "), "up"]);
+    r.run(&["ip", "route", "add", &format!("{LAN}.0/24"), "dev", iface]);
 }
 
 fn address6(status: &serde_json::Value) -> String {

@@ -51,10 +51,49 @@ fn a_thousand_idle_websockets_on_the_secret_path_do_not_take_the_hub_down() {
         .unwrap()
         .websocket
         .expect("the token offers a WebSocket");
-    let server = a.ip.clone();
+    let (flood, release, links) = start_flood(&b, offer, a.ip.clone());
+    eprintln!("{links} of {FLOOD} upgrades on the secret path got a link");
+
+    hub_answers_during_the_flood(&lab, &hub, &site, pid);
+
+    // A site on another address still gets a WebSocket link, and its
+    // signed request crosses it.
+    let other = lab.join(&c, "c", &hub.lines[1].clone(), &a, &["--transport", "wss"]);
+    let other_registered = common::register_as(&other, "over-wss");
+
+    assert!(
+        other.lines[0].contains("over wss"),
+        "the other site did not join over WebSocket: {:?}",
+        other.lines
+    );
+    assert!(
+        other_registered.is_ok(),
+        "the other site's signed request over its WebSocket failed: {other_registered:?}"
+    );
+    release.send(()).unwrap();
+    flood.join().unwrap();
+    assert!(
+        lab.proc(hub.proc).running(),
+        "serve died: {}",
+        lab.proc(hub.proc).stderr()
+    );
+}
+
+/// From `host`, [`FLOOD`] upgrades to the hub's secret path, held open and
+/// never polled, until the sender returned is used or dropped; the
+/// thread, that sender, and how many upgrades got a link.
+fn start_flood(
+    host: &common::Host,
+    offer: tunnel::transport::WsOffer,
+    server: String,
+) -> (
+    std::thread::JoinHandle<()>,
+    std::sync::mpsc::Sender<()>,
+    usize,
+) {
     let (release, released) = std::sync::mpsc::channel::<()>();
     let (up, opened) = std::sync::mpsc::channel::<usize>();
-    let flood = b.in_ns(move || {
+    let flood = host.in_ns(move || {
         use nix::sys::resource::{Resource, getrlimit, setrlimit};
         let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
         setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
@@ -86,14 +125,22 @@ fn a_thousand_idle_websockets_on_the_secret_path_do_not_take_the_hub_down() {
         drop(held);
     });
     let links = opened.recv().expect("the flood thread died");
-    eprintln!("{links} of {FLOOD} upgrades on the secret path got a link");
+    (flood, release, links)
+}
 
-    // The operator mints a token; a site makes a signed request.
+/// The operator mints a token and a site makes a signed request, each
+/// answered within [`WITHIN`], and the hub's memory stays bounded.
+fn hub_answers_during_the_flood(
+    lab: &common::Lab,
+    hub: &common::Node,
+    site: &common::Node,
+    pid: u32,
+) {
     let start = Instant::now();
-    let token = lab.tunnel(&a, &hub.local("token"));
+    let token = lab.tunnel(&hub.host, &hub.local("token"));
     let token_took = start.elapsed();
     let start = Instant::now();
-    let registered = common::register_as(&site, "during-flood");
+    let registered = common::register_as(site, "during-flood");
     let register_took = start.elapsed();
     let rss = status_kb(pid, "VmRSS:");
     eprintln!(
@@ -122,27 +169,5 @@ fn a_thousand_idle_websockets_on_the_secret_path_do_not_take_the_hub_down() {
     assert!(
         rss < 200 * 1024,
         "the hub's RSS is {rss} kB during the flood"
-    );
-
-    // A site on another address still gets a WebSocket link, and its
-    // signed request crosses it.
-    let other = lab.join(&c, "c", &hub.lines[1].clone(), &a, &["--transport", "wss"]);
-    let other_registered = common::register_as(&other, "over-wss");
-
-    assert!(
-        other.lines[0].contains("over wss"),
-        "the other site did not join over WebSocket: {:?}",
-        other.lines
-    );
-    assert!(
-        other_registered.is_ok(),
-        "the other site's signed request over its WebSocket failed: {other_registered:?}"
-    );
-    release.send(()).unwrap();
-    flood.join().unwrap();
-    assert!(
-        lab.proc(hub.proc).running(),
-        "serve died: {}",
-        lab.proc(hub.proc).stderr()
     );
 }

@@ -7,7 +7,7 @@
 //! All the sites share this machine's cores with the hub, which a real
 //! deployment does not; nothing is niced to make up for it.
 
-use crate::{Lab, cpu_seconds, status_kb, step};
+use crate::{Lab, Node, cpu_seconds, status_kb, step};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -89,6 +89,10 @@ fn median<T: Copy + Default>(sorted: &[T]) -> T {
     sorted.get(sorted.len() / 2).copied().unwrap_or_default()
 }
 
+/// What each join did: in (from the first join's start, from its own
+/// start), or the last line it printed when it gave up; `None`, neither.
+type Outcome = Option<Result<(Duration, Duration), String>>;
+
 /// Runs `n` sites against one hub with `bin`. The hub's and sites' log
 /// level is `log`; with `keep`, every process's output and the packet
 /// counters of the hub and one site are copied there.
@@ -108,44 +112,8 @@ pub fn run(bin: &Path, n: usize, log: &str, keep: Option<&Path>) -> Report {
     let hub_pid = lab.proc(hub.proc).pid();
     step(&format!("{n} joins at once"));
     let t0 = Instant::now();
-    let mut joins = vec![];
-    for i in 0..n {
-        let h = lab.host(i + 1);
-        let (iface, state) = (lab.iface(&format!("j{i}")), lab.state_dir(&format!("j{i}")));
-        let args = [
-            "join",
-            &hub.lines[i],
-            &a.ip,
-            "--iface",
-            &iface,
-            "--state-dir",
-            state.to_str().expect("a UTF-8 path"),
-            "--backend",
-            "userspace",
-            "--firewall",
-            "off",
-        ];
-        joins.push((lab.spawn(&h, &args), Instant::now()));
-    }
-    // Each join prints its line when in, or exits when it gives up (its
-    // default timeout is 20 s).
-    let mut joined: Vec<Option<Result<(Duration, Duration), String>>> = vec![None; n];
-    let mut join_cpu = vec![0.0; n];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline && joined.iter().any(Option::is_none) {
-        for (i, (p, spawned)) in joins.iter().enumerate() {
-            if joined[i].is_none() {
-                let proc = lab.proc(*p);
-                if proc.stdout().ends_with('\n') {
-                    joined[i] = Some(Ok((t0.elapsed(), spawned.elapsed())));
-                    join_cpu[i] = cpu_seconds(proc.pid());
-                } else if !proc.running() {
-                    joined[i] = Some(Err(proc.stderr().lines().last().unwrap_or("").to_owned()));
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let joins = spawn_joins(&mut lab, &hub, n);
+    let (joined, join_cpu) = wait_joins(&mut lab, &joins, t0);
     if !lab.proc(hub.proc).running() {
         let status = lab.proc(hub.proc).wait(Duration::from_secs(1));
         let log = lab.proc(hub.proc).stderr();
@@ -177,28 +145,7 @@ pub fn run(bin: &Path, n: usize, log: &str, keep: Option<&Path>) -> Report {
     site_private.sort_unstable();
     let mut cpu: Vec<f64> = join_cpu.iter().copied().filter(|c| *c > 0.0).collect();
     cpu.sort_by(f64::total_cmp);
-    let t = Instant::now();
-    let status = lab.status(&hub);
-    let status_ms = t.elapsed().as_millis();
-    let listed = status[0]["peers"].as_array().map_or(0, |p| {
-        p.iter()
-            .filter(|p| p["last_handshake_secs"].is_number())
-            .count()
-    });
-    if listed < ok.len() {
-        failures.push(format!(
-            "status lists {listed} peers with a handshake, {} joined",
-            ok.len()
-        ));
-    }
-    // Revoke the first site and see that it no longer reaches the hub.
-    let mut revoke = hub.local("revoke");
-    revoke.push("10.80.0.2");
-    let first = lab.host(1);
-    let t = Instant::now();
-    lab.tunnel_ok(&a, &revoke);
-    let revoke_ms = t.elapsed().as_millis();
-    let cut = !first.ping("10.80.0.1");
+    let (status_ms, revoke_ms, cut) = status_and_revoke(&lab, &hub, ok.len(), &mut failures);
     if let Some(keep) = keep {
         save_logs(
             &lab,
@@ -207,12 +154,7 @@ pub fn run(bin: &Path, n: usize, log: &str, keep: Option<&Path>) -> Report {
         );
     }
     if !failures.is_empty() {
-        let log = lab.proc(hub.proc).stderr();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
-        eprintln!("the hub's last log lines:");
-        for l in tail.iter().rev() {
-            eprintln!("  {l}");
-        }
+        print_hub_tail(&mut lab, hub.proc);
     }
     Report {
         sites: n,
@@ -229,6 +171,101 @@ pub fn run(bin: &Path, n: usize, log: &str, keep: Option<&Path>) -> Report {
         status_ms,
         revoke_ms,
         cut,
+    }
+}
+
+/// `n` joins, one per token of `hub`, each from its own host, all started
+/// before any is waited for; each process and when it was started.
+fn spawn_joins(lab: &mut Lab, hub: &Node, n: usize) -> Vec<(usize, Instant)> {
+    let a = lab.host(0);
+    let mut joins = vec![];
+    for (i, token) in hub.lines[..n].iter().enumerate() {
+        let h = lab.host(i + 1);
+        let (iface, state) = (lab.iface(&format!("j{i}")), lab.state_dir(&format!("j{i}")));
+        let args = [
+            "join",
+            token,
+            &a.ip,
+            "--iface",
+            &iface,
+            "--state-dir",
+            state.to_str().expect("a UTF-8 path"),
+            "--backend",
+            "userspace",
+            "--firewall",
+            "off",
+        ];
+        joins.push((lab.spawn(&h, &args), Instant::now()));
+    }
+    joins
+}
+
+/// Waits (at most 60 s) until every join is in or gave up; what each
+/// did, and the CPU seconds each had used when it got in.
+fn wait_joins(lab: &mut Lab, joins: &[(usize, Instant)], t0: Instant) -> (Vec<Outcome>, Vec<f64>) {
+    let n = joins.len();
+    // Each join prints its line when in, or exits when it gives up (its
+    // default timeout is 20 s).
+    let mut joined: Vec<Outcome> = vec![None; n];
+    let mut join_cpu = vec![0.0; n];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline && joined.iter().any(Option::is_none) {
+        for (i, (p, spawned)) in joins.iter().enumerate() {
+            if joined[i].is_none() {
+                let proc = lab.proc(*p);
+                if proc.stdout().ends_with('\n') {
+                    joined[i] = Some(Ok((t0.elapsed(), spawned.elapsed())));
+                    join_cpu[i] = cpu_seconds(proc.pid());
+                } else if !proc.running() {
+                    joined[i] = Some(Err(proc.stderr().lines().last().unwrap_or("").to_owned()));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (joined, join_cpu)
+}
+
+/// How long `status` takes with every site listed (a failure when fewer
+/// than `joined` have a handshake), and how long revoking the first site
+/// takes and whether it is cut off at once: (status ms, revoke ms, cut).
+fn status_and_revoke(
+    lab: &Lab,
+    hub: &Node,
+    joined: usize,
+    failures: &mut Vec<String>,
+) -> (u128, u128, bool) {
+    let t = Instant::now();
+    let status = lab.status(hub);
+    let status_ms = t.elapsed().as_millis();
+    let listed = status[0]["peers"].as_array().map_or(0, |p| {
+        p.iter()
+            .filter(|p| p["last_handshake_secs"].is_number())
+            .count()
+    });
+    if listed < joined {
+        failures.push(format!(
+            "status lists {listed} peers with a handshake, {joined} joined"
+        ));
+    }
+    // Revoke the first site and see that it no longer reaches the hub.
+    let mut revoke = hub.local("revoke");
+    revoke.push("10.80.0.2");
+    let first = lab.host(1);
+    let t = Instant::now();
+    lab.tunnel_ok(&hub.host, &revoke);
+    let revoke_ms = t.elapsed().as_millis();
+    let cut = !first.ping("10.80.0.1");
+    (status_ms, revoke_ms, cut)
+}
+
+/// The hub's last log lines, on stderr, for a run that failed.
+fn print_hub_tail(lab: &mut Lab, hub: usize) {
+    let log = lab.proc(hub).stderr();
+    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+    eprintln!("the hub's last log lines:");
+    for l in tail.iter().rev() {
+        eprintln!("  {l}");
     }
 }
 

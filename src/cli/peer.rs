@@ -7,11 +7,11 @@
 //! `PrivateKey`. With `--allow-generated-key` the key is made here instead,
 //! for that one config: printed once, and stored nowhere.
 
-use super::export::endpoint_line;
 use super::{Failure, LocalArgs, not_running};
 use crate::control::local::{self, PeerGrant, PeerRequest};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::wg::KEEPALIVE;
+use crate::wg::quick::endpoint_line;
 use anyhow::anyhow;
 use clap::{Args, Subcommand};
 use std::fmt::Write as _;

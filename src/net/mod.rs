@@ -103,6 +103,44 @@ pub struct PolicyRule {
 /// The main routing table's number.
 pub const MAIN_TABLE: u32 = 254;
 
+/// The routes to add and to take back to go from `before` to `after`.
+pub fn route_changes(
+    before: &[IpNetwork],
+    after: &[IpNetwork],
+) -> (Vec<IpNetwork>, Vec<IpNetwork>) {
+    let add = after
+        .iter()
+        .filter(|r| !before.contains(r))
+        .copied()
+        .collect();
+    let del = before
+        .iter()
+        .filter(|r| !after.contains(r))
+        .copied()
+        .collect();
+    (add, del)
+}
+
+/// Routes the prefixes of `after` that `before` lacks into `iface`, and
+/// takes back the others; hub and sites follow the advertised LANs so.
+pub async fn sync_routes(
+    net: &dyn NetOps,
+    iface: &str,
+    before: &[IpNetwork],
+    after: &[IpNetwork],
+) -> Result<(), NetError> {
+    let (add, del) = route_changes(before, after);
+    for r in add {
+        net.add_route(r, iface, None).await?;
+        tracing::info!("routing {r} through {iface}");
+    }
+    for r in del {
+        net.del_route(r, iface, None).await?;
+        tracing::info!("{r} is no longer routed through {iface}");
+    }
+    Ok(())
+}
+
 /// Checks an interface name the way the kernel will (`dev_valid_name`).
 pub fn validate_ifname(name: &str) -> Result<(), NetError> {
     crate::limits::ifname_problem(name)
@@ -112,6 +150,17 @@ pub fn validate_ifname(name: &str) -> Result<(), NetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn route_changes_add_what_is_new_and_take_back_what_went() {
+        let n = |s: &str| s.parse::<IpNetwork>().unwrap();
+        let before = [n("192.168.1.0/24"), n("192.168.2.0/24")];
+        let after = [n("192.168.2.0/24"), n("10.1.0.0/16")];
+        let (add, del) = route_changes(&before, &after);
+        assert_eq!(add, vec![n("10.1.0.0/16")]);
+        assert_eq!(del, vec![n("192.168.1.0/24")]);
+        assert_eq!(route_changes(&after, &after), (vec![], vec![]));
+    }
 
     #[test]
     fn interface_names() {

@@ -198,6 +198,30 @@ impl Services {
     }
 }
 
+/// The endpoint of a container saved in a node's state: its address in
+/// the tunnel's subnets, the hub as its only peer, the hub's API to probe.
+pub fn endpoint_spec(
+    c: &crate::state::ContainerRecord,
+    subnets: crate::ipam::Subnets,
+    mtu: u32,
+    hub: crate::wg::PeerSpec,
+    probe: std::net::SocketAddr,
+    link: Option<Arc<crate::transport::ws::Dialer>>,
+) -> EndpointSpec {
+    EndpointSpec {
+        container: c.container.clone(),
+        iface: c.iface.clone(),
+        key: c.private_key.clone(),
+        address: IpNetwork::new(c.address, subnets.main.prefix()).expect("prefix of the subnet"),
+        address6: subnets.interface(c.address).get(1).copied(),
+        hub,
+        mtu,
+        probe,
+        link,
+        by_label: c.by_label,
+    }
+}
+
 /// Removes the node's device, then what it changed on the host.
 pub async fn remove(
     device: &dyn WgDevice,

@@ -10,7 +10,6 @@ use crate::keys::PrivateKey;
 use crate::state::{ContainerRecord, Endpoint, JoinedState};
 use crate::store::StateDir;
 use crate::transport::ws::Dialer;
-use ipnetwork::IpNetwork;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,19 +26,8 @@ fn spec_for(
     hub: SocketAddr,
     link: Option<Arc<Dialer>>,
 ) -> EndpointSpec {
-    EndpointSpec {
-        container: c.container.clone(),
-        iface: c.iface.clone(),
-        key: c.private_key.clone(),
-        address: IpNetwork::new(c.address, joined.subnet.prefix())
-            .expect("validated with the state"),
-        address6: joined.subnets().interface(c.address).get(1).copied(),
-        hub: hub_peer(joined, hub),
-        mtu: joined.mtu,
-        probe: api(joined),
-        link,
-        by_label: c.by_label,
-    }
+    let hub_peer = hub_peer(joined, hub);
+    crate::node::endpoint_spec(c, joined.subnets(), joined.mtu, hub_peer, api(joined), link)
 }
 
 /// The endpoints of the containers saved with the site (for `up`).

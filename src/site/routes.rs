@@ -115,20 +115,9 @@ impl RouteSync {
         self.device
             .set_allowed_ips(&self.joined.server_public_key, &allowed)
             .await?;
-        for r in remote.iter().filter(|r| !self.current.contains(r)) {
-            self.net
-                .add_route(*r, &self.iface, None)
-                .await
-                .map_err(WgError::Net)?;
-            tracing::info!("routing {r} through the tunnel");
-        }
-        for r in self.current.iter().filter(|r| !remote.contains(r)) {
-            self.net
-                .del_route(*r, &self.iface, None)
-                .await
-                .map_err(WgError::Net)?;
-            tracing::info!("{r} is no longer advertised");
-        }
+        crate::net::sync_routes(self.net.as_ref(), &self.iface, &self.current, remote)
+            .await
+            .map_err(WgError::Net)?;
         self.current = remote.to_vec();
         Ok(())
     }

@@ -13,6 +13,7 @@ pub mod fake;
 pub mod kernel;
 pub mod offload;
 pub mod quarantine;
+pub mod quick;
 pub mod userspace;
 
 pub use quarantine::Quarantine;
@@ -27,11 +28,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The directory of UAPI sockets, shared by every network namespace.
-
 /// Joiners are often behind NAT; 25 s keeps typical mappings alive.
 pub const KEEPALIVE: u16 = 25;
 
+/// The directory of UAPI sockets, shared by every network namespace.
 pub const UAPI_DIR: &str = "/var/run/wireguard";
 
 pub fn uapi_socket(name: &str) -> PathBuf {

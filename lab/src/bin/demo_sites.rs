@@ -10,7 +10,7 @@
 //! DEMO_CONTAINERS (default 1), TUNNEL_VERBOSE=1 for debug logs.
 
 use std::time::Duration;
-use tunnel_lab::{Containers, Lab, WhoAmI, docker, indent, step, until};
+use tunnel_lab::{Containers, Host, Lab, Node, WhoAmI, docker, indent, step, until};
 
 const LAN: &str = "192.168.50";
 
@@ -92,14 +92,28 @@ fn main() {
         assert_eq!(seen, format!("{LAN}.1"));
     }
 
+    stop_all(&mut lab, &[&site_c, &site_b, &site_a, &hub]);
+    nothing_left(&[&hub, &site_a, &site_b, &site_c], &c, &office);
+    drop(cs);
+    drop(lab);
+    step("demo finished successfully");
+}
+
+/// `tunnel down` for each of `nodes`, in order, and a clean exit.
+fn stop_all(lab: &mut Lab, nodes: &[&Node]) {
     step("stopping the sites and the hub (tunnel down)");
-    for n in [&site_c, &site_b, &site_a, &hub] {
+    for n in nodes {
         lab.tunnel_ok(&n.host, &n.local("down"));
         let status = lab.proc(n.proc).wait(Duration::from_secs(30));
         assert!(status.success(), "{} exited with {status}", n.iface);
     }
+}
+
+/// No interface, nftables table or journal left of `nodes`, and gateway
+/// `c` no longer forwards to the office LAN.
+fn nothing_left(nodes: &[&Node], c: &Host, office: &Host) {
     step("checking that nothing is left behind");
-    for n in [&hub, &site_a, &site_b, &site_c] {
+    for n in nodes {
         assert!(!n.host.has_link(&n.iface), "{} still exists", n.iface);
         assert!(
             !n.host.has_nft_table(&format!("tunnel-{}", n.iface)),
@@ -121,7 +135,4 @@ fn main() {
         .to_owned();
     assert!(!c.forwarding(&link), "forwarding left on for {link}");
     println!("    no interface, table, forwarding or journal left; {link} forwards no more");
-    drop(cs);
-    drop(lab);
-    step("demo finished successfully");
 }

@@ -1,0 +1,140 @@
+//! The raw veth section, and the iperf3 runs that every path's section
+//! shares: TCP with 1 and 4 streams each way, UDP with small datagrams,
+//! and the CPU the carrying processes spend per GB.
+
+use std::time::Duration;
+
+use super::{Both, Config, Results, die, info};
+use crate::{Host, Lab, cpu_seconds, step};
+
+const IPERF_PORT: &str = "5201";
+
+/// The raw veth between the two hosts: what the kernel carries with no
+/// tunnel at all, the ceiling of the others.
+pub(super) fn raw(lab: &mut Lab, cfg: &Config, r: &mut Results) {
+    let a = lab.host(0);
+    step(&format!("measuring raw veth throughput (B -> A {})", a.ip));
+    r.raw = Some(measure(lab, cfg, &a.ip, &[]));
+}
+
+/// iperf3 from `client` to `server` at `addr`; Mbit/s received.
+/// With `reverse`, the server sends (iperf3 -R).
+pub(super) fn iperf(
+    lab: &mut Lab,
+    cfg: &Config,
+    server: &Host,
+    client: &Host,
+    addr: &str,
+    reverse: bool,
+) -> f64 {
+    let extra: &[&str] = if reverse { &["-R"] } else { &[] };
+    let json = iperf_json(lab, cfg, server, client, addr, extra);
+    let bps = json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| die(&format!("iperf3 to {addr}: no throughput")));
+    let mbps = bps / 1e6;
+    info(&format!(
+        "{addr}{}: {mbps:.0} Mbit/s",
+        if reverse { " (server sends)" } else { "" }
+    ));
+    mbps
+}
+
+/// One iperf3 run with `extra` arguments; its JSON report.
+fn iperf_json(
+    lab: &mut Lab,
+    cfg: &Config,
+    server: &Host,
+    client: &Host,
+    addr: &str,
+    extra: &[&str],
+) -> serde_json::Value {
+    let srv = lab.spawn_cmd(server, &["iperf3", "-s", "-1", "-p", IPERF_PORT], &[]);
+    server.wait_listening(IPERF_PORT, Duration::from_secs(10));
+    let secs = cfg.seconds.to_string();
+    let mut args = vec![
+        "iperf3",
+        "-c",
+        addr,
+        "-p",
+        IPERF_PORT,
+        "-t",
+        &secs,
+        "-J",
+        "--connect-timeout",
+        "5000",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(cfg.iperf_extra.iter().map(String::as_str));
+    let out = client.exec(&args);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| die(&format!("iperf3 to {addr}: not JSON ({e})")));
+    if let Some(e) = json["error"].as_str() {
+        die(&format!("iperf3 to {addr}: {e}"));
+    }
+    lab.proc(srv).wait(Duration::from_secs(10));
+    json
+}
+
+/// One path's figures: TCP with 1 and 4 streams each way (Mbit/s, B -> A
+/// then A -> B), UDP packets per second with 64-byte datagrams, and the
+/// CPU seconds its processes spent per GB of single-stream TCP.
+#[derive(Default, Clone, Copy)]
+pub(super) struct Path {
+    pub(super) tcp1: Both,
+    pub(super) tcp4: Both,
+    pub(super) udp_pps: f64,
+    pub(super) cpu_per_gb: Option<f64>,
+    /// Peak RSS (kB) of its two processes after single-stream TCP, as
+    /// earlier benchmarks measured it.
+    pub(super) rss_tcp1: [Option<u64>; 2],
+}
+
+/// VmHWM of a process, kB.
+fn hwm_kb(pid: u32) -> Option<u64> {
+    crate::status_kb(pid, "VmHWM")
+}
+
+/// Measures one path: server `a` at `addr`, client `b`; `pids` are the
+/// processes that carry it (none for the raw veth: the kernel does).
+pub(super) fn measure(lab: &mut Lab, cfg: &Config, addr: &str, pids: &[u32]) -> Path {
+    let (a, b) = (lab.host(0), lab.host(1));
+    let mbps = |j: &serde_json::Value| {
+        j["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e6
+    };
+    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>();
+    let before = cpu(pids);
+    let one = iperf_json(lab, cfg, &a, &b, addr, &[]);
+    let spent = cpu(pids) - before;
+    let gb = one["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0) / 1e9;
+    let rss_tcp1 = [0, 1].map(|i| pids.get(i).and_then(|p| hwm_kb(*p)));
+    let one_rev = iperf_json(lab, cfg, &a, &b, addr, &["-R"]);
+    let four = iperf_json(lab, cfg, &a, &b, addr, &["-P", "4"]);
+    let four_rev = iperf_json(lab, cfg, &a, &b, addr, &["-P", "4", "-R"]);
+    let udp = iperf_json(lab, cfg, &a, &b, addr, &["-u", "-l", "64", "-b", "0"]);
+    let sum = &udp["end"]["sum"];
+    let received =
+        sum["packets"].as_f64().unwrap_or(0.0) - sum["lost_packets"].as_f64().unwrap_or(0.0);
+    let path = Path {
+        tcp1: (mbps(&one), mbps(&one_rev)),
+        tcp4: (mbps(&four), mbps(&four_rev)),
+        udp_pps: received / sum["seconds"].as_f64().unwrap_or(1.0).max(0.001),
+        cpu_per_gb: (!pids.is_empty() && gb > 0.0).then(|| spent / gb),
+        rss_tcp1,
+    };
+    info(&format!(
+        "{addr}: TCP {:.0}/{:.0} Mbit/s, 4 streams {:.0}/{:.0}, UDP 64 B {:.0} pps{}",
+        path.tcp1.0,
+        path.tcp1.1,
+        path.tcp4.0,
+        path.tcp4.1,
+        path.udp_pps,
+        path.cpu_per_gb
+            .map(|c| format!(", {c:.1} CPU s/GB"))
+            .unwrap_or_default()
+    ));
+    path
+}
