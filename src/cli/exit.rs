@@ -171,6 +171,7 @@ impl Exit for SiteError {
                 SiteError::Containers(c) => c.is_input(),
                 SiteError::Driver(d) => d.is_input(),
                 SiteError::Node(n) => n.is_input(),
+                SiteError::Endpoint(e) => e.is_input(),
                 _ => false,
             }
     }
@@ -212,6 +213,21 @@ mod tests {
         assert_eq!(GatewayError::Net(perm).code(), 2);
         assert_eq!(ServeError::NoFreePort.code(), 1);
         assert_eq!(ServeError::Input("--subnet".into()).code(), 2);
+    }
+
+    #[test]
+    fn a_site_that_cannot_make_its_device_or_was_given_bad_input_exits_2() {
+        let exists = EndpointError::Create {
+            iface: "wg0".into(),
+            source: WgError::Net(NetError::Exists("wg0".into())),
+        };
+        assert_eq!(SiteError::Endpoint(exists).code(), 2);
+        let gone = EndpointError::Create {
+            iface: "wg0".into(),
+            source: WgError::NoTun,
+        };
+        assert_eq!(SiteError::Endpoint(gone).code(), 1);
+        assert_eq!(SiteError::input("\"a b\" is not HOST[:PORT]").code(), 2);
     }
 
     #[test]

@@ -5,19 +5,20 @@
 //! tunnel for a key made here, and the device switches to that key
 //! ([`crate::site`] does the work).
 
-use super::{EndpointArgs, Failure, LanArgs, Toggle, spinner};
-use crate::keys::PrivateKey;
+use super::up::LazySpinner;
+use super::{EndpointArgs, Failure, LanArgs, Toggle};
+use crate::docker::{ContainerInfo, ContainerRuntime};
 use crate::net::{Netlink, validate_ifname};
 use crate::shutdown::Shutdown;
-use crate::site::{self, Containers, Invitation, Site};
+use crate::site::{self, Invitation, JoinConfig, Site};
 use crate::state::Endpoint;
 use crate::store::StateDir;
 use crate::token::Token;
-use crate::transport::{JoinTransport, Relay};
+use crate::transport::JoinTransport;
 use anyhow::{Context, anyhow};
 use clap::Args;
 use std::io::Read;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -46,44 +47,6 @@ pub struct JoinArgs {
     /// With --transparent: the server sees this host's public address as the source, not its tunnel address
     #[arg(long, requires = "transparent")]
     pub snat_public: bool,
-}
-
-/// `HOST`, `HOST:PORT`, `IPv6` or `[IPv6]:PORT`, resolved to one address.
-pub async fn resolve(server: &str, default_port: u16) -> Result<SocketAddr, Failure> {
-    if let Ok(sa) = server.parse::<SocketAddr>() {
-        return Ok(sa);
-    }
-    if let Ok(ip) = server
-        .trim_matches(|c| c == '[' || c == ']')
-        .parse::<IpAddr>()
-    {
-        return Ok(SocketAddr::new(ip, default_port));
-    }
-    let (host, port) = match server.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => {
-            let port = p
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| Failure::input(anyhow!("{server:?}: {p:?} is not a port")))?;
-            (h, port)
-        }
-        _ => (server, default_port),
-    };
-    let valid = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
-    if !valid {
-        return Err(Failure::input(anyhow!("{server:?} is not HOST[:PORT]")));
-    }
-    let mut addrs = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| Failure::input(anyhow!("cannot resolve {host}: {e}")))?;
-    addrs
-        .next()
-        .ok_or_else(|| Failure::input(anyhow!("{host} has no address")))
 }
 
 /// `up`'s arguments for a join that finds its site saved already.
@@ -116,32 +79,39 @@ fn read_token(arg: &str) -> Result<Token, Failure> {
     Token::decode(&text).map_err(Failure::input)
 }
 
-pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
-    let started = Instant::now();
-    // Everything about the input is checked before the host is touched.
-    args.common.metrics.check()?;
-    let token = read_token(&args.token)?;
-    crate::sys::crash_point("token-parsed");
-    let store = StateDir::new(&args.common.state_dir);
-    // A join with this token that crashed after saving the site: the
-    // token is spent on us, and `up` is what brings the site back.
-    if let Some(Endpoint::Joined(j)) = store.load(&args.common.iface)?
-        && j.server_public_key == token.server_public_key
-        && j.address == token.assigned_network()
-    {
-        eprintln!(
-            "{} joined with this token already ({}): bringing it up from its saved state, as `tunnel up` does",
-            args.common.iface,
-            store.file(&args.common.iface).display()
-        );
-        store.remove_pending(&args.common.iface);
-        return super::up::run(resume_args(&args), shutdown).await;
+/// A join with this token that crashed after saving the site: the token
+/// is spent on us, and `up` is what brings the site back.
+fn joined_already(args: &JoinArgs, store: &StateDir, token: &Token) -> Result<bool, Failure> {
+    let iface = &args.common.iface;
+    let Some(Endpoint::Joined(j)) = store.load(iface)? else {
+        return Ok(false);
+    };
+    if j.server_public_key != token.server_public_key || j.address != token.assigned_network() {
+        return Ok(false);
     }
+    eprintln!(
+        "{iface} joined with this token already ({}): bringing it up from its saved state, as `tunnel up` does",
+        store.file(iface).display()
+    );
+    store.remove_pending(iface);
+    Ok(true)
+}
+
+/// What the checks of the input find, before the host is touched.
+struct Checked {
+    server: String,
+    endpoint: SocketAddr,
+    docker: Option<(Arc<dyn ContainerRuntime>, Vec<ContainerInfo>)>,
+    metrics: Option<crate::metrics::Listener>,
+}
+
+/// Everything about the input, checked before the host is touched.
+async fn check(args: &JoinArgs, token: &Token, store: &StateDir) -> Result<Checked, Failure> {
     token
         .check_expiry(SystemTime::now())
         .map_err(Failure::input)?;
-    let iface = args.common.iface.clone();
-    validate_ifname(&iface)?;
+    let iface = &args.common.iface;
+    validate_ifname(iface)?;
     let server = args
         .server
         .clone()
@@ -151,7 +121,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
                 "give the server's address (tunnel join <TOKEN> <HOST[:PORT]>): this token carries no endpoint hint"
             ))
         })?;
-    let endpoint = resolve(&server, token.port).await?;
+    let endpoint = site::resolve(&server, token.port).await?;
     args.lan.check(&token.subnets().all())?;
     crate::sys::require_net_admin()?;
     if let Some(n) = &args.common.docker_driver {
@@ -162,19 +132,37 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         args.common.attach_label.is_some() || args.common.docker_driver.is_some(),
     )
     .await?;
-    if let Some(Endpoint::Server(_)) = store.load(&iface)? {
+    if let Some(Endpoint::Server(_)) = store.load(iface)? {
         return Err(Failure::input(anyhow!(
             "{} holds a server for {iface}; use another --iface or --state-dir",
-            store.file(&iface).display()
+            store.file(iface).display()
         )));
     }
     let metrics = super::bind_metrics(&args.common.metrics).await?;
+    Ok(Checked {
+        server,
+        endpoint,
+        docker,
+        metrics,
+    })
+}
 
+pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
+    let started = Instant::now();
+    args.common.metrics.check()?;
+    let token = read_token(&args.token)?;
+    crate::sys::crash_point("token-parsed");
+    let store = StateDir::new(&args.common.state_dir);
+    if joined_already(&args, &store, &token)? {
+        return super::up::run(resume_args(&args), shutdown).await;
+    }
+    let checked = check(&args, &token, &store).await?;
+    let iface = &args.common.iface;
     let inv = Invitation {
         token: &token,
-        server: &server,
-        endpoint,
-        iface: &iface,
+        server: &checked.server,
+        endpoint: checked.endpoint,
+        iface,
         mtu: args.common.mtu,
         backend: args.common.backend,
         transport: args.transport,
@@ -191,176 +179,28 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
     if let Some(p) = &args.proxy {
         crate::transport::proxy::Proxy::parse(p).map_err(Failure::input)?;
     }
-    let relay = inv.websocket().then(|| Relay::new("websocket"));
-    let net = Arc::new(Netlink::connect()?);
-    let mut gateway = site::start_gateway(
-        net.as_ref(),
-        &store,
-        &iface,
-        &inv,
-        args.lan.firewall == Toggle::On,
-    )
-    .await?;
-    let mut spec = inv.device_spec(relay.clone());
-    spec.confine = gateway.confine();
-    let device =
-        match crate::endpoint::create(&spec, args.common.backend, net.clone(), &store).await {
-            Ok(d) => d,
-            Err(e) => {
-                gateway.stop(net.as_ref()).await;
-                return Err(e.into());
-            }
-        };
-
-    crate::sys::crash_point("iface-created");
-    // The key for this token is saved before the redeem goes out: a join
-    // that crashes and runs again redeems with the same key, which the hub
-    // takes again, so a crash never burns the token.
-    let invite = token.invite_key.public_key();
-    let own_key = match store.load_pending(&iface) {
-        Ok(Some(p)) if p.invite == invite => {
-            tracing::info!(
-                "resuming an interrupted join of this token with the key in {}",
-                store.pending_file(&iface).display()
-            );
-            p.private_key
-        }
-        _ => PrivateKey::generate(),
+    let config = JoinConfig {
+        inv,
+        started,
+        store,
+        net: Arc::new(Netlink::connect()?),
+        firewall: args.lan.firewall == Toggle::On,
+        docker: checked.docker,
+        label: args.common.attach_label.clone(),
+        driver: args.common.docker_driver.clone(),
+        metrics: checked.metrics,
     };
-    let pending = crate::state::PendingJoin {
-        invite,
-        private_key: own_key.clone(),
-    };
-    if let Err(e) = store.save_pending(&iface, &pending) {
-        let _ = device.destroy().await;
-        gateway.stop(net.as_ref()).await;
-        return Err(e.into());
-    }
-    let progress = super::Spinner(spinner());
-    let deadline = started + args.timeout;
-    let joined = async {
-        let route = site::choose_path(
-            &inv,
-            device.as_ref(),
-            relay.as_ref(),
-            net.as_ref(),
-            &progress,
-            deadline,
-        )
-        .await?;
-        let mut joined = site::redeem_and_switch(
-            &inv,
-            &route,
-            &own_key,
-            device.as_ref(),
-            &store,
-            &progress,
-            deadline,
-        )
-        .await?;
-        let first_packet = started.elapsed();
-        let transparent = site::prepare_host(
-            &mut gateway,
-            net.as_ref(),
-            device.as_ref(),
-            &joined,
-            &iface,
-            endpoint,
-            &route,
-        )
-        .await?;
-        let containers = match docker {
-            Some((runtime, infos)) => {
-                progress.0.set_message("registering containers");
-                let specs =
-                    site::register_containers(&mut joined, &iface, &infos, &route, &store).await?;
-                Some(Containers {
-                    runtime,
-                    specs,
-                    label: args.common.attach_label.clone(),
-                    driver: args.common.docker_driver.clone(),
-                })
-            }
-            None => None,
-        };
-        Ok::<_, site::SiteError>((joined, route, first_packet, containers, transparent))
-    }
-    .await;
-    let (joined, route, first_packet, containers, transparent) = match joined {
-        Ok(j) => {
-            store.remove_pending(&iface);
-            j
-        }
-        Err(e) => {
-            // Refused by the server: the saved key is of no more use.
-            // (AlreadyUsed is the joiner's guess from a handshake without
-            // an answer, which a crashed hub also gives: the key stays.)
-            if matches!(e, site::SiteError::Refused(_)) {
-                store.remove_pending(&iface);
-            }
-            progress.0.finish_and_clear();
-            if let Err(t) = device.destroy().await {
-                tracing::warn!("removing {iface}: {t}");
-            }
-            gateway.stop(net.as_ref()).await;
-            return Err(e.into());
-        }
-    };
+    let progress = LazySpinner::default();
+    let ready = Site::join(config, &progress).await?;
     let summary = format!(
-        "joined {iface} as {}, server {} at {endpoint} over {}, first packet after {} ms",
+        "joined {iface} as {}, server {} at {} over {}, first packet after {} ms",
         token.assigned_network(),
         token.server_address,
-        route.path,
-        first_packet.as_millis()
+        checked.endpoint,
+        ready.site.route.path,
+        ready.first_packet.unwrap_or_default().as_millis()
     );
-    let site = Site {
-        device,
-        route,
-        net,
-        joined,
-        iface,
-        backend: args.common.backend,
-        store,
-        gateway,
-        transparent,
-        metrics,
-    };
-    Ok(site::run(
-        site,
-        containers,
-        super::summary_line(summary),
-        &progress,
-        shutdown,
-    )
-    .await?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn server_address_forms() {
-        assert_eq!(
-            resolve("192.0.2.1", 51820).await.unwrap().to_string(),
-            "192.0.2.1:51820"
-        );
-        assert_eq!(
-            resolve("192.0.2.1:1234", 51820).await.unwrap().to_string(),
-            "192.0.2.1:1234"
-        );
-        assert_eq!(
-            resolve("fd00::1", 5).await.unwrap().to_string(),
-            "[fd00::1]:5"
-        );
-        assert_eq!(
-            resolve("[fd00::1]:7", 5).await.unwrap().to_string(),
-            "[fd00::1]:7"
-        );
-        assert_eq!(resolve("localhost:9", 5).await.unwrap().port(), 9);
-        for bad in ["", "a b", "host:0", "host:x", "192.0.2.1:99999"] {
-            let f = resolve(bad, 5).await.unwrap_err();
-            assert_eq!(f.code, 2, "{bad}");
-        }
-    }
+    let (site, containers) = (ready.site, ready.containers);
+    let ready = super::summary_line(summary);
+    Ok(site::run(site, containers, ready, &progress, shutdown).await?)
 }

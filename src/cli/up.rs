@@ -1,15 +1,14 @@
 //! `tunnel up`: brings a joined site back from its saved state (its own
 //! key, the server, its containers), with no new token.
 
-use super::join::resolve;
-use super::{Failure, LocalArgs, Toggle, spinner};
-use crate::docker::{Bollard, ContainerRuntime};
+use super::{Failure, LocalArgs, Spinner, Toggle, spinner};
+use crate::docker::{Bollard, ContainerRuntime, Label};
 use crate::net::Netlink;
 use crate::shutdown::Shutdown;
-use crate::site::{self, Containers, Site};
-use crate::state::Endpoint;
+use crate::site::{self, Progress, Site, UpConfig};
+use crate::state::{Endpoint, JoinedState};
 use crate::store::StateDir;
-use crate::wg::{BackendChoice, DeviceSpec};
+use crate::wg::BackendChoice;
 use anyhow::anyhow;
 use clap::Args;
 use std::sync::Arc;
@@ -41,6 +40,32 @@ pub struct UpArgs {
     pub firewall: Toggle,
 }
 
+/// The site saved for `--iface`, or why there is none to bring up.
+fn saved(args: &UpArgs, store: &StateDir) -> Result<JoinedState, Failure> {
+    let iface = &args.local.iface;
+    match store.load(iface)? {
+        Some(Endpoint::Joined(j)) => Ok(j),
+        Some(Endpoint::Server(_)) => Err(Failure::input(anyhow!(
+            "{iface} is a server; start it with `tunnel serve --iface {iface}`"
+        ))),
+        None => Err(Failure::input(anyhow!(
+            "no joined site {iface} saved in {}; join first with `tunnel join`",
+            store.root().display()
+        ))),
+    }
+}
+
+/// `--attach-label`, else the label saved at join.
+fn label(args: &UpArgs, joined: &JoinedState, store: &StateDir) -> Result<Option<Label>, Failure> {
+    match (&args.attach_label, &joined.attach_label) {
+        (Some(l), _) => Ok(Some(l.clone())),
+        (None, Some(saved)) => Ok(Some(Label::parse(saved).map_err(|e| {
+            Failure::input(anyhow!("{}: {e}", store.file(&args.local.iface).display()))
+        })?)),
+        (None, None) => Ok(None),
+    }
+}
+
 pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
     let started = Instant::now();
     let iface = args.local.iface.clone();
@@ -48,35 +73,15 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
     args.metrics.check()?;
     crate::sys::require_net_admin()?;
     let store = StateDir::new(&args.local.state_dir);
-    let joined = match store.load(&iface)? {
-        Some(Endpoint::Joined(j)) => j,
-        Some(Endpoint::Server(_)) => {
-            return Err(Failure::input(anyhow!(
-                "{iface} is a server; start it with `tunnel serve --iface {iface}`"
-            )));
-        }
-        None => {
-            return Err(Failure::input(anyhow!(
-                "no joined site {iface} saved in {}; join first with `tunnel join`",
-                store.root().display()
-            )));
-        }
-    };
+    let joined = saved(&args, &store)?;
     let backend = args
         .backend
         .or(joined.backend)
         .unwrap_or(BackendChoice::Auto);
-    let endpoint = resolve(&joined.endpoint, joined.port).await?;
+    let endpoint = site::resolve(&joined.endpoint, joined.port).await?;
     // Containers need Docker, but may be stopped now: they are attached
     // when they start.
-    let label = match (&args.attach_label, &joined.attach_label) {
-        (Some(l), _) => Some(l.clone()),
-        (None, Some(saved)) => Some(
-            crate::docker::Label::parse(saved)
-                .map_err(|e| Failure::input(anyhow!("{}: {e}", store.file(&iface).display())))?,
-        ),
-        (None, None) => None,
-    };
+    let label = label(&args, &joined, &store)?;
     if let Some(n) = &args.docker_driver {
         crate::driver::check_name(n)?;
     }
@@ -86,7 +91,6 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         } else {
             Some(Arc::new(Bollard::connect().await?))
         };
-
     if joined.masquerade && args.firewall == Toggle::Off {
         return Err(Failure::input(anyhow!(
             "{iface} masquerades towards its LANs, and that needs the firewall: drop --firewall off"
@@ -94,95 +98,52 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
     }
     let (route, relay) = site::saved_route(&joined, endpoint, args.proxy.as_deref())?;
     let metrics = super::bind_metrics(&args.metrics).await?;
-    let net = Arc::new(Netlink::connect()?);
-    let mut gateway = site::site_gateway(
-        net.as_ref(),
-        &store,
-        &iface,
-        joined.subnets(),
-        &joined.routes,
-        joined.masquerade,
-        args.firewall == Toggle::On,
-    )
-    .await?;
-    let spec = DeviceSpec {
-        name: iface.clone(),
-        private_key: joined.private_key.clone(),
-        listen_port: 0,
-        peers: vec![site::hub_peer(&joined, route.endpoint)],
-        addresses: joined.subnets().interface(joined.address.ip()),
-        mtu: joined.mtu,
-        confine: gateway.confine(),
-        relay,
-        quarantine: None,
-    };
-    let device = match crate::endpoint::create(&spec, backend, net.clone(), &store).await {
-        Ok(d) => d,
-        Err(e) => {
-            gateway.stop(net.as_ref()).await;
-            return Err(e.into());
-        }
-    };
-    let host = site::prepare_host(
-        &mut gateway,
-        net.as_ref(),
-        device.as_ref(),
-        &joined,
-        &iface,
-        endpoint,
-        &route,
-    )
-    .await;
-    let transparent = match host {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = device.destroy().await;
-            gateway.stop(net.as_ref()).await;
-            return Err(e.into());
-        }
-    };
-
-    let progress = super::Spinner(spinner());
-    progress
-        .0
-        .set_message(format!("waiting for the server at {endpoint}"));
-    let flow = match site::wait_for_flow(site::api(&joined), started + args.timeout).await {
-        Ok(()) => format!("first packet after {} ms", started.elapsed().as_millis()),
-        Err(e) => {
-            tracing::warn!(
-                "the server does not answer yet ({e}); the tunnel stays up and connects when it does"
-            );
-            "server not answering yet".to_owned()
-        }
-    };
-    let summary = format!(
-        "up {iface} as {}, server {} at {endpoint} over {}, {flow}",
-        joined.address, joined.server_address, route.path
-    );
-    let containers = runtime.map(|runtime| Containers {
-        runtime,
-        specs: site::saved_containers(&joined, &route),
-        label,
-        driver: args.docker_driver.clone(),
-    });
-    let site = Site {
-        device,
-        route,
-        net,
+    let config = UpConfig {
         joined,
         iface,
-        backend,
         store,
-        gateway,
-        transparent,
+        net: Arc::new(Netlink::connect()?),
+        backend,
+        endpoint,
+        route,
+        relay,
+        firewall: args.firewall == Toggle::On,
+        started,
+        timeout: args.timeout,
+        runtime,
+        label,
+        driver: args.docker_driver.clone(),
         metrics,
     };
-    Ok(site::run(
-        site,
-        containers,
-        super::summary_line(summary),
-        &progress,
-        shutdown,
-    )
-    .await?)
+    let progress = LazySpinner::default();
+    let ready = Site::up(config, &progress).await?;
+    let flow = match ready.first_packet {
+        Some(t) => format!("first packet after {} ms", t.as_millis()),
+        None => "server not answering yet".to_owned(),
+    };
+    let site = &ready.site;
+    let summary = format!(
+        "up {} as {}, server {} at {endpoint} over {}, {flow}",
+        site.iface, site.joined.address, site.joined.server_address, site.route.path
+    );
+    let (site, containers) = (ready.site, ready.containers);
+    let ready = super::summary_line(summary);
+    Ok(site::run(site, containers, ready, &progress, shutdown).await?)
+}
+
+/// The command's spinner ([`super::spinner`]), made at the first step a
+/// bring-up reports, so that nothing shows while the host is prepared.
+#[derive(Default)]
+pub(super) struct LazySpinner(std::sync::OnceLock<Spinner>);
+
+impl Progress for LazySpinner {
+    fn step(&self, message: &str) {
+        self.0.get_or_init(|| Spinner(spinner())).step(message);
+    }
+
+    fn done(&self) {
+        if let Some(s) = self.0.get() {
+            s.done();
+        }
+    }
 }

@@ -118,6 +118,47 @@ async fn exchange(
     exchange_via(&target, TcpStream::connect(api), call, patience).await
 }
 
+/// A signed request the hub did not take; with the hub's clock when what
+/// it refused was our timestamp (a 401 that says the hub's time), so that
+/// the caller can adjust the signer and sign again.
+#[derive(Debug)]
+pub struct Declined {
+    pub error: ControlError,
+    pub hub_time: Option<u64>,
+}
+
+impl From<ControlError> for Declined {
+    fn from(error: ControlError) -> Self {
+        Declined {
+            error,
+            hub_time: None,
+        }
+    }
+}
+
+/// A signed POST, signed once at `now`; never signed again.
+async fn signed_post_once<T: serde::de::DeserializeOwned>(
+    api: SocketAddr,
+    signer: &Signer,
+    path: &str,
+    body: &[u8],
+    now: SystemTime,
+    patience: Patience,
+) -> Result<T, Declined> {
+    let call = Call {
+        method: "POST",
+        path,
+        body: body.to_vec(),
+        authorization: Some(signer.sign("POST", path, body, now)),
+    };
+    let (status, bytes) = exchange(api, call, patience).await?;
+    if status == StatusCode::UNAUTHORIZED {
+        let (error, hub_time) = refused(status, &bytes);
+        return Err(Declined { error, hub_time });
+    }
+    Ok(decode(&api.to_string(), (status, bytes))?)
+}
+
 /// A signed POST; signs again once with the hub's clock if ours is off.
 async fn signed_post<T: serde::de::DeserializeOwned>(
     api: SocketAddr,
@@ -128,29 +169,17 @@ async fn signed_post<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ControlError> {
     let patience = patience.into();
     let body = serde_json::to_vec(body).expect("request types serialize");
-    let mut resynced = false;
-    loop {
-        let authorization = signer.sign("POST", path, &body, SystemTime::now());
-        let call = Call {
-            method: "POST",
-            path,
-            body: body.clone(),
-            authorization: Some(authorization),
-        };
-        let (status, bytes) = exchange(api, call, patience).await?;
-        if status == StatusCode::UNAUTHORIZED && !resynced {
-            let (err, server_time) = refused(status, &bytes);
-            match server_time {
-                Some(t) => {
-                    tracing::warn!("this host's clock is off from the hub's; using the hub's time");
-                    signer.adjust_clock(t, SystemTime::now());
-                    resynced = true;
-                    continue;
-                }
-                None => return Err(err),
-            }
+    match signed_post_once(api, signer, path, &body, SystemTime::now(), patience).await {
+        Err(Declined {
+            hub_time: Some(t), ..
+        }) => {
+            tracing::warn!("this host's clock is off from the hub's; using the hub's time");
+            signer.adjust_clock(t, SystemTime::now());
+            signed_post_once(api, signer, path, &body, SystemTime::now(), patience)
+                .await
+                .map_err(|d| d.error)
         }
-        return decode(&api.to_string(), (status, bytes));
+        other => other.map_err(|d| d.error),
     }
 }
 
@@ -162,14 +191,34 @@ pub async fn redeem_invite(
     joining: &Joining,
     patience: impl Into<Patience>,
 ) -> Result<Admitted, ControlError> {
-    let req = RedeemRequest {
+    let req = redeem_request(key, joining);
+    signed_post(api, invite, REDEEM, &req, patience).await
+}
+
+/// The same, signed once at `now` and never again: a refusal of our clock
+/// comes back with the hub's time ([`Declined::hub_time`]), for the join
+/// to decide on (it adjusts the signer and asks again).
+pub async fn redeem_invite_once(
+    api: SocketAddr,
+    invite: &Signer,
+    key: &PublicKey,
+    joining: &Joining,
+    now: SystemTime,
+    patience: Patience,
+) -> Result<Admitted, Declined> {
+    let req = redeem_request(key, joining);
+    let body = serde_json::to_vec(&req).expect("request types serialize");
+    signed_post_once(api, invite, REDEEM, &body, now, patience).await
+}
+
+fn redeem_request(key: &PublicKey, joining: &Joining) -> RedeemRequest {
+    RedeemRequest {
         public_key: *key,
         routes: joining.routes.clone(),
         snat_public: joining.snat_public,
         name: joining.name.clone(),
         default_name: joining.default_name,
-    };
-    signed_post(api, invite, REDEEM, &req, patience).await
+    }
 }
 
 /// Registers another endpoint of this site (a container) with the hub.

@@ -1,7 +1,7 @@
 //! What a site changes on its host: its firewall and forwarding, and
 //! transparent mode's table and rules; all journaled by the gateway.
 
-use super::join::Invitation;
+use super::invitation::Invitation;
 use super::{Route, SiteError};
 use crate::gateway::Gateway;
 use crate::net::{MAIN_TABLE, NetOps, PolicyRule};

@@ -1,22 +1,31 @@
-//! A joined site: what it is ([`Site`]), how `join` redeems a token and
-//! switches to the site's own key ([`join`]), how it chooses its path to
-//! the hub ([`path`]), its containers ([`endpoints`]), what it changes on
-//! its host ([`host`]), how it follows the LANs the hub advertises
-//! ([`routes`]), and how it runs until shutdown ([`run`]).
+//! A joined site: what it is ([`Site`]), how it is brought up with a
+//! token or from its saved state ([`Site::join`], [`Site::up`]); the join
+//! as a state machine without IO ([`machine`]), run against the device
+//! and the hub ([`join`]) over the path it chooses ([`path`]); its
+//! containers ([`endpoints`]), what it changes on its host ([`host`]), how
+//! it follows the LANs the hub advertises ([`routes`]), and how it runs
+//! until shutdown ([`run`]).
 
 mod api;
+mod bringup;
+mod drive;
 pub mod endpoints;
 pub mod host;
+mod invitation;
 pub mod join;
+pub mod machine;
 pub mod path;
+mod resolve;
 pub mod routes;
 
 pub use crate::node::Containers;
 use api::SiteApi;
+pub use bringup::{JoinConfig, Ready, UpConfig};
 pub use endpoints::{SiteEndpoints, register_containers, saved_containers};
 pub use host::{TRANSPARENT_TABLE, prepare_host, site_gateway, start_gateway};
-pub use join::{Invitation, redeem_and_switch, wait_for_flow};
-pub use path::choose_path;
+pub use invitation::Invitation;
+pub use join::{Joiner, establish, own_key, wait_for_flow};
+pub use resolve::resolve;
 use routes::RouteSync;
 pub use routes::remote_routes;
 
@@ -97,13 +106,24 @@ pub enum SiteError {
     Driver(#[from] crate::driver::DriverError),
     #[error(transparent)]
     Node(#[from] crate::node::NodeError),
+    #[error(transparent)]
+    Endpoint(#[from] crate::endpoint::EndpointError),
+    /// The user's input (an address, a flag, what the state directory
+    /// holds for the interface), found wanting before the host is touched.
+    #[error(transparent)]
+    Input(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl SiteError {
+    /// Bad input, with its message (and its causes, if any).
+    pub fn input(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        SiteError::Input(e.into())
+    }
+
     /// Whether the input (the token) is at fault, rather than the network.
     pub fn is_input(&self) -> bool {
         match self {
-            SiteError::Refused(_) | SiteError::AlreadyUsed(_) => true,
+            SiteError::Refused(_) | SiteError::AlreadyUsed(_) | SiteError::Input(_) => true,
             SiteError::Transport(t) => t.is_input(),
             _ => false,
         }

@@ -1,63 +1,82 @@
-//! How a joining site chooses its path to the hub: UDP when it gets a
-//! handshake within a short bound, else WebSocket direct, else through a
-//! proxy, staggered.
+//! How a joining site reaches the hub: UDP when it gets a handshake
+//! within a short bound, else one of the WebSocket ways (direct, then
+//! through a proxy), staggered; the timing is the join machine's
+//! machine's, the ways and the switch to one are here.
 
-use super::join::Invitation;
-use super::{Progress, Route, SiteError};
-use crate::control::{CONTROL_PORT, tunnel};
+use super::invitation::Invitation;
+use super::machine::Way;
+use super::{Route, SiteError};
 use crate::net::NetOps;
+use crate::transport::proxy::Proxy;
 use crate::transport::ws::{Connection, Dialer};
-use crate::transport::{Relay, WS_MTU};
+use crate::transport::{Path, Relay, WS_MTU};
 use crate::wg::{WgDevice, WgError};
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-/// How long UDP gets to complete a handshake before `auto` tries WebSocket.
-const UDP_BOUND: Duration = Duration::from_millis(1000);
-/// After this long without a direct WebSocket, the proxy is tried too.
-const STAGGER: Duration = Duration::from_millis(300);
+/// The WebSocket dialers to try, in order: direct, then through the
+/// environment's proxy (`HTTPS_PROXY`/`HTTP_PROXY`, unless NO_PROXY
+/// exempts the server). An explicit `--proxy` is the only way tried.
+pub(super) fn dialers(inv: &Invitation<'_>) -> Result<Vec<Arc<Dialer>>, SiteError> {
+    let Some(offer) = &inv.token.websocket else {
+        return Ok(vec![]);
+    };
+    let host = inv.endpoint.ip().to_string();
+    if let Some(flag) = inv.proxy {
+        let proxy = Proxy::parse(flag)?;
+        return Ok(vec![Arc::new(Dialer::new(offer, &host, Some(proxy))?)]);
+    }
+    let direct = Dialer::new(offer, &host, None)?;
+    let tls = direct.url().starts_with("wss:");
+    let proxy = Proxy::for_target(None, direct.host(), tls, |k| std::env::var(k).ok())?;
+    let mut out = vec![Arc::new(direct)];
+    if let Some(p) = proxy {
+        out.push(Arc::new(Dialer::new(offer, &host, Some(p))?));
+    }
+    Ok(out)
+}
 
-/// Chooses the path: UDP when it gets a handshake within a short bound
-/// (or is the only one), else WebSocket direct, else through the proxy.
-/// The device must have been made with `relay` when WebSocket is possible.
-pub async fn choose_path(
+/// A dialer as the join machine names it.
+pub(super) fn way(inv: &Invitation<'_>, dialer: &Dialer) -> Way {
+    let offer = inv
+        .token
+        .websocket
+        .clone()
+        .expect("a dialer comes from an offer");
+    let path = Path::Websocket {
+        offer,
+        proxy: dialer.proxy().map(|p| p.url.clone()),
+    };
+    Way {
+        shown: dialer.shown(),
+        named: format!(
+            "{}{}",
+            dialer.shown(),
+            dialer
+                .proxy()
+                .map(|p| format!(" via {p:?}"))
+                .unwrap_or_default()
+        ),
+        path: path.to_string(),
+    }
+}
+
+/// The device's datagrams go over `dialer`'s WebSocket from now on, `conn`
+/// its first connection. The device must have been made with `relay`.
+pub(super) async fn use_link(
     inv: &Invitation<'_>,
     device: &dyn WgDevice,
-    relay: Option<&Arc<Relay>>,
     net: &dyn NetOps,
-    progress: &dyn Progress,
-    deadline: Instant,
+    relay: &Arc<Relay>,
+    dialer: Arc<Dialer>,
+    conn: Option<Connection>,
 ) -> Result<Route, SiteError> {
-    let mtu = inv.initial_mtu();
-    if !inv.websocket() {
-        return Ok(Route::udp(inv.endpoint, mtu));
-    }
-    if inv.udp() {
-        progress.step(&format!("trying UDP to {}", inv.endpoint));
-        let api = SocketAddr::new(inv.token.server_address, CONTROL_PORT);
-        let until = (Instant::now() + UDP_BOUND).min(deadline);
-        while Instant::now() < until {
-            // Any packet starts a handshake; the ping's answer is not needed.
-            let _ = tunnel::ping(api, Duration::from_millis(100)).await;
-            if device
-                .peers()
-                .await?
-                .iter()
-                .any(|p| p.last_handshake.is_some())
-            {
-                return Ok(Route::udp(inv.endpoint, mtu));
-            }
-        }
-        tracing::info!("no WireGuard handshake over UDP within {UDP_BOUND:?}; trying WebSocket");
-    }
-    let relay = relay.expect("a relay when WebSocket is possible").clone();
-    let dialers = inv.dialers()?;
-    progress.step(&format!("connecting to {}", dialers[0].shown()));
-    let (i, conn) = first_connection(&dialers, deadline).await?;
-    let offer = inv.token.websocket.clone().expect("checked above");
+    let offer = inv
+        .token
+        .websocket
+        .clone()
+        .expect("a dialer comes from an offer");
     let mtu = inv.mtu.unwrap_or(WS_MTU);
-    let route = Route::websocket(offer, dialers[i].clone(), relay, Some(conn), mtu);
+    let route = Route::websocket(offer, dialer, relay.clone(), conn, mtu);
     // A fresh peer with the link's address: the next packet handshakes at
     // once instead of waiting out a UDP attempt's retry timer.
     device.remove_peer(&inv.token.server_public_key).await?;
@@ -66,53 +85,4 @@ pub async fn choose_path(
         net.set_mtu(inv.iface, mtu).await.map_err(WgError::from)?;
     }
     Ok(route)
-}
-
-/// The first dialer to connect; a later one starts when the earlier has
-/// failed or has taken longer than [`STAGGER`].
-async fn first_connection(
-    dialers: &[Arc<Dialer>],
-    deadline: Instant,
-) -> Result<(usize, Connection), SiteError> {
-    use futures::stream::{FuturesUnordered, StreamExt};
-    let mut running = FuturesUnordered::new();
-    let attempt = |i: usize| {
-        let d = dialers[i].clone();
-        async move {
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(500));
-            (i, d.connect(left).await)
-        }
-    };
-    let mut next = 1;
-    running.push(attempt(0));
-    let mut errors = Vec::new();
-    loop {
-        let stagger = tokio::time::sleep(STAGGER);
-        tokio::pin!(stagger);
-        tokio::select! {
-            done = running.next() => match done {
-                Some((i, Ok(conn))) => return Ok((i, conn)),
-                Some((i, Err(e))) => {
-                    tracing::info!("WebSocket via {}: {e}", dialers[i].shown());
-                    if e.is_input() {
-                        return Err(e.into());
-                    }
-                    errors.push(format!("{}{}: {e}", dialers[i].shown(), dialers[i].proxy().map(|p| format!(" via {p:?}")).unwrap_or_default()));
-                    if next < dialers.len() {
-                        running.push(attempt(next));
-                        next += 1;
-                    } else if running.is_empty() {
-                        return Err(SiteError::NoPath(errors.join("; ")));
-                    }
-                }
-                None => return Err(SiteError::NoPath(errors.join("; "))),
-            },
-            _ = &mut stagger, if next < dialers.len() => {
-                running.push(attempt(next));
-                next += 1;
-            }
-        }
-    }
 }
