@@ -122,3 +122,125 @@ impl RouteSync {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::tunnel::Advertised;
+    use crate::keys::PrivateKey;
+    use crate::net::fake::FakeNet;
+    use crate::reach::Path;
+    use crate::wg::PeerSpec;
+    use crate::wg::fake::FakeWg;
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+
+    fn joined() -> JoinedState {
+        JoinedState {
+            name: Some("b".into()),
+            private_key: PrivateKey::generate(),
+            mtu: 1420,
+            backend: None,
+            server_public_key: PrivateKey::generate().public_key(),
+            endpoint: "192.0.2.1".into(),
+            port: 51820,
+            address: net("10.77.0.3/24"),
+            server_address: "10.77.0.1".parse().unwrap(),
+            subnet: net("10.77.0.0/24"),
+            subnet6: None,
+            containers: vec![],
+            path: Path::Udp,
+            routes: vec![],
+            masquerade: false,
+            transparent: false,
+            snat_public: false,
+            attach_label: None,
+        }
+    }
+
+    /// A site whose hub peer allows the subnet only, and its route sync.
+    async fn site(extra: Vec<IpNetwork>) -> (FakeWg, Arc<FakeNet>, RouteSync) {
+        let j = joined();
+        let device = FakeWg::default();
+        let hub = PeerSpec {
+            public_key: j.server_public_key,
+            endpoint: Some("192.0.2.1:51820".parse().unwrap()),
+            allowed_ips: j.subnets().all(),
+            keepalive: Some(25),
+        };
+        device.upsert_peer(&hub).await.unwrap();
+        let host = Arc::new(FakeNet::default());
+        host.add_link("wgs0");
+        let sync = RouteSync {
+            device: Arc::new(device.clone()),
+            net: host.clone(),
+            iface: "wgs0".into(),
+            joined: j,
+            current: vec![],
+            extra,
+        };
+        (device, host, sync)
+    }
+
+    fn routed(host: &FakeNet) -> Vec<IpNetwork> {
+        host.routes.lock().unwrap().iter().map(|r| r.0).collect()
+    }
+
+    #[tokio::test]
+    async fn the_lans_the_hub_advertises_are_routed_and_allowed_through_it() {
+        let server = net("192.0.2.1/32");
+        let (device, host, mut sync) = site(vec![server]).await;
+        let (a, b) = (net("192.168.1.0/24"), net("192.168.2.0/24"));
+        sync.apply(&[a, b]).await.unwrap();
+        assert_eq!(routed(&host), [a, b]);
+        let hub = device.peer(&sync.joined.server_public_key).unwrap();
+        assert_eq!(hub.allowed_ips, [net("10.77.0.0/24"), server, a, b]);
+        // One LAN goes: its route and its allowed IPs with it.
+        sync.apply(&[b]).await.unwrap();
+        assert_eq!(routed(&host), [b]);
+        let hub = device.peer(&sync.joined.server_public_key).unwrap();
+        assert_eq!(hub.allowed_ips, [net("10.77.0.0/24"), server, b]);
+    }
+
+    #[tokio::test]
+    async fn the_same_lans_again_change_nothing() {
+        let (device, host, mut sync) = site(vec![]).await;
+        let a = net("192.168.1.0/24");
+        sync.apply(&[a]).await.unwrap();
+        host.routes.lock().unwrap().clear();
+        device.fail_after(0);
+        // Neither the device nor the host is asked again.
+        sync.apply(&[a]).await.unwrap();
+        assert!(routed(&host).is_empty());
+    }
+
+    #[test]
+    fn a_site_leaves_out_its_own_lans_and_duplicates() {
+        let own = "10.77.0.3".parse().unwrap();
+        let other = "10.77.0.4".parse().unwrap();
+        let all = [
+            Advertised {
+                prefix: net("192.168.9.0/24"),
+                via: other,
+            },
+            Advertised {
+                prefix: net("192.168.3.0/24"),
+                via: own,
+            },
+            Advertised {
+                prefix: net("192.168.1.0/24"),
+                via: other,
+            },
+            Advertised {
+                prefix: net("192.168.9.0/24"),
+                via: other,
+            },
+        ];
+        assert_eq!(
+            remote_routes(&all, own),
+            [net("192.168.1.0/24"), net("192.168.9.0/24")]
+        );
+    }
+}
