@@ -184,6 +184,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         started,
         store,
         net: Arc::new(Netlink::connect()?),
+        nft: Box::new(crate::firewall::Nftables),
         firewall: args.lan.firewall == Toggle::On,
         docker: checked.docker,
         label: args.common.attach_label.clone(),

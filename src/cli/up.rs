@@ -107,6 +107,7 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
         endpoint,
         route,
         relay,
+        nft: Box::new(crate::firewall::Nftables),
         firewall: args.firewall == Toggle::On,
         started,
         timeout: args.timeout,

@@ -7,9 +7,10 @@ use super::invitation::Invitation;
 use super::join::{Joiner, establish, own_key};
 use super::{
     Containers, Progress, Route, Site, SiteError, api, hub_peer, prepare_host, register_containers,
-    saved_containers, site_gateway, start_gateway, wait_for_flow,
+    saved_containers, site_gateway, site_policy, start_gateway, wait_for_flow,
 };
 use crate::docker::{ContainerInfo, ContainerRuntime, Label};
+use crate::firewall::Firewall;
 use crate::gateway::Gateway;
 use crate::keys::PrivateKey;
 use crate::net::NetOps;
@@ -28,7 +29,9 @@ pub struct JoinConfig<'a> {
     pub started: Instant,
     pub store: StateDir,
     pub net: Arc<dyn NetOps>,
-    /// `--firewall on`.
+    /// The host's firewall (nftables), and whether `--firewall on` keeps
+    /// our table in it.
+    pub nft: Box<dyn Firewall>,
     pub firewall: bool,
     /// The engine, and the containers named on the command line, when
     /// any are named or a label or the driver is asked for.
@@ -54,6 +57,8 @@ pub struct UpConfig {
     /// ([`super::saved_route`]).
     pub route: Route,
     pub relay: Option<Arc<Relay>>,
+    /// As for a join.
+    pub nft: Box<dyn Firewall>,
     pub firewall: bool,
     /// When the command started, and how long to wait for the server
     /// before reporting it (the tunnel stays up either way).
@@ -116,6 +121,7 @@ impl Site {
             started,
             store,
             net,
+            nft,
             firewall,
             docker,
             label,
@@ -124,7 +130,7 @@ impl Site {
         } = config;
         let iface = inv.iface;
         let relay = inv.websocket().then(|| Relay::new("websocket"));
-        let gateway = start_gateway(net.as_ref(), &store, iface, &inv, firewall).await?;
+        let gateway = start_gateway(net.as_ref(), nft, &store, &inv, firewall).await?;
         let spec = inv.device_spec(relay.clone());
         let (device, mut gateway) = raise(spec, inv.backend, gateway, &net, &store).await?;
         crate::sys::crash_point("iface-created");
@@ -198,6 +204,7 @@ impl Site {
             endpoint,
             route,
             relay,
+            nft,
             firewall,
             started,
             timeout,
@@ -206,13 +213,13 @@ impl Site {
             driver,
             metrics,
         } = config;
+        let policy = site_policy(&iface, &joined.routes, joined.masquerade);
         let gateway = site_gateway(
             net.as_ref(),
+            nft,
             &store,
-            &iface,
             joined.subnets(),
-            &joined.routes,
-            joined.masquerade,
+            policy,
             firewall,
         )
         .await?;

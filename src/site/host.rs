@@ -3,6 +3,7 @@
 
 use super::invitation::Invitation;
 use super::{Route, SiteError};
+use crate::firewall::Firewall;
 use crate::gateway::Gateway;
 use crate::net::{MAIN_TABLE, NetOps, PolicyRule};
 use crate::state::JoinedState;
@@ -11,59 +12,45 @@ use crate::wg::WgDevice;
 use ipnetwork::IpNetwork;
 use std::net::SocketAddr;
 
-/// A site's firewall, before its device exists: forwarding between the
-/// tunnel and its own LANs only, masquerading towards them with
-/// `--masquerade`.
-pub async fn start_gateway(
-    net: &dyn NetOps,
-    store: &StateDir,
-    iface: &str,
-    inv: &Invitation<'_>,
-    firewall: bool,
-) -> Result<Gateway, SiteError> {
-    site_gateway(
-        net,
-        store,
-        iface,
-        inv.token.subnets(),
-        inv.routes,
-        inv.masquerade,
-        firewall,
-    )
-    .await
-}
-
-/// The same for a saved site (`up`).
-pub async fn site_gateway(
-    net: &dyn NetOps,
-    store: &StateDir,
-    iface: &str,
-    subnets: crate::ipam::Subnets,
-    routes: &[IpNetwork],
-    masquerade: bool,
-    firewall: bool,
-) -> Result<Gateway, SiteError> {
-    let policy = crate::firewall::Policy {
+/// A site's firewall policy: forwarding between the tunnel and its own
+/// LANs only, masquerading towards them with `--masquerade`.
+pub fn site_policy(iface: &str, routes: &[IpNetwork], masquerade: bool) -> crate::firewall::Policy {
+    crate::firewall::Policy {
         iface: iface.to_owned(),
         hub: false,
         routes: routes.to_vec(),
         masquerade,
         ..Default::default()
-    };
+    }
+}
+
+/// A joining site's firewall, before its device exists.
+pub async fn start_gateway(
+    net: &dyn NetOps,
+    nft: Box<dyn Firewall>,
+    store: &StateDir,
+    inv: &Invitation<'_>,
+    firewall: bool,
+) -> Result<Gateway, SiteError> {
+    let policy = site_policy(inv.iface, inv.routes, inv.masquerade);
+    site_gateway(net, nft, store, inv.token.subnets(), policy, firewall).await
+}
+
+/// The same for a saved site (`up`).
+pub async fn site_gateway(
+    net: &dyn NetOps,
+    nft: Box<dyn Firewall>,
+    store: &StateDir,
+    subnets: crate::ipam::Subnets,
+    policy: crate::firewall::Policy,
+    firewall: bool,
+) -> Result<Gateway, SiteError> {
     let nets: Vec<IpNetwork> = subnets
         .all()
         .into_iter()
-        .chain(routes.iter().copied())
+        .chain(policy.routes.iter().copied())
         .collect();
-    Ok(Gateway::start(
-        Box::new(crate::firewall::Nftables),
-        net,
-        store,
-        policy,
-        firewall,
-        &nets,
-    )
-    .await?)
+    Ok(Gateway::start(nft, net, store, policy, firewall, &nets).await?)
 }
 
 /// What a site changes on its host once its device is up: forwarding for
@@ -179,3 +166,46 @@ async fn go_transparent(
 
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::fake::FakeFirewall;
+    use crate::net::fake::FakeNet;
+    use std::sync::Arc;
+
+    fn subnets() -> crate::ipam::Subnets {
+        crate::ipam::Subnets::new("10.77.0.0/24".parse().unwrap(), None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_sites_gateway_puts_its_table_in_the_firewall_it_is_given_and_takes_it_away() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateDir::new(tmp.path());
+        let net = FakeNet::default();
+        let fw = Arc::new(FakeFirewall::default());
+        let lan: IpNetwork = "192.168.50.0/24".parse().unwrap();
+        let policy = site_policy("wgs0", &[lan], true);
+        assert!(!policy.hub && policy.masquerade && policy.routes == [lan]);
+        let g = site_gateway(&net, Box::new(fw.clone()), &store, subnets(), policy, true)
+            .await
+            .unwrap();
+        assert_eq!(fw.tables.lock().unwrap().len(), 1);
+        g.stop(&net).await;
+        assert!(fw.tables.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn with_the_firewall_off_a_site_adds_no_table() {
+        let tmp = tempfile::tempdir().unwrap();
+        let net = FakeNet::default();
+        let fw = Arc::new(FakeFirewall::default());
+        let policy = site_policy("wgs0", &[], false);
+        let store = StateDir::new(tmp.path());
+        let g = site_gateway(&net, Box::new(fw.clone()), &store, subnets(), policy, false)
+            .await
+            .unwrap();
+        assert!(fw.tables.lock().unwrap().is_empty());
+        g.stop(&net).await;
+    }
+}

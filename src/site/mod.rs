@@ -22,7 +22,7 @@ pub use crate::node::Containers;
 use api::SiteApi;
 pub use bringup::{JoinConfig, Ready, UpConfig};
 pub use endpoints::{SiteEndpoints, register_containers, saved_containers};
-pub use host::{TRANSPARENT_TABLE, prepare_host, site_gateway, start_gateway};
+pub use host::{TRANSPARENT_TABLE, prepare_host, site_gateway, site_policy, start_gateway};
 pub use invitation::Invitation;
 pub use join::{Joiner, establish, own_key, wait_for_flow};
 pub use resolve::resolve;
