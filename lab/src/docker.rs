@@ -71,9 +71,12 @@ impl Containers {
         args.extend_from_slice(options);
         args.push(IMAGE);
         args.extend_from_slice(cmd);
+        // Kept before it runs: a `docker run` that fails after creating the
+        // container (an engine restarting under it) leaves it "Created",
+        // and the drop must remove that one too.
+        self.0.push(name.to_owned());
         let started = Instant::now();
         docker_ok(&args);
-        self.0.push(name.to_owned());
         started.elapsed()
     }
 
