@@ -251,7 +251,6 @@ mod tests {
     //! moved forward by the test, as the runtime's loop would sleep.
     use super::*;
     use crate::hub::testkit::*;
-    use crate::token::Token;
     use crate::wg::WgDevice;
 
     #[tokio::test]
@@ -291,20 +290,6 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
     const S: Duration = Duration::from_secs(1);
-
-    /// A joiner that redeemed the hub's first token with key `k`.
-    async fn joined(hub: &Hub) -> (Token, PublicKey) {
-        let tok = hub
-            .mint(&req(1), SystemTime::now())
-            .await
-            .unwrap()
-            .remove(0);
-        let k = PrivateKey::generate().public_key();
-        hub.redeem(tok.assigned, k, Joining::default(), SystemTime::now())
-            .await
-            .unwrap();
-        (tok, k)
-    }
 
     fn seen_at(fake: &FakeWg, k: &PublicKey, at: &str) {
         let mut s = fake.state.lock().unwrap();

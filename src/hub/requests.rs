@@ -411,15 +411,7 @@ mod tests {
     #[tokio::test]
     async fn leave_is_rate_limited() {
         let (_tmp, fake, hub) = setup();
-        let tok = hub
-            .mint(&req(1), SystemTime::now())
-            .await
-            .unwrap()
-            .remove(0);
-        let k = PrivateKey::generate().public_key();
-        hub.redeem(tok.assigned, k, Joining::default(), SystemTime::now())
-            .await
-            .unwrap();
+        let (tok, k) = joined(&hub).await;
         fake.handshake(&k);
         hub.complete_swaps(Instant::now()).await.unwrap();
         hub.leave(tok.assigned).await.unwrap();

@@ -2,6 +2,7 @@
 
 pub use super::*;
 pub use crate::keys::PrivateKey;
+pub use crate::token::Token;
 pub use crate::wg::fake::FakeWg;
 pub use std::time::{Duration, SystemTime};
 
@@ -30,4 +31,18 @@ pub fn req(count: usize) -> MintRequest {
         name: None,
         routes: vec![],
     }
+}
+
+/// A joiner that redeemed the hub's first token with key `k`.
+pub async fn joined(hub: &Hub) -> (Token, PublicKey) {
+    let tok = hub
+        .mint(&req(1), SystemTime::now())
+        .await
+        .unwrap()
+        .remove(0);
+    let k = PrivateKey::generate().public_key();
+    hub.redeem(tok.assigned, k, Joining::default(), SystemTime::now())
+        .await
+        .unwrap();
+    (tok, k)
 }
