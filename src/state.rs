@@ -368,3 +368,23 @@ pub enum BackendChoice {
     Kernel,
     Userspace,
 }
+
+#[cfg(test)]
+impl PeerRecord {
+    /// A site admitted at `address` with a fresh key and nothing else set:
+    /// what tests start from.
+    pub fn site(address: &str) -> Self {
+        PeerRecord {
+            public_key: PrivateKey::generate().public_key(),
+            address: address.parse().expect("an address"),
+            joined_at: 0,
+            name: None,
+            via: None,
+            endpoint: None,
+            routes: vec![],
+            snat_public: false,
+            approved: Some(vec![]),
+            road_warrior: false,
+        }
+    }
+}

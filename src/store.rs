@@ -290,16 +290,8 @@ mod tests {
             subnet: "10.77.0.0/24".parse().unwrap(),
             subnet6: None,
             peers: vec![PeerRecord {
-                public_key: PrivateKey::generate().public_key(),
-                address: "10.77.0.2".parse().unwrap(),
                 joined_at: 1,
-                name: None,
-                via: None,
-                endpoint: None,
-                routes: vec![],
-                snat_public: false,
-                approved: Some(vec![]),
-                road_warrior: false,
+                ..PeerRecord::site("10.77.0.2")
             }],
             invites: vec![],
             containers: vec![],

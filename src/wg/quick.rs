@@ -270,16 +270,10 @@ mod tests {
         use crate::state::{ContainerRecord, PeerRecord};
         let mut s = ServerState::new("10.77.0.0/24".parse().unwrap(), 51820, 1420);
         s.peers.push(PeerRecord {
-            public_key: crate::keys::PrivateKey::generate().public_key(),
-            address: "10.77.0.2".parse().unwrap(),
-            joined_at: 0,
             name: Some("office".into()),
-            via: None,
             endpoint: Some("192.0.2.7:40000".parse().unwrap()),
             routes: vec!["192.168.50.0/24".parse().unwrap()],
-            snat_public: false,
-            approved: None,
-            road_warrior: false,
+            ..PeerRecord::site("10.77.0.2")
         });
         s.containers.push(ContainerRecord {
             container: "web".into(),

@@ -68,22 +68,14 @@ pub fn policy(config: &HubConfig, state: &ServerState, open: &Openings) -> Polic
 mod tests {
     use super::*;
     use crate::firewall::Port;
-    use crate::keys::PrivateKey;
     use crate::state::PeerRecord;
     use ipnetwork::IpNetwork;
 
     fn peer(address: &str, endpoint: Option<&str>, snat_public: bool) -> PeerRecord {
         PeerRecord {
-            public_key: PrivateKey::generate().public_key(),
-            address: address.parse().unwrap(),
-            joined_at: 0,
-            name: None,
-            via: None,
             endpoint: endpoint.map(|e| e.parse().unwrap()),
-            routes: vec![],
             snat_public,
-            approved: None,
-            road_warrior: false,
+            ..PeerRecord::site(address)
         }
     }
 
