@@ -39,6 +39,7 @@ pub mod ipam;
 pub mod keys;
 pub mod limits;
 pub mod lograte;
+pub mod mesh;
 pub mod metrics;
 pub mod net;
 pub mod node;

@@ -17,7 +17,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     (
         "pure data",
         &[
-            "keys", "limits", "ipam", "token", "state", "reach", "lograte",
+            "keys", "limits", "ipam", "token", "state", "reach", "lograte", "mesh",
         ],
     ),
     (
