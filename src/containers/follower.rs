@@ -215,6 +215,7 @@ impl Follower {
             confine: None,
             relay: spec.link.as_ref().map(|_| Relay::new("websocket")),
             quarantine: None,
+            mesh: None,
         };
         let Placed { device, net } = self
             .placer

@@ -297,6 +297,7 @@ fn device_spec(spec: &EndpointSpec, lans: &[IpNetwork], relay: Option<Arc<Relay>
         confine: None,
         relay,
         quarantine: None,
+        mesh: None,
     }
 }
 

@@ -233,6 +233,7 @@ impl Site {
             confine: None,
             relay,
             quarantine: None,
+            mesh: None,
         };
         let (device, mut gateway) = raise(spec, backend, gateway, &net, &store).await?;
         let host = prepare_host(

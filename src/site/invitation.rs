@@ -80,6 +80,7 @@ impl Invitation<'_> {
             confine: None,
             relay,
             quarantine: None,
+            mesh: None,
         }
     }
 

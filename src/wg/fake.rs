@@ -1,6 +1,7 @@
 //! An in-memory [`WgDevice`] for unit tests. Handshakes are simulated by the
 //! test through [`FakeWg::handshake`].
 
+use std::net::SocketAddr;
 use super::{BackendKind, PeerSpec, PeerStatus, WgDevice, WgError};
 use crate::keys::{PrivateKey, PublicKey};
 use async_trait::async_trait;
@@ -122,6 +123,15 @@ impl WgDevice for FakeWg {
         let mut s = self.state.lock().unwrap();
         s.spend()?;
         s.peers.retain(|p| &p.public_key != key);
+        Ok(())
+    }
+
+    async fn set_endpoint(&self, key: &PublicKey, endpoint: SocketAddr) -> Result<(), WgError> {
+        let mut s = self.state.lock().unwrap();
+        s.spend()?;
+        if let Some(p) = s.peers.iter_mut().find(|p| &p.public_key == key) {
+            p.endpoint = Some(endpoint);
+        }
         Ok(())
     }
 

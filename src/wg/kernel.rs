@@ -128,6 +128,17 @@ impl WgDevice for KernelDevice {
             .await
     }
 
+    async fn set_endpoint(
+        &self,
+        k: &PublicKey,
+        endpoint: std::net::SocketAddr,
+    ) -> Result<(), WgError> {
+        let b = PeerConfigBuilder::new(&key(k))
+            .set_endpoint(endpoint);
+        self.apply(DeviceUpdate::new().add_peer(b), "setting an endpoint")
+            .await
+    }
+
     async fn remove_peer(&self, k: &PublicKey) -> Result<(), WgError> {
         self.apply(
             DeviceUpdate::new().remove_peer_by_key(&key(k)),

@@ -11,6 +11,7 @@
 #[cfg(test)]
 pub mod fake;
 pub mod kernel;
+pub mod mesh;
 pub mod offload;
 pub mod quarantine;
 pub mod quick;
@@ -132,6 +133,8 @@ pub struct DeviceSpec {
     /// Userspace only (a hub): addresses whose keys may reach nothing but
     /// the control API, until the hub trusts them ([`Quarantine`]).
     pub quarantine: Option<Arc<Quarantine>>,
+    /// Userspace only: the mesh's probes and relay on the UDP socket.
+    pub mesh: Option<Arc<mesh::MeshSocket>>,
 }
 
 /// A running WireGuard interface.
@@ -145,6 +148,8 @@ pub trait WgDevice: Send + Sync {
     /// Replaces only the peer's allowed IPs, keeping its learned endpoint.
     async fn set_allowed_ips(&self, key: &PublicKey, ips: &[IpNetwork]) -> Result<(), WgError>;
     async fn remove_peer(&self, key: &PublicKey) -> Result<(), WgError>;
+    /// Points the peer's datagrams at `endpoint`, keeping its session.
+    async fn set_endpoint(&self, key: &PublicKey, endpoint: SocketAddr) -> Result<(), WgError>;
     async fn peers(&self) -> Result<Vec<PeerStatus>, WgError>;
     async fn listen_port(&self) -> Result<u16, WgError>;
     /// Removes the interface and everything that came with it. The device
@@ -276,6 +281,7 @@ mod tests {
             confine: None,
             relay: None,
             quarantine: None,
+            mesh: None,
         }
     }
 

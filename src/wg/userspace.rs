@@ -8,6 +8,9 @@
 use super::{BackendKind, Cause, DeviceSpec, PeerSpec, PeerStatus, WgDevice, WgError, uapi_socket};
 use crate::keys::{PrivateKey, PublicKey};
 use crate::net::NetOps;
+use super::mesh::{MeshSocket, Verdict};
+use crate::mesh::relay_id;
+use crate::mesh::wire::{RELAY_HEADER, is_ours};
 use crate::transport::{Relay, is_virtual};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -155,6 +158,7 @@ impl IpRecv for Tun {
 pub struct Mux {
     udp: UdpSocketFactory,
     relay: Option<Arc<Relay>>,
+    mesh: Option<Arc<MeshSocket>>,
 }
 
 impl UdpTransportFactory for Mux {
@@ -167,13 +171,24 @@ impl UdpTransportFactory for Mux {
     ) -> std::io::Result<(MuxSend, MuxRecv)> {
         let (send, recv) = self.udp.bind(params).await?;
         let inbound = self.relay.as_ref().map(|r| r.attach());
+        if let Some(m) = &self.mesh {
+            let udp = send.clone();
+            m.bound(Arc::new(move |d: &[u8], to| {
+                let _ = udp.socket().try_send_to(d, to);
+            }));
+        }
         Ok((
             MuxSend {
                 udp: send,
                 relay: self.relay.clone(),
+                mesh: self.mesh.clone(),
                 gso: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             },
-            MuxRecv { udp: recv, inbound },
+            MuxRecv {
+                udp: recv,
+                inbound,
+                mesh: self.mesh.clone(),
+            },
         ))
     }
 }
@@ -182,6 +197,7 @@ impl UdpTransportFactory for Mux {
 pub struct MuxSend {
     udp: UdpSocket,
     relay: Option<Arc<Relay>>,
+    mesh: Option<Arc<MeshSocket>>,
     /// UDP GSO, until the kernel refuses it once.
     gso: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -292,6 +308,12 @@ impl UdpSend for MuxSend {
     type SendManyBuf = <UdpSocket as UdpSend>::SendManyBuf;
 
     async fn send_to(&self, packet: Packet, destination: SocketAddr) -> std::io::Result<()> {
+        if let Some(m) = &self.mesh
+            && relay_id(&destination).is_some()
+        {
+            m.send(destination, &packet);
+            return Ok(());
+        }
         if is_virtual(&destination) {
             if let Some(r) = &self.relay {
                 r.send(&destination, take(packet));
@@ -310,6 +332,18 @@ impl UdpSend for MuxSend {
         buf: &mut Self::SendManyBuf,
         packets: &mut Vec<(Packet, SocketAddr)>,
     ) -> std::io::Result<()> {
+        if let Some(m) = &self.mesh
+            && packets.iter().any(|(_, d)| relay_id(d).is_some())
+        {
+            packets.retain(|(p, d)| {
+                if relay_id(d).is_some() {
+                    m.send(*d, p);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
         if let Some(r) = &self.relay
             && packets.iter().any(|(_, d)| is_virtual(d))
         {
@@ -347,6 +381,28 @@ impl UdpSend for MuxSend {
 pub struct MuxRecv {
     udp: UdpSocket,
     inbound: Option<mpsc::Receiver<(Bytes, SocketAddr)>>,
+    mesh: Option<Arc<MeshSocket>>,
+}
+
+/// Splits our datagrams off `packets` before WireGuard sees them: probes
+/// and forwarded ones are taken, relayed ones unwrapped in place.
+fn sift(mesh: &MeshSocket, packets: &mut Vec<(Packet, SocketAddr)>) {
+    if !packets.iter().any(|(p, _)| is_ours(p)) {
+        return;
+    }
+    packets.retain_mut(|(p, from)| {
+        if !is_ours(p) {
+            return true;
+        }
+        match mesh.inbound(p, *from) {
+            Verdict::Taken => false,
+            Verdict::Unwrap { from: relayed } => {
+                bytes::Buf::advance(p.buf_mut(), RELAY_HEADER);
+                *from = relayed;
+                true
+            }
+        }
+    });
 }
 
 fn packet(b: Bytes) -> Packet {
@@ -360,13 +416,21 @@ impl UdpRecv for MuxRecv {
         &mut self,
         pool: &mut PacketBufPool,
     ) -> std::io::Result<(Packet, SocketAddr)> {
-        let MuxRecv { udp, inbound } = self;
-        match inbound {
-            None => udp.recv_from(pool).await,
-            Some(rx) => tokio::select! {
-                Some((b, from)) = rx.recv() => Ok((packet(b), from)),
-                r = udp.recv_from(pool) => r,
-            },
+        loop {
+            let MuxRecv { udp, inbound, mesh } = self;
+            let got = match inbound {
+                None => udp.recv_from(pool).await,
+                Some(rx) => tokio::select! {
+                    Some((b, from)) = rx.recv() => Ok((packet(b), from)),
+                    r = udp.recv_from(pool) => r,
+                },
+            }?;
+            let Some(m) = mesh else { return Ok(got) };
+            let mut one = vec![got];
+            sift(m, &mut one);
+            if let Some(got) = one.pop() {
+                return Ok(got);
+            }
         }
     }
 
@@ -376,8 +440,8 @@ impl UdpRecv for MuxRecv {
         pool: &mut PacketBufPool,
         packets: &mut Vec<(Packet, SocketAddr)>,
     ) -> std::io::Result<()> {
-        let MuxRecv { udp, inbound } = self;
-        match inbound {
+        let MuxRecv { udp, inbound, mesh } = self;
+        let r = match inbound {
             None => udp.recv_many_from(buf, pool, packets).await,
             Some(rx) => tokio::select! {
                 Some((b, from)) = rx.recv() => {
@@ -393,7 +457,11 @@ impl UdpRecv for MuxRecv {
                 }
                 r = udp.recv_many_from(buf, pool, packets) => r,
             },
+        };
+        if let Some(m) = mesh {
+            sift(m, packets);
         }
+        r
     }
 
     fn enable_udp_gro(&self) -> std::io::Result<()> {
@@ -481,6 +549,7 @@ impl UserspaceDevice {
                 send_buffer_size: Some(UDP_BUFFER),
             },
             relay: spec.relay.clone(),
+            mesh: spec.mesh.clone(),
         };
         let builder = DeviceBuilder::new()
             .with_udp(mux)
@@ -624,6 +693,17 @@ impl WgDevice for UserspaceDevice {
         self.with(async |d| d.remove_peer(&pk).await)
             .await?
             .map_err(err("removing a peer"))?;
+        Ok(())
+    }
+
+    async fn set_endpoint(&self, key: &PublicKey, endpoint: SocketAddr) -> Result<(), WgError> {
+        let pk = x25519::PublicKey::from(*key.as_bytes());
+        self.with(async |d| {
+            d.write(async |w| w.modify_peer(&pk, |p| p.set_endpoint(Some(endpoint))).await)
+                .await
+        })
+        .await?
+        .map_err(err("setting a peer's endpoint"))?;
         Ok(())
     }
 

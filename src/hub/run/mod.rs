@@ -277,6 +277,7 @@ async fn bring_up(
         confine: gateway.confine(),
         relay: plan.websocket.as_ref().map(|w| w.relay.clone()),
         quarantine: Some(quarantine.clone()),
+        mesh: None,
     };
     let device = crate::endpoint::create(&spec, config.backend, net.clone(), &plan.store).await?;
     let shown: Vec<String> = state

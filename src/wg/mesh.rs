@@ -1,0 +1,289 @@
+//! The mesh on the WireGuard socket: what the userspace device's
+//! transport does with datagrams of ours ([`crate::mesh::wire`]) before
+//! WireGuard sees anything.
+//!
+//! - Probes (disco) are split off and handed to whoever runs the mesh
+//!   (the node's path agent, or the hub's responder), with where they
+//!   came from.
+//! - On a node, a datagram for a peer's relay address
+//!   ([`crate::mesh::relay_addr`]) leaves with the relay header, to the
+//!   hub; a relayed datagram from the hub arrives as if from the sender's
+//!   relay address, so WireGuard takes it as that peer's.
+//! - On a hub, a relayed datagram is forwarded as it is to the node it is
+//!   for, if it came from where the sender really is (its live WireGuard
+//!   endpoint): the hub never decrypts it, and nobody can use the hub to
+//!   send to a node in another's name.
+
+use crate::mesh::wire::{MAGIC, RELAY_HEADER, RelayHeader};
+use crate::mesh::{NodeId, relay_id};
+use crate::transport::{Relay, is_virtual};
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::sync::mpsc;
+
+/// Probes waiting for the agent; beyond this, they are dropped (a flood
+/// costs the flooder, not our memory).
+const DISCO_QUEUE: usize = 1024;
+
+/// A probe datagram and where it came from.
+pub type Inbound = (Bytes, SocketAddr);
+
+/// Sends one datagram on the device's UDP socket without waiting.
+pub type SendUdp = Arc<dyn Fn(&[u8], SocketAddr) + Send + Sync>;
+
+#[derive(Default)]
+struct Counters {
+    relayed_bytes: AtomicU64,
+    relayed_packets: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// The mesh's side of one device's transport.
+pub struct MeshSocket {
+    hub: bool,
+    udp: RwLock<Option<SendUdp>>,
+    links: Option<Arc<Relay>>,
+    disco: mpsc::Sender<Inbound>,
+    /// A node: its own relay id, and where its hub is (where relay
+    /// datagrams go and the only source they are taken from).
+    own: AtomicU32,
+    hub_at: RwLock<Vec<SocketAddr>>,
+    /// A hub: where each node is.
+    table: RwLock<HashMap<NodeId, SocketAddr>>,
+    counters: Counters,
+}
+
+impl std::fmt::Debug for MeshSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshSocket")
+            .field("hub", &self.hub)
+            .field("own", &self.own.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the transport does with a received datagram of ours.
+pub enum Verdict {
+    /// Taken (a probe for the agent, forwarded, or dropped).
+    Taken,
+    /// A relayed WireGuard datagram: strip `RELAY_HEADER` bytes and hand it
+    /// to WireGuard as coming from `from`.
+    Unwrap { from: SocketAddr },
+}
+
+impl MeshSocket {
+    /// A node's or (with `hub`) a hub's; probes arrive on the receiver.
+    pub fn new(hub: bool, links: Option<Arc<Relay>>) -> (Arc<MeshSocket>, mpsc::Receiver<Inbound>) {
+        let (tx, rx) = mpsc::channel(DISCO_QUEUE);
+        (
+            Arc::new(MeshSocket {
+                hub,
+                udp: RwLock::new(None),
+                links,
+                disco: tx,
+                own: AtomicU32::new(0),
+                hub_at: RwLock::new(vec![]),
+                table: RwLock::new(HashMap::new()),
+                counters: Counters::default(),
+            }),
+            rx,
+        )
+    }
+
+    /// The device (re)bound its UDP socket.
+    pub fn bound(&self, udp: SendUdp) {
+        *self.udp.write().expect("not poisoned") = Some(udp);
+    }
+
+    /// A node: its relay id and its hub's endpoints (UDP or WebSocket link).
+    pub fn set_node(&self, own: NodeId, hub: Vec<SocketAddr>) {
+        self.own.store(own, Ordering::Relaxed);
+        *self.hub_at.write().expect("not poisoned") = hub;
+    }
+
+    /// A hub: where each node's WireGuard session lives now.
+    pub fn set_table(&self, table: HashMap<NodeId, SocketAddr>) {
+        *self.table.write().expect("not poisoned") = table;
+    }
+
+    pub fn relayed(&self) -> (u64, u64) {
+        (
+            self.counters.relayed_packets.load(Ordering::Relaxed),
+            self.counters.relayed_bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Datagrams of ours that were refused (forged relay sources, a full
+    /// probe queue).
+    pub fn refused(&self) -> u64 {
+        self.counters.refused.load(Ordering::Relaxed)
+    }
+
+    /// Sends `data` as it is: over UDP, or over the WebSocket link that
+    /// `to` stands for. Never waits: a full socket drops, as UDP may.
+    pub fn send_raw(&self, to: SocketAddr, data: &[u8]) {
+        if is_virtual(&to) {
+            if let Some(l) = &self.links {
+                l.send(&to, Bytes::copy_from_slice(data));
+            }
+            return;
+        }
+        if let Some(udp) = self.udp.read().expect("not poisoned").as_ref() {
+            udp(data, to);
+        }
+    }
+
+    /// Sends `data` (a WireGuard datagram or a probe) to `to`: through
+    /// the hub when `to` is a peer's relay address.
+    pub fn send(&self, to: SocketAddr, data: &[u8]) {
+        match relay_id(&to) {
+            Some(dst) => {
+                let Some(hub) = self.hub_at.read().expect("not poisoned").first().copied() else {
+                    return;
+                };
+                let mut out = Vec::with_capacity(RELAY_HEADER + data.len());
+                RelayHeader {
+                    src: self.own.load(Ordering::Relaxed),
+                    dst,
+                }
+                .write(&mut out);
+                out.extend_from_slice(data);
+                self.send_raw(hub, &out);
+            }
+            None => self.send_raw(to, data),
+        }
+    }
+
+    /// What to do with a received datagram that starts with our magic.
+    pub fn inbound(&self, data: &[u8], from: SocketAddr) -> Verdict {
+        debug_assert_eq!(data.first(), Some(&MAGIC));
+        if let Some(h) = RelayHeader::parse(data) {
+            return if self.hub {
+                self.forward(h, data, from);
+                Verdict::Taken
+            } else {
+                self.unwrap(h, data, from)
+            };
+        }
+        if self.disco.try_send((Bytes::copy_from_slice(data), from)).is_err() {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        Verdict::Taken
+    }
+
+    fn unwrap(&self, h: RelayHeader, data: &[u8], from: SocketAddr) -> Verdict {
+        let from_hub = self.hub_at.read().expect("not poisoned").contains(&from);
+        if !from_hub || h.dst != self.own.load(Ordering::Relaxed) {
+            self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            return Verdict::Taken;
+        }
+        let relayed = crate::mesh::relay_addr(h.src);
+        if crate::mesh::wire::is_ours(&data[RELAY_HEADER..]) {
+            // A probe through the relay: the agent's, from the relay address.
+            if self
+                .disco
+                .try_send((Bytes::copy_from_slice(&data[RELAY_HEADER..]), relayed))
+                .is_err()
+            {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            }
+            return Verdict::Taken;
+        }
+        Verdict::Unwrap { from: relayed }
+    }
+
+    fn forward(&self, h: RelayHeader, data: &[u8], from: SocketAddr) {
+        let (src, dst) = {
+            let t = self.table.read().expect("not poisoned");
+            (t.get(&h.src).copied(), t.get(&h.dst).copied())
+        };
+        match (src, dst) {
+            (Some(src), Some(dst)) if src == from => {
+                self.counters.relayed_packets.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .relayed_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.send_raw(dst, data);
+            }
+            _ => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relayed(src: NodeId, dst: NodeId, payload: &[u8]) -> Vec<u8> {
+        let mut d = vec![];
+        RelayHeader { src, dst }.write(&mut d);
+        d.extend_from_slice(payload);
+        d
+    }
+
+    #[tokio::test]
+    async fn a_hub_forwards_only_what_comes_from_where_the_sender_is() {
+        let (hub, _rx) = MeshSocket::new(true, None);
+        let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        hub.bound(Arc::new(move |d: &[u8], to| {
+            let _ = sock.try_send_to(d, to);
+        }));
+        let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let a_at: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        hub.set_table(HashMap::from([(1, a_at), (2, b.local_addr().unwrap())]));
+        // From where node 1 really is: forwarded as it is.
+        let d = relayed(1, 2, b"\x04ciphertext");
+        assert!(matches!(hub.inbound(&d, a_at), Verdict::Taken));
+        let mut buf = [0u8; 64];
+        let (n, _) = tokio::time::timeout(std::time::Duration::from_secs(2), b.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], &d[..]);
+        assert_eq!(hub.relayed(), (1, d.len() as u64));
+        // Claiming to be node 1 from elsewhere, or for an unknown node: refused.
+        hub.inbound(&d, "127.0.0.1:9".parse().unwrap());
+        hub.inbound(&relayed(1, 3, b"x"), a_at);
+        assert_eq!(hub.refused(), 2);
+        assert_eq!(hub.relayed().0, 1);
+    }
+
+    #[test]
+    fn a_node_takes_relayed_datagrams_only_from_its_hub_and_for_itself() {
+        let (node, mut rx) = MeshSocket::new(false, None);
+        let hub: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        node.set_node(7, vec![hub]);
+        let wg = relayed(3, 7, b"\x04ciphertext");
+        match node.inbound(&wg, hub) {
+            Verdict::Unwrap { from } => assert_eq!(relay_id(&from), Some(3)),
+            Verdict::Taken => panic!("a relayed datagram from the hub is WireGuard's"),
+        }
+        assert!(matches!(
+            node.inbound(&wg, "192.0.2.9:51820".parse().unwrap()),
+            Verdict::Taken
+        ));
+        assert!(matches!(node.inbound(&relayed(3, 8, b"\x04x"), hub), Verdict::Taken));
+        assert_eq!(node.refused(), 2);
+        // A probe through the relay goes to the agent, from the relay address.
+        let mut probe = relayed(3, 7, &[MAGIC, b'D']);
+        probe.extend_from_slice(&[0; 70]);
+        assert!(matches!(node.inbound(&probe, hub), Verdict::Taken));
+        let (_, from) = rx.try_recv().unwrap();
+        assert_eq!(relay_id(&from), Some(3));
+    }
+
+    #[test]
+    fn a_probe_flood_is_dropped_not_queued() {
+        let (node, _rx) = MeshSocket::new(false, None);
+        let probe = [MAGIC, b'D', 1, 2, 3];
+        for _ in 0..DISCO_QUEUE + 100 {
+            node.inbound(&probe, "192.0.2.9:1".parse().unwrap());
+        }
+        assert_eq!(node.refused(), 100);
+    }
+}
