@@ -173,8 +173,13 @@ impl UdpTransportFactory for Mux {
         let inbound = self.relay.as_ref().map(|r| r.attach());
         if let Some(m) = &self.mesh {
             let udp = send.clone();
+            // Straight to the socket: tokio's try_send_to would refuse
+            // until its reactor first saw the socket writable.
             m.bound(Arc::new(move |d: &[u8], to| {
-                let _ = udp.socket().try_send_to(d, to);
+                use nix::sys::socket::{MsgFlags, SockaddrStorage, sendto};
+                use std::os::fd::AsRawFd;
+                let fd = udp.socket().as_raw_fd();
+                let _ = sendto(fd, d, &SockaddrStorage::from(to), MsgFlags::MSG_DONTWAIT);
             }));
         }
         Ok((
