@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::process::{Command, Output};
 use std::sync::atomic::Ordering;
@@ -163,11 +163,72 @@ impl Host {
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
     }
 
+    /// A UDP socket on `0.0.0.0:port` (0: any) of this namespace; a socket
+    /// stays in the namespace it was made in, so any thread may use it.
+    pub fn udp_socket(&self, port: u16) -> UdpSocket {
+        let ns = self.ns.clone();
+        self.in_ns(move || {
+            UdpSocket::bind(("0.0.0.0", port))
+                .unwrap_or_else(|e| panic!("bind UDP port {port} in {ns}: {e}"))
+        })
+        .join()
+        .expect("namespace thread")
+    }
+
+    /// The counters of link `dev` here (any link: a veth, a WireGuard
+    /// interface), as `ip -s` reads them.
+    pub fn link_counters(&self, dev: &str) -> LinkCounters {
+        let out = self.run(&["ip", "-j", "-s", "link", "show", "dev", dev]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("ip -j output");
+        let n = |dir: &str, what: &str| {
+            v[0]["stats64"][dir][what]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no {dir} {what} for {dev} in {}: {out}", self.ns))
+        };
+        LinkCounters {
+            rx_bytes: n("rx", "bytes"),
+            tx_bytes: n("tx", "bytes"),
+            rx_packets: n("rx", "packets"),
+            tx_packets: n("tx", "packets"),
+        }
+    }
+
     /// Whether a link forwards IPv4 (`net.ipv4.conf.LINK.forwarding`).
     pub fn forwarding(&self, link: &str) -> bool {
         self.run(&["cat", &format!("/proc/sys/net/ipv4/conf/{link}/forwarding")])
             .trim()
             == "1"
+    }
+}
+
+/// What went through a link, counted by the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+}
+
+impl LinkCounters {
+    /// Bytes both ways.
+    pub fn bytes(&self) -> u64 {
+        self.rx_bytes + self.tx_bytes
+    }
+
+    /// Packets both ways.
+    pub fn packets(&self) -> u64 {
+        self.rx_packets + self.tx_packets
+    }
+
+    /// What went through since `earlier`.
+    pub fn since(&self, earlier: &LinkCounters) -> LinkCounters {
+        LinkCounters {
+            rx_bytes: self.rx_bytes - earlier.rx_bytes,
+            tx_bytes: self.tx_bytes - earlier.tx_bytes,
+            rx_packets: self.rx_packets - earlier.rx_packets,
+            tx_packets: self.tx_packets - earlier.tx_packets,
+        }
     }
 }
 

@@ -104,6 +104,15 @@ impl Lab {
         lab
     }
 
+    /// A new, empty namespace `tnl{id}{tag}`, removed with the lab (for
+    /// layouts of their own, such as [`crate::NatLab`]'s).
+    pub fn namespace(&mut self, tag: &str) -> String {
+        let ns = format!("tnl{}{tag}", self.id);
+        add_ns(&ns);
+        self.extra.push(ns.clone());
+        ns
+    }
+
     pub fn host(&self, i: usize) -> Host {
         self.hosts[i].clone()
     }

@@ -13,19 +13,24 @@
 //!
 //! One file per part, each re-exported here so that users name
 //! `tunnel_lab::X` whatever file X lives in: `host` (a namespace and what
-//! runs inside it), `lab` (laying hosts out, and the clean-up), `node`
+//! runs inside it), `lab` (laying hosts out, and the clean-up), `nat` (an
+//! internet with a hub and sites behind NAT routers of known kinds; its
+//! hub's latency is a `delay` line), `node`
 //! (`serve` and `join`), `process`, `docker`, and `programs` (what the
 //! bench and demos share); `scale` and `soak` are runs of their own.
 
+use std::io::Write;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod bench;
+mod delay;
 mod docker;
 mod host;
 mod lab;
+mod nat;
 mod node;
 mod process;
 mod programs;
@@ -35,8 +40,9 @@ pub mod soak;
 pub use docker::{
     Containers, Network, container_address, container_address6, docker, docker_ok, fetch,
 };
-pub use host::{Host, WhoAmI, handshake_ages, tcp_exchange};
+pub use host::{Host, LinkCounters, WhoAmI, handshake_ages, tcp_exchange};
 pub use lab::Lab;
+pub use nat::{Blocked, Nat, NatLab, Router};
 pub use node::{Node, site_address};
 pub use process::{Proc, cpu_seconds, failed_with, fd_count, status_kb};
 pub use programs::{demo_log, demo_setup, plain_panics};
@@ -105,6 +111,30 @@ pub fn sh(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Loads `rules` (an nftables ruleset) into namespace `ns` with `nft -f -`,
+/// panicking if nft refuses them.
+pub fn nft(ns: &str, rules: &str) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nft");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .expect("write to nft");
+    let out = child.wait_with_output().expect("wait for nft");
+    assert!(
+        out.status.success(),
+        "nft in {ns} refused:\n{rules}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A unique short id for names: namespaces, interfaces (15 bytes max).
