@@ -27,10 +27,27 @@ pub const LEAVE: &str = "/v1/leave";
 pub const PING: &str = "/v1/ping";
 pub const ROUTES: &str = "/v1/routes";
 pub const RELEASE: &str = "/v1/endpoints/release";
+pub const MESH: &str = "/v1/mesh";
 
 /// What the hub sends to each site's control port (UDP, through the
 /// tunnel) when the advertised LANs change; the site then asks for them.
 pub const ROUTES_POKE: &[u8] = b"tunnel: routes changed";
+
+/// Where a site may be reached directly, beside where the hub sees it;
+/// replaces what it claimed before. The hub keeps only plausible
+/// addresses, and probes prove or disprove every one of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshClaim {
+    /// Its own addresses (not Docker's, not the tunnel's), with its port.
+    #[serde(default)]
+    pub local: Vec<SocketAddr>,
+    /// `--advertise-endpoint`: a port forward to it.
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// What it found out about its NAT.
+    #[serde(default)]
+    pub nat: Option<crate::mesh::NatKind>,
+}
 
 /// A site's LANs (`join --route`); replaces what it advertised before.
 #[derive(Debug, Serialize, Deserialize)]
@@ -284,6 +301,40 @@ pub async fn fetch_routes(
         authorization: None,
     };
     decode(&api.to_string(), exchange(api, call, timeout).await?)
+}
+
+/// Tells the hub where this site may be reached directly. `false` when
+/// the hub runs no mesh (a kernel-backend hub, or an older one).
+pub async fn claim_mesh(
+    api: SocketAddr,
+    site: &Signer,
+    claim: &MeshClaim,
+    timeout: Duration,
+) -> Result<bool, ControlError> {
+    match signed_post::<()>(api, site, MESH, claim, timeout).await {
+        Ok(()) => Ok(true),
+        Err(ControlError::Refused { status: 404, .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// This site's peer map, as the hub tagged it; `None` when the hub runs
+/// no mesh.
+pub async fn fetch_mesh(
+    api: SocketAddr,
+    timeout: Duration,
+) -> Result<Option<crate::mesh::SignedMap>, ControlError> {
+    let call = Call {
+        method: "GET",
+        path: MESH,
+        body: vec![],
+        authorization: None,
+    };
+    match decode(&api.to_string(), exchange(api, call, timeout).await?) {
+        Ok(m) => Ok(Some(m)),
+        Err(ControlError::Refused { status: 404, .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// A round trip through the tunnel: proof that traffic flows.

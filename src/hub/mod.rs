@@ -23,6 +23,7 @@ mod housekeeper;
 mod housekeeping;
 pub mod http;
 pub mod ledger;
+pub mod mesh;
 mod requests;
 pub mod run;
 #[cfg(test)]
@@ -95,6 +96,8 @@ pub struct Hub {
     /// The addresses the device lets reach the control API only.
     quarantine: Option<Arc<crate::wg::Quarantine>>,
     uplinks: std::sync::Mutex<Uplinks>,
+    /// The mesh's rendezvous and relay (userspace hubs).
+    mesh: Option<Arc<mesh::HubMesh>>,
 }
 
 /// The links through which the hub reaches its peers' endpoints.
@@ -177,6 +180,7 @@ impl Hub {
             wake: Notify::new(),
             quarantine: None,
             uplinks: Default::default(),
+            mesh: None,
         }
     }
 

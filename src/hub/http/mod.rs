@@ -13,9 +13,10 @@ use super::{
 };
 use crate::control::auth::{AuthError, Proof};
 use crate::control::tunnel::{
-    Admitted, LEAVE, PING, REDEEM, REGISTER, RELEASE, ROUTES, RedeemRequest, RegisterRequest,
-    ReleaseRequest, RoutesAnswer, RoutesRequest,
+    Admitted, LEAVE, MESH, MeshClaim, PING, REDEEM, REGISTER, RELEASE, ROUTES, RedeemRequest,
+    RegisterRequest, ReleaseRequest, RoutesAnswer, RoutesRequest,
 };
+use crate::mesh::SignedMap;
 use crate::control::{self, ControlError, ErrorBody, Refusal, refuse};
 use crate::lograte::LogRate;
 use axum::Router;
@@ -293,6 +294,37 @@ async fn routes(
     Ok(axum::Json(hub.routes().borrow().clone()))
 }
 
+async fn claim_mesh(
+    State(hub): State<Arc<Hub>>,
+    Signed { who, body, .. }: Signed<SiteKey>,
+) -> Result<axum::Json<()>, Refusal> {
+    let claim: MeshClaim = json(&body)?;
+    if hub.claim_mesh(who.address, claim).await {
+        Ok(axum::Json(()))
+    } else {
+        Err(refuse(StatusCode::NOT_FOUND, "this hub runs no mesh"))
+    }
+}
+
+/// The asking site's peer map: who it is comes from the tunnel address the
+/// request came from, which only its key can send from.
+async fn mesh_map(
+    State(hub): State<Arc<Hub>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> Result<axum::Json<SignedMap>, Refusal> {
+    let src = source(peer);
+    if !hub.is_site(src).await {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            format!("{src} is not an admitted site"),
+        ));
+    }
+    hub.mesh_map(src)
+        .await
+        .map(axum::Json)
+        .ok_or_else(|| refuse(StatusCode::NOT_FOUND, "this hub runs no mesh"))
+}
+
 async fn pong(
     State(hub): State<Arc<Hub>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -317,6 +349,7 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .route(LEAVE, post(leave))
         .route(PING, get(pong))
         .route(ROUTES, get(routes).post(advertise))
+        .route(MESH, get(mesh_map).post(claim_mesh))
         .with_state(hub)
         .layer(axum::middleware::map_response(
             move |res: axum::response::Response| {

@@ -157,6 +157,7 @@ async fn plan(
     let websocket = websocket::prepare(config, &mut state, &store).await?;
     let openings = Openings {
         ws_port: websocket.as_ref().and_then(WebSocket::port),
+        probe_port: None,
         uplinks: vec![],
     };
     let mut ledger = Ledger::new(state, config.endpoints_per_site.into())?;
@@ -267,6 +268,10 @@ async fn bring_up(
             .collect(),
         CONTROL_PORT,
     ));
+    let (mesh_socket, disco) = crate::wg::mesh::MeshSocket::new(
+        true,
+        plan.websocket.as_ref().map(|w| w.relay.clone()),
+    );
     let spec = DeviceSpec {
         name: config.iface.clone(),
         private_key: state.private_key.clone(),
@@ -277,9 +282,18 @@ async fn bring_up(
         confine: gateway.confine(),
         relay: plan.websocket.as_ref().map(|w| w.relay.clone()),
         quarantine: Some(quarantine.clone()),
-        mesh: None,
+        mesh: Some(mesh_socket.clone()),
     };
     let device = crate::endpoint::create(&spec, config.backend, net.clone(), &plan.store).await?;
+    let mesh = match device.backend() {
+        BackendKind::Userspace => {
+            super::mesh::HubMesh::start(mesh_socket, disco, state.private_key.clone()).await
+        }
+        BackendKind::Kernel => {
+            tracing::info!("the kernel backend relays nothing of ours: sites stay routed through this hub");
+            None
+        }
+    };
     let shown: Vec<String> = state
         .subnets()
         .interface(server_ip)
@@ -299,7 +313,8 @@ async fn bring_up(
     }
     let hub = Hub::new(device, Some(net), plan.store.clone(), &config.iface, ledger)
         .with_quarantine(quarantine)
-        .await;
+        .await
+        .with_mesh(mesh);
     Ok(Arc::new(hub))
 }
 
@@ -392,6 +407,7 @@ async fn running(
     let hub = up.hub.clone();
     let mut openings = plan.openings;
     openings.uplinks = hub.uplink_addresses();
+    openings.probe_port = hub.mesh().map(|m| m.probe_port());
     gateway.keep(Some(policy(config, &hub.snapshot().await, &openings)));
     let state = hub.snapshot().await;
     let server_ip = crate::ipam::Pool::new(state.subnet)?.server_address();
@@ -434,10 +450,11 @@ async fn running(
     crate::sys::notify_ready();
     let lans = crate::node::follow_prefixes(hub.routes(), |a| a.prefix);
     let pokes = tasks::poke_sites(hub.clone(), server_ip, shutdown.waiter());
+    let mesh = super::mesh::run(hub.clone(), shutdown.waiter());
     let stop_following = shutdown.waiter();
     let follow = services.follow(stop_following, lans);
     let housekeeping = housekeeping(config, &hub, gateway, openings, shutdown);
-    tokio::join!(follow, housekeeping, pokes);
+    tokio::join!(follow, housekeeping, pokes, mesh);
     if let Err(e) = hub.record_endpoints().await {
         tracing::warn!("saving peer endpoints: {}", chain(&e));
     }
@@ -508,6 +525,7 @@ async fn housekeeping(
         // may flush the firewall: read back after changes and once a second.
         if round.check_firewall {
             openings.uplinks = hub.uplink_addresses();
+    openings.probe_port = hub.mesh().map(|m| m.probe_port());
             gateway.keep(Some(policy(config, &hub.snapshot().await, &openings)));
         }
         tokio::select! {

@@ -14,6 +14,8 @@ use std::net::IpAddr;
 #[derive(Debug, Clone, Default)]
 pub struct Openings {
     pub ws_port: Option<u16>,
+    /// The mesh's second UDP port (probes for NAT discovery).
+    pub probe_port: Option<u16>,
     pub uplinks: Vec<IpAddr>,
 }
 
@@ -35,6 +37,7 @@ pub fn policy(config: &HubConfig, state: &ServerState, open: &Openings) -> Polic
             ports.push(Port::Udp(state.port));
         }
         ports.extend(open.ws_port.map(Port::Tcp));
+        ports.extend(open.probe_port.map(Port::Udp));
         (ports, from)
     });
     let snat = state
@@ -113,10 +116,15 @@ mod tests {
         ];
         let open = Openings {
             ws_port: Some(8443),
+            probe_port: Some(40001),
             uplinks: vec![],
         };
         let (ports, from) = policy(&c, &state(peers), &open).listen.unwrap();
-        assert_eq!(ports, vec![Port::Udp(40000), Port::Tcp(8443)]);
+        // The mesh's probe port is open to the same sources as WireGuard's.
+        assert_eq!(
+            ports,
+            vec![Port::Udp(40000), Port::Tcp(8443), Port::Udp(40001)]
+        );
         assert_eq!(
             from,
             vec![

@@ -36,6 +36,7 @@ pub async fn poke_sites(
     stop: impl std::future::Future<Output = ()>,
 ) {
     let mut routes = hub.routes();
+    let mut mesh = hub.mesh().map(|m| m.serial());
     tokio::pin!(stop);
     let sock = match tokio::net::UdpSocket::bind(SocketAddr::new(server_ip, 0)).await {
         Ok(s) => s,
@@ -59,6 +60,20 @@ pub async fn poke_sites(
         tokio::select! {
             _ = &mut stop => return,
             r = routes.changed() => if r.is_err() { return stop.await },
+            r = async {
+                match &mut mesh {
+                    Some(m) => m.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if r.is_err() { return stop.await }
+                // Changes come in bursts (a site claims, then its endpoint
+                // shows): one poke for the burst.
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                if let Some(m) = &mut mesh {
+                    m.borrow_and_update();
+                }
+            }
         }
         let state = hub.snapshot().await;
         for p in state.peers.iter().filter(|p| p.via.is_none()) {
