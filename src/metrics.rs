@@ -161,6 +161,10 @@ pub struct Metrics {
     refusals: Family<ReasonLabels, Counter>,
     attaches: Family<ContainerLabels, Counter>,
     reattaches: Family<ContainerLabels, Counter>,
+    path_changes: Counter,
+    relayed_bytes: Counter,
+    /// The mesh's totals as last sampled, to count on from.
+    mesh_seen: std::sync::Mutex<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -197,6 +201,18 @@ impl Metrics {
             "Times a container got its endpoint back (restarted, re-created)",
             reattaches.clone(),
         );
+        let path_changes = Counter::default();
+        let relayed_bytes = Counter::default();
+        registry.register(
+            "tunnel_mesh_path_changes",
+            "Times a mesh peer's path changed (relay to direct, direct to relay, one direct address to another)",
+            path_changes.clone(),
+        );
+        registry.register(
+            "tunnel_mesh_relayed_bytes",
+            "Bytes this hub relayed between sites without decrypting them",
+            relayed_bytes.clone(),
+        );
         registry.register_collector(Box::new(peers.clone()));
         Arc::new(Self {
             registry,
@@ -205,6 +221,9 @@ impl Metrics {
             refusals,
             attaches,
             reattaches,
+            path_changes,
+            relayed_bytes,
+            mesh_seen: std::sync::Mutex::new((0, 0)),
         })
     }
 
@@ -236,6 +255,16 @@ impl Metrics {
     /// `identities`, keys and names are left out of what is kept for
     /// encoding (see [`PeerLabels`]).
     pub fn sample(&self, endpoints: &[EndpointStatus], identities: bool) {
+        if let Some(m) = endpoints.first().and_then(|e| e.mesh.as_ref()) {
+            let mut last = self.mesh_seen.lock().expect("mesh lock");
+            let (changes, bytes) = (
+                m.path_changes.unwrap_or(0),
+                m.relayed_bytes.unwrap_or(0),
+            );
+            self.path_changes.inc_by(changes.saturating_sub(last.0));
+            self.relayed_bytes.inc_by(bytes.saturating_sub(last.1));
+            *last = (changes.max(last.0), bytes.max(last.1));
+        }
         let mut seen = self.peers.endpoints.lock().expect("endpoints lock");
         let mut samples: Vec<PeerSample> = vec![];
         for e in endpoints {
@@ -396,6 +425,7 @@ mod tests {
             container_id: None,
             server: None,
             routes: vec![],
+            mesh: None,
             peers: vec![PeerReport {
                 public_key: PrivateKey::from_bytes([9; 32]).public_key(),
                 name: Some("branch".into()),
@@ -408,6 +438,7 @@ mod tests {
                 transport: None,
                 routes: vec![],
                 pending_routes: vec![],
+                path: None,
             }],
         }
     }

@@ -180,6 +180,10 @@ pub struct JoinedState {
     /// `--attach-label`, followed again by `up`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach_label: Option<String>,
+    /// `--advertise-endpoint`: a port forward to this site, offered to
+    /// the mesh's peers as a candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_endpoint: Option<std::net::SocketAddr>,
 }
 
 fn udp_path() -> crate::reach::Path {

@@ -74,7 +74,44 @@ pub struct EndpointStatus {
     /// The LANs behind this host that it advertises.
     #[serde(default)]
     pub routes: Vec<IpNetwork>,
+    /// Its part in the mesh: direct paths, or why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<MeshReport>,
     pub peers: Vec<PeerReport>,
+}
+
+/// An endpoint's part in the mesh.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MeshReport {
+    /// Whether it makes direct paths to other sites.
+    pub direct: bool,
+    /// How its NAT maps its socket, as it found out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<String>,
+    /// Why not, or what it does for the others (a hub).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// A hub: datagrams and bytes relayed between sites, unread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relayed_packets: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relayed_bytes: Option<u64>,
+    /// A site: how often a peer's path changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_changes: Option<u64>,
+}
+
+/// The path a mesh peer's datagrams take now.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PathReport {
+    /// "direct ADDR:PORT" or "relay via HUB".
+    pub path: String,
+    /// Round trip of the path in use, as the probes measure it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_ms: Option<f64>,
+    /// Seconds since a probe on that path was last answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_answer_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -99,6 +136,9 @@ pub struct PeerReport {
     /// route approve`), or that the hub refuses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_routes: Vec<IpNetwork>,
+    /// A mesh peer's path; absent for the hub and peers outside the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathReport>,
 }
 
 impl PeerReport {
@@ -115,6 +155,7 @@ impl PeerReport {
             transport: None,
             routes: vec![],
             pending_routes: vec![],
+            path: None,
         }
     }
 
@@ -131,6 +172,7 @@ impl PeerReport {
             transport: None,
             routes: vec![],
             pending_routes: vec![],
+            path: None,
         }
     }
 }
@@ -164,6 +206,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
             container_id: None,
             server: None,
             routes: vec![],
+            mesh: None,
             peers: vec![],
         }
     };
@@ -352,6 +395,23 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
         if !e.routes.is_empty() {
             let _ = writeln!(out, "  routes:     {}", list(&e.routes));
         }
+        if let Some(m) = &e.mesh {
+            let mut parts = vec![];
+            parts.push(if m.direct { "direct paths" } else { "no direct paths" }.to_owned());
+            if let Some(n) = &m.nat {
+                parts.push(format!("NAT: {n}"));
+            }
+            if let Some(n) = &m.note {
+                parts.push(n.clone());
+            }
+            if let (Some(p), Some(b)) = (m.relayed_packets, m.relayed_bytes) {
+                parts.push(format!("relayed {p} datagrams, {b} B"));
+            }
+            if let Some(c) = m.path_changes {
+                parts.push(format!("{c} path changes"));
+            }
+            let _ = writeln!(out, "  mesh:       {}", parts.join("; "));
+        }
         for p in &e.peers {
             let _ = writeln!(
                 out,
@@ -377,6 +437,17 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
             );
             if !p.routes.is_empty() {
                 let _ = writeln!(out, "    routes {}", list(&p.routes));
+            }
+            if let Some(path) = &p.path {
+                let _ = writeln!(
+                    out,
+                    "    path {}{}, last answer {}",
+                    path.path,
+                    path.rtt_ms
+                        .map(|r| format!(", rtt {r:.1} ms"))
+                        .unwrap_or_default(),
+                    ago(path.last_answer_secs)
+                );
             }
             if !p.pending_routes.is_empty() {
                 let who = p.name.clone().unwrap_or_else(|| {
@@ -545,6 +616,7 @@ mod tests {
             transparent: false,
             snat_public: false,
             attach_label: None,
+            advertise_endpoint: None,
         }
     }
 

@@ -233,7 +233,40 @@ impl StateDir {
         }
     }
 
+    /// Where a site keeps the last peer map its hub gave it, so that `up`
+    /// after a reboot reaches its peers without the hub.
+    pub fn mesh_file(&self, iface: &str) -> PathBuf {
+        self.root.join(format!("{iface}.mesh"))
+    }
+
+    /// The cached peer map, as the hub tagged it; `None` when there is none
+    /// or it cannot be read (it is only a cache).
+    pub fn load_mesh(&self, iface: &str) -> Option<crate::mesh::SignedMap> {
+        let path = self.mesh_file(iface);
+        let bytes = fs::read(&path).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("ignoring {}: {e}", path.display());
+                None
+            }
+        }
+    }
+
+    /// Saved 0600, atomically, in the 0700 state directory.
+    pub fn save_mesh(&self, iface: &str, map: &crate::mesh::SignedMap) -> Result<(), StateError> {
+        self.ensure()?;
+        let json = serde_json::to_vec(map).expect("serializes");
+        write_atomic(&self.mesh_file(iface), &json)
+    }
+
     pub fn remove(&self, iface: &str) -> Result<(), StateError> {
+        let mesh = self.mesh_file(iface);
+        if let Err(e) = fs::remove_file(&mesh)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            return Err(io_err(&mesh)(e));
+        }
         let path = self.file(iface);
         match fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&path)(e)),
@@ -434,6 +467,7 @@ mod tests {
             transparent: false,
             snat_public: false,
             attach_label: None,
+            advertise_endpoint: None,
         });
         dir.save("wg0", &joined).unwrap();
         assert!(matches!(

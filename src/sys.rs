@@ -98,3 +98,73 @@ pub fn crash_point(step: &str) {
     #[cfg(not(debug_assertions))]
     let _ = step;
 }
+
+/// This host's own addresses as mesh candidates: up interfaces only, not
+/// loopback, link-local, Docker's bridges and veths, or tunnel interfaces
+/// (`skip` names; addresses in `tunnel` are left out too).
+pub fn local_addresses(skip: &[&str], tunnel: &[ipnetwork::IpNetwork]) -> Vec<std::net::IpAddr> {
+    use nix::net::if_::InterfaceFlags;
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return vec![];
+    };
+    let docker = |n: &str| {
+        n.starts_with("docker") || n.starts_with("br-") || n.starts_with("veth")
+    };
+    let mut out = vec![];
+    for a in addrs {
+        let name = a.interface_name.as_str();
+        if skip.contains(&name)
+            || docker(name)
+            || !a.flags.contains(InterfaceFlags::IFF_UP)
+            || a.flags.contains(InterfaceFlags::IFF_LOOPBACK)
+            || a.flags.contains(InterfaceFlags::IFF_POINTOPOINT)
+        {
+            continue;
+        }
+        let Some(sa) = a.address else { continue };
+        let ip: std::net::IpAddr = if let Some(v4) = sa.as_sockaddr_in() {
+            std::net::IpAddr::V4(v4.ip())
+        } else if let Some(v6) = sa.as_sockaddr_in6() {
+            std::net::IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        let link_local = match ip {
+            std::net::IpAddr::V4(v4) => v4.is_link_local(),
+            std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+        };
+        if link_local || tunnel.iter().any(|n| n.contains(ip)) || out.contains(&ip) {
+            continue;
+        }
+        out.push(ip);
+    }
+    out
+}
+
+/// The networks of this host's own addresses, for the mesh's same-LAN
+/// bonus (same filters as [`local_addresses`]).
+pub fn local_networks(skip: &[&str], tunnel: &[ipnetwork::IpNetwork]) -> Vec<ipnetwork::IpNetwork> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return vec![];
+    };
+    let mine = local_addresses(skip, tunnel);
+    let mut out = vec![];
+    for a in addrs {
+        let (Some(sa), Some(mask)) = (a.address, a.netmask) else {
+            continue;
+        };
+        let net = if let (Some(v4), Some(m)) = (sa.as_sockaddr_in(), mask.as_sockaddr_in()) {
+            ipnetwork::IpNetwork::with_netmask(v4.ip().into(), m.ip().into()).ok()
+        } else if let (Some(v6), Some(m)) = (sa.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
+            ipnetwork::IpNetwork::with_netmask(v6.ip().into(), m.ip().into()).ok()
+        } else {
+            None
+        };
+        if let Some(n) = net
+            && mine.contains(&n.ip())
+        {
+            out.push(n);
+        }
+    }
+    out
+}

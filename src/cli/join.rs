@@ -47,6 +47,9 @@ pub struct JoinArgs {
     /// With --transparent: the server sees this host's public address as the source, not its tunnel address
     #[arg(long, requires = "transparent")]
     pub snat_public: bool,
+    /// A port forward to this host's WireGuard port (IP:PORT), offered to the other sites as a way to reach it directly; saved for `up`
+    #[arg(long, value_name = "IP:PORT")]
+    pub advertise_endpoint: Option<std::net::SocketAddr>,
 }
 
 /// `up`'s arguments for a join that finds its site saved already.
@@ -174,6 +177,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         snat_public: args.snat_public,
         name: args.common.name.as_deref(),
         attach_label: args.common.attach_label.as_ref().map(|l| l.to_string()),
+        advertise_endpoint: args.advertise_endpoint,
     };
     inv.check()?;
     if let Some(p) = &args.proxy {

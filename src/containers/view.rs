@@ -95,6 +95,7 @@ fn configured(
         container_id: attached.map(|(a, _)| a.id.clone()),
         server: None,
         routes: vec![],
+        mesh: None,
         peers: vec![PeerReport {
             public_key: spec.hub.public_key,
             name: Some("server".into()),
@@ -114,6 +115,7 @@ fn configured(
             ),
             routes: routes.to_vec(),
             pending_routes: vec![],
+            path: None,
         }],
     }
 }

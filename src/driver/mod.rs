@@ -176,6 +176,7 @@ impl Driver {
                 container_id: None,
                 server: None,
                 routes: vec![],
+                mesh: None,
                 peers,
             });
         }

@@ -38,6 +38,26 @@ impl LocalApi for HubApi {
             status::from_state(&self.iface, &Endpoint::Server(state.clone())).swap_remove(0);
         main.state = status::State::Up;
         main.backend = Some(device.backend());
+        main.mesh = Some(match self.hub.mesh() {
+            Some(m) => {
+                let (packets, bytes) = m.relayed();
+                status::MeshReport {
+                    direct: true,
+                    note: Some(format!(
+                        "rendezvous and relay (ciphertext only); probes on UDP port {}; road warriors are routed through this hub",
+                        m.probe_port()
+                    )),
+                    relayed_packets: Some(packets),
+                    relayed_bytes: Some(bytes),
+                    ..Default::default()
+                }
+            }
+            None => status::MeshReport {
+                direct: false,
+                note: Some("kernel backend: no relay, sites are routed through this hub".into()),
+                ..Default::default()
+            },
+        });
         let live = device.peers().await.unwrap_or_default();
         let split = self.hub.route_split().await;
         main.peers = live

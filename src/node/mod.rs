@@ -12,6 +12,8 @@
 //! container (the hub's ledger, or a site's requests to its hub), the LANs
 //! their containers reach, and the answers on the local socket.
 
+pub mod mesh;
+
 use crate::containers::{
     ByLabel, ContainerError, ContainerView, EndpointSpec, Endpoints, Follower, HostPlacer,
 };

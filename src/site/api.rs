@@ -3,7 +3,11 @@
 use crate::containers::ContainerView;
 use crate::control::local::LocalApi;
 use crate::state::{Endpoint, JoinedState};
-use crate::status::{EndpointStatus, PeerReport, Role};
+use crate::mesh::Chosen;
+use crate::node::mesh::PeerPath;
+use crate::status::{EndpointStatus, MeshReport, PathReport, PeerReport, Role};
+use crate::wg::BackendKind;
+use std::time::SystemTime;
 use crate::transport::Path;
 use crate::wg::WgDevice;
 use std::sync::Arc;
@@ -16,6 +20,8 @@ pub(super) struct SiteApi {
     pub(super) iface: String,
     pub(super) containers: Option<ContainerView>,
     pub(super) driver: Option<Arc<crate::driver::Driver>>,
+    /// The mesh's paths, when this site takes part.
+    pub(super) mesh: Option<tokio::sync::watch::Receiver<crate::node::mesh::MeshView>>,
 }
 
 #[async_trait::async_trait]
@@ -27,6 +33,26 @@ impl LocalApi for SiteApi {
         main.state = crate::status::State::Up;
         main.backend = Some(self.device.backend());
         main.listen_port = self.device.listen_port().await.ok();
+        let view = self.mesh.as_ref().map(|m| m.borrow().clone());
+        main.mesh = Some(match &view {
+            Some(v) => MeshReport {
+                direct: true,
+                nat: v.nat.map(|n| n.to_string()),
+                path_changes: Some(v.changes),
+                ..MeshReport::default()
+            },
+            None => MeshReport {
+                direct: false,
+                note: Some(if self.device.backend() == BackendKind::Kernel {
+                    "kernel backend: other sites are reached through the hub".to_owned()
+                } else {
+                    "the hub runs no mesh: other sites are reached through it".to_owned()
+                }),
+                ..MeshReport::default()
+            },
+        });
+        let now = SystemTime::now();
+        let paths: Vec<PeerPath> = view.map(|v| v.peers).unwrap_or_default();
         main.peers = self
             .device
             .peers()
@@ -34,6 +60,31 @@ impl LocalApi for SiteApi {
             .unwrap_or_default()
             .iter()
             .map(|p| {
+                if let Some(m) = paths.iter().find(|m| m.public_key == p.public_key) {
+                    let mut r = PeerReport::from_live(p, m.name.clone(), m.address);
+                    r.transport = Some("udp".into());
+                    // Its LANs: what it carries beside its own addresses.
+                    r.routes = p
+                        .allowed_ips
+                        .iter()
+                        .filter(|n| n.prefix() < if n.is_ipv4() { 32 } else { 128 })
+                        .copied()
+                        .collect();
+                    r.path = Some(PathReport {
+                        path: match m.chosen {
+                            Chosen::Direct(a) => format!("direct {a}"),
+                            Chosen::Relay => format!("relay via {}", self.joined.server_address),
+                        },
+                        rtt_ms: m.rtt.map(|d| d.as_secs_f64() * 1000.0),
+                        last_answer_secs: m
+                            .last_answer
+                            .map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
+                    });
+                    if m.chosen == Chosen::Relay {
+                        r.endpoint = None;
+                    }
+                    return r;
+                }
                 let mut r = PeerReport::from_live(
                     p,
                     Some("server".into()),

@@ -3,6 +3,7 @@
 //! the gateway and the device, change the host, and undo all of it when a
 //! step fails; what they return runs with [`super::run`].
 
+use crate::wg::mesh::MeshSocket;
 use super::invitation::Invitation;
 use super::join::{Joiner, establish, own_key};
 use super::{
@@ -131,7 +132,9 @@ impl Site {
         let iface = inv.iface;
         let relay = inv.websocket().then(|| Relay::new("websocket"));
         let gateway = start_gateway(net.as_ref(), nft, &store, &inv, firewall).await?;
-        let spec = inv.device_spec(relay.clone());
+        let (mesh, disco) = MeshSocket::new(false, relay.clone());
+        let mut spec = inv.device_spec(relay.clone());
+        spec.mesh = Some(mesh.clone());
         let (device, mut gateway) = raise(spec, inv.backend, gateway, &net, &store).await?;
         crate::sys::crash_point("iface-created");
         let own = match own_key(&store, iface, inv.token, PrivateKey::generate) {
@@ -183,6 +186,7 @@ impl Site {
             gateway,
             transparent: admitted.transparent,
             metrics,
+            mesh: Some((mesh, disco)),
         };
         Ok(Ready {
             site,
@@ -223,6 +227,7 @@ impl Site {
             firewall,
         )
         .await?;
+        let (mesh, disco) = MeshSocket::new(false, relay.clone());
         let spec = DeviceSpec {
             name: iface.clone(),
             private_key: joined.private_key.clone(),
@@ -231,9 +236,9 @@ impl Site {
             addresses: joined.subnets().interface(joined.address.ip()),
             mtu: joined.mtu,
             confine: None,
-            relay,
+            relay: relay.clone(),
             quarantine: None,
-            mesh: None,
+            mesh: Some(mesh.clone()),
         };
         let (device, mut gateway) = raise(spec, backend, gateway, &net, &store).await?;
         let host = prepare_host(
@@ -281,6 +286,7 @@ impl Site {
             gateway,
             transparent,
             metrics,
+            mesh: Some((mesh, disco)),
         };
         Ok(Ready {
             site,

@@ -36,6 +36,8 @@ pub struct Invitation<'a> {
     pub name: Option<&'a str>,
     /// `--attach-label`, saved for `up`.
     pub attach_label: Option<String>,
+    /// `--advertise-endpoint`, saved for `up`.
+    pub advertise_endpoint: Option<SocketAddr>,
 }
 
 impl Invitation<'_> {

@@ -130,6 +130,7 @@ pub(super) fn joined_state(
         transparent: inv.transparent,
         snat_public: inv.snat_public,
         attach_label: inv.attach_label.clone(),
+        advertise_endpoint: inv.advertise_endpoint,
     }
 }
 

@@ -41,7 +41,8 @@ use crate::store::{StateDir, StateError};
 use crate::transport::proxy::Proxy;
 use crate::transport::ws::{Connection, Dialer, Link};
 use crate::transport::{HUB_LINK, Path, Relay, TransportError, WsOffer, virtual_addr};
-use crate::wg::{BackendChoice, KEEPALIVE, PeerSpec, WgDevice, WgError};
+use crate::wg::mesh::{Inbound, MeshSocket};
+use crate::wg::{BackendChoice, BackendKind, KEEPALIVE, PeerSpec, WgDevice, WgError};
 use ipnetwork::IpNetwork;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -230,6 +231,8 @@ pub struct Site {
     pub transparent: Option<IpNetwork>,
     /// `--metrics`: where Prometheus scrapes it.
     pub metrics: Option<crate::metrics::Listener>,
+    /// The mesh's side of the device's socket, and the probes it split off.
+    pub mesh: Option<(Arc<MeshSocket>, tokio::sync::mpsc::Receiver<Inbound>)>,
 }
 
 /// What `join` and `up` share once the site's own endpoint is up: attach
@@ -254,10 +257,14 @@ pub async fn run(
         gateway,
         transparent,
         metrics: metrics_listener,
+        mesh,
     } = site;
     let metrics = crate::metrics::Metrics::new();
     let hub_api = api(&joined);
     let lans = tokio::sync::watch::channel(vec![]);
+    let pokes = tokio::sync::watch::channel(0u64);
+    let owned = tokio::sync::watch::channel(vec![]);
+    let view = tokio::sync::watch::channel(crate::node::mesh::MeshView::default());
     let routing = RouteSync {
         device: device.clone(),
         net: net.clone(),
@@ -265,7 +272,33 @@ pub async fn run(
         joined: joined.clone(),
         current: vec![],
         extra: transparent.into_iter().collect(),
+        owned: Some(owned.1.clone()),
+        pokes: pokes.0,
+        applied_owned: vec![],
     };
+    let agent = match mesh {
+        Some((socket, disco)) if device.backend() == BackendKind::Userspace => {
+            Some(crate::node::mesh::Agent {
+                device: device.clone(),
+                socket,
+                disco,
+                private_key: joined.private_key.clone(),
+                hub_key: joined.server_public_key,
+                hub_address: joined.server_address,
+                api: hub_api,
+                own_address: joined.address.ip(),
+                store: store.clone(),
+                iface: iface.clone(),
+                advertise: joined.advertise_endpoint,
+                tunnel: joined.subnets().all(),
+                pokes: pokes.1,
+                owned: owned.0,
+                view: view.0,
+            })
+        }
+        _ => None,
+    };
+    let mesh_on = agent.is_some();
     let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
     let mut services = Services::default();
     let result = async {
@@ -306,6 +339,7 @@ pub async fn run(
             iface: iface.clone(),
             containers: services.containers(),
             driver: services.driver(),
+            mesh: mesh_on.then(|| view.1.clone()),
         });
         let metrics = metrics_listener.map(|l| (l, metrics.clone()));
         services.listen(&store, &iface, api, metrics, &shutdown)?;
@@ -317,7 +351,13 @@ pub async fn run(
     if result.is_ok() {
         let stop_routing = shutdown.waiter();
         let following = services.follow(shutdown.waiter(), lans.1.clone());
-        tokio::join!(following, routing.run(lans.0, stop_routing));
+        let meshing = async {
+            match agent {
+                Some(a) => a.run(shutdown.waiter()).await,
+                None => {}
+            }
+        };
+        tokio::join!(following, routing.run(lans.0, stop_routing), meshing);
     }
     services.stop().await;
     if result.is_ok()

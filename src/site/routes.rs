@@ -29,6 +29,12 @@ pub(super) struct RouteSync {
     /// Allowed through the hub beside the subnet and the LANs: the
     /// server's own address in transparent mode.
     pub(super) extra: Vec<IpNetwork>,
+    /// The LANs that mesh peers carry themselves: not allowed through the
+    /// hub (a prefix belongs to one peer only).
+    pub(super) owned: Option<tokio::sync::watch::Receiver<Vec<IpNetwork>>>,
+    /// Told of every poke from the hub (the mesh follows them too).
+    pub(super) pokes: tokio::sync::watch::Sender<u64>,
+    pub(super) applied_owned: Vec<IpNetwork>,
 }
 
 /// The LANs of `all` that are not behind the site at `own`, sorted.
@@ -80,6 +86,23 @@ impl RouteSync {
                     if !matches!(got, Ok((_, from)) if from.ip() == hub) {
                         continue;
                     }
+                    self.pokes.send_modify(|n| *n += 1);
+                }
+                r = async {
+                    match &mut self.owned {
+                        Some(o) => o.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if r.is_err() {
+                        // The mesh stopped: the hub carries everything again.
+                        self.owned = None;
+                    }
+                    let remote = self.current.clone();
+                    if let Err(e) = self.apply(&remote).await {
+                        tracing::warn!("routing the LANs {remote:?} into {}: {e}", self.iface);
+                    }
+                    continue;
                 }
             }
             retry = match tunnel::fetch_routes(api(&self.joined), Duration::from_secs(5)).await {
@@ -106,12 +129,16 @@ impl RouteSync {
     }
 
     async fn apply(&mut self, remote: &[IpNetwork]) -> Result<(), SiteError> {
-        if remote == self.current {
+        let owned = match &mut self.owned {
+            Some(o) => o.borrow_and_update().clone(),
+            None => vec![],
+        };
+        if remote == self.current && owned == self.applied_owned {
             return Ok(());
         }
         let mut allowed = self.joined.subnets().all();
         allowed.extend(self.extra.iter().copied());
-        allowed.extend(remote.iter().copied());
+        allowed.extend(remote.iter().filter(|r| !owned.contains(r)).copied());
         self.device
             .set_allowed_ips(&self.joined.server_public_key, &allowed)
             .await?;
@@ -119,6 +146,7 @@ impl RouteSync {
             .await
             .map_err(WgError::Net)?;
         self.current = remote.to_vec();
+        self.applied_owned = owned;
         Ok(())
     }
 }
@@ -157,6 +185,7 @@ mod tests {
             transparent: false,
             snat_public: false,
             attach_label: None,
+            advertise_endpoint: None,
         }
     }
 
@@ -180,6 +209,9 @@ mod tests {
             joined: j,
             current: vec![],
             extra,
+            owned: None,
+            pokes: tokio::sync::watch::channel(0).0,
+            applied_owned: vec![],
         };
         (device, host, sync)
     }

@@ -251,6 +251,7 @@ mod tests {
             transparent: false,
             snat_public: false,
             attach_label: None,
+            advertise_endpoint: None,
         };
         let text = render("wg0", &Endpoint::Joined(j), None).unwrap();
         assert!(text.contains("stock WireGuard speaks UDP only"), "{text}");

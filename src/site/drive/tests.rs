@@ -58,6 +58,7 @@ fn invitation(token: &Token) -> Invitation<'_> {
         snat_public: false,
         name: Some("b"),
         attach_label: None,
+        advertise_endpoint: None,
     }
 }
 
