@@ -30,6 +30,7 @@ mod delay;
 mod docker;
 mod host;
 mod lab;
+mod mesh;
 mod nat;
 mod node;
 mod process;
@@ -42,6 +43,7 @@ pub use docker::{
 };
 pub use host::{Host, LinkCounters, WhoAmI, handshake_ages, tcp_exchange};
 pub use lab::Lab;
+pub use mesh::{MeshSite, bulk, path_to, pings, rtt_to, status_json, wait_path};
 pub use nat::{Blocked, Nat, NatLab, Router};
 pub use node::{Node, site_address};
 pub use process::{Proc, cpu_seconds, failed_with, fd_count, status_kb};

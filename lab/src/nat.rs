@@ -393,5 +393,20 @@ fn ruleset(nat: Nat, wan_dev: &str, wan: &str) -> String {
         ));
     }
     rules.push_str("}\n");
+    // A home router's firewall: nothing new from the WAN reaches the router
+    // itself. Besides being what routers do, it matters for hole punching:
+    // a peer's first probe, arriving before this side sent its own, would
+    // otherwise leave a conntrack entry (confirmed on delivery to the
+    // router's own input) that takes the very tuple this side's NAT needs
+    // for its mapping, and push that mapping to another port. Dropped in the
+    // input hook, the entry is never confirmed.
+    rules.push_str(&format!(
+        "table inet fw {{\n\
+         chain input {{\n\
+         type filter hook input priority filter; policy accept;\n\
+         iifname \"{wan_dev}\" ct state new drop\n\
+         }}\n\
+         }}\n"
+    ));
     rules
 }

@@ -257,6 +257,8 @@ pub async fn run(hub: Arc<Hub>, stop: impl std::future::Future<Output = ()>) {
             }
             r = changes.changed() => {
                 if r.is_err() { return stop.await }
+                // A new site may probe at once: know it now.
+                sites = follow_endpoints(&hub, &mesh).await;
                 mesh.bump();
             }
             r = routes.changed() => {
@@ -270,7 +272,7 @@ pub async fn run(hub: Arc<Hub>, stop: impl std::future::Future<Output = ()>) {
                 if let Ok((n, from)) = r {
                     let from = unmap(from);
                     if let Some(reply) = answer(&mesh, &sites, &buf[..n], from, Reply::Probe) {
-                        let _ = probe.try_send_to(&reply, from);
+                        let _ = probe.send_to(&reply, from).await;
                     }
                 }
             }
@@ -345,7 +347,10 @@ fn answer(
 ) -> Option<Vec<u8>> {
     let sender = Disco::sender(d)?;
     // Only admitted sites are answered: no key exchange for strangers.
-    sites.get(&sender)?;
+    if !sites.contains_key(&sender) {
+        tracing::trace!("mesh: a probe from {from} in the name of {sender}, not a site");
+        return None;
+    }
     if !mesh.within_budget(&sender, Instant::now()) {
         return None;
     }
@@ -359,6 +364,7 @@ fn answer(
         }
     };
     let me = mesh.private_key.public_key();
+    tracing::trace!("mesh: {:?} from {from}", msg.kind);
     match msg.kind {
         DiscoKind::Ping => {
             let pong = Disco {

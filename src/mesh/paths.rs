@@ -80,6 +80,8 @@ pub struct Timings {
     pub active_reprobe: Duration,
     /// At most one round per peer this often, whatever asks for it.
     pub min_round: Duration,
+    /// A "call me" is answered with a round unless one ran this recently.
+    pub call_me_quiet: Duration,
     /// Taken off the round trip of an address on one of our own networks.
     pub lan_bonus: Duration,
 }
@@ -96,6 +98,7 @@ impl Default for Timings {
             reprobe: Duration::from_secs(60),
             active_reprobe: Duration::from_secs(10),
             min_round: Duration::from_secs(1),
+            call_me_quiet: Duration::from_secs(5),
             lan_bonus: Duration::from_millis(2),
         }
     }
@@ -123,6 +126,12 @@ struct Peer {
     last_round: Option<Instant>,
     next_heartbeat: Option<Instant>,
     last_traffic: Option<Instant>,
+    /// The next round answers a "call me": it asks for none itself.
+    answering: bool,
+    /// Addresses a ping came from that are not the path in use: pinged
+    /// back once, so that a path proven one way is tried the other way
+    /// at once rather than at the next round.
+    ping_back: Vec<SocketAddr>,
 }
 
 /// What status shows of a peer's path.
@@ -213,6 +222,8 @@ impl Paths {
                             last_round: None,
                             next_heartbeat: None,
                             last_traffic: None,
+                            answering: false,
+                            ping_back: vec![],
                         },
                     );
                 }
@@ -255,28 +266,44 @@ impl Paths {
             return;
         }
         let min_round = self.timings.min_round;
-        if let Some(p) = self.peers.get_mut(peer)
-            && !p.candidates.contains(&from)
-        {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if !p.candidates.contains(&from) {
             if p.candidates.len() >= 2 * super::map::MAX_CANDIDATES {
                 p.candidates.remove(0);
             }
             p.candidates.push(from);
             p.next_round = p.next_round.min(earliest(p.last_round, min_round, now));
         }
+        let fresh = p
+            .stats
+            .get(&from)
+            .and_then(|s| s.last_pong)
+            .is_some_and(|l| now.saturating_duration_since(l) <= self.timings.fresh);
+        if p.chosen != Chosen::Direct(from) && !fresh && !p.ping_back.contains(&from) {
+            p.ping_back.push(from);
+        }
     }
 
     /// The peer asked (through the hub) to be probed now; `at` is where
-    /// the hub sees it.
+    /// the hub sees it. Answered at once, so that both sides' probes cross
+    /// and open both NATs; but not when this side probed lately itself,
+    /// or two relayed peers would keep calling each other.
     pub fn on_call_me(&mut self, peer: &PublicKey, at: Option<SocketAddr>, now: Instant) {
-        let min_round = self.timings.min_round;
+        let quiet = self.timings.call_me_quiet;
         if let Some(p) = self.peers.get_mut(peer) {
+            let mut new = false;
             if let Some(at) = at
                 && !p.candidates.contains(&at)
             {
                 p.candidates.push(at);
+                new = true;
             }
-            p.next_round = p.next_round.min(earliest(p.last_round, min_round, now));
+            if new || p.last_round.is_none_or(|l| now.saturating_duration_since(l) >= quiet) {
+                p.next_round = now;
+                p.answering = true;
+            }
         }
     }
 
@@ -309,14 +336,18 @@ impl Paths {
         let keys: Vec<PublicKey> = self.peers.keys().copied().collect();
         for key in keys {
             let p = self.peers.get_mut(&key).expect("listed");
-            let mut pings: Vec<SocketAddr> = vec![];
+            let mut pings: Vec<SocketAddr> = std::mem::take(&mut p.ping_back);
             if p.next_round <= now {
                 p.last_round = Some(now);
-                pings.extend(p.candidates.iter().copied());
-                pings.push(super::relay_addr(p.id));
-                if p.chosen == Chosen::Relay {
+                for c in p.candidates.iter().copied().chain([super::relay_addr(p.id)]) {
+                    if !pings.contains(&c) {
+                        pings.push(c);
+                    }
+                }
+                if p.chosen == Chosen::Relay && !p.answering {
                     self.effects.push(Effect::CallMe { peer: key });
                 }
+                p.answering = false;
                 let active = p
                     .last_traffic
                     .is_some_and(|l| now.saturating_duration_since(l) < t.active_for);
@@ -376,7 +407,7 @@ impl Paths {
         std::mem::take(&mut self.effects)
     }
 
-    /// When to poll next.
+    /// When to poll next (and after every input: a ping may want one back).
     pub fn deadline(&self) -> Option<Instant> {
         let t = self.timings;
         self.peers

@@ -210,6 +210,8 @@ struct Walker {
     pongs: HashMap<PublicKey, (Instant, u32)>,
     changes: u64,
     rng: rand_core::OsRng,
+    /// When to look at candidates and the NAT again.
+    claim_at: Instant,
 }
 
 impl Walker {
@@ -236,6 +238,7 @@ impl Walker {
             pongs: HashMap::new(),
             changes: 0,
             rng: rand_core::OsRng,
+            claim_at: Instant::now(),
         }
     }
 
@@ -249,21 +252,20 @@ impl Walker {
             }
         }
         let mut stats_at = Instant::now();
-        let mut claim_at = Instant::now();
         loop {
             let now = Instant::now();
             if now >= stats_at {
                 self.stats(now).await;
                 stats_at = now + STATS_EVERY;
             }
-            if now >= claim_at {
+            if now >= self.claim_at {
+                self.claim_at = now + CLAIM_EVERY;
                 self.reclaim().await;
-                claim_at = now + CLAIM_EVERY;
             }
             let effects = self.paths.poll(now, &mut self.rng);
             self.act(effects).await;
             self.publish();
-            let next = [Some(stats_at), Some(claim_at), self.paths.deadline()]
+            let next = [Some(stats_at), Some(self.claim_at), self.paths.deadline()]
                 .into_iter()
                 .flatten()
                 .min()
@@ -281,7 +283,11 @@ impl Walker {
     /// Installs the map's peers in the device, removes those gone, and
     /// tells the path core.
     async fn apply(&mut self, map: PeerMap) {
-        self.probe_port = map.probe_port;
+        if self.probe_port != map.probe_port {
+            // The hub's second port is known now: find out about the NAT.
+            self.probe_port = map.probe_port;
+            self.claim_at = Instant::now();
+        }
         let dev = self.a.device.clone();
         for gone in self
             .installed
@@ -354,9 +360,14 @@ impl Walker {
         };
         let now = Instant::now();
         if sender == self.a.hub_key {
-            let Ok(m) = Disco::decode(d, &self.hub_pair) else {
-                return;
+            let m = match Disco::decode(d, &self.hub_pair) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!("mesh: a probe from the hub at {from}: {e}");
+                    return;
+                }
             };
+            tracing::trace!("mesh: {:?} from the hub at {from}", m.kind);
             match m.kind {
                 DiscoKind::Pong { observed } => self.nat_seen(m.txid, observed),
                 DiscoKind::CallMe { peer, at } => self.paths.on_call_me(&peer, at, now),
@@ -370,6 +381,7 @@ impl Walker {
         let Ok(m) = Disco::decode(d, &key) else {
             return;
         };
+        tracing::trace!("mesh: {:?} from {sender} at {from}", m.kind);
         match m.kind {
             DiscoKind::Ping => {
                 if !self.may_pong(&sender, now) {
@@ -404,6 +416,7 @@ impl Walker {
         for e in effects {
             match e {
                 Effect::Ping { peer, to, txid } => {
+                    tracing::trace!("mesh: ping {peer} at {to}");
                     if let Some(key) = self.pair(&peer) {
                         let ping = Disco {
                             sender: me,
@@ -511,6 +524,10 @@ impl Walker {
         let Some(hub) = self.hub_endpoint.filter(|e| !crate::transport::is_virtual(e)) else {
             return;
         };
+        if self.claim.borrow().nat.is_none() {
+            // Not found out yet (the hub may not know us yet): soon again.
+            self.claim_at = Instant::now() + Duration::from_secs(3);
+        }
         let me = self.a.private_key.public_key();
         let targets = [Some(hub), self.probe_port.map(|p| SocketAddr::new(hub.ip(), p))];
         for (i, to) in targets.into_iter().enumerate() {
@@ -518,6 +535,7 @@ impl Walker {
             let mut txid = [0u8; 12];
             rand_core::RngCore::fill_bytes(&mut self.rng, &mut txid);
             self.nat.sent.insert(txid, i);
+            tracing::trace!("mesh: ping the hub at {to}");
             let ping = Disco {
                 sender: me,
                 txid,
