@@ -56,3 +56,97 @@ fn two_sites_behind_masquerading_nats_go_direct_and_bulk_skips_the_hub() {
     });
     assert_eq!(nat, "endpoint-independent mapping");
 }
+
+/// Every kind of NAT in one mesh: each feasible pair goes direct, the rest
+/// stay on the relay and still carry traffic, which the hub forwards
+/// without it ever appearing in clear on its tunnel interface.
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn each_nat_pair_goes_direct_where_it_can_and_relays_the_rest_unread() {
+    needs_root("each_nat_pair_goes_direct_where_it_can_and_relays_the_rest_unread");
+    let mut nl = NatLab::new(BIN, None);
+    let home = nl.router(Nat::Masquerade);
+    let hosts = vec![
+        ("m1", nl.site_behind(&home)),
+        ("m2", nl.site_behind(&home)),
+        ("f", nl.site(Nat::FullCone).1),
+        ("s1", nl.site(Nat::Symmetric).1),
+        ("s2", nl.site(Nat::Symmetric).1),
+        ("d", nl.double_nat().1),
+    ];
+    let hub = nl.mesh_hub(hosts.len(), &[]);
+    let sites: Vec<_> = hosts
+        .iter()
+        .enumerate()
+        .map(|(i, (tag, h))| {
+            let token = hub.lines[i].clone();
+            (*tag, h.clone(), nl.mesh_join(h, tag, &token, &[]))
+        })
+        .collect();
+    // Symmetric NAT against anything but an open (full-cone) one cannot
+    // go direct; everything else can.
+    let feasible = |a: &str, b: &str| {
+        let sym = |x: &str| x.starts_with('s');
+        !(sym(a) && b != "f" || sym(b) && a != "f")
+    };
+    // Traffic between every pair, both ways, over whatever path there is.
+    for (i, (ta, ha, a)) in sites.iter().enumerate() {
+        for (tb, _, b) in &sites[i + 1..] {
+            assert!(pings(ha, &b.address, 2, "0.2") >= 1, "no traffic {ta} -> {tb}");
+            let _ = a;
+        }
+    }
+    for (i, (ta, _, a)) in sites.iter().enumerate() {
+        for (tb, _, b) in &sites[i + 1..] {
+            if feasible(ta, tb) {
+                wait_path(&nl.lab, &a.node, &b.address, "direct", DIRECT);
+                wait_path(&nl.lab, &b.node, &a.address, "direct", DIRECT);
+            }
+        }
+    }
+    // Sites behind one router find each other on their LAN.
+    let lan = path_to(&nl.lab, &sites[0].2.node, &sites[1].2.address).unwrap();
+    assert!(lan.starts_with("direct 192.168."), "m1 -> m2: {lan}");
+    // The infeasible ones are still relayed after the probes had their go,
+    // and traffic flows there.
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, (ta, ha, a)) in sites.iter().enumerate() {
+        for (tb, _, b) in &sites[i + 1..] {
+            if !feasible(ta, tb) {
+                let p = path_to(&nl.lab, &a.node, &b.address).unwrap_or_default();
+                assert!(p.starts_with("relay"), "{ta} -> {tb} should be relayed: {p}");
+                assert!(pings(ha, &b.address, 5, "0.2") >= 4, "{ta} -> {tb} lost pings");
+            }
+        }
+    }
+    // A relayed bulk transfer crosses the hub's link but never its tunnel
+    // interface, where it would be in clear.
+    let (s1, s2) = (&sites[3], &sites[4]);
+    let tun_before = nl.hub.link_counters(&hub.iface);
+    let link_before = nl.hub_link();
+    let got = bulk(&s1.1, &s2.1, tunnel_addr(&s2.2.address, 5202), 5 * MB);
+    assert_eq!(got, 5 * MB);
+    let tun = nl.hub.link_counters(&hub.iface).since(&tun_before);
+    let link = nl.hub_link().since(&link_before);
+    assert!(link.bytes() > 10 * MB as u64, "the relay carried {} B", link.bytes());
+    assert!(
+        tun.bytes() < MB as u64,
+        "{} B of a relayed transfer showed on the hub's tunnel interface",
+        tun.bytes()
+    );
+    let hub_status = status_json(&nl.lab, &hub);
+    assert!(
+        hub_status["mesh"]["relayed_bytes"].as_u64().unwrap_or(0) > 5 * MB as u64,
+        "{hub_status}"
+    );
+    // NAT behaviour as the sites found it.
+    let nat = |i: usize| {
+        common::until("the NAT's behaviour in status", || {
+            status_json(&nl.lab, &sites[i].2.node)["mesh"]["nat"]
+                .as_str()
+                .map(str::to_owned)
+        })
+    };
+    assert_eq!(nat(3), "endpoint-dependent mapping (symmetric)");
+    assert_eq!(nat(5), "endpoint-independent mapping");
+}
