@@ -257,10 +257,7 @@ impl Metrics {
     pub fn sample(&self, endpoints: &[EndpointStatus], identities: bool) {
         if let Some(m) = endpoints.first().and_then(|e| e.mesh.as_ref()) {
             let mut last = self.mesh_seen.lock().expect("mesh lock");
-            let (changes, bytes) = (
-                m.path_changes.unwrap_or(0),
-                m.relayed_bytes.unwrap_or(0),
-            );
+            let (changes, bytes) = (m.path_changes.unwrap_or(0), m.relayed_bytes.unwrap_or(0));
             self.path_changes.inc_by(changes.saturating_sub(last.0));
             self.relayed_bytes.inc_by(bytes.saturating_sub(last.1));
             *last = (changes.max(last.0), bytes.max(last.1));

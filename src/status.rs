@@ -397,7 +397,14 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
         }
         if let Some(m) = &e.mesh {
             let mut parts = vec![];
-            parts.push(if m.direct { "direct paths" } else { "no direct paths" }.to_owned());
+            parts.push(
+                if m.direct {
+                    "direct paths"
+                } else {
+                    "no direct paths"
+                }
+                .to_owned(),
+            );
             if let Some(n) = &m.nat {
                 parts.push(format!("NAT: {n}"));
             }

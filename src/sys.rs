@@ -107,9 +107,7 @@ pub fn local_addresses(skip: &[&str], tunnel: &[ipnetwork::IpNetwork]) -> Vec<st
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return vec![];
     };
-    let docker = |n: &str| {
-        n.starts_with("docker") || n.starts_with("br-") || n.starts_with("veth")
-    };
+    let docker = |n: &str| n.starts_with("docker") || n.starts_with("br-") || n.starts_with("veth");
     let mut out = vec![];
     for a in addrs {
         let name = a.interface_name.as_str();

@@ -6,9 +6,7 @@
 
 mod common;
 
-use common::{
-    BIN, Nat, NatLab, bulk, needs_root, path_to, pings, rtt_to, status_json, wait_path,
-};
+use common::{BIN, Nat, NatLab, bulk, needs_root, path_to, pings, rtt_to, status_json, wait_path};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -92,7 +90,10 @@ fn each_nat_pair_goes_direct_where_it_can_and_relays_the_rest_unread() {
     // Traffic between every pair, both ways, over whatever path there is.
     for (i, (ta, ha, a)) in sites.iter().enumerate() {
         for (tb, _, b) in &sites[i + 1..] {
-            assert!(pings(ha, &b.address, 2, "0.2") >= 1, "no traffic {ta} -> {tb}");
+            assert!(
+                pings(ha, &b.address, 2, "0.2") >= 1,
+                "no traffic {ta} -> {tb}"
+            );
             let _ = a;
         }
     }
@@ -114,8 +115,14 @@ fn each_nat_pair_goes_direct_where_it_can_and_relays_the_rest_unread() {
         for (tb, _, b) in &sites[i + 1..] {
             if !feasible(ta, tb) {
                 let p = path_to(&nl.lab, &a.node, &b.address).unwrap_or_default();
-                assert!(p.starts_with("relay"), "{ta} -> {tb} should be relayed: {p}");
-                assert!(pings(ha, &b.address, 5, "0.2") >= 4, "{ta} -> {tb} lost pings");
+                assert!(
+                    p.starts_with("relay"),
+                    "{ta} -> {tb} should be relayed: {p}"
+                );
+                assert!(
+                    pings(ha, &b.address, 5, "0.2") >= 4,
+                    "{ta} -> {tb} lost pings"
+                );
             }
         }
     }
@@ -128,7 +135,11 @@ fn each_nat_pair_goes_direct_where_it_can_and_relays_the_rest_unread() {
     assert_eq!(got, 5 * MB);
     let tun = nl.hub.link_counters(&hub.iface).since(&tun_before);
     let link = nl.hub_link().since(&link_before);
-    assert!(link.bytes() > 10 * MB as u64, "the relay carried {} B", link.bytes());
+    assert!(
+        link.bytes() > 10 * MB as u64,
+        "the relay carried {} B",
+        link.bytes()
+    );
     assert!(
         tun.bytes() < MB as u64,
         "{} B of a relayed transfer showed on the hub's tunnel interface",
@@ -196,12 +207,19 @@ fn direct_pairs_outlive_a_killed_hub_and_a_restarted_hub_takes_the_mesh_back() {
     assert!(pings(&ha, &b.address, 2, "0.2") >= 1);
     wait_path(&nl.lab, &a.node, &b.address, "direct", DIRECT);
     wait_path(&nl.lab, &b.node, &a.address, "direct", DIRECT);
-    assert!(pings(&hs1, &s2.address, 3, "0.2") >= 2, "relayed pair before");
+    assert!(
+        pings(&hs1, &s2.address, 3, "0.2") >= 2,
+        "relayed pair before"
+    );
 
     nl.lab.proc(hub.proc).kill();
     let during = background_pings(&mut nl, &ha, &b.address, 60);
     // The relayed pair has nothing to go through now.
-    assert_eq!(pings(&hs1, &s2.address, 3, "0.3"), 0, "relayed without a hub?");
+    assert_eq!(
+        pings(&hs1, &s2.address, 3, "0.3"),
+        0,
+        "relayed without a hub?"
+    );
     let (sent, got) = replies(&mut nl, during);
     assert!(sent >= 290, "{sent} pings sent");
     assert!(
@@ -209,7 +227,11 @@ fn direct_pairs_outlive_a_killed_hub_and_a_restarted_hub_takes_the_mesh_back() {
         "the direct pair lost {} of {sent} pings in a minute without the hub",
         sent - got
     );
-    assert!(path_to(&nl.lab, &a.node, &b.address).unwrap().starts_with("direct"));
+    assert!(
+        path_to(&nl.lab, &a.node, &b.address)
+            .unwrap()
+            .starts_with("direct")
+    );
 
     nl.lab.serve_again(&hub, &[]);
     let back = common::until("the relayed pair back through the restarted hub", || {
@@ -223,7 +245,11 @@ fn direct_pairs_outlive_a_killed_hub_and_a_restarted_hub_takes_the_mesh_back() {
     let hub_status = status_json(&nl.lab, &hub);
     let sites = hub_status["peers"]
         .as_array()
-        .map(|p| p.iter().filter(|p| p["name"] != "unused invite" && p["name"] != "used invite").count())
+        .map(|p| {
+            p.iter()
+                .filter(|p| p["name"] != "unused invite" && p["name"] != "used invite")
+                .count()
+        })
         .unwrap_or(0);
     assert_eq!(sites, 4, "{hub_status}");
 }
@@ -245,11 +271,26 @@ fn a_blocked_direct_path_falls_back_to_the_relay_within_seven_seconds_and_comes_
     let flow = background_pings(&mut nl, &ha, &b.address, 40);
     std::thread::sleep(Duration::from_secs(2));
     let blocked = nl.block(&ra, &rb);
-    let fell = wait_path(&nl.lab, &a.node, &b.address, "relay", Duration::from_secs(15));
-    assert!(fell <= Duration::from_secs(7), "fell back to the relay after {fell:?}");
+    let fell = wait_path(
+        &nl.lab,
+        &a.node,
+        &b.address,
+        "relay",
+        Duration::from_secs(15),
+    );
+    assert!(
+        fell <= Duration::from_secs(7),
+        "fell back to the relay after {fell:?}"
+    );
     std::thread::sleep(Duration::from_secs(3));
     blocked.unblock();
-    wait_path(&nl.lab, &a.node, &b.address, "direct", Duration::from_secs(25));
+    wait_path(
+        &nl.lab,
+        &a.node,
+        &b.address,
+        "direct",
+        Duration::from_secs(25),
+    );
     let (sent, got) = replies(&mut nl, flow);
     // Lost: what went into the blocked path until the fallback, no more.
     assert!(

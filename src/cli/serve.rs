@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// How many endpoints (containers) one joined site may register
     #[arg(long, default_value_t = limits::DEFAULT_ENDPOINTS_PER_SITE, value_parser = clap::value_parser!(u16).range(0..=4096))]
     pub endpoints_per_site: u16,
+    /// No mesh: sites reach each other only through this hub, which decrypts and re-encrypts their traffic (as before direct paths existed)
+    #[arg(long)]
+    pub no_mesh: bool,
 }
 
 fn parse_subnet6(s: &str) -> Result<Subnet6, String> {
@@ -126,6 +129,7 @@ impl ServeArgs {
             allow_from: self.allow_from.clone(),
             dns_zone: self.dns_zone.clone(),
             endpoints_per_site: self.endpoints_per_site,
+            mesh: !self.no_mesh,
         }
     }
 

@@ -54,7 +54,14 @@ impl LocalApi for HubApi {
             }
             None => status::MeshReport {
                 direct: false,
-                note: Some("kernel backend: no relay, sites are routed through this hub".into()),
+                note: Some(match device.backend() {
+                    crate::wg::BackendKind::Kernel => {
+                        "kernel backend: no relay, sites are routed through this hub".into()
+                    }
+                    crate::wg::BackendKind::Userspace => {
+                        "--no-mesh: sites are routed through this hub".into()
+                    }
+                }),
                 ..Default::default()
             },
         });

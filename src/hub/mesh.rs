@@ -62,14 +62,21 @@ impl HubMesh {
             Err(_) => match tokio::net::UdpSocket::bind("0.0.0.0:0").await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!("no UDP port for the mesh's probes ({e}): sites stay routed through this hub");
+                    tracing::warn!(
+                        "no UDP port for the mesh's probes ({e}): sites stay routed through this hub"
+                    );
                     return None;
                 }
             },
         };
         let port = probe.local_addr().ok()?.port();
         tracing::info!("mesh: probes on UDP port {port} beside the WireGuard port");
-        Some(HubMesh::new(socket, private_key, port, Some((disco, probe))))
+        Some(HubMesh::new(
+            socket,
+            private_key,
+            port,
+            Some((disco, probe)),
+        ))
     }
 
     fn new(
@@ -151,7 +158,10 @@ pub fn map_for(
         .filter_map(|p| {
             let claim = claims.get(&p.address)?;
             let mut candidates: Vec<SocketAddr> = vec![];
-            candidates.extend(live.get(&p.address).filter(|e| !crate::transport::is_virtual(e)));
+            candidates.extend(
+                live.get(&p.address)
+                    .filter(|e| !crate::transport::is_virtual(e)),
+            );
             candidates.extend(claim.advertise);
             candidates.extend(claim.local.iter().copied());
             Some(MeshPeer {

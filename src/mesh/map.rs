@@ -184,19 +184,25 @@ mod tests {
             Err(MapError::OtherNode)
         );
         // Made by anyone but the hub: refused.
-        let forged = SignedMap::sign(
-            &m,
-            &PairKey::derive(&other, &node.public_key()).unwrap(),
+        let forged = SignedMap::sign(&m, &PairKey::derive(&other, &node.public_key()).unwrap());
+        assert_eq!(
+            forged.open(&mine, &node.public_key()),
+            Err(MapError::BadTag)
         );
-        assert_eq!(forged.open(&mine, &node.public_key()), Err(MapError::BadTag));
     }
 
     #[test]
     fn implausible_candidates_are_dropped_and_the_rest_capped() {
         let tunnel: Vec<IpNetwork> = vec!["10.77.0.0/24".parse().unwrap()];
         let claimed: Vec<SocketAddr> = [
-            "127.0.0.1:5", "0.0.0.0:5", "224.0.0.1:5", "10.77.0.9:5", "192.0.2.1:0",
-            "169.254.1.1:5", "192.0.2.1:5", "192.0.2.1:5",
+            "127.0.0.1:5",
+            "0.0.0.0:5",
+            "224.0.0.1:5",
+            "10.77.0.9:5",
+            "192.0.2.1:0",
+            "169.254.1.1:5",
+            "192.0.2.1:5",
+            "192.0.2.1:5",
         ]
         .iter()
         .map(|s| s.parse().unwrap())

@@ -300,7 +300,10 @@ impl Paths {
                 p.candidates.push(at);
                 new = true;
             }
-            if new || p.last_round.is_none_or(|l| now.saturating_duration_since(l) >= quiet) {
+            if new
+                || p.last_round
+                    .is_none_or(|l| now.saturating_duration_since(l) >= quiet)
+            {
                 p.next_round = now;
                 p.answering = true;
             }
@@ -318,9 +321,9 @@ impl Paths {
             if was_idle {
                 match p.chosen {
                     Chosen::Relay => {
-                        p.next_round = p
-                            .next_round
-                            .min(earliest(p.last_round, t.active_reprobe, now))
+                        p.next_round =
+                            p.next_round
+                                .min(earliest(p.last_round, t.active_reprobe, now))
                     }
                     Chosen::Direct(_) => p.next_heartbeat = Some(now),
                 }
@@ -339,7 +342,12 @@ impl Paths {
             let mut pings: Vec<SocketAddr> = std::mem::take(&mut p.ping_back);
             if p.next_round <= now {
                 p.last_round = Some(now);
-                for c in p.candidates.iter().copied().chain([super::relay_addr(p.id)]) {
+                for c in p
+                    .candidates
+                    .iter()
+                    .copied()
+                    .chain([super::relay_addr(p.id)])
+                {
                     if !pings.contains(&c) {
                         pings.push(c);
                     }
@@ -483,8 +491,7 @@ impl Paths {
                             }
                         };
                         match (best, current) {
-                            (Some((a, b)), Some(c)) if a != cur && b + margin(c) < c =>
-                            {
+                            (Some((a, b)), Some(c)) if a != cur && b + margin(c) < c => {
                                 Some(Chosen::Direct(a))
                             }
                             _ => None,

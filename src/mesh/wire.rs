@@ -93,10 +93,9 @@ impl PairKey {
         } else {
             (*peer, me)
         };
-        let mut mac = <Blake2sMac<blake2::digest::consts::U32> as KeyInit>::new_from_slice(
-            shared.as_ref(),
-        )
-        .expect("a 32-byte key fits BLAKE2s");
+        let mut mac =
+            <Blake2sMac<blake2::digest::consts::U32> as KeyInit>::new_from_slice(shared.as_ref())
+                .expect("a 32-byte key fits BLAKE2s");
         Mac::update(&mut mac, b"tunnel mesh probes v1");
         Mac::update(&mut mac, a.as_bytes());
         Mac::update(&mut mac, b.as_bytes());
@@ -352,7 +351,10 @@ mod tests {
 
     #[test]
     fn the_relay_header_round_trips() {
-        let h = RelayHeader { src: 7, dst: 0x0a4d_0003 };
+        let h = RelayHeader {
+            src: 7,
+            dst: 0x0a4d_0003,
+        };
         let mut d = vec![];
         h.write(&mut d);
         assert_eq!(d.len(), RELAY_HEADER);

@@ -428,7 +428,9 @@ impl Walker {
                     }
                 }
                 Effect::CallMe { peer } => {
-                    let Some(hub) = self.hub_endpoint else { continue };
+                    let Some(hub) = self.hub_endpoint else {
+                        continue;
+                    };
                     let mut txid = [0u8; 12];
                     rand_core::RngCore::fill_bytes(&mut self.rng, &mut txid);
                     let m = Disco {
@@ -495,7 +497,11 @@ impl Walker {
                 tracing::warn!("mesh peer {}: {e}", p.public_key);
             }
             let bytes = (p.rx_bytes, p.tx_bytes);
-            if self.traffic.insert(p.public_key, bytes).is_some_and(|b| b != bytes) {
+            if self
+                .traffic
+                .insert(p.public_key, bytes)
+                .is_some_and(|b| b != bytes)
+            {
                 self.paths.on_traffic(&p.public_key, now);
             }
         }
@@ -521,7 +527,10 @@ impl Walker {
             });
         }
         self.nat = NatProbe::default();
-        let Some(hub) = self.hub_endpoint.filter(|e| !crate::transport::is_virtual(e)) else {
+        let Some(hub) = self
+            .hub_endpoint
+            .filter(|e| !crate::transport::is_virtual(e))
+        else {
             return;
         };
         if self.claim.borrow().nat.is_none() {
@@ -529,7 +538,10 @@ impl Walker {
             self.claim_at = Instant::now() + Duration::from_secs(3);
         }
         let me = self.a.private_key.public_key();
-        let targets = [Some(hub), self.probe_port.map(|p| SocketAddr::new(hub.ip(), p))];
+        let targets = [
+            Some(hub),
+            self.probe_port.map(|p| SocketAddr::new(hub.ip(), p)),
+        ];
         for (i, to) in targets.into_iter().enumerate() {
             let Some(to) = to else { continue };
             let mut txid = [0u8; 12];

@@ -2,15 +2,15 @@
 
 use crate::containers::ContainerView;
 use crate::control::local::LocalApi;
-use crate::state::{Endpoint, JoinedState};
 use crate::mesh::Chosen;
 use crate::node::mesh::PeerPath;
+use crate::state::{Endpoint, JoinedState};
 use crate::status::{EndpointStatus, MeshReport, PathReport, PeerReport, Role};
-use crate::wg::BackendKind;
-use std::time::SystemTime;
 use crate::transport::Path;
+use crate::wg::BackendKind;
 use crate::wg::WgDevice;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 /// The joined site's status: live stats of its link to the server.
 pub(super) struct SiteApi {

@@ -3,7 +3,6 @@
 //! the gateway and the device, change the host, and undo all of it when a
 //! step fails; what they return runs with [`super::run`].
 
-use crate::wg::mesh::MeshSocket;
 use super::invitation::Invitation;
 use super::join::{Joiner, establish, own_key};
 use super::{
@@ -18,6 +17,7 @@ use crate::net::NetOps;
 use crate::state::JoinedState;
 use crate::store::StateDir;
 use crate::transport::Relay;
+use crate::wg::mesh::MeshSocket;
 use crate::wg::{BackendChoice, DeviceSpec, WgDevice};
 use std::net::SocketAddr;
 use std::sync::Arc;

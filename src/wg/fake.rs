@@ -1,11 +1,11 @@
 //! An in-memory [`WgDevice`] for unit tests. Handshakes are simulated by the
 //! test through [`FakeWg::handshake`].
 
-use std::net::SocketAddr;
 use super::{BackendKind, PeerSpec, PeerStatus, WgDevice, WgError};
 use crate::keys::{PrivateKey, PublicKey};
 use async_trait::async_trait;
 use ipnetwork::IpNetwork;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -133,8 +133,7 @@ impl WgDevice for KernelDevice {
         k: &PublicKey,
         endpoint: std::net::SocketAddr,
     ) -> Result<(), WgError> {
-        let b = PeerConfigBuilder::new(&key(k))
-            .set_endpoint(endpoint);
+        let b = PeerConfigBuilder::new(&key(k)).set_endpoint(endpoint);
         self.apply(DeviceUpdate::new().add_peer(b), "setting an endpoint")
             .await
     }

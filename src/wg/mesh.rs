@@ -168,7 +168,11 @@ impl MeshSocket {
                 self.unwrap(h, data, from)
             };
         }
-        if self.disco.try_send((Bytes::copy_from_slice(data), from)).is_err() {
+        if self
+            .disco
+            .try_send((Bytes::copy_from_slice(data), from))
+            .is_err()
+        {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
         }
         Verdict::Taken
@@ -202,7 +206,9 @@ impl MeshSocket {
         };
         match (src, dst) {
             (Some(src), Some(dst)) if src == from => {
-                self.counters.relayed_packets.fetch_add(1, Ordering::Relaxed);
+                self.counters
+                    .relayed_packets
+                    .fetch_add(1, Ordering::Relaxed);
                 self.counters
                     .relayed_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -267,7 +273,10 @@ mod tests {
             node.inbound(&wg, "192.0.2.9:51820".parse().unwrap()),
             Verdict::Taken
         ));
-        assert!(matches!(node.inbound(&relayed(3, 8, b"\x04x"), hub), Verdict::Taken));
+        assert!(matches!(
+            node.inbound(&relayed(3, 8, b"\x04x"), hub),
+            Verdict::Taken
+        ));
         assert_eq!(node.refused(), 2);
         // A probe through the relay goes to the agent, from the relay address.
         let mut probe = relayed(3, 7, &[MAGIC, b'D']);

@@ -5,12 +5,12 @@
 //! UAPI socket is the standard `/var/run/wireguard/<name>.sock`, so stock
 //! `wg show <name>` reads it.
 
+use super::mesh::{MeshSocket, Verdict};
 use super::{BackendKind, Cause, DeviceSpec, PeerSpec, PeerStatus, WgDevice, WgError, uapi_socket};
 use crate::keys::{PrivateKey, PublicKey};
-use crate::net::NetOps;
-use super::mesh::{MeshSocket, Verdict};
 use crate::mesh::relay_id;
 use crate::mesh::wire::{RELAY_HEADER, is_ours};
+use crate::net::NetOps;
 use crate::transport::{Relay, is_virtual};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};

@@ -16,9 +16,9 @@ use crate::control::tunnel::{
     Admitted, LEAVE, MESH, MeshClaim, PING, REDEEM, REGISTER, RELEASE, ROUTES, RedeemRequest,
     RegisterRequest, ReleaseRequest, RoutesAnswer, RoutesRequest,
 };
-use crate::mesh::SignedMap;
 use crate::control::{self, ControlError, ErrorBody, Refusal, refuse};
 use crate::lograte::LogRate;
+use crate::mesh::SignedMap;
 use axum::Router;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;

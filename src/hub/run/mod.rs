@@ -106,6 +106,8 @@ pub struct HubConfig {
     pub allow_from: Vec<IpNetwork>,
     pub dns_zone: String,
     pub endpoints_per_site: u16,
+    /// Direct paths between sites, with this hub as rendezvous and relay.
+    pub mesh: bool,
 }
 
 /// What the command has prepared before the host is touched: the Docker
@@ -268,10 +270,8 @@ async fn bring_up(
             .collect(),
         CONTROL_PORT,
     ));
-    let (mesh_socket, disco) = crate::wg::mesh::MeshSocket::new(
-        true,
-        plan.websocket.as_ref().map(|w| w.relay.clone()),
-    );
+    let (mesh_socket, disco) =
+        crate::wg::mesh::MeshSocket::new(true, plan.websocket.as_ref().map(|w| w.relay.clone()));
     let spec = DeviceSpec {
         name: config.iface.clone(),
         private_key: state.private_key.clone(),
@@ -286,11 +286,17 @@ async fn bring_up(
     };
     let device = crate::endpoint::create(&spec, config.backend, net.clone(), &plan.store).await?;
     let mesh = match device.backend() {
+        BackendKind::Userspace if !config.mesh => {
+            tracing::info!("no mesh (--no-mesh): sites reach each other through this hub");
+            None
+        }
         BackendKind::Userspace => {
             super::mesh::HubMesh::start(mesh_socket, disco, state.private_key.clone()).await
         }
         BackendKind::Kernel => {
-            tracing::info!("the kernel backend relays nothing of ours: sites stay routed through this hub");
+            tracing::info!(
+                "the kernel backend relays nothing of ours: sites stay routed through this hub"
+            );
             None
         }
     };
@@ -525,7 +531,7 @@ async fn housekeeping(
         // may flush the firewall: read back after changes and once a second.
         if round.check_firewall {
             openings.uplinks = hub.uplink_addresses();
-    openings.probe_port = hub.mesh().map(|m| m.probe_port());
+            openings.probe_port = hub.mesh().map(|m| m.probe_port());
             gateway.keep(Some(policy(config, &hub.snapshot().await, &openings)));
         }
         tokio::select! {

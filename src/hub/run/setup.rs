@@ -163,6 +163,7 @@ pub(super) mod tests {
             allow_from: vec![],
             dns_zone: "tunnel".into(),
             endpoints_per_site: 16,
+            mesh: true,
         }
     }
 

@@ -86,8 +86,7 @@ impl Sim {
     }
 
     fn answer(&mut self, a: &str, rtt_ms: u64) {
-        self.answers
-            .insert(addr(a), Duration::from_millis(rtt_ms));
+        self.answers.insert(addr(a), Duration::from_millis(rtt_ms));
     }
 
     fn block(&mut self, a: &str) {
@@ -147,7 +146,10 @@ fn a_peer_starts_relayed_and_goes_direct_only_once_a_pong_proved_the_path() {
     s.run(Duration::from_millis(100));
     assert_eq!(s.chosen(), Chosen::Direct(addr("198.51.100.2:4000")));
     let (when, _) = s.set[0];
-    assert!(when >= Duration::from_millis(5), "set before the pong: {when:?}");
+    assert!(
+        when >= Duration::from_millis(5),
+        "set before the pong: {when:?}"
+    );
 }
 
 #[test]
@@ -159,7 +161,10 @@ fn the_lowest_round_trip_wins_and_a_lan_address_gets_its_bonus() {
     assert_eq!(s.chosen(), Chosen::Direct(addr("203.0.113.5:4000")));
 
     // A LAN address one millisecond slower still wins: it is on our net.
-    let mut s = Sim::new(&["198.51.100.2:4000", "192.168.1.7:4000"], &["192.168.1.0/24"]);
+    let mut s = Sim::new(
+        &["198.51.100.2:4000", "192.168.1.7:4000"],
+        &["192.168.1.0/24"],
+    );
     s.answer("198.51.100.2:4000", 3);
     s.answer("192.168.1.7:4000", 4);
     s.run(Duration::from_millis(500));
@@ -284,7 +289,8 @@ fn a_pong_from_elsewhere_or_for_no_ping_changes_nothing() {
     // Forged or stray pongs: no txid of ours, or ours from another address.
     s.paths
         .on_pong(&s.peer.clone(), addr("198.51.100.2:4000"), [9; 12], s.now);
-    s.paths.on_ping(&s.peer.clone(), addr("203.0.113.66:1"), s.now);
+    s.paths
+        .on_ping(&s.peer.clone(), addr("203.0.113.66:1"), s.now);
     s.run(Duration::from_millis(20));
     assert_eq!(s.chosen(), Chosen::Relay);
     // A ping from a new address makes it a candidate, probed within a second.
