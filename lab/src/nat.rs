@@ -404,6 +404,7 @@ fn ruleset(nat: Nat, wan_dev: &str, wan: &str) -> String {
         "table inet fw {{\n\
          chain input {{\n\
          type filter hook input priority filter; policy accept;\n\
+         iifname \"{wan_dev}\" meta l4proto icmp accept\n\
          iifname \"{wan_dev}\" ct state new drop\n\
          }}\n\
          }}\n"

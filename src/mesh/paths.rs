@@ -98,7 +98,7 @@ impl Default for Timings {
             reprobe: Duration::from_secs(60),
             active_reprobe: Duration::from_secs(10),
             min_round: Duration::from_secs(1),
-            call_me_quiet: Duration::from_secs(5),
+            call_me_quiet: Duration::from_secs(1),
             lan_bonus: Duration::from_millis(2),
         }
     }
@@ -128,6 +128,8 @@ struct Peer {
     last_traffic: Option<Instant>,
     /// The next round answers a "call me": it asks for none itself.
     answering: bool,
+    /// Rounds since the peer or its candidates were new.
+    rounds: u32,
     /// Addresses a ping came from that are not the path in use: pinged
     /// back once, so that a path proven one way is tried the other way
     /// at once rather than at the next round.
@@ -199,6 +201,7 @@ impl Paths {
                     if !new.is_empty() {
                         known.candidates.extend(new);
                         known.next_round = now;
+                        known.rounds = 0;
                     }
                     if known.id != id {
                         known.id = id;
@@ -223,6 +226,7 @@ impl Paths {
                             next_heartbeat: None,
                             last_traffic: None,
                             answering: false,
+                            rounds: 0,
                             ping_back: vec![],
                         },
                     );
@@ -363,7 +367,15 @@ impl Paths {
                     (Chosen::Relay, true) => t.active_reprobe,
                     _ => t.reprobe,
                 };
-                p.next_round = now + every;
+                // A relayed peer's first rounds come quickly (1, 2, 4, 8 s
+                // apart): a first round often races the peer learning of
+                // us, and one lost race should not cost the whole interval.
+                let backoff = match p.chosen {
+                    Chosen::Relay => t.min_round * (1 << p.rounds.min(6)),
+                    Chosen::Direct(_) => every,
+                };
+                p.rounds += 1;
+                p.next_round = now + every.min(backoff);
             }
             if let Chosen::Direct(a) = p.chosen
                 && p.next_heartbeat.is_none_or(|h| h <= now)
@@ -510,7 +522,10 @@ impl Paths {
             p.chosen = next;
             p.since = now;
             match next {
-                Chosen::Direct(_) => p.next_heartbeat = Some(now + t.heartbeat),
+                Chosen::Direct(_) => {
+                    p.next_heartbeat = Some(now + t.heartbeat);
+                    p.next_round = p.next_round.max(now + t.reprobe);
+                }
                 Chosen::Relay => {
                     p.next_heartbeat = None;
                     // Probe again soon: one lost burst should not cost a minute.

@@ -5,7 +5,8 @@
 //! backend and join -> first packet), [`websocket`] (wss direct and
 //! through tinyproxy, against wireguard-go over wstunnel), [`containers`]
 //! (`--container` following Docker), [`network`] (the Docker network
-//! driver against a bridge) and [`scale`] (many sites at once); then
+//! driver against a bridge), [`mesh`] (direct paths through NATs) and
+//! [`scale`] (many sites at once); then
 //! [`summary`] prints the table and the ratios against the targets.
 
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use std::time::Instant;
 use crate::{Lab, Node, step};
 
 mod containers;
+mod mesh;
 mod network;
 mod scale;
 mod summary;
@@ -62,7 +64,7 @@ impl Config {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(5),
             only: var("BENCH_ONLY")
-                .unwrap_or_else(|| "raw,wggo,tunnel,wss,containers,network,scale".into())
+                .unwrap_or_else(|| "raw,wggo,tunnel,wss,containers,network,mesh,scale".into())
                 .split(',')
                 .map(str::to_owned)
                 .collect(),
@@ -151,6 +153,10 @@ pub fn run(cfg: &Config) -> Vec<String> {
     drop(lab);
     if !r.problems.is_empty() {
         die("tunnel did not run or shut down cleanly");
+    }
+    if cfg.want("mesh") {
+        // Labs of its own, once the two-host one is gone.
+        missed.extend(mesh::mesh(cfg));
     }
     if cfg.want("scale") {
         // A lab of its own, once the two-host one is gone.

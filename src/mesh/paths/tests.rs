@@ -241,23 +241,30 @@ fn an_idle_path_survives_one_lost_heartbeat() {
 }
 
 #[test]
-fn relayed_peers_are_probed_every_minute_idle_and_more_often_with_traffic() {
+fn relayed_peers_are_probed_quickly_at_first_then_every_minute_idle_and_more_often_with_traffic() {
     let mut s = Sim::new(&["198.51.100.2:4000"], &[]);
-    s.run(Duration::from_secs(125));
-    let rounds = |s: &Sim| {
+    let rounds = |s: &Sim, from: u64, to: u64| {
         s.pings
             .iter()
-            .filter(|(_, a)| *a == addr("198.51.100.2:4000"))
+            .filter(|(t, a)| {
+                *a == addr("198.51.100.2:4000")
+                    && *t >= Duration::from_secs(from)
+                    && *t < Duration::from_secs(to)
+            })
             .count()
     };
-    assert_eq!(rounds(&s), 3, "at 0, 60 and 120 s: {:?}", s.pings);
+    s.run(Duration::from_secs(250));
+    // 0, 1, 3, 7, 15 s: a lost first race costs seconds, not a minute.
+    assert_eq!(rounds(&s, 0, 16), 5, "{:?}", s.pings);
+    // Then at most one a minute.
+    assert_eq!(rounds(&s, 130, 250), 2, "{:?}", s.pings);
     assert_eq!(s.chosen(), Chosen::Relay);
-    let before = rounds(&s);
+    let before = rounds(&s, 0, 1000);
     for _ in 0..300 {
         s.traffic();
         s.run(Duration::from_millis(100));
     }
-    let more = rounds(&s) - before;
+    let more = rounds(&s, 0, 1000) - before;
     assert!((2..=4).contains(&more), "{more} rounds in 30 s of traffic");
 }
 
