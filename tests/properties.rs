@@ -231,6 +231,13 @@ impl tunnel::wg::WgDevice for NullDevice {
     async fn remove_peer(&self, _: &tunnel::keys::PublicKey) -> Result<(), tunnel::wg::WgError> {
         Ok(())
     }
+    async fn set_endpoint(
+        &self,
+        _: &tunnel::keys::PublicKey,
+        _: std::net::SocketAddr,
+    ) -> Result<(), tunnel::wg::WgError> {
+        Ok(())
+    }
     async fn peers(&self) -> Result<Vec<tunnel::wg::PeerStatus>, tunnel::wg::WgError> {
         Ok(vec![])
     }
