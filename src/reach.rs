@@ -117,7 +117,7 @@ pub fn unhex32(s: &str) -> Option<[u8; 32]> {
 
 /// Bytes from lowercase or uppercase hex; `None` for anything else.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
+    if !s.len().is_multiple_of(2) || !s.is_ascii() {
         return None;
     }
     (0..s.len() / 2)

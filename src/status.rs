@@ -354,6 +354,32 @@ fn list(nets: &[IpNetwork]) -> String {
         .join(", ")
 }
 
+/// The mesh's line of an endpoint.
+fn mesh_line(m: &MeshReport) -> String {
+    let mut parts = vec![];
+    parts.push(
+        if m.direct {
+            "direct paths"
+        } else {
+            "no direct paths"
+        }
+        .to_owned(),
+    );
+    if let Some(n) = &m.nat {
+        parts.push(format!("NAT: {n}"));
+    }
+    if let Some(n) = &m.note {
+        parts.push(n.clone());
+    }
+    if let (Some(p), Some(b)) = (m.relayed_packets, m.relayed_bytes) {
+        parts.push(format!("relayed {p} datagrams, {b} B"));
+    }
+    if let Some(c) = m.path_changes {
+        parts.push(format!("{c} path changes"));
+    }
+    parts.join("; ")
+}
+
 /// The human-readable form.
 pub fn render(endpoints: &[EndpointStatus]) -> String {
     if endpoints.is_empty() {
@@ -396,28 +422,7 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
             let _ = writeln!(out, "  routes:     {}", list(&e.routes));
         }
         if let Some(m) = &e.mesh {
-            let mut parts = vec![];
-            parts.push(
-                if m.direct {
-                    "direct paths"
-                } else {
-                    "no direct paths"
-                }
-                .to_owned(),
-            );
-            if let Some(n) = &m.nat {
-                parts.push(format!("NAT: {n}"));
-            }
-            if let Some(n) = &m.note {
-                parts.push(n.clone());
-            }
-            if let (Some(p), Some(b)) = (m.relayed_packets, m.relayed_bytes) {
-                parts.push(format!("relayed {p} datagrams, {b} B"));
-            }
-            if let Some(c) = m.path_changes {
-                parts.push(format!("{c} path changes"));
-            }
-            let _ = writeln!(out, "  mesh:       {}", parts.join("; "));
+            let _ = writeln!(out, "  mesh:       {}", mesh_line(m));
         }
         for p in &e.peers {
             let _ = writeln!(

@@ -64,7 +64,7 @@ fn each_nat_pair_goes_direct_where_it_can_and_relays_the_rest_unread() {
     needs_root("each_nat_pair_goes_direct_where_it_can_and_relays_the_rest_unread");
     let mut nl = NatLab::new(BIN, None);
     let home = nl.router(Nat::Masquerade);
-    let hosts = vec![
+    let hosts = [
         ("m1", nl.site_behind(&home)),
         ("m2", nl.site_behind(&home)),
         ("f", nl.site(Nat::FullCone).1),
@@ -234,10 +234,9 @@ fn direct_pairs_outlive_a_killed_hub_and_a_restarted_hub_takes_the_mesh_back() {
     );
 
     nl.lab.serve_again(&hub, &[]);
-    let back = common::until("the relayed pair back through the restarted hub", || {
+    common::until("the relayed pair back through the restarted hub", || {
         (pings(&hs1, &s2.address, 1, "0.2") == 1).then_some(())
     });
-    let _ = back;
     for (i, s) in [&a, &b, &s1, &s2].iter().enumerate() {
         assert!(nl.lab.proc(s.node.proc).running(), "site {i} stopped");
     }

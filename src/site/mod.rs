@@ -14,6 +14,7 @@ pub mod host;
 mod invitation;
 pub mod join;
 pub mod machine;
+mod mesh;
 pub mod path;
 mod resolve;
 pub mod routes;
@@ -42,7 +43,7 @@ use crate::transport::proxy::Proxy;
 use crate::transport::ws::{Connection, Dialer, Link};
 use crate::transport::{HUB_LINK, Path, Relay, TransportError, WsOffer, virtual_addr};
 use crate::wg::mesh::{Inbound, MeshSocket};
-use crate::wg::{BackendChoice, BackendKind, KEEPALIVE, PeerSpec, WgDevice, WgError};
+use crate::wg::{BackendChoice, KEEPALIVE, PeerSpec, WgDevice, WgError};
 use ipnetwork::IpNetwork;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -235,6 +236,47 @@ pub struct Site {
     pub mesh: Option<(Arc<MeshSocket>, tokio::sync::mpsc::Receiver<Inbound>)>,
 }
 
+/// What follows the hub while the site runs: the LANs it advertises, and
+/// the mesh's agent (when the device can take part), tied together: the
+/// agent hears the hub's pokes and tells which LANs its peers carry.
+fn followers(
+    device: &Arc<dyn WgDevice>,
+    net: &Arc<dyn NetOps>,
+    mesh: Option<(Arc<MeshSocket>, tokio::sync::mpsc::Receiver<Inbound>)>,
+    joined: &JoinedState,
+    store: &StateDir,
+    iface: &str,
+    transparent: Option<IpNetwork>,
+) -> (
+    RouteSync,
+    Option<crate::node::mesh::Agent>,
+    tokio::sync::watch::Receiver<crate::node::mesh::MeshView>,
+) {
+    let pokes = tokio::sync::watch::channel(0u64);
+    let owned = tokio::sync::watch::channel(vec![]);
+    let view = tokio::sync::watch::channel(crate::node::mesh::MeshView::default());
+    let routing = RouteSync {
+        device: device.clone(),
+        net: net.clone(),
+        iface: iface.to_owned(),
+        joined: joined.clone(),
+        current: vec![],
+        extra: transparent.into_iter().collect(),
+        owned: Some(owned.1.clone()),
+        pokes: pokes.0,
+        applied_owned: vec![],
+    };
+    let agent = mesh::agent(
+        device,
+        mesh,
+        joined,
+        store,
+        iface,
+        (pokes.1, owned.0, view.0),
+    );
+    (routing, agent, view.1)
+}
+
 /// What `join` and `up` share once the site's own endpoint is up: attach
 /// the containers, call `ready` with what was attached (it prints the
 /// summary), answer on the local socket, follow the containers until
@@ -262,42 +304,8 @@ pub async fn run(
     let metrics = crate::metrics::Metrics::new();
     let hub_api = api(&joined);
     let lans = tokio::sync::watch::channel(vec![]);
-    let pokes = tokio::sync::watch::channel(0u64);
-    let owned = tokio::sync::watch::channel(vec![]);
-    let view = tokio::sync::watch::channel(crate::node::mesh::MeshView::default());
-    let routing = RouteSync {
-        device: device.clone(),
-        net: net.clone(),
-        iface: iface.clone(),
-        joined: joined.clone(),
-        current: vec![],
-        extra: transparent.into_iter().collect(),
-        owned: Some(owned.1.clone()),
-        pokes: pokes.0,
-        applied_owned: vec![],
-    };
-    let agent = match mesh {
-        Some((socket, disco)) if device.backend() == BackendKind::Userspace => {
-            Some(crate::node::mesh::Agent {
-                device: device.clone(),
-                socket,
-                disco,
-                private_key: joined.private_key.clone(),
-                hub_key: joined.server_public_key,
-                hub_address: joined.server_address,
-                api: hub_api,
-                own_address: joined.address.ip(),
-                store: store.clone(),
-                iface: iface.clone(),
-                advertise: joined.advertise_endpoint,
-                tunnel: joined.subnets().all(),
-                pokes: pokes.1,
-                owned: owned.0,
-                view: view.0,
-            })
-        }
-        _ => None,
-    };
+    let (routing, agent, view) =
+        followers(&device, &net, mesh, &joined, &store, &iface, transparent);
     let mesh_on = agent.is_some();
     let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
     let mut services = Services::default();
@@ -339,7 +347,7 @@ pub async fn run(
             iface: iface.clone(),
             containers: services.containers(),
             driver: services.driver(),
-            mesh: mesh_on.then(|| view.1.clone()),
+            mesh: mesh_on.then(|| view.clone()),
         });
         let metrics = metrics_listener.map(|l| (l, metrics.clone()));
         services.listen(&store, &iface, api, metrics, &shutdown)?;
@@ -352,9 +360,8 @@ pub async fn run(
         let stop_routing = shutdown.waiter();
         let following = services.follow(shutdown.waiter(), lans.1.clone());
         let meshing = async {
-            match agent {
-                Some(a) => a.run(shutdown.waiter()).await,
-                None => {}
+            if let Some(a) = agent {
+                a.run(shutdown.waiter()).await;
             }
         };
         tokio::join!(following, routing.run(lans.0, stop_routing), meshing);

@@ -120,40 +120,7 @@ fn matrix(cfg: &Config, lines: &mut Vec<String>, missed: &mut Vec<String>) {
         sites.push((tag, site));
     }
     std::thread::sleep(Duration::from_secs(3));
-    let mut table = format!("{:>6}", "");
-    for (t, _) in &sites {
-        table.push_str(&format!("{t:>5}"));
-    }
-    let mut wrong = vec![];
-    let mut lost = 0;
-    for (ta, a) in &sites {
-        table.push_str(&format!("\n  {ta:>4}"));
-        for (tb, b) in &sites {
-            let cell = if ta == tb {
-                "-"
-            } else {
-                let p = path_to(&nl.lab, &a.node, &b.address).unwrap_or_default();
-                let direct = p.starts_with("direct");
-                if direct != feasible(ta, tb) {
-                    wrong.push(format!("{ta}->{tb}: {p}"));
-                }
-                if !direct {
-                    lost += 10 - pings(&a.node.host, &b.address, 10, "0.1").min(10);
-                }
-                if direct { "D" } else { "R" }
-            };
-            table.push_str(&format!("{cell:>5}"));
-        }
-    }
-    lines.push("paths between NAT kinds (m: masquerade, f: full cone, s: symmetric, d: double NAT; m1/m2 share one router; D direct, R relayed):".into());
-    lines.push(table);
-    let ok = check(wrong.is_empty() && lost == 0, missed, || {
-        format!("mesh paths: {wrong:?}, {lost} pings lost on relayed pairs")
-    });
-    lines.push(format!(
-        "  every feasible pair direct, the rest relayed with no loss: {ok} ({} wrong, {lost} of the relayed pairs' pings lost)",
-        wrong.len()
-    ));
+    paths_table(&nl, &sites, lines, missed);
     if times.is_empty() {
         die("mesh: no pair went direct");
     }
@@ -180,6 +147,50 @@ fn matrix(cfg: &Config, lines: &mut Vec<String>, missed: &mut Vec<String>) {
             late.join(", ")
         ));
     }
+}
+
+/// Which pairs are direct and which relayed, as a table; relayed pairs
+/// must carry pings without loss.
+fn paths_table(
+    nl: &NatLab,
+    sites: &[(&str, MeshSite)],
+    lines: &mut Vec<String>,
+    missed: &mut Vec<String>,
+) {
+    let mut table = format!("{:>6}", "");
+    for (t, _) in sites {
+        table.push_str(&format!("{t:>5}"));
+    }
+    let mut wrong = vec![];
+    let mut lost = 0;
+    for (ta, a) in sites {
+        table.push_str(&format!("\n  {ta:>4}"));
+        for (tb, b) in sites {
+            let cell = if ta == tb {
+                "-"
+            } else {
+                let p = path_to(&nl.lab, &a.node, &b.address).unwrap_or_default();
+                let direct = p.starts_with("direct");
+                if direct != feasible(ta, tb) {
+                    wrong.push(format!("{ta}->{tb}: {p}"));
+                }
+                if !direct {
+                    lost += 10 - pings(&a.node.host, &b.address, 10, "0.1").min(10);
+                }
+                if direct { "D" } else { "R" }
+            };
+            table.push_str(&format!("{cell:>5}"));
+        }
+    }
+    lines.push("paths between NAT kinds (m: masquerade, f: full cone, s: symmetric, d: double NAT; m1/m2 share one router; D direct, R relayed):".into());
+    lines.push(table);
+    let ok = check(wrong.is_empty() && lost == 0, missed, || {
+        format!("mesh paths: {wrong:?}, {lost} pings lost on relayed pairs")
+    });
+    lines.push(format!(
+        "  every feasible pair direct, the rest relayed with no loss: {ok} ({} wrong, {lost} of the relayed pairs' pings lost)",
+        wrong.len()
+    ));
 }
 
 /// The median round trip of `count` pings, ms.

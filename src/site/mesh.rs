@@ -1,0 +1,52 @@
+//! The site's mesh agent, made from what the site has: only a userspace
+//! device splits probes off its socket, so a kernel-backend site has none
+//! and reaches other sites through the hub.
+
+use crate::node::mesh::{Agent, MeshView};
+use crate::state::JoinedState;
+use crate::store::StateDir;
+use crate::wg::mesh::{Inbound, MeshSocket};
+use crate::wg::{BackendKind, WgDevice};
+use ipnetwork::IpNetwork;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+
+/// The watches between the agent and the rest of the site: pokes from the
+/// hub in, the LANs mesh peers carry and the paths for status out.
+pub(super) type Links = (
+    watch::Receiver<u64>,
+    watch::Sender<Vec<IpNetwork>>,
+    watch::Sender<MeshView>,
+);
+
+pub(super) fn agent(
+    device: &Arc<dyn WgDevice>,
+    mesh: Option<(Arc<MeshSocket>, mpsc::Receiver<Inbound>)>,
+    joined: &JoinedState,
+    store: &StateDir,
+    iface: &str,
+    (pokes, owned, view): Links,
+) -> Option<Agent> {
+    let (socket, disco) = mesh?;
+    if device.backend() != BackendKind::Userspace {
+        tracing::info!("kernel backend: other sites are reached through the hub");
+        return None;
+    }
+    Some(Agent {
+        device: device.clone(),
+        socket,
+        disco,
+        private_key: joined.private_key.clone(),
+        hub_key: joined.server_public_key,
+        hub_address: joined.server_address,
+        api: super::api(joined),
+        own_address: joined.address.ip(),
+        store: store.clone(),
+        iface: iface.to_owned(),
+        advertise: joined.advertise_endpoint,
+        tunnel: joined.subnets().all(),
+        pokes,
+        owned,
+        view,
+    })
+}
