@@ -79,7 +79,7 @@ impl HubMesh {
         ))
     }
 
-    fn new(
+    pub(crate) fn new(
         socket: Arc<MeshSocket>,
         private_key: PrivateKey,
         probe_port: u16,

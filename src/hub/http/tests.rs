@@ -23,17 +23,30 @@ struct Api {
 }
 
 fn api() -> Api {
+    api_with(false)
+}
+
+/// With `mesh`, the hub is the mesh's rendezvous (no sockets: the map and
+/// the claims only).
+fn api_with(mesh: bool) -> Api {
     let tmp = tempfile::tempdir().unwrap();
     let fake = FakeWg::default();
     let state = ServerState::new("10.77.0.0/24".parse().unwrap(), 51820, 1420);
     let server = state.private_key.public_key();
-    let hub = Arc::new(Hub::new(
-        Arc::new(fake.clone()),
-        None,
-        StateDir::new(tmp.path()),
-        "wgt0",
-        Ledger::new(state, 2).unwrap(),
-    ));
+    let rendezvous = mesh.then(|| {
+        let (socket, _) = crate::wg::mesh::MeshSocket::new(true, None);
+        crate::hub::mesh::HubMesh::new(socket, state.private_key.clone(), 51822, None)
+    });
+    let hub = Arc::new(
+        Hub::new(
+            Arc::new(fake.clone()),
+            None,
+            StateDir::new(tmp.path()),
+            "wgt0",
+            Ledger::new(state, 2).unwrap(),
+        )
+        .with_mesh(rendezvous),
+    );
     Api {
         _tmp: tmp,
         hub,
@@ -589,4 +602,69 @@ fn a_sites_lan_counts_as_the_site() {
     );
     let other: IpAddr = "10.77.0.3".parse().unwrap();
     assert_eq!(owner_of(&routes, other), other);
+}
+
+#[tokio::test]
+async fn sites_claim_candidates_and_get_a_map_of_the_others_tagged_for_them() {
+    use crate::control::tunnel::{MESH, MeshClaim};
+    use crate::mesh::wire::PairKey;
+    let a = api_with(true);
+    let (a_addr, _a_key, a_signer) = a.site().await;
+    let (b_addr, b_key, b_signer) = a.site().await;
+    let claim = MeshClaim {
+        local: vec![
+            "192.168.1.7:4000".parse().unwrap(),
+            // Loopback and the tunnel's own addresses are never candidates.
+            "127.0.0.1:4000".parse().unwrap(),
+            "10.77.0.9:4000".parse().unwrap(),
+        ],
+        advertise: Some("198.51.100.7:51820".parse().unwrap()),
+        nat: Some(crate::mesh::NatKind::EndpointIndependent),
+    };
+    let body = serde_json::to_vec(&claim).unwrap();
+    let (status, text) = a.call(a_addr, "POST", MESH, &body, Some(&a_signer)).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    // Unsigned, or signed by a key that is not that address's: refused.
+    let (status, _) = a.call(a_addr, "POST", MESH, &body, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = a.call(a_addr, "POST", MESH, &body, Some(&b_signer)).await;
+    assert!(status.is_client_error(), "{status}");
+    let body = serde_json::to_vec(&MeshClaim::default()).unwrap();
+    let (status, _) = a.call(b_addr, "POST", MESH, &body, Some(&b_signer)).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let (status, text) = a.call(b_addr, "GET", MESH, b"", None).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let signed: crate::mesh::SignedMap = serde_json::from_str(&text).unwrap();
+    let key = PairKey::derive(&b_key, &a.server).unwrap();
+    let map = signed.open(&key, &b_key.public_key()).unwrap();
+    assert_eq!(map.peers.len(), 1, "only the other site: {map:?}");
+    let peer = &map.peers[0];
+    assert_eq!(peer.addresses[0], a_addr);
+    assert_eq!(
+        peer.candidates,
+        [
+            "198.51.100.7:51820".parse::<SocketAddr>().unwrap(),
+            "192.168.1.7:4000".parse().unwrap()
+        ]
+    );
+    assert_eq!(map.probe_port, Some(51822));
+    // Another site's key cannot open it.
+    let other = PairKey::derive(&PrivateKey::generate(), &a.server).unwrap();
+    assert!(signed.open(&other, &b_key.public_key()).is_err());
+    // An address that is no site gets no map.
+    let tok = a.token().await;
+    let (status, _) = a.call(tok.assigned, "GET", MESH, b"", None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn a_hub_without_a_mesh_says_so() {
+    use crate::control::tunnel::MESH;
+    let a = api();
+    let (addr, _, signer) = a.site().await;
+    let (status, _) = a.call(addr, "GET", MESH, b"", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = a.call(addr, "POST", MESH, b"{}", Some(&signer)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
