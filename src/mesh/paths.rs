@@ -8,7 +8,9 @@
 //! transaction ids come from the generator the caller passes.
 //!
 //! The rules, as the issue and Tailscale's disco teach them:
-//! - a peer starts on the relay, which always works while the hub does;
+//! - a peer starts on the relay, which always works while the hub does,
+//!   and is probed only once traffic flows to or from it (or it asks):
+//!   with hundreds of peers, the idle ones cost nothing;
 //! - a probe round pings every candidate and, through the hub, asks the
 //!   peer to ping back at once ("call me"), so that both NATs open;
 //! - a direct path is taken only once a pong proved it (make before
@@ -200,8 +202,10 @@ impl Paths {
                         .collect();
                     if !new.is_empty() {
                         known.candidates.extend(new);
-                        known.next_round = now;
                         known.rounds = 0;
+                        if active(known.last_traffic, self.timings.reprobe, now) {
+                            known.next_round = now;
+                        }
                     }
                     if known.id != id {
                         known.id = id;
@@ -221,7 +225,9 @@ impl Paths {
                             stats: HashMap::new(),
                             chosen: Chosen::Relay,
                             since: now,
-                            next_round: now,
+                            // Probed once traffic flows (or it calls):
+                            // a peer nobody talks to costs nothing.
+                            next_round: idle(now),
                             last_round: None,
                             next_heartbeat: None,
                             last_traffic: None,
@@ -367,6 +373,7 @@ impl Paths {
                     (Chosen::Relay, true) => t.active_reprobe,
                     _ => t.reprobe,
                 };
+                let recent = self::active(p.last_traffic, t.reprobe, now);
                 // A relayed peer's first rounds come quickly (1, 2, 4, 8 s
                 // apart): a first round often races the peer learning of
                 // us, and one lost race should not cost the whole interval.
@@ -375,7 +382,12 @@ impl Paths {
                     Chosen::Direct(_) => every,
                 };
                 p.rounds += 1;
-                p.next_round = now + every.min(backoff);
+                p.next_round = if p.chosen == Chosen::Relay && !recent {
+                    // Idle for a minute: no more rounds until traffic.
+                    idle(now)
+                } else {
+                    now + every.min(backoff)
+                };
             }
             if let Chosen::Direct(a) = p.chosen
                 && p.next_heartbeat.is_none_or(|h| h <= now)
@@ -428,6 +440,7 @@ impl Paths {
     }
 
     /// When to poll next (and after every input: a ping may want one back).
+    /// Peers that wait for traffic add nothing.
     pub fn deadline(&self) -> Option<Instant> {
         let t = self.timings;
         self.peers
@@ -530,6 +543,7 @@ impl Paths {
                     p.next_heartbeat = None;
                     // Probe again soon: one lost burst should not cost a minute.
                     p.next_round = p.next_round.min(now + t.min_round);
+                    p.rounds = 0;
                 }
             }
             self.effects.push(Effect::SetPath {
@@ -566,6 +580,17 @@ impl Paths {
     pub fn chosen(&self, peer: &PublicKey) -> Option<Chosen> {
         self.peers.get(peer).map(|p| p.chosen)
     }
+}
+
+/// "Not before something asks for it": later than any deadline that
+/// matters, without overflowing the clock.
+fn idle(now: Instant) -> Instant {
+    now + Duration::from_secs(24 * 3600)
+}
+
+/// Whether traffic came within `within` of `now`.
+fn active(last: Option<Instant>, within: Duration, now: Instant) -> bool {
+    last.is_some_and(|l| now.saturating_duration_since(l) < within)
 }
 
 /// The soonest a round may run, `min` after the last one.

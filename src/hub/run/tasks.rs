@@ -37,6 +37,7 @@ pub async fn poke_sites(
 ) {
     let mut routes = hub.routes();
     let mut mesh = hub.mesh().map(|m| m.serial());
+    let mut last_poke = std::time::Instant::now();
     tokio::pin!(stop);
     let sock = match tokio::net::UdpSocket::bind(SocketAddr::new(server_ip, 0)).await {
         Ok(s) => s,
@@ -68,8 +69,14 @@ pub async fn poke_sites(
             } => {
                 if r.is_err() { return stop.await }
                 // Changes come in bursts (a site claims, then its endpoint
-                // shows): one poke for the burst.
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                // shows; a hundred sites join at once): one poke for the
+                // burst, and at most two a second, each making every site
+                // ask for its map.
+                let since = last_poke.elapsed();
+                let wait = std::time::Duration::from_millis(100)
+                    .max(std::time::Duration::from_millis(500).saturating_sub(since));
+                tokio::time::sleep(wait).await;
+                last_poke = std::time::Instant::now();
                 if let Some(m) = &mut mesh {
                     m.borrow_and_update();
                 }
