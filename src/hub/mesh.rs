@@ -47,6 +47,35 @@ pub struct HubMesh {
     serial: watch::Sender<u64>,
     keys: Mutex<HashMap<PublicKey, PairKey>>,
     budget: Mutex<HashMap<PublicKey, (Instant, u32)>>,
+    /// The tunnel's subnets (never candidates).
+    tunnel: Vec<ipnetwork::IpNetwork>,
+    /// Everyone's entry as of a serial: made once per change, not once per
+    /// site asking (a change makes every site ask).
+    everyone: Mutex<Option<(u64, Arc<Everyone>)>>,
+}
+
+/// Every site that takes part, as one map entry each.
+pub struct Everyone {
+    nodes: HashMap<IpAddr, PublicKey>,
+    peers: Vec<(IpAddr, MeshPeer)>,
+}
+
+impl Everyone {
+    /// The map for the site at `me`: everyone else.
+    pub fn map_for(&self, me: IpAddr, serial: u64, probe_port: u16) -> Option<PeerMap> {
+        let node = *self.nodes.get(&me)?;
+        Some(PeerMap {
+            node: Some(node),
+            serial,
+            peers: self
+                .peers
+                .iter()
+                .filter(|(a, _)| *a != me)
+                .map(|(_, p)| p.clone())
+                .collect(),
+            probe_port: Some(probe_port),
+        })
+    }
 }
 
 impl HubMesh {
@@ -56,6 +85,7 @@ impl HubMesh {
         socket: Arc<MeshSocket>,
         disco: mpsc::Receiver<Inbound>,
         private_key: PrivateKey,
+        tunnel: Vec<ipnetwork::IpNetwork>,
     ) -> Option<Arc<Self>> {
         let probe = match tokio::net::UdpSocket::bind("[::]:0").await {
             Ok(s) => s,
@@ -76,6 +106,7 @@ impl HubMesh {
             private_key,
             port,
             Some((disco, probe)),
+            tunnel,
         ))
     }
 
@@ -84,6 +115,7 @@ impl HubMesh {
         private_key: PrivateKey,
         probe_port: u16,
         inbox: Option<(mpsc::Receiver<Inbound>, tokio::net::UdpSocket)>,
+        tunnel: Vec<ipnetwork::IpNetwork>,
     ) -> Arc<Self> {
         Arc::new(HubMesh {
             socket,
@@ -95,6 +127,8 @@ impl HubMesh {
             serial: watch::channel(0).0,
             keys: Mutex::default(),
             budget: Mutex::default(),
+            tunnel,
+            everyone: Mutex::default(),
         })
     }
 
@@ -104,6 +138,11 @@ impl HubMesh {
 
     pub fn probe_port(&self) -> u16 {
         self.probe_port
+    }
+
+    /// How many sites take part.
+    pub fn sites(&self) -> usize {
+        self.claims.lock().expect("not poisoned").len()
     }
 
     /// Relayed datagrams and bytes so far.
@@ -138,23 +177,23 @@ impl HubMesh {
     }
 }
 
-/// The map for the site at `me`: every other site that takes part.
-pub fn map_for(
+/// Every site that takes part (it told its candidates), with where it
+/// may be reached: where the hub sees it first, then its port forward,
+/// then its own addresses.
+pub fn everyone(
     state: &ServerState,
     claims: &HashMap<IpAddr, MeshClaim>,
     live: &HashMap<IpAddr, SocketAddr>,
     routes: &[super::Advertised],
-    me: IpAddr,
-    serial: u64,
-    probe_port: u16,
-) -> Option<PeerMap> {
-    let node = state.peers.iter().find(|p| p.address == me)?;
+) -> Everyone {
     let subnets = state.subnets();
     let tunnel = subnets.all();
-    let peers = state
+    let sites = state
         .peers
         .iter()
-        .filter(|p| p.address != me && p.via.is_none() && !p.road_warrior)
+        .filter(|p| p.via.is_none() && !p.road_warrior);
+    let nodes = sites.clone().map(|p| (p.address, p.public_key)).collect();
+    let peers = sites
         .filter_map(|p| {
             let claim = claims.get(&p.address)?;
             let mut candidates: Vec<SocketAddr> = vec![];
@@ -164,28 +203,26 @@ pub fn map_for(
             );
             candidates.extend(claim.advertise);
             candidates.extend(claim.local.iter().copied());
-            Some(MeshPeer {
-                public_key: p.public_key,
-                addresses: std::iter::once(p.address)
-                    .chain(subnets.twin(p.address))
-                    .collect(),
-                routes: routes
-                    .iter()
-                    .filter(|a| a.via == p.address)
-                    .map(|a| a.prefix)
-                    .collect(),
-                name: p.name.clone(),
-                candidates: keep_candidates(&candidates, &tunnel),
-                nat: claim.nat,
-            })
+            Some((
+                p.address,
+                MeshPeer {
+                    public_key: p.public_key,
+                    addresses: std::iter::once(p.address)
+                        .chain(subnets.twin(p.address))
+                        .collect(),
+                    routes: routes
+                        .iter()
+                        .filter(|a| a.via == p.address)
+                        .map(|a| a.prefix)
+                        .collect(),
+                    name: p.name.clone(),
+                    candidates: keep_candidates(&candidates, &tunnel),
+                    nat: claim.nat,
+                },
+            ))
         })
         .collect();
-    Some(PeerMap {
-        node: Some(node.public_key),
-        serial,
-        peers,
-        probe_port: Some(probe_port),
-    })
+    Everyone { nodes, peers }
 }
 
 impl Hub {
@@ -201,12 +238,12 @@ impl Hub {
     /// A site's candidates; `false` when this hub runs no mesh.
     pub async fn claim_mesh(&self, site: IpAddr, claim: MeshClaim) -> bool {
         let Some(mesh) = &self.mesh else { return false };
-        let tunnel = self.snapshot().await.subnets().all();
+        let tunnel = &mesh.tunnel;
         let claim = MeshClaim {
-            local: keep_candidates(&claim.local, &tunnel),
+            local: keep_candidates(&claim.local, tunnel),
             advertise: claim
                 .advertise
-                .filter(|a| crate::mesh::map::plausible(a, &tunnel)),
+                .filter(|a| crate::mesh::map::plausible(a, tunnel)),
             nat: claim.nat,
         };
         let changed = mesh
@@ -224,21 +261,29 @@ impl Hub {
     /// The map for the site at `site`, tagged for it.
     pub async fn mesh_map(&self, site: IpAddr) -> Option<SignedMap> {
         let mesh = self.mesh.as_ref()?;
-        let state = self.snapshot().await;
-        let routes = self.routes().borrow().clone();
-        let map = {
-            let claims = mesh.claims.lock().expect("not poisoned");
-            let live = mesh.live.lock().expect("not poisoned");
-            map_for(
-                &state,
-                &claims,
-                &live,
-                &routes,
-                site,
-                *mesh.serial.borrow(),
-                mesh.probe_port,
-            )?
+        let serial = *mesh.serial.borrow();
+        let cached = mesh
+            .everyone
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .filter(|(s, _)| *s == serial)
+            .map(|(_, e)| e.clone());
+        let all = match cached {
+            Some(e) => e,
+            None => {
+                let state = self.snapshot().await;
+                let routes = self.routes().borrow().clone();
+                let e = {
+                    let claims = mesh.claims.lock().expect("not poisoned");
+                    let live = mesh.live.lock().expect("not poisoned");
+                    Arc::new(everyone(&state, &claims, &live, &routes))
+                };
+                *mesh.everyone.lock().expect("not poisoned") = Some((serial, e.clone()));
+                e
+            }
         };
+        let map = all.map_for(site, serial, mesh.probe_port)?;
         let key = mesh.pair_key(map.node.as_ref()?)?;
         Some(SignedMap::sign(&map, &key))
     }
@@ -266,10 +311,10 @@ pub async fn run(hub: Arc<Hub>, stop: impl std::future::Future<Output = ()>) {
                 sites = follow_endpoints(&hub, &mesh).await;
             }
             r = changes.changed() => {
+                // A site that joined is in no map until it claims; one that
+                // left or was revoked goes from every map at once.
                 if r.is_err() { return stop.await }
-                // A new site may probe at once: know it now.
                 sites = follow_endpoints(&hub, &mesh).await;
-                mesh.bump();
             }
             r = routes.changed() => {
                 if r.is_err() { return stop.await }
@@ -324,13 +369,16 @@ async fn follow_endpoints(hub: &Hub, mesh: &HubMesh) -> HashMap<PublicKey, IpAdd
     }
     mesh.socket.set_table(table);
     let changed = {
-        let claims = mesh.claims.lock().expect("not poisoned");
+        let mut claims = mesh.claims.lock().expect("not poisoned");
+        let before = claims.len();
+        claims.retain(|a, _| by_key.values().any(|s| s == a));
+        let gone = claims.len() != before;
         let mut old = mesh.live.lock().expect("not poisoned");
         let moved = live
             .iter()
             .any(|(a, e)| claims.contains_key(a) && old.get(a) != Some(e));
         *old = live;
-        moved
+        moved || gone
     };
     if changed {
         mesh.bump();

@@ -134,12 +134,23 @@ impl Control {
         let mut wait = Duration::ZERO;
         let mut claimed: Option<MeshClaim> = None;
         let mut last_serial: Option<u64> = None;
+        let mut last_map: Option<String> = None;
         loop {
+            let mut poked = false;
             tokio::select! {
                 _ = &mut stop => return,
                 _ = tokio::time::sleep(wait) => {}
-                r = self.pokes.changed() => if r.is_err() { return stop.await },
+                r = self.pokes.changed() => {
+                    if r.is_err() { return stop.await }
+                    poked = true;
+                }
                 r = self.claim.changed() => if r.is_err() { return stop.await },
+            }
+            if poked {
+                // A poke goes to every site at once: spread the asking over
+                // a few hundred milliseconds rather than all at once.
+                let jitter = rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 400;
+                tokio::time::sleep(Duration::from_millis(u64::from(jitter))).await;
             }
             let claim = self.claim.borrow_and_update().clone();
             if claimed.as_ref() != Some(&claim) {
@@ -164,9 +175,16 @@ impl Control {
                             claimed = None;
                         }
                         last_serial = Some(map.serial);
-                        let _ = self.maps.send(map).await;
-                        if let Err(e) = self.store.save_mesh(&self.iface, &signed) {
-                            tracing::warn!("caching the peer map: {e}");
+                        // Only what changed beyond the serial is applied and saved.
+                        let mut unnumbered = map.clone();
+                        unnumbered.serial = 0;
+                        let text = serde_json::to_string(&unnumbered).unwrap_or_default();
+                        if last_map.as_ref() != Some(&text) {
+                            last_map = Some(text);
+                            let _ = self.maps.send(map).await;
+                            if let Err(e) = self.store.save_mesh(&self.iface, &signed) {
+                                tracing::warn!("caching the peer map: {e}");
+                            }
                         }
                         if restarted { Duration::ZERO } else { MAP_POLL }
                     }

@@ -35,7 +35,13 @@ fn api_with(mesh: bool) -> Api {
     let server = state.private_key.public_key();
     let rendezvous = mesh.then(|| {
         let (socket, _) = crate::wg::mesh::MeshSocket::new(true, None);
-        crate::hub::mesh::HubMesh::new(socket, state.private_key.clone(), 51822, None)
+        crate::hub::mesh::HubMesh::new(
+            socket,
+            state.private_key.clone(),
+            51822,
+            None,
+            state.subnets().all(),
+        )
     });
     let hub = Arc::new(
         Hub::new(

@@ -291,7 +291,8 @@ async fn bring_up(
             None
         }
         BackendKind::Userspace => {
-            super::mesh::HubMesh::start(mesh_socket, disco, state.private_key.clone()).await
+            let tunnel = state.subnets().all();
+            super::mesh::HubMesh::start(mesh_socket, disco, state.private_key.clone(), tunnel).await
         }
         BackendKind::Kernel => {
             tracing::info!(

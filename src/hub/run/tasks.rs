@@ -72,9 +72,12 @@ pub async fn poke_sites(
                 // shows; a hundred sites join at once): one poke for the
                 // burst, and at most two a second, each making every site
                 // ask for its map.
+                // Every poke costs each site a map of all the others: with
+                // many sites, fewer pokes (a second apart at 100 sites).
+                let sites = hub.mesh().map_or(0, |m| m.sites()) as u64;
+                let every = std::time::Duration::from_millis(500.max(10 * sites));
                 let since = last_poke.elapsed();
-                let wait = std::time::Duration::from_millis(100)
-                    .max(std::time::Duration::from_millis(500).saturating_sub(since));
+                let wait = std::time::Duration::from_millis(100).max(every.saturating_sub(since));
                 tokio::time::sleep(wait).await;
                 last_poke = std::time::Instant::now();
                 if let Some(m) = &mut mesh {
