@@ -184,6 +184,11 @@ pub struct JoinedState {
     /// the mesh's peers as a candidate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise_endpoint: Option<std::net::SocketAddr>,
+    /// The UDP port it last ran on, taken again by `up` when free: peers
+    /// behind NATs that filter by address find it where they last saw it,
+    /// also when the hub cannot tell them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_port: Option<u16>,
 }
 
 fn udp_path() -> crate::reach::Path {

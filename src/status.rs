@@ -629,6 +629,7 @@ mod tests {
             snat_public: false,
             attach_label: None,
             advertise_endpoint: None,
+            listen_port: None,
         }
     }
 

@@ -468,6 +468,7 @@ mod tests {
             snat_public: false,
             attach_label: None,
             advertise_endpoint: None,
+            listen_port: None,
         });
         dir.save("wg0", &joined).unwrap();
         assert!(matches!(

@@ -100,6 +100,7 @@ impl Agent {
         let claim = watch::channel(MeshClaim::default());
         let control = Control {
             api: self.api,
+            socket: self.socket.clone(),
             signer,
             pokes: self.pokes.clone(),
             claim: claim.1,
@@ -111,13 +112,23 @@ impl Agent {
         };
         let stop = stop.boxed().shared();
         let walker = Walker::new(self, hub_pair, claim.0, maps_rx);
-        tokio::join!(control.run(stop.clone()), walker.run(stop));
+        // The control task may be waiting on a hub that is gone: stopping
+        // drops that request rather than waiting it out.
+        let (stop_a, stop_b) = (stop.clone(), stop.clone());
+        let asking = async move {
+            tokio::select! {
+                _ = control.run(stop_a) => {}
+                _ = stop_b => {}
+            }
+        };
+        tokio::join!(asking, walker.run(stop));
     }
 }
 
 /// The control task.
 struct Control {
     api: SocketAddr,
+    socket: Arc<MeshSocket>,
     signer: Signer,
     pokes: watch::Receiver<u64>,
     claim: watch::Receiver<MeshClaim>,
@@ -135,6 +146,7 @@ impl Control {
         let mut claimed: Option<MeshClaim> = None;
         let mut last_serial: Option<u64> = None;
         let mut last_map: Option<String> = None;
+        let mut peers = 0u32;
         loop {
             let mut poked = false;
             tokio::select! {
@@ -145,11 +157,16 @@ impl Control {
                     poked = true;
                 }
                 r = self.claim.changed() => if r.is_err() { return stop.await },
+                // A site we do not know yet sends to us: ask at once.
+                _ = self.socket.stranger() => {}
             }
             if poked {
-                // A poke goes to every site at once: spread the asking over
-                // a few hundred milliseconds rather than all at once.
-                let jitter = rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 400;
+                // A poke goes to every site at once: with many, spread the
+                // asking (4 ms per peer, at most 400 ms) rather than all at
+                // once; with few, ask at once, as until both sides of a new
+                // pair have each other, their packets are dropped.
+                let spread = (4 * peers).clamp(1, 400);
+                let jitter = rand_core::RngCore::next_u32(&mut rand_core::OsRng) % spread;
                 tokio::time::sleep(Duration::from_millis(u64::from(jitter))).await;
             }
             let claim = self.claim.borrow_and_update().clone();
@@ -175,6 +192,7 @@ impl Control {
                             claimed = None;
                         }
                         last_serial = Some(map.serial);
+                        peers = u32::try_from(map.peers.len()).unwrap_or(u32::MAX);
                         // Only what changed beyond the serial is applied and saved.
                         let mut unnumbered = map.clone();
                         unnumbered.serial = 0;
@@ -320,6 +338,7 @@ impl Walker {
             self.installed.remove(&gone);
             self.keys.remove(&gone);
         }
+        let mut new = vec![];
         for p in &map.peers {
             let Some(id) = p.id() else { continue };
             if p.public_key == self.a.hub_key || p.public_key == self.a.private_key.public_key() {
@@ -342,12 +361,18 @@ impl Walker {
             };
             match r {
                 Ok(()) => {
-                    self.installed.insert(p.public_key, p.clone());
+                    if self.installed.insert(p.public_key, p.clone()).is_none() {
+                        new.extend(p.addresses.first().copied());
+                    }
                 }
                 Err(e) => tracing::warn!("adding mesh peer {}: {e}", p.public_key),
             }
         }
+        self.greet(&new).await;
         let peers: Vec<MeshPeer> = self.installed.values().cloned().collect();
+        self.a
+            .socket
+            .set_known(peers.iter().filter_map(MeshPeer::id).collect());
         self.paths.set_peers(&peers, Instant::now());
         let mut owned: Vec<IpNetwork> = peers.iter().flat_map(|p| p.routes.clone()).collect();
         owned.sort();
@@ -357,6 +382,26 @@ impl Walker {
             *o = owned;
             changed
         });
+    }
+
+    /// Until both sites of a new pair have each other, each drops what the
+    /// other sends (through the hub, its source belongs to another peer;
+    /// through the relay, its key is unknown). An empty datagram to each
+    /// new peer (the discard port) makes our side start a handshake now,
+    /// through the relay: a peer that does not know us yet sees a stranger
+    /// there and asks the hub for its map at once. WireGuard alone would
+    /// try again only after 5 s.
+    async fn greet(&self, new: &[IpAddr]) {
+        if new.is_empty() {
+            return;
+        }
+        let Ok(sock) = tokio::net::UdpSocket::bind(SocketAddr::new(self.a.own_address, 0)).await
+        else {
+            return;
+        };
+        for a in new {
+            let _ = sock.send_to(b"", SocketAddr::new(*a, 9)).await;
+        }
     }
 
     fn pair(&mut self, peer: &PublicKey) -> Option<PairKey> {

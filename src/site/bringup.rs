@@ -228,10 +228,15 @@ impl Site {
         )
         .await?;
         let (mesh, disco) = MeshSocket::new(false, relay.clone());
+        // The port it last had, where peers last saw it (any other if taken).
+        let port = joined
+            .listen_port
+            .filter(|p| crate::wg::check_port_free(*p).is_ok())
+            .unwrap_or(0);
         let spec = DeviceSpec {
             name: iface.clone(),
             private_key: joined.private_key.clone(),
-            listen_port: 0,
+            listen_port: port,
             peers: vec![hub_peer(&joined, route.endpoint)],
             addresses: joined.subnets().interface(joined.address.ip()),
             mtu: joined.mtu,

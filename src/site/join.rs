@@ -131,6 +131,7 @@ pub(super) fn joined_state(
         snat_public: inv.snat_public,
         attach_label: inv.attach_label.clone(),
         advertise_endpoint: inv.advertise_endpoint,
+        listen_port: None,
     }
 }
 

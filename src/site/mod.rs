@@ -236,6 +236,24 @@ pub struct Site {
     pub mesh: Option<(Arc<MeshSocket>, tokio::sync::mpsc::Receiver<Inbound>)>,
 }
 
+/// Saves the port the device got, for `up` to take again.
+async fn keep_port(
+    mut joined: JoinedState,
+    device: &dyn WgDevice,
+    store: &StateDir,
+    iface: &str,
+) -> JoinedState {
+    if let Ok(port) = device.listen_port().await
+        && joined.listen_port != Some(port)
+    {
+        joined.listen_port = Some(port);
+        if let Err(e) = store.save(iface, &crate::state::Endpoint::Joined(joined.clone())) {
+            tracing::warn!("saving the listen port: {e}");
+        }
+    }
+    joined
+}
+
 /// What follows the hub while the site runs: the LANs it advertises, and
 /// the mesh's agent (when the device can take part), tied together: the
 /// agent hears the hub's pokes and tells which LANs its peers carry.
@@ -301,6 +319,7 @@ pub async fn run(
         metrics: metrics_listener,
         mesh,
     } = site;
+    let joined = keep_port(joined, device.as_ref(), &store, &iface).await;
     let metrics = crate::metrics::Metrics::new();
     let hub_api = api(&joined);
     let lans = tokio::sync::watch::channel(vec![]);

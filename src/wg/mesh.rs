@@ -53,6 +53,11 @@ pub struct MeshSocket {
     hub_at: RwLock<Vec<SocketAddr>>,
     /// A hub: where each node is.
     table: RwLock<HashMap<NodeId, SocketAddr>>,
+    /// A node: the peers it has; a relayed datagram from another means
+    /// the map is behind (a site joined a moment ago), and `strangers`
+    /// says so to the agent.
+    known: RwLock<std::collections::HashSet<NodeId>>,
+    strangers: tokio::sync::Notify,
     counters: Counters,
 }
 
@@ -87,6 +92,8 @@ impl MeshSocket {
                 own: AtomicU32::new(0),
                 hub_at: RwLock::new(vec![]),
                 table: RwLock::new(HashMap::new()),
+                known: RwLock::new(std::collections::HashSet::new()),
+                strangers: tokio::sync::Notify::new(),
                 counters: Counters::default(),
             }),
             rx,
@@ -102,6 +109,16 @@ impl MeshSocket {
     pub fn set_node(&self, own: NodeId, hub: Vec<SocketAddr>) {
         self.own.store(own, Ordering::Relaxed);
         *self.hub_at.write().expect("not poisoned") = hub;
+    }
+
+    /// A node: the peers in its device.
+    pub fn set_known(&self, known: std::collections::HashSet<NodeId>) {
+        *self.known.write().expect("not poisoned") = known;
+    }
+
+    /// Resolves when a relayed datagram came from a node not in the map.
+    pub async fn stranger(&self) {
+        self.strangers.notified().await;
     }
 
     /// A hub: where each node's WireGuard session lives now.
@@ -185,6 +202,9 @@ impl MeshSocket {
             return Verdict::Taken;
         }
         let relayed = crate::mesh::relay_addr(h.src);
+        if !self.known.read().expect("not poisoned").contains(&h.src) {
+            self.strangers.notify_one();
+        }
         if crate::mesh::wire::is_ours(&data[RELAY_HEADER..]) {
             // A probe through the relay: the agent's, from the relay address.
             if self

@@ -252,6 +252,7 @@ mod tests {
             snat_public: false,
             attach_label: None,
             advertise_endpoint: None,
+            listen_port: None,
         };
         let text = render("wg0", &Endpoint::Joined(j), None).unwrap();
         assert!(text.contains("stock WireGuard speaks UDP only"), "{text}");
