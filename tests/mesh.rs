@@ -338,3 +338,43 @@ fn a_site_brought_up_while_the_hub_is_down_goes_direct_from_its_cached_map() {
     assert!(p.starts_with("direct"), "{p}");
     assert!(nl.lab.proc(up).terminate().success());
 }
+
+/// A site whose network lets no UDP out reaches the hub over WebSocket;
+/// its pairs go through the relay over that link, encrypted end to end.
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_site_without_udp_is_relayed_over_its_websocket() {
+    needs_root("a_site_without_udp_is_relayed_over_its_websocket");
+    let mut nl = NatLab::new(BIN, None);
+    let (rw, hw) = nl.site(Nat::Masquerade);
+    let ha = nl.site(Nat::Masquerade).1;
+    // Only TCP leaves the WebSocket site's network.
+    common::nft(
+        &rw.ns,
+        "table inet noudp {\n chain out {\n type filter hook forward priority filter; policy accept;\n meta l4proto udp drop\n }\n}\n",
+    );
+    let hub = nl.mesh_hub(2, &["--transport", "udp,wss", "--wss-listen", "[::]:8443"]);
+    let a = nl.mesh_join(&ha, "a", &hub.lines[0].clone(), &[]);
+    let w = nl.mesh_join(&hw, "w", &hub.lines[1].clone(), &["--transport", "wss"]);
+    reach(&hw, &a.address);
+    reach(&ha, &w.address);
+    std::thread::sleep(Duration::from_secs(3));
+    let p = path_to(&nl.lab, &a.node, &w.address).unwrap_or_default();
+    assert!(p.starts_with("relay"), "{p}");
+    let tun_before = nl.hub.link_counters(&hub.iface);
+    assert_eq!(
+        bulk(&ha, &hw, tunnel_addr(&w.address, 5203), 2 * MB),
+        2 * MB
+    );
+    let tun = nl.hub.link_counters(&hub.iface).since(&tun_before);
+    assert!(
+        tun.bytes() < MB as u64 / 2,
+        "{} B in clear on the hub",
+        tun.bytes()
+    );
+    let s = status_json(&nl.lab, &hub);
+    assert!(
+        s["mesh"]["relayed_bytes"].as_u64().unwrap_or(0) > 2 * MB as u64,
+        "{s}"
+    );
+}
