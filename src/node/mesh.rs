@@ -32,6 +32,10 @@ const MAP_POLL: Duration = Duration::from_secs(30);
 const CLAIM_EVERY: Duration = Duration::from_secs(60);
 /// Device statistics: traffic per peer, the hub's endpoint.
 const STATS_EVERY: Duration = Duration::from_secs(1);
+/// New peers greeted at once, at most (see `Walker::greet`).
+const GREET_AT_MOST: usize = 8;
+/// A stranger's datagrams make a site ask for the map at most this often.
+const STRANGER_EVERY: Duration = Duration::from_secs(1);
 /// Pongs per peer and second; pings beyond are not answered.
 const PONGS_PER_SECOND: u32 = 20;
 
@@ -147,6 +151,9 @@ impl Control {
         let mut last_serial: Option<u64> = None;
         let mut last_map: Option<String> = None;
         let mut peers = 0u32;
+        let mut last_stranger = Instant::now()
+            .checked_sub(STRANGER_EVERY)
+            .unwrap_or_else(Instant::now);
         loop {
             let mut poked = false;
             tokio::select! {
@@ -157,8 +164,11 @@ impl Control {
                     poked = true;
                 }
                 r = self.claim.changed() => if r.is_err() { return stop.await },
-                // A site we do not know yet sends to us: ask at once.
-                _ = self.socket.stranger() => {}
+                // A site we do not know yet sends to us: ask at once (but
+                // not more than once a second, whoever keeps sending).
+                _ = self.socket.stranger(), if last_stranger.elapsed() >= STRANGER_EVERY => {
+                    last_stranger = Instant::now();
+                }
             }
             if poked {
                 // A poke goes to every site at once: with many, spread the
@@ -392,7 +402,10 @@ impl Walker {
     /// there and asks the hub for its map at once. WireGuard alone would
     /// try again only after 5 s.
     async fn greet(&self, new: &[IpAddr]) {
-        if new.is_empty() {
+        // A whole map of new peers (this site just joined, with a hundred
+        // others there) is not greeted: each would ask the hub for its map
+        // at once. They learn of this site from the hub's poke instead.
+        if new.is_empty() || new.len() > GREET_AT_MOST {
             return;
         }
         let Ok(sock) = tokio::net::UdpSocket::bind(SocketAddr::new(self.a.own_address, 0)).await
