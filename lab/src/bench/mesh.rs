@@ -404,7 +404,12 @@ fn hundred(cfg: &Config, lines: &mut Vec<String>, missed: &mut Vec<String>) {
     let last = lab.host(n + 1);
     let before = cpu_seconds(hub_pid);
     let token = hub.lines[n].clone();
-    let _ = lab.join(&last, "extra", &token, &hub_host, &[]);
+    let extra = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        lab.join(&last, "extra", &token, &hub_host, &[])
+    }));
+    if extra.is_err() {
+        missed.push(format!("mesh: a site joining {n} others could not join"));
+    }
     std::thread::sleep(window);
     let change = cpu_seconds(hub_pid) - before - idle;
     lines.push(format!(
