@@ -307,6 +307,27 @@ fn throughput(cfg: &Config, lines: &mut Vec<String>, missed: &mut Vec<String>) {
     ));
 }
 
+/// One UDP datagram (to the discard port) from every site to every other.
+fn datagram_between_all(sites: &[MeshSite]) {
+    let addresses: Vec<String> = sites.iter().map(|s| s.address.clone()).collect();
+    let senders: Vec<_> = sites
+        .iter()
+        .map(|s| {
+            let all = addresses.clone();
+            let me = s.address.clone();
+            s.node.host.in_ns(move || {
+                let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+                for a in all.iter().filter(|a| **a != me) {
+                    let _ = sock.send_to(b"hello", (a.as_str(), 9));
+                }
+            })
+        })
+        .collect();
+    for t in senders {
+        let _ = t.join();
+    }
+}
+
 /// 100 sites in one mesh on a flat link: time from one datagram between
 /// every pair until every pair is direct, idle RSS per site, and the hub's CPU for one change (a join)
 /// pushed to all.
@@ -347,23 +368,7 @@ fn hundred(cfg: &Config, lines: &mut Vec<String>, missed: &mut Vec<String>) {
     // Peers are probed once traffic flows: one datagram from every site
     // to every other.
     let start = Instant::now();
-    let addresses: Vec<String> = sites.iter().map(|s| s.address.clone()).collect();
-    let senders: Vec<_> = sites
-        .iter()
-        .map(|s| {
-            let all = addresses.clone();
-            let me = s.address.clone();
-            s.node.host.in_ns(move || {
-                let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
-                for a in all.iter().filter(|a| **a != me) {
-                    let _ = sock.send_to(b"hello", (a.as_str(), 9));
-                }
-            })
-        })
-        .collect();
-    for t in senders {
-        let _ = t.join();
-    }
+    datagram_between_all(&sites);
     let pairs = n * (n - 1) / 2;
     let mut all_direct = None;
     while start.elapsed() < Duration::from_secs(180) {
