@@ -445,6 +445,31 @@ mod tests {
     }
 
     #[test]
+    fn the_cached_peer_map_is_private_and_goes_with_the_endpoint() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateDir::new(tmp.path().join("state"));
+        let map = crate::mesh::SignedMap {
+            map: "{}".into(),
+            tag: "00".into(),
+        };
+        store.save_mesh("wgt0", &map).unwrap();
+        let mode = std::fs::metadata(store.mesh_file("wgt0"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(store.load_mesh("wgt0"), Some(map));
+        // A garbled cache is ignored, not an error: it is only a cache.
+        std::fs::write(store.mesh_file("wgt0"), b"{not json").unwrap();
+        assert_eq!(store.load_mesh("wgt0"), None);
+        store.remove("wgt0").unwrap();
+        assert!(!store.mesh_file("wgt0").exists());
+        // Not an endpoint of its own in the listing.
+        assert!(store.ifaces().unwrap().is_empty());
+    }
+
+    #[test]
     fn role_mismatch_is_reported() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::new(tmp.path());

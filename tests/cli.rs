@@ -53,6 +53,21 @@ fn bad_usage_exits_2() {
 }
 
 #[test]
+fn a_bad_advertised_endpoint_is_refused_in_one_line_before_anything() {
+    for bad in [
+        "nonsense",
+        "198.51.100.7",
+        "198.51.100.7:99999",
+        "host.example:51820",
+    ] {
+        let out = run(&["join", "tun1_x", "--advertise-endpoint", bad]);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--advertise-endpoint"), "{bad}: {err}");
+    }
+}
+
+#[test]
 fn completions_for_each_shell() {
     for shell in ["bash", "zsh", "fish"] {
         let out = run(&["completions", shell]);
