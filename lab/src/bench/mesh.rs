@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::summary::check;
 use super::{Config, die, info};
 use crate::{
     Host, Lab, MeshSite, Nat, NatLab, Router, cpu_seconds, path_to, pings, status_json, status_kb,
@@ -16,15 +17,6 @@ use crate::{
 const P50_TARGET: Duration = Duration::from_secs(2);
 const P95_TARGET: Duration = Duration::from_secs(5);
 const THROUGHPUT_TARGET: f64 = 1.8;
-
-fn check(ok: bool, missed: &mut Vec<String>, why: impl FnOnce() -> String) -> &'static str {
-    if ok {
-        "ok"
-    } else {
-        missed.push(why());
-        "MISSED"
-    }
-}
 
 /// Runs the section in labs of its own; returns the targets missed.
 pub(super) fn mesh(cfg: &Config) -> Vec<String> {
@@ -214,23 +206,61 @@ fn rtt_ms(from: &Host, to: &str, count: u32) -> Option<f64> {
     v.get(v.len() / 2).copied()
 }
 
+/// Two sites that can go direct (a masquerading NAT and `b_nat`), two
+/// behind symmetric NATs that cannot, and a hub with `extra`, all joined.
+struct Quartet {
+    ra: Router,
+    rb: Router,
+    ha: Host,
+    hb: Host,
+    hs1: Host,
+    hs2: Host,
+    a: MeshSite,
+    b: MeshSite,
+    s2: MeshSite,
+}
+
+fn quartet(nl: &mut NatLab, b_nat: Nat, extra: &[&str]) -> Quartet {
+    nl.lab.log = "info".into();
+    let (ra, ha) = nl.site(Nat::Masquerade);
+    let (rb, hb) = nl.site(b_nat);
+    let hs1 = nl.site(Nat::Symmetric).1;
+    let hs2 = nl.site(Nat::Symmetric).1;
+    let hub = nl.mesh_hub(4, extra);
+    let a = nl.mesh_join(&ha, "a", &hub.lines[0].clone(), &[]);
+    let b = nl.mesh_join(&hb, "b", &hub.lines[1].clone(), &[]);
+    let _s1 = nl.mesh_join(&hs1, "s1", &hub.lines[2].clone(), &[]);
+    let s2 = nl.mesh_join(&hs2, "s2", &hub.lines[3].clone(), &[]);
+    let _ = pings(&ha, &b.address, 2, "0.2");
+    Quartet {
+        ra,
+        rb,
+        ha,
+        hb,
+        hs1,
+        hs2,
+        a,
+        b,
+        s2,
+    }
+}
+
 /// Round trips with a delay on the hub's link: the underlay between two
 /// routers, the same pair through the tunnel direct, and a relayed pair.
 fn round_trips(cfg: &Config, lines: &mut Vec<String>, missed: &mut Vec<String>) {
     let delay = Duration::from_millis(10);
     step("mesh: round trips, with 10 ms each way on the hub's link");
     let mut nl = NatLab::new(&cfg.bin, Some(delay));
-    nl.lab.log = "info".into();
-    let (ra, ha) = nl.site(Nat::Masquerade);
-    let (rb, hb) = nl.site(Nat::FullCone);
-    let hs1 = nl.site(Nat::Symmetric).1;
-    let hs2 = nl.site(Nat::Symmetric).1;
-    let hub = nl.mesh_hub(4, &[]);
-    let a = nl.mesh_join(&ha, "a", &hub.lines[0].clone(), &[]);
-    let b = nl.mesh_join(&hb, "b", &hub.lines[1].clone(), &[]);
-    let _s1 = nl.mesh_join(&hs1, "s1", &hub.lines[2].clone(), &[]);
-    let s2 = nl.mesh_join(&hs2, "s2", &hub.lines[3].clone(), &[]);
-    let _ = pings(&ha, &b.address, 2, "0.2");
+    let Quartet {
+        ra,
+        rb,
+        ha,
+        hs1,
+        a,
+        b,
+        s2,
+        ..
+    } = quartet(&mut nl, Nat::FullCone, &[]);
     crate::wait_path(
         &nl.lab,
         &a.node,
@@ -250,7 +280,6 @@ fn round_trips(cfg: &Config, lines: &mut Vec<String>, missed: &mut Vec<String>) 
     lines.push(format!(
         "round trip, p50 of 40 pings: underlay {underlay:.2} ms, direct {direct:.2} ms (target <= underlay + 1 ms: {ok1}), relayed {relayed:.2} ms (direct < half: {ok2})"
     ));
-    let _ = cpu_seconds;
 }
 
 /// A direct pair's single-stream TCP against the same pair through a
@@ -267,18 +296,17 @@ fn throughput(cfg: &Config, lines: &mut Vec<String>, missed: &mut Vec<String>) {
             }
         ));
         let mut nl = NatLab::new(&cfg.bin, None);
-        nl.lab.log = "info".into();
-        let ha = nl.site(Nat::Masquerade).1;
-        let hb = nl.site(Nat::Masquerade).1;
-        let hs1 = nl.site(Nat::Symmetric).1;
-        let hs2 = nl.site(Nat::Symmetric).1;
         let extra: &[&str] = if mesh { &[] } else { &["--no-mesh"] };
-        let hub = nl.mesh_hub(4, extra);
-        let a = nl.mesh_join(&ha, "a", &hub.lines[0].clone(), &[]);
-        let b = nl.mesh_join(&hb, "b", &hub.lines[1].clone(), &[]);
-        let _s1 = nl.mesh_join(&hs1, "s1", &hub.lines[2].clone(), &[]);
-        let s2 = nl.mesh_join(&hs2, "s2", &hub.lines[3].clone(), &[]);
-        let _ = pings(&ha, &b.address, 2, "0.2");
+        let Quartet {
+            ha,
+            hb,
+            hs1,
+            hs2,
+            a,
+            b,
+            s2,
+            ..
+        } = quartet(&mut nl, Nat::Masquerade, extra);
         if mesh {
             crate::wait_path(
                 &nl.lab,

@@ -39,7 +39,11 @@ pub(super) fn summary(cfg: &Config, r: &Results) -> Vec<String> {
 }
 
 /// "ok", or "MISSED" with `why` added to the targets missed.
-fn check(ok: bool, missed: &mut Vec<String>, why: impl FnOnce() -> String) -> &'static str {
+pub(super) fn check(
+    ok: bool,
+    missed: &mut Vec<String>,
+    why: impl FnOnce() -> String,
+) -> &'static str {
     if ok {
         "ok"
     } else {
