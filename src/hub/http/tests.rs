@@ -635,6 +635,10 @@ async fn sites_claim_candidates_and_get_a_map_of_the_others_tagged_for_them() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = a.call(a_addr, "POST", MESH, &body, Some(&b_signer)).await;
     assert!(status.is_client_error(), "{status}");
+    // Not a claim at all: refused, nothing kept.
+    let junk = b"{\"local\": 7}";
+    let (status, _) = a.call(b_addr, "POST", MESH, junk, Some(&b_signer)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
     let body = serde_json::to_vec(&MeshClaim::default()).unwrap();
     let (status, _) = a.call(b_addr, "POST", MESH, &body, Some(&b_signer)).await;
     assert_eq!(status, StatusCode::OK);
