@@ -204,7 +204,8 @@ impl Lab {
             .chain([bin.as_str()])
             .chain(args.iter().copied())
             .collect();
-        let log = self.log.clone();
+        // LAB_LOG overrides what a bench or test asked for, to trace one run.
+        let log = std::env::var("LAB_LOG").unwrap_or_else(|_| self.log.clone());
         let mut env: Vec<(&str, &str)> = env.to_vec();
         if !env.iter().any(|(k, _)| *k == "RUST_LOG") {
             env.push(("RUST_LOG", &log));
@@ -278,6 +279,16 @@ impl Drop for Lab {
             }
             let _ = p.child.kill();
             let _ = p.child.wait();
+        }
+        // LAB_KEEP_LOGS=DIR keeps every process's output, to read a run
+        // after it failed.
+        if let Ok(dir) = std::env::var("LAB_KEEP_LOGS") {
+            let to = PathBuf::from(dir).join(&self.id);
+            let _ = fs::create_dir_all(&to);
+            for (i, p) in self.procs.iter().enumerate() {
+                let _ = fs::copy(&p.stderr, to.join(format!("p{i}.err")));
+                let _ = fs::copy(&p.stdout, to.join(format!("p{i}.out")));
+            }
         }
         // Links that a test made with wireguard-go go with their namespace.
         for ns in self.hosts.iter().map(|h| &h.ns).chain(&self.extra) {

@@ -33,7 +33,13 @@ const CLAIM_EVERY: Duration = Duration::from_secs(60);
 /// Device statistics: traffic per peer, the hub's endpoint.
 const STATS_EVERY: Duration = Duration::from_secs(1);
 /// New peers greeted at once, at most (see `Walker::greet`).
-const GREET_AT_MOST: usize = 8;
+const GREET_AT_MOST: usize = 64;
+/// How long relayed traffic from a peer not yet in the map is remembered
+/// (the map that has it is on its way).
+const UNMATCHED_FOR: Duration = Duration::from_secs(10);
+/// Relayed traffic is looked at no more often than this: a bulk transfer
+/// through the relay must not wake the path task for every datagram.
+const ACTIVITY_EVERY: Duration = Duration::from_millis(100);
 /// A stranger's datagrams make a site ask for the map at most this often.
 const STRANGER_EVERY: Duration = Duration::from_secs(1);
 /// Pongs per peer and second; pings beyond are not answered.
@@ -248,6 +254,10 @@ struct Walker {
     paths: Paths,
     /// The peers in the device now, as the map gave them.
     installed: HashMap<PublicKey, MeshPeer>,
+    /// Relay id → key, for the peers installed.
+    ids: HashMap<u32, PublicKey>,
+    /// Relay ids whose datagrams crossed the relay before the map had them.
+    unmatched: HashMap<u32, Instant>,
     keys: HashMap<PublicKey, PairKey>,
     probe_port: Option<u16>,
     hub_endpoint: Option<SocketAddr>,
@@ -276,6 +286,8 @@ impl Walker {
             maps,
             paths: Paths::new(Timings::default(), local),
             installed: HashMap::new(),
+            ids: HashMap::new(),
+            unmatched: HashMap::new(),
             keys: HashMap::new(),
             probe_port: None,
             hub_endpoint: None,
@@ -298,6 +310,7 @@ impl Walker {
             }
         }
         let mut stats_at = Instant::now();
+        let mut activity_at = Instant::now();
         loop {
             let now = Instant::now();
             if now >= stats_at {
@@ -311,14 +324,23 @@ impl Walker {
             let effects = self.paths.poll(now, &mut self.rng);
             self.act(effects).await;
             self.publish();
-            let next = [Some(stats_at), Some(self.claim_at), self.paths.deadline()]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(now + STATS_EVERY);
+            let next = [
+                Some(stats_at),
+                Some(self.claim_at),
+                self.paths.deadline(),
+                (activity_at > now).then_some(activity_at),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now + STATS_EVERY);
             tokio::select! {
                 _ = &mut stop => break,
                 _ = tokio::time::sleep_until(next.into()) => {}
+                () = self.a.socket.activity(), if now >= activity_at => {
+                    activity_at = now + ACTIVITY_EVERY;
+                    self.relayed_traffic(now);
+                }
                 Some(map) = self.maps.recv() => self.apply(map).await,
                 Some((d, from)) = self.a.disco.recv() => self.probe_in(&d, from),
             }
@@ -346,6 +368,7 @@ impl Walker {
                 tracing::warn!("removing mesh peer {gone}: {e}");
             }
             self.installed.remove(&gone);
+            self.ids.retain(|_, k| *k != gone);
             self.keys.remove(&gone);
         }
         let mut new = vec![];
@@ -371,7 +394,16 @@ impl Walker {
             };
             match r {
                 Ok(()) => {
-                    if self.installed.insert(p.public_key, p.clone()).is_none() {
+                    self.ids.insert(id, p.public_key);
+                    if self.installed.insert(p.public_key, p.clone()).is_none()
+                        && self
+                            .unmatched
+                            .remove(&id)
+                            .is_some_and(|at| at.elapsed() < UNMATCHED_FOR)
+                    {
+                        // It sent to us before we had it: what it sent
+                        // was dropped. Answer, and look for a direct path.
+                        self.paths.on_traffic(&p.public_key, Instant::now());
                         new.extend(p.addresses.first().copied());
                     }
                 }
@@ -394,26 +426,34 @@ impl Walker {
         });
     }
 
-    /// Until both sites of a new pair have each other, each drops what the
-    /// other sends (through the hub, its source belongs to another peer;
-    /// through the relay, its key is unknown). An empty datagram to each
-    /// new peer (the discard port) makes our side start a handshake now,
-    /// through the relay: a peer that does not know us yet sees a stranger
-    /// there and asks the hub for its map at once. WireGuard alone would
-    /// try again only after 5 s.
+    /// A peer that sent to us before our map had it (it joined a moment
+    /// ago) had its handshake dropped, and WireGuard would try again only
+    /// after 5 s. An empty datagram to it (the discard port) makes our
+    /// side start a handshake now, through the relay.
     async fn greet(&self, new: &[IpAddr]) {
-        // A whole map of new peers (this site just joined, with a hundred
-        // others there) is not greeted: each would ask the hub for its map
-        // at once. They learn of this site from the hub's poke instead.
-        if new.is_empty() || new.len() > GREET_AT_MOST {
+        if new.is_empty() {
             return;
         }
         let Ok(sock) = tokio::net::UdpSocket::bind(SocketAddr::new(self.a.own_address, 0)).await
         else {
             return;
         };
-        for a in new {
+        for a in new.iter().take(GREET_AT_MOST) {
             let _ = sock.send_to(b"", SocketAddr::new(*a, 9)).await;
+        }
+    }
+
+    /// WireGuard datagrams crossed the relay: someone talks to these peers.
+    fn relayed_traffic(&mut self, now: Instant) {
+        self.unmatched
+            .retain(|_, at| now.saturating_duration_since(*at) < UNMATCHED_FOR);
+        for id in self.a.socket.take_active() {
+            match self.ids.get(&id) {
+                Some(key) => self.paths.on_traffic(key, now),
+                None => {
+                    self.unmatched.insert(id, now);
+                }
+            }
         }
     }
 

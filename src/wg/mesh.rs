@@ -58,6 +58,11 @@ pub struct MeshSocket {
     /// says so to the agent.
     known: RwLock<std::collections::HashSet<NodeId>>,
     strangers: tokio::sync::Notify,
+    /// A node: the peers whose WireGuard datagrams crossed the relay since
+    /// the agent last looked. Someone talks to them: that, not a sampled
+    /// counter, is what starts a search for a direct path at once.
+    active: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    activity: tokio::sync::Notify,
     counters: Counters,
 }
 
@@ -94,6 +99,8 @@ impl MeshSocket {
                 table: RwLock::new(HashMap::new()),
                 known: RwLock::new(std::collections::HashSet::new()),
                 strangers: tokio::sync::Notify::new(),
+                active: std::sync::Mutex::new(std::collections::HashSet::new()),
+                activity: tokio::sync::Notify::new(),
                 counters: Counters::default(),
             }),
             rx,
@@ -119,6 +126,27 @@ impl MeshSocket {
     /// Resolves when a relayed datagram came from a node not in the map.
     pub async fn stranger(&self) {
         self.strangers.notified().await;
+    }
+
+    /// Resolves when WireGuard datagrams crossed the relay; [`Self::take_active`]
+    /// says for whom.
+    pub async fn activity(&self) {
+        self.activity.notified().await;
+    }
+
+    /// The relay ids whose datagrams crossed the relay since the last call.
+    pub fn take_active(&self) -> Vec<NodeId> {
+        self.active
+            .lock()
+            .expect("not poisoned")
+            .drain()
+            .collect()
+    }
+
+    fn mark_active(&self, id: NodeId) {
+        if self.active.lock().expect("not poisoned").insert(id) {
+            self.activity.notify_one();
+        }
     }
 
     /// A hub: where each node's WireGuard session lives now.
@@ -158,6 +186,9 @@ impl MeshSocket {
     pub fn send(&self, to: SocketAddr, data: &[u8]) {
         match relay_id(&to) {
             Some(dst) => {
+                if !crate::mesh::wire::is_ours(data) {
+                    self.mark_active(dst);
+                }
                 let Some(hub) = self.hub_at.read().expect("not poisoned").first().copied() else {
                     return;
                 };
@@ -216,6 +247,7 @@ impl MeshSocket {
             }
             return Verdict::Taken;
         }
+        self.mark_active(h.src);
         Verdict::Unwrap { from: relayed }
     }
 

@@ -22,10 +22,22 @@ const THROUGHPUT_TARGET: f64 = 1.8;
 pub(super) fn mesh(cfg: &Config) -> Vec<String> {
     let mut missed = vec![];
     let mut lines = vec![];
-    matrix(cfg, &mut lines, &mut missed);
-    round_trips(cfg, &mut lines, &mut missed);
-    throughput(cfg, &mut lines, &mut missed);
-    hundred(cfg, &mut lines, &mut missed);
+    // BENCH_MESH picks parts (matrix,rtt,throughput,sites) while working
+    // on one; unset, all run.
+    let parts = std::env::var("BENCH_MESH").unwrap_or_default();
+    let want = |p: &str| parts.is_empty() || parts.split(',').any(|x| x == p);
+    if want("matrix") {
+        matrix(cfg, &mut lines, &mut missed);
+    }
+    if want("rtt") {
+        round_trips(cfg, &mut lines, &mut missed);
+    }
+    if want("throughput") {
+        throughput(cfg, &mut lines, &mut missed);
+    }
+    if want("sites") {
+        hundred(cfg, &mut lines, &mut missed);
+    }
     println!();
     println!("==================== mesh ====================");
     for l in lines {
