@@ -86,6 +86,8 @@ pub struct Agent {
     /// The LANs now carried by mesh peers: not the hub's to carry.
     pub owned: watch::Sender<Vec<IpNetwork>>,
     pub view: watch::Sender<MeshView>,
+    /// Told once the first peer map is in the device (cached or the hub's).
+    pub first_map: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 fn node_id_of(a: IpAddr) -> u32 {
@@ -309,6 +311,11 @@ impl Walker {
                 Err(e) => tracing::warn!("ignoring the cached peer map: {e}"),
             }
         }
+        if !self.installed.is_empty()
+            && let Some(t) = self.a.first_map.take()
+        {
+            let _ = t.send(());
+        }
         let mut stats_at = Instant::now();
         let mut activity_at = Instant::now();
         loop {
@@ -341,7 +348,12 @@ impl Walker {
                     activity_at = now + ACTIVITY_EVERY;
                     self.relayed_traffic(now);
                 }
-                Some(map) = self.maps.recv() => self.apply(map).await,
+                Some(map) = self.maps.recv() => {
+                    self.apply(map).await;
+                    if let Some(t) = self.a.first_map.take() {
+                        let _ = t.send(());
+                    }
+                }
                 Some((d, from)) = self.a.disco.recv() => self.probe_in(&d, from),
             }
         }

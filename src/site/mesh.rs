@@ -48,5 +48,6 @@ pub(super) fn agent(
         pokes,
         owned,
         view,
+        first_map: None,
     })
 }

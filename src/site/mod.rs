@@ -295,6 +295,10 @@ fn followers(
     (routing, agent, view.1)
 }
 
+/// How long a starting site waits for its peer map before it says it is
+/// ready (a hub that does not answer, and no cached map).
+const FIRST_MAP_WAIT: Duration = Duration::from_secs(3);
+
 /// What `join` and `up` share once the site's own endpoint is up: attach
 /// the containers, call `ready` with what was attached (it prints the
 /// summary), answer on the local socket, follow the containers until
@@ -323,68 +327,94 @@ pub async fn run(
     let metrics = crate::metrics::Metrics::new();
     let hub_api = api(&joined);
     let lans = tokio::sync::watch::channel(vec![]);
-    let (routing, agent, view) =
+    let (routing, mut agent, view) =
         followers(&device, &net, mesh, &joined, &store, &iface, transparent);
     let mesh_on = agent.is_some();
     let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
-    let mut services = Services::default();
-    let result = async {
-        let mut attached = String::new();
-        if let Some(c) = &containers {
-            progress.step("attaching containers");
-            for s in &c.specs {
-                attached.push_str(&format!(", container {} as {}", s.container, s.address));
+    // The mesh's agent starts with the rest, and the site is ready once it
+    // has its peers (or waited FIRST_MAP_WAIT): a packet sent the moment
+    // `join` returns goes to its peer, not through the hub in clear.
+    let (first_map, has_map) = tokio::sync::oneshot::channel();
+    if let Some(a) = &mut agent {
+        a.first_map = Some(first_map);
+    }
+    let (stop_mesh, mesh_stopped) = tokio::sync::oneshot::channel::<()>();
+    let meshing = {
+        let down = shutdown.waiter();
+        async move {
+            if let Some(a) = agent {
+                a.run(async move {
+                    tokio::select! {
+                        () = down => {}
+                        _ = mesh_stopped => {}
+                    }
+                })
+                .await;
             }
         }
-        // One book of the containers' endpoints, for labels and the driver.
-        let endpoints: Option<Arc<dyn crate::containers::Endpoints>> = match containers
-            .as_ref()
-            .filter(|c| c.label.is_some() || c.driver.is_some())
-        {
-            Some(_) => {
-                let e = Arc::new(SiteEndpoints::new(&joined, &iface, &store, &route)?);
-                e.release_leftovers().await;
-                Some(e)
+    };
+    let mut services = Services::default();
+    let starting = async {
+        let result = async {
+            let mut attached = String::new();
+            if let Some(c) = &containers {
+                progress.step("attaching containers");
+                for s in &c.specs {
+                    attached.push_str(&format!(", container {} as {}", s.container, s.address));
+                }
             }
-            None => None,
-        };
-        let ctx = crate::node::Context {
-            net: net.clone(),
-            backend,
-            subnet: joined.subnet,
-            server: joined.server_address,
-            metrics: metrics.clone(),
-        };
-        services = Services::start(containers, endpoints, &ctx, lans.1.clone(), &mut shutdown)?;
-        services.attach().await?;
+            // One book of the containers' endpoints, for labels and the driver.
+            let endpoints: Option<Arc<dyn crate::containers::Endpoints>> = match containers
+                .as_ref()
+                .filter(|c| c.label.is_some() || c.driver.is_some())
+            {
+                Some(_) => {
+                    let e = Arc::new(SiteEndpoints::new(&joined, &iface, &store, &route)?);
+                    e.release_leftovers().await;
+                    Some(e)
+                }
+                None => None,
+            };
+            let ctx = crate::node::Context {
+                net: net.clone(),
+                backend,
+                subnet: joined.subnet,
+                server: joined.server_address,
+                metrics: metrics.clone(),
+            };
+            services = Services::start(containers, endpoints, &ctx, lans.1.clone(), &mut shutdown)?;
+            services.attach().await?;
+            if mesh_on {
+                let _ = tokio::time::timeout(FIRST_MAP_WAIT, has_map).await;
+            }
+            progress.done();
+            ready(&attached).map_err(SiteError::Output)?;
+            let api = Arc::new(SiteApi {
+                device: device.clone(),
+                path: route.path.clone(),
+                joined,
+                iface: iface.clone(),
+                containers: services.containers(),
+                driver: services.driver(),
+                mesh: mesh_on.then(|| view.clone()),
+            });
+            let metrics = metrics_listener.map(|l| (l, metrics.clone()));
+            services.listen(&store, &iface, api, metrics, &shutdown)?;
+            crate::sys::notify_ready();
+            Ok::<(), SiteError>(())
+        }
+        .await;
         progress.done();
-        ready(&attached).map_err(SiteError::Output)?;
-        let api = Arc::new(SiteApi {
-            device: device.clone(),
-            path: route.path.clone(),
-            joined,
-            iface: iface.clone(),
-            containers: services.containers(),
-            driver: services.driver(),
-            mesh: mesh_on.then(|| view.clone()),
-        });
-        let metrics = metrics_listener.map(|l| (l, metrics.clone()));
-        services.listen(&store, &iface, api, metrics, &shutdown)?;
-        crate::sys::notify_ready();
-        Ok::<(), SiteError>(())
-    }
-    .await;
-    progress.done();
-    if result.is_ok() {
-        let stop_routing = shutdown.waiter();
-        let following = services.follow(shutdown.waiter(), lans.1.clone());
-        let meshing = async {
-            if let Some(a) = agent {
-                a.run(shutdown.waiter()).await;
-            }
-        };
-        tokio::join!(following, routing.run(lans.0, stop_routing), meshing);
-    }
+        if result.is_ok() {
+            let stop_routing = shutdown.waiter();
+            let following = services.follow(shutdown.waiter(), lans.1.clone());
+            tokio::join!(following, routing.run(lans.0, stop_routing));
+        } else {
+            let _ = stop_mesh.send(());
+        }
+        result
+    };
+    let (result, ()) = tokio::join!(starting, meshing);
     services.stop().await;
     if result.is_ok()
         && let Err(e) = tunnel::leave_hub(hub_api, &signer, Duration::from_millis(500)).await

@@ -136,11 +136,7 @@ impl MeshSocket {
 
     /// The relay ids whose datagrams crossed the relay since the last call.
     pub fn take_active(&self) -> Vec<NodeId> {
-        self.active
-            .lock()
-            .expect("not poisoned")
-            .drain()
-            .collect()
+        self.active.lock().expect("not poisoned").drain().collect()
     }
 
     fn mark_active(&self, id: NodeId) {
@@ -336,6 +332,27 @@ mod tests {
         assert!(matches!(node.inbound(&probe, hub), Verdict::Taken));
         let (_, from) = rx.try_recv().unwrap();
         assert_eq!(relay_id(&from), Some(3));
+    }
+
+    #[test]
+    fn wireguard_datagrams_across_the_relay_mark_their_peer_active_and_probes_do_not() {
+        let (node, _rx) = MeshSocket::new(false, None);
+        let hub: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        node.set_node(7, vec![hub]);
+        // A probe through the relay, either way: nobody talks yet.
+        let mut probe = relayed(3, 7, &[MAGIC, b'D']);
+        probe.extend_from_slice(&[0; 70]);
+        node.inbound(&probe, hub);
+        node.send(crate::mesh::relay_addr(4), &[MAGIC, b'D', 0]);
+        assert!(node.take_active().is_empty());
+        // WireGuard's datagrams, in and out.
+        node.inbound(&relayed(3, 7, b"\x01handshake"), hub);
+        node.send(crate::mesh::relay_addr(4), b"\x04data");
+        node.send(crate::mesh::relay_addr(4), b"\x04data");
+        let mut active = node.take_active();
+        active.sort_unstable();
+        assert_eq!(active, vec![3, 4]);
+        assert!(node.take_active().is_empty(), "taken once");
     }
 
     #[test]
