@@ -51,3 +51,40 @@ pub(super) fn agent(
         first_map: None,
     })
 }
+
+/// The agent's run, stopped by `down` or by the sender returned; and what
+/// resolves once its first peer map is in the device (never without an
+/// agent: at once), so that the site says it is ready only then.
+pub(super) fn running(
+    agent: Option<Agent>,
+    down: impl std::future::Future<Output = ()> + Send + 'static,
+) -> (
+    impl std::future::Future<Output = ()>,
+    impl std::future::Future<Output = ()>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (first_map, has_map) = tokio::sync::oneshot::channel::<()>();
+    let on = agent.is_some();
+    let agent = agent.map(|mut a| {
+        a.first_map = Some(first_map);
+        a
+    });
+    let run = async move {
+        if let Some(a) = agent {
+            a.run(async move {
+                tokio::select! {
+                    () = down => {}
+                    _ = stopped => {}
+                }
+            })
+            .await;
+        }
+    };
+    let ready = async move {
+        if on {
+            let _ = has_map.await;
+        }
+    };
+    (run, ready, stop)
+}

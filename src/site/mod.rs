@@ -327,32 +327,11 @@ pub async fn run(
     let metrics = crate::metrics::Metrics::new();
     let hub_api = api(&joined);
     let lans = tokio::sync::watch::channel(vec![]);
-    let (routing, mut agent, view) =
+    let (routing, agent, view) =
         followers(&device, &net, mesh, &joined, &store, &iface, transparent);
     let mesh_on = agent.is_some();
     let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
-    // The mesh's agent starts with the rest, and the site is ready once it
-    // has its peers (or waited FIRST_MAP_WAIT): a packet sent the moment
-    // `join` returns goes to its peer, not through the hub in clear.
-    let (first_map, has_map) = tokio::sync::oneshot::channel();
-    if let Some(a) = &mut agent {
-        a.first_map = Some(first_map);
-    }
-    let (stop_mesh, mesh_stopped) = tokio::sync::oneshot::channel::<()>();
-    let meshing = {
-        let down = shutdown.waiter();
-        async move {
-            if let Some(a) = agent {
-                a.run(async move {
-                    tokio::select! {
-                        () = down => {}
-                        _ = mesh_stopped => {}
-                    }
-                })
-                .await;
-            }
-        }
-    };
+    let (meshing, has_map, stop_mesh) = mesh::running(agent, shutdown.waiter());
     let mut services = Services::default();
     let starting = async {
         let result = async {
@@ -384,9 +363,9 @@ pub async fn run(
             };
             services = Services::start(containers, endpoints, &ctx, lans.1.clone(), &mut shutdown)?;
             services.attach().await?;
-            if mesh_on {
-                let _ = tokio::time::timeout(FIRST_MAP_WAIT, has_map).await;
-            }
+            // A packet sent the moment `join` returns goes to its peer,
+            // not through the hub in clear.
+            let _ = tokio::time::timeout(FIRST_MAP_WAIT, has_map).await;
             progress.done();
             ready(&attached).map_err(SiteError::Output)?;
             let api = Arc::new(SiteApi {
