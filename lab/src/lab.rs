@@ -20,6 +20,35 @@ pub struct Lab {
     extra: Vec<String>,
     procs: Vec<Proc>,
     ifaces: Vec<String>,
+    /// The neighbour table's limits as they were, when this lab raised them.
+    neigh: Option<Vec<(String, String)>>,
+}
+
+/// The kernel's ARP and NDP tables are one for all namespaces, 1024
+/// entries at most by default: a lab of N hosts that all talk to each
+/// other (a mesh) needs N² of them, and beyond the limit the kernel drops
+/// packets to new neighbours ("neighbor table overflow"): a lab artifact,
+/// as real sites are hosts of their own. Big labs raise the limits and
+/// put them back when they go.
+fn raise_neighbour_limits(hosts: usize) -> Option<Vec<(String, String)>> {
+    let want = hosts * hosts * 2;
+    if want <= 1024 {
+        return None;
+    }
+    let mut old = vec![];
+    for family in ["ipv4", "ipv6"] {
+        for (k, v) in [("gc_thresh1", want / 4), ("gc_thresh2", want / 2), ("gc_thresh3", want)] {
+            let path = format!("/proc/sys/net/{family}/neigh/default/{k}");
+            let Ok(was) = fs::read_to_string(&path) else { continue };
+            if was.trim().parse::<usize>().is_ok_and(|w| w >= v) {
+                continue;
+            }
+            if fs::write(&path, v.to_string()).is_ok() {
+                old.push((path, was.trim().to_owned()));
+            }
+        }
+    }
+    Some(old)
 }
 
 /// Namespace names (and so sysctl and nft state) stay inside the lab.
@@ -51,6 +80,7 @@ impl Lab {
             extra: vec![],
             procs: vec![],
             ifaces: vec![],
+            neigh: raise_neighbour_limits(n),
         };
         // Up to 250 hosts on 10.231.0.0/24; a bigger lab (the scale
         // benchmark) spreads over 10.231.0.0/16.
@@ -279,6 +309,10 @@ impl Drop for Lab {
             }
             let _ = p.child.kill();
             let _ = p.child.wait();
+        }
+        // Thresholds go back in reverse, so gc_thresh1 <= 2 <= 3 holds throughout.
+        for (path, was) in self.neigh.iter().flatten().rev() {
+            let _ = fs::write(path, was);
         }
         // LAB_KEEP_LOGS=DIR keeps every process's output, to read a run
         // after it failed.
