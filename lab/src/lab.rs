@@ -37,9 +37,15 @@ fn raise_neighbour_limits(hosts: usize) -> Option<Vec<(String, String)>> {
     }
     let mut old = vec![];
     for family in ["ipv4", "ipv6"] {
-        for (k, v) in [("gc_thresh1", want / 4), ("gc_thresh2", want / 2), ("gc_thresh3", want)] {
+        for (k, v) in [
+            ("gc_thresh1", want / 4),
+            ("gc_thresh2", want / 2),
+            ("gc_thresh3", want),
+        ] {
             let path = format!("/proc/sys/net/{family}/neigh/default/{k}");
-            let Ok(was) = fs::read_to_string(&path) else { continue };
+            let Ok(was) = fs::read_to_string(&path) else {
+                continue;
+            };
             if was.trim().parse::<usize>().is_ok_and(|w| w >= v) {
                 continue;
             }
