@@ -144,7 +144,8 @@ struct Control {
     signer: Signer,
     pokes: watch::Receiver<u64>,
     claim: watch::Receiver<MeshClaim>,
-    maps: mpsc::Sender<PeerMap>,
+    /// The hub's maps as they change; `None`: the hub runs no mesh.
+    maps: mpsc::Sender<Option<PeerMap>>,
     pair: PairKey,
     me: PublicKey,
     store: StateDir,
@@ -217,7 +218,7 @@ impl Control {
                         let text = serde_json::to_string(&unnumbered).unwrap_or_default();
                         if last_map.as_ref() != Some(&text) {
                             last_map = Some(text);
-                            let _ = self.maps.send(map).await;
+                            let _ = self.maps.send(Some(map)).await;
                             if let Err(e) = self.store.save_mesh(&self.iface, &signed) {
                                 tracing::warn!("caching the peer map: {e}");
                             }
@@ -229,7 +230,11 @@ impl Control {
                         MAP_POLL
                     }
                 },
-                Ok(None) => MAP_POLL,
+                Ok(None) => {
+                    // Nothing to wait for: the site is ready as it is.
+                    let _ = self.maps.try_send(None);
+                    MAP_POLL
+                }
                 Err(e) => {
                     tracing::debug!("asking the hub for the peer map: {e}");
                     Duration::from_secs(2)
@@ -252,7 +257,7 @@ struct Walker {
     a: Agent,
     hub_pair: PairKey,
     claim: watch::Sender<MeshClaim>,
-    maps: mpsc::Receiver<PeerMap>,
+    maps: mpsc::Receiver<Option<PeerMap>>,
     paths: Paths,
     /// The peers in the device now, as the map gave them.
     installed: HashMap<PublicKey, MeshPeer>,
@@ -277,7 +282,7 @@ impl Walker {
         a: Agent,
         hub_pair: PairKey,
         claim: watch::Sender<MeshClaim>,
-        maps: mpsc::Receiver<PeerMap>,
+        maps: mpsc::Receiver<Option<PeerMap>>,
     ) -> Walker {
         let skip = [a.iface.as_str()];
         let local = crate::sys::local_networks(&skip, &a.tunnel);
@@ -349,7 +354,9 @@ impl Walker {
                     self.relayed_traffic(now);
                 }
                 Some(map) = self.maps.recv() => {
-                    self.apply(map).await;
+                    if let Some(map) = map {
+                        self.apply(map).await;
+                    }
                     if let Some(t) = self.a.first_map.take() {
                         let _ = t.send(());
                     }
