@@ -351,7 +351,7 @@ impl Walker {
                 _ = tokio::time::sleep_until(next.into()) => {}
                 () = self.a.socket.activity(), if now >= activity_at => {
                     activity_at = now + ACTIVITY_EVERY;
-                    self.relayed_traffic(now);
+                    self.relayed_traffic(now).await;
                 }
                 Some(map) = self.maps.recv() => {
                     if let Some(map) = map {
@@ -463,16 +463,34 @@ impl Walker {
     }
 
     /// WireGuard datagrams crossed the relay: someone talks to these peers.
-    fn relayed_traffic(&mut self, now: Instant) {
+    async fn relayed_traffic(&mut self, now: Instant) {
         self.unmatched
             .retain(|_, at| now.saturating_duration_since(*at) < UNMATCHED_FOR);
         for id in self.a.socket.take_active() {
-            match self.ids.get(&id) {
-                Some(key) => self.paths.on_traffic(key, now),
+            match self.ids.get(&id).copied() {
+                Some(key) => {
+                    self.paths.on_traffic(&key, now);
+                    self.keep_direct(&key, None).await;
+                }
                 None => {
                     self.unmatched.insert(id, now);
                 }
             }
+        }
+    }
+
+    /// WireGuard roams: a datagram that came through the relay (the peer
+    /// has not switched yet) moves the peer's endpoint back to the relay.
+    /// A path the probes chose direct is put back at once.
+    async fn keep_direct(&self, key: &PublicKey, endpoint: Option<SocketAddr>) {
+        let Some(Chosen::Direct(a)) = self.paths.chosen(key) else {
+            return;
+        };
+        if endpoint == Some(a) {
+            return;
+        }
+        if let Err(e) = self.a.device.set_endpoint(key, a).await {
+            tracing::warn!("setting the path of {key}: {e}");
         }
     }
 
@@ -631,6 +649,7 @@ impl Walker {
             {
                 tracing::warn!("mesh peer {}: {e}", p.public_key);
             }
+            self.keep_direct(&p.public_key, p.endpoint).await;
             let bytes = (p.rx_bytes, p.tx_bytes);
             if self
                 .traffic
