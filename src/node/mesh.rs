@@ -351,7 +351,7 @@ impl Walker {
                 _ = tokio::time::sleep_until(next.into()) => {}
                 () = self.a.socket.activity(), if now >= activity_at => {
                     activity_at = now + ACTIVITY_EVERY;
-                    self.relayed_traffic(now).await;
+                    self.relayed_traffic(now);
                 }
                 Some(map) = self.maps.recv() => {
                     if let Some(map) = map {
@@ -386,7 +386,9 @@ impl Walker {
             if let Err(e) = dev.remove_peer(&gone).await {
                 tracing::warn!("removing mesh peer {gone}: {e}");
             }
-            self.installed.remove(&gone);
+            if let Some(id) = self.installed.remove(&gone).as_ref().and_then(MeshPeer::id) {
+                self.a.socket.set_direct(id, None);
+            }
             self.ids.retain(|_, k| *k != gone);
             self.keys.remove(&gone);
         }
@@ -463,15 +465,12 @@ impl Walker {
     }
 
     /// WireGuard datagrams crossed the relay: someone talks to these peers.
-    async fn relayed_traffic(&mut self, now: Instant) {
+    fn relayed_traffic(&mut self, now: Instant) {
         self.unmatched
             .retain(|_, at| now.saturating_duration_since(*at) < UNMATCHED_FOR);
         for id in self.a.socket.take_active() {
             match self.ids.get(&id).copied() {
-                Some(key) => {
-                    self.paths.on_traffic(&key, now);
-                    self.keep_direct(&key, None).await;
-                }
+                Some(key) => self.paths.on_traffic(&key, now),
                 None => {
                     self.unmatched.insert(id, now);
                 }
@@ -479,9 +478,9 @@ impl Walker {
         }
     }
 
-    /// WireGuard roams: a datagram that came through the relay (the peer
-    /// has not switched yet) moves the peer's endpoint back to the relay.
-    /// A path the probes chose direct is put back at once.
+    /// The device's endpoint for a peer chosen direct is where the probes
+    /// chose (the socket keeps relayed datagrams from moving it; this is
+    /// the check that nothing else did).
     async fn keep_direct(&self, key: &PublicKey, endpoint: Option<SocketAddr>) {
         let Some(Chosen::Direct(a)) = self.paths.chosen(key) else {
             return;
@@ -612,6 +611,13 @@ impl Walker {
                         }
                     );
                     self.changes += 1;
+                    self.a.socket.set_direct(
+                        id,
+                        match path {
+                            Chosen::Direct(a) => Some(a),
+                            Chosen::Relay => None,
+                        },
+                    );
                     if let Err(e) = self.a.device.set_endpoint(&peer, to).await {
                         tracing::warn!("setting the path of {peer}: {e}");
                     }

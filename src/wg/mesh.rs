@@ -63,6 +63,13 @@ pub struct MeshSocket {
     /// counter, is what starts a search for a direct path at once.
     active: std::sync::Mutex<std::collections::HashSet<NodeId>>,
     activity: tokio::sync::Notify,
+    /// A node: the peers whose path is direct, and where. WireGuard moves
+    /// a peer's endpoint to where its last datagram came from: one still
+    /// in flight through the relay when both sides went direct would move
+    /// it back to the relay, and each side's relayed datagrams would keep
+    /// the other there. Relayed datagrams from these peers are handed to
+    /// WireGuard as if from the direct address.
+    direct: RwLock<HashMap<NodeId, SocketAddr>>,
     counters: Counters,
 }
 
@@ -101,6 +108,7 @@ impl MeshSocket {
                 strangers: tokio::sync::Notify::new(),
                 active: std::sync::Mutex::new(std::collections::HashSet::new()),
                 activity: tokio::sync::Notify::new(),
+                direct: RwLock::new(HashMap::new()),
                 counters: Counters::default(),
             }),
             rx,
@@ -137,6 +145,16 @@ impl MeshSocket {
     /// The relay ids whose datagrams crossed the relay since the last call.
     pub fn take_active(&self) -> Vec<NodeId> {
         self.active.lock().expect("not poisoned").drain().collect()
+    }
+
+    /// A node: the path to the peer with relay id `id` is direct at `at`,
+    /// or (`None`) not.
+    pub fn set_direct(&self, id: NodeId, at: Option<SocketAddr>) {
+        let mut d = self.direct.write().expect("not poisoned");
+        match at {
+            Some(a) => d.insert(id, a),
+            None => d.remove(&id),
+        };
     }
 
     fn mark_active(&self, id: NodeId) {
@@ -244,7 +262,14 @@ impl MeshSocket {
             return Verdict::Taken;
         }
         self.mark_active(h.src);
-        Verdict::Unwrap { from: relayed }
+        let from = self
+            .direct
+            .read()
+            .expect("not poisoned")
+            .get(&h.src)
+            .copied()
+            .unwrap_or(relayed);
+        Verdict::Unwrap { from }
     }
 
     fn forward(&self, h: RelayHeader, data: &[u8], from: SocketAddr) {
@@ -353,6 +378,24 @@ mod tests {
         active.sort_unstable();
         assert_eq!(active, vec![3, 4]);
         assert!(node.take_active().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn a_relayed_datagram_from_a_peer_gone_direct_does_not_move_it_back_to_the_relay() {
+        let (node, _rx) = MeshSocket::new(false, None);
+        let hub: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let direct: SocketAddr = "198.51.100.3:40000".parse().unwrap();
+        node.set_node(7, vec![hub]);
+        node.set_direct(3, Some(direct));
+        match node.inbound(&relayed(3, 7, b"\x04late"), hub) {
+            Verdict::Unwrap { from } => assert_eq!(from, direct),
+            Verdict::Taken => panic!("WireGuard's datagram"),
+        }
+        node.set_direct(3, None);
+        match node.inbound(&relayed(3, 7, b"\x04late"), hub) {
+            Verdict::Unwrap { from } => assert_eq!(relay_id(&from), Some(3)),
+            Verdict::Taken => panic!("WireGuard's datagram"),
+        }
     }
 
     #[test]
