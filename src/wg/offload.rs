@@ -30,6 +30,12 @@ const SEGMENTS: usize = 64;
 const WRITE_BATCH: usize = 64;
 /// A read from an offloading TUN: the header and up to 64 KiB.
 const READ_BUFFER: usize = VIRTIO_NET_HDR_LEN + 65535;
+/// A write buffer: tun-rs coalesces a flow's segments into the first
+/// one's buffer only if it can hold the whole super-packet (64 KiB) and
+/// the header room it keeps on both sides (`InsufficientCap` otherwise,
+/// and every packet is written alone). Only the pages a write touches
+/// count towards RSS, so most of each buffer is never resident.
+const WRITE_BUFFER: usize = 2 * VIRTIO_NET_HDR_LEN + 65535;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
@@ -148,9 +154,8 @@ async fn watch_mtu(
 }
 
 /// Writes decrypted packets: each batch is what queued up meanwhile,
-/// coalesced per flow. Buffers are kept across batches (the ones that
-/// became super-packets keep their size), so the steady state allocates
-/// nothing.
+/// coalesced per flow. Buffers are kept across batches, so the steady
+/// state allocates nothing.
 async fn write_batches(dev: Arc<tun_rs::AsyncDevice>, mut rx: mpsc::Receiver<Packet<Ip>>) {
     let mut gro = GROTable::default();
     let mut queued: Vec<Packet<Ip>> = Vec::with_capacity(WRITE_BATCH);
@@ -179,13 +184,7 @@ async fn write_batches(dev: Arc<tun_rs::AsyncDevice>, mut rx: mpsc::Receiver<Pac
                 break;
             }
         }
-        for p in queued.drain(..) {
-            let mut b = spare.pop().unwrap_or_default();
-            b.clear();
-            b.resize(VIRTIO_NET_HDR_LEN, 0);
-            b.extend_from_slice(&p.into_bytes());
-            bufs.push(b);
-        }
+        stage(&mut queued, &mut bufs, &mut spare);
         if let Err(e) = dev
             .send_multiple(&mut gro, &mut bufs, VIRTIO_NET_HDR_LEN)
             .await
@@ -193,8 +192,26 @@ async fn write_batches(dev: Arc<tun_rs::AsyncDevice>, mut rx: mpsc::Receiver<Pac
             // As a NIC would: the batch is lost, TCP sends it again.
             tracing::trace!("writing {} packets to the TUN: {e}", bufs.len());
         }
-        // Super-packets grew to 64 KiB: keep a few of those, not a batch.
-        spare.extend(bufs.drain(..).filter(|b| b.capacity() <= 4 * 4096));
+        spare.append(&mut bufs);
+    }
+}
+
+/// Copies `queued` into write buffers, behind room for the virtio
+/// header, reusing `spare` ones (all of [`WRITE_BUFFER`] capacity, so
+/// that any of them can take a coalesced flow).
+fn stage(
+    queued: &mut Vec<Packet<Ip>>,
+    bufs: &mut Vec<bytes::BytesMut>,
+    spare: &mut Vec<bytes::BytesMut>,
+) {
+    for p in queued.drain(..) {
+        let mut b = spare
+            .pop()
+            .unwrap_or_else(|| bytes::BytesMut::with_capacity(WRITE_BUFFER));
+        b.clear();
+        b.resize(VIRTIO_NET_HDR_LEN, 0);
+        b.extend_from_slice(&p.into_bytes());
+        bufs.push(b);
     }
 }
 
@@ -236,5 +253,105 @@ impl IpRecv for OffloadTun {
 
     fn mtu(&self) -> MtuWatcher {
         self.mtu.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+
+    /// An IPv4 TCP segment (ACK) of one flow: `seq`, `payload` bytes.
+    fn segment(seq: u32, payload: usize) -> Packet<Ip> {
+        let total = 20 + 20 + payload;
+        let mut b = BytesMut::zeroed(total);
+        b[0] = 0x45;
+        b[2..4].copy_from_slice(&u16::try_from(total).unwrap().to_be_bytes());
+        b[6] = 0x40; // don't fragment
+        b[8] = 64;
+        b[9] = 6;
+        b[12..16].copy_from_slice(&[10, 77, 0, 2]);
+        b[16..20].copy_from_slice(&[10, 77, 0, 1]);
+        let tcp = &mut b[20..];
+        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+        tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
+        tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x10; // ACK
+        tcp[14..16].copy_from_slice(&512u16.to_be_bytes());
+        checksum(&mut b);
+        Packet::from_bytes(b).try_into_ip().unwrap()
+    }
+
+    /// Fills in the IPv4 header's and the TCP checksum: tun-rs checks
+    /// them before it coalesces, as the kernel would.
+    fn checksum(b: &mut [u8]) {
+        let sum = |data: &[u8], mut acc: u32| {
+            for c in data.chunks(2) {
+                acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+            }
+            while acc > 0xffff {
+                acc = (acc & 0xffff) + (acc >> 16);
+            }
+            !(acc as u16)
+        };
+        let ip = sum(&b[..20], 0);
+        b[10..12].copy_from_slice(&ip.to_be_bytes());
+        let tcp_len = u16::try_from(b.len() - 20).unwrap();
+        let mut pseudo = Vec::from(&b[12..20]);
+        pseudo.extend_from_slice(&[0, 6]);
+        pseudo.extend_from_slice(&tcp_len.to_be_bytes());
+        let partial = u32::from(!sum(&pseudo, 0));
+        let tcp = sum(&b[20..], partial);
+        b[36..38].copy_from_slice(&tcp.to_be_bytes());
+    }
+
+    /// What the kernel's TCP receiver needs for speed: a run of in-order
+    /// segments of one flow becomes one write of all their bytes.
+    #[test]
+    fn a_run_of_one_flows_segments_is_coalesced_into_one_write() {
+        const MSS: usize = 1380;
+        let mut queued: Vec<_> = (0..40u32).map(|i| segment(i * MSS as u32, MSS)).collect();
+        let (mut bufs, mut spare) = (Vec::new(), Vec::new());
+        stage(&mut queued, &mut bufs, &mut spare);
+        let before: Vec<usize> = bufs.iter().map(BytesMut::len).collect();
+        GROTable::default()
+            .apply_gro(&mut bufs, VIRTIO_NET_HDR_LEN, false)
+            .unwrap();
+        // The first buffer holds the super-packet; the others are left
+        // as they were (tun-rs writes only the first).
+        assert_eq!(bufs[0].len(), VIRTIO_NET_HDR_LEN + 40 + 40 * MSS);
+        assert_eq!(
+            bufs[1..].iter().map(BytesMut::len).collect::<Vec<_>>(),
+            before[1..]
+        );
+        // The buffers go back to be reused, each still able to take a
+        // whole super-packet.
+        spare.append(&mut bufs);
+        let mut queued = vec![segment(0, MSS)];
+        stage(&mut queued, &mut bufs, &mut spare);
+        assert!(bufs[0].capacity() >= WRITE_BUFFER);
+        assert_eq!(bufs[0].len(), VIRTIO_NET_HDR_LEN + 40 + MSS);
+    }
+
+    /// Segments of two flows interleaved: two writes, one per flow.
+    #[test]
+    fn interleaved_flows_are_coalesced_each_on_its_own() {
+        let mut queued = Vec::new();
+        for i in 0..10u32 {
+            queued.push(segment(i * 1000, 1000));
+            let mut other = segment(i * 1000, 1000).into_bytes();
+            other[20..22].copy_from_slice(&40001u16.to_be_bytes());
+            other[36..38].fill(0);
+            checksum(&mut other);
+            queued.push(other.try_into_ip().unwrap());
+        }
+        let (mut bufs, mut spare) = (Vec::new(), Vec::new());
+        stage(&mut queued, &mut bufs, &mut spare);
+        GROTable::default()
+            .apply_gro(&mut bufs, VIRTIO_NET_HDR_LEN, false)
+            .unwrap();
+        let whole = VIRTIO_NET_HDR_LEN + 40 + 10 * 1000;
+        assert_eq!((bufs[0].len(), bufs[1].len()), (whole, whole));
     }
 }
