@@ -1,7 +1,7 @@
 //! `make bench`: `tunnel` against its peers, measured in the same run on
 //! two namespace hosts joined by a veth pair. One file per section, in the
 //! order they run: [`throughput`] (the raw veth, and the iperf3 runs every
-//! path shares), [`wggo`] (stock wireguard-go), [`tunnel`] (the userspace
+//! path shares), [`wggo`] (both wireguard-gos and gotatun-cli), [`tunnel`] (the userspace
 //! backend and join -> first packet), [`websocket`] (wss direct and
 //! through tinyproxy, against wireguard-go over wstunnel), [`containers`]
 //! (`--container` following Docker), [`network`] (the Docker network
@@ -64,7 +64,9 @@ impl Config {
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(5),
             only: var("BENCH_ONLY")
-                .unwrap_or_else(|| "raw,wggo,tunnel,wss,containers,network,mesh,scale".into())
+                .unwrap_or_else(|| {
+                    "raw,wggo,wggo2023,gotatun,tunnel,wss,containers,network,mesh,scale".into()
+                })
                 .split(',')
                 .map(str::to_owned)
                 .collect(),
@@ -87,13 +89,17 @@ type Both = (f64, f64);
 #[derive(Default)]
 struct Results {
     raw: Option<Path>,
+    /// Debian's stock wireguard-go, 0.0.20220316.
     wggo: Option<Path>,
+    /// wireguard-go 0.0.20231211 (bookworm-backports), with offloads.
+    wggo2023: Option<Path>,
+    /// gotatun-cli 0.10.2 from crates.io.
+    gotatun: Option<Path>,
     tunnel: Option<Path>,
     join_reported_ms: Option<u128>,
     join_measured_ms: Option<u128>,
     serve_rss: Option<u64>,
     join_rss: Option<u64>,
-    wggo_rss: Option<u64>,
     attach_after_ms: Option<u128>,
     attach_total_ms: Option<u128>,
     restarts: Vec<(u128, u128)>,
@@ -170,9 +176,7 @@ fn two_site_sections(lab: &mut Lab, cfg: &Config, r: &mut Results) {
     if cfg.want("raw") {
         throughput::raw(lab, cfg, r);
     }
-    if cfg.want("wggo") {
-        wggo::wireguard_go(lab, cfg, r);
-    }
+    wggo::yardsticks(lab, cfg, r);
     if cfg.want("tunnel") {
         tunnel::tunnel(lab, cfg, r);
     }

@@ -8,10 +8,16 @@ use std::process::Command;
 use super::throughput::Path;
 use super::{Both, Config, Results};
 
-/// tunnel's single-stream TCP against wireguard-go's, at least.
-const TARGET_RATIO: f64 = 3.0;
+/// tunnel's single-stream TCP against wireguard-go 0.0.20231211's, both
+/// ways, at least.
+const TARGET_VS_2023: f64 = 1.5;
+/// tunnel's UDP 64-byte packets per second against wireguard-go
+/// 0.0.20231211's, at least.
+const TARGET_PPS_VS_2023: f64 = 2.0;
 /// tunnel's single-stream TCP as a share of the raw veth's, at least.
-const TARGET_OF_RAW: f64 = 0.2;
+const TARGET_OF_RAW: f64 = 0.25;
+/// CPU seconds of both ends per GB of single-stream TCP, at most.
+const TARGET_CPU_PER_GB: f64 = 2.0;
 const TARGET_JOIN_MS: u128 = 1000;
 
 /// Prints the summary; returns the targets missed.
@@ -81,15 +87,28 @@ fn machine(cfg: &Config) {
 
 fn row(name: &str, p: &Path) {
     println!(
-        "{name:<14}{:>10.0}{:>10.0}{:>10.0}{:>10.0}{:>12.0}{:>10}",
+        "{name:<16}{:>9.0}{:>9.0}{:>9.0}{:>9.0}{:>11.0}{:>9}",
         p.tcp1.0,
         p.tcp1.1,
         p.tcp4.0,
         p.tcp4.1,
         p.udp_pps,
         p.cpu_per_gb
-            .map(|c| format!("{c:.1}"))
+            .map(|c| format!("{c:.2}"))
             .unwrap_or("-".into())
+    );
+}
+
+/// Round trips, TUN write size and memory of one path.
+fn row2(name: &str, p: &Path) {
+    println!(
+        "{name:<16}{:>7.2}{:>7.2}{:>9.2}{:>9.2}{:>12}{:>11}",
+        p.ping_idle.0,
+        p.ping_idle.1,
+        p.ping_load.0,
+        p.ping_load.1,
+        p.tun_write.map(|w| format!("{w:.0}")).unwrap_or("-".into()),
+        p.rss_peak.map(|k| k.to_string()).unwrap_or("-".into())
     );
 }
 
@@ -97,7 +116,7 @@ fn row(name: &str, p: &Path) {
 fn ratio_row(name: &str, t: &Path, o: &Path) {
     let r = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     println!(
-        "{name:<14}{:>10.2}{:>10.2}{:>10.2}{:>10.2}{:>12.2}{:>10}",
+        "{name:<16}{:>9.2}{:>9.2}{:>9.2}{:>9.2}{:>11.2}{:>9}",
         r(t.tcp1.0, o.tcp1.0),
         r(t.tcp1.1, o.tcp1.1),
         r(t.tcp4.0, o.tcp4.0),
@@ -110,44 +129,120 @@ fn ratio_row(name: &str, t: &Path, o: &Path) {
     );
 }
 
-/// The table of the raw veth, wireguard-go and tunnel, and tunnel's
-/// ratios to the other two.
+/// The table of every path (raw veth, both wireguard-gos, gotatun-cli,
+/// tunnel), tunnel's ratios to them, and tunnel against its targets.
 fn paths(r: &Results, missed: &mut Vec<String>) {
-    if r.raw.is_some() || r.wggo.is_some() || r.tunnel.is_some() {
-        println!(
-            "{:<14}{:>10}{:>10}{:>10}{:>10}{:>12}{:>10}",
-            "Mbit/s", "TCP B>A", "TCP A>B", "4x B>A", "4x A>B", "UDP64 pps", "CPU s/GB"
-        );
-    }
-    for (name, p) in [
+    let all = [
         ("raw veth", &r.raw),
-        ("wireguard-go", &r.wggo),
+        ("wggo 20220316", &r.wggo),
+        ("wggo 20231211", &r.wggo2023),
+        ("gotatun-cli", &r.gotatun),
         ("tunnel", &r.tunnel),
-    ] {
+    ];
+    if all.iter().all(|(_, p)| p.is_none()) {
+        return;
+    }
+    println!(
+        "{:<16}{:>9}{:>9}{:>9}{:>9}{:>11}{:>9}",
+        "Mbit/s", "TCP B>A", "TCP A>B", "4x B>A", "4x A>B", "UDP64 pps", "CPU s/GB"
+    );
+    for (name, p) in all {
         if let Some(p) = p {
             row(name, p);
         }
     }
-    if let (Some(t), Some(w)) = (&r.tunnel, &r.wggo) {
-        ratio_row("tunnel/wggo", t, w);
-        let ratio = t.tcp1.0 / w.tcp1.0;
-        let verdict = check(ratio >= TARGET_RATIO, missed, || {
-            format!("tunnel/wireguard-go single-stream ratio {ratio:.2} < {TARGET_RATIO}")
+    for (name, o) in [
+        ("tunnel/raw", &r.raw),
+        ("tunnel/wggo2022", &r.wggo),
+        ("tunnel/wggo2023", &r.wggo2023),
+        ("tunnel/gotatun", &r.gotatun),
+    ] {
+        if let (Some(t), Some(o)) = (&r.tunnel, o) {
+            ratio_row(name, t, o);
+        }
+    }
+    println!(
+        "{:<16}{:>7}{:>7}{:>9}{:>9}{:>12}{:>11}",
+        "ping ms", "idle50", "idle99", "load p50", "load p99", "B/TUN write", "peak RSS kB"
+    );
+    for (name, p) in all {
+        if let Some(p) = p {
+            row2(name, p);
+        }
+    }
+    if let Some(t) = &r.tunnel {
+        targets(t, r, missed);
+    }
+}
+
+/// tunnel against the targets: the 2023 wireguard-go, the raw
+/// veth, the CPU per GB and its own 4-stream figures.
+fn targets(t: &Path, r: &Results, missed: &mut Vec<String>) {
+    if let Some(w) = &r.wggo2023 {
+        let (up, down) = (t.tcp1.0 / w.tcp1.0, t.tcp1.1 / w.tcp1.1);
+        let verdict = check(
+            up >= TARGET_VS_2023 && down >= TARGET_VS_2023,
+            missed,
+            || {
+                format!(
+                    "tunnel/wireguard-go 0.0.20231211 single stream {up:.2} / {down:.2} < {TARGET_VS_2023}"
+                )
+            },
+        );
+        println!(
+            "tunnel/wggo 20231211, TCP 1 stream: {up:.2} B>A, {down:.2} A>B  (target >= {TARGET_VS_2023} both: {verdict})"
+        );
+        let pps = t.udp_pps / w.udp_pps;
+        let verdict = check(pps >= TARGET_PPS_VS_2023, missed, || {
+            format!("tunnel/wireguard-go 0.0.20231211 UDP 64 B pps {pps:.2} < {TARGET_PPS_VS_2023}")
         });
         println!(
-            "ratio tunnel/wireguard-go, TCP 1 stream B>A: {ratio:.2}  (target >= {TARGET_RATIO}: {verdict})"
+            "tunnel/wggo 20231211, UDP 64 B pps: {pps:.2}  (target >= {TARGET_PPS_VS_2023}: {verdict})"
         );
+        let verdict = check(t.ping_load.1 <= w.ping_load.1, missed, || {
+            format!(
+                "ping p99 under load {:.2} ms > wireguard-go 0.0.20231211's {:.2} ms",
+                t.ping_load.1, w.ping_load.1
+            )
+        });
+        println!(
+            "ping p99 under a bulk flow: tunnel {:.2} ms, wggo 20231211 {:.2} ms  (target: no worse: {verdict})",
+            t.ping_load.1, w.ping_load.1
+        );
+        if let (Some(mine), Some(theirs)) = (t.rss_peak, w.rss_peak) {
+            let verdict = check(mine <= theirs, missed, || {
+                format!("peak RSS {mine} kB > wireguard-go 0.0.20231211's {theirs} kB")
+            });
+            println!(
+                "peak RSS under traffic: tunnel {mine} kB, wggo 20231211 {theirs} kB  (target: no more: {verdict})"
+            );
+        }
     }
-    if let (Some(t), Some(raw)) = (&r.tunnel, &r.raw) {
-        ratio_row("tunnel/raw", t, raw);
+    if let Some(raw) = &r.raw {
         let share = t.tcp1.0 / raw.tcp1.0;
         let verdict = check(share >= TARGET_OF_RAW, missed, || {
             format!("tunnel is {share:.2} of the raw veth < {TARGET_OF_RAW}")
         });
         println!(
-            "ratio tunnel/raw veth, TCP 1 stream B>A:     {share:.2}  (target >= {TARGET_OF_RAW}: {verdict})"
+            "tunnel/raw veth, TCP 1 stream B>A: {share:.2}  (target >= {TARGET_OF_RAW}: {verdict})"
         );
     }
+    if let Some(cpu) = t.cpu_per_gb {
+        let verdict = check(cpu <= TARGET_CPU_PER_GB, missed, || {
+            format!("tunnel spends {cpu:.2} CPU s per GB > {TARGET_CPU_PER_GB}")
+        });
+        println!(
+            "tunnel CPU per GB, both ends: {cpu:.2} s  (target <= {TARGET_CPU_PER_GB}: {verdict})"
+        );
+    }
+    let ok = t.tcp4.0 >= t.tcp1.0 && t.tcp4.1 >= t.tcp1.1;
+    let verdict = check(ok, missed, || {
+        format!(
+            "tunnel with 4 streams {:.0}/{:.0} < 1 stream {:.0}/{:.0} Mbit/s",
+            t.tcp4.0, t.tcp4.1, t.tcp1.0, t.tcp1.1
+        )
+    });
+    println!("tunnel 4 streams >= 1 stream, both ways: {verdict}");
 }
 
 /// join -> first packet against its target, and peak memory, when the
@@ -166,18 +261,14 @@ fn join_and_memory(r: &Results, missed: &mut Vec<String>) {
         "join -> first packet: {reported} ms (reported by join), {measured} ms (measured from start)  (target < {TARGET_JOIN_MS} ms: {verdict})"
     );
     println!(
-        "peak RSS (VmHWM) after single-stream TCP: tunnel serve {}, tunnel join {}, wireguard-go {}",
+        "peak RSS (VmHWM) after single-stream TCP: tunnel serve {}, tunnel join {}",
         kb(r.tunnel.and_then(|t| t.rss_tcp1[0])),
         kb(r.tunnel.and_then(|t| t.rss_tcp1[1])),
-        kb(r.wggo.and_then(|w| w.rss_tcp1[0])),
     );
     println!(
-        "peak RSS (VmHWM) after all runs: tunnel serve {}, tunnel join {}{}",
+        "peak RSS (VmHWM) after all runs: tunnel serve {}, tunnel join {}",
         kb(r.serve_rss),
         kb(r.join_rss),
-        r.wggo
-            .map(|_| format!(", wireguard-go {}", kb(r.wggo_rss)))
-            .unwrap_or_default()
     );
 }
 

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::throughput::measure;
+use super::throughput::{Carrier, measure};
 use super::{Config, Results, info, stop};
 use crate::{Lab, step};
 
@@ -23,7 +23,16 @@ pub(super) fn tunnel(lab: &mut Lab, cfg: &Config, r: &mut Results) {
         .and_then(|s| s.split_whitespace().next()?.parse().ok());
     step("measuring tunnel (A 10.77.0.1, B 10.77.0.2)");
     let pids = [lab.proc(hub.proc).pid(), lab.proc(site.proc).pid()];
-    r.tunnel = Some(measure(lab, cfg, "10.77.0.1", &pids));
+    let tun = hub.iface.clone();
+    r.tunnel = Some(measure(
+        lab,
+        cfg,
+        "10.77.0.1",
+        &Carrier {
+            pids: &pids,
+            tun: Some(&tun),
+        },
+    ));
     r.serve_rss = lab.proc(hub.proc).peak_rss_kb();
     r.join_rss = lab.proc(site.proc).peak_rss_kb();
     step("stopping tunnel join and serve (SIGTERM)");

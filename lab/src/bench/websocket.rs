@@ -132,7 +132,15 @@ fn reference(lab: &mut Lab, cfg: &Config, r: &mut Results) {
     );
     std::thread::sleep(Duration::from_millis(500));
     // wstunnel's own advice for WireGuard: an MTU that fits its framing.
-    let pair = wggo_pair(lab, "w", "10.79.0", "1400", "51840", "127.0.0.1:51842");
+    let pair = wggo_pair(
+        lab,
+        "wireguard-go",
+        "w",
+        "10.79.0",
+        "1400",
+        "51840",
+        "127.0.0.1:51842",
+    );
     let up = iperf(lab, cfg, &a, &b, "10.79.0.1", false);
     let down = iperf(lab, cfg, &a, &b, "10.79.0.1", true);
     r.reference = Some((up, down));
