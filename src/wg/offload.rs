@@ -5,9 +5,10 @@
 //! read instead of one MTU-sized packet, which tun-rs splits into
 //! segments (the checksums completed) straight into gotatun's packet
 //! buffers, before they are encrypted. Decrypted packets go the other way
-//! in batches: whatever queued up while the last batch was written is
-//! coalesced per TCP/UDP flow (GRO) and written as few super-packets, so
-//! the receiving stack sees one packet where there were dozens. That is
+//! in batches: the device hands over each batch it decrypted (our
+//! gotatun's `IpSend::send_many`), which is coalesced per TCP/UDP flow
+//! (GRO) and written as few super-packets, in the same task, so the
+//! receiving stack sees one packet where there were dozens. That is
 //! how wireguard-go got its speed (`tun/offload_linux.go`); tun-rs carries
 //! the same segmentation and coalescing in Rust.
 //!
@@ -28,6 +29,9 @@ use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
 const SEGMENTS: usize = 64;
 /// Decrypted packets coalesced and written together at most.
 const WRITE_BATCH: usize = 64;
+/// Decrypted batches waiting for the writer at most: the decrypting side
+/// waits beyond that, as it would for a slow TUN.
+const WRITE_QUEUE: usize = 4;
 /// A read from an offloading TUN: the header and up to 64 KiB.
 const READ_BUFFER: usize = VIRTIO_NET_HDR_LEN + 65535;
 /// A write buffer: tun-rs coalesces a flow's segments into the first
@@ -67,34 +71,120 @@ impl AsMut<[u8]> for Segment {
 pub struct OffloadTun {
     dev: Arc<tun_rs::AsyncDevice>,
     mtu: MtuWatcher,
-    writer: mpsc::Sender<Packet<Ip>>,
+    /// Decrypted batches, to the writing task: decrypting the next batch
+    /// overlaps with writing this one (a hand-off per batch, not per
+    /// packet).
+    batches: mpsc::Sender<Vec<Packet<Ip>>>,
     /// Its tasks (writer, MTU watch) end when the last clone is dropped.
     _tasks: Arc<Tasks>,
     reader: Reader,
 }
 
-struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+/// The TUN's tasks: the MTU watch and the writer from the start, the
+/// reader from the first read.
+struct Tasks(std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>);
 
 impl Drop for Tasks {
     fn drop(&mut self) {
-        for t in &self.0 {
+        let tasks = self.0.get_mut().unwrap_or_else(|e| e.into_inner());
+        for t in tasks.iter() {
             t.abort();
         }
     }
 }
 
-/// What one reader keeps between reads (allocated at its first read: the
-/// clone that only writes never pays for it).
+/// A batch the reading task read, or why it could not.
+type ReadBatch = io::Result<Vec<Packet<Ip>>>;
+
+/// The reading half of one clone: its task's batches (the task starts at
+/// the first read: the clone that only writes never has one), and the
+/// batch being handed out.
 #[derive(Default)]
 struct Reader {
-    raw: Vec<u8>,
-    segments: Vec<Segment>,
-    sizes: Vec<usize>,
+    batches: Option<mpsc::Receiver<ReadBatch>>,
+    batch: Vec<Packet<Ip>>,
+    /// An error that came after batches already taken: the next read's.
+    error: Option<io::Error>,
 }
 
 impl Clone for Reader {
     fn clone(&self) -> Self {
         Self::default()
+    }
+}
+
+/// Batches read ahead at most: the reader waits beyond that.
+const READ_QUEUE: usize = 4;
+/// Packets one `recv` hands to the device at most.
+const RECV_BATCH: usize = 256;
+
+/// Reads the TUN in a task of its own, so that splitting the next 64 KiB
+/// read overlaps with encrypting this one, and small packets that arrive
+/// while the device encrypts pile up into one batch (one `sendmmsg`).
+async fn read_batches(dev: Arc<tun_rs::AsyncDevice>, tx: mpsc::Sender<ReadBatch>) {
+    let pool = PacketBufPool::<4096>::new(4 * SEGMENTS);
+    let mut raw = vec![0; READ_BUFFER];
+    let mut sizes = vec![0; SEGMENTS];
+    let mut segments: Vec<Segment> = Vec::with_capacity(SEGMENTS);
+    loop {
+        while segments.len() < SEGMENTS {
+            segments.push(Segment(pool.get()));
+        }
+        let batch = match dev
+            .recv_multiple(&mut raw, &mut segments, &mut sizes, 0)
+            .await
+        {
+            Ok(n) => Ok(segments
+                .drain(..n)
+                .zip(sizes.iter())
+                .filter_map(|(Segment(mut p), &len)| {
+                    p.truncate(len);
+                    p.try_into_ip().ok()
+                })
+                .collect()),
+            Err(e) => Err(e),
+        };
+        let gone = batch.as_ref().is_err_and(|e| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EBADF | libc::EBADFD | libc::ENODEV)
+            )
+        });
+        if tx.send(batch).await.is_err() || gone {
+            return;
+        }
+    }
+}
+
+/// What one writer keeps between batches: buffers are reused, so the
+/// steady state allocates nothing.
+#[derive(Default)]
+struct Writer {
+    gro: GROTable,
+    bufs: Vec<bytes::BytesMut>,
+    spare: Vec<bytes::BytesMut>,
+}
+
+impl Writer {
+    /// Writes `packets` (drained), at most [`WRITE_BATCH`] per coalescing
+    /// round.
+    async fn write(&mut self, dev: &tun_rs::AsyncDevice, packets: &mut Vec<Packet<Ip>>) {
+        let mut rest = packets.drain(..);
+        loop {
+            let mut chunk: Vec<Packet<Ip>> = rest.by_ref().take(WRITE_BATCH).collect();
+            if chunk.is_empty() {
+                return;
+            }
+            stage(&mut chunk, &mut self.bufs, &mut self.spare);
+            if let Err(e) = dev
+                .send_multiple(&mut self.gro, &mut self.bufs, VIRTIO_NET_HDR_LEN)
+                .await
+            {
+                // As a NIC would: the batch is lost, TCP sends it again.
+                tracing::trace!("writing {} packets to the TUN: {e}", self.bufs.len());
+            }
+            self.spare.append(&mut self.bufs);
+        }
     }
 }
 
@@ -118,15 +208,21 @@ impl OffloadTun {
         }
         let dev = Arc::new(dev);
         let (mtu_tx, mtu_rx) = watch::channel(mtu);
-        let (tx, rx) = mpsc::channel(4 * WRITE_BATCH);
-        let tasks = Tasks(vec![
-            tokio::spawn(write_batches(dev.clone(), rx)),
+        let (tx, mut rx) = mpsc::channel::<Vec<Packet<Ip>>>(WRITE_QUEUE);
+        let writing = dev.clone();
+        let tasks = Tasks(std::sync::Mutex::new(vec![
+            tokio::spawn(async move {
+                let mut w = Writer::default();
+                while let Some(mut batch) = rx.recv().await {
+                    w.write(&writing, &mut batch).await;
+                }
+            }),
             tokio::spawn(watch_mtu(Arc::downgrade(&dev), mtu, mtu_tx)),
-        ]);
+        ]));
         Ok(Self {
             dev,
             mtu: mtu_rx.into(),
-            writer: tx,
+            batches: tx,
             _tasks: Arc::new(tasks),
             reader: Reader::default(),
         })
@@ -153,49 +249,6 @@ async fn watch_mtu(
     }
 }
 
-/// Writes decrypted packets: each batch is what queued up meanwhile,
-/// coalesced per flow. Buffers are kept across batches, so the steady
-/// state allocates nothing.
-async fn write_batches(dev: Arc<tun_rs::AsyncDevice>, mut rx: mpsc::Receiver<Packet<Ip>>) {
-    let mut gro = GROTable::default();
-    let mut queued: Vec<Packet<Ip>> = Vec::with_capacity(WRITE_BATCH);
-    let mut bufs: Vec<bytes::BytesMut> = Vec::with_capacity(WRITE_BATCH);
-    let mut spare: Vec<bytes::BytesMut> = Vec::with_capacity(WRITE_BATCH);
-    loop {
-        if rx.recv_many(&mut queued, WRITE_BATCH).await == 0 {
-            return;
-        }
-        // Let the decrypting side add what it has in hand, while it has
-        // some: a few yields make batches worth coalescing (measured: one
-        // yield gives single-stream TCP a fifth more than none).
-        for _ in 0..4 {
-            if queued.len() >= WRITE_BATCH {
-                break;
-            }
-            tokio::task::yield_now().await;
-            let before = queued.len();
-            while queued.len() < WRITE_BATCH {
-                match rx.try_recv() {
-                    Ok(p) => queued.push(p),
-                    Err(_) => break,
-                }
-            }
-            if queued.len() == before {
-                break;
-            }
-        }
-        stage(&mut queued, &mut bufs, &mut spare);
-        if let Err(e) = dev
-            .send_multiple(&mut gro, &mut bufs, VIRTIO_NET_HDR_LEN)
-            .await
-        {
-            // As a NIC would: the batch is lost, TCP sends it again.
-            tracing::trace!("writing {} packets to the TUN: {e}", bufs.len());
-        }
-        spare.append(&mut bufs);
-    }
-}
-
 /// Copies `queued` into write buffers, behind room for the virtio
 /// header, reusing `spare` ones (all of [`WRITE_BUFFER`] capacity, so
 /// that any of them can take a coalesced flow).
@@ -217,8 +270,13 @@ fn stage(
 
 impl IpSend for OffloadTun {
     async fn send(&mut self, packet: Packet<Ip>) -> io::Result<()> {
-        self.writer
-            .send(packet)
+        self.send_many(&mut vec![packet]).await
+    }
+
+    async fn send_many(&mut self, packets: &mut Vec<Packet<Ip>>) -> io::Result<()> {
+        let batch = std::mem::take(packets);
+        self.batches
+            .send(batch)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the TUN writer stopped"))
     }
@@ -227,28 +285,36 @@ impl IpSend for OffloadTun {
 impl IpRecv for OffloadTun {
     async fn recv<'a>(
         &'a mut self,
-        pool: &mut PacketBufPool,
+        _pool: &mut PacketBufPool,
     ) -> io::Result<impl Iterator<Item = Packet<Ip>> + Send + 'a> {
+        if let Some(e) = self.reader.error.take() {
+            return Err(e);
+        }
         let r = &mut self.reader;
-        if r.raw.is_empty() {
-            r.raw = vec![0; READ_BUFFER];
-            r.sizes = vec![0; SEGMENTS];
+        let rx = r.batches.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(READ_QUEUE);
+            let task = tokio::spawn(read_batches(self.dev.clone(), tx));
+            self._tasks
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
+            rx
+        });
+        let stopped = || io::Error::new(io::ErrorKind::BrokenPipe, "the TUN reader stopped");
+        r.batch = rx.recv().await.ok_or_else(stopped)??;
+        // Whatever else was read meanwhile, in the same batch.
+        while r.batch.len() < RECV_BATCH {
+            match rx.try_recv() {
+                Ok(Ok(more)) => r.batch.extend(more),
+                Ok(Err(e)) => {
+                    r.error = Some(e);
+                    break;
+                }
+                Err(_) => break,
+            }
         }
-        while r.segments.len() < SEGMENTS {
-            r.segments.push(Segment(pool.get()));
-        }
-        let n = self
-            .dev
-            .recv_multiple(&mut r.raw, &mut r.segments, &mut r.sizes, 0)
-            .await?;
-        let sizes = &r.sizes[..n];
-        Ok(r.segments
-            .drain(..n)
-            .zip(sizes.iter())
-            .filter_map(|(Segment(mut p), &len)| {
-                p.truncate(len);
-                p.try_into_ip().ok()
-            }))
+        Ok(r.batch.drain(..))
     }
 
     fn mtu(&self) -> MtuWatcher {

@@ -105,12 +105,14 @@ pub fn within(nets: &[IpNetwork], a: Option<IpAddr>) -> bool {
     a.is_some_and(|a| nets.iter().any(|n| n.contains(a)))
 }
 
-impl IpSend for Tun {
-    async fn send(&mut self, mut packet: Packet<Ip>) -> std::io::Result<()> {
+impl Tun {
+    /// `packet` if it may be written: inside the confining networks, and
+    /// admitted by an active quarantine.
+    fn admit(&self, packet: Packet<Ip>) -> Option<Packet<Ip>> {
         if let Some(nets) = &self.confine
             && !within(nets, packet.destination())
         {
-            return Ok(());
+            return None;
         }
         if let Some(q) = &self.quarantine
             && q.active()
@@ -118,14 +120,28 @@ impl IpSend for Tun {
         {
             let bytes = packet.into_bytes();
             if !q.admits(bytes.as_ref()) {
-                return Ok(());
+                return None;
             }
-            packet = match bytes.try_into_ip() {
-                Ok(p) => p,
-                Err(_) => return Ok(()),
-            };
+            return bytes.try_into_ip().ok();
         }
-        self.inner.send(packet).await
+        Some(packet)
+    }
+}
+
+impl IpSend for Tun {
+    async fn send(&mut self, packet: Packet<Ip>) -> std::io::Result<()> {
+        match self.admit(packet) {
+            Some(p) => self.inner.send(p).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn send_many(&mut self, packets: &mut Vec<Packet<Ip>>) -> std::io::Result<()> {
+        if self.confine.is_some() || self.quarantine.as_ref().is_some_and(|q| q.active()) {
+            let admitted: Vec<_> = packets.drain(..).filter_map(|p| self.admit(p)).collect();
+            *packets = admitted;
+        }
+        self.inner.send_many(packets).await
     }
 }
 
