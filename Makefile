@@ -13,7 +13,7 @@ help:
 	@echo "               after scripts/docker-env.sh, and make demo, make compose-demo after"
 	@echo "make docker-env - start a local Docker engine, build the test image (root)"
 	@echo "make lint    - cargo fmt --check + cargo clippy --all-targets -- -D warnings"
-	@echo "make bench   - raw veth vs wireguard-go vs tunnel throughput, join latency, container attach/restart times, 250 and 500 sites at once (root)"
+	@echo "make bench   - raw veth vs both wireguard-gos, gotatun-cli and tunnel (scripts/bench-peers.sh installs the newer two), join latency, container attach/restart times, 250 and 500 sites at once (root)"
 	@echo "make scale   - N sites join one hub at once (SCALE_SITES=250,500): admitted, RSS, idle CPU, status, revoke (root)"
 	@echo "make soak    - reliability soak: iperf3, container/hub restarts, joins; fails on a lost peer or RSS/fd growth (SOAK_MINUTES=30) (root)"
 	@echo "make demo    - two namespace sites with a container each, page fetched across the tunnel (root)"
