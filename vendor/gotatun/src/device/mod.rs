@@ -851,7 +851,7 @@ impl<T: DeviceTransports> DeviceState<T> {
     async fn handle_outgoing<R: IpRecv>(
         device: Weak<RwLock<Self>>,
         tun_rx: Arc<Mutex<R>>,
-        udp: impl UdpSend,
+        udp: impl UdpSend + 'static,
         mut packet_pool: PacketBufPool,
     ) -> Result<(), Error> {
         let mut tun_mtu = {
@@ -864,9 +864,32 @@ impl<T: DeviceTransports> DeviceState<T> {
         let mut tun_rx = tokio::time::timeout(Duration::from_secs(5), tun_rx.lock_owned())
             .await
             .expect("Deadlock on IpRecv. There must be no more than one IpRecv active at any given time.");
-        let max_send = udp.max_number_of_packets_to_send().max(1);
+        // Patched (tunnel): a task of its own sends each encrypted batch,
+        // so that encrypting the next one overlaps with the system call
+        // (and the kernel's work behind it). Dropped (aborted) with this task.
+        let (batches, mut to_send) = tokio::sync::mpsc::channel::<Vec<(Packet, SocketAddr)>>(4);
+        let _sender = Task::spawn("UDP send", async move {
+            let max_send = udp.max_number_of_packets_to_send().max(1);
+            let mut send_buf = Default::default();
+            while let Some(mut out) = to_send.recv().await {
+                while !out.is_empty() {
+                    let rest = if out.len() > max_send {
+                        out.split_off(max_send)
+                    } else {
+                        Vec::new()
+                    };
+                    if out.len() == 1 {
+                        let (packet, to) = out.pop().expect("one packet");
+                        let _ = udp.send_to(packet, to).await;
+                    } else if let Err(e) = udp.send_many_to(&mut send_buf, &mut out).await {
+                        tracing::trace!("send_many_to: {e}; dropping {} packets", out.len());
+                    }
+                    out.clear();
+                    out = rest;
+                }
+            }
+        });
         let mut out: Vec<(Packet, SocketAddr)> = Vec::new();
-        let mut send_buf = Default::default();
 
         loop {
             let packets = match tun_rx.recv(&mut packet_pool).await {
@@ -941,20 +964,8 @@ impl<T: DeviceTransports> DeviceState<T> {
             drop(device_guard);
             drop(device_arc);
 
-            while !out.is_empty() {
-                let rest = if out.len() > max_send {
-                    out.split_off(max_send)
-                } else {
-                    Vec::new()
-                };
-                if out.len() == 1 {
-                    let (packet, to) = out.pop().expect("one packet");
-                    let _ = udp.send_to(packet, to).await;
-                } else if let Err(e) = udp.send_many_to(&mut send_buf, &mut out).await {
-                    tracing::trace!("send_many_to: {e}; dropping {} packets", out.len());
-                }
-                out.clear();
-                out = rest;
+            if !out.is_empty() && batches.send(std::mem::take(&mut out)).await.is_err() {
+                return Ok(());
             }
         }
     }
