@@ -2,12 +2,12 @@
 //!
 //! Opened with `IFF_VNET_HDR`, and TSO/USO offered to the kernel
 //! (`TUNSETOFFLOAD`): the kernel's TCP stack hands us up to 64 KiB per
-//! read instead of one MTU-sized packet, which tun-rs splits into
-//! segments (the checksums completed) straight into gotatun's packet
-//! buffers, before they are encrypted. Decrypted packets go the other way
-//! in batches: the device hands over each batch it decrypted (our
-//! gotatun's `IpSend::send_many`), which is coalesced per TCP/UDP flow
-//! (GRO) and written as few super-packets, in the same task, so the
+//! read instead of one MTU-sized packet, which a reader task has tun-rs
+//! split into segments (the checksums completed) straight into packet
+//! buffers, ahead of the device encrypting them. Decrypted packets go the
+//! other way in batches: the device hands over each batch it decrypted
+//! (our gotatun's `IpSend::send_many`) to a writer task, which coalesces
+//! it per TCP/UDP flow (GRO) and writes few super-packets, so the
 //! receiving stack sees one packet where there were dozens. That is
 //! how wireguard-go got its speed (`tun/offload_linux.go`); tun-rs carries
 //! the same segmentation and coalescing in Rust.
