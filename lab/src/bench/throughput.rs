@@ -40,6 +40,21 @@ pub(super) fn iperf(
     mbps
 }
 
+/// An iperf3 client to `addr` for `secs` seconds.
+fn iperf_client<'a>(addr: &'a str, secs: &'a str) -> Vec<&'a str> {
+    vec![
+        "iperf3",
+        "-c",
+        addr,
+        "-p",
+        IPERF_PORT,
+        "-t",
+        secs,
+        "--connect-timeout",
+        "5000",
+    ]
+}
+
 /// One iperf3 run with `extra` arguments; its JSON report.
 fn iperf_json(
     lab: &mut Lab,
@@ -52,18 +67,8 @@ fn iperf_json(
     let srv = lab.spawn_cmd(server, &["iperf3", "-s", "-1", "-p", IPERF_PORT], &[]);
     server.wait_listening(IPERF_PORT, Duration::from_secs(10));
     let secs = cfg.seconds.to_string();
-    let mut args = vec![
-        "iperf3",
-        "-c",
-        addr,
-        "-p",
-        IPERF_PORT,
-        "-t",
-        &secs,
-        "-J",
-        "--connect-timeout",
-        "5000",
-    ];
+    let mut args = iperf_client(addr, &secs);
+    args.push("-J");
     args.extend_from_slice(extra);
     args.extend(cfg.iperf_extra.iter().map(String::as_str));
     let out = client.exec(&args);
@@ -202,21 +207,7 @@ fn ping_under_load(lab: &mut Lab, cfg: &Config, addr: &str) -> (f64, f64) {
     a.wait_listening(IPERF_PORT, Duration::from_secs(10));
     // Long enough to outlast the pings (200 x 10 ms and the replies).
     let secs = (cfg.seconds.max(4)).to_string();
-    let client = lab.spawn_cmd(
-        &b,
-        &[
-            "iperf3",
-            "-c",
-            addr,
-            "-p",
-            IPERF_PORT,
-            "-t",
-            &secs,
-            "--connect-timeout",
-            "5000",
-        ],
-        &[],
-    );
+    let client = lab.spawn_cmd(&b, &iperf_client(addr, &secs), &[]);
     std::thread::sleep(Duration::from_millis(500));
     let rtt = ping(&b, addr);
     lab.proc(client).wait(Duration::from_secs(cfg.seconds + 20));
