@@ -164,6 +164,43 @@ pub fn random_ula() -> IpNetwork {
     IpNetwork::new(IpAddr::V6(Ipv6Addr::from(b)), 64).expect("a /64")
 }
 
+/// The range a new hub's default subnet is drawn from: RFC 6598's shared
+/// address space sits on no LAN (not in home routers, the clouds' default
+/// networks, Docker's pools or Kubernetes'), which is why Tailscale uses it.
+pub const DEFAULT_RANGE: &str = "100.64.0.0/10";
+/// Where it is drawn from instead when the host already uses the shared
+/// space (a Tailscale node, a host behind carrier-grade NAT), whose
+/// other addresses are not all in the host's main table.
+pub const FALLBACK_RANGE: &str = "10.0.0.0/8";
+
+/// A random /24 of [`DEFAULT_RANGE`] (or [`FALLBACK_RANGE`]) that overlaps
+/// none of `taken` (the host's addresses and routes): two hubs, or a hub
+/// and a joined site, on one host rarely pick the same, and never one the
+/// host already has. `None` when 256 draws found nothing free.
+pub fn random_subnet(rng: &mut impl rand_core::RngCore, taken: &[IpNetwork]) -> Option<IpNetwork> {
+    let overlap = |a: &IpNetwork, b: &IpNetwork| {
+        a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
+    };
+    let shared: IpNetwork = DEFAULT_RANGE.parse().expect("valid");
+    let range: IpNetwork = if taken.iter().any(|t| t.prefix() > 0 && overlap(t, &shared)) {
+        FALLBACK_RANGE.parse().expect("valid")
+    } else {
+        shared
+    };
+    let IpNetwork::V4(r) = range else {
+        unreachable!("IPv4 ranges")
+    };
+    let slots = 1u32 << (24 - r.prefix());
+    (0..256).find_map(|_| {
+        let base = u32::from(r.network()) + (rng.next_u32() % slots) * 256;
+        let candidate = IpNetwork::new(IpAddr::V4(base.into()), 24).expect("a /24");
+        (!taken
+            .iter()
+            .any(|t| t.prefix() > 0 && overlap(t, &candidate)))
+        .then_some(candidate)
+    })
+}
+
 /// Number of usable host addresses (offsets `1..=count`).
 fn host_count(subnet: IpNetwork) -> u128 {
     match subnet {
@@ -298,6 +335,51 @@ mod tests {
             Subnets::new(net("fd00::/64"), Some(net("fd01::/64"))),
             Err(IpamError::Ipv6Only(_))
         ));
+    }
+
+    /// A reproducible generator for the draws.
+    struct XorShift(u64);
+
+    impl rand_core::RngCore for XorShift {
+        fn next_u32(&mut self) -> u32 {
+            (self.next_u64() >> 32) as u32
+        }
+        fn next_u64(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn fill_bytes(&mut self, dest: &mut [u8]) {
+            rand_core::impls::fill_bytes_via_next(self, dest);
+        }
+        fn try_fill_bytes(&mut self, dest: &mut [u8]) -> Result<(), rand_core::Error> {
+            self.fill_bytes(dest);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_default_subnet_is_a_free_24_of_the_shared_space() {
+        let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+        let shared = net(DEFAULT_RANGE);
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..50 {
+            let s = random_subnet(&mut rng, &[net("0.0.0.0/0"), net("192.168.1.0/24")]).unwrap();
+            assert_eq!(s.prefix(), 24);
+            assert!(shared.contains(s.network()), "{s}");
+            seen.insert(s);
+        }
+        assert!(seen.len() > 40, "draws repeat: {seen:?}");
+        // A host already in the shared space (Tailscale) gets 10/8
+        // instead, without what it has there.
+        let mut taken = vec![net("100.101.102.103/32"), net("10.0.0.0/9")];
+        for _ in 0..50 {
+            let s = random_subnet(&mut rng, &taken).unwrap();
+            assert!(net("10.128.0.0/9").contains(s.network()), "{s}");
+        }
+        taken.push(net("10.128.0.0/9"));
+        assert_eq!(random_subnet(&mut rng, &taken), None);
     }
 
     #[test]

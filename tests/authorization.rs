@@ -34,7 +34,7 @@ fn advertise(
     host.block_on(move || async move {
         let signer = Signer::new(&key, &hub).unwrap();
         api::advertise_routes(
-            HUB_API.parse().unwrap(),
+            api::HubApi::routed(HUB_API.parse().unwrap()),
             &signer,
             &routes,
             Duration::from_secs(5),
@@ -93,7 +93,12 @@ fn reach_api(host: &common::Host) {
     let ok = host.block_on(|| async {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            match api::ping(HUB_API.parse().unwrap(), Duration::from_secs(1)).await {
+            match api::ping(
+                api::HubApi::routed(HUB_API.parse().unwrap()),
+                Duration::from_secs(1),
+            )
+            .await
+            {
                 Ok(()) => return true,
                 Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await
@@ -291,7 +296,7 @@ fn a_road_warrior_may_only_ping() {
     let registered = r.block_on(move || async move {
         let signer = Signer::new(&k, &server).unwrap();
         api::register_endpoint(
-            HUB_API.parse().unwrap(),
+            api::HubApi::routed(HUB_API.parse().unwrap()),
             &signer,
             &PrivateKey::generate().public_key(),
             "evil",
@@ -301,7 +306,11 @@ fn a_road_warrior_may_only_ping() {
     });
     assert_eq!(refused(registered).0, 403);
     let listed = r.block_on(|| async {
-        api::fetch_routes(HUB_API.parse().unwrap(), Duration::from_secs(5)).await
+        api::fetch_routes(
+            api::HubApi::routed(HUB_API.parse().unwrap()),
+            Duration::from_secs(5),
+        )
+        .await
     });
     assert_eq!(refused(listed).0, 403, "the LANs are for sites");
     let st = lab.status(&hub).to_string();
@@ -341,7 +350,7 @@ fn a_used_token_is_worthless_even_from_the_site_itself() {
             default_name: true,
         };
         let redeem = api::redeem_invite(
-            HUB_API.parse().unwrap(),
+            api::HubApi::routed(HUB_API.parse().unwrap()),
             &signer,
             &site_key,
             &joining,
@@ -349,7 +358,7 @@ fn a_used_token_is_worthless_even_from_the_site_itself() {
         )
         .await;
         let routes = api::advertise_routes(
-            HUB_API.parse().unwrap(),
+            api::HubApi::routed(HUB_API.parse().unwrap()),
             &signer,
             &["192.168.98.0/24".parse().unwrap()],
             Duration::from_secs(5),

@@ -177,6 +177,8 @@ fn a_full_or_read_only_disk_never_takes_the_tunnel_down() {
             state.to_str().unwrap(),
             "--backend",
             "userspace",
+            "--subnet",
+            "10.77.0.0/24",
             "--tokens",
             "1",
         ],

@@ -383,7 +383,7 @@ fn redeeming_with_a_hub_containers_key_is_refused_and_the_container_keeps_its_tr
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             match api::redeem_invite(
-                HUB_API.parse().unwrap(),
+                api::HubApi::routed(HUB_API.parse().unwrap()),
                 &signer,
                 &web_key,
                 &Default::default(),

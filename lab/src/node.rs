@@ -67,6 +67,10 @@ impl Lab {
             "--tokens",
             &count,
         ];
+        // The tests' addresses: a new hub's default subnet is random.
+        if !extra.contains(&"--subnet") {
+            args.extend_from_slice(&["--subnet", "10.77.0.0/24"]);
+        }
         args.extend_from_slice(extra);
         let proc = self.spawn_via(host, pre, &args, &[]);
         let lines = if tokens > 0 {

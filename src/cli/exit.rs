@@ -168,6 +168,7 @@ impl Exit for SiteError {
             || match self {
                 SiteError::Wg(w) => w.is_input(),
                 SiteError::Gateway(g) => g.is_input(),
+                SiteError::Net(n) => n.is_input(),
                 SiteError::Containers(c) => c.is_input(),
                 SiteError::Driver(d) => d.is_input(),
                 SiteError::Node(n) => n.is_input(),

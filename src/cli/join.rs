@@ -127,6 +127,7 @@ async fn check(args: &JoinArgs, token: &Token, store: &StateDir) -> Result<Check
     let endpoint = site::resolve(&server, token.port).await?;
     args.lan.check(&token.subnets().all())?;
     crate::sys::require_net_admin()?;
+    site::refuse_clash(&Netlink::connect()?, &token.subnets().all(), iface).await?;
     if let Some(n) = &args.common.docker_driver {
         crate::driver::check_name(n)?;
     }

@@ -15,7 +15,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use crate::hub::run::{DEFAULT_PORT, DEFAULT_SUBNET, PortChoice, Subnet6};
+pub use crate::hub::run::{DEFAULT_PORT, PortChoice, Subnet6};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -24,7 +24,7 @@ pub struct ServeArgs {
     /// UDP port WireGuard listens on, or "random" for a free one in 49152-65535 (kept in state) [default: 51820, or the saved one]
     #[arg(long, value_parser = parse_port)]
     pub port: Option<PortChoice>,
-    /// Tunnel subnet (IPv4, or IPv6 for an IPv6-only tunnel); the server takes its first host address [default: 10.77.0.0/24, or the saved one]
+    /// Tunnel subnet (IPv4, or IPv6 for an IPv6-only tunnel); the server takes its first host address [default: a free random /24 of 100.64.0.0/10, or the saved one]
     #[arg(long)]
     pub subnet: Option<IpNetwork>,
     /// IPv6 subnet beside an IPv4 one, where every endpoint gets the twin of its address, or "none" [default: a random ULA /64, or the saved one]

@@ -1,4 +1,5 @@
-//! `tunnel status [--json | --check]`: every endpoint in the state
+//! `tunnel status [--iface NAME] [--json | --check]`: every endpoint (or
+//! one) in the state
 //! directory, live from its running `tunnel` through the local control
 //! socket, or from the saved state (marked down) when none runs. `--check`
 //! judges them instead, for compose `healthcheck:` and systemd.
@@ -18,6 +19,9 @@ pub struct StatusArgs {
     /// Directory for keys and peers
     #[arg(long, default_value = "/var/lib/tunnel", env = "TUNNEL_STATE_DIR")]
     pub state_dir: PathBuf,
+    /// Only this endpoint (its WireGuard interface name), not every one in the state directory
+    #[arg(long)]
+    pub iface: Option<String>,
     /// Print JSON (an array of endpoints; the shape is documented in the README)
     #[arg(long)]
     pub json: bool,
@@ -29,7 +33,17 @@ pub struct StatusArgs {
 pub async fn run(args: StatusArgs) -> Result<(), Failure> {
     let store = StateDir::new(&args.state_dir);
     let mut endpoints: Vec<EndpointStatus> = Vec::new();
-    for iface in store.ifaces()? {
+    let mut ifaces = store.ifaces()?;
+    if let Some(one) = &args.iface {
+        if !ifaces.contains(one) {
+            return Err(Failure::input(anyhow::anyhow!(
+                "no endpoint named {one} in {} (tunnel status lists them)",
+                store.root().display()
+            )));
+        }
+        ifaces.retain(|i| i == one);
+    }
+    for iface in ifaces {
         let Some(saved) = store.load(&iface)? else {
             continue;
         };
@@ -68,7 +82,10 @@ async fn check(store: &StateDir, endpoints: &[EndpointStatus]) -> Result<(), Fai
         let hub_answers = match (e.role, e.state, e.peers.first().and_then(|p| p.address)) {
             (Role::Joined, State::Up, Some(hub)) => Some(
                 control::tunnel::ping(
-                    std::net::SocketAddr::new(hub, control::CONTROL_PORT),
+                    control::tunnel::HubApi::via(
+                        std::net::SocketAddr::new(hub, control::CONTROL_PORT),
+                        &e.iface,
+                    ),
                     Duration::from_secs(3),
                 )
                 .await

@@ -126,13 +126,73 @@ pub struct Advertised {
     pub via: IpAddr,
 }
 
+/// The hub's API as a node reaches it: its address in the tunnel, and
+/// the tunnel interface its requests must leave through. Bound to the
+/// device, a request never takes another interface's route to the same
+/// address (two tunnels on one host with the same subnet: the redeem
+/// would reach the other hub, which refuses the token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubApi {
+    pub addr: SocketAddr,
+    device: Option<([u8; 16], u8)>,
+}
+
+impl HubApi {
+    /// Leaving through the interface named `iface`.
+    pub fn via(addr: SocketAddr, iface: &str) -> Self {
+        let mut name = [0u8; 16];
+        // Interface names are at most 15 bytes (checked before any
+        // interface is made); a longer one is not bound.
+        let device = (iface.len() < name.len()).then(|| {
+            name[..iface.len()].copy_from_slice(iface.as_bytes());
+            (name, iface.len() as u8)
+        });
+        HubApi { addr, device }
+    }
+
+    /// Wherever the routing table sends it (tests, and callers that
+    /// have no interface of their own).
+    pub fn routed(addr: SocketAddr) -> Self {
+        HubApi { addr, device: None }
+    }
+
+    pub fn device(&self) -> Option<&[u8]> {
+        self.device.as_ref().map(|(n, len)| &n[..usize::from(*len)])
+    }
+
+    async fn connect(self) -> std::io::Result<TcpStream> {
+        let socket = if self.addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        if let Some(dev) = self.device() {
+            // SO_BINDTODEVICE needs CAP_NET_RAW; without it (a `status`
+            // by a user) the routing table decides.
+            if let Err(e) = socket.bind_device(Some(dev)) {
+                tracing::debug!(
+                    "binding to {}: {e}; connecting without",
+                    String::from_utf8_lossy(dev)
+                );
+            }
+        }
+        socket.connect(self.addr).await
+    }
+}
+
+impl std::fmt::Display for HubApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.addr)
+    }
+}
+
 async fn exchange(
-    api: SocketAddr,
+    api: HubApi,
     call: Call<'_>,
     patience: impl Into<Patience>,
 ) -> Result<(StatusCode, Bytes), ControlError> {
     let target = api.to_string();
-    exchange_via(&target, TcpStream::connect(api), call, patience).await
+    exchange_via(&target, api.connect(), call, patience).await
 }
 
 /// A signed request the hub did not take; with the hub's clock when what
@@ -155,7 +215,7 @@ impl From<ControlError> for Declined {
 
 /// A signed POST, signed once at `now`; never signed again.
 async fn signed_post_once<T: serde::de::DeserializeOwned>(
-    api: SocketAddr,
+    api: HubApi,
     signer: &Signer,
     path: &str,
     body: &[u8],
@@ -178,7 +238,7 @@ async fn signed_post_once<T: serde::de::DeserializeOwned>(
 
 /// A signed POST; signs again once with the hub's clock if ours is off.
 async fn signed_post<T: serde::de::DeserializeOwned>(
-    api: SocketAddr,
+    api: HubApi,
     signer: &Signer,
     path: &str,
     body: &impl Serialize,
@@ -202,7 +262,7 @@ async fn signed_post<T: serde::de::DeserializeOwned>(
 
 /// Asks the hub to admit `key` in place of the invite that `invite` signs with.
 pub async fn redeem_invite(
-    api: SocketAddr,
+    api: HubApi,
     invite: &Signer,
     key: &PublicKey,
     joining: &Joining,
@@ -216,7 +276,7 @@ pub async fn redeem_invite(
 /// comes back with the hub's time ([`Declined::hub_time`]), for the join
 /// to decide on (it adjusts the signer and asks again).
 pub async fn redeem_invite_once(
-    api: SocketAddr,
+    api: HubApi,
     invite: &Signer,
     key: &PublicKey,
     joining: &Joining,
@@ -240,7 +300,7 @@ fn redeem_request(key: &PublicKey, joining: &Joining) -> RedeemRequest {
 
 /// Registers another endpoint of this site (a container) with the hub.
 pub async fn register_endpoint(
-    api: SocketAddr,
+    api: HubApi,
     site: &Signer,
     key: &PublicKey,
     name: &str,
@@ -255,7 +315,7 @@ pub async fn register_endpoint(
 
 /// Gives an endpoint of this site back to the hub (its container is gone).
 pub async fn release_endpoint(
-    api: SocketAddr,
+    api: HubApi,
     site: &Signer,
     key: &PublicKey,
     timeout: Duration,
@@ -265,18 +325,14 @@ pub async fn release_endpoint(
 }
 
 /// Tells the hub this site is stopping cleanly (best effort).
-pub async fn leave_hub(
-    api: SocketAddr,
-    site: &Signer,
-    timeout: Duration,
-) -> Result<(), ControlError> {
+pub async fn leave_hub(api: HubApi, site: &Signer, timeout: Duration) -> Result<(), ControlError> {
     signed_post::<()>(api, site, LEAVE, &serde_json::json!({}), timeout).await
 }
 
 /// Tells the hub which LANs are behind this site; returns those that
 /// wait for the hub operator's approval.
 pub async fn advertise_routes(
-    api: SocketAddr,
+    api: HubApi,
     site: &Signer,
     routes: &[IpNetwork],
     timeout: Duration,
@@ -290,10 +346,7 @@ pub async fn advertise_routes(
 }
 
 /// Every LAN the hub and the sites advertise.
-pub async fn fetch_routes(
-    api: SocketAddr,
-    timeout: Duration,
-) -> Result<Vec<Advertised>, ControlError> {
+pub async fn fetch_routes(api: HubApi, timeout: Duration) -> Result<Vec<Advertised>, ControlError> {
     let call = Call {
         method: "GET",
         path: ROUTES,
@@ -306,7 +359,7 @@ pub async fn fetch_routes(
 /// Tells the hub where this site may be reached directly. `false` when
 /// the hub runs no mesh (a kernel-backend hub, or an older one).
 pub async fn claim_mesh(
-    api: SocketAddr,
+    api: HubApi,
     site: &Signer,
     claim: &MeshClaim,
     timeout: Duration,
@@ -321,7 +374,7 @@ pub async fn claim_mesh(
 /// This site's peer map, as the hub tagged it; `None` when the hub runs
 /// no mesh.
 pub async fn fetch_mesh(
-    api: SocketAddr,
+    api: HubApi,
     timeout: Duration,
 ) -> Result<Option<crate::mesh::SignedMap>, ControlError> {
     let call = Call {
@@ -338,7 +391,7 @@ pub async fn fetch_mesh(
 }
 
 /// A round trip through the tunnel: proof that traffic flows.
-pub async fn ping(api: SocketAddr, patience: impl Into<Patience>) -> Result<(), ControlError> {
+pub async fn ping(api: HubApi, patience: impl Into<Patience>) -> Result<(), ControlError> {
     let call = Call {
         method: "GET",
         path: PING,

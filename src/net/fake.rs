@@ -186,6 +186,28 @@ impl NetOps for FakeNet {
             .collect())
     }
 
+    async fn occupied(&self) -> Result<Vec<super::Occupied>, NetError> {
+        let links = self.links.lock().unwrap();
+        let routes = self.routes.lock().unwrap();
+        let lan = self.lan.lock().unwrap();
+        let on = |net: IpNetwork, iface: &str, address: bool| super::Occupied {
+            net,
+            iface: iface.to_owned(),
+            address,
+        };
+        Ok(links
+            .iter()
+            .flat_map(|(n, l)| l.addrs.iter().map(move |a| on(*a, n, true)))
+            .chain(
+                routes
+                    .iter()
+                    .filter(|(_, _, t)| t.is_none())
+                    .map(|(d, i, _)| on(*d, i, false)),
+            )
+            .chain(lan.iter().map(|(n, i)| on(*n, i, false)))
+            .collect())
+    }
+
     async fn add_rule(&self, rule: &PolicyRule) -> Result<(), NetError> {
         let mut rules = self.rules.lock().unwrap();
         if !rules.contains(rule) {

@@ -84,6 +84,10 @@ pub trait NetOps: Send + Sync {
     /// host itself is and what it reaches directly, which no peer may
     /// claim as its LAN.
     async fn host_networks(&self, link: Option<&str>) -> Result<Vec<IpNetwork>, NetError>;
+    /// The host's addresses and the main table's routes (but the default
+    /// ones), each with the interface it is on: what a new tunnel subnet
+    /// must not overlap.
+    async fn occupied(&self) -> Result<Vec<Occupied>, NetError>;
     /// A policy routing rule; one that is already there is fine.
     async fn add_rule(&self, rule: &PolicyRule) -> Result<(), NetError>;
     /// Removes that rule; one that is gone is fine.
@@ -98,6 +102,45 @@ pub struct PolicyRule {
     pub table: u32,
     pub ip_proto: Option<u8>,
     pub dport: Option<u16>,
+}
+
+/// A network the host already has: an address of one of its interfaces
+/// (with its prefix), or a route in its main table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Occupied {
+    pub net: IpNetwork,
+    pub iface: String,
+    /// An address, rather than a route.
+    pub address: bool,
+}
+
+impl std::fmt::Display for Occupied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = if self.address { "address" } else { "route" };
+        write!(f, "{what} {} on {}", self.net, self.iface)
+    }
+}
+
+fn overlap(a: &IpNetwork, b: &IpNetwork) -> bool {
+    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
+}
+
+/// The first of `occupied` that overlaps one of `subnets`, leaving out
+/// what sits on `own` (our own interface, left by a crash, goes before
+/// the new one comes) and default routes (they overlap everything, and
+/// a more specific route wins over them).
+pub fn clash<'a>(
+    subnets: &[IpNetwork],
+    occupied: &'a [Occupied],
+    own: &str,
+) -> Option<(IpNetwork, &'a Occupied)> {
+    subnets.iter().find_map(|s| {
+        occupied
+            .iter()
+            .filter(|o| o.iface != own && o.net.prefix() > 0)
+            .find(|o| overlap(s, &o.net))
+            .map(|o| (*s, o))
+    })
 }
 
 /// The main routing table's number.
@@ -150,6 +193,41 @@ pub fn validate_ifname(name: &str) -> Result<(), NetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_subnet_clashes_with_an_address_or_route_elsewhere_only() {
+        let n = |s: &str| s.parse::<IpNetwork>().unwrap();
+        let on = |net: &str, iface: &str, address: bool| Occupied {
+            net: n(net),
+            iface: iface.into(),
+            address,
+        };
+        let host = [
+            on("0.0.0.0/0", "eth0", false),
+            on("192.168.1.20/24", "eth0", true),
+            on("10.77.0.2/24", "wg-x", true),
+            on("10.77.0.0/24", "wg-x", false),
+            on("10.9.0.0/16", "wg-old", false),
+            on("fd00:1::/64", "eth0", false),
+        ];
+        let (s, o) = clash(&[n("10.77.0.0/24")], &host, "wg-y").unwrap();
+        assert_eq!(
+            (s, o.iface.as_str(), o.address),
+            (n("10.77.0.0/24"), "wg-x", true)
+        );
+        assert_eq!(o.to_string(), "address 10.77.0.2/24 on wg-x");
+        // Our own interface's leftovers and the default route do not count.
+        assert!(clash(&[n("10.77.0.0/24")], &host, "wg-x").is_none());
+        assert!(clash(&[n("100.64.3.0/24")], &host, "wg-y").is_none());
+        // A subnet inside a route, or around an address, clashes.
+        assert_eq!(
+            clash(&[n("10.9.4.0/24")], &host, "wg-y").unwrap().1.iface,
+            "wg-old"
+        );
+        assert!(clash(&[n("192.168.0.0/16")], &host, "wg-y").is_some());
+        assert!(clash(&[n("10.1.0.0/24"), n("fd00:1::/64")], &host, "wg-y").is_some());
+        assert!(clash(&[n("fd00:2::/64")], &host, "wg-y").is_none());
+    }
 
     #[test]
     fn route_changes_add_what_is_new_and_take_back_what_went() {

@@ -1,6 +1,6 @@
 //! The rtnetlink implementation of [`NetOps`]. rtnetlink types stay in here.
 
-use super::{NetError, NetOps, PolicyRule};
+use super::{NetError, NetOps, Occupied, PolicyRule};
 use async_trait::async_trait;
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
@@ -444,6 +444,95 @@ impl NetOps for Netlink {
                 });
             if let Some(n) = ip.and_then(|ip| IpNetwork::new(ip, msg.header.prefix_len).ok()) {
                 out.push(n);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn occupied(&self) -> Result<Vec<Occupied>, NetError> {
+        use rtnetlink::packet_route::address::AddressAttribute;
+        use rtnetlink::packet_route::route::{RouteAddress, RouteHeader, RouteType};
+        let mut names = std::collections::HashMap::new();
+        let mut links = self.handle.link().get().execute();
+        while let Some(l) = links
+            .try_next()
+            .await
+            .map_err(|e| classify(e, "reading links", "any link"))?
+        {
+            if let Some(n) = l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n.clone()),
+                _ => None,
+            }) {
+                names.insert(l.header.index, n);
+            }
+        }
+        let name = |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("#{i}"));
+        let mut out = vec![];
+        let mut addrs = self.handle.address().get().execute();
+        while let Some(msg) = addrs
+            .try_next()
+            .await
+            .map_err(|e| classify(e, "reading addresses", "any link"))?
+        {
+            let ip = msg.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            if let Some(net) = ip.and_then(|ip| IpNetwork::new(ip, msg.header.prefix_len).ok()) {
+                out.push(Occupied {
+                    net,
+                    iface: name(msg.header.index),
+                    address: true,
+                });
+            }
+        }
+        let dumps = [
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ];
+        for dump in dumps {
+            let mut routes = self.handle.route().get(dump).execute();
+            while let Some(r) = routes
+                .try_next()
+                .await
+                .map_err(|e| classify(e, "reading routes", "-"))?
+            {
+                let table = r
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(r.header.table));
+                if table != u32::from(RouteHeader::RT_TABLE_MAIN)
+                    || r.header.kind != RouteType::Unicast
+                {
+                    continue;
+                }
+                let prefix = r.header.destination_prefix_length;
+                let dst = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => {
+                        Some(std::net::IpAddr::V4(*ip))
+                    }
+                    RouteAttribute::Destination(RouteAddress::Inet6(ip)) => {
+                        Some(std::net::IpAddr::V6(*ip))
+                    }
+                    _ => None,
+                });
+                let oif = r.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                });
+                if let (Some(net), Some(oif)) =
+                    (dst.and_then(|d| IpNetwork::new(d, prefix).ok()), oif)
+                {
+                    out.push(Occupied {
+                        net,
+                        iface: name(oif),
+                        address: false,
+                    });
+                }
             }
         }
         Ok(out)

@@ -74,7 +74,7 @@ pub struct Agent {
     pub hub_key: PublicKey,
     /// The hub's address on the tunnel: its API, and the name of the relay.
     pub hub_address: IpAddr,
-    pub api: SocketAddr,
+    pub api: crate::control::tunnel::HubApi,
     pub own_address: IpAddr,
     pub store: StateDir,
     pub iface: String,
@@ -139,7 +139,7 @@ impl Agent {
 
 /// The control task.
 struct Control {
-    api: SocketAddr,
+    api: crate::control::tunnel::HubApi,
     socket: Arc<MeshSocket>,
     signer: Signer,
     pokes: watch::Receiver<u64>,

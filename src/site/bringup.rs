@@ -265,7 +265,7 @@ impl Site {
             }
         };
         progress.step(&format!("waiting for the server at {endpoint}"));
-        let first_packet = match wait_for_flow(api(&joined), started + timeout).await {
+        let first_packet = match wait_for_flow(api(&joined, &iface), started + timeout).await {
             Ok(()) => Some(started.elapsed()),
             Err(e) => {
                 tracing::warn!(

@@ -27,7 +27,8 @@ fn spec_for(
     link: Option<Arc<Dialer>>,
 ) -> EndpointSpec {
     let hub_peer = hub_peer(joined, hub);
-    crate::node::endpoint_spec(c, joined.subnets(), joined.mtu, hub_peer, api(joined), link)
+    let probe = SocketAddr::new(joined.server_address, crate::control::CONTROL_PORT);
+    crate::node::endpoint_spec(c, joined.subnets(), joined.mtu, hub_peer, probe, link)
 }
 
 /// The endpoints of the containers saved with the site (for `up`).
@@ -53,7 +54,7 @@ pub async fn register_containers(
     for (n, info) in infos.iter().enumerate() {
         let key = PrivateKey::generate();
         let got = tunnel::register_endpoint(
-            api(joined),
+            api(joined, iface),
             &signer,
             &key.public_key(),
             &info.name,
@@ -105,7 +106,7 @@ impl SiteEndpoints {
         }
         for c in &left {
             if let Err(e) = tunnel::release_endpoint(
-                api(&joined),
+                api(&joined, &self.iface),
                 &self.signer,
                 &c.private_key.public_key(),
                 Duration::from_secs(5),
@@ -158,7 +159,7 @@ impl crate::containers::Endpoints for SiteEndpoints {
         }
         let key = PrivateKey::generate();
         let got = tunnel::register_endpoint(
-            api(&joined),
+            api(&joined, &self.iface),
             &self.signer,
             &key.public_key(),
             name,
@@ -193,7 +194,7 @@ impl crate::containers::Endpoints for SiteEndpoints {
         let mut joined = self.joined.lock().await;
         // Registering the same key under another name renames it.
         tunnel::register_endpoint(
-            api(&joined),
+            api(&joined, &self.iface),
             &self.signer,
             &spec.key.public_key(),
             name,
@@ -223,7 +224,7 @@ impl crate::containers::Endpoints for SiteEndpoints {
     async fn release(&self, spec: &EndpointSpec) -> Result<(), ContainerError> {
         let mut joined = self.joined.lock().await;
         match tunnel::release_endpoint(
-            api(&joined),
+            api(&joined, &self.iface),
             &self.signer,
             &spec.key.public_key(),
             Duration::from_secs(5),

@@ -57,7 +57,10 @@ pub async fn establish(
             ),
             default_name: inv.name.is_none(),
         },
-        api: SocketAddr::new(inv.token.server_address, CONTROL_PORT),
+        api: tunnel::HubApi::via(
+            SocketAddr::new(inv.token.server_address, CONTROL_PORT),
+            inv.iface,
+        ),
         j,
         dialers: Mutex::default(),
         route: Mutex::default(),
@@ -142,7 +145,7 @@ struct Live<'a> {
     /// Signs with the token's invite key.
     invite: Signer,
     joining: Joining,
-    api: SocketAddr,
+    api: tunnel::HubApi,
     dialers: Mutex<Vec<Arc<Dialer>>>,
     route: Mutex<Option<Route>>,
     joined: Mutex<Option<JoinedState>>,
@@ -222,7 +225,7 @@ impl World for Live<'_> {
 }
 
 /// Probes the server's API through the tunnel until it answers or `deadline`.
-pub async fn wait_for_flow(api: SocketAddr, deadline: Instant) -> Result<(), ControlError> {
+pub async fn wait_for_flow(api: tunnel::HubApi, deadline: Instant) -> Result<(), ControlError> {
     loop {
         // A connection shows traffic flows; its answer may wait on a busy hub.
         let left = deadline.saturating_duration_since(Instant::now());

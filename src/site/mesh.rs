@@ -39,7 +39,7 @@ pub(super) fn agent(
         private_key: joined.private_key.clone(),
         hub_key: joined.server_public_key,
         hub_address: joined.server_address,
-        api: super::api(joined),
+        api: super::api(joined, iface),
         own_address: joined.address.ip(),
         store: store.clone(),
         iface: iface.to_owned(),

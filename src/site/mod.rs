@@ -105,6 +105,8 @@ pub enum SiteError {
     #[error(transparent)]
     Gateway(#[from] crate::gateway::GatewayError),
     #[error(transparent)]
+    Net(#[from] crate::net::NetError),
+    #[error(transparent)]
     Driver(#[from] crate::driver::DriverError),
     #[error(transparent)]
     Node(#[from] crate::node::NodeError),
@@ -132,6 +134,25 @@ impl SiteError {
     }
 }
 
+/// Refuses a tunnel whose subnets overlap an address or route the host
+/// already has (another tunnel with the same default subnet, a LAN): its
+/// traffic, the join's own requests first, would leave through the
+/// other interface. Read before anything is changed.
+pub async fn refuse_clash(
+    net: &dyn NetOps,
+    subnets: &[IpNetwork],
+    iface: &str,
+) -> Result<(), SiteError> {
+    let host = net.occupied().await?;
+    match crate::net::clash(subnets, &host, iface) {
+        None => Ok(()),
+        Some((subnet, o)) => Err(SiteError::input(format!(
+            "the tunnel's subnet {subnet} overlaps the {o}: this host is already on a network there; \
+             ask the server's operator for a tunnel on a subnet of its own (tunnel serve --subnet CIDR)"
+        ))),
+    }
+}
+
 /// The hub as a site's only peer: the whole tunnel subnet through it.
 pub fn hub_peer(joined: &JoinedState, endpoint: SocketAddr) -> PeerSpec {
     PeerSpec {
@@ -142,9 +163,9 @@ pub fn hub_peer(joined: &JoinedState, endpoint: SocketAddr) -> PeerSpec {
     }
 }
 
-/// The hub's control API, through the tunnel.
-pub fn api(joined: &JoinedState) -> SocketAddr {
-    SocketAddr::new(joined.server_address, CONTROL_PORT)
+/// The hub's control API, through the tunnel on `iface`.
+pub fn api(joined: &JoinedState, iface: &str) -> tunnel::HubApi {
+    tunnel::HubApi::via(SocketAddr::new(joined.server_address, CONTROL_PORT), iface)
 }
 
 /// How this site's datagrams reach the hub, once chosen.
@@ -325,7 +346,7 @@ pub async fn run(
     } = site;
     let joined = keep_port(joined, device.as_ref(), &store, &iface).await;
     let metrics = crate::metrics::Metrics::new();
-    let hub_api = api(&joined);
+    let hub_api = api(&joined, &iface);
     let lans = tokio::sync::watch::channel(vec![]);
     let (routing, agent, view) =
         followers(&device, &net, mesh, &joined, &store, &iface, transparent);

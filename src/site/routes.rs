@@ -105,26 +105,29 @@ impl RouteSync {
                     continue;
                 }
             }
-            retry = match tunnel::fetch_routes(api(&self.joined), Duration::from_secs(5)).await {
-                Ok(all) => {
-                    let remote = remote_routes(&all, own);
-                    if let Err(e) = self.apply(&remote).await {
-                        tracing::warn!("routing the LANs {remote:?} into {}: {e}", self.iface);
-                        Duration::from_secs(2)
-                    } else {
-                        lans.send_if_modified(|l| {
-                            let changed = *l != remote;
-                            *l = remote;
-                            changed
-                        });
-                        ROUTES_POLL
+            retry =
+                match tunnel::fetch_routes(api(&self.joined, &self.iface), Duration::from_secs(5))
+                    .await
+                {
+                    Ok(all) => {
+                        let remote = remote_routes(&all, own);
+                        if let Err(e) = self.apply(&remote).await {
+                            tracing::warn!("routing the LANs {remote:?} into {}: {e}", self.iface);
+                            Duration::from_secs(2)
+                        } else {
+                            lans.send_if_modified(|l| {
+                                let changed = *l != remote;
+                                *l = remote;
+                                changed
+                            });
+                            ROUTES_POLL
+                        }
                     }
-                }
-                Err(e) => {
-                    tracing::debug!("asking the hub for routes: {e}");
-                    Duration::from_secs(2)
-                }
-            };
+                    Err(e) => {
+                        tracing::debug!("asking the hub for routes: {e}");
+                        Duration::from_secs(2)
+                    }
+                };
         }
     }
 

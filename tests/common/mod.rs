@@ -31,11 +31,12 @@ pub fn register_as(
     name: &'static str,
 ) -> Result<String, tunnel::control::ControlError> {
     let (key, hub) = keys(site);
+    let api = tunnel::control::tunnel::HubApi::via("10.77.0.1:51821".parse().unwrap(), &site.iface);
     site.host.block_on(move || async move {
         let signer = tunnel::control::auth::Signer::new(&key, &hub).unwrap();
         let fresh = tunnel::keys::PrivateKey::generate().public_key();
         tunnel::control::tunnel::register_endpoint(
-            "10.77.0.1:51821".parse().unwrap(),
+            api,
             &signer,
             &fresh,
             name,

@@ -14,7 +14,7 @@ pub mod setup;
 pub mod tasks;
 pub mod websocket;
 
-pub use setup::{DEFAULT_PORT, DEFAULT_SUBNET, PortChoice, Subnet6};
+pub use setup::{DEFAULT_PORT, PortChoice, Subnet6};
 
 use super::api::HubApi;
 use super::{Hub, HubEndpoints, Ledger, MintRequest};
@@ -137,10 +137,11 @@ fn input(what: &str) -> impl FnOnce(super::RouteError) -> ServeError + '_ {
 async fn plan(
     config: &HubConfig,
     docker: Option<&[ContainerInfo]>,
+    taken: &[IpNetwork],
 ) -> Result<(Plan, Ledger), ServeError> {
     let store = StateDir::new(&config.state_dir);
     let restart = store.load_server(&config.iface)?.is_some();
-    let mut state = setup::load_or_new(config, &store)?;
+    let mut state = setup::load_or_new(config, &store, taken)?;
     let subnets = state.subnets().all();
     super::ledger::validate_routes(&config.routes, &subnets).map_err(input(""))?;
     super::ledger::validate_routes(&config.token_routes, &subnets)
@@ -198,7 +199,21 @@ pub async fn run(
         net,
         firewall,
     } = prepared;
-    let (plan, mut ledger) = plan(&config, docker.as_ref().map(|(_, i)| i.as_slice())).await?;
+    // A new hub's default subnet keeps clear of what the host has (but
+    // our own interface, which a crash may have left).
+    let taken: Vec<IpNetwork> = match net.occupied().await {
+        Ok(o) => o
+            .into_iter()
+            .filter(|o| o.iface != config.iface)
+            .map(|o| o.net)
+            .collect(),
+        Err(e) => {
+            tracing::warn!("reading this host's addresses and routes: {e}");
+            vec![]
+        }
+    };
+    let docker_infos = docker.as_ref().map(|(_, i)| i.as_slice());
+    let (plan, mut ledger) = plan(&config, docker_infos, &taken).await?;
     // No site may claim what this host is or reaches directly.
     match net.host_networks(None).await {
         Ok(nets) => ledger.set_host_networks(&nets),

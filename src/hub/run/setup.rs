@@ -9,7 +9,6 @@ use ipnetwork::IpNetwork;
 use std::net::{IpAddr, SocketAddr};
 
 pub const DEFAULT_PORT: u16 = 51820;
-pub const DEFAULT_SUBNET: &str = "10.77.0.0/24";
 
 /// `--subnet6`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,11 +48,17 @@ fn default_mtu(config: &HubConfig) -> u32 {
     })
 }
 
-/// Reuses the saved state (same key, port, subnet, peers) or makes a new one.
-pub fn load_or_new(config: &HubConfig, store: &StateDir) -> Result<ServerState, ServeError> {
+/// Reuses the saved state (same key, port, subnet, peers) or makes a new
+/// one, whose default subnet overlaps none of `taken` (the host's
+/// addresses and routes).
+pub fn load_or_new(
+    config: &HubConfig,
+    store: &StateDir,
+    taken: &[IpNetwork],
+) -> Result<ServerState, ServeError> {
     match store.load_server(&config.iface)? {
         Some(saved) => reuse(config, store, saved),
-        None => fresh(config),
+        None => fresh(config, taken),
     }
 }
 
@@ -106,10 +111,17 @@ fn reuse(
     })
 }
 
-fn fresh(config: &HubConfig) -> Result<ServerState, ServeError> {
-    let subnet = config
-        .subnet
-        .unwrap_or_else(|| DEFAULT_SUBNET.parse().expect("valid default"));
+fn fresh(config: &HubConfig, taken: &[IpNetwork]) -> Result<ServerState, ServeError> {
+    let subnet = match config.subnet {
+        Some(s) => s,
+        None => crate::ipam::random_subnet(&mut rand_core::OsRng, taken).ok_or_else(|| {
+            ServeError::Input(format!(
+                "no free /24 in {} or {} on this host: give one with --subnet CIDR",
+                crate::ipam::DEFAULT_RANGE,
+                crate::ipam::FALLBACK_RANGE
+            ))
+        })?,
+    };
     let subnet6 = match config.subnet6 {
         Some(Subnet6::Net(n)) => Some(n),
         Some(Subnet6::None) => None,
@@ -180,8 +192,18 @@ pub(super) mod tests {
     #[test]
     fn a_first_start_takes_the_defaults_and_a_twin_ipv6_subnet() {
         let tmp = tempfile::tempdir().unwrap();
-        let s = load_or_new(&config(tmp.path()), &StateDir::new(tmp.path())).unwrap();
-        assert_eq!(s.subnet, DEFAULT_SUBNET.parse::<IpNetwork>().unwrap());
+        let host: IpNetwork = "100.64.0.0/11".parse().unwrap();
+        let store = StateDir::new(tmp.path());
+        let s = load_or_new(&config(tmp.path()), &store, &[host]).unwrap();
+        // Away from what the host has; kept once saved.
+        assert!(
+            s.subnet.prefix() == 24 && !host.contains(s.subnet.network()),
+            "{}",
+            s.subnet
+        );
+        store.save("wgt0", &Endpoint::Server(s.clone())).unwrap();
+        let again = load_or_new(&config(tmp.path()), &store, &[]).unwrap();
+        assert_eq!(again.subnet, s.subnet);
         assert_eq!(s.port, DEFAULT_PORT);
         assert_eq!(s.mtu, crate::transport::UDP_MTU);
         assert!(s.subnet6.is_some_and(|n| n.is_ipv6()));
@@ -194,10 +216,10 @@ pub(super) mod tests {
         let store = StateDir::new(tmp.path());
         let mut c = config(tmp.path());
         c.subnet6 = Some(Subnet6::None);
-        assert_eq!(load_or_new(&c, &store).unwrap().subnet6, None);
+        assert_eq!(load_or_new(&c, &store, &[]).unwrap().subnet6, None);
         let mut c = config(tmp.path());
         c.subnet = Some("fd00:77::/64".parse().unwrap());
-        assert_eq!(load_or_new(&c, &store).unwrap().subnet6, None);
+        assert_eq!(load_or_new(&c, &store, &[]).unwrap().subnet6, None);
     }
 
     #[test]
@@ -205,7 +227,9 @@ pub(super) mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = config(tmp.path());
         c.port = Some(PortChoice::Random);
-        let port = load_or_new(&c, &StateDir::new(tmp.path())).unwrap().port;
+        let port = load_or_new(&c, &StateDir::new(tmp.path()), &[])
+            .unwrap()
+            .port;
         assert!(port >= 49152, "{port}");
     }
 
@@ -214,7 +238,7 @@ pub(super) mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut c = config(tmp.path());
         c.transport = ServeTransports::parse("wss").unwrap();
-        let s = load_or_new(&c, &StateDir::new(tmp.path())).unwrap();
+        let s = load_or_new(&c, &StateDir::new(tmp.path()), &[]).unwrap();
         assert_eq!(s.mtu, crate::transport::WS_MTU);
     }
 
@@ -222,7 +246,7 @@ pub(super) mod tests {
     fn a_restart_keeps_the_key_port_and_subnets() {
         let tmp = tempfile::tempdir().unwrap();
         let (store, before) = saved(tmp.path());
-        let after = load_or_new(&config(tmp.path()), &store).unwrap();
+        let after = load_or_new(&config(tmp.path()), &store, &[]).unwrap();
         assert_eq!(
             after.private_key.public_key(),
             before.private_key.public_key()
@@ -245,7 +269,7 @@ pub(super) mod tests {
         let mut six = config(tmp.path());
         six.subnet6 = Some(Subnet6::None);
         for (c, flag) in [(subnet, "--subnet"), (port, "--port"), (six, "--subnet6")] {
-            match load_or_new(&c, &store) {
+            match load_or_new(&c, &store, &[]) {
                 Err(ServeError::Input(m)) => {
                     assert!(m.contains(&file) && m.contains(flag), "{m}")
                 }
@@ -256,7 +280,7 @@ pub(super) mod tests {
         let mut same = config(tmp.path());
         same.port = Some(PortChoice::Fixed(40000));
         same.subnet = Some("10.9.0.0/24".parse().unwrap());
-        assert!(load_or_new(&same, &store).is_ok());
+        assert!(load_or_new(&same, &store, &[]).is_ok());
     }
 
     #[test]
@@ -265,7 +289,7 @@ pub(super) mod tests {
         let mut c = config(tmp.path());
         c.subnet = Some("10.9.0.0/31".parse().unwrap());
         assert!(matches!(
-            load_or_new(&c, &StateDir::new(tmp.path())),
+            load_or_new(&c, &StateDir::new(tmp.path()), &[]),
             Err(ServeError::Ipam(_))
         ));
     }
