@@ -286,6 +286,12 @@ impl Gateway {
         self.setup.confine()
     }
 
+    /// Whether our nftables table holds the policy (not `--firewall off`,
+    /// nftables not missing): only then can the policy change live.
+    pub fn guarded(&self) -> bool {
+        matches!(self.setup, Setup::Guarded(_))
+    }
+
     /// Whether this host may forward between the tunnel and elsewhere:
     /// false only where neither nftables nor the userspace device can
     /// confine it.

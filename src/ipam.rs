@@ -164,6 +164,79 @@ pub fn random_ula() -> IpNetwork {
     IpNetwork::new(IpAddr::V6(Ipv6Addr::from(b)), 64).expect("a /64")
 }
 
+/// LANs one site (or the hub) may advertise.
+pub const MAX_LANS: usize = 64;
+
+/// Why a list of LANs is no good by itself.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LanError {
+    #[error("at most {MAX_LANS} routes per site")]
+    TooMany,
+    #[error("route {0} is not a network address (did you mean {1}?)")]
+    NotNetwork(IpNetwork, IpNetwork),
+    #[error(
+        "route {0} is the whole internet: advertise the LANs behind a site, not a default route"
+    )]
+    Default(IpNetwork),
+    #[error("route {0} is a loopback, link-local, multicast or unspecified range")]
+    Special(IpNetwork),
+    #[error("route {0} overlaps the tunnel's subnet {1}")]
+    Tunnel(IpNetwork, IpNetwork),
+    #[error("route {0} overlaps {1}, in the same list")]
+    Twin(IpNetwork, IpNetwork),
+}
+
+/// Whether two networks share an address.
+pub fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
+    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
+}
+
+/// Ranges that are never a LAN behind a site: loopback, link-local,
+/// multicast, the unspecified address.
+pub fn special(r: &IpNetwork) -> bool {
+    let specials: [&str; 7] = [
+        "0.0.0.0/8",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "224.0.0.0/4",
+        "::1/128",
+        "fe80::/10",
+        "ff00::/8",
+    ];
+    specials
+        .iter()
+        .map(|s| s.parse::<IpNetwork>().expect("valid"))
+        .any(|s| overlaps(r, &s))
+        || r.network().is_unspecified()
+}
+
+/// What a list of LANs must be by itself: network addresses, no default
+/// route, clear of the tunnel's `subnets` and of each other.
+pub fn check_lans(routes: &[IpNetwork], subnets: &[IpNetwork]) -> Result<(), LanError> {
+    if routes.len() > MAX_LANS {
+        return Err(LanError::TooMany);
+    }
+    for (i, r) in routes.iter().enumerate() {
+        let normal = IpNetwork::new(r.network(), r.prefix()).expect("same prefix");
+        if normal.ip() != r.ip() {
+            return Err(LanError::NotNetwork(*r, normal));
+        }
+        if r.prefix() == 0 {
+            return Err(LanError::Default(*r));
+        }
+        if special(r) {
+            return Err(LanError::Special(*r));
+        }
+        if let Some(s) = subnets.iter().find(|s| overlaps(r, s)) {
+            return Err(LanError::Tunnel(*r, *s));
+        }
+        if let Some(twin) = routes[..i].iter().find(|o| overlaps(r, o)) {
+            return Err(LanError::Twin(*r, *twin));
+        }
+    }
+    Ok(())
+}
+
 /// The range a new hub's default subnet is drawn from: RFC 6598's shared
 /// address space sits on no LAN (not in home routers, the clouds' default
 /// networks, Docker's pools or Kubernetes'), which is why Tailscale uses it.
@@ -178,9 +251,7 @@ pub const FALLBACK_RANGE: &str = "10.0.0.0/8";
 /// and a joined site, on one host rarely pick the same, and never one the
 /// host already has. `None` when 256 draws found nothing free.
 pub fn random_subnet(rng: &mut impl rand_core::RngCore, taken: &[IpNetwork]) -> Option<IpNetwork> {
-    let overlap = |a: &IpNetwork, b: &IpNetwork| {
-        a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
-    };
+    let overlap = overlaps;
     let shared: IpNetwork = DEFAULT_RANGE.parse().expect("valid");
     let range: IpNetwork = if taken.iter().any(|t| t.prefix() > 0 && overlap(t, &shared)) {
         FALLBACK_RANGE.parse().expect("valid")

@@ -21,6 +21,73 @@ pub const DOWN: &str = "/v1/down";
 pub const PEERS: &str = "/v1/peers";
 pub const APPROVE: &str = "/v1/routes/approve";
 pub const REJECT: &str = "/v1/routes/reject";
+pub const LANS: &str = "/v1/lans";
+
+/// `tunnel route add|del CIDR`: a LAN behind this host, advertised or
+/// withdrawn while it runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LanChange {
+    pub prefix: ipnetwork::IpNetwork,
+    /// Add (`true`) or withdraw.
+    pub add: bool,
+    /// `--masquerade`: be a gateway towards the LANs from now on.
+    #[serde(default)]
+    pub masquerade: bool,
+}
+
+impl LanChange {
+    /// What a change makes of the LANs `routes` (masquerading or not):
+    /// the new set, checked by itself and against the tunnel's `subnets`.
+    pub fn apply(
+        &self,
+        routes: &[ipnetwork::IpNetwork],
+        masquerade: bool,
+        subnets: &[ipnetwork::IpNetwork],
+    ) -> Result<(Vec<ipnetwork::IpNetwork>, bool), String> {
+        let change = self;
+        let p = change.prefix;
+        let mut next = routes.to_vec();
+        if change.add {
+            if routes.contains(&p) {
+                return Err(format!("{p} is already routed through this host"));
+            }
+            next.push(p);
+        } else {
+            if change.masquerade {
+                return Err("--masquerade goes with route add".to_owned());
+            }
+            if !routes.contains(&p) {
+                return Err(format!(
+                    "{p} is not one of this host's LANs ({})",
+                    if routes.is_empty() {
+                        "it has none".to_owned()
+                    } else {
+                        routes
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                ));
+            }
+            next.retain(|r| *r != p);
+        }
+        crate::ipam::check_lans(&next, subnets).map_err(|e| e.to_string())?;
+        // Masquerading needs LANs to masquerade towards.
+        let masquerade = (masquerade || change.masquerade) && !next.is_empty();
+        Ok((next, masquerade))
+    }
+}
+
+/// The LANs behind this host after a change, and those of them that
+/// wait for the hub operator's approval.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LanSet {
+    pub routes: Vec<ipnetwork::IpNetwork>,
+    pub masquerade: bool,
+    #[serde(default)]
+    pub pending: Vec<ipnetwork::IpNetwork>,
+}
 
 /// `tunnel peer add`'s request: the client's key, made on its device.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -131,6 +198,13 @@ pub trait LocalApi: Send + Sync {
     ) -> Result<RouteDecided, LocalError> {
         Err(LocalError::NotAServer)
     }
+
+    /// Adds or withdraws a LAN behind this host.
+    async fn change_lans(&self, _req: LanChange) -> Result<LanSet, LocalError> {
+        Err(LocalError::BadRequest(
+            "this endpoint routes no LANs".to_owned(),
+        ))
+    }
 }
 
 type Api = (Arc<dyn LocalApi>, Arc<dyn Fn() + Send + Sync>);
@@ -209,6 +283,18 @@ async fn reject(
     decide(api, false, &body).await
 }
 
+async fn lans(
+    State((api, _)): State<Api>,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<LanSet>, Refusal> {
+    let req: LanChange =
+        serde_json::from_slice(&body).map_err(|e| refuse(StatusCode::BAD_REQUEST, e))?;
+    api.change_lans(req)
+        .await
+        .map(axum::Json)
+        .map_err(local_refusal)
+}
+
 async fn stop(State((_, down)): State<Api>) -> axum::Json<Vec<String>> {
     down();
     axum::Json(vec!["stopping".to_owned()])
@@ -223,6 +309,7 @@ pub fn router(api: Arc<dyn LocalApi>, down: Arc<dyn Fn() + Send + Sync>) -> Rout
         .route(PEERS, post(add_peer))
         .route(APPROVE, post(approve))
         .route(REJECT, post(reject))
+        .route(LANS, post(lans))
         .route(DOWN, post(stop))
         .with_state((api, down))
 }
@@ -326,6 +413,12 @@ pub async fn request_route(
     call(socket, "POST", path, body, TIMEOUT).await
 }
 
+/// Adds or withdraws a LAN on the instance behind `socket`.
+pub async fn request_lans(socket: &Path, req: &LanChange) -> Result<LanSet, ControlError> {
+    let body = serde_json::to_vec(req).expect("serializes");
+    call(socket, "POST", LANS, body, TIMEOUT).await
+}
+
 pub async fn request_down(socket: &Path) -> Result<(), ControlError> {
     call::<Vec<String>>(socket, "POST", DOWN, vec![], TIMEOUT)
         .await
@@ -414,5 +507,65 @@ mod tests {
         assert!(text.contains("joined site"), "{text}");
         let (status, _) = post(api, REVOKE, r#"{"target": "x"}"#).await;
         assert_eq!(status, StatusCode::CONFLICT);
+    }
+}
+
+#[cfg(test)]
+mod lan_tests {
+    use super::*;
+    use ipnetwork::IpNetwork;
+
+    fn n(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+
+    fn change(p: &str, add: bool, masquerade: bool) -> LanChange {
+        LanChange {
+            prefix: n(p),
+            add,
+            masquerade,
+        }
+    }
+
+    #[test]
+    fn a_change_is_checked_as_at_join() {
+        let tunnel = [n("10.77.0.0/24")];
+        let lans = [n("192.168.1.0/24")];
+        let (next, masq) = change("192.168.2.0/24", true, true)
+            .apply(&lans, false, &tunnel)
+            .unwrap();
+        assert_eq!(
+            (next, masq),
+            (vec![n("192.168.1.0/24"), n("192.168.2.0/24")], true)
+        );
+        for (bad, why) in [
+            (change("0.0.0.0/0", true, false), "whole internet"),
+            (change("10.77.0.0/16", true, false), "tunnel's subnet"),
+            (
+                change("192.168.1.0/25", true, false),
+                "overlaps 192.168.1.0/24",
+            ),
+            (change("192.168.1.0/24", true, false), "already routed"),
+            (
+                change("192.168.9.1/24", true, false),
+                "not a network address",
+            ),
+            (
+                change("192.168.9.0/24", false, false),
+                "not one of this host's LANs",
+            ),
+            (
+                change("192.168.1.0/24", false, true),
+                "--masquerade goes with route add",
+            ),
+        ] {
+            let e = bad.apply(&lans, false, &tunnel).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        // The last LAN gone: nothing left to masquerade towards.
+        let (next, masq) = change("192.168.1.0/24", false, false)
+            .apply(&lans, true, &tunnel)
+            .unwrap();
+        assert!(next.is_empty() && !masq);
     }
 }

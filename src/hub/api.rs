@@ -196,6 +196,40 @@ impl LocalApi for HubApi {
         })
     }
 
+    async fn change_lans(
+        &self,
+        req: crate::control::local::LanChange,
+    ) -> Result<crate::control::local::LanSet, LocalError> {
+        if req.masquerade {
+            return Err(LocalError::BadRequest(
+                "a hub masquerades towards its LANs with serve --masquerade; route add --masquerade is for sites"
+                    .to_owned(),
+            ));
+        }
+        let state = self.hub.snapshot().await;
+        let (next, _) = req
+            .apply(&state.routes, false, &state.subnets().all())
+            .map_err(LocalError::BadRequest)?;
+        self.hub
+            .set_own_routes(next.clone())
+            .await
+            .map_err(|d| match d {
+                Denied::Refused(e) => LocalError::BadRequest(e.to_string()),
+                d => unavailable(d),
+            })?;
+        let verb = if req.add {
+            "now routes"
+        } else {
+            "no longer routes"
+        };
+        tracing::info!("{} {verb} {}", self.iface, req.prefix);
+        Ok(crate::control::local::LanSet {
+            routes: next,
+            masquerade: false,
+            pending: vec![],
+        })
+    }
+
     async fn revoke(&self, target: &str) -> Result<Vec<String>, LocalError> {
         self.hub.revoke(target).await.map_err(|d| match d {
             Denied::Refused(e @ RevokeError::NotFound(_)) => LocalError::NotFound(e.to_string()),

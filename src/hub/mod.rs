@@ -410,6 +410,11 @@ impl Hub {
         self.wg.clone()
     }
 
+    /// The host's network stack, when the hub changes it (not in tests).
+    pub fn net(&self) -> Option<Arc<dyn crate::net::NetOps>> {
+        self.net.clone()
+    }
+
     pub async fn snapshot(&self) -> ServerState {
         self.ledger.lock().await.state().clone()
     }

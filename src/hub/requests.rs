@@ -148,6 +148,13 @@ impl Hub {
         Ok((site, self.ledger.lock().await.pending_routes(site)))
     }
 
+    /// The hub's own LANs (`route add|del` on the hub): saved, then
+    /// pushed to every site as any advertised change is.
+    pub async fn set_own_routes(&self, routes: Vec<IpNetwork>) -> Result<(), Denied<RouteError>> {
+        self.note_underlay().await;
+        self.transact(true, |l| l.set_hub_routes(routes)).await
+    }
+
     /// Withdraws what the site `target` has within `prefix`.
     pub async fn reject(
         &self,

@@ -121,10 +121,6 @@ impl std::fmt::Display for Occupied {
     }
 }
 
-fn overlap(a: &IpNetwork, b: &IpNetwork) -> bool {
-    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
-}
-
 /// The first of `occupied` that overlaps one of `subnets`, leaving out
 /// what sits on `own` (our own interface, left by a crash, goes before
 /// the new one comes) and default routes (they overlap everything, and
@@ -138,7 +134,7 @@ pub fn clash<'a>(
         occupied
             .iter()
             .filter(|o| o.iface != own && o.net.prefix() > 0)
-            .find(|o| overlap(s, &o.net))
+            .find(|o| crate::ipam::overlaps(s, &o.net))
             .map(|o| (*s, o))
     })
 }

@@ -22,15 +22,25 @@ pub(super) struct SiteApi {
     pub(super) driver: Option<Arc<crate::driver::Driver>>,
     /// The mesh's paths, when this site takes part.
     pub(super) mesh: Option<tokio::sync::watch::Receiver<crate::node::mesh::MeshView>>,
+    /// Its LANs, which `route add|del` change.
+    pub(super) lans: Arc<super::lans::Lans>,
 }
 
 #[async_trait::async_trait]
 impl LocalApi for SiteApi {
+    async fn change_lans(
+        &self,
+        req: crate::control::local::LanChange,
+    ) -> Result<crate::control::local::LanSet, crate::control::local::LocalError> {
+        self.lans.change(req).await
+    }
+
     async fn report(&self) -> Vec<EndpointStatus> {
         let mut main =
             crate::status::from_state(&self.iface, &Endpoint::Joined(self.joined.clone()))
                 .swap_remove(0);
         main.state = crate::status::State::Up;
+        main.routes = self.lans.routes();
         main.backend = Some(self.device.backend());
         main.listen_port = self.device.listen_port().await.ok();
         let view = self.mesh.as_ref().map(|m| m.borrow().clone());

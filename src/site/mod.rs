@@ -13,6 +13,7 @@ pub mod endpoints;
 pub mod host;
 mod invitation;
 pub mod join;
+pub mod lans;
 pub mod machine;
 mod mesh;
 pub mod path;
@@ -31,7 +32,7 @@ use routes::RouteSync;
 pub use routes::remote_routes;
 
 use crate::containers::ContainerError;
-use crate::control::auth::{AuthError, Signer};
+use crate::control::auth::AuthError;
 use crate::control::{CONTROL_PORT, ControlError, tunnel};
 use crate::gateway::Gateway;
 use crate::net::NetOps;
@@ -347,11 +348,18 @@ pub async fn run(
     let joined = keep_port(joined, device.as_ref(), &store, &iface).await;
     let metrics = crate::metrics::Metrics::new();
     let hub_api = api(&joined, &iface);
-    let lans = tokio::sync::watch::channel(vec![]);
+    let remote = tokio::sync::watch::channel(vec![]);
     let (routing, agent, view) =
         followers(&device, &net, mesh, &joined, &store, &iface, transparent);
     let mesh_on = agent.is_some();
-    let signer = Signer::new(&joined.private_key, &joined.server_public_key)?;
+    let lans = Arc::new(lans::Lans::new(
+        &joined,
+        net.clone(),
+        &iface,
+        &store,
+        hub_api,
+        gateway,
+    )?);
     let (meshing, has_map, stop_mesh) = mesh::running(agent, shutdown.waiter());
     let mut services = Services::default();
     let starting = async {
@@ -382,7 +390,8 @@ pub async fn run(
                 server: joined.server_address,
                 metrics: metrics.clone(),
             };
-            services = Services::start(containers, endpoints, &ctx, lans.1.clone(), &mut shutdown)?;
+            services =
+                Services::start(containers, endpoints, &ctx, remote.1.clone(), &mut shutdown)?;
             services.attach().await?;
             // A packet sent the moment `join` returns goes to its peer,
             // not through the hub in clear.
@@ -397,6 +406,7 @@ pub async fn run(
                 containers: services.containers(),
                 driver: services.driver(),
                 mesh: mesh_on.then(|| view.clone()),
+                lans: lans.clone(),
             });
             let metrics = metrics_listener.map(|l| (l, metrics.clone()));
             services.listen(&store, &iface, api, metrics, &shutdown)?;
@@ -407,8 +417,8 @@ pub async fn run(
         progress.done();
         if result.is_ok() {
             let stop_routing = shutdown.waiter();
-            let following = services.follow(shutdown.waiter(), lans.1.clone());
-            tokio::join!(following, routing.run(lans.0, stop_routing));
+            let following = services.follow(shutdown.waiter(), remote.1.clone());
+            tokio::join!(following, routing.run(remote.0, stop_routing));
         } else {
             let _ = stop_mesh.send(());
         }
@@ -416,12 +426,7 @@ pub async fn run(
     };
     let (result, ()) = tokio::join!(starting, meshing);
     services.stop().await;
-    if result.is_ok()
-        && let Err(e) = tunnel::leave_hub(hub_api, &signer, Duration::from_millis(500)).await
-    {
-        tracing::debug!("telling the server we leave: {e}");
-    }
-    let teardown = crate::node::remove(device.as_ref(), gateway, net.as_ref(), &iface).await;
+    let teardown = lans.teardown(device.as_ref(), result.is_ok()).await;
     result?;
     Ok(teardown?)
 }

@@ -45,30 +45,9 @@ pub enum RouteError {
 }
 
 /// Routes one site (or the hub) may advertise.
-pub const MAX_ROUTES: usize = 64;
+pub use crate::ipam::MAX_LANS as MAX_ROUTES;
 
-fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
-    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
-}
-
-/// Ranges that are never a LAN behind a site: loopback, link-local,
-/// multicast, the unspecified address.
-fn special(r: &IpNetwork) -> bool {
-    let specials: [&str; 7] = [
-        "0.0.0.0/8",
-        "127.0.0.0/8",
-        "169.254.0.0/16",
-        "224.0.0.0/4",
-        "::1/128",
-        "fe80::/10",
-        "ff00::/8",
-    ];
-    specials
-        .iter()
-        .map(|s| s.parse::<IpNetwork>().expect("valid"))
-        .any(|s| overlaps(r, &s))
-        || r.network().is_unspecified()
-}
+use crate::ipam::{overlaps, special};
 
 /// The network of an address with its prefix (`10.1.2.3/24` -> `10.1.2.0/24`).
 fn network_of(n: &IpNetwork) -> IpNetwork {
@@ -78,32 +57,19 @@ fn network_of(n: &IpNetwork) -> IpNetwork {
 /// What a list of routes must be by itself: network addresses, no default
 /// route, clear of the tunnel's `subnet` and of each other.
 pub fn validate_routes(routes: &[IpNetwork], subnets: &[IpNetwork]) -> Result<(), RouteError> {
-    if routes.len() > MAX_ROUTES {
-        return Err(RouteError::TooMany);
-    }
-    for (i, r) in routes.iter().enumerate() {
-        let normal = IpNetwork::new(r.network(), r.prefix()).expect("same prefix");
-        if normal.ip() != r.ip() {
-            return Err(RouteError::NotNetwork(*r, normal));
-        }
-        if r.prefix() == 0 {
-            return Err(RouteError::Default(*r));
-        }
-        if special(r) {
-            return Err(RouteError::Special(*r));
-        }
-        if let Some(s) = subnets.iter().find(|s| overlaps(r, s)) {
-            return Err(RouteError::Tunnel(*r, *s));
-        }
-        if let Some(twin) = routes[..i].iter().find(|o| overlaps(r, o)) {
-            return Err(RouteError::Taken {
-                route: *r,
-                other: *twin,
-                owner: "this same list".to_owned(),
-            });
-        }
-    }
-    Ok(())
+    use crate::ipam::LanError as L;
+    crate::ipam::check_lans(routes, subnets).map_err(|e| match e {
+        L::TooMany => RouteError::TooMany,
+        L::NotNetwork(r, n) => RouteError::NotNetwork(r, n),
+        L::Default(r) => RouteError::Default(r),
+        L::Special(r) => RouteError::Special(r),
+        L::Tunnel(r, s) => RouteError::Tunnel(r, s),
+        L::Twin(route, other) => RouteError::Taken {
+            route,
+            other,
+            owner: "this same list".to_owned(),
+        },
+    })
 }
 
 /// What decides which of a site's advertised LANs take effect, computed

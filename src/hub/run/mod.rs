@@ -165,9 +165,14 @@ async fn plan(
     };
     let mut ledger = Ledger::new(state, config.endpoints_per_site.into())?;
     ledger.resume_swaps(Instant::now());
-    ledger
-        .set_hub_routes(config.routes.clone())
-        .map_err(input(""))?;
+    // `--route` replaces the saved LANs; without it the hub keeps what
+    // it had (`route add|del` changed them live).
+    let own_routes = if config.routes.is_empty() {
+        ledger.state().routes.clone()
+    } else {
+        config.routes.clone()
+    };
+    ledger.set_hub_routes(own_routes).map_err(input(""))?;
     ledger.set_offer(Offer {
         udp: config.transport.udp,
         websocket: websocket.as_ref().map(|w| w.offer.clone()),
@@ -548,7 +553,19 @@ async fn housekeeping(
         if round.check_firewall {
             openings.uplinks = hub.uplink_addresses();
             openings.probe_port = hub.mesh().map(|m| m.probe_port());
-            gateway.keep(Some(policy(config, &hub.snapshot().await, &openings)));
+            let state = hub.snapshot().await;
+            let lans_changed = state.routes != gateway.policy().routes;
+            gateway.keep(Some(policy(config, &state, &openings)));
+            // New LANs of the hub's own: their links forward too (the
+            // replies come in there).
+            if lans_changed
+                && let Some(net) = hub.net()
+                && let Err(e) = gateway
+                    .forward(net.as_ref(), state.subnets().has_ipv6())
+                    .await
+            {
+                tracing::warn!("forwarding towards the hub's LANs: {e}");
+            }
         }
         tokio::select! {
             _ = shutdown.wait() => return,

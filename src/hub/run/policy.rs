@@ -56,7 +56,8 @@ pub fn policy(config: &HubConfig, state: &ServerState, open: &Openings) -> Polic
     Policy {
         iface: config.iface.clone(),
         hub: true,
-        routes: config.routes.clone(),
+        // The saved set: `route add|del` change it while the hub runs.
+        routes: state.routes.clone(),
         masquerade: config.masquerade,
         listen,
         snat,
