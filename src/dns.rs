@@ -29,6 +29,8 @@ pub const DEFAULT_ZONE: &str = "tunnel";
 pub enum DnsError {
     #[error("--dns-zone {0:?} is not a domain name: {1}")]
     BadZone(String, String),
+    #[error("the host's resolvers (/etc/resolv.conf): {0}")]
+    Upstream(String),
     #[error("listening for DNS on {addr}")]
     Bind {
         addr: String,
@@ -215,6 +217,93 @@ impl Zone {
     }
 }
 
+impl Zone {
+    /// The query in `request` when it is one this zone does not hold: a
+    /// plain query, one question, class IN, a name outside the zone.
+    pub fn outside(&self, request: &[u8]) -> Option<Message> {
+        let query = Message::from_vec(request).ok()?;
+        let plain = query.metadata.message_type == MessageType::Query
+            && query.metadata.op_code == OpCode::Query;
+        let [q] = query.queries.as_slice() else {
+            return None;
+        };
+        (plain && q.query_class() == DNSClass::IN && !self.origin.zone_of(&q.name().to_lowercase()))
+            .then_some(query)
+    }
+}
+
+/// Whether `from` is inside the tunnel's subnets (not a LAN behind a
+/// site, not anyone else).
+fn within(peers: &[ipnetwork::IpNetwork], from: IpAddr) -> bool {
+    peers.iter().any(|p| p.contains(from))
+}
+
+/// Forwards in flight at most; beyond them a query gets SERVFAIL at once.
+const FORWARDS: usize = 256;
+
+/// Names outside the zone, asked of the hub host's own resolvers (its
+/// `/etc/resolv.conf`) through hickory-resolver, which caches the
+/// answers; only for senders inside the tunnel's subnets.
+pub struct Forwarder {
+    resolver: hickory_resolver::TokioResolver,
+    peers: Vec<ipnetwork::IpNetwork>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl Forwarder {
+    /// From the host's resolver configuration; `peers` are who may ask.
+    pub fn from_system(peers: Vec<ipnetwork::IpNetwork>) -> Result<Self, DnsError> {
+        let upstream = |e: &dyn std::fmt::Display| DnsError::Upstream(e.to_string());
+        let mut builder = hickory_resolver::Resolver::builder_tokio().map_err(|e| upstream(&e))?;
+        let opts = builder.options_mut();
+        opts.timeout = Duration::from_secs(2);
+        opts.attempts = 2;
+        opts.cache_size = 4096;
+        // The asker's name as it is: no search domains of the hub's host.
+        opts.ndots = 0;
+        let resolver = builder.build().map_err(|e| upstream(&e))?;
+        Ok(Self {
+            resolver,
+            peers,
+            slots: Arc::new(tokio::sync::Semaphore::new(FORWARDS)),
+        })
+    }
+
+    /// Whether `from` may have names outside the zone resolved.
+    pub fn may_ask(&self, from: IpAddr) -> bool {
+        within(&self.peers, from)
+    }
+
+    /// The answer to `query` from upstream: its records, NXDOMAIN, or
+    /// SERVFAIL when upstream fails or too many forwards are in flight.
+    pub async fn answer(&self, query: &Message) -> Vec<u8> {
+        let mut reply = Message::response(query.metadata.id, OpCode::Query);
+        reply.metadata.recursion_desired = query.metadata.recursion_desired;
+        reply.metadata.recursion_available = true;
+        reply.add_queries(query.queries.clone());
+        let q = &query.queries[0];
+        let looked = match self.slots.clone().try_acquire_owned() {
+            Ok(_slot) => Some(self.resolver.lookup(q.name().clone(), q.query_type()).await),
+            Err(_) => None,
+        };
+        match looked {
+            Some(Ok(found)) => {
+                reply.add_answers(found.answers().iter().cloned());
+            }
+            Some(Err(e)) if e.is_nx_domain() => {
+                reply.metadata.response_code = ResponseCode::NXDomain;
+            }
+            Some(Err(e)) if e.is_no_records_found() => {}
+            Some(Err(e)) => {
+                tracing::debug!("resolving {} upstream: {e}", q.name());
+                reply.metadata.response_code = ResponseCode::ServFail;
+            }
+            None => reply.metadata.response_code = ResponseCode::ServFail,
+        }
+        reply.to_vec().unwrap_or_default()
+    }
+}
+
 /// The hub's DNS sockets: UDP and TCP on each of its tunnel addresses,
 /// bound to the tunnel interface.
 pub struct Listeners {
@@ -255,21 +344,47 @@ pub fn bind(addrs: &[IpAddr], iface: &str) -> Result<Listeners, DnsError> {
     Ok(out)
 }
 
-/// Answers queries with the zone of the moment until `stop`.
+/// What to forward: the query, when it is for a name outside the zone
+/// and its sender may have such names resolved.
+fn to_forward(
+    zone: &tokio::sync::watch::Receiver<Arc<Zone>>,
+    forward: Option<&Arc<Forwarder>>,
+    request: &[u8],
+    from: IpAddr,
+) -> Option<(Arc<Forwarder>, Message)> {
+    let f = forward.filter(|f| f.may_ask(from))?;
+    let query = zone.borrow().outside(request)?;
+    Some((f.clone(), query))
+}
+
+/// Answers queries with the zone of the moment until `stop`; names
+/// outside it go to `forward`, when given.
 pub async fn serve(
     listeners: Listeners,
     zone: tokio::sync::watch::Receiver<Arc<Zone>>,
+    forward: Option<Arc<Forwarder>>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     for sock in listeners.udp {
         let zone = zone.clone();
+        let forward = forward.clone();
+        let sock = Arc::new(sock);
         tasks.spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
                 let Ok((n, from)) = sock.recv_from(&mut buf).await else {
                     continue;
                 };
+                if let Some((f, query)) = to_forward(&zone, forward.as_ref(), &buf[..n], from.ip())
+                {
+                    let sock = sock.clone();
+                    tokio::spawn(async move {
+                        let a = f.answer(&query).await;
+                        let _ = sock.send_to(&fit_udp(a), from).await;
+                    });
+                    continue;
+                }
                 let answer = zone.borrow().answer(&buf[..n]);
                 if let Some(a) = answer {
                     let _ = sock.send_to(&fit_udp(a), from).await;
@@ -279,19 +394,22 @@ pub async fn serve(
     }
     for listener in listeners.tcp {
         let zone = zone.clone();
+        let forward = forward.clone();
         tasks.spawn(async move {
             let slots = Arc::new(tokio::sync::Semaphore::new(64));
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let Ok((stream, from)) = listener.accept().await else {
                     continue;
                 };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     continue;
                 };
                 let zone = zone.clone();
+                let forward = forward.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let _ = tokio::time::timeout(Duration::from_secs(10), tcp(stream, zone)).await;
+                    let talk = tcp(stream, zone, forward, from.ip());
+                    let _ = tokio::time::timeout(Duration::from_secs(10), talk).await;
                 });
             }
         });
@@ -316,13 +434,18 @@ fn fit_udp(mut answer: Vec<u8>) -> Vec<u8> {
 async fn tcp(
     mut stream: tokio::net::TcpStream,
     zone: tokio::sync::watch::Receiver<Arc<Zone>>,
+    forward: Option<Arc<Forwarder>>,
+    from: IpAddr,
 ) -> std::io::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
         let len = stream.read_u16().await? as usize;
         let mut buf = vec![0u8; len];
         stream.read_exact(&mut buf).await?;
-        let answer = zone.borrow().answer(&buf);
+        let answer = match to_forward(&zone, forward.as_ref(), &buf, from) {
+            Some((f, query)) => Some(f.answer(&query).await),
+            None => zone.borrow().answer(&buf),
+        };
         let Some(a) = answer else { return Ok(()) };
         stream.write_u16(a.len() as u16).await?;
         stream.write_all(&a).await?;
@@ -442,6 +565,37 @@ mod tests {
         .unwrap();
         assert_eq!(reply.metadata.id, 0xabcd);
         assert_eq!(reply.metadata.response_code, ResponseCode::FormErr);
+    }
+
+    #[test]
+    fn only_plain_queries_for_names_outside_the_zone_are_forwarded() {
+        let z = zone();
+        let out = |m: &Message| z.outside(&m.to_vec().unwrap()).is_some();
+        assert!(out(&query("www.example.org.")));
+        assert!(!out(&query("web.site-a.tunnel.")), "a name of the zone");
+        assert!(!out(&query("nothing-here.tunnel.")), "NXDOMAIN of the zone");
+        let mut two = query("www.example.org.");
+        two.add_query(hickory_proto::op::Query::query(
+            Name::from_ascii("other.example.org.").unwrap(),
+            RecordType::A,
+        ));
+        assert!(!out(&two));
+        let mut update = query("www.example.org.");
+        update.metadata.op_code = OpCode::Update;
+        assert!(!out(&update));
+        assert!(z.outside(b"garbage").is_none());
+    }
+
+    #[test]
+    fn only_the_tunnels_subnets_may_have_names_resolved() {
+        let peers = [
+            "10.77.0.0/24".parse().unwrap(),
+            "fd00:77::/64".parse().unwrap(),
+        ];
+        assert!(within(&peers, "10.77.0.9".parse().unwrap()));
+        assert!(within(&peers, "fd00:77::9".parse().unwrap()));
+        assert!(!within(&peers, "192.168.1.5".parse().unwrap()));
+        assert!(!within(&peers, "fd00::5".parse().unwrap()));
     }
 
     #[test]

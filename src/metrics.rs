@@ -417,6 +417,7 @@ mod tests {
             address: "10.77.0.1/24".parse().unwrap(),
             address6: None,
             listen_port: Some(51820),
+            listening: vec![],
             public_key: PrivateKey::from_bytes([7; 32]).public_key(),
             container: None,
             container_id: None,

@@ -64,6 +64,9 @@ pub struct EndpointStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address6: Option<IpNetwork>,
     pub listen_port: Option<u16>,
+    /// What a running hub listens on (`UDP 51820`, `WebSocket ... on TCP ...`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listening: Vec<String>,
     pub public_key: PublicKey,
     /// For container endpoints: the container's name.
     pub container: Option<String>,
@@ -201,6 +204,7 @@ pub fn from_state(iface: &str, endpoint: &Endpoint) -> Vec<EndpointStatus> {
             address: addrs[0],
             address6: addrs.get(1).copied(),
             listen_port: None,
+            listening: vec![],
             public_key: key,
             container: None,
             container_id: None,
@@ -405,6 +409,9 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
         }
         if let Some(p) = e.listen_port {
             let _ = writeln!(out, "  listen port: {p}");
+        }
+        if !e.listening.is_empty() {
+            let _ = writeln!(out, "  listens on: {}", e.listening.join(", "));
         }
         let _ = writeln!(out, "  public key: {}", e.public_key);
         if let Some(c) = &e.container {

@@ -410,3 +410,58 @@ fn a_container_on_a_proxy_only_site_reaches_the_hubs_container() {
     let links = common::docker_ok(&["exec", &cli, "ip", "-o", "link"]);
     assert!(links.contains("mtu 1400"), "{links}");
 }
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_hub_on_websocket_only_binds_no_udp_port_and_says_what_it_listens_on() {
+    needs_root("wss_only_hub");
+    let mut lab = common::lab(2);
+    let (a, b) = (lab.host(0), lab.host(1));
+    let hub = lab.serve(
+        &a,
+        "a",
+        1,
+        &["--transport", "wss", "--wss-listen", "[::]:8443"],
+    );
+    // No UDP socket outside the tunnel: the hub's own addresses in it
+    // (DNS, the route pokes) are all there is.
+    let udp = a.run(&["ss", "-Hulnp"]);
+    let outside: Vec<&str> = udp
+        .lines()
+        .filter(|l| {
+            // `ADDR%DEVICE:PORT` for a socket bound to the tunnel device.
+            let local = l.split_whitespace().nth(3).unwrap_or("");
+            let host = local.rsplit_once(':').map_or(local, |(h, _)| h);
+            let host = host.split('%').next().unwrap_or(host);
+            !(host == "10.77.0.1" || host.starts_with("[fd"))
+        })
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "UDP sockets outside the tunnel: {outside:?}"
+    );
+    assert!(!udp.contains(":51820"), "{udp}");
+
+    // Sites still join and reach it, over the WebSocket.
+    let site = lab.join(&b, "b", &hub.lines[0], &a, &[]);
+    assert!(site.lines[0].contains("over wss"), "{:?}", site.lines);
+    assert!(b.ping("10.77.0.1"));
+
+    let status = lab.status(&hub);
+    assert_eq!(
+        status[0]["listen_port"],
+        serde_json::Value::Null,
+        "{status}"
+    );
+    assert_eq!(
+        status[0]["listening"],
+        serde_json::json!(["WebSocket with TLS (wss) on TCP [::]:8443"]),
+        "{status}"
+    );
+    let text = lab.tunnel_ok(&a, &hub.local("status"));
+    assert!(
+        text.contains("listens on: WebSocket with TLS (wss) on TCP [::]:8443")
+            && !text.contains("listen port"),
+        "{text}"
+    );
+}

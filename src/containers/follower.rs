@@ -216,6 +216,7 @@ impl Follower {
             relay: spec.link.as_ref().map(|_| Relay::new("websocket")),
             quarantine: None,
             mesh: None,
+            udp: true,
         };
         let Placed { device, net } = self
             .placer

@@ -90,6 +90,7 @@ fn configured(
         address: spec.address,
         address6: spec.address6,
         listen_port: None,
+        listening: vec![],
         public_key: spec.key.public_key(),
         container: Some(spec.container.clone()),
         container_id: attached.map(|(a, _)| a.id.clone()),

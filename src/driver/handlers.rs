@@ -298,6 +298,7 @@ fn device_spec(spec: &EndpointSpec, lans: &[IpNetwork], relay: Option<Arc<Relay>
         relay,
         quarantine: None,
         mesh: None,
+        udp: true,
     }
 }
 

@@ -171,6 +171,7 @@ impl Driver {
                 address: spec.address,
                 address6: None,
                 listen_port: None,
+                listening: vec![],
                 public_key: spec.key.public_key(),
                 container: Some(spec.container.clone()),
                 container_id: None,

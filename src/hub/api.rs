@@ -20,6 +20,10 @@ pub struct HubApi {
     pub relay: Option<Arc<crate::transport::Relay>>,
     /// The network driver, whose endpoints status shows too.
     pub driver: Option<Arc<crate::driver::Driver>>,
+    /// What the hub listens on, for `status`; no UDP port for a hub on
+    /// WebSocket only.
+    pub listening: Vec<String>,
+    pub udp: bool,
 }
 
 fn unavailable<E: std::error::Error>(d: Denied<E>) -> LocalError {
@@ -38,6 +42,10 @@ impl LocalApi for HubApi {
             status::from_state(&self.iface, &Endpoint::Server(state.clone())).swap_remove(0);
         main.state = status::State::Up;
         main.backend = Some(device.backend());
+        main.listening = self.listening.clone();
+        if !self.udp {
+            main.listen_port = None;
+        }
         main.mesh = Some(match self.hub.mesh() {
             Some(m) => {
                 let (packets, bytes) = m.relayed();

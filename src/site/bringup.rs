@@ -101,6 +101,35 @@ async fn raise(
     }
 }
 
+/// The device of a saved site (`up`): its key, its address, the hub as
+/// its peer on `route`.
+fn saved_spec(
+    joined: &JoinedState,
+    iface: &str,
+    route: &super::Route,
+    relay: Option<Arc<Relay>>,
+    mesh: Arc<MeshSocket>,
+) -> DeviceSpec {
+    // The port it last had, where peers last saw it (any other if taken).
+    let port = joined
+        .listen_port
+        .filter(|p| crate::wg::check_port_free(*p).is_ok())
+        .unwrap_or(0);
+    DeviceSpec {
+        name: iface.to_owned(),
+        private_key: joined.private_key.clone(),
+        listen_port: port,
+        peers: vec![hub_peer(joined, route.endpoint)],
+        addresses: joined.subnets().interface(joined.address.ip()),
+        mtu: joined.mtu,
+        confine: None,
+        relay,
+        quarantine: None,
+        mesh: Some(mesh),
+        udp: true,
+    }
+}
+
 /// What a joined site has once admitted: its route, its state, and what
 /// changed on the host for it.
 struct Admitted {
@@ -228,23 +257,7 @@ impl Site {
         )
         .await?;
         let (mesh, disco) = MeshSocket::new(false, relay.clone());
-        // The port it last had, where peers last saw it (any other if taken).
-        let port = joined
-            .listen_port
-            .filter(|p| crate::wg::check_port_free(*p).is_ok())
-            .unwrap_or(0);
-        let spec = DeviceSpec {
-            name: iface.clone(),
-            private_key: joined.private_key.clone(),
-            listen_port: port,
-            peers: vec![hub_peer(&joined, route.endpoint)],
-            addresses: joined.subnets().interface(joined.address.ip()),
-            mtu: joined.mtu,
-            confine: None,
-            relay: relay.clone(),
-            quarantine: None,
-            mesh: Some(mesh.clone()),
-        };
+        let spec = saved_spec(&joined, &iface, &route, relay.clone(), mesh.clone());
         let (device, mut gateway) = raise(spec, backend, gateway, &net, &store).await?;
         let host = prepare_host(
             &mut gateway,

@@ -83,6 +83,7 @@ impl Invitation<'_> {
             relay,
             quarantine: None,
             mesh: None,
+            udp: true,
         }
     }
 

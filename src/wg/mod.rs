@@ -135,6 +135,9 @@ pub struct DeviceSpec {
     pub quarantine: Option<Arc<Quarantine>>,
     /// Userspace only: the mesh's probes and relay on the UDP socket.
     pub mesh: Option<Arc<mesh::MeshSocket>>,
+    /// Whether to bind a UDP socket; false (userspace only) leaves the
+    /// WebSocket links as the only way in (a hub on `--transport wss`).
+    pub udp: bool,
 }
 
 /// A running WireGuard interface.
@@ -180,7 +183,7 @@ pub async fn create(
         return Err(NetError::Exists(spec.name.clone()).into());
     }
     userspace::check_uapi_free(&spec.name)?;
-    if spec.listen_port != 0 {
+    if spec.udp && spec.listen_port != 0 {
         check_port_free(spec.listen_port)?;
     }
     let link_net = into
@@ -282,6 +285,7 @@ mod tests {
             relay: None,
             quarantine: None,
             mesh: None,
+            udp: true,
         }
     }
 

@@ -172,7 +172,8 @@ impl IpRecv for Tun {
 /// link's virtual address as their source. One device thus serves UDP
 /// and WebSocket peers with one key and one set of peers.
 pub struct Mux {
-    udp: UdpSocketFactory,
+    /// None: WebSocket links only, no UDP socket bound.
+    udp: Option<UdpSocketFactory>,
     relay: Option<Arc<Relay>>,
     mesh: Option<Arc<MeshSocket>>,
 }
@@ -185,9 +186,17 @@ impl UdpTransportFactory for Mux {
         &mut self,
         params: &UdpTransportFactoryParams,
     ) -> std::io::Result<(MuxSend, MuxRecv)> {
-        let (send, recv) = self.udp.bind(params).await?;
+        let (send, recv) = match &mut self.udp {
+            Some(udp) => {
+                let (s, r) = udp.bind(params).await?;
+                (Some(s), Some(r))
+            }
+            None => (None, None),
+        };
         let inbound = self.relay.as_ref().map(|r| r.attach());
-        if let Some(m) = &self.mesh {
+        if let Some(m) = &self.mesh
+            && let Some(send) = &send
+        {
             let udp = send.clone();
             // Straight to the socket: tokio's try_send_to would refuse
             // until its reactor first saw the socket writable.
@@ -216,7 +225,7 @@ impl UdpTransportFactory for Mux {
 
 #[derive(Clone)]
 pub struct MuxSend {
-    udp: UdpSocket,
+    udp: Option<UdpSocket>,
     relay: Option<Arc<Relay>>,
     mesh: Option<Arc<MeshSocket>>,
     /// UDP GSO, until the kernel refuses it once.
@@ -263,7 +272,11 @@ impl MuxSend {
     async fn send_gso(&self, packets: &mut Vec<(Packet, SocketAddr)>) -> std::io::Result<()> {
         use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
         use std::os::fd::AsRawFd;
-        let sock = self.udp.socket();
+        let Some(udp) = &self.udp else {
+            packets.clear();
+            return Ok(());
+        };
+        let sock = udp.socket();
         let shape: Vec<(usize, SocketAddr)> = packets.iter().map(|(p, d)| (p.len(), *d)).collect();
         let mut sent = 0;
         for run in gso_runs(&shape) {
@@ -341,11 +354,17 @@ impl UdpSend for MuxSend {
             }
             return Ok(());
         }
-        self.udp.send_to(packet, destination).await
+        match &self.udp {
+            Some(udp) => udp.send_to(packet, destination).await,
+            // No UDP here: nothing leaves but through the links.
+            None => Ok(()),
+        }
     }
 
     fn max_number_of_packets_to_send(&self) -> usize {
-        self.udp.max_number_of_packets_to_send()
+        self.udp
+            .as_ref()
+            .map_or(GSO_SEGMENTS, UdpSend::max_number_of_packets_to_send)
     }
 
     async fn send_many_to(
@@ -387,20 +406,32 @@ impl UdpSend for MuxSend {
                 return Ok(());
             }
         }
-        self.udp.send_many_to(buf, packets).await
+        match &self.udp {
+            Some(udp) => udp.send_many_to(buf, packets).await,
+            None => {
+                packets.clear();
+                Ok(())
+            }
+        }
     }
 
     fn local_addr(&self) -> std::io::Result<Option<SocketAddr>> {
-        UdpSend::local_addr(&self.udp)
+        match &self.udp {
+            Some(udp) => UdpSend::local_addr(udp),
+            None => Ok(None),
+        }
     }
 
     fn set_fwmark(&self, mark: u32) -> std::io::Result<()> {
-        self.udp.set_fwmark(mark)
+        match &self.udp {
+            Some(udp) => udp.set_fwmark(mark),
+            None => Ok(()),
+        }
     }
 }
 
 pub struct MuxRecv {
-    udp: UdpSocket,
+    udp: Option<UdpSocket>,
     inbound: Option<mpsc::Receiver<(Bytes, SocketAddr)>>,
     mesh: Option<Arc<MeshSocket>>,
 }
@@ -439,12 +470,17 @@ impl UdpRecv for MuxRecv {
     ) -> std::io::Result<(Packet, SocketAddr)> {
         loop {
             let MuxRecv { udp, inbound, mesh } = self;
-            let got = match inbound {
-                None => udp.recv_from(pool).await,
-                Some(rx) => tokio::select! {
+            let got = match (inbound, udp) {
+                (None, Some(udp)) => udp.recv_from(pool).await,
+                (Some(rx), Some(udp)) => tokio::select! {
                     Some((b, from)) = rx.recv() => Ok((packet(b), from)),
                     r = udp.recv_from(pool) => r,
                 },
+                (Some(rx), None) => match rx.recv().await {
+                    Some((b, from)) => Ok((packet(b), from)),
+                    None => std::future::pending().await,
+                },
+                (None, None) => std::future::pending().await,
             }?;
             let Some(m) = mesh else { return Ok(got) };
             let mut one = vec![got];
@@ -462,22 +498,35 @@ impl UdpRecv for MuxRecv {
         packets: &mut Vec<(Packet, SocketAddr)>,
     ) -> std::io::Result<()> {
         let MuxRecv { udp, inbound, mesh } = self;
-        let r = match inbound {
-            None => udp.recv_many_from(buf, pool, packets).await,
-            Some(rx) => tokio::select! {
+        // Whatever else the links have queued, in the same batch.
+        let rest = |rx: &mut mpsc::Receiver<(Bytes, SocketAddr)>,
+                    packets: &mut Vec<(Packet, SocketAddr)>| {
+            while packets.len() < 64 {
+                match rx.try_recv() {
+                    Ok((b, from)) => packets.push((packet(b), from)),
+                    Err(_) => break,
+                }
+            }
+        };
+        let r = match (inbound, udp) {
+            (None, Some(udp)) => udp.recv_many_from(buf, pool, packets).await,
+            (Some(rx), Some(udp)) => tokio::select! {
                 Some((b, from)) = rx.recv() => {
                     packets.push((packet(b), from));
-                    // Whatever else the links have queued, in the same batch.
-                    while packets.len() < 64 {
-                        match rx.try_recv() {
-                            Ok((b, from)) => packets.push((packet(b), from)),
-                            Err(_) => break,
-                        }
-                    }
+                    rest(rx, packets);
                     Ok(())
                 }
                 r = udp.recv_many_from(buf, pool, packets) => r,
             },
+            (Some(rx), None) => match rx.recv().await {
+                Some((b, from)) => {
+                    packets.push((packet(b), from));
+                    rest(rx, packets);
+                    Ok(())
+                }
+                None => std::future::pending().await,
+            },
+            (None, None) => std::future::pending().await,
         };
         if let Some(m) = mesh {
             sift(m, packets);
@@ -486,7 +535,10 @@ impl UdpRecv for MuxRecv {
     }
 
     fn enable_udp_gro(&self) -> std::io::Result<()> {
-        self.udp.enable_udp_gro()
+        match &self.udp {
+            Some(udp) => udp.enable_udp_gro(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -565,10 +617,10 @@ impl UserspaceDevice {
             quarantine: spec.quarantine.clone(),
         };
         let mux = Mux {
-            udp: UdpSocketFactory {
+            udp: spec.udp.then_some(UdpSocketFactory {
                 recv_buffer_size: Some(UDP_BUFFER),
                 send_buffer_size: Some(UDP_BUFFER),
-            },
+            }),
             relay: spec.relay.clone(),
             mesh: spec.mesh.clone(),
         };

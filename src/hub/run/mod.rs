@@ -190,6 +190,31 @@ async fn plan(
     Ok((plan, ledger))
 }
 
+/// Whether the hub binds a UDP port: unless it takes WebSocket only.
+fn udp_bound(config: &HubConfig, websocket: bool) -> bool {
+    config.transport.udp || !websocket
+}
+
+/// What the hub listens on, as `status` says it.
+fn listening(config: &HubConfig, port: u16, ws_port: Option<u16>) -> Vec<String> {
+    let mut out = vec![];
+    if udp_bound(config, ws_port.is_some()) {
+        out.push(format!("UDP {port}"));
+    }
+    if let Some(p) = ws_port {
+        let kind = match (config.transport.wss, config.transport.ws) {
+            (true, true) => "WebSocket (wss, ws)",
+            (true, false) => "WebSocket with TLS (wss)",
+            _ => "plain WebSocket (ws, behind a TLS proxy)",
+        };
+        out.push(format!(
+            "{kind} on TCP {}",
+            SocketAddr::new(config.wss_listen.ip(), p)
+        ));
+    }
+    out
+}
+
 /// Runs the hub until `shutdown`: prints its tokens through `print` once
 /// it is up, and undoes everything on the way out, after errors too.
 pub async fn run(
@@ -303,11 +328,19 @@ async fn bring_up(
         relay: plan.websocket.as_ref().map(|w| w.relay.clone()),
         quarantine: Some(quarantine.clone()),
         mesh: Some(mesh_socket.clone()),
+        // A hub on WebSocket only binds no UDP port at all.
+        udp: udp_bound(config, plan.websocket.is_some()),
     };
     let device = crate::endpoint::create(&spec, config.backend, net.clone(), &plan.store).await?;
     let mesh = match device.backend() {
         BackendKind::Userspace if !config.mesh => {
             tracing::info!("no mesh (--no-mesh): sites reach each other through this hub");
+            None
+        }
+        BackendKind::Userspace if !spec.udp => {
+            tracing::info!(
+                "no mesh: a hub on WebSocket only has no UDP port to meet sites on; they reach each other through it"
+            );
             None
         }
         BackendKind::Userspace => {
@@ -437,6 +470,7 @@ async fn running(
     openings.probe_port = hub.mesh().map(|m| m.probe_port());
     gateway.keep(Some(policy(config, &hub.snapshot().await, &openings)));
     let state = hub.snapshot().await;
+    let port = state.port;
     let server_ip = crate::ipam::Pool::new(state.subnet)?.server_address();
     tasks::nudge_known_peers(server_ip, &state).await;
     // The first save: a state dir that cannot be written stops us here,
@@ -453,6 +487,8 @@ async fn running(
         containers: services.containers(),
         relay,
         driver: services.driver(),
+        listening: listening(config, port, openings.ws_port),
+        udp: udp_bound(config, openings.ws_port.is_some()),
     });
     let metrics = up.metrics.take().map(|l| (l, hub.metrics()));
     services.listen(hub.store(), &config.iface, local_api, metrics, &shutdown)?;
@@ -521,7 +557,16 @@ async fn listen(
     )?;
     let (zone_tx, zone_rx) =
         tokio::sync::watch::channel(Arc::new(crate::dns::Zone::empty(zone.clone())));
-    let dns = crate::dns::serve(dns_listeners, zone_rx, shutdown.waiter());
+    // Names outside the zone: the host's resolvers, for the tunnel's
+    // peers only.
+    let forward = match crate::dns::Forwarder::from_system(hub.snapshot().await.subnets().all()) {
+        Ok(f) => Some(Arc::new(f)),
+        Err(e) => {
+            tracing::warn!("{e}; the hub's DNS answers the tunnel's names only");
+            None
+        }
+    };
+    let dns = crate::dns::serve(dns_listeners, zone_rx, forward, shutdown.waiter());
     services.spawned("DNS", tokio::spawn(dns));
     let names = tasks::follow_names(hub.clone(), zone, zone_tx, shutdown.waiter());
     services.spawned("DNS zone", tokio::spawn(names));
