@@ -162,8 +162,8 @@ impl DiskHub {
 #[ignore = "needs root: sudo make test"]
 fn a_full_or_read_only_disk_never_takes_the_tunnel_down() {
     needs_root("full_disk");
-    let mut lab = common::lab(2);
-    let (a, b) = (lab.host(0), lab.host(1));
+    let mut lab = common::lab(3);
+    let (a, b, c) = (lab.host(0), lab.host(1), lab.host(2));
     let disk = Tmpfs::mount(lab.dir.path().join("disk"), "2m");
     let state = disk.0.join("hub");
     let iface = lab.iface("a");
@@ -193,7 +193,8 @@ fn a_full_or_read_only_disk_never_takes_the_tunnel_down() {
         proc: serve,
     };
     let token2 = a_full_disk_hands_out_no_token(&mut lab, &hub, &disk, &b);
-    a_read_only_disk_refuses_new_endpoints(&mut lab, &hub, &disk, &b, &token2);
+    // From a host on no tunnel yet: B's is on the same subnet already.
+    a_read_only_disk_refuses_new_endpoints(&mut lab, &hub, &disk, (&b, &c), &token2);
     // The token refused above was not spent: it joins another site now
     // (from B's namespace, once the first site there has stopped).
     assert!(lab.proc(site.proc).terminate().success());
@@ -243,7 +244,7 @@ fn a_read_only_disk_refuses_new_endpoints(
     lab: &mut common::Lab,
     hub: &DiskHub,
     disk: &Tmpfs,
-    b: &common::Host,
+    (b, c): (&common::Host, &common::Host),
     token: &str,
 ) {
     let a = &hub.host;
@@ -269,7 +270,7 @@ fn a_read_only_disk_refuses_new_endpoints(
     assert!(err.contains(fresh.to_str().unwrap()), "{err}");
     let join_state = disk.0.join("joined");
     let out = lab.tunnel(
-        b,
+        c,
         &[
             "join",
             token,
@@ -285,7 +286,7 @@ fn a_read_only_disk_refuses_new_endpoints(
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(join_state.to_str().unwrap()), "{err}");
-    assert!(!b.has_link(&iface_d));
+    assert!(!c.has_link(&iface_d));
     assert!(b.ping("10.77.0.1"));
     common::sh(&["mount", "-o", "remount,rw", disk.0.to_str().unwrap()]);
 }
