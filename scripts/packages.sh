@@ -22,6 +22,7 @@ RUNTIME_PACKAGES=(
 	nsenter:util-linux
 	curl:curl
 	tinyproxy:tinyproxy
+	stunnel4:stunnel4
 	nginx:nginx
 	sha256sum:coreutils
 	dockerd:docker.io

@@ -69,9 +69,12 @@ pub enum Path {
     Udp,
     Websocket {
         offer: WsOffer,
-        /// `http://[user:pass@]host:port` of the proxy, when it goes through one.
+        /// `http[s]://[user:pass@]host:port` of the proxy, when it goes through one.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         proxy: Option<String>,
+        /// `--proxy-ca`, for an https:// proxy.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        proxy_ca: Option<std::path::PathBuf>,
     },
 }
 
@@ -79,7 +82,7 @@ impl std::fmt::Display for Path {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Path::Udp => f.write_str("udp"),
-            Path::Websocket { offer, proxy } => {
+            Path::Websocket { offer, proxy, .. } => {
                 let scheme = match offer.target {
                     WsTarget::Plain { .. } => "ws",
                     WsTarget::Pinned { .. } => "wss",

@@ -15,11 +15,16 @@ const WSS_PORT: &str = "8443";
 /// Only TCP to the proxy leaves `host` on its uplink; UDP and every other
 /// address are dropped (the tunnel's own interface is not restricted).
 fn lock_down(host: &Host, proxy: &Host) {
+    lock_down_to(host, proxy, 3128);
+}
+
+/// The same, with the proxy on `port`.
+fn lock_down_to(host: &Host, proxy: &Host, port: u16) {
     let rules = format!(
         "table inet lockdown {{
             chain out {{
                 type filter hook output priority 0; policy accept;
-                oifname \"{dev}\" ip daddr {proxy} tcp dport 3128 accept
+                oifname \"{dev}\" ip daddr {proxy} tcp dport {port} accept
                 oifname \"{dev}\" drop
             }}
         }}",
@@ -246,7 +251,7 @@ fn explicit_wss_a_wrong_pin_and_a_wrong_path() {
             &hub.lines[0],
             &a.ip,
             "--proxy",
-            "https://x:1",
+            "socks5://x:1",
             "--iface",
             "wtq",
         ],
@@ -464,4 +469,115 @@ fn a_hub_on_websocket_only_binds_no_udp_port_and_says_what_it_listens_on() {
             && !text.contains("listen port"),
         "{text}"
     );
+}
+
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_site_joins_through_an_https_proxy_with_its_ca_and_a_refusal_is_one_clear_line() {
+    needs_root("websocket_https_proxy");
+    let mut lab = common::lab(3);
+    let (a, p, b) = (lab.host(0), lab.host(1), lab.host(2));
+    // The proxy speaks TLS itself: tinyproxy behind stunnel on :3129, with
+    // a certificate from a CA of this test only.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![p.ip.clone()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let dir = lab.dir.path().to_owned();
+    let ca_file = dir.join("proxy-ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(dir.join("tls-proxy.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("tls-proxy.key"), key.serialize_pem()).unwrap();
+    let _tinyproxy = tinyproxy(&mut lab, &p, Some(("alice", "s3cret")));
+    let conf = format!(
+        "foreground = yes\npid =\n[proxy]\naccept = {ip}:3129\nconnect = {ip}:3128\ncert = {d}/tls-proxy.pem\nkey = {d}/tls-proxy.key\n",
+        ip = p.ip,
+        d = dir.display()
+    );
+    std::fs::write(dir.join("stunnel.conf"), conf).unwrap();
+    let _stunnel = lab.spawn_cmd(
+        &p,
+        &["stunnel4", dir.join("stunnel.conf").to_str().unwrap()],
+        &[],
+    );
+    p.wait_listening("3129", Duration::from_secs(10));
+    lock_down_to(&b, &p, 3129);
+    let hub = hub(&mut lab, &a, &[]);
+    let url = |creds: &str| format!("https://{creds}{}:3129", p.ip);
+    let ca = ca_file.to_str().unwrap();
+
+    // Bad input: a CA file that is not there.
+    let attempt = |lab: &mut Lab, tag: &str, extra: &[&str]| {
+        let mut args = vec!["--transport", "wss", "--timeout", "6s"];
+        args.extend_from_slice(extra);
+        let out = lab.join_output(&b, tag, &hub.lines[0], &a.ip, &args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = attempt(
+        &mut lab,
+        "x1",
+        &["--proxy", &url(""), "--proxy-ca", "/nonexistent.pem"],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--proxy-ca /nonexistent.pem"), "{err}");
+    // Without the proxy's CA: its certificate is not trusted.
+    let (code, err) = attempt(&mut lab, "x2", &["--proxy", &url("")]);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("https://") && err.contains("--proxy-ca"),
+        "{err}"
+    );
+    // With it, but no login: the proxy's 407, said as such.
+    let (code, err) = attempt(&mut lab, "x3", &["--proxy", &url(""), "--proxy-ca", ca]);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains(&format!("the proxy https://{}:3129 refused CONNECT", p.ip))
+            && err.contains("407")
+            && err.contains("wants a login"),
+        "{err}"
+    );
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{err}"
+    );
+
+    // With the CA and the login: joined, through TLS to the proxy.
+    let site = lab.join(
+        &b,
+        "b",
+        &hub.lines[0],
+        &a,
+        &[
+            "--transport",
+            "wss",
+            "--proxy",
+            &url("alice:s3cret@"),
+            "--proxy-ca",
+            ca,
+        ],
+    );
+    assert!(
+        site.lines[0].contains("over wss via proxy https://alice:***@"),
+        "{:?}",
+        site.lines
+    );
+    assert!(b.ping("10.77.0.1"));
+
+    // `up` after a crash finds the proxy and its CA in the saved state.
+    lab.proc(site.proc).kill();
+    let up = lab.spawn(&b, &site.local("up"));
+    let line = lab.proc(up).wait_lines(1, common::UP)[0].clone();
+    assert!(line.contains("over wss via proxy https://"), "{line}");
+    b.ping_until("10.77.0.1", Instant::now());
+    assert!(lab.proc(up).terminate().success());
 }

@@ -36,9 +36,12 @@ pub struct JoinArgs {
     /// How to reach the server: auto tries UDP, then WebSocket direct, then through the proxy (from the token's offer)
     #[arg(long, value_enum, default_value_t = JoinTransport::Auto)]
     pub transport: JoinTransport,
-    /// HTTP proxy for the WebSocket transport, http://[user:pass@]host:port [default: HTTPS_PROXY, HTTP_PROXY, unless NO_PROXY]
+    /// HTTP proxy for the WebSocket transport, http[s]://[user:pass@]host:port [default: HTTPS_PROXY, HTTP_PROXY, unless NO_PROXY]
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
+    /// CA certificates (PEM) that an https:// proxy's certificate may chain to, beside the system's roots; kept for up
+    #[arg(long, value_name = "FILE")]
+    pub proxy_ca: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub lan: LanArgs,
     /// Send this host's traffic for the server's address through the tunnel (except the tunnel's own transport); direct again when the tunnel is down
@@ -62,6 +65,7 @@ fn resume_args(args: &JoinArgs) -> super::up::UpArgs {
         backend: Some(args.common.backend),
         timeout: args.timeout,
         proxy: args.proxy.clone(),
+        proxy_ca: args.proxy_ca.clone(),
         attach_label: args.common.attach_label.clone(),
         docker_driver: args.common.docker_driver.clone(),
         metrics: args.common.metrics.clone(),
@@ -171,6 +175,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         backend: args.common.backend,
         transport: args.transport,
         proxy: args.proxy.as_deref(),
+        proxy_ca: args.proxy_ca.as_deref(),
         timeout: args.timeout,
         routes: &args.lan.routes,
         masquerade: args.lan.masquerade,
@@ -181,6 +186,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         advertise_endpoint: args.advertise_endpoint,
     };
     inv.check()?;
+    super::check_proxy_ca(args.proxy_ca.as_deref())?;
     if let Some(p) = &args.proxy {
         crate::transport::proxy::Proxy::parse(p).map_err(Failure::input)?;
     }

@@ -148,3 +148,14 @@ pub async fn run(command: Command, shutdown: Shutdown) -> Result<(), Failure> {
         }
     }
 }
+
+/// `--proxy-ca`: a file that can be read, checked before the host is
+/// touched (its certificates are parsed when the proxy is dialled).
+fn check_proxy_ca(file: Option<&std::path::Path>) -> Result<(), Failure> {
+    match file {
+        Some(f) => std::fs::metadata(f)
+            .map(drop)
+            .map_err(|e| Failure::input(anyhow::anyhow!("--proxy-ca {}: {e}", f.display()))),
+        None => Ok(()),
+    }
+}

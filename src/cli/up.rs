@@ -27,6 +27,9 @@ pub struct UpArgs {
     /// HTTP proxy for a site that joined over WebSocket, http://[user:pass@]host:port [default: the one it joined through]
     #[arg(long, value_name = "URL")]
     pub proxy: Option<String>,
+    /// CA certificates (PEM) for an https:// proxy, beside the system's roots [default: the file saved at join]
+    #[arg(long, value_name = "FILE")]
+    pub proxy_ca: Option<std::path::PathBuf>,
     /// Attach the containers with this label [default: the label saved at join, if any]
     #[arg(long, value_name = "KEY[=VALUE]", num_args = 0..=1, default_missing_value = crate::docker::Label::DEFAULT, value_parser = crate::docker::Label::parse)]
     pub attach_label: Option<crate::docker::Label>,
@@ -96,7 +99,13 @@ pub async fn run(args: UpArgs, shutdown: Shutdown) -> Result<(), Failure> {
             "{iface} masquerades towards its LANs, and that needs the firewall: drop --firewall off"
         )));
     }
-    let (route, relay) = site::saved_route(&joined, endpoint, args.proxy.as_deref())?;
+    super::check_proxy_ca(args.proxy_ca.as_deref())?;
+    let (route, relay) = site::saved_route(
+        &joined,
+        endpoint,
+        args.proxy.as_deref(),
+        args.proxy_ca.as_deref(),
+    )?;
     let metrics = super::bind_metrics(&args.metrics).await?;
     let config = UpConfig {
         joined,

@@ -24,6 +24,8 @@ pub struct Invitation<'a> {
     pub transport: JoinTransport,
     /// `--proxy`, which wins over the environment.
     pub proxy: Option<&'a str>,
+    /// `--proxy-ca`, for an https:// proxy.
+    pub proxy_ca: Option<&'a std::path::Path>,
     /// How long the whole bring-up may take.
     pub timeout: Duration,
     /// The LANs behind this site, advertised with the redeem.

@@ -204,6 +204,7 @@ impl Route {
         let path = Path::Websocket {
             offer,
             proxy: dialer.proxy().map(|p| p.url.clone()),
+            proxy_ca: dialer.proxy().and_then(|p| p.ca.clone()),
         };
         Route {
             path,
@@ -221,14 +222,21 @@ pub fn saved_route(
     joined: &JoinedState,
     endpoint: SocketAddr,
     proxy: Option<&str>,
+    proxy_ca: Option<&std::path::Path>,
 ) -> Result<(Route, Option<Arc<Relay>>), SiteError> {
     match &joined.path {
         Path::Udp => Ok((Route::udp(endpoint, joined.mtu), None)),
         Path::Websocket {
             offer,
             proxy: saved,
+            proxy_ca: saved_ca,
         } => {
-            let proxy = proxy.or(saved.as_deref()).map(Proxy::parse).transpose()?;
+            let ca = proxy_ca.or(saved_ca.as_deref());
+            let proxy = proxy
+                .or(saved.as_deref())
+                .map(Proxy::parse)
+                .transpose()?
+                .map(|p| p.trusting(ca));
             let dialer = Arc::new(Dialer::new(offer, &endpoint.ip().to_string(), proxy)?);
             let relay = Relay::new("websocket");
             let route = Route::websocket(offer.clone(), dialer, relay.clone(), None, joined.mtu);

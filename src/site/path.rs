@@ -22,12 +22,13 @@ pub(super) fn dialers(inv: &Invitation<'_>) -> Result<Vec<Arc<Dialer>>, SiteErro
     };
     let host = inv.endpoint.ip().to_string();
     if let Some(flag) = inv.proxy {
-        let proxy = Proxy::parse(flag)?;
+        let proxy = Proxy::parse(flag)?.trusting(inv.proxy_ca);
         return Ok(vec![Arc::new(Dialer::new(offer, &host, Some(proxy))?)]);
     }
     let direct = Dialer::new(offer, &host, None)?;
     let tls = direct.url().starts_with("wss:");
-    let proxy = Proxy::for_target(None, direct.host(), tls, |k| std::env::var(k).ok())?;
+    let proxy = Proxy::for_target(None, direct.host(), tls, |k| std::env::var(k).ok())?
+        .map(|p| p.trusting(inv.proxy_ca));
     let mut out = vec![Arc::new(direct)];
     if let Some(p) = proxy {
         out.push(Arc::new(Dialer::new(offer, &host, Some(p))?));
@@ -45,6 +46,7 @@ pub(super) fn way(inv: &Invitation<'_>, dialer: &Dialer) -> Way {
     let path = Path::Websocket {
         offer,
         proxy: dialer.proxy().map(|p| p.url.clone()),
+        proxy_ca: dialer.proxy().and_then(|p| p.ca.clone()),
     };
     Way {
         shown: dialer.shown(),

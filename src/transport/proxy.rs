@@ -1,6 +1,8 @@
 //! HTTP proxies: which one (`--proxy`, else `HTTPS_PROXY`/`HTTP_PROXY`
 //! and their lowercase forms, minus `NO_PROXY`), and a tunnel through it
 //! with HTTP CONNECT, with Basic auth from the URL's user and password.
+//! An `https://` proxy is spoken to over TLS, checked against the
+//! system's roots and `--proxy-ca`.
 
 use super::TransportError;
 pub use crate::reach::redact;
@@ -11,11 +13,16 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use std::net::IpAddr;
 
-/// An HTTP proxy, `http://[user:pass@]host[:port]`.
+/// An HTTP proxy, `http[s]://[user:pass@]host[:port]`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Proxy {
     pub host: String,
     pub port: u16,
+    /// `https://`: TLS to the proxy itself.
+    pub tls: bool,
+    /// A CA file the proxy's certificate may chain to, beside the
+    /// system's roots (`--proxy-ca`).
+    pub ca: Option<std::path::PathBuf>,
     /// `Basic ...` for `Proxy-Authorization`.
     auth: Option<String>,
     /// As given, for saving with the site (it may hold a password: the
@@ -43,17 +50,17 @@ impl Proxy {
             format!("http://{text}")
         };
         let u = url::Url::parse(&full).map_err(|e| bad(&e.to_string()))?;
-        if u.scheme() != "http" {
-            return Err(bad(
-                "only http:// proxies are supported (CONNECT over plain HTTP)",
-            ));
-        }
+        let tls = match u.scheme() {
+            "http" => false,
+            "https" => true,
+            _ => return Err(bad("a proxy URL is http:// or https://")),
+        };
         let host = u
             .host_str()
             .ok_or_else(|| bad("no host"))?
             .trim_matches(|c| c == '[' || c == ']')
             .to_owned();
-        let port = u.port().unwrap_or(80);
+        let port = u.port().unwrap_or(if tls { 443 } else { 80 });
         let decode = |s: &str| {
             percent_encoding::percent_decode_str(s)
                 .decode_utf8_lossy()
@@ -70,9 +77,17 @@ impl Proxy {
         Ok(Self {
             host,
             port,
+            tls,
+            ca: None,
             auth,
             url: text.to_owned(),
         })
+    }
+
+    /// The same proxy, its certificate also checked against `ca`.
+    pub fn trusting(mut self, ca: Option<&std::path::Path>) -> Self {
+        self.ca = ca.map(std::path::Path::to_owned);
+        self
     }
 
     /// The proxy for `target_host`: `flag` if given, else the environment
@@ -128,6 +143,11 @@ impl Proxy {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
+        let stream: Box<dyn Stream> = if self.tls {
+            Box::new(self.tls_to_proxy(stream, &proxy).await?)
+        } else {
+            Box::new(stream)
+        };
         let http = |e: hyper::Error| TransportError::Connect {
             target: format!("proxy {proxy}"),
             source: std::io::Error::other(e),
@@ -147,13 +167,59 @@ impl Proxy {
         let resp = sender.send_request(req).await.map_err(http)?;
         if !resp.status().is_success() {
             return Err(TransportError::ProxyRefused {
-                proxy,
+                proxy: redact(&self.url),
                 target,
-                status: resp.status().to_string(),
+                status: refusal(resp.status(), self.auth.is_some()),
             });
         }
         let upgraded = hyper::upgrade::on(resp).await.map_err(http)?;
         Ok(TokioIo::new(upgraded))
+    }
+
+    /// TLS to the proxy itself, its certificate checked against the
+    /// system's roots and `--proxy-ca`.
+    async fn tls_to_proxy(
+        &self,
+        tcp: tokio::net::TcpStream,
+        shown: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, TransportError> {
+        let trust = match &self.ca {
+            Some(ca) => super::tls::Trust::RootsAnd(ca.clone()),
+            None => super::tls::Trust::Roots,
+        };
+        let name = rustls::pki_types::ServerName::try_from(self.host.clone()).map_err(|e| {
+            TransportError::BadUrl {
+                what: "proxy",
+                url: redact(&self.url),
+                why: e.to_string(),
+            }
+        })?;
+        trust
+            .connector()?
+            .connect(name, tcp)
+            .await
+            .map_err(|source| TransportError::Tls {
+                target: format!("the proxy {shown} (https://; its certificate is checked against the system's roots and --proxy-ca)"),
+                source,
+            })
+    }
+}
+
+/// What the stream to the proxy is: plain TCP, or TLS over it.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// What a proxy's refusal means, in the words of its status.
+fn refusal(status: hyper::StatusCode, had_credentials: bool) -> String {
+    match status.as_u16() {
+        407 if had_credentials => format!(
+            "{status}: it does not take the user and password in the proxy URL (Basic); NTLM and Negotiate are not supported"
+        ),
+        407 => format!(
+            "{status}: it wants a login; put it in the proxy URL (user:password@ before the host)"
+        ),
+        403 => format!("{status}: its rules forbid this destination or port"),
+        _ => status.to_string(),
     }
 }
 
@@ -212,8 +278,26 @@ mod tests {
             (bare.host.as_str(), bare.port, bare.auth),
             ("10.0.0.1", 8080, None)
         );
-        assert!(Proxy::parse("https://proxy:443").is_err());
+        let tls = Proxy::parse("https://proxy.corp").unwrap();
+        assert_eq!(
+            (tls.host.as_str(), tls.port, tls.tls),
+            ("proxy.corp", 443, true)
+        );
+        assert!(!bare.tls);
+        assert!(Proxy::parse("socks5://proxy:1080").is_err());
         assert!(Proxy::parse("http://").is_err());
+    }
+
+    #[test]
+    fn a_refusal_says_what_the_proxy_wants() {
+        use hyper::StatusCode as S;
+        assert!(refusal(S::PROXY_AUTHENTICATION_REQUIRED, false).contains("wants a login"));
+        assert!(
+            refusal(S::PROXY_AUTHENTICATION_REQUIRED, true)
+                .contains("NTLM and Negotiate are not supported")
+        );
+        assert!(refusal(S::FORBIDDEN, false).starts_with("403 Forbidden: its rules forbid"));
+        assert_eq!(refusal(S::BAD_GATEWAY, false), "502 Bad Gateway");
     }
 
     #[test]

@@ -152,6 +152,9 @@ pub enum Trust {
     Pinned(Arc<Pinned>),
     /// The system's roots (`SSL_CERT_FILE` and `SSL_CERT_DIR` are honoured).
     Roots,
+    /// The system's roots and the CA certificates of a PEM file (an HTTPS
+    /// proxy's, `--proxy-ca`).
+    RootsAnd(std::path::PathBuf),
 }
 
 impl Trust {
@@ -172,8 +175,27 @@ impl Trust {
                 .dangerous()
                 .with_custom_certificate_verifier(p.clone())
                 .with_no_client_auth(),
-            Trust::Roots => {
+            Trust::Roots | Trust::RootsAnd(_) => {
                 let mut roots = rustls::RootCertStore::empty();
+                if let Trust::RootsAnd(file) = self {
+                    let fail =
+                        |e: Box<dyn std::error::Error + Send + Sync>| TransportError::Certificate {
+                            path: file.clone(),
+                            source: e,
+                        };
+                    let pem = std::fs::read(file).map_err(|e| fail(e.into()))?;
+                    let certs: Vec<CertificateDer<'static>> =
+                        rustls::pki_types::pem::PemObject::pem_slice_iter(&pem)
+                            .collect::<Result<_, _>>()
+                            .map_err(|e| fail(e.into()))?;
+                    if certs.is_empty() {
+                        return Err(fail("no certificate in it".into()));
+                    }
+                    let (added, _) = roots.add_parsable_certificates(certs);
+                    if added == 0 {
+                        return Err(fail("no usable CA certificate in it".into()));
+                    }
+                }
                 let found = rustls_native_certs::load_native_certs();
                 for e in &found.errors {
                     tracing::debug!("loading system roots: {e}");
@@ -200,7 +222,7 @@ impl Trust {
                         got: hex(&got),
                     })
             }
-            Trust::Roots => None,
+            Trust::Roots | Trust::RootsAnd(_) => None,
         }
     }
 }

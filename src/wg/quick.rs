@@ -245,6 +245,7 @@ mod tests {
                     path: "/t/x".into(),
                 },
                 proxy: None,
+                proxy_ca: None,
             },
             routes: vec![],
             masquerade: false,

@@ -51,6 +51,7 @@ fn invitation(token: &Token) -> Invitation<'_> {
         backend: crate::wg::BackendChoice::Userspace,
         transport: JoinTransport::Auto,
         proxy: None,
+        proxy_ca: None,
         timeout: TIMEOUT,
         routes: &[],
         masquerade: false,
