@@ -55,6 +55,13 @@ fn lans_are_added_and_withdrawn_on_running_sites_and_hubs() {
         !c.ping(&lan_b.ip),
         "B's LAN is reachable before it is routed"
     );
+    let lan_link = {
+        let out = b.run(&["ip", "-o", "route", "get", &lan_b.ip]);
+        let mut words = out.split_whitespace();
+        words.by_ref().find(|w| *w == "dev");
+        words.next().expect("a route to B's LAN").to_owned()
+    };
+    let lan_forwarding_before = b.forwarding(&lan_link);
 
     // Bad input: one line, exit 2, nothing changed.
     for (cidr, why) in [
@@ -126,18 +133,24 @@ fn lans_are_added_and_withdrawn_on_running_sites_and_hubs() {
     ok(&route(&lab, &hub, &["del", "192.168.71.0/24"]));
     unreachable_within(&c, &lan_h.ip, Duration::from_secs(3));
 
-    // Kept for the next start: added again, stopped, up.
+    // Kept for the next start: added again, then SIGKILL (nothing undone),
+    // and `up` cleans the crash's leftovers and routes it again.
     ok(&route(
         &lab,
         &site_b,
         &["add", "192.168.70.0/24", "--masquerade"],
     ));
-    assert!(lab.proc(site_b.proc).terminate().success());
+    lab.proc(site_b.proc).kill();
     let saved =
         std::fs::read_to_string(site_b.state.join(format!("{}.json", site_b.iface))).unwrap();
     assert!(saved.contains("192.168.70.0/24"), "{saved}");
     let up = lab.spawn(&b, &site_b.local("up"));
     lab.proc(up).wait_lines(1, common::UP);
     c.ping_until(&lan_b.ip, Instant::now());
+    // Stopped cleanly: the table, the masquerade and the LAN link's
+    // forwarding that the live change brought are gone again.
     assert!(lab.proc(up).terminate().success());
+    assert!(!b.has_nft_table(&format!("tunnel-{}", site_b.iface)));
+    assert_eq!(b.forwarding(&lan_link), lan_forwarding_before);
+    assert!(!b.has_link(&site_b.iface));
 }

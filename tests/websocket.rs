@@ -61,6 +61,24 @@ fn tinyproxy(lab: &mut Lab, host: &Host, auth: Option<(&str, &str)>) -> usize {
     p
 }
 
+/// A CA of one test only, in `DIR/CA.pem`, and a certificate it signed
+/// for `ip` in `DIR/NAME.pem` with its key in `DIR/NAME.key`.
+fn test_ca(dir: &Path, ca: &str, name: &str, ip: &str) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![ip.to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join(format!("{ca}.pem")), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+}
+
 /// A file of `mb` random megabytes and its SHA-256.
 fn big_file(dir: &Path, name: &str, mb: usize) -> (PathBuf, String) {
     let path = dir.join(name);
@@ -271,18 +289,8 @@ fn a_hub_behind_a_tls_terminating_reverse_proxy_with_a_path_rule() {
     let mut lab = common::lab(3);
     let (a, p, b) = (lab.host(0), lab.host(1), lab.host(2));
     // A CA for this test only, and nginx's certificate for the proxy's address.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec![p.ip.clone()]).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
     let dir = lab.dir.path().to_owned();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(dir.join("proxy.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("proxy.key"), key.serialize_pem()).unwrap();
+    test_ca(&dir, "ca", "proxy", &p.ip);
 
     // The hub speaks plain WebSocket; the proxy adds TLS.
     let public = format!("wss://{}/vpn", p.ip);
@@ -479,21 +487,9 @@ fn a_site_joins_through_an_https_proxy_with_its_ca_and_a_refusal_is_one_clear_li
     let (a, p, b) = (lab.host(0), lab.host(1), lab.host(2));
     // The proxy speaks TLS itself: tinyproxy behind stunnel on :3129, with
     // a certificate from a CA of this test only.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(vec![]).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![p.ip.clone()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
     let dir = lab.dir.path().to_owned();
+    test_ca(&dir, "proxy-ca", "tls-proxy", &p.ip);
     let ca_file = dir.join("proxy-ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
-    std::fs::write(dir.join("tls-proxy.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("tls-proxy.key"), key.serialize_pem()).unwrap();
     let _tinyproxy = tinyproxy(&mut lab, &p, Some(("alice", "s3cret")));
     let conf = format!(
         "foreground = yes\npid =\n[proxy]\naccept = {ip}:3129\nconnect = {ip}:3128\ncert = {d}/tls-proxy.pem\nkey = {d}/tls-proxy.key\n",
