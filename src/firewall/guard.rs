@@ -19,7 +19,7 @@ impl Guard {
     pub fn apply(fw: Box<dyn Firewall>, policy: &Policy) -> Result<Self, FirewallError> {
         let (table, foreign) = plan(policy);
         fw.apply(&table)?;
-        let docker = if foreign.rules.is_empty() {
+        let docker = if foreign.is_empty() {
             fw.close_docker(&foreign.tag)?;
             false
         } else {
@@ -46,7 +46,7 @@ impl Guard {
             self.table = table;
         }
         if foreign != self.foreign {
-            self.docker = if foreign.rules.is_empty() {
+            self.docker = if foreign.is_empty() {
                 self.fw.close_docker(&foreign.tag)?;
                 false
             } else {
@@ -69,7 +69,7 @@ impl Guard {
             self.fw.apply(&self.table)?;
             repaired = true;
         }
-        if !self.foreign.rules.is_empty() && !self.fw.docker_open(&self.foreign.tag)? {
+        if !self.foreign.is_empty() && !self.fw.docker_open(&self.foreign)? {
             // Docker's chain may have been created since, or flushed.
             if self.fw.open_docker(&self.foreign)? {
                 if self.docker {
@@ -194,13 +194,13 @@ mod tests {
             ..Default::default()
         };
         let mut g = Guard::apply(Box::new(fw.clone()), &policy).unwrap();
-        assert!(fw.exists("tunnel-wg0").unwrap() && fw.docker_open("tunnel-wg0").unwrap());
+        assert!(fw.exists("tunnel-wg0").unwrap() && fw.docker_open(&ours()).unwrap());
         assert!(!g.repair().unwrap(), "nothing to repair");
         // nft flush ruleset: both gone.
         fw.tables.lock().unwrap().clear();
         fw.docker.lock().unwrap().as_mut().unwrap().clear();
         assert!(g.repair().unwrap());
-        assert!(fw.exists("tunnel-wg0").unwrap() && fw.docker_open("tunnel-wg0").unwrap());
+        assert!(fw.exists("tunnel-wg0").unwrap() && fw.docker_open(&ours()).unwrap());
         g.update(&Policy {
             routes: vec![net("192.168.7.0/24")],
             ..policy
@@ -210,6 +210,15 @@ mod tests {
         g.remove();
         assert!(!fw.exists("tunnel-wg0").unwrap());
         assert!(fw.docker.lock().unwrap().as_ref().unwrap().is_empty());
+    }
+
+    /// Our rules' tag, as Docker's chain is searched for it.
+    fn ours() -> Foreign {
+        Foreign {
+            tag: "tunnel-wg0".into(),
+            rules: vec![],
+            rules6: vec![],
+        }
     }
 
     fn hub() -> Policy {
@@ -229,9 +238,9 @@ mod tests {
         // Docker started after us.
         *fw.docker.lock().unwrap() = Some(vec![]);
         assert!(g.repair().unwrap());
-        assert!(fw.docker_open("tunnel-wg0").unwrap());
+        assert!(fw.docker_open(&ours()).unwrap());
         g.remove();
-        assert!(!fw.docker_open("tunnel-wg0").unwrap());
+        assert!(!fw.docker_open(&ours()).unwrap());
     }
 
     #[test]

@@ -26,7 +26,9 @@
 //! - **Docker's FORWARD chain.** Docker's policy is DROP, and an accept in
 //!   our table does not override a drop in another; the same accepts go
 //!   into Docker's `DOCKER-USER` chain (or an `ip filter` FORWARD chain
-//!   with a drop policy), tagged so that they are found and removed again.
+//!   with a drop policy), and the IPv6 ones into its `ip6 filter` twin
+//!   where Docker manages `ip6tables`, tagged so that they are found and
+//!   removed again.
 //!
 //! A table is replaced as a whole (add, delete, add in one batch), which
 //! also clears one left by a crash, and removed on exit. A running
@@ -107,7 +109,16 @@ pub struct Table {
 pub struct Foreign {
     /// Identifies our rules there, so that they are found and removed.
     pub tag: String,
+    /// For Docker's IPv4 chain (`iptables`).
     pub rules: Vec<Rule>,
+    /// For its IPv6 chain (`ip6tables`, where Docker manages it).
+    pub rules6: Vec<Rule>,
+}
+
+impl Foreign {
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty() && self.rules6.is_empty()
+    }
 }
 
 /// What a host's table must do.
@@ -184,14 +195,16 @@ pub trait Firewall: Send + Sync {
     fn remove(&self, name: &str) -> Result<(), FirewallError>;
     /// Whether the table exists.
     fn exists(&self, name: &str) -> Result<bool, FirewallError>;
-    /// Puts `f`'s rules at the top of Docker's `DOCKER-USER` chain (or an
-    /// `ip filter` FORWARD chain whose policy drops), replacing rules with
-    /// the same tag. False when there is no such chain: nothing to do.
+    /// Puts `f`'s rules at the top of Docker's `DOCKER-USER` chain (or a
+    /// FORWARD chain whose policy drops), of `ip filter` and of
+    /// `ip6 filter`, replacing rules with the same tag. False when there
+    /// is no such chain in either: nothing to do.
     fn open_docker(&self, f: &Foreign) -> Result<bool, FirewallError>;
     /// Removes the rules tagged `tag` from those chains.
     fn close_docker(&self, tag: &str) -> Result<(), FirewallError>;
-    /// Whether rules tagged `tag` are in those chains.
-    fn docker_open(&self, tag: &str) -> Result<bool, FirewallError>;
+    /// Whether `f`'s rules are in those chains (each family's, where it
+    /// has any and Docker has that chain).
+    fn docker_open(&self, f: &Foreign) -> Result<bool, FirewallError>;
 }
 
 #[cfg(test)]
@@ -227,8 +240,8 @@ pub mod fake {
         fn close_docker(&self, t: &str) -> Result<(), FirewallError> {
             (**self).close_docker(t)
         }
-        fn docker_open(&self, t: &str) -> Result<bool, FirewallError> {
-            (**self).docker_open(t)
+        fn docker_open(&self, f: &Foreign) -> Result<bool, FirewallError> {
+            (**self).docker_open(f)
         }
     }
 
@@ -274,13 +287,13 @@ pub mod fake {
             Ok(())
         }
 
-        fn docker_open(&self, tag: &str) -> Result<bool, FirewallError> {
+        fn docker_open(&self, f: &Foreign) -> Result<bool, FirewallError> {
             Ok(self
                 .docker
                 .lock()
                 .unwrap()
                 .as_ref()
-                .is_some_and(|c| c.iter().any(|(t, _)| t == tag)))
+                .is_some_and(|c| c.iter().any(|(t, _)| *t == f.tag)))
         }
     }
 }

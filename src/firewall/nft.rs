@@ -352,10 +352,18 @@ fn exchange(msgs: Vec<Msg>) -> io::Result<Vec<NetfilterMessage>> {
     Ok(replies)
 }
 
-/// A chain of `table` (family ip), with its policy, if it exists.
-fn ip_chain_policy(table: &str, chain: &str) -> io::Result<Option<Option<u32>>> {
+/// The address families of Docker's chains: `iptables` and `ip6tables`.
+const DOCKER_FAMILIES: [NetfilterProtoFamily; 2] =
+    [NetfilterProtoFamily::IPv4, NetfilterProtoFamily::IPv6];
+
+/// A chain of `table` (of family `fam`), with its policy, if it exists.
+fn chain_policy(
+    fam: NetfilterProtoFamily,
+    table: &str,
+    chain: &str,
+) -> io::Result<Option<Option<u32>>> {
     let get = msg(
-        NetfilterProtoFamily::IPv4,
+        fam,
         NfTablesMessage::GetChain(ChainMessage {
             attributes: vec![
                 ChainAttribute::Table(table.to_owned()),
@@ -379,22 +387,23 @@ fn ip_chain_policy(table: &str, chain: &str) -> io::Result<Option<Option<u32>>> 
     }
 }
 
-/// Where Docker-style forwarding rules go: `DOCKER-USER` in `ip filter`,
-/// or that table's FORWARD chain when its policy drops.
-fn docker_chain() -> io::Result<Option<&'static str>> {
-    if ip_chain_policy("filter", DOCKER_USER)?.is_some() {
+/// Where Docker-style forwarding rules of family `fam` go: `DOCKER-USER`
+/// in its `filter` table, or that table's FORWARD chain when its policy
+/// drops.
+fn docker_chain(fam: NetfilterProtoFamily) -> io::Result<Option<&'static str>> {
+    if chain_policy(fam, "filter", DOCKER_USER)?.is_some() {
         return Ok(Some(DOCKER_USER));
     }
-    match ip_chain_policy("filter", "FORWARD")? {
+    match chain_policy(fam, "filter", "FORWARD")? {
         Some(Some(NF_DROP)) => Ok(Some("FORWARD")),
         _ => Ok(None),
     }
 }
 
-/// The handles of the rules in `ip filter <chain>` tagged `tag`.
-fn tagged(chain: &str, tag: &str) -> io::Result<Vec<u64>> {
+/// The handles of the rules in `filter <chain>` of family `fam` tagged `tag`.
+fn tagged(fam: NetfilterProtoFamily, chain: &str, tag: &str) -> io::Result<Vec<u64>> {
     let mut dump = msg(
-        NetfilterProtoFamily::IPv4,
+        fam,
         NfTablesMessage::GetRule(RuleMessage {
             attributes: vec![
                 RuleAttribute::Table("filter".into()),
@@ -432,12 +441,12 @@ fn tagged(chain: &str, tag: &str) -> io::Result<Vec<u64>> {
         .collect())
 }
 
-fn delete_rules(chain: &str, handles: &[u64]) -> Vec<Msg> {
+fn delete_rules(fam: NetfilterProtoFamily, chain: &str, handles: &[u64]) -> Vec<Msg> {
     handles
         .iter()
         .map(|h| {
             msg(
-                NetfilterProtoFamily::IPv4,
+                fam,
                 NfTablesMessage::DeleteRule(RuleMessage {
                     attributes: vec![
                         RuleAttribute::Table("filter".into()),
@@ -449,6 +458,35 @@ fn delete_rules(chain: &str, handles: &[u64]) -> Vec<Msg> {
             )
         })
         .collect()
+}
+
+/// Replaces our tagged rules in Docker's chain of family `fam` with
+/// `rules`; false when that family has no such chain.
+fn open_docker_family(fam: NetfilterProtoFamily, tag: &str, rules: &[Rule]) -> io::Result<bool> {
+    let Some(chain) = docker_chain(fam)? else {
+        return Ok(false);
+    };
+    let old = tagged(fam, chain, tag)?;
+    let mut b = vec![control(ControlMessage::BatchBegin)];
+    b.extend(delete_rules(fam, chain, &old));
+    // Each rule goes to the top; in reverse, so that they keep their order.
+    for r in rules.iter().rev() {
+        b.push(msg(
+            fam,
+            NfTablesMessage::NewRule(RuleMessage {
+                attributes: vec![
+                    RuleAttribute::Table("filter".into()),
+                    RuleAttribute::Chain(chain.into()),
+                    RuleAttribute::Expressions(rule_exprs(r).into_iter().map(Into::into).collect()),
+                    RuleAttribute::UserData(tag.as_bytes().to_vec()),
+                ],
+            }),
+            NLM_F_CREATE | NLM_F_ACK,
+        ));
+    }
+    b.push(control(ControlMessage::BatchEnd));
+    exchange(b)?;
+    Ok(true)
 }
 
 impl Firewall for Nftables {
@@ -481,55 +519,44 @@ impl Firewall for Nftables {
 
     fn open_docker(&self, f: &Foreign) -> Result<bool, FirewallError> {
         let fail = |e| classify("opening Docker's FORWARD chain", e);
-        let Some(chain) = docker_chain().map_err(fail)? else {
-            return Ok(false);
-        };
-        let old = tagged(chain, &f.tag).map_err(fail)?;
-        let mut b = vec![control(ControlMessage::BatchBegin)];
-        b.extend(delete_rules(chain, &old));
-        // Each rule goes to the top; in reverse, so that they keep their order.
-        for r in f.rules.iter().rev() {
-            b.push(msg(
-                NetfilterProtoFamily::IPv4,
-                NfTablesMessage::NewRule(RuleMessage {
-                    attributes: vec![
-                        RuleAttribute::Table("filter".into()),
-                        RuleAttribute::Chain(chain.into()),
-                        RuleAttribute::Expressions(
-                            rule_exprs(r).into_iter().map(Into::into).collect(),
-                        ),
-                        RuleAttribute::UserData(f.tag.as_bytes().to_vec()),
-                    ],
-                }),
-                NLM_F_CREATE | NLM_F_ACK,
-            ));
-        }
-        b.push(control(ControlMessage::BatchEnd));
-        exchange(b).map_err(fail)?;
-        Ok(true)
+        let v4 = open_docker_family(NetfilterProtoFamily::IPv4, &f.tag, &f.rules).map_err(fail)?;
+        let v6 = open_docker_family(NetfilterProtoFamily::IPv6, &f.tag, &f.rules6).map_err(fail)?;
+        Ok(v4 || v6)
     }
 
     fn close_docker(&self, tag: &str) -> Result<(), FirewallError> {
         let fail = |e| classify("cleaning Docker's FORWARD chain", e);
-        for chain in [DOCKER_USER, "FORWARD"] {
-            let old = tagged(chain, tag).map_err(fail)?;
-            if old.is_empty() {
-                continue;
+        for fam in DOCKER_FAMILIES {
+            for chain in [DOCKER_USER, "FORWARD"] {
+                let old = tagged(fam, chain, tag).map_err(fail)?;
+                if old.is_empty() {
+                    continue;
+                }
+                let mut b = vec![control(ControlMessage::BatchBegin)];
+                b.extend(delete_rules(fam, chain, &old));
+                b.push(control(ControlMessage::BatchEnd));
+                exchange(b).map_err(fail)?;
             }
-            let mut b = vec![control(ControlMessage::BatchBegin)];
-            b.extend(delete_rules(chain, &old));
-            b.push(control(ControlMessage::BatchEnd));
-            exchange(b).map_err(fail)?;
         }
         Ok(())
     }
 
-    fn docker_open(&self, tag: &str) -> Result<bool, FirewallError> {
+    fn docker_open(&self, f: &Foreign) -> Result<bool, FirewallError> {
         let fail = |e| classify("reading Docker's FORWARD chain", e);
-        let Some(chain) = docker_chain().map_err(fail)? else {
-            return Ok(false);
-        };
-        Ok(!tagged(chain, tag).map_err(fail)?.is_empty())
+        let mut any = false;
+        for (fam, rules) in DOCKER_FAMILIES.into_iter().zip([&f.rules, &f.rules6]) {
+            if rules.is_empty() {
+                continue;
+            }
+            let Some(chain) = docker_chain(fam).map_err(fail)? else {
+                continue;
+            };
+            if tagged(fam, chain, &f.tag).map_err(fail)?.is_empty() {
+                return Ok(false);
+            }
+            any = true;
+        }
+        Ok(any)
     }
 }
 

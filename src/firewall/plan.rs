@@ -182,20 +182,25 @@ fn listen(p: &Policy) -> Vec<Rule> {
     rules
 }
 
-/// The forwarding accepts again for Docker's FORWARD chain, tagged with
-/// our table's name. Docker's chains are IPv4 (`ip filter`): the rules
-/// for IPv6 routes stay out.
+/// The forwarding accepts again for Docker's FORWARD chains, tagged with
+/// our table's name: each family's chain gets the rules that match no
+/// network of the other family.
 fn docker(tag: &str, accepts: Vec<Rule>) -> Foreign {
+    let of = |v6: bool| -> Vec<Rule> {
+        accepts
+            .iter()
+            .filter(|r| {
+                !r.matches.iter().any(|m| {
+                    matches!(m, Match::SrcNet(n) | Match::DstNet(n) | Match::NotDstNet(n) if n.is_ipv6() != v6)
+                })
+            })
+            .cloned()
+            .collect()
+    };
     Foreign {
         tag: tag.to_owned(),
-        rules: accepts
-            .into_iter()
-            .filter(|r| {
-                !r.matches
-                    .iter()
-                    .any(|m| matches!(m, Match::SrcNet(n) | Match::DstNet(n) if n.is_ipv6()))
-            })
-            .collect(),
+        rules: of(false),
+        rules6: of(true),
     }
 }
 
@@ -227,6 +232,8 @@ mod tests {
         assert_eq!(chain.rules[0].matches.len(), 2);
         assert!(chain.rules[1..].iter().all(|r| r.action == Action::Drop));
         assert_eq!(docker.rules, vec![chain.rules[0].clone()]);
+        // Tunnel to tunnel matches no network: both families.
+        assert_eq!(docker.rules6, docker.rules);
     }
 
     #[test]
@@ -257,8 +264,14 @@ mod tests {
         assert_eq!(nat.hook, Hook::Postrouting);
         assert_eq!(nat.rules.len(), 2);
         assert!(nat.rules.iter().all(|r| r.action == Action::Masquerade));
-        // Docker's chains are IPv4 only.
+        // Each family's rules go to Docker's chain of that family.
         assert_eq!(docker.rules.len(), 2);
+        assert_eq!(docker.rules6.len(), 2);
+        assert!(docker.rules6.iter().all(|r| {
+            r.matches
+                .iter()
+                .all(|m| !matches!(m, Match::SrcNet(n) | Match::DstNet(n) if n.is_ipv4()))
+        }));
     }
 
     #[test]
@@ -406,7 +419,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_routes_are_forwarded_here_but_left_out_of_dockers_ipv4_chain() {
+    fn ipv6_routes_go_to_dockers_ipv6_chain_and_not_its_ipv4_one() {
         let v6 = net("fd00:7::/64");
         let (t, docker) = plan(&wg0(Policy {
             routes: vec![v6],
@@ -418,6 +431,7 @@ mod tests {
             Action::Accept
         )));
         assert!(docker.rules.is_empty(), "{:?}", docker.rules);
+        assert_eq!(docker.rules6.len(), 2, "{:?}", docker.rules6);
     }
 
     #[test]
