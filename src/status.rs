@@ -385,6 +385,16 @@ fn mesh_line(m: &MeshReport) -> String {
 }
 
 /// The human-readable form.
+/// How a container endpoint is attached: its container's short id, or
+/// Docker's network driver.
+fn attached_as(e: &EndpointStatus) -> &str {
+    match e.container_id.as_deref() {
+        Some(i) => &i[..i.len().min(12)],
+        None if e.state == State::Up => "network driver",
+        None => "not attached",
+    }
+}
+
 pub fn render(endpoints: &[EndpointStatus]) -> String {
     if endpoints.is_empty() {
         return "no endpoints (nothing in the state directory)\n".to_owned();
@@ -415,12 +425,7 @@ pub fn render(endpoints: &[EndpointStatus]) -> String {
         }
         let _ = writeln!(out, "  public key: {}", e.public_key);
         if let Some(c) = &e.container {
-            let id = e
-                .container_id
-                .as_deref()
-                .map(|i| &i[..i.len().min(12)])
-                .unwrap_or("not attached");
-            let _ = writeln!(out, "  container:  {c} ({id})");
+            let _ = writeln!(out, "  container:  {c} ({})", attached_as(e));
         }
         if let Some(s) = &e.server {
             let _ = writeln!(out, "  server:     {s}");

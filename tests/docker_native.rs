@@ -335,3 +335,222 @@ fn the_plugin_socket_is_refused_while_in_use_and_taken_back_after_a_sigkill() {
     assert!(lab.proc(again).terminate().success());
     assert!(!sock.exists(), "{} left", sock.display());
 }
+
+/// Docker keeps a running container's endpoint across our restart and
+/// never asks the driver again, and a container started while the plugin
+/// socket is missing fails and stays created: both get their endpoint
+/// when `tunnel` starts, without `docker restart`.
+#[test]
+#[ignore = "needs root and Docker: sudo make test"]
+fn driver_containers_get_their_endpoints_back_when_tunnel_starts_again() {
+    needs_docker("driver_restart");
+    let mut lab = common::lab(2);
+    let (h, s) = (lab.host(0), lab.host(1));
+    let (plugin_a, plugin_b) = (format!("tnl{}ra", lab.id), format!("tnl{}rb", lab.id));
+    let hub = lab.serve(&h, "h", 1, &["--name", "hq", "--docker-driver", &plugin_a]);
+    let site = lab.join(
+        &s,
+        "s",
+        &hub.lines[0],
+        &h,
+        &["--name", "br", "--docker-driver", &plugin_b],
+    );
+    let (net_a, net_b) = (format!("tnl{}rna", lab.id), format!("tnl{}rnb", lab.id));
+    let nets = (
+        Network::create(&net_a, &plugin_a),
+        Network::create(&net_b, &plugin_b),
+    );
+    let (web, cli, late) = (
+        format!("tnl{}rweb", lab.id),
+        format!("tnl{}rcli", lab.id),
+        format!("tnl{}rlate", lab.id),
+    );
+    let mut cs = Containers::default();
+    cs.run_with(
+        &web,
+        &["--network", &net_a],
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo page > /www/index.html && exec httpd -f -p 80 -h /www",
+        ],
+    );
+    cs.run_with(&cli, &["--network", &net_b], &["sleep", "3600"]);
+    let web_ip = until("web has no endpoint", || {
+        let st = lab.status(&hub);
+        st.to_string()
+            .contains(&format!("\"{web}\""))
+            .then(|| container_address(&st, &web))
+    });
+    let url = format!("http://{web_ip}/");
+    let cli_ip = container_address(&lab.status(&site), &cli);
+    assert_eq!(common::fetch(&cli, &url).as_deref(), Some("page"));
+
+    // The site stops; meanwhile a container is started on its network,
+    // which fails for want of the plugin (Docker gives up after 15 s).
+    lab.tunnel_ok(&site.host, &site.local("down"));
+    assert!(lab.proc(site.proc).wait(common::UP).success());
+    assert!(!has_iface(&cli, "tun0"), "the site's exit left cli's link");
+    cs.0.push(late.clone());
+    let failed = docker(&[
+        "run",
+        "-d",
+        "--name",
+        &late,
+        "--network",
+        &net_b,
+        common::IMAGE,
+        "sleep",
+        "3600",
+    ]);
+    assert!(!failed.status.success(), "started without the plugin");
+    // The hub is killed meanwhile and comes back.
+    lab.proc(hub.proc).kill();
+    let hub_again = lab.serve_again(&hub, &["--docker-driver", &plugin_a]);
+
+    let up = lab.spawn(&s, &{
+        let mut a = site.local("up");
+        a.extend(["--docker-driver", plugin_b.as_str()]);
+        a
+    });
+    lab.proc(up).wait_lines(1, common::UP);
+    // cli has its endpoint back, under its name and address, and reaches
+    // web (whose endpoint came back on the hub after its SIGKILL).
+    until("cli has no tun0 again", || {
+        has_iface(&cli, "tun0").then_some(())
+    });
+    let addrs = common::docker_ok(&["exec", &cli, "ip", "-o", "addr"]);
+    assert!(addrs.contains(&format!("{cli_ip}/")), "{addrs}");
+    until("cli does not reach web again", || {
+        common::fetch(&cli, &url).filter(|p| p == "page")
+    });
+    // The container whose start failed was started, and reaches web too.
+    until("late is not running", || {
+        let s = common::docker_ok(&["inspect", "-f", "{{.State.Running}}", &late]);
+        (s.trim() == "true").then_some(())
+    });
+    until("late does not reach web", || {
+        common::fetch(&late, &url).filter(|p| p == "page")
+    });
+    let st = lab.status(&site).to_string();
+    assert!(st.contains(&format!("\"{late}\"")), "{st}");
+    // Removed while both run (Docker asks a missing plugin for 15 s a call).
+    drop(cs);
+    drop(nets);
+    assert!(lab.proc(up).terminate().success());
+    assert!(lab.proc(hub_again).terminate().success());
+}
+
+/// The hub's namespace as a Docker host of both families: FORWARD drops
+/// what no rule accepts, in `iptables` and in `ip6tables` (as Docker 27
+/// and an `"ip6tables": true` engine make it), with DOCKER-USER first.
+fn a_dual_stack_docker_host(h: &common::Host) {
+    h.run(&["sysctl", "-qew", "net.bridge.bridge-nf-call-iptables=0"]);
+    h.run(&["sysctl", "-qew", "net.bridge.bridge-nf-call-ip6tables=0"]);
+    for tool in ["iptables", "ip6tables"] {
+        for args in [
+            &["-N", "DOCKER-USER"][..],
+            &["-A", "DOCKER-USER", "-j", "RETURN"],
+            &["-A", "FORWARD", "-j", "DOCKER-USER"],
+            &["-P", "FORWARD", "DROP"],
+        ] {
+            let mut argv = vec![tool];
+            argv.extend_from_slice(args);
+            h.run(&argv);
+        }
+    }
+}
+
+/// `docker network create --ipv6` on the driver: containers get the IPv6
+/// twin of their address, and reach another site's container over IPv6
+/// by address and by name (AAAA), through a hub whose `ip6tables`
+/// FORWARD policy is DROP.
+#[test]
+#[ignore = "needs root and Docker: sudo make test"]
+fn driver_networks_with_ipv6_reach_other_sites_over_ipv6_through_a_docker_hub() {
+    needs_docker("driver_ipv6");
+    let mut lab = common::lab(2);
+    let (h, s) = (lab.host(0), lab.host(1));
+    a_dual_stack_docker_host(&h);
+    let (plugin_a, plugin_b) = (format!("tnl{}6a", lab.id), format!("tnl{}6b", lab.id));
+    let hub = lab.serve(&h, "h", 1, &["--name", "hq", "--docker-driver", &plugin_a]);
+    let site = lab.join(
+        &s,
+        "s",
+        &hub.lines[0],
+        &h,
+        &["--name", "br", "--docker-driver", &plugin_b],
+    );
+    let (net_a, net_b) = (format!("tnl{}6na", lab.id), format!("tnl{}6nb", lab.id));
+    let nets = (
+        Network::create_with(&net_a, &plugin_a, &["--ipv6"]),
+        Network::create_with(&net_b, &plugin_b, &["--ipv6"]),
+    );
+    let (web, cli) = (format!("tnl{}6web", lab.id), format!("tnl{}6cli", lab.id));
+    let mut cs = Containers::default();
+    cs.run_with(
+        &web,
+        &["--network", &net_a],
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo page > /www/index.html && exec httpd -f -p 80 -h /www",
+        ],
+    );
+    cs.run_with(
+        &cli,
+        &["--network", &net_b, "--dns", "10.77.0.1"],
+        &["sleep", "3600"],
+    );
+    let web6 = until("web has no IPv6 endpoint", || {
+        let st = lab.status(&hub);
+        st.to_string()
+            .contains(&format!("\"{web}\""))
+            .then(|| common::container_address6(&st, &web))
+    });
+    // Docker set the twin on tun0.
+    let addrs = common::docker_ok(&["exec", &web, "ip", "-o", "-6", "addr", "show", "tun0"]);
+    assert!(addrs.contains(&format!("{web6}/64")), "{addrs}");
+    let cli6 = common::container_address6(&lab.status(&site), &cli);
+    assert!(cli6.contains(':'), "{cli6}");
+    // By address, over IPv6, through the hub's DROP policy.
+    let url = format!("http://[{web6}]/");
+    until("cli does not reach web over IPv6", || {
+        common::fetch(&cli, &url).filter(|p| p == "page")
+    });
+    let chain = h.run(&["ip6tables", "-S", "DOCKER-USER"]);
+    assert!(chain.contains(&hub.iface), "{chain}");
+    // By name: the hub's DNS answers AAAA, and ping -6 goes over IPv6.
+    let out = common::docker_ok(&[
+        "exec",
+        &cli,
+        "nslookup",
+        "-type=AAAA",
+        &format!("{web}.hq.tunnel"),
+        "10.77.0.1",
+    ]);
+    assert!(out.contains(&web6), "{out}");
+    let out = docker(&[
+        "exec",
+        &cli,
+        "ping",
+        "-6",
+        "-c",
+        "1",
+        "-W",
+        "3",
+        &format!("{web}.hq.tunnel"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains(&web6), "{text}");
+
+    drop(cs);
+    drop(nets);
+    for node in [&site, &hub] {
+        lab.tunnel_ok(&node.host, &node.local("down"));
+        assert!(lab.proc(node.proc).wait(common::UP).success());
+    }
+    // Our accepts left Docker's IPv6 chain with us.
+    let chain = h.run(&["ip6tables", "-S", "DOCKER-USER"]);
+    assert!(!chain.contains(&hub.iface), "{chain}");
+}

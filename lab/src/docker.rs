@@ -30,15 +30,15 @@ impl Network {
     /// `docker network create -d PLUGIN --ipam-driver PLUGIN NAME`: a
     /// network of `tunnel`'s driver.
     pub fn create(name: &str, plugin: &str) -> Self {
-        docker_ok(&[
-            "network",
-            "create",
-            "-d",
-            plugin,
-            "--ipam-driver",
-            plugin,
-            name,
-        ]);
+        Self::create_with(name, plugin, &[])
+    }
+
+    /// The same with more options (`--ipv6`).
+    pub fn create_with(name: &str, plugin: &str, options: &[&str]) -> Self {
+        let mut args = vec!["network", "create", "-d", plugin, "--ipam-driver", plugin];
+        args.extend_from_slice(options);
+        args.push(name);
+        docker_ok(&args);
         Network(name.to_owned())
     }
 

@@ -60,6 +60,9 @@ pub trait Endpoints: Send + Sync {
     async fn rename(&self, spec: &EndpointSpec, name: &str) -> Result<(), ContainerError>;
     /// Gives it back: the container is gone.
     async fn release(&self, spec: &EndpointSpec) -> Result<(), ContainerError>;
+    /// The network driver's endpoints an earlier run left: their
+    /// containers may run on, waiting for them.
+    async fn leftovers(&self) -> Vec<EndpointSpec>;
 }
 
 /// `--attach-label`: containers that carry the label are attached as they

@@ -254,6 +254,10 @@ impl Endpoints for FakeEndpoints {
         self.released.lock().unwrap().push(spec.container.clone());
         Ok(())
     }
+
+    async fn leftovers(&self) -> Vec<EndpointSpec> {
+        vec![]
+    }
 }
 
 #[tokio::test]

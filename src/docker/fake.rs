@@ -14,6 +14,10 @@ pub struct FakeRuntime {
         Mutex<std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>>,
     down: Mutex<bool>,
     events: broadcast::Sender<ContainerEvent>,
+    /// What `driver_networks` reports, for any driver.
+    pub networks: Mutex<Vec<super::DriverNetwork>>,
+    /// The containers `start` was asked to start.
+    pub started: Mutex<Vec<String>>,
 }
 
 impl Default for FakeRuntime {
@@ -23,6 +27,8 @@ impl Default for FakeRuntime {
             labels: Mutex::default(),
             down: Mutex::default(),
             events: broadcast::channel(64).0,
+            networks: Mutex::default(),
+            started: Mutex::default(),
         }
     }
 }
@@ -80,6 +86,21 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn by_endpoint(&self, _ids: &[String]) -> Result<Vec<(String, String)>, DockerError> {
         Ok(vec![])
+    }
+
+    async fn driver_networks(
+        &self,
+        _driver: &str,
+    ) -> Result<Vec<super::DriverNetwork>, DockerError> {
+        if *self.down.lock().unwrap() {
+            return Err(DockerError::Unavailable("fake engine is down".into()));
+        }
+        Ok(self.networks.lock().unwrap().clone())
+    }
+
+    async fn start(&self, id: &str) -> Result<(), DockerError> {
+        self.started.lock().unwrap().push(id.to_owned());
+        Ok(())
     }
 
     async fn labelled(&self, label: &super::Label) -> Result<Vec<String>, DockerError> {

@@ -44,6 +44,31 @@ pub struct ContainerInfo {
     pub endpoint_ids: Vec<String>,
 }
 
+/// A network of one network driver, and the containers Docker keeps on
+/// it, running or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverNetwork {
+    pub id: String,
+    pub name: String,
+    /// Its `-o` options.
+    pub options: BTreeMap<String, String>,
+    pub members: Vec<Member>,
+}
+
+/// A container on a driver's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub container: ContainerInfo,
+    /// While it runs: its endpoint on this network, and the address IPAM
+    /// gave it there.
+    pub endpoint: Option<(String, std::net::IpAddr)>,
+    /// Its IPv6 address there, on a network with `--ipv6`.
+    pub address6: Option<std::net::IpAddr>,
+    /// Why its last start failed, as Docker recorded it (empty after a
+    /// start that worked).
+    pub error: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
     Start,
@@ -124,6 +149,10 @@ pub trait ContainerRuntime: Send + Sync {
     /// The running containers that hold any of these network endpoints:
     /// (endpoint id, container name).
     async fn by_endpoint(&self, ids: &[String]) -> Result<Vec<(String, String)>, DockerError>;
+    /// The networks of network driver `driver`, with their containers.
+    async fn driver_networks(&self, driver: &str) -> Result<Vec<DriverNetwork>, DockerError>;
+    /// Starts a created or stopped container.
+    async fn start(&self, id: &str) -> Result<(), DockerError>;
 }
 
 /// Resolves the user's references up front: every container must exist and

@@ -4,8 +4,8 @@
 //! endpoint's device and hands its link to Docker.
 
 use super::wire::{
-    AddressRequest, EndpointRequest, NetworkRequest, PoolRequest, address_of, decode, joined,
-    placeholder, refused, reply,
+    AddressRequest, EndpointRequest, NetworkRequest, POOL, POOL6, PoolRequest, address_of, decode,
+    joined, placeholder, refused, reply,
 };
 use super::{Driver, Ep, Peer};
 use crate::containers::EndpointSpec;
@@ -83,9 +83,17 @@ async fn request_pool(AxState(d): AxState<Arc<Driver>>, body: axum::body::Bytes)
         Err(r) => return r.into_response(),
     };
     if req.v6 {
-        return refused(
-            "IPv6 on a tunnel network is not supported: its containers get an IPv4 address (create it without --ipv6)",
-        );
+        let Some(s6) = d.subnet6 else {
+            return refused(
+                "this tunnel is IPv4 only (its hub runs with --subnet6 none): create the network without --ipv6",
+            );
+        };
+        if !req.pool.is_empty() && req.pool != s6.to_string() {
+            return refused(format!(
+                "the tunnel's IPv6 subnet is {s6}: create the network without an IPv6 --subnet, or with --subnet {s6}"
+            ));
+        }
+        return reply(json!({ "PoolID": POOL6, "Pool": s6.to_string(), "Data": {} }));
     }
     if !req.pool.is_empty() && req.pool != d.subnet.to_string() {
         return refused(format!(
@@ -93,7 +101,7 @@ async fn request_pool(AxState(d): AxState<Arc<Driver>>, body: axum::body::Bytes)
             d.subnet, d.subnet
         ));
     }
-    reply(json!({ "PoolID": "tunnel", "Pool": d.subnet.to_string(), "Data": {} }))
+    reply(json!({ "PoolID": POOL, "Pool": d.subnet.to_string(), "Data": {} }))
 }
 
 async fn request_address(AxState(d): AxState<Arc<Driver>>, body: axum::body::Bytes) -> Response {
@@ -101,20 +109,38 @@ async fn request_address(AxState(d): AxState<Arc<Driver>>, body: axum::body::Byt
         Ok(r) => r,
         Err(r) => return r.into_response(),
     };
+    let v6 = req.pool_id == POOL6;
     if req.for_gateway() {
-        return reply(json!({ "Address": d.net(d.server), "Data": {} }));
+        let gateway = if v6 { d.server6 } else { Some(d.server) };
+        return match gateway {
+            Some(g) => reply(json!({ "Address": d.net(g), "Data": {} })),
+            None => refused("this tunnel is IPv4 only"),
+        };
     }
     if !req.address.is_empty() {
-        return refused("addresses on a tunnel network come from its hub: drop --ip");
+        return refused("addresses on a tunnel network come from its hub: drop --ip and --ip6");
     }
-    let _ = req.pool_id;
+    if v6 {
+        // The twin of the IPv4 address Docker just took for this endpoint.
+        let mut book = d.book.lock().await;
+        let twin = book
+            .unpaired
+            .pop()
+            .and_then(|ip| book.pending.get(&ip)?.address6);
+        return match twin {
+            Some(a6) => reply(json!({ "Address": d.net(a6.ip()), "Data": {} })),
+            None => refused("no IPv4 address was handed out for this endpoint first"),
+        };
+    }
     // The container is not known yet: a placeholder name until it starts.
     let mut tag = [0u8; 4];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut tag);
     match d.endpoints.allocate(&placeholder(tag), true).await {
         Ok(spec) => {
             let address = d.net(spec.address.ip());
-            d.book.lock().await.pending.insert(spec.address.ip(), spec);
+            let mut book = d.book.lock().await;
+            book.unpaired.push(spec.address.ip());
+            book.pending.insert(spec.address.ip(), spec);
             reply(json!({ "Address": address, "Data": {} }))
         }
         Err(e) => refused(e),
@@ -129,7 +155,8 @@ async fn release_address(AxState(d): AxState<Arc<Driver>>, body: axum::body::Byt
     let Some(ip) = address_of(&req.address) else {
         return reply(json!({}));
     };
-    if ip == d.server {
+    // The gateway, and an IPv6 twin: nothing of their own to give back.
+    if ip == d.server || ip.is_ipv6() {
         return reply(json!({}));
     }
     let spec = {
@@ -139,6 +166,7 @@ async fn release_address(AxState(d): AxState<Arc<Driver>>, body: axum::body::Byt
             .iter()
             .find(|(_, e)| e.spec.address.ip() == ip)
             .map(|(id, _)| id.clone());
+        book.unpaired.retain(|u| *u != ip);
         match from_endpoint {
             Some(id) => book.endpoints.remove(&id).map(|e| e.spec),
             None => book.pending.remove(&ip),
@@ -162,6 +190,13 @@ async fn create_network(AxState(d): AxState<Arc<Driver>>, body: axum::body::Byte
             "a tunnel network takes its addresses from the tunnel ({}): create it with --ipam-driver of the same name as -d",
             d.subnet
         ));
+    }
+    let pools6 = req.pools6();
+    if !pools6.is_empty()
+        && d.subnet6.map(|s| vec![s.to_string()])
+            != Some(pools6.iter().map(|p| (*p).to_owned()).collect())
+    {
+        return refused("a tunnel network's IPv6 addresses come from the tunnel's IPv6 subnet");
     }
     let internet = req.internet();
     d.book
@@ -188,14 +223,25 @@ async fn create_endpoint(AxState(d): AxState<Arc<Driver>>, body: axum::body::Byt
     };
     let ip = req.address();
     let mut book = d.book.lock().await;
-    let Some(spec) = ip.and_then(|ip| book.pending.remove(&ip)) else {
+    let Some(spec) = ip.and_then(|ip| book.pending.get(&ip)).cloned() else {
         return refused("this endpoint has no address from the tunnel's IPAM");
     };
+    let v6 = req.address6();
+    if v6.is_some() && v6 != spec.address6.map(|a| a.ip()) {
+        // Two networks of this driver made endpoints at the same moment
+        // and Docker's IPv6 requests crossed: this one is refused whole.
+        return refused(
+            "its IPv6 address is not its IPv4 address's twin (two containers were created at once): start it again",
+        );
+    }
+    book.pending.remove(&spec.address.ip());
+    book.unpaired.retain(|u| *u != spec.address.ip());
     let _ = req.network_id;
     book.endpoints.insert(
         req.endpoint_id,
         Ep {
             spec,
+            v6: v6.is_some(),
             named: false,
             device: None,
             _link: None,
@@ -239,13 +285,14 @@ async fn join(
     let Some(pid) = peer.pid else {
         return refused("cannot tell which process the Docker engine is (no peer credentials)");
     };
-    let (spec, internet) = {
+    let (spec, v6, internet) = {
         let book = d.book.lock().await;
         let Some(e) = book.endpoints.get(&req.endpoint_id) else {
             return refused(format!("no endpoint {}", req.endpoint_id));
         };
         (
             e.spec.clone(),
+            e.v6,
             book.networks.get(&req.network_id).copied().unwrap_or(false),
         )
     };
@@ -278,13 +325,17 @@ async fn join(
         }
     }
     tracing::debug!("endpoint {} joins as {}", spec.iface, spec.address);
-    reply(joined(&spec.iface, &lans, internet))
+    reply(joined(&spec.iface, &lans, internet, v6))
 }
 
 /// The device of a joining endpoint: the hub as its one peer, for the
 /// tunnel and the LANs behind other sites. It has no address of its own:
 /// Docker gives it the one IPAM handed out.
-fn device_spec(spec: &EndpointSpec, lans: &[IpNetwork], relay: Option<Arc<Relay>>) -> DeviceSpec {
+pub(super) fn device_spec(
+    spec: &EndpointSpec,
+    lans: &[IpNetwork],
+    relay: Option<Arc<Relay>>,
+) -> DeviceSpec {
     let mut hub = spec.hub.clone();
     hub.allowed_ips.extend(lans.iter().copied());
     DeviceSpec {

@@ -17,17 +17,21 @@
 //! - The container's name is known once it starts (Docker tells drivers
 //!   nothing about it): the endpoint is renamed then, for DNS.
 //!
-//! Endpoints live as long as this process: on exit they are removed and
-//! given back, and a crash's leftovers are given back at the next start.
+//! A joined endpoint outlives this process in the hub's ledger: on exit
+//! its device goes but its address and key stay, and the next start
+//! gives it back to its container if that still runs (`resume`), or to
+//! the hub if not.
 //!
 //! - `socket`: the plugin socket, and who is on its other end.
 //! - `wire`: the protocol's messages and answers, as plain data.
 //! - `handlers`: what each request does to the [`Driver`]'s book.
 //! - `naming`: endpoints renamed after their containers, from Docker's
 //!   events.
+//! - `resume`: at start, what an earlier run left.
 
 mod handlers;
 mod naming;
+mod resume;
 mod socket;
 mod wire;
 
@@ -81,6 +85,8 @@ pub fn check_name(name: &str) -> Result<(), DriverError> {
 /// One endpoint Docker knows of.
 struct Ep {
     spec: EndpointSpec,
+    /// Docker gave it its IPv6 address too (a network with `--ipv6`).
+    v6: bool,
     /// Its container's name, once it started.
     named: bool,
     device: Option<Arc<dyn WgDevice>>,
@@ -94,6 +100,10 @@ struct Book {
     networks: HashMap<String, bool>,
     /// Addresses handed out by IPAM, not yet an endpoint.
     pending: HashMap<IpAddr, EndpointSpec>,
+    /// Of those, the ones whose IPv6 twin was not asked for yet, latest
+    /// last: Docker asks for an endpoint's IPv4 address, then at once for
+    /// its IPv6 one, which must be the twin.
+    unpaired: Vec<IpAddr>,
     /// Endpoint id -> endpoint.
     endpoints: HashMap<String, Ep>,
 }
@@ -104,8 +114,12 @@ pub struct Driver {
     host: Arc<dyn NetOps>,
     backend: BackendChoice,
     subnet: IpNetwork,
+    /// A dual-stack tunnel's IPv6 subnet.
+    subnet6: Option<IpNetwork>,
     /// The hub's tunnel address: the network's "gateway" for IPAM.
     server: IpAddr,
+    /// Its IPv6 twin.
+    server6: Option<IpAddr>,
     /// The LANs the hub and the sites advertise, routed into containers.
     routes: tokio::sync::watch::Receiver<Vec<IpNetwork>>,
     book: tokio::sync::Mutex<Book>,
@@ -116,7 +130,7 @@ impl Driver {
         endpoints: Arc<dyn Endpoints>,
         host: Arc<dyn NetOps>,
         backend: BackendChoice,
-        subnet: IpNetwork,
+        subnets: crate::ipam::Subnets,
         server: IpAddr,
         routes: tokio::sync::watch::Receiver<Vec<IpNetwork>>,
     ) -> Arc<Self> {
@@ -124,15 +138,21 @@ impl Driver {
             endpoints,
             host,
             backend,
-            subnet,
+            subnet: subnets.main,
+            subnet6: subnets.v6,
             server,
+            server6: subnets.twin(server),
             routes,
             book: Default::default(),
         })
     }
 
     fn net(&self, a: IpAddr) -> String {
-        IpNetwork::new(a, self.subnet.prefix())
+        let prefix = match (a, self.subnet6) {
+            (IpAddr::V6(_), Some(s6)) => s6.prefix(),
+            _ => self.subnet.prefix(),
+        };
+        IpNetwork::new(a, prefix)
             .expect("an address of the subnet")
             .to_string()
     }
@@ -143,7 +163,12 @@ impl Driver {
             let book = self.book.lock().await;
             book.endpoints
                 .values()
-                .map(|e| (e.spec.clone(), e.device.clone()))
+                .map(|e| {
+                    let mut spec = e.spec.clone();
+                    // Its twin is its address only where Docker gave it.
+                    spec.address6 = spec.address6.filter(|_| e.v6);
+                    (spec, e.device.clone())
+                })
                 .collect()
         };
         let mut out = vec![];
@@ -169,7 +194,7 @@ impl Driver {
                 },
                 backend: device.as_ref().map(|d| d.backend()),
                 address: spec.address,
-                address6: None,
+                address6: spec.address6,
                 listen_port: None,
                 listening: vec![],
                 public_key: spec.key.public_key(),
@@ -184,16 +209,21 @@ impl Driver {
         out
     }
 
-    /// Removes every endpoint's device and gives every endpoint back.
+    /// Removes every endpoint's device. A joined endpoint's container
+    /// runs on, and Docker still counts it as connected: it is kept for
+    /// the next start. The others are given back.
     pub async fn close(&self) {
         let mut book = self.book.lock().await;
         let mut specs: Vec<EndpointSpec> = vec![];
         let mut devices = vec![];
         for (_, e) in book.endpoints.drain() {
-            devices.extend(e.device);
-            specs.push(e.spec);
+            match e.device {
+                Some(d) => devices.push(d),
+                None => specs.push(e.spec),
+            }
         }
         specs.extend(book.pending.drain().map(|(_, s)| s));
+        book.unpaired.clear();
         drop(book);
         for d in devices {
             if let Err(e) = d.destroy().await {

@@ -13,9 +13,14 @@ impl Driver {
     pub async fn follow(
         self: Arc<Self>,
         runtime: Arc<dyn ContainerRuntime>,
+        plugin: String,
         stop: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(stop);
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = self.resume(runtime.as_ref(), &plugin) => {}
+        }
         loop {
             let mut events = runtime.events();
             self.name_all(runtime.as_ref()).await;

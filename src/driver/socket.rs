@@ -98,6 +98,10 @@ pub fn start(
         crate::control::server::serve(listener, router, crate::control::server::LOCAL, stop).await;
         let _ = std::fs::remove_file(&path);
     });
-    tokio::spawn(driver.clone().follow(runtime, shutdown.waiter()));
+    tokio::spawn(
+        driver
+            .clone()
+            .follow(runtime, name.to_owned(), shutdown.waiter()),
+    );
     Ok(served)
 }

@@ -19,6 +19,8 @@ struct Book2 {
     allocated: Mutex<Vec<String>>,
     released: Mutex<Vec<IpAddr>>,
     renamed: Mutex<Vec<(IpAddr, String)>>,
+    /// What an earlier run left.
+    left: Mutex<Vec<EndpointSpec>>,
 }
 
 #[async_trait::async_trait]
@@ -33,7 +35,7 @@ impl Endpoints for Book2 {
             iface: format!("wgd{n}"),
             key: PrivateKey::generate(),
             address: format!("10.77.0.{n}/24").parse().unwrap(),
-            address6: None,
+            address6: Some(format!("fd00:77::{n}/64").parse().unwrap()),
             hub: PeerSpec {
                 public_key: PrivateKey::generate().public_key(),
                 endpoint: None,
@@ -59,6 +61,10 @@ impl Endpoints for Book2 {
         self.released.lock().unwrap().push(spec.address.ip());
         Ok(())
     }
+
+    async fn leftovers(&self) -> Vec<EndpointSpec> {
+        self.left.lock().unwrap().clone()
+    }
 }
 
 fn driver() -> (Arc<Driver>, Arc<Book2>) {
@@ -68,7 +74,10 @@ fn driver() -> (Arc<Driver>, Arc<Book2>) {
         book.clone(),
         Arc::new(crate::net::fake::FakeNet::default()),
         BackendChoice::Userspace,
-        "10.77.0.0/24".parse().unwrap(),
+        crate::ipam::Subnets {
+            main: "10.77.0.0/24".parse().unwrap(),
+            v6: Some("fd00:77::/64".parse().unwrap()),
+        },
         "10.77.0.1".parse().unwrap(),
         rx,
     );
@@ -111,8 +120,26 @@ async fn the_pool_is_the_tunnels_subnet_and_the_gateway_the_hub() {
     )
     .await;
     assert!(v["Err"].as_str().unwrap().contains("10.77.0.0/24"), "{v}");
+    // A dual-stack tunnel's IPv6 subnet is the pool of `--ipv6`.
     let v = call(&d, "/IpamDriver.RequestPool", json!({"V6": true})).await;
-    assert!(v["Err"].as_str().unwrap().contains("IPv6"), "{v}");
+    assert_eq!(
+        (v["PoolID"].as_str(), v["Pool"].as_str()),
+        (Some("tunnel6"), Some("fd00:77::/64"))
+    );
+    let v = call(
+        &d,
+        "/IpamDriver.RequestPool",
+        json!({"V6": true, "Pool": "fd00:1::/64"}),
+    )
+    .await;
+    assert!(v["Err"].as_str().unwrap().contains("fd00:77::/64"), "{v}");
+    let v = call(
+        &d,
+        "/IpamDriver.RequestAddress",
+        json!({"PoolID": "tunnel6", "Options": {"RequestAddressType": GATEWAY_REQUEST}}),
+    )
+    .await;
+    assert_eq!(v["Address"], "fd00:77::1/64");
     // The gateway is the hub.
     let v = call(
         &d,
@@ -337,9 +364,12 @@ async fn networks_are_remembered_with_their_internet_option_until_deleted() {
 }
 
 #[tokio::test]
-async fn close_gives_back_every_endpoint_and_every_pending_address() {
+async fn close_removes_devices_keeps_joined_endpoints_and_gives_back_the_rest() {
     let (d, book) = driver();
     let a = endpoint(&d, "e1").await;
+    let joined = endpoint(&d, "e2").await;
+    let device = crate::wg::fake::FakeWg::default();
+    d.book.lock().await.endpoints.get_mut("e2").unwrap().device = Some(Arc::new(device.clone()));
     let v = call(
         &d,
         "/IpamDriver.RequestAddress",
@@ -351,6 +381,45 @@ async fn close_gives_back_every_endpoint_and_every_pending_address() {
     let mut released = book.released.lock().unwrap().clone();
     released.sort();
     assert_eq!(released, [address_ip(&a), address_ip(&pending)]);
+    assert!(!released.contains(&address_ip(&joined)));
+    assert!(device.state.lock().unwrap().destroyed);
+    assert!(d.report().await.is_empty());
+}
+
+#[tokio::test]
+async fn at_start_the_networks_come_back_stopped_containers_leftovers_go_and_failed_starts_start() {
+    use crate::docker::{DriverNetwork, Member};
+    let (d, book) = driver();
+    let left = book.allocate("web", true).await.unwrap();
+    *book.left.lock().unwrap() = vec![left.clone()];
+    let rt = Arc::new(FakeRuntime::default());
+    let stopped = |id: &str, error: Option<&str>| Member {
+        container: ContainerInfo {
+            id: id.into(),
+            name: id.into(),
+            pid: None,
+            endpoint_ids: vec![],
+        },
+        endpoint: None,
+        address6: None,
+        error: error.map(str::to_owned),
+    };
+    *rt.networks.lock().unwrap() = vec![DriverNetwork {
+        id: "n1".into(),
+        name: "front".into(),
+        options: [("tunnel.internet".to_owned(), "true".to_owned())].into(),
+        members: vec![
+            stopped("web", None),
+            stopped(
+                "late",
+                Some("dial unix /run/docker/plugins/tnl.sock: connect: no such file or directory"),
+            ),
+        ],
+    }];
+    d.resume(rt.as_ref(), "tnl").await;
+    assert_eq!(d.book.lock().await.networks.get("n1"), Some(&true));
+    assert_eq!(*book.released.lock().unwrap(), [left.address.ip()]);
+    assert_eq!(*rt.started.lock().unwrap(), ["late"]);
     assert!(d.report().await.is_empty());
 }
 
@@ -382,7 +451,7 @@ async fn an_endpoint_is_named_after_its_container_once_when_that_starts() {
         endpoint_ids: vec!["e1".into()],
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let follow = tokio::spawn(d.clone().follow(rt.clone(), async {
+    let follow = tokio::spawn(d.clone().follow(rt.clone(), "tnl".into(), async {
         let _ = stopped.await;
     }));
     rt.until_subscribed().await;
@@ -409,4 +478,84 @@ async fn an_endpoint_is_named_after_its_container_once_when_that_starts() {
         [(address_ip(&a), "web".to_owned())]
     );
     assert_eq!(d.report().await[0].container.as_deref(), Some("web"));
+}
+
+#[tokio::test]
+async fn on_an_ipv6_network_each_endpoint_gets_the_twin_of_its_ipv4_address() {
+    let (d, book) = driver();
+    let v = call(
+        &d,
+        "/NetworkDriver.CreateNetwork",
+        json!({"NetworkID": "n6", "IPv4Data": [{"Pool": "10.77.0.0/24"}], "IPv6Data": [{"Pool": "fd00:1::/64"}]}),
+    )
+    .await;
+    assert!(v["Err"].as_str().unwrap().contains("IPv6"), "{v}");
+    let v = call(
+        &d,
+        "/NetworkDriver.CreateNetwork",
+        json!({"NetworkID": "n6", "IPv4Data": [{"Pool": "10.77.0.0/24"}], "IPv6Data": [{"Pool": "fd00:77::/64"}]}),
+    )
+    .await;
+    assert_eq!(v, json!({}));
+    // Docker asks for each endpoint's IPv4 address, then its IPv6 one.
+    let ask = |pool: &'static str| {
+        let d = d.clone();
+        async move {
+            call(&d, "/IpamDriver.RequestAddress", json!({"PoolID": pool})).await["Address"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let (a, a6) = (ask("tunnel").await, ask("tunnel6").await);
+    assert_eq!((a.as_str(), a6.as_str()), ("10.77.0.2/24", "fd00:77::2/64"));
+    assert_eq!(
+        book.allocated.lock().unwrap().len(),
+        1,
+        "one endpoint, two addresses"
+    );
+    let (b, b6) = (ask("tunnel").await, ask("tunnel6").await);
+    assert_eq!(b6, "fd00:77::3/64");
+    // Crossed twins are refused, and nothing is taken.
+    let v = call(
+        &d,
+        "/NetworkDriver.CreateEndpoint",
+        json!({"NetworkID": "n6", "EndpointID": "e1", "Interface": {"Address": a, "AddressIPv6": b6}}),
+    )
+    .await;
+    assert!(v["Err"].as_str().unwrap().contains("twin"), "{v}");
+    for (id, v4, v6) in [("e1", &a, &a6), ("e2", &b, &b6)] {
+        let v = call(
+            &d,
+            "/NetworkDriver.CreateEndpoint",
+            json!({"NetworkID": "n6", "EndpointID": id, "Interface": {"Address": v4, "AddressIPv6": v6}}),
+        )
+        .await;
+        assert_eq!(v, json!({}));
+    }
+    let report = d.report().await;
+    assert!(report.iter().all(|e| e.address6.is_some()), "{report:?}");
+    // Giving back the IPv6 twin is a no-op; the IPv4 address frees both.
+    call(
+        &d,
+        "/IpamDriver.ReleaseAddress",
+        json!({"PoolID": "tunnel6", "Address": a6}),
+    )
+    .await;
+    assert!(book.released.lock().unwrap().is_empty());
+    call(
+        &d,
+        "/IpamDriver.ReleaseAddress",
+        json!({"PoolID": "tunnel", "Address": a}),
+    )
+    .await;
+    assert_eq!(book.released.lock().unwrap().len(), 1);
+    // An IPv6 request with no IPv4 address before it is refused.
+    let v = call(
+        &d,
+        "/IpamDriver.RequestAddress",
+        json!({"PoolID": "tunnel6"}),
+    )
+    .await;
+    assert!(v["Err"].as_str().is_some(), "{v}");
 }

@@ -12,10 +12,13 @@ use std::net::IpAddr;
 
 const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1+json";
 /// What the container calls its tunnel interface (Docker appends an index).
-const DST_PREFIX: &str = "tun";
+pub(super) const DST_PREFIX: &str = "tun";
 /// The Docker option that lets a tunnel network's containers keep a way
 /// to the internet (Docker adds its gateway bridge).
 const INTERNET_OPTION: &str = "tunnel.internet";
+/// The IPAM pools: the tunnel's subnet, and its IPv6 one.
+pub(super) const POOL: &str = "tunnel";
+pub(super) const POOL6: &str = "tunnel6";
 /// How IPAM asks for a network's gateway rather than a container's address.
 pub(super) const GATEWAY_REQUEST: &str = "com.docker.network.gateway";
 
@@ -84,12 +87,23 @@ pub(super) struct NetworkRequest {
     pub(super) options: Option<HashMap<String, Value>>,
     #[serde(rename = "IPv4Data")]
     pub(super) ipv4_data: Option<Vec<IpamData>>,
+    #[serde(rename = "IPv6Data")]
+    pub(super) ipv6_data: Option<Vec<IpamData>>,
 }
 
 impl NetworkRequest {
     /// The IPv4 pools the network was created with.
     pub(super) fn pools(&self) -> Vec<&str> {
         self.ipv4_data
+            .iter()
+            .flatten()
+            .map(|p| p.pool.as_str())
+            .collect()
+    }
+
+    /// Its IPv6 pools (`--ipv6`).
+    pub(super) fn pools6(&self) -> Vec<&str> {
+        self.ipv6_data
             .iter()
             .flatten()
             .map(|p| p.pool.as_str())
@@ -128,12 +142,21 @@ impl EndpointRequest {
     pub(super) fn address(&self) -> Option<IpAddr> {
         self.interface.as_ref().and_then(|i| address_of(&i.address))
     }
+
+    /// Its IPv6 address, on a network with `--ipv6`.
+    pub(super) fn address6(&self) -> Option<IpAddr> {
+        self.interface
+            .as_ref()
+            .and_then(|i| address_of(&i.address_ipv6))
+    }
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase", default)]
 pub(super) struct InterfaceData {
     address: String,
+    #[serde(rename = "AddressIPv6")]
+    address_ipv6: String,
 }
 
 /// The address of `10.77.0.2/24` (or of a bare `10.77.0.2`).
@@ -155,13 +178,21 @@ struct StaticRoute {
     route_type: u8,
 }
 
+/// Whether a network Docker lists was created with
+/// `-o tunnel.internet=true` (its options, flat, as `network inspect`
+/// shows them).
+pub(super) fn internet_option(options: &std::collections::BTreeMap<String, String>) -> bool {
+    options.get(INTERNET_OPTION).is_some_and(|v| v == "true")
+}
+
 /// The answer to a join: the link Docker moves into the container and
-/// names `tun<n>`, the LANs to route through it (IPv4: the network has
-/// no IPv6), and whether Docker adds its gateway for the internet.
-pub(super) fn joined(iface: &str, lans: &[IpNetwork], internet: bool) -> Value {
+/// names `tun<n>`, the LANs to route through it (IPv6 ones only when the
+/// endpoint has an IPv6 address, `v6`), and whether Docker adds its
+/// gateway for the internet.
+pub(super) fn joined(iface: &str, lans: &[IpNetwork], internet: bool, v6: bool) -> Value {
     let routes: Vec<StaticRoute> = lans
         .iter()
-        .filter(|r| r.is_ipv4())
+        .filter(|r| r.is_ipv4() || v6)
         .map(|r| StaticRoute {
             destination: r.to_string(),
             // 1: "connected", through the interface, no next hop.
@@ -231,12 +262,12 @@ mod tests {
     }
 
     #[test]
-    fn a_join_routes_the_ipv4_lans_and_adds_docker_s_gateway_only_for_the_internet() {
+    fn a_join_routes_the_lans_of_its_families_and_adds_docker_s_gateway_only_for_the_internet() {
         let lans: Vec<IpNetwork> = ["192.168.7.0/24", "fd00:7::/64", "172.27.88.0/24"]
             .iter()
             .map(|s| s.parse().unwrap())
             .collect();
-        let v = joined("wgd2", &lans, false);
+        let v = joined("wgd2", &lans, false, false);
         assert_eq!(
             v["InterfaceName"],
             json!({"SrcName": "wgd2", "DstPrefix": "tun"})
@@ -249,7 +280,14 @@ mod tests {
             ])
         );
         assert_eq!(v["DisableGatewayService"], true);
-        assert_eq!(joined("wgd2", &[], true)["DisableGatewayService"], false);
-        assert_eq!(joined("wgd2", &[], true)["StaticRoutes"], json!([]));
+        assert_eq!(
+            joined("wgd2", &lans, false, true)["StaticRoutes"][1],
+            json!({"Destination": "fd00:7::/64", "RouteType": 1})
+        );
+        assert_eq!(
+            joined("wgd2", &[], true, false)["DisableGatewayService"],
+            false
+        );
+        assert_eq!(joined("wgd2", &[], true, false)["StaticRoutes"], json!([]));
     }
 }

@@ -73,6 +73,19 @@ impl crate::containers::Endpoints for HubEndpoints {
             })
     }
 
+    async fn leftovers(&self) -> Vec<crate::containers::EndpointSpec> {
+        let state = self.hub.snapshot().await;
+        let server_ip = crate::ipam::Pool::new(state.subnet)
+            .map(|p| p.server_address())
+            .unwrap_or(state.subnet.ip());
+        state
+            .containers
+            .iter()
+            .filter(|c| c.driver)
+            .map(|c| container_spec(&state, c, server_ip))
+            .collect()
+    }
+
     async fn release(
         &self,
         spec: &crate::containers::EndpointSpec,

@@ -87,6 +87,15 @@ impl NetOps for FakeNet {
         Ok(())
     }
 
+    async fn rename_link(&self, name: &str, to: &str) -> Result<(), NetError> {
+        let mut links = self.links.lock().unwrap();
+        let link = links
+            .remove(name)
+            .ok_or_else(|| NetError::NotFound(name.to_owned()))?;
+        links.insert(to.to_owned(), link);
+        Ok(())
+    }
+
     async fn forwarding(&self, name: &str) -> Result<bool, NetError> {
         let links = self.links.lock().unwrap();
         let link = links

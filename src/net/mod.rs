@@ -46,6 +46,9 @@ pub trait NetOps: Send + Sync {
     async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError>;
     /// Moves the link into the network namespace of process `pid`.
     async fn move_to_netns(&self, name: &str, pid: u32) -> Result<(), NetError>;
+    /// Renames the link, which is left down (Linux renames no link that
+    /// is up).
+    async fn rename_link(&self, name: &str, to: &str) -> Result<(), NetError>;
     /// Whether the kernel forwards IPv4 packets that arrive on the link.
     async fn forwarding(&self, name: &str) -> Result<bool, NetError>;
     /// Lets the kernel forward IPv4 packets that arrive on the link, or

@@ -278,6 +278,27 @@ impl NetOps for Netlink {
             .map_err(|e| classify(e, &format!("moving into the namespace of pid {pid}"), name))
     }
 
+    async fn rename_link(&self, name: &str, to: &str) -> Result<(), NetError> {
+        super::validate_ifname(to)?;
+        let index = self.require_index(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).down().build())
+            .execute()
+            .await
+            .map_err(|e| classify(e, "taking the link down", name))?;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .name(to.to_owned())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| classify(e, &format!("renaming it to {to}"), name))
+    }
+
     async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError> {
         let index = self.require_index(name).await?;
         self.handle

@@ -64,6 +64,8 @@ pub struct Context {
     pub backend: BackendChoice,
     /// The tunnel subnet and the hub's address in it (the driver's IPAM).
     pub subnet: IpNetwork,
+    /// The IPv6 subnet of a dual-stack tunnel.
+    pub subnet6: Option<IpNetwork>,
     pub server: IpAddr,
     pub metrics: Arc<Metrics>,
 }
@@ -96,7 +98,10 @@ impl Services {
                 e.clone(),
                 ctx.net.clone(),
                 ctx.backend,
-                ctx.subnet,
+                crate::ipam::Subnets {
+                    main: ctx.subnet,
+                    v6: ctx.subnet6,
+                },
                 ctx.server,
                 lans,
             );

@@ -91,8 +91,8 @@ pub struct SiteEndpoints {
 }
 
 impl SiteEndpoints {
-    /// Gives back the network driver's endpoints a crashed run left: Docker
-    /// lost them with that run.
+    /// Gives back the network driver's endpoints an earlier run left, when
+    /// this run has no driver to take them back.
     pub async fn release_leftovers(&self) {
         let mut joined = self.joined.lock().await;
         let left: Vec<ContainerRecord> = joined
@@ -188,6 +188,16 @@ impl crate::containers::Endpoints for SiteEndpoints {
             .save(&self.iface, &Endpoint::Joined(joined.clone()))
             .map_err(|e| fail(e.to_string()))?;
         Ok(spec_for(&joined, &record, self.hub, self.link.clone()))
+    }
+
+    async fn leftovers(&self) -> Vec<EndpointSpec> {
+        let joined = self.joined.lock().await;
+        joined
+            .containers
+            .iter()
+            .filter(|c| c.driver)
+            .map(|c| spec_for(&joined, c, self.hub, self.link.clone()))
+            .collect()
     }
 
     async fn rename(&self, spec: &EndpointSpec, name: &str) -> Result<(), ContainerError> {

@@ -384,9 +384,12 @@ pub async fn run(
                 .as_ref()
                 .filter(|c| c.label.is_some() || c.driver.is_some())
             {
-                Some(_) => {
+                Some(c) => {
                     let e = Arc::new(SiteEndpoints::new(&joined, &iface, &store, &route)?);
-                    e.release_leftovers().await;
+                    // The driver takes back what it can of an earlier run's.
+                    if c.driver.is_none() {
+                        e.release_leftovers().await;
+                    }
                     Some(e)
                 }
                 None => None,
@@ -395,6 +398,7 @@ pub async fn run(
                 net: net.clone(),
                 backend,
                 subnet: joined.subnet,
+                subnet6: joined.subnet6,
                 server: joined.server_address,
                 metrics: metrics.clone(),
             };

@@ -146,10 +146,11 @@ async fn plan(
     super::ledger::validate_routes(&config.routes, &subnets).map_err(input(""))?;
     super::ledger::validate_routes(&config.token_routes, &subnets)
         .map_err(input("--token-route: "))?;
-    // The network driver's endpoints live as long as the run that made
-    // them: a crash's are given back now.
+    // The network driver's endpoints an earlier run left wait for the
+    // driver, which takes back those whose containers still run; without
+    // one they are given back now.
     let leftovers = state.containers.iter().filter(|c| c.driver).count();
-    if leftovers > 0 {
+    if leftovers > 0 && config.docker_driver.is_none() {
         tracing::info!("giving back {leftovers} network-driver endpoint(s) a previous run left");
         state.containers.retain(|c| !c.driver);
     }
@@ -396,7 +397,7 @@ fn container_specs(
     state
         .containers
         .iter()
-        .filter(|c| c.by_label || infos.iter().any(|i| i.name == c.container))
+        .filter(|c| !c.driver && (c.by_label || infos.iter().any(|i| i.name == c.container)))
         .map(|c| super::container_spec(state, c, server_ip))
         .collect()
 }
@@ -444,6 +445,7 @@ async fn prepare_services(
         net: up.net.clone(),
         backend: config.backend,
         subnet: state.subnet,
+        subnet6: state.subnet6,
         server: server_ip,
         metrics: hub.metrics(),
     };
