@@ -577,3 +577,179 @@ fn a_site_joins_through_an_https_proxy_with_its_ca_and_a_refusal_is_one_clear_li
     b.ping_until("10.77.0.1", Instant::now());
     assert!(lab.proc(up).terminate().success());
 }
+
+/// Transparent mode on WebSocket: the hub's own address goes through the
+/// tunnel (the hub's firewall lets a WebSocket site reach the uplink its
+/// connection comes in on), and with `--snat-public` the server sees the
+/// address that connection came from. The site's direct TCP to the web
+/// port is dropped, so an answer proves the tunnel carried it.
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_websocket_site_in_transparent_mode_and_with_snat_public() {
+    needs_root("wss_snat_public");
+    let mut lab = common::lab(3);
+    let (a, b) = (lab.host(0), lab.host(2));
+    let _whoami = common::WhoAmI::start(&a, format!("{}:8080", a.ip).parse().unwrap());
+    let hub = lab.serve(
+        &a,
+        "a",
+        2,
+        &["--transport", "udp,wss", "--wss-listen", "[::]:8443"],
+    );
+    let public = format!("http://{}:8080/", a.ip);
+    b.run(&[
+        "iptables", "-A", "OUTPUT", "-o", &b.dev, "-p", "tcp", "--dport", "8080", "-j", "DROP",
+    ]);
+    let site = lab.join(
+        &b,
+        "b",
+        &hub.lines[0],
+        &a,
+        &["--transport", "wss", "--transparent"],
+    );
+    let tunnel_ip = lab.status(&site)[0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let seen = common::until("the transparent site does not get through", || {
+        b.curl(&public)
+    });
+    assert_eq!(seen, tunnel_ip);
+    lab.tunnel_ok(&b, &site.local("down"));
+    assert!(lab.proc(site.proc).wait(common::UP).success());
+
+    let snat = lab.join(
+        &b,
+        "c",
+        &hub.lines[1],
+        &a,
+        &["--transport", "wss", "--transparent", "--snat-public"],
+    );
+    // The SNAT rule follows the join within the hub's next firewall round.
+    common::until("the server does not see the site's public address", || {
+        b.curl(&public).filter(|seen| *seen == b.ip)
+    });
+    lab.tunnel_ok(&b, &snat.local("down"));
+    assert!(lab.proc(snat.proc).wait(common::UP).success());
+}
+
+/// nginx on the hub's host `a`, TLS with the test CA's `proxy`
+/// certificate, to the hub's plain listener on 127.0.0.1:8090 for `path`:
+/// port 9443 says whom it forwards for; 9444 says nothing.
+fn local_reverse_proxy(lab: &mut Lab, a: &Host, dir: &Path, path: &str) {
+    let server = |port: u16, forwarded: &str| {
+        format!(
+            "server {{
+               listen {ip}:{port} ssl;
+               ssl_certificate {dir}/proxy.pem; ssl_certificate_key {dir}/proxy.key;
+               location {path} {{
+                 proxy_pass http://127.0.0.1:8090;
+                 proxy_http_version 1.1;
+                 proxy_set_header Upgrade $http_upgrade;
+                 proxy_set_header Connection \"upgrade\";
+                 {forwarded}
+                 proxy_read_timeout 3600s;
+               }}
+             }}",
+            ip = a.ip,
+            dir = dir.display(),
+            path = path,
+        )
+    };
+    let conf = format!(
+        "daemon off; pid {dir}/nginx.pid; error_log {dir}/nginx.err;
+         events {{}}
+         http {{
+           access_log {dir}/nginx.log;
+           client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};
+           {with} {without}
+         }}",
+        dir = dir.display(),
+        with = server(9443, "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"),
+        without = server(9444, ""),
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    lab.spawn_cmd(
+        a,
+        &["nginx", "-c", dir.join("nginx.conf").to_str().unwrap()],
+        &[],
+    );
+}
+
+/// Behind a TLS-terminating reverse proxy on the hub's own host, the
+/// site's address is the one the proxy says it forwards for
+/// (X-Forwarded-For); a proxy that says nothing gets a warning instead.
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn snat_public_behind_a_reverse_proxy_on_the_hubs_host_takes_its_forwarded_for() {
+    needs_root("wss_snat_forwarded");
+    let mut lab = common::lab(3);
+    let (a, b) = (lab.host(0), lab.host(2));
+    let dir = lab.dir.path().to_owned();
+    test_ca(&dir, "ca", "proxy", &a.ip);
+    let _whoami = common::WhoAmI::start(&a, format!("{}:8080", a.ip).parse().unwrap());
+    let hub = lab.serve(
+        &a,
+        "a",
+        2,
+        &[
+            "--transport",
+            "udp,ws",
+            "--wss-listen",
+            "127.0.0.1:8090",
+            "--public-url",
+            &format!("wss://{}:9443/vpn", a.ip),
+        ],
+    );
+    let offer = tunnel::token::Token::decode(&hub.lines[0])
+        .unwrap()
+        .websocket
+        .expect("a WebSocket offer");
+    local_reverse_proxy(&mut lab, &a, &dir, &offer.path);
+    a.wait_listening("9443", Duration::from_secs(10));
+    let public = format!("http://{}:8080/", a.ip);
+    b.run(&[
+        "iptables", "-A", "OUTPUT", "-o", &b.dev, "-p", "tcp", "--dport", "8080", "-j", "DROP",
+    ]);
+    let ca = dir.join("ca.pem");
+    let env = [("SSL_CERT_FILE", ca.to_str().unwrap())];
+    let site = lab.join_env(
+        &b,
+        "b",
+        &hub.lines[0],
+        &a,
+        &["--transport", "wss", "--transparent", "--snat-public"],
+        &env,
+    );
+    common::until("the server does not see the address forwarded for", || {
+        b.curl(&public).filter(|seen| *seen == b.ip)
+    });
+    lab.tunnel_ok(&b, &site.local("down"));
+    assert!(lab.proc(site.proc).wait(common::UP).success());
+
+    // Through the port that says nothing: the hub says why it cannot.
+    let mut token = tunnel::token::Token::decode(&hub.lines[1]).unwrap();
+    let Some(tunnel::reach::WsOffer {
+        target: tunnel::reach::WsTarget::Url { base },
+        ..
+    }) = token.websocket.as_mut()
+    else {
+        panic!("{:?}", token.websocket)
+    };
+    *base = base.replace(":9443", ":9444");
+    let quiet = lab.join_env(
+        &b,
+        "c",
+        &token.encode(),
+        &a,
+        &["--transport", "wss", "--transparent", "--snat-public"],
+        &env,
+    );
+    lab.proc(hub.proc)
+        .wait_log("does not say whom for", common::UP);
+    lab.tunnel_ok(&b, &quiet.local("down"));
+    assert!(lab.proc(quiet.proc).wait(common::UP).success());
+}

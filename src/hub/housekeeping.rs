@@ -124,7 +124,7 @@ impl Hub {
             Ok(_) => {}
             Err(e) => tracing::debug!("reading this host's addresses: {e}"),
         }
-        let ips: HashSet<IpAddr> = self
+        let mut ips: HashSet<IpAddr> = self
             .ledger
             .lock()
             .await
@@ -135,6 +135,12 @@ impl Hub {
             .filter(|e| !crate::transport::is_virtual(e))
             .map(|e| e.ip())
             .collect();
+        ips.extend(
+            self.websocket_sources()
+                .await
+                .into_values()
+                .filter(|ip| !ip.is_loopback()),
+        );
         let known: HashMap<IpAddr, Option<String>> =
             self.uplinks.lock().expect("uplinks lock").via.clone();
         let mut via = HashMap::new();
@@ -161,6 +167,30 @@ impl Hub {
         let mut u = self.uplinks.lock().expect("uplinks lock");
         u.via = via;
         u.addrs = addrs;
+    }
+
+    /// The connected WebSocket sites' underlay addresses, by tunnel
+    /// address: whom their connections come from; loopback for a proxy on
+    /// this host that does not say whom for.
+    /// (The ledger does not keep a link's address: it means nothing
+    /// after a restart; the device's live peers have it.)
+    pub async fn websocket_sources(&self) -> std::collections::BTreeMap<IpAddr, IpAddr> {
+        let Ok(live) = self.wg.peers().await else {
+            return Default::default();
+        };
+        let ledger = self.ledger.lock().await;
+        live.iter()
+            .filter_map(|l| {
+                let e = l.endpoint.filter(crate::transport::is_virtual)?;
+                let from = self.underlay_of(e)?;
+                let p = ledger
+                    .state()
+                    .peers
+                    .iter()
+                    .find(|p| p.public_key == l.public_key)?;
+                Some((p.address, from))
+            })
+            .collect()
     }
 
     /// This host's addresses on the links it reaches its peers through:

@@ -47,7 +47,7 @@ use crate::wg::{WgDevice, WgError};
 use ipnetwork::IpNetwork;
 use ledger::{Op, diff};
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 use tokio::sync::{Mutex, Notify};
@@ -98,6 +98,9 @@ pub struct Hub {
     uplinks: std::sync::Mutex<Uplinks>,
     /// The mesh's rendezvous and relay (userspace hubs).
     mesh: Option<Arc<mesh::HubMesh>>,
+    /// The WebSocket listener's links: where each site's connection comes
+    /// from.
+    ws: Option<Arc<crate::transport::Relay>>,
 }
 
 /// The links through which the hub reaches its peers' endpoints.
@@ -181,7 +184,25 @@ impl Hub {
             quarantine: None,
             uplinks: Default::default(),
             mesh: None,
+            ws: None,
         }
+    }
+
+    /// The WebSocket links' relay, when the hub listens for them.
+    pub fn with_websocket(mut self, relay: Option<Arc<crate::transport::Relay>>) -> Self {
+        self.ws = relay;
+        self
+    }
+
+    /// Where a peer's datagrams come from on the underlay: its UDP
+    /// endpoint, or for a WebSocket site the address its connection came
+    /// from (the site, its NAT or proxy, or whom a proxy on this host says
+    /// it is for).
+    pub fn underlay_of(&self, endpoint: SocketAddr) -> Option<IpAddr> {
+        if !crate::transport::is_virtual(&endpoint) {
+            return Some(endpoint.ip());
+        }
+        self.ws.as_ref()?.remote_of(&endpoint).map(|r| r.ip())
     }
 
     /// Keeps `q` holding the addresses of untrusted keys (invites), as the

@@ -163,6 +163,7 @@ async fn plan(
         ws_port: websocket.as_ref().and_then(WebSocket::port),
         probe_port: None,
         uplinks: vec![],
+        ws_sources: Default::default(),
     };
     let mut ledger = Ledger::new(state, config.endpoints_per_site.into())?;
     ledger.resume_swaps(Instant::now());
@@ -375,7 +376,8 @@ async fn bring_up(
     let hub = Hub::new(device, Some(net), plan.store.clone(), &config.iface, ledger)
         .with_quarantine(quarantine)
         .await
-        .with_mesh(mesh);
+        .with_mesh(mesh)
+        .with_websocket(plan.websocket.as_ref().map(|w| w.relay.clone()));
     Ok(Arc::new(hub))
 }
 
@@ -593,16 +595,26 @@ async fn housekeeping(
     mut openings: Openings,
     mut shutdown: Shutdown,
 ) {
+    // `--snat-public` sites already told about, once each.
+    let mut unknown = std::collections::BTreeSet::new();
     loop {
         let round = hub.housekeep(Instant::now(), SystemTime::now()).await;
         // Peers' endpoints move (--allow-from, --snat-public), and someone
         // may flush the firewall: read back after changes and once a second.
         if round.check_firewall {
             openings.uplinks = hub.uplink_addresses();
+            openings.ws_sources = hub.websocket_sources().await;
             openings.probe_port = hub.mesh().map(|m| m.probe_port());
             let state = hub.snapshot().await;
             let lans_changed = state.routes != gateway.policy().routes;
             gateway.keep(Some(policy(config, &state, &openings)));
+            for site in policy::snat_unknown(&state, &openings) {
+                if unknown.insert(site) {
+                    tracing::warn!(
+                        "site {site} asked for --snat-public, but its WebSocket comes through a proxy on this host that does not say whom for (X-Forwarded-For): its traffic to this host keeps its tunnel address"
+                    );
+                }
+            }
             // New LANs of the hub's own: their links forward too (the
             // replies come in there).
             if lans_changed

@@ -17,6 +17,25 @@ pub struct Openings {
     /// The mesh's second UDP port (probes for NAT discovery).
     pub probe_port: Option<u16>,
     pub uplinks: Vec<IpAddr>,
+    /// Connected WebSocket sites' underlay addresses, by tunnel address
+    /// (loopback: through a proxy on this host that did not say whom for).
+    pub ws_sources: std::collections::BTreeMap<IpAddr, IpAddr>,
+}
+
+/// The `--snat-public` sites whose public address is not known: on a
+/// WebSocket through a proxy on this host that does not say whom for.
+pub fn snat_unknown(state: &ServerState, open: &Openings) -> Vec<IpAddr> {
+    state
+        .peers
+        .iter()
+        .filter(|p| p.snat_public && p.via.is_none())
+        .filter(|p| {
+            open.ws_sources
+                .get(&p.address)
+                .is_some_and(IpAddr::is_loopback)
+        })
+        .map(|p| p.address)
+        .collect()
 }
 
 pub fn policy(config: &HubConfig, state: &ServerState, open: &Openings) -> Policy {
@@ -45,10 +64,15 @@ pub fn policy(config: &HubConfig, state: &ServerState, open: &Openings) -> Polic
         .iter()
         .filter(|p| p.snat_public && p.via.is_none())
         .filter_map(|p| {
-            let e = p.endpoint.filter(|e| !is_virtual(e))?;
+            // Where its WebSocket comes from, else its UDP endpoint.
+            let public = match open.ws_sources.get(&p.address) {
+                Some(ip) if ip.is_loopback() => return None,
+                Some(ip) => *ip,
+                None => p.endpoint.filter(|e| !is_virtual(e))?.ip(),
+            };
             Some(Snat {
                 site: p.address,
-                public: e.ip(),
+                public,
                 subnet: state.subnet,
             })
         })
@@ -119,6 +143,7 @@ mod tests {
             ws_port: Some(8443),
             probe_port: Some(40001),
             uplinks: vec![],
+            ws_sources: Default::default(),
         };
         let (ports, from) = policy(&c, &state(peers), &open).listen.unwrap();
         // The mesh's probe port is open to the same sources as WireGuard's.
@@ -149,9 +174,32 @@ mod tests {
             peer("10.9.0.4", Some("[100::1]:1"), true),
             behind,
         ];
-        let snat = policy(&c, &state(peers), &Openings::default()).snat;
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let state = state(peers);
+        let snat = policy(&c, &state, &Openings::default()).snat;
         assert_eq!(snat.len(), 1);
-        assert_eq!(snat[0].site, "10.9.0.2".parse::<IpAddr>().unwrap());
-        assert_eq!(snat[0].public, "198.51.100.7".parse::<IpAddr>().unwrap());
+        assert_eq!(snat[0].site, ip("10.9.0.2"));
+        assert_eq!(snat[0].public, ip("198.51.100.7"));
+        // The WebSocket site's link is down: nothing to say yet.
+        assert!(snat_unknown(&state, &Openings::default()).is_empty());
+        // Through a proxy on this host that does not say whom for.
+        let local = Openings {
+            ws_sources: [(ip("10.9.0.4"), ip("127.0.0.1"))].into(),
+            ..Default::default()
+        };
+        assert_eq!(policy(&c, &state, &local).snat.len(), 1);
+        assert_eq!(snat_unknown(&state, &local), [ip("10.9.0.4")]);
+        // Known from where its connection comes: SNAT to that.
+        let open = Openings {
+            ws_sources: [(ip("10.9.0.4"), ip("203.0.113.4"))].into(),
+            ..Default::default()
+        };
+        let snat = policy(&c, &state, &open).snat;
+        assert_eq!(snat.len(), 2);
+        assert_eq!(
+            (snat[1].site, snat[1].public),
+            (ip("10.9.0.4"), ip("203.0.113.4"))
+        );
+        assert!(snat_unknown(&state, &open).is_empty());
     }
 }

@@ -39,15 +39,24 @@ async fn upgrade(
     State(hub): State<Hub>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     axum::Extension(pass): axum::Extension<Pass>,
+    headers: axum::http::HeaderMap,
     ws: WebSocketUpgrade,
 ) -> impl IntoResponse {
     let admission = pass.take();
     let limits = hub.limits;
+    // A reverse proxy on this host says whom it forwards for; nobody
+    // else is believed.
+    // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let source = match forwarded_for(&headers) {
+        Some(ip) if peer.ip().is_loopback() => SocketAddr::new(ip.to_canonical(), 0),
+        _ => peer,
+    };
     ws.max_message_size(MAX_MESSAGE)
         .read_buffer_size(HUB_READ_BUFFER)
         .on_upgrade(move |socket: WebSocket| async move {
             let _admission = admission;
-            let (addr, outbound) = hub.relay.open(Some(peer));
+            let (addr, outbound) = hub.relay.open(Some(source));
             tracing::debug!("WebSocket link from {peer} as {addr}");
             pump(
                 socket,
@@ -72,6 +81,49 @@ async fn not_found(
         tracing::info!("{line}");
     }
     (axum::http::StatusCode::NOT_FOUND, "not found\n")
+}
+
+/// Whom a reverse proxy forwards the request for: the last address of
+/// `X-Forwarded-For` (the one that proxy added), else `X-Real-IP`, else
+/// the last `for=` of RFC 7239's `Forwarded`.
+fn forwarded_for(headers: &axum::http::HeaderMap) -> Option<std::net::IpAddr> {
+    let last = |name: &str| -> Option<String> {
+        let all: Vec<&str> = headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        all.join(",")
+            .rsplit(',')
+            .map(str::trim)
+            .find(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let parse = |s: &str| -> Option<std::net::IpAddr> {
+        let s = s.trim().trim_matches('"');
+        if let Ok(ip) = s.parse() {
+            return Some(ip);
+        }
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Some(sa.ip());
+        }
+        // `[2001:db8::1]` without a port.
+        s.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
+    };
+    if let Some(ip) = last("x-forwarded-for").as_deref().and_then(parse) {
+        return Some(ip);
+    }
+    if let Some(ip) = last("x-real-ip").as_deref().and_then(parse) {
+        return Some(ip);
+    }
+    let forwarded = last("forwarded")?;
+    forwarded
+        .split(';')
+        .find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            k.trim().eq_ignore_ascii_case("for").then_some(v)
+        })
+        .and_then(parse)
 }
 
 /// Binds the hub's WebSocket listener.
@@ -212,5 +264,50 @@ async fn handshake(
             "WebSocket connection from {peer}: no upgrade within {:?}",
             limits.handshake
         ),
+    }
+}
+
+#[cfg(test)]
+mod forwarded_tests {
+    use super::forwarded_for;
+    use axum::http::HeaderMap;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn the_nearest_proxys_word_is_taken_in_each_header_spelling() {
+        let ip = |s: &str| Some(s.parse().unwrap());
+        // The last X-Forwarded-For entry is the one our proxy added.
+        let h = headers(&[("x-forwarded-for", "198.51.100.9, 203.0.113.7")]);
+        assert_eq!(forwarded_for(&h), ip("203.0.113.7"));
+        let h = headers(&[
+            ("x-forwarded-for", "198.51.100.9"),
+            ("x-forwarded-for", "203.0.113.8"),
+        ]);
+        assert_eq!(forwarded_for(&h), ip("203.0.113.8"));
+        assert_eq!(
+            forwarded_for(&headers(&[("x-real-ip", "2001:db8::7")])),
+            ip("2001:db8::7")
+        );
+        let h = headers(&[(
+            "forwarded",
+            r#"for=192.0.2.1, for="[2001:db8::1]:4711";proto=https"#,
+        )]);
+        assert_eq!(forwarded_for(&h), ip("2001:db8::1"));
+        assert_eq!(
+            forwarded_for(&headers(&[("forwarded", "for=unknown")])),
+            None
+        );
+        assert_eq!(forwarded_for(&HeaderMap::new()), None);
+        assert_eq!(
+            forwarded_for(&headers(&[("x-forwarded-for", "not an address")])),
+            None
+        );
     }
 }
