@@ -336,6 +336,30 @@ fn the_plugin_socket_is_refused_while_in_use_and_taken_back_after_a_sigkill() {
     assert!(!sock.exists(), "{} left", sock.display());
 }
 
+/// A LAN the hub adds is routed into each of `containers` (driver
+/// containers, taken back or joined by Docker) while they run, and taken
+/// out again with `route del`.
+fn a_hub_lan_is_routed_into(lab: &common::Lab, hub: &common::Node, containers: &[&str]) {
+    let hub_route = |verb: &str| {
+        let mut args = vec!["route", verb, "192.168.79.0/24"];
+        let local = hub.local("x");
+        args.extend(local.iter().skip(1));
+        lab.tunnel_ok(&hub.host, &args);
+    };
+    let routed = |c: &str| {
+        common::docker_ok(&["exec", c, "ip", "route"]).contains("192.168.79.0/24 dev tun")
+    };
+    hub_route("add");
+    until(
+        "the hub's new LAN is not routed into the containers",
+        || containers.iter().all(|c| routed(c)).then_some(()),
+    );
+    hub_route("del");
+    until("the hub's LAN stays routed into the containers", || {
+        containers.iter().all(|c| !routed(c)).then_some(())
+    });
+}
+
 /// Docker keeps a running container's endpoint across our restart and
 /// never asks the driver again, and a container started while the plugin
 /// socket is missing fails and stays created: both get their endpoint
@@ -434,6 +458,7 @@ fn driver_containers_get_their_endpoints_back_when_tunnel_starts_again() {
     });
     let st = lab.status(&site).to_string();
     assert!(st.contains(&format!("\"{late}\"")), "{st}");
+    a_hub_lan_is_routed_into(&lab, &hub, &[&cli, &late]);
     // Removed while both run (Docker asks a missing plugin for 15 s a call).
     drop(cs);
     drop(nets);

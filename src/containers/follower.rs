@@ -223,8 +223,15 @@ impl Follower {
             .place(&device_spec, &spec.container, pid)
             .await?;
         crate::sys::crash_point("container-attach");
-        if let Err(source) =
-            route_into(device.as_ref(), net.as_ref(), &spec, &[], &self.routes).await
+        if let Err(source) = route_into(
+            device.as_ref(),
+            net.as_ref(),
+            &spec.iface,
+            &spec,
+            &[],
+            &self.routes,
+        )
+        .await
         {
             let _ = device.destroy().await;
             return Err(ContainerError::Attach {
@@ -299,6 +306,7 @@ impl Follower {
                 && let Err(e) = route_into(
                     device.as_ref(),
                     net.as_ref(),
+                    &s.spec.iface,
                     &s.spec,
                     &self.routes,
                     &routes,
@@ -435,10 +443,12 @@ async fn next_routes(
 }
 
 /// Makes a container's endpoint route `after` (the LANs behind other
-/// sites) to the hub instead of `before`: allowed IPs and routes.
-async fn route_into(
+/// sites) to the hub instead of `before`: allowed IPs, and routes through
+/// its link `link` in the container (`net`).
+pub async fn route_into(
     device: &dyn WgDevice,
     net: &dyn NetOps,
+    link: &str,
     spec: &EndpointSpec,
     before: &[IpNetwork],
     after: &[IpNetwork],
@@ -452,10 +462,10 @@ async fn route_into(
         .set_allowed_ips(&spec.hub.public_key, &allowed)
         .await?;
     for r in after.iter().filter(|r| !before.contains(r)) {
-        net.add_route(*r, &spec.iface, None).await?;
+        net.add_route(*r, link, None).await?;
     }
     for r in before.iter().filter(|r| !after.contains(r)) {
-        net.del_route(*r, &spec.iface, None).await?;
+        net.del_route(*r, link, None).await?;
     }
     Ok(())
 }

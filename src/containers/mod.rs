@@ -16,7 +16,7 @@ mod follower;
 mod place;
 mod view;
 
-pub use follower::Follower;
+pub use follower::{Follower, route_into};
 pub use place::{HostPlacer, Placed, Placer, probe_from_netns};
 pub use view::ContainerView;
 

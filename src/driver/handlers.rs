@@ -245,6 +245,8 @@ async fn create_endpoint(AxState(d): AxState<Arc<Driver>>, body: axum::body::Byt
             named: false,
             device: None,
             _link: None,
+            pid: None,
+            lans: vec![],
         },
     );
     reply(json!({}))
@@ -315,6 +317,7 @@ async fn join(
             Some(e) => {
                 e.device = Some(device);
                 e._link = link;
+                e.lans = e.routable(&lans);
             }
             None => {
                 tokio::spawn(async move {

@@ -92,6 +92,30 @@ struct Ep {
     device: Option<Arc<dyn WgDevice>>,
     /// Its own WebSocket link, on a site that uses one.
     _link: Option<Link>,
+    /// Its container's init process, once known (it started).
+    pid: Option<u32>,
+    /// The LANs it routes to the hub now.
+    lans: Vec<IpNetwork>,
+}
+
+/// An endpoint whose LANs change.
+struct Reroute {
+    id: String,
+    device: Arc<dyn WgDevice>,
+    pid: u32,
+    spec: EndpointSpec,
+    before: Vec<IpNetwork>,
+    after: Vec<IpNetwork>,
+}
+
+impl Ep {
+    /// Of `lans`, those of its families.
+    fn routable(&self, lans: &[IpNetwork]) -> Vec<IpNetwork> {
+        lans.iter()
+            .filter(|l| l.is_ipv4() || self.v6)
+            .copied()
+            .collect()
+    }
 }
 
 #[derive(Default)]
@@ -207,6 +231,58 @@ impl Driver {
             });
         }
         out
+    }
+
+    /// The LANs behind other sites are now `lans`: each running endpoint
+    /// routes them (allowed IPs, and routes in its container).
+    async fn set_lans(&self, lans: &[IpNetwork]) {
+        let todo: Vec<Reroute> = {
+            let book = self.book.lock().await;
+            book.endpoints
+                .iter()
+                .filter_map(|(id, e)| {
+                    let after = e.routable(lans);
+                    (after != e.lans).then_some(())?;
+                    Some(Reroute {
+                        id: id.clone(),
+                        device: e.device.clone()?,
+                        pid: e.pid?,
+                        spec: e.spec.clone(),
+                        before: e.lans.clone(),
+                        after,
+                    })
+                })
+                .collect()
+        };
+        for Reroute {
+            id,
+            device,
+            pid,
+            spec,
+            before,
+            after,
+        } in todo
+        {
+            let routed = async {
+                let net = crate::net::Netlink::connect_in_netns(pid).map_err(|e| e.to_string())?;
+                let link = net
+                    .route_iface(self.server)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("no link to the hub in the container")?;
+                crate::containers::route_into(device.as_ref(), &net, &link, &spec, &before, &after)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match routed.await {
+                Ok(()) => {
+                    if let Some(e) = self.book.lock().await.endpoints.get_mut(&id) {
+                        e.lans = after;
+                    }
+                }
+                Err(e) => tracing::warn!("routing LANs into container {}: {e}", spec.container),
+            }
+        }
     }
 
     /// Removes every endpoint's device. A joined endpoint's container

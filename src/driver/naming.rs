@@ -21,6 +21,7 @@ impl Driver {
             _ = &mut stop => return,
             _ = self.resume(runtime.as_ref(), &plugin) => {}
         }
+        let mut lans = self.routes.clone();
         loop {
             let mut events = runtime.events();
             self.name_all(runtime.as_ref()).await;
@@ -38,6 +39,10 @@ impl Driver {
                         }
                         None => break,
                     },
+                    Ok(()) = lans.changed() => {
+                        let now = lans.borrow_and_update().clone();
+                        self.set_lans(&now).await;
+                    }
                 }
             }
             tokio::select! {
@@ -61,7 +66,11 @@ impl Driver {
         }
         if let Ok(names) = runtime.by_endpoint(&unnamed).await {
             for (endpoint, name) in names {
-                self.rename(&endpoint, &name).await;
+                let pid = match runtime.inspect(&name).await {
+                    Ok(Some(info)) => info.pid,
+                    _ => None,
+                };
+                self.rename(&endpoint, &name, pid).await;
             }
         }
     }
@@ -71,11 +80,12 @@ impl Driver {
             return;
         };
         for endpoint in &info.endpoint_ids {
-            self.rename(endpoint, &info.name).await;
+            self.rename(endpoint, &info.name, info.pid).await;
         }
     }
 
-    async fn rename(&self, endpoint: &str, name: &str) {
+    /// Names the endpoint after its container (`pid`, while it runs).
+    async fn rename(&self, endpoint: &str, name: &str, pid: Option<u32>) {
         let spec = {
             let book = self.book.lock().await;
             match book.endpoints.get(endpoint) {
@@ -93,6 +103,7 @@ impl Driver {
                 if let Some(e) = book.endpoints.get_mut(endpoint) {
                     e.named = true;
                     e.spec.container = name.to_owned();
+                    e.pid = e.pid.or(pid);
                 }
             }
             Err(e) => tracing::warn!("{e}"),

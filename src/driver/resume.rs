@@ -125,6 +125,12 @@ impl Driver {
                             named: false,
                             device: Some(device),
                             _link: link,
+                            pid: Some(a.pid),
+                            lans: lans
+                                .iter()
+                                .filter(|l| l.is_ipv4() || a.v6)
+                                .copied()
+                                .collect(),
                         },
                     );
                 }
