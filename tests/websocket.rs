@@ -753,3 +753,54 @@ fn snat_public_behind_a_reverse_proxy_on_the_hubs_host_takes_its_forwarded_for()
     lab.tunnel_ok(&b, &quiet.local("down"));
     assert!(lab.proc(quiet.proc).wait(common::UP).success());
 }
+
+/// `--proxy-pac FILE`: a site whose network passes only the proxy joins
+/// through the one the PAC file picks for the hub's URL (its SOCKS entry
+/// skipped); a PAC file that is not there is bad input.
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_site_joins_through_the_proxy_its_pac_file_picks() {
+    needs_root("websocket_pac");
+    let mut lab = common::lab(3);
+    let (a, p, b) = (lab.host(0), lab.host(1), lab.host(2));
+    lock_down(&b, &p);
+    let _proxy = tinyproxy(&mut lab, &p, None);
+    let hub = hub(&mut lab, &a, &[]);
+    let dir = lab.dir.path().to_owned();
+    let missing = dir.join("none.pac");
+    let out = lab.join_output(
+        &b,
+        "x",
+        &hub.lines[0],
+        &a.ip,
+        &["--proxy-pac", missing.to_str().unwrap()],
+    );
+    common::failed_with(&out, 2, "none.pac");
+    let pac = dir.join("proxy.pac");
+    std::fs::write(
+        &pac,
+        format!(
+            r#"function FindProxyForURL(url, host) {{
+                 if (url.substring(0, 4) == "wss:" && host == "{hub}")
+                     return "SOCKS5 {proxy}:1080; PROXY {proxy}:3128; DIRECT";
+                 return "DIRECT";
+               }}"#,
+            hub = a.ip,
+            proxy = p.ip
+        ),
+    )
+    .unwrap();
+    let site = lab.join(
+        &b,
+        "b",
+        &hub.lines[0],
+        &a,
+        &["--proxy-pac", pac.to_str().unwrap()],
+    );
+    assert!(
+        site.lines[0].contains(&format!("over wss via proxy http://{}:3128", p.ip)),
+        "{:?}",
+        site.lines
+    );
+    assert!(b.ping("10.77.0.1"));
+}

@@ -42,6 +42,9 @@ pub struct JoinArgs {
     /// CA certificates (PEM) that an https:// proxy's certificate may chain to, beside the system's roots; kept for up
     #[arg(long, value_name = "FILE")]
     pub proxy_ca: Option<std::path::PathBuf>,
+    /// A proxy auto-config file (http:// URL or file) whose FindProxyForURL picks the proxy for the server's WebSocket URL; the proxy it picks is kept for up
+    #[arg(long, value_name = "URL|FILE", conflicts_with = "proxy")]
+    pub proxy_pac: Option<String>,
     #[command(flatten)]
     pub lan: LanArgs,
     /// Send this host's traffic for the server's address through the tunnel (except the tunnel's own transport); direct again when the tunnel is down
@@ -112,6 +115,35 @@ struct Checked {
     metrics: Option<crate::metrics::Listener>,
 }
 
+/// The proxy `--proxy-pac SOURCE` picks for the server's WebSocket URL
+/// (none: DIRECT, or a token without a WebSocket offer). Bad input when
+/// the file cannot be had or the script fails.
+async fn pac_proxy(
+    source: &str,
+    token: &Token,
+    checked: &Checked,
+) -> Result<Option<String>, Failure> {
+    use crate::transport::pac;
+    let Some(offer) = &token.websocket else {
+        return Ok(None);
+    };
+    let host = checked.endpoint.ip().to_string();
+    let target = crate::transport::ws::Dialer::new(offer, &host, None)
+        .map_err(Failure::input)?
+        .url();
+    let script = pac::load(source).await.map_err(Failure::input)?;
+    let (source2, target2) = (source.to_owned(), target.clone());
+    let choice = tokio::task::spawn_blocking(move || pac::choose(&source2, &script, &target2))
+        .await
+        .map_err(|e| Failure::input(anyhow::anyhow!("--proxy-pac {source}: {e}")))?
+        .map_err(Failure::input)?;
+    tracing::info!("--proxy-pac {source}: {choice:?}");
+    Ok(match choice {
+        pac::Choice::Proxy(url) => Some(url),
+        pac::Choice::Direct => None,
+    })
+}
+
 /// Everything about the input, checked before the host is touched.
 async fn check(args: &JoinArgs, token: &Token, store: &StateDir) -> Result<Checked, Failure> {
     token
@@ -165,6 +197,10 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         return super::up::run(resume_args(&args), shutdown).await;
     }
     let checked = check(&args, &token, &store).await?;
+    let pac_proxy = match &args.proxy_pac {
+        Some(source) => pac_proxy(source, &token, &checked).await?,
+        None => None,
+    };
     let iface = &args.common.iface;
     let inv = Invitation {
         token: &token,
@@ -174,7 +210,7 @@ pub async fn run(args: JoinArgs, shutdown: Shutdown) -> Result<(), Failure> {
         mtu: args.common.mtu,
         backend: args.common.backend,
         transport: args.transport,
-        proxy: args.proxy.as_deref(),
+        proxy: args.proxy.as_deref().or(pac_proxy.as_deref()),
         proxy_ca: args.proxy_ca.as_deref(),
         timeout: args.timeout,
         routes: &args.lan.routes,

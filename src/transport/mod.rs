@@ -18,6 +18,7 @@
 //! - [`proxy`]: `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` and `--proxy`, and
 //!   HTTP CONNECT with Basic auth.
 
+pub mod pac;
 pub mod proxy;
 pub mod tls;
 pub mod ws;
@@ -61,6 +62,8 @@ pub enum TransportError {
     },
     #[error("no connection to {0} within the time allowed")]
     Timeout(String),
+    #[error("--proxy-pac {pac}: {why}")]
+    Pac { pac: String, why: String },
     #[error("the proxy {proxy} refused CONNECT to {target}: {status}")]
     ProxyRefused {
         proxy: String,
