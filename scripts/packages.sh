@@ -23,6 +23,7 @@ RUNTIME_PACKAGES=(
 	curl:curl
 	tinyproxy:tinyproxy
 	stunnel4:stunnel4
+	squid:squid
 	nginx:nginx
 	sha256sum:coreutils
 	dockerd:docker.io

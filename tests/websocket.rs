@@ -804,3 +804,56 @@ fn a_site_joins_through_the_proxy_its_pac_file_picks() {
     );
     assert!(b.ping("10.77.0.1"));
 }
+
+/// squid in `host` on :3128 taking NTLM only (its test helper
+/// `ntlm_fake_auth`, which accepts any well-formed NTLM login: what is
+/// tested is the handshake, not a password check). Basic is refused.
+fn squid_ntlm(lab: &mut Lab, host: &Host) -> usize {
+    let conf = lab.dir.path().join(format!("squid-{}.conf", lab.id));
+    let text = format!(
+        "http_port {ip}:3128
+auth_param ntlm program /usr/lib/squid/ntlm_fake_auth
+auth_param ntlm children 2
+acl authed proxy_auth REQUIRED
+http_access allow authed
+http_access deny all
+cache deny all
+pid_filename none
+cache_log /dev/null
+access_log none
+shutdown_lifetime 1 seconds
+",
+        ip = host.ip
+    );
+    std::fs::write(&conf, text).unwrap();
+    let p = lab.spawn_cmd(host, &["squid", "-N", "-f", conf.to_str().unwrap()], &[]);
+    host.wait_listening("3128", Duration::from_secs(20));
+    p
+}
+
+/// A proxy that takes NTLM only: the site answers its challenge with the
+/// user and password of the proxy URL (DOMAIN\user), on one connection.
+#[test]
+#[ignore = "needs root: sudo make test"]
+fn a_site_joins_through_a_proxy_that_takes_ntlm_only() {
+    needs_root("websocket_ntlm");
+    let mut lab = common::lab(3);
+    let (a, p, b) = (lab.host(0), lab.host(1), lab.host(2));
+    lock_down(&b, &p);
+    let _proxy = squid_ntlm(&mut lab, &p);
+    let hub = hub(&mut lab, &a, &[]);
+    let url = format!("http://CORP%5Calice:s3cret@{}:3128", p.ip);
+    let site = lab.join(
+        &b,
+        "b",
+        &hub.lines[0],
+        &a,
+        &["--transport", "wss", "--proxy", &url],
+    );
+    assert!(
+        site.lines[0].contains("over wss via proxy http://CORP%5Calice:***@"),
+        "{:?}",
+        site.lines
+    );
+    assert!(b.ping("10.77.0.1"));
+}

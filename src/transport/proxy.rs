@@ -1,7 +1,8 @@
 //! HTTP proxies: which one (`--proxy`, else `HTTPS_PROXY`/`HTTP_PROXY`
 //! and their lowercase forms, minus `NO_PROXY`), and a tunnel through it
-//! with HTTP CONNECT, with Basic auth from the URL's user and password.
-//! An `https://` proxy is spoken to over TLS, checked against the
+//! with HTTP CONNECT, with the URL's user and password: Basic first, and
+//! NTLM (v2, through `ntlmclient`) when the proxy refuses that and offers
+//! it. An `https://` proxy is spoken to over TLS, checked against the
 //! system's roots and `--proxy-ca`.
 
 use super::TransportError;
@@ -25,6 +26,8 @@ pub struct Proxy {
     pub ca: Option<std::path::PathBuf>,
     /// `Basic ...` for `Proxy-Authorization`.
     auth: Option<String>,
+    /// The URL's user (`DOMAIN\user` or `user`) and password, for NTLM.
+    login: Option<(String, String)>,
     /// As given, for saving with the site (it may hold a password: the
     /// state file is 0600).
     pub url: String,
@@ -66,20 +69,18 @@ impl Proxy {
                 .decode_utf8_lossy()
                 .into_owned()
         };
-        let auth = (!u.username().is_empty()).then(|| {
-            let creds = format!(
-                "{}:{}",
-                decode(u.username()),
-                decode(u.password().unwrap_or(""))
-            );
-            format!("Basic {}", STANDARD.encode(creds))
-        });
+        let login = (!u.username().is_empty())
+            .then(|| (decode(u.username()), decode(u.password().unwrap_or(""))));
+        let auth = login
+            .as_ref()
+            .map(|(user, pass)| format!("Basic {}", STANDARD.encode(format!("{user}:{pass}"))));
         Ok(Self {
             host,
             port,
             tls,
             ca: None,
             auth,
+            login,
             url: text.to_owned(),
         })
     }
@@ -130,12 +131,50 @@ impl Proxy {
         host: &str,
         port: u16,
     ) -> Result<TokioIo<hyper::upgrade::Upgraded>, TransportError> {
-        let proxy = format!("{}:{}", self.host, self.port);
         let target = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
             format!("{host}:{port}")
         };
+        let mut sender = self.open().await?;
+        let resp = self
+            .send_connect(&mut sender, &target, self.auth.as_deref())
+            .await?;
+        let offers_ntlm = resp
+            .headers()
+            .get_all(hyper::header::PROXY_AUTHENTICATE)
+            .iter()
+            .any(|v| v.as_bytes().starts_with(b"NTLM"));
+        let resp = match &self.login {
+            Some(login) if resp.status() == 407 && offers_ntlm => {
+                drop(resp);
+                self.ntlm(&target, login).await?
+            }
+            _ => resp,
+        };
+        if !resp.status().is_success() {
+            return Err(TransportError::ProxyRefused {
+                proxy: redact(&self.url),
+                target,
+                status: refusal(resp.status(), resp.headers(), self.auth.is_some()),
+            });
+        }
+        let upgraded = hyper::upgrade::on(resp).await.map_err(|e| self.http(e))?;
+        Ok(TokioIo::new(upgraded))
+    }
+
+    fn http(&self, e: hyper::Error) -> TransportError {
+        TransportError::Connect {
+            target: format!("proxy {}:{}", self.host, self.port),
+            source: std::io::Error::other(e),
+        }
+    }
+
+    /// A new HTTP/1.1 connection to the proxy (TLS for an https:// one).
+    async fn open(
+        &self,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>, TransportError> {
+        let proxy = format!("{}:{}", self.host, self.port);
         let stream = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .map_err(|source| TransportError::Connect {
@@ -148,32 +187,66 @@ impl Proxy {
         } else {
             Box::new(stream)
         };
-        let http = |e: hyper::Error| TransportError::Connect {
-            target: format!("proxy {proxy}"),
-            source: std::io::Error::other(e),
-        };
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(http)?;
+            .map_err(|e| self.http(e))?;
         tokio::spawn(conn.with_upgrades());
+        Ok(sender)
+    }
+
+    /// `CONNECT target` with `auth` as `Proxy-Authorization`.
+    async fn send_connect(
+        &self,
+        sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+        target: &str,
+        auth: Option<&str>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, TransportError> {
+        sender.ready().await.map_err(|e| self.http(e))?;
         let mut req = hyper::Request::builder()
             .method(hyper::Method::CONNECT)
-            .uri(&target)
-            .header(hyper::header::HOST, &target);
-        if let Some(a) = &self.auth {
+            .uri(target)
+            .header(hyper::header::HOST, target);
+        if let Some(a) = auth {
             req = req.header(hyper::header::PROXY_AUTHORIZATION, a);
         }
         let req = req.body(Empty::<Bytes>::new()).expect("a valid request");
-        let resp = sender.send_request(req).await.map_err(http)?;
-        if !resp.status().is_success() {
-            return Err(TransportError::ProxyRefused {
+        sender.send_request(req).await.map_err(|e| self.http(e))
+    }
+
+    /// NTLM's three messages on one new connection: our negotiate, the
+    /// proxy's challenge (in a 407), our answer; the last response.
+    async fn ntlm(
+        &self,
+        target: &str,
+        (user, password): &(String, String),
+    ) -> Result<hyper::Response<hyper::body::Incoming>, TransportError> {
+        use http_body_util::BodyExt;
+        let mut sender = self.open().await?;
+        let negotiate = format!("NTLM {}", STANDARD.encode(ntlm::negotiate()));
+        let resp = self
+            .send_connect(&mut sender, target, Some(&negotiate))
+            .await?;
+        let challenge = resp
+            .headers()
+            .get_all(hyper::header::PROXY_AUTHENTICATE)
+            .iter()
+            .find_map(|v| v.to_str().ok()?.strip_prefix("NTLM ").map(str::to_owned));
+        let Some(challenge) = challenge else {
+            return Ok(resp);
+        };
+        // The connection is kept for the answer: read the 407's body off it.
+        let _ = resp.into_body().collect().await;
+        let answer = STANDARD
+            .decode(challenge.trim())
+            .ok()
+            .and_then(|c| ntlm::answer(&c, user, password))
+            .ok_or_else(|| TransportError::ProxyRefused {
                 proxy: redact(&self.url),
-                target,
-                status: refusal(resp.status(), self.auth.is_some()),
-            });
-        }
-        let upgraded = hyper::upgrade::on(resp).await.map_err(http)?;
-        Ok(TokioIo::new(upgraded))
+                target: target.to_owned(),
+                status: "407: its NTLM challenge could not be read".to_owned(),
+            })?;
+        let answer = format!("NTLM {}", STANDARD.encode(answer));
+        self.send_connect(&mut sender, target, Some(&answer)).await
     }
 
     /// TLS to the proxy itself, its certificate checked against the
@@ -205,16 +278,100 @@ impl Proxy {
     }
 }
 
+/// NTLM's messages, through `ntlmclient`: NTLMv2 responses only.
+mod ntlm {
+    use ntlmclient::{Credentials, Flags, Message, NegotiateMessage};
+
+    /// The workstation name NTLM sends: this host's name.
+    fn workstation() -> String {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_default()
+    }
+
+    /// The first message: what this client speaks.
+    pub fn negotiate() -> Vec<u8> {
+        Message::Negotiate(NegotiateMessage {
+            flags: Flags::NEGOTIATE_UNICODE
+                | Flags::REQUEST_TARGET
+                | Flags::NEGOTIATE_NTLM
+                | Flags::NEGOTIATE_WORKSTATION_SUPPLIED,
+            supplied_domain: String::new(),
+            supplied_workstation: workstation(),
+            os_version: Default::default(),
+        })
+        .to_bytes()
+        .expect("a negotiate message encodes")
+    }
+
+    /// The answer to the proxy's `challenge` for `user` (`DOMAIN\\user`
+    /// or `user`); `None` when the challenge is not one.
+    pub fn answer(challenge: &[u8], user: &str, password: &str) -> Option<Vec<u8>> {
+        let (server_challenge, info): ([u8; 8], Vec<u8>) = match Message::try_from(challenge) {
+            Ok(Message::Challenge(c)) => (
+                c.challenge,
+                c.target_information
+                    .iter()
+                    .flat_map(|e| e.to_bytes())
+                    .collect(),
+            ),
+            // A short challenge, without target information (older
+            // servers, squid's test helper), which ntlmclient does not
+            // read: its 8 bytes sit at offset 24 of any type 2 message.
+            _ if challenge.len() >= 32
+                && challenge.starts_with(b"NTLMSSP\0")
+                && challenge[8..12] == [2, 0, 0, 0] =>
+            {
+                (challenge[24..32].try_into().ok()?, vec![])
+            }
+            _ => return None,
+        };
+        let (domain, username) = user.split_once('\\').unwrap_or(("", user));
+        let creds = Credentials {
+            username: username.to_owned(),
+            password: password.to_owned(),
+            domain: domain.to_owned(),
+        };
+        let response = ntlmclient::respond_challenge_ntlm_v2(
+            server_challenge,
+            &info,
+            ntlmclient::get_ntlm_time(),
+            &creds,
+        );
+        response
+            .to_message(
+                &creds,
+                &workstation(),
+                Flags::NEGOTIATE_UNICODE | Flags::NEGOTIATE_NTLM,
+            )
+            .to_bytes()
+            .ok()
+    }
+}
+
 /// What the stream to the proxy is: plain TCP, or TLS over it.
 trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 
-/// What a proxy's refusal means, in the words of its status.
-fn refusal(status: hyper::StatusCode, had_credentials: bool) -> String {
+/// What a proxy's refusal means, in the words of its status and the
+/// logins it offers.
+fn refusal(status: hyper::StatusCode, headers: &hyper::HeaderMap, had_credentials: bool) -> String {
+    let offers = |scheme: &[u8]| {
+        headers
+            .get_all(hyper::header::PROXY_AUTHENTICATE)
+            .iter()
+            .any(|v| v.as_bytes().starts_with(scheme))
+    };
     match status.as_u16() {
-        407 if had_credentials => format!(
-            "{status}: it does not take the user and password in the proxy URL (Basic); NTLM and Negotiate are not supported"
+        407 if had_credentials && offers(b"NTLM") => {
+            format!("{status}: it refused the user and password in the proxy URL (Basic and NTLM)")
+        }
+        407 if had_credentials && offers(b"Negotiate") => format!(
+            "{status}: it wants Negotiate (Kerberos), which is not supported; ask for Basic or NTLM"
         ),
+        407 if had_credentials => {
+            format!("{status}: it refused the user and password in the proxy URL")
+        }
         407 => format!(
             "{status}: it wants a login; put it in the proxy URL (user:password@ before the host)"
         ),
@@ -291,13 +448,54 @@ mod tests {
     #[test]
     fn a_refusal_says_what_the_proxy_wants() {
         use hyper::StatusCode as S;
-        assert!(refusal(S::PROXY_AUTHENTICATION_REQUIRED, false).contains("wants a login"));
+        let none = hyper::HeaderMap::new();
+        let offering = |scheme: &str| {
+            let mut h = hyper::HeaderMap::new();
+            h.append(hyper::header::PROXY_AUTHENTICATE, scheme.parse().unwrap());
+            h
+        };
+        let s407 = S::PROXY_AUTHENTICATION_REQUIRED;
+        assert!(refusal(s407, &none, false).contains("wants a login"));
+        assert!(refusal(s407, &offering("NTLM"), true).contains("(Basic and NTLM)"));
         assert!(
-            refusal(S::PROXY_AUTHENTICATION_REQUIRED, true)
-                .contains("NTLM and Negotiate are not supported")
+            refusal(s407, &offering("Negotiate"), true)
+                .contains("Negotiate (Kerberos), which is not supported")
         );
-        assert!(refusal(S::FORBIDDEN, false).starts_with("403 Forbidden: its rules forbid"));
-        assert_eq!(refusal(S::BAD_GATEWAY, false), "502 Bad Gateway");
+        assert!(refusal(S::FORBIDDEN, &none, false).starts_with("403 Forbidden: its rules forbid"));
+        assert_eq!(refusal(S::BAD_GATEWAY, &none, false), "502 Bad Gateway");
+    }
+
+    #[test]
+    fn ntlm_answers_a_challenge_with_the_domain_user_and_an_ntlmv2_response() {
+        use ntlmclient::{ChallengeMessage, Flags, Message};
+        let negotiate = Message::try_from(ntlm::negotiate().as_slice()).unwrap();
+        assert!(matches!(negotiate, Message::Negotiate(_)), "{negotiate:?}");
+        let challenge = Message::Challenge(ChallengeMessage {
+            target_name: "CORP".into(),
+            flags: Flags::NEGOTIATE_UNICODE | Flags::NEGOTIATE_NTLM,
+            challenge: [1, 2, 3, 4, 5, 6, 7, 8],
+            context: (0, 0),
+            target_information: vec![],
+            os_version: Default::default(),
+        })
+        .to_bytes()
+        .unwrap();
+        let answer = ntlm::answer(&challenge, "CORP\\alice", "s3cret").unwrap();
+        let Message::Authenticate(a) = Message::try_from(answer.as_slice()).unwrap() else {
+            panic!("not an authenticate message")
+        };
+        assert_eq!(
+            (a.domain_name.as_str(), a.user_name.as_str()),
+            ("CORP", "alice")
+        );
+        // NTLMv2: a 16-byte proof and the client's blob after it.
+        assert!(a.ntlm_response.len() > 24, "{}", a.ntlm_response.len());
+        assert!(ntlm::answer(b"not ntlm", "alice", "x").is_none());
+        // squid's ntlm_fake_auth sends a short challenge: still answered.
+        let short = STANDARD
+            .decode("TlRMTVNTUAACAAAACQAJAK6qqqoGgggA3LUDlSkOSn0AAAAAAAA6AFdPUktHUk9VUA==")
+            .unwrap();
+        assert!(ntlm::answer(&short, "alice", "x").is_some());
     }
 
     #[test]
