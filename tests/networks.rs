@@ -136,19 +136,24 @@ fn a_new_hub_picks_a_free_random_subnet_and_keeps_it() {
         p
     };
     let first = serve(&mut lab, &i1, &s1);
+    // "is up" comes before the first save: status may not see it yet.
     let status = |lab: &common::Lab, iface: &str, state: &std::path::Path| {
-        let out = lab.tunnel_ok(
-            &a,
-            &[
-                "status",
-                "--json",
-                "--iface",
-                iface,
-                "--state-dir",
-                state.to_str().unwrap(),
-            ],
-        );
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+        common::until("the new hub is not in status", || {
+            let out = lab.tunnel(
+                &a,
+                &[
+                    "status",
+                    "--json",
+                    "--iface",
+                    iface,
+                    "--state-dir",
+                    state.to_str().unwrap(),
+                ],
+            );
+            out.status
+                .success()
+                .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap())
+        })
     };
     let one = status(&lab, &i1, &s1);
     assert_eq!(one.as_array().unwrap().len(), 1, "{one}");
