@@ -180,14 +180,24 @@ fn labelled_containers_are_attached_on_start_and_given_back_on_removal() {
     drop(site);
 }
 
-/// A Docker network on a tunnel network driver, removed on drop.
-#[test]
-#[ignore = "needs root and Docker: sudo make test"]
-fn the_network_driver_gives_containers_endpoints_at_creation() {
-    needs_docker("the_network_driver");
-    let mut lab = common::lab(2);
+/// A hub "hq" and a site "br", each serving the network driver, and a
+/// Docker network on each (created with `options`), all tagged `tag`.
+struct DriverPair {
+    hub: common::Node,
+    site: common::Node,
+    plugin_a: String,
+    plugin_b: String,
+    net_a: String,
+    net_b: String,
+    nets: (Network, Network),
+}
+
+fn driver_pair(lab: &mut common::Lab, tag: &str, options: &[&str]) -> DriverPair {
     let (h, s) = (lab.host(0), lab.host(1));
-    let (plugin_a, plugin_b) = (format!("tnl{}a", lab.id), format!("tnl{}b", lab.id));
+    let (plugin_a, plugin_b) = (
+        format!("tnl{}{tag}a", lab.id),
+        format!("tnl{}{tag}b", lab.id),
+    );
     let hub = lab.serve(&h, "h", 1, &["--name", "hq", "--docker-driver", &plugin_a]);
     let site = lab.join(
         &s,
@@ -196,22 +206,57 @@ fn the_network_driver_gives_containers_endpoints_at_creation() {
         &h,
         &["--name", "br", "--docker-driver", &plugin_b],
     );
-    let (net_a, net_b) = (format!("tnl{}na", lab.id), format!("tnl{}nb", lab.id));
-    let nets = (
-        Network::create(&net_a, &plugin_a),
-        Network::create(&net_b, &plugin_b),
+    let (net_a, net_b) = (
+        format!("tnl{}{tag}na", lab.id),
+        format!("tnl{}{tag}nb", lab.id),
     );
-    let (web, cli) = (format!("tnl{}web", lab.id), format!("tnl{}cli", lab.id));
-    let mut cs = Containers::default();
+    let nets = (
+        Network::create_with(&net_a, &plugin_a, options),
+        Network::create_with(&net_b, &plugin_b, options),
+    );
+    DriverPair {
+        hub,
+        site,
+        plugin_a,
+        plugin_b,
+        net_a,
+        net_b,
+        nets,
+    }
+}
+
+/// A busybox httpd serving "page", as container `name` on `network`.
+fn web_on(cs: &mut Containers, name: &str, network: &str) {
     cs.run_with(
-        &web,
-        &["--network", &net_a],
+        name,
+        &["--network", network],
         &[
             "sh",
             "-c",
             "mkdir -p /www && echo page > /www/index.html && exec httpd -f -p 80 -h /www",
         ],
     );
+}
+
+/// A Docker network on a tunnel network driver, removed on drop.
+#[test]
+#[ignore = "needs root and Docker: sudo make test"]
+fn the_network_driver_gives_containers_endpoints_at_creation() {
+    needs_docker("the_network_driver");
+    let mut lab = common::lab(2);
+    let DriverPair {
+        hub,
+        site,
+        plugin_a,
+        plugin_b,
+        net_a,
+        net_b,
+        nets,
+    } = driver_pair(&mut lab, "", &[]);
+    let s = site.host.clone();
+    let (web, cli) = (format!("tnl{}web", lab.id), format!("tnl{}cli", lab.id));
+    let mut cs = Containers::default();
+    web_on(&mut cs, &web, &net_a);
     let web_ip = until("web has no endpoint in status", || {
         let st = lab.status(&hub);
         st.as_array()
@@ -369,36 +414,23 @@ fn a_hub_lan_is_routed_into(lab: &common::Lab, hub: &common::Node, containers: &
 fn driver_containers_get_their_endpoints_back_when_tunnel_starts_again() {
     needs_docker("driver_restart");
     let mut lab = common::lab(2);
-    let (h, s) = (lab.host(0), lab.host(1));
-    let (plugin_a, plugin_b) = (format!("tnl{}ra", lab.id), format!("tnl{}rb", lab.id));
-    let hub = lab.serve(&h, "h", 1, &["--name", "hq", "--docker-driver", &plugin_a]);
-    let site = lab.join(
-        &s,
-        "s",
-        &hub.lines[0],
-        &h,
-        &["--name", "br", "--docker-driver", &plugin_b],
-    );
-    let (net_a, net_b) = (format!("tnl{}rna", lab.id), format!("tnl{}rnb", lab.id));
-    let nets = (
-        Network::create(&net_a, &plugin_a),
-        Network::create(&net_b, &plugin_b),
-    );
+    let DriverPair {
+        hub,
+        site,
+        plugin_a,
+        plugin_b,
+        net_a,
+        net_b,
+        nets,
+    } = driver_pair(&mut lab, "r", &[]);
+    let s = site.host.clone();
     let (web, cli, late) = (
         format!("tnl{}rweb", lab.id),
         format!("tnl{}rcli", lab.id),
         format!("tnl{}rlate", lab.id),
     );
     let mut cs = Containers::default();
-    cs.run_with(
-        &web,
-        &["--network", &net_a],
-        &[
-            "sh",
-            "-c",
-            "mkdir -p /www && echo page > /www/index.html && exec httpd -f -p 80 -h /www",
-        ],
-    );
+    web_on(&mut cs, &web, &net_a);
     cs.run_with(&cli, &["--network", &net_b], &["sleep", "3600"]);
     let web_ip = until("web has no endpoint", || {
         let st = lab.status(&hub);
@@ -495,33 +527,19 @@ fn a_dual_stack_docker_host(h: &common::Host) {
 fn driver_networks_with_ipv6_reach_other_sites_over_ipv6_through_a_docker_hub() {
     needs_docker("driver_ipv6");
     let mut lab = common::lab(2);
-    let (h, s) = (lab.host(0), lab.host(1));
+    let h = lab.host(0);
     a_dual_stack_docker_host(&h);
-    let (plugin_a, plugin_b) = (format!("tnl{}6a", lab.id), format!("tnl{}6b", lab.id));
-    let hub = lab.serve(&h, "h", 1, &["--name", "hq", "--docker-driver", &plugin_a]);
-    let site = lab.join(
-        &s,
-        "s",
-        &hub.lines[0],
-        &h,
-        &["--name", "br", "--docker-driver", &plugin_b],
-    );
-    let (net_a, net_b) = (format!("tnl{}6na", lab.id), format!("tnl{}6nb", lab.id));
-    let nets = (
-        Network::create_with(&net_a, &plugin_a, &["--ipv6"]),
-        Network::create_with(&net_b, &plugin_b, &["--ipv6"]),
-    );
+    let DriverPair {
+        hub,
+        site,
+        net_a,
+        net_b,
+        nets,
+        ..
+    } = driver_pair(&mut lab, "6", &["--ipv6"]);
     let (web, cli) = (format!("tnl{}6web", lab.id), format!("tnl{}6cli", lab.id));
     let mut cs = Containers::default();
-    cs.run_with(
-        &web,
-        &["--network", &net_a],
-        &[
-            "sh",
-            "-c",
-            "mkdir -p /www && echo page > /www/index.html && exec httpd -f -p 80 -h /www",
-        ],
-    );
+    web_on(&mut cs, &web, &net_a);
     cs.run_with(
         &cli,
         &["--network", &net_b, "--dns", "10.77.0.1"],

@@ -282,6 +282,49 @@ fn explicit_wss_a_wrong_pin_and_a_wrong_path() {
     );
 }
 
+/// An nginx `server` block: TLS on `listen` with the test CA's `proxy`
+/// certificate (in `dir`), WebSocket on `path` to `upstream`, `extra` in
+/// that location; any other path gets a 404.
+fn nginx_server(dir: &Path, listen: &str, path: &str, upstream: &str, extra: &str) -> String {
+    format!(
+        "server {{
+           listen {listen} ssl;
+           ssl_certificate {dir}/proxy.pem; ssl_certificate_key {dir}/proxy.key;
+           location {path} {{
+             proxy_pass http://{upstream};
+             proxy_http_version 1.1;
+             proxy_set_header Upgrade $http_upgrade;
+             proxy_set_header Connection \"upgrade\";
+             {extra}
+             proxy_read_timeout 3600s;
+           }}
+           location / {{ return 404; }}
+         }}",
+        dir = dir.display(),
+    )
+}
+
+/// nginx in `host` with `servers`, its files in `dir`.
+fn nginx(lab: &mut Lab, host: &Host, dir: &Path, servers: &[String]) {
+    let conf = format!(
+        "daemon off; pid {dir}/nginx.pid; error_log {dir}/nginx.err;
+         events {{}}
+         http {{
+           access_log {dir}/nginx.log;
+           client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};
+           {servers}
+         }}",
+        dir = dir.display(),
+        servers = servers.join("\n"),
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    lab.spawn_cmd(
+        host,
+        &["nginx", "-c", dir.join("nginx.conf").to_str().unwrap()],
+        &[],
+    );
+}
+
 #[test]
 #[ignore = "needs root: sudo make test"]
 fn a_hub_behind_a_tls_terminating_reverse_proxy_with_a_path_rule() {
@@ -310,36 +353,14 @@ fn a_hub_behind_a_tls_terminating_reverse_proxy_with_a_path_rule() {
     let token = tunnel::token::Token::decode(&hub.lines[0]).unwrap();
     let offer = token.websocket.clone().expect("a WebSocket offer");
     assert!(offer.path.starts_with("/vpn/"), "{offer:?}");
-    let conf = format!(
-        "daemon off; pid {dir}/nginx.pid; error_log {dir}/nginx.err;
-         events {{}}
-         http {{
-           access_log {dir}/nginx.log;
-           client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};
-           server {{
-             listen {ip}:443 ssl;
-             ssl_certificate {dir}/proxy.pem; ssl_certificate_key {dir}/proxy.key;
-             location {path} {{
-               proxy_pass http://{hub}:8080;
-               proxy_http_version 1.1;
-               proxy_set_header Upgrade $http_upgrade;
-               proxy_set_header Connection \"upgrade\";
-               proxy_read_timeout 3600s;
-             }}
-             location / {{ return 404; }}
-           }}
-         }}",
-        dir = dir.display(),
-        ip = p.ip,
-        path = offer.path,
-        hub = a.ip
+    let server = nginx_server(
+        &dir,
+        &format!("{}:443", p.ip),
+        &offer.path,
+        &format!("{}:8080", a.ip),
+        "",
     );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    lab.spawn_cmd(
-        &p,
-        &["nginx", "-c", dir.join("nginx.conf").to_str().unwrap()],
-        &[],
-    );
+    nginx(&mut lab, &p, &dir, &[server]);
     p.wait_listening("443", Duration::from_secs(10));
 
     let ca = dir.join("ca.pem");
@@ -607,13 +628,7 @@ fn a_websocket_site_in_transparent_mode_and_with_snat_public() {
         &a,
         &["--transport", "wss", "--transparent"],
     );
-    let tunnel_ip = lab.status(&site)[0]["address"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_owned();
+    let tunnel_ip = common::site_address(&site);
     let seen = common::until("the transparent site does not get through", || {
         b.curl(&public)
     });
@@ -640,43 +655,18 @@ fn a_websocket_site_in_transparent_mode_and_with_snat_public() {
 /// certificate, to the hub's plain listener on 127.0.0.1:8090 for `path`:
 /// port 9443 says whom it forwards for; 9444 says nothing.
 fn local_reverse_proxy(lab: &mut Lab, a: &Host, dir: &Path, path: &str) {
-    let server = |port: u16, forwarded: &str| {
-        format!(
-            "server {{
-               listen {ip}:{port} ssl;
-               ssl_certificate {dir}/proxy.pem; ssl_certificate_key {dir}/proxy.key;
-               location {path} {{
-                 proxy_pass http://127.0.0.1:8090;
-                 proxy_http_version 1.1;
-                 proxy_set_header Upgrade $http_upgrade;
-                 proxy_set_header Connection \"upgrade\";
-                 {forwarded}
-                 proxy_read_timeout 3600s;
-               }}
-             }}",
-            ip = a.ip,
-            dir = dir.display(),
-            path = path,
-        )
-    };
-    let conf = format!(
-        "daemon off; pid {dir}/nginx.pid; error_log {dir}/nginx.err;
-         events {{}}
-         http {{
-           access_log {dir}/nginx.log;
-           client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};
-           {with} {without}
-         }}",
-        dir = dir.display(),
-        with = server(9443, "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"),
-        without = server(9444, ""),
-    );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    lab.spawn_cmd(
-        a,
-        &["nginx", "-c", dir.join("nginx.conf").to_str().unwrap()],
-        &[],
-    );
+    let forwarded = "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;";
+    let servers = [
+        nginx_server(
+            dir,
+            &format!("{}:9443", a.ip),
+            path,
+            "127.0.0.1:8090",
+            forwarded,
+        ),
+        nginx_server(dir, &format!("{}:9444", a.ip), path, "127.0.0.1:8090", ""),
+    ];
+    nginx(lab, a, dir, &servers);
 }
 
 /// Behind a TLS-terminating reverse proxy on the hub's own host, the
