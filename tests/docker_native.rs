@@ -589,11 +589,25 @@ fn driver_networks_with_ipv6_reach_other_sites_over_ipv6_through_a_docker_hub() 
 
     drop(cs);
     drop(nets);
-    for node in [&site, &hub] {
-        lab.tunnel_ok(&node.host, &node.local("down"));
-        assert!(lab.proc(node.proc).wait(common::UP).success());
-    }
-    // Our accepts left Docker's IPv6 chain with us.
+    lab.tunnel_ok(&site.host, &site.local("down"));
+    assert!(lab.proc(site.proc).wait(common::UP).success());
+    // A SIGKILL leaves our accepts in Docker's IPv6 chain; the next start
+    // replaces them (no second copy), and its exit takes them out.
+    let ours = |h: &common::Host| {
+        h.run(&["ip6tables", "-S", "DOCKER-USER"])
+            .lines()
+            .filter(|l| l.contains(&hub.iface))
+            .count()
+    };
+    let before = ours(&h);
+    assert!(before > 0);
+    lab.proc(hub.proc).kill();
+    assert_eq!(ours(&h), before, "gone without their owner's exit?");
+    let again = lab.serve_again(&hub, &[]);
+    // Past one firewall round of the new run (about a second).
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(ours(&h), before, "the restart doubled or dropped them");
+    assert!(lab.proc(again).terminate().success());
     let chain = h.run(&["ip6tables", "-S", "DOCKER-USER"]);
     assert!(!chain.contains(&hub.iface), "{chain}");
 }
