@@ -40,13 +40,72 @@ const UDP_BUFFER: usize = 7 << 20;
 pub struct UserspaceDevice {
     name: String,
     /// `None` once destroyed: gotatun's `stop` takes the device by value.
-    device: RwLock<Option<Gotatun>>,
+    device: RwLock<Option<Arc<Gotatun>>>,
+    /// Where the device lives and every call to it runs.
+    data: DataThread,
     socket: PathBuf,
     /// The task answering on `socket`; stops with the device.
     uapi: tokio::task::AbortHandle,
     net: Arc<dyn NetOps>,
     /// As configured; 0 means any free port.
     listen_port: u16,
+}
+
+/// The thread a device runs on: a single-threaded runtime of its own, on
+/// which the device is built, configured and stopped, so that its TUN,
+/// its sockets and its tasks all belong to it. A packet then goes from
+/// the TUN to the socket (or back) on one thread: on the process's shared
+/// runtime, each task's wake-up could land on another core, and the
+/// hand-offs cost a third of the CPU time (and, in a VM, interrupts).
+/// Devices still use every core: each has its own thread.
+struct DataThread {
+    handle: tokio::runtime::Handle,
+    /// Dropped with the device: the thread's runtime ends, and every task
+    /// on it.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl DataThread {
+    fn start(name: &str) -> Result<Self, WgError> {
+        let fail = |e: std::io::Error| WgError::Userspace {
+            what: "starting the device's thread",
+            source: e.into(),
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(fail)?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // Linux keeps 15 bytes of a thread's name.
+        let thread: String = format!("wg {name}").chars().take(15).collect();
+        std::thread::Builder::new()
+            .name(thread)
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+            })
+            .map_err(fail)?;
+        Ok(Self {
+            handle,
+            _stop: stop,
+        })
+    }
+
+    /// Runs `work` on the device's thread.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, WgError> {
+        self.handle
+            .spawn(work)
+            .await
+            .map_err(|e| WgError::Userspace {
+                what: "the device's thread",
+                source: e.to_string().into(),
+            })
+    }
 }
 
 impl Drop for UserspaceDevice {
@@ -602,62 +661,69 @@ fn err(what: &'static str) -> impl FnOnce(gotatun::device::Error) -> WgError {
 impl UserspaceDevice {
     pub async fn create(spec: &DeviceSpec, net: Arc<dyn NetOps>) -> Result<Self, WgError> {
         check_tun()?;
-        // Created with its MTU so that gotatun sizes packets right from the start.
-        let tun =
-            super::offload::OffloadTun::create(&spec.name, spec.mtu.min(u16::MAX as u32) as u16)
-                .map_err(|e| WgError::Userspace {
-                    what: "creating the TUN device",
-                    source: Cause::from(e),
-                })?;
-        let socket = uapi_socket(&spec.name);
-        let (uapi, uapi_task) = serve_uapi(&socket)?;
-        let tun = Tun {
-            inner: tun,
-            confine: spec.confine.as_deref().map(Arc::from),
-            quarantine: spec.quarantine.clone(),
-        };
-        let mux = Mux {
-            udp: spec.udp.then_some(UdpSocketFactory {
-                recv_buffer_size: Some(UDP_BUFFER),
-                send_buffer_size: Some(UDP_BUFFER),
-            }),
-            relay: spec.relay.clone(),
-            mesh: spec.mesh.clone(),
-        };
-        let builder = DeviceBuilder::new()
-            .with_udp(mux)
-            .with_ip(tun)
-            .with_uapi(uapi)
-            .with_private_key(spec.private_key.as_secret().clone())
-            .with_peers(spec.peers.iter().map(to_peer));
-        // gotatun binds its UDP socket at build only when there are peers, and
-        // otherwise on a reconfiguration; a port change is one, so a peerless
-        // device gets its port (or the port's error) here too.
-        let built = if spec.peers.is_empty() {
-            match builder.build().await {
-                Ok(device) => device
-                    .set_listen_port(spec.listen_port)
-                    .await
-                    .map(|()| device),
-                Err(e) => Err(e),
-            }
-        } else {
-            builder.with_listen_port(spec.listen_port).build().await
-        };
-        match built {
-            Ok(device) => Ok(Self {
-                name: spec.name.clone(),
-                device: RwLock::new(Some(device)),
-                socket,
-                uapi: uapi_task,
-                net,
-                listen_port: spec.listen_port,
-            }),
-            Err(e) => {
-                uapi_task.abort();
-                let _ = std::fs::remove_file(&socket);
-                Err(err("starting the device")(e))
-            }
+        let data = DataThread::start(&spec.name)?;
+        let (device, socket, uapi) = data.run(build(spec.clone())).await??;
+        Ok(Self {
+            name: spec.name.clone(),
+            device: RwLock::new(Some(Arc::new(device))),
+            data,
+            socket,
+            uapi,
+            net,
+            listen_port: spec.listen_port,
+        })
+    }
+}
+
+/// Builds the device (on its thread): the TUN, the UAPI socket, gotatun.
+async fn build(spec: DeviceSpec) -> Result<(Gotatun, PathBuf, tokio::task::AbortHandle), WgError> {
+    // Created with its MTU so that gotatun sizes packets right from the start.
+    let tun = super::offload::OffloadTun::create(&spec.name, spec.mtu.min(u16::MAX as u32) as u16)
+        .map_err(|e| WgError::Userspace {
+            what: "creating the TUN device",
+            source: Cause::from(e),
+        })?;
+    let socket = uapi_socket(&spec.name);
+    let (uapi, uapi_task) = serve_uapi(&socket)?;
+    let tun = Tun {
+        inner: tun,
+        confine: spec.confine.as_deref().map(Arc::from),
+        quarantine: spec.quarantine.clone(),
+    };
+    let mux = Mux {
+        udp: spec.udp.then_some(UdpSocketFactory {
+            recv_buffer_size: Some(UDP_BUFFER),
+            send_buffer_size: Some(UDP_BUFFER),
+        }),
+        relay: spec.relay.clone(),
+        mesh: spec.mesh.clone(),
+    };
+    let builder = DeviceBuilder::new()
+        .with_udp(mux)
+        .with_ip(tun)
+        .with_uapi(uapi)
+        .with_private_key(spec.private_key.as_secret().clone())
+        .with_peers(spec.peers.iter().map(to_peer));
+    // gotatun binds its UDP socket at build only when there are peers, and
+    // otherwise on a reconfiguration; a port change is one, so a peerless
+    // device gets its port (or the port's error) here too.
+    let built = if spec.peers.is_empty() {
+        match builder.build().await {
+            Ok(device) => device
+                .set_listen_port(spec.listen_port)
+                .await
+                .map(|()| device),
+            Err(e) => Err(e),
+        }
+    } else {
+        builder.with_listen_port(spec.listen_port).build().await
+    };
+    match built {
+        Ok(device) => Ok((device, socket, uapi_task)),
+        Err(e) => {
+            uapi_task.abort();
+            let _ = std::fs::remove_file(&socket);
+            Err(err("starting the device")(e))
         }
     }
 }
@@ -670,11 +736,14 @@ impl UserspaceDevice {
         let mut last = None;
         for _ in 0..100 {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            if self.listen_port != 0 {
-                let _ = self.with(async |d| d.set_listen_port(0).await).await?;
+            let port = self.listen_port;
+            if port != 0 {
+                let _ = self
+                    .with(|d| async move { d.set_listen_port(0).await })
+                    .await?;
             }
             match self
-                .with(async |d| d.set_listen_port(self.listen_port).await)
+                .with(move |d| async move { d.set_listen_port(port).await })
                 .await?
             {
                 Ok(()) => return Ok(()),
@@ -684,13 +753,19 @@ impl UserspaceDevice {
         Err(last.expect("at least one attempt"))
     }
 
-    async fn with<T>(&self, f: impl AsyncFnOnce(&Gotatun) -> T) -> Result<T, WgError> {
+    /// Runs `f` with the device, on its thread (the socket a
+    /// reconfiguration binds, and the tasks it starts, belong there).
+    async fn with<T, F>(&self, f: impl FnOnce(Arc<Gotatun>) -> F) -> Result<T, WgError>
+    where
+        T: Send + 'static,
+        F: Future<Output = T> + Send + 'static,
+    {
         let guard = self.device.read().await;
         let device = guard.as_ref().ok_or_else(|| WgError::Userspace {
             what: "using the device",
             source: "it was destroyed".into(),
         })?;
-        Ok(f(device).await)
+        self.data.run(f(device.clone())).await
     }
 }
 
@@ -714,7 +789,7 @@ impl WgDevice for UserspaceDevice {
         // new key has its new socket. With no fixed port, any port will do,
         // which also avoids racing the old socket's close.
         let result = self
-            .with(async |d| {
+            .with(move |d| async move {
                 d.suspend().await;
                 let written = d
                     .write(async |w| {
@@ -738,7 +813,7 @@ impl WgDevice for UserspaceDevice {
 
     async fn upsert_peer(&self, peer: &PeerSpec) -> Result<(), WgError> {
         let peer = to_peer(peer);
-        self.with(async |d| d.add_or_update_peer(peer).await)
+        self.with(|d| async move { d.add_or_update_peer(peer).await })
             .await?
             .map_err(err("configuring a peer"))
     }
@@ -746,7 +821,7 @@ impl WgDevice for UserspaceDevice {
     async fn set_allowed_ips(&self, key: &PublicKey, ips: &[IpNetwork]) -> Result<(), WgError> {
         let pk = x25519::PublicKey::from(*key.as_bytes());
         let ips = ips.to_vec();
-        self.with(async |d| {
+        self.with(move |d| async move {
             d.write(async |w| {
                 w.modify_peer(&pk, |p| {
                     p.clear_allowed_ips();
@@ -763,7 +838,7 @@ impl WgDevice for UserspaceDevice {
 
     async fn remove_peer(&self, key: &PublicKey) -> Result<(), WgError> {
         let pk = x25519::PublicKey::from(*key.as_bytes());
-        self.with(async |d| d.remove_peer(&pk).await)
+        self.with(move |d| async move { d.remove_peer(&pk).await })
             .await?
             .map_err(err("removing a peer"))?;
         Ok(())
@@ -771,7 +846,7 @@ impl WgDevice for UserspaceDevice {
 
     async fn set_endpoint(&self, key: &PublicKey, endpoint: SocketAddr) -> Result<(), WgError> {
         let pk = x25519::PublicKey::from(*key.as_bytes());
-        self.with(async |d| {
+        self.with(move |d| async move {
             d.write(async |w| w.modify_peer(&pk, |p| p.set_endpoint(Some(endpoint))).await)
                 .await
         })
@@ -782,7 +857,7 @@ impl WgDevice for UserspaceDevice {
 
     async fn peers(&self) -> Result<Vec<PeerStatus>, WgError> {
         Ok(self
-            .with(async |d| d.peers().await)
+            .with(|d| async move { d.peers().await })
             .await?
             .into_iter()
             .map(|p| PeerStatus {
@@ -798,7 +873,7 @@ impl WgDevice for UserspaceDevice {
     }
 
     async fn listen_port(&self) -> Result<u16, WgError> {
-        self.with(async |d| d.read(async |r| r.listen_port()).await)
+        self.with(|d| async move { d.read(async |r| r.listen_port()).await })
             .await
     }
 
@@ -807,7 +882,12 @@ impl WgDevice for UserspaceDevice {
         let Some(device) = self.device.write().await.take() else {
             return Ok(());
         };
-        device.stop().await;
+        // Every call took the device's lock for its whole run: this is
+        // the last reference (if a caller gave up on a call midway, the
+        // thread's end stops the device instead).
+        if let Ok(device) = Arc::try_unwrap(device) {
+            self.data.run(device.stop()).await?;
+        }
         self.uapi.abort();
         let _ = std::fs::remove_file(socket);
         // The TUN link goes away when its last descriptor closes, which happens
