@@ -138,7 +138,7 @@ impl Reader {
     fn refill(&mut self) {
         let pool = self
             .pool
-            .get_or_insert_with(|| PacketBufPool::new(4 * SEGMENTS));
+            .get_or_insert_with(|| PacketBufPool::new_lazy(RECV_BATCH + SEGMENTS));
         while self.segments.len() < SEGMENTS {
             self.segments.push(Segment(pool.get()));
         }

@@ -42,8 +42,11 @@ impl<const N: usize> PacketBufPool<N> {
     }
 
     /// Create an empty [`PacketBufPool`] with space for at least `capacity` returned buffers.
+    ///
+    /// Patched (tunnel): public, so that a TUN reader's pool holds only
+    /// the buffers its traffic needed (an idle site's none).
     #[cfg(feature = "device")]
-    pub(crate) fn new_lazy(capacity: usize) -> Self {
+    pub fn new_lazy(capacity: usize) -> Self {
         Self {
             queue: Arc::new(Mutex::new(VecDeque::with_capacity(capacity))),
             capacity,

@@ -127,48 +127,63 @@ mod gro {
     use std::os::fd::AsRawFd;
     use tokio::io::Interest;
 
-    pub struct RecvManyBuf {
-        pub(crate) gro_bufs: Box<[BytesMut; MAX_PACKET_COUNT]>,
-    }
-
-    impl Default for RecvManyBuf {
-        fn default() -> Self {
-            let gro_bufs = [(); MAX_PACKET_COUNT];
-            let gro_bufs = gro_bufs.map(|()| BytesMut::zeroed(MAX_GRO_SIZE));
-            let gro_bufs = Box::new(gro_bufs);
-
-            Self { gro_bufs }
-        }
-    }
-
     /// Patched (tunnel): datagrams one receive takes at most. With GRO
     /// each may be 64 KiB, so 100 of them were up to 6.4 MB decrypted
     /// before the first packet of them was written; 16 bound that to 1 MiB
     /// (measured: throughput the same within the runs' noise).
     const RECV_DATAGRAMS: usize = 16;
+    /// One allocation for all of a receive's buffers: 1 MiB, above the
+    /// process's fixed mmap threshold, so it is mapped on its own and
+    /// resident only where the kernel wrote (64 KiB ones came from the
+    /// heap, zeroed and so resident: 9 MB more per idle site).
+    const REGION: usize = RECV_DATAGRAMS * MAX_GRO_SIZE;
+
+    /// Patched (tunnel): datagrams (and GRO segments) are handed out as
+    /// slices of the receive buffers, not copied into pool buffers.
+    /// Before the next receive, the region is taken back whole if nothing
+    /// holds a slice of it any longer (the usual case: the device writes a
+    /// batch to the TUN before it receives the next), and replaced
+    /// otherwise.
+    pub struct RecvManyBuf {
+        /// The start of the region, kept to take it back.
+        region: BytesMut,
+        pub(crate) gro_bufs: Vec<BytesMut>,
+    }
+
+    impl Default for RecvManyBuf {
+        fn default() -> Self {
+            let mut buf = Self {
+                region: BytesMut::new(),
+                gro_bufs: Vec::with_capacity(RECV_DATAGRAMS),
+            };
+            buf.reclaim();
+            buf
+        }
+    }
 
     impl RecvManyBuf {
-        /// Patched (tunnel): datagrams (and GRO segments) are handed out
-        /// as slices of the receive buffers, not copied into pool
-        /// buffers. Before the next receive, each buffer takes its whole
-        /// allocation back if nothing holds a slice of it any longer (the
-        /// usual case: the device writes a batch to the TUN before it
-        /// receives the next), and is replaced otherwise.
         fn reclaim(&mut self) {
-            for buf in self.gro_bufs.iter_mut() {
-                if buf.len() == MAX_GRO_SIZE {
-                    continue;
-                }
-                buf.clear();
-                if buf.try_reclaim(MAX_GRO_SIZE) {
-                    // SAFETY: the allocation came from `BytesMut::zeroed`
-                    // and only ever held initialized bytes since (the
-                    // kernel writes into it, nothing uninitializes it);
-                    // its capacity is at least MAX_GRO_SIZE.
-                    unsafe { buf.set_len(MAX_GRO_SIZE) };
-                } else {
-                    *buf = BytesMut::zeroed(MAX_GRO_SIZE);
-                }
+            if self.gro_bufs.len() == RECV_DATAGRAMS
+                && self.gro_bufs.iter().all(|b| b.len() == MAX_GRO_SIZE)
+            {
+                return;
+            }
+            self.gro_bufs.clear();
+            let mut whole = if self.region.try_reclaim(REGION) {
+                let mut whole = self.region.split_off(0);
+                // SAFETY: the region came from `BytesMut::zeroed` and only
+                // ever held initialized bytes since (the kernel writes
+                // into it, nothing uninitializes it); try_reclaim made its
+                // capacity at least REGION.
+                unsafe { whole.set_len(REGION) };
+                whole
+            } else {
+                let mut whole = BytesMut::zeroed(REGION);
+                self.region = whole.split_to(0);
+                whole
+            };
+            for _ in 0..RECV_DATAGRAMS {
+                self.gro_bufs.push(whole.split_to(MAX_GRO_SIZE));
             }
         }
     }
