@@ -1,5 +1,6 @@
 //! The userspace device's pure parts: GSO batching, confinement, error
-//! mapping, peers as gotatun takes them, and the UAPI socket's life.
+//! mapping, peers as gotatun takes them, the UAPI socket's life and the
+//! device's thread.
 
 use super::*;
 
@@ -117,4 +118,51 @@ async fn the_uapi_socket_replaces_a_stale_one_and_goes_away_when_aborted() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     panic!("the UAPI socket still answers after its task was aborted");
+}
+
+/// A device's work runs on the thread made for it, and that thread ends
+/// with it, its tasks too: a container restarting must not leave a
+/// thread (and the sockets its tasks hold) behind per run.
+#[tokio::test]
+async fn a_devices_work_runs_on_its_own_thread_which_ends_with_it() {
+    let threads_named = |name: &str| {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|comm| comm.trim() == name)
+            .count()
+    };
+    let data = DataThread::start("wgtest0").unwrap();
+    let (name, id) = data
+        .run(async {
+            let t = std::thread::current();
+            (t.name().map(str::to_owned), t.id())
+        })
+        .await
+        .unwrap();
+    assert_eq!(name.as_deref(), Some("wg wgtest0"));
+    assert_ne!(id, std::thread::current().id());
+    assert_eq!(threads_named("wg wgtest0"), 1);
+    // A task left running there, as a device's are.
+    let (held, ended) = tokio::sync::oneshot::channel::<()>();
+    data.run(async move {
+        tokio::spawn(async move {
+            let _held = held;
+            std::future::pending::<()>().await
+        });
+    })
+    .await
+    .unwrap();
+    drop(data);
+    tokio::time::timeout(Duration::from_secs(5), ended)
+        .await
+        .expect("the thread's tasks end with it")
+        .unwrap_err();
+    for _ in 0..100 {
+        if threads_named("wg wgtest0") == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the device's thread outlived it");
 }
