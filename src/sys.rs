@@ -51,16 +51,19 @@ pub fn hostname() -> String {
 /// glibc's allocator, set for a long-running daemon. Called first in
 /// `main`, before any thread exists.
 ///
-/// - One arena: packet buffers are allocated on one runtime worker and
-///   freed on another; with an arena per thread the freed memory sat in
-///   the wrong one, and a site moving traffic grew in steps.
+/// - One arena: packet buffers are allocated on one thread and freed on
+///   another (a device's thread and the runtime's workers); with an
+///   arena per thread the freed memory sat in the wrong one, and a site
+///   moving traffic grew in steps.
 /// - A fixed mmap threshold: each UDP receive loop of gotatun allocates
-///   one 26 MB buffer (100 x 64 x 4 KiB, for GRO). Once one such buffer
-///   had been freed, glibc's moving threshold put the next on the heap,
+///   a 1 MiB region for GRO (it was 26 MB once). Once one such region had
+///   been freed, glibc's moving threshold put the next on the heap,
 ///   zeroed and so resident, and never gave it back: every device made
-///   (a container restarting, a key switch) could add 26 MB, 20 -> 123 MB
-///   over 25 minutes of the soak. Fixed, large buffers are always mapped
-///   on their own, resident only where written, and unmapped when freed.
+///   (a container restarting, a key switch) added its whole size, 20 ->
+///   123 MB over 25 minutes of the soak with the 26 MB ones. Fixed, large
+///   buffers are always mapped on their own, resident only where written,
+///   and unmapped when freed; smaller ones (64 KiB) come from the heap,
+///   which is why the receive buffers are one region and not sixteen.
 pub fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any
