@@ -56,14 +56,15 @@ pub fn hostname() -> String {
 ///   arena per thread the freed memory sat in the wrong one, and a site
 ///   moving traffic grew in steps.
 /// - A fixed mmap threshold: each UDP receive loop of gotatun allocates
-///   a 1 MiB region for GRO (it was 26 MB once). Once one such region had
+///   a 256 KiB region for GRO (it was 26 MB once), which this threshold
+///   maps (glibc's test counts the chunk's header). Once one such region had
 ///   been freed, glibc's moving threshold put the next on the heap,
 ///   zeroed and so resident, and never gave it back: every device made
 ///   (a container restarting, a key switch) added its whole size, 20 ->
 ///   123 MB over 25 minutes of the soak with the 26 MB ones. Fixed, large
 ///   buffers are always mapped on their own, resident only where written,
 ///   and unmapped when freed; smaller ones (64 KiB) come from the heap,
-///   which is why the receive buffers are one region and not sixteen.
+///   which is why the receive buffers are one region and not four.
 pub fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before any
