@@ -10,6 +10,7 @@
 
 #[cfg(test)]
 pub mod fake;
+pub mod gro;
 pub mod kernel;
 pub mod mesh;
 pub mod offload;

@@ -6,37 +6,32 @@
 //! segments (the checksums completed) straight into packet buffers, for
 //! the device to encrypt. Decrypted packets go the other way in batches:
 //! each batch the device decrypted (our gotatun's `IpSend::send_many`) is
-//! coalesced per TCP/UDP flow (GRO) and written as few super-packets, so
-//! the receiving stack sees one packet where there were dozens. Both
-//! happen on the device's own task, with no hand-off between tasks. That is
-//! how wireguard-go got its speed (`tun/offload_linux.go`); tun-rs carries
-//! the same segmentation and coalescing in Rust.
+//! coalesced per TCP/UDP flow (GRO, planned by [`super::gro`]) and written
+//! as few super-packets, each with one `writev` from where its segments
+//! were decrypted, so the receiving stack sees one packet where there were
+//! dozens. Both happen on the device's own task, with no hand-off between
+//! tasks. That is how wireguard-go got its speed (`tun/offload_linux.go`);
+//! tun-rs carries its segmentation in Rust.
 //!
 //! The kernel is asked for the offloads, not required to give them: a TUN
 //! without `IFF_VNET_HDR` (old kernels) reads and writes one packet at a
 //! time, as before, with nothing else changed.
 
+use super::gro::{Coalescer, MAX_SEGMENTS};
 use gotatun::packet::{Ip, Packet, PacketBufPool};
 use gotatun::tun::{IpRecv, IpSend, MtuWatcher};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
-use tun_rs::{GROTable, VIRTIO_NET_HDR_LEN};
+use tun_rs::VIRTIO_NET_HDR_LEN;
 
 /// Segments one read may yield: a 64 KiB TSO packet at the smallest MSS
 /// the tunnel's MTU allows (IPv6 minimum 1280) fits with room to spare.
 const SEGMENTS: usize = 64;
-/// Decrypted packets coalesced and written together at most.
-const WRITE_BATCH: usize = 64;
 /// A read from an offloading TUN: the header and up to 64 KiB.
 const READ_BUFFER: usize = VIRTIO_NET_HDR_LEN + 65535;
-/// A write buffer: tun-rs coalesces a flow's segments into the first
-/// one's buffer only if it can hold the whole super-packet (64 KiB) and
-/// the header room it keeps on both sides (`InsufficientCap` otherwise,
-/// and every packet is written alone). Only the pages a write touches
-/// count towards RSS, so most of each buffer is never resident.
-const WRITE_BUFFER: usize = 2 * VIRTIO_NET_HDR_LEN + 65535;
+const _: () = assert!(super::gro::HDR_LEN == VIRTIO_NET_HDR_LEN);
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffloadError {
@@ -173,31 +168,50 @@ impl Reader {
     }
 }
 
-/// What one writer keeps between batches: buffers are reused, so the
-/// steady state allocates nothing.
+/// What one writer keeps between batches: the batch's packets and the
+/// coalescing tables, reused, so the steady state allocates nothing.
 #[derive(Default)]
 struct Writer {
-    gro: GROTable,
-    bufs: Vec<bytes::BytesMut>,
-    spare: Vec<bytes::BytesMut>,
+    gro: Coalescer,
+    packets: Vec<Packet<[u8]>>,
 }
 
+/// Slices of one `writev` at most: the header, the first packet and the
+/// others' payloads.
+const IOV: usize = 2 + MAX_SEGMENTS;
+
 impl Writer {
-    /// Writes `packets` (drained), at most [`WRITE_BATCH`] per coalescing
-    /// round.
+    /// Writes `packets` (drained): coalesced per flow where the TUN takes
+    /// offloads (see [`super::gro`]), each with one `writev` from where it
+    /// was decrypted; one by one otherwise.
     async fn write(&mut self, dev: &tun_rs::AsyncDevice, packets: &mut Vec<Packet<Ip>>) {
-        while !packets.is_empty() {
-            let n = packets.len().min(WRITE_BATCH);
-            stage(packets.drain(..n), &mut self.bufs, &mut self.spare);
-            if let Err(e) = dev
-                .send_multiple(&mut self.gro, &mut self.bufs, VIRTIO_NET_HDR_LEN)
-                .await
-            {
-                // As a NIC would: the batch is lost, TCP sends it again.
-                tracing::trace!("writing {} packets to the TUN: {e}", self.bufs.len());
+        self.packets
+            .extend(packets.drain(..).map(Packet::into_bytes));
+        if !dev.tcp_gso() {
+            for p in &self.packets {
+                if let Err(e) = dev.send(p).await {
+                    tracing::trace!("writing a packet to the TUN: {e}");
+                }
             }
-            self.spare.append(&mut self.bufs);
+            self.packets.clear();
+            return;
         }
+        let plan = self.gro.plan(&mut self.packets, dev.udp_gso());
+        for w in plan.writes() {
+            let mut iov = [io::IoSlice::new(&[]); IOV];
+            iov[0] = io::IoSlice::new(&w.hdr);
+            iov[1] = io::IoSlice::new(&self.packets[w.first][..]);
+            let mut n = 2;
+            for m in plan.members(w) {
+                iov[n] = io::IoSlice::new(&self.packets[m][w.skip..]);
+                n += 1;
+            }
+            if let Err(e) = dev.send_vectored(&iov[..n]).await {
+                // As a NIC would: the packet is lost, TCP sends it again.
+                tracing::trace!("writing {n} slices to the TUN: {e}");
+            }
+        }
+        self.packets.clear();
     }
 }
 
@@ -252,25 +266,6 @@ async fn watch_mtu(
     }
 }
 
-/// Copies `queued` into write buffers, behind room for the virtio
-/// header, reusing `spare` ones (all of [`WRITE_BUFFER`] capacity, so
-/// that any of them can take a coalesced flow).
-fn stage(
-    queued: impl Iterator<Item = Packet<Ip>>,
-    bufs: &mut Vec<bytes::BytesMut>,
-    spare: &mut Vec<bytes::BytesMut>,
-) {
-    for p in queued {
-        let mut b = spare
-            .pop()
-            .unwrap_or_else(|| bytes::BytesMut::with_capacity(WRITE_BUFFER));
-        b.clear();
-        b.resize(VIRTIO_NET_HDR_LEN, 0);
-        b.extend_from_slice(&p.into_bytes());
-        bufs.push(b);
-    }
-}
-
 impl IpSend for OffloadTun {
     async fn send(&mut self, packet: Packet<Ip>) -> io::Result<()> {
         self.send_many(&mut vec![packet]).await
@@ -293,105 +288,5 @@ impl IpRecv for OffloadTun {
 
     fn mtu(&self) -> MtuWatcher {
         self.mtu.clone()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use bytes::BytesMut;
-
-    /// An IPv4 TCP segment (ACK) of one flow: `seq`, `payload` bytes.
-    fn segment(seq: u32, payload: usize) -> Packet<Ip> {
-        let total = 20 + 20 + payload;
-        let mut b = BytesMut::zeroed(total);
-        b[0] = 0x45;
-        b[2..4].copy_from_slice(&u16::try_from(total).unwrap().to_be_bytes());
-        b[6] = 0x40; // don't fragment
-        b[8] = 64;
-        b[9] = 6;
-        b[12..16].copy_from_slice(&[10, 77, 0, 2]);
-        b[16..20].copy_from_slice(&[10, 77, 0, 1]);
-        let tcp = &mut b[20..];
-        tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
-        tcp[2..4].copy_from_slice(&5201u16.to_be_bytes());
-        tcp[4..8].copy_from_slice(&seq.to_be_bytes());
-        tcp[12] = 5 << 4;
-        tcp[13] = 0x10; // ACK
-        tcp[14..16].copy_from_slice(&512u16.to_be_bytes());
-        checksum(&mut b);
-        Packet::from_bytes(b).try_into_ip().unwrap()
-    }
-
-    /// Fills in the IPv4 header's and the TCP checksum: tun-rs checks
-    /// them before it coalesces, as the kernel would.
-    fn checksum(b: &mut [u8]) {
-        let sum = |data: &[u8], mut acc: u32| {
-            for c in data.chunks(2) {
-                acc += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
-            }
-            while acc > 0xffff {
-                acc = (acc & 0xffff) + (acc >> 16);
-            }
-            !(acc as u16)
-        };
-        let ip = sum(&b[..20], 0);
-        b[10..12].copy_from_slice(&ip.to_be_bytes());
-        let tcp_len = u16::try_from(b.len() - 20).unwrap();
-        let mut pseudo = Vec::from(&b[12..20]);
-        pseudo.extend_from_slice(&[0, 6]);
-        pseudo.extend_from_slice(&tcp_len.to_be_bytes());
-        let partial = u32::from(!sum(&pseudo, 0));
-        let tcp = sum(&b[20..], partial);
-        b[36..38].copy_from_slice(&tcp.to_be_bytes());
-    }
-
-    /// What the kernel's TCP receiver needs for speed: a run of in-order
-    /// segments of one flow becomes one write of all their bytes.
-    #[test]
-    fn a_run_of_one_flows_segments_is_coalesced_into_one_write() {
-        const MSS: usize = 1380;
-        let mut queued: Vec<_> = (0..40u32).map(|i| segment(i * MSS as u32, MSS)).collect();
-        let (mut bufs, mut spare) = (Vec::new(), Vec::new());
-        stage(queued.drain(..), &mut bufs, &mut spare);
-        let before: Vec<usize> = bufs.iter().map(BytesMut::len).collect();
-        GROTable::default()
-            .apply_gro(&mut bufs, VIRTIO_NET_HDR_LEN, false)
-            .unwrap();
-        // The first buffer holds the super-packet; the others are left
-        // as they were (tun-rs writes only the first).
-        assert_eq!(bufs[0].len(), VIRTIO_NET_HDR_LEN + 40 + 40 * MSS);
-        assert_eq!(
-            bufs[1..].iter().map(BytesMut::len).collect::<Vec<_>>(),
-            before[1..]
-        );
-        // The buffers go back to be reused, each still able to take a
-        // whole super-packet.
-        spare.append(&mut bufs);
-        let mut queued = vec![segment(0, MSS)];
-        stage(queued.drain(..), &mut bufs, &mut spare);
-        assert!(bufs[0].capacity() >= WRITE_BUFFER);
-        assert_eq!(bufs[0].len(), VIRTIO_NET_HDR_LEN + 40 + MSS);
-    }
-
-    /// Segments of two flows interleaved: two writes, one per flow.
-    #[test]
-    fn interleaved_flows_are_coalesced_each_on_its_own() {
-        let mut queued = Vec::new();
-        for i in 0..10u32 {
-            queued.push(segment(i * 1000, 1000));
-            let mut other = segment(i * 1000, 1000).into_bytes();
-            other[20..22].copy_from_slice(&40001u16.to_be_bytes());
-            other[36..38].fill(0);
-            checksum(&mut other);
-            queued.push(other.try_into_ip().unwrap());
-        }
-        let (mut bufs, mut spare) = (Vec::new(), Vec::new());
-        stage(queued.drain(..), &mut bufs, &mut spare);
-        GROTable::default()
-            .apply_gro(&mut bufs, VIRTIO_NET_HDR_LEN, false)
-            .unwrap();
-        let whole = VIRTIO_NET_HDR_LEN + 40 + 10 * 1000;
-        assert_eq!((bufs[0].len(), bufs[1].len()), (whole, whole));
     }
 }
