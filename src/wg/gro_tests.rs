@@ -320,3 +320,54 @@ fn a_coalescer_plans_each_batch_afresh() {
     assert_eq!((plan.writes().len(), plan.writes()[0].first), (1, 0));
     assert_eq!(plan.members(&plan.writes()[0]).count(), 0);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+    /// Decrypted packets are whatever an authenticated peer chose to send:
+    /// segments with bytes flipped anywhere, or no IP at all. The plan
+    /// never panics, writes every packet exactly once, and leaves the
+    /// packets it writes alone untouched.
+    #[test]
+    fn any_bytes_are_planned_without_panic_and_written_once(
+        picks in proptest::collection::vec(
+            (0u8..4, 0u32..8, proptest::collection::vec((0usize..1500, proptest::prelude::any::<u8>()), 0..3)),
+            0..40,
+        ),
+        udp in proptest::prelude::any::<bool>(),
+    ) {
+        let packets: Vec<Vec<u8>> = picks
+            .iter()
+            .map(|(kind, seq, flips)| {
+                let mut p = match kind {
+                    0 => packet(false, 6, 40000, seq * 100, 100),
+                    1 => packet(true, 6, 40000, seq * 100, 100),
+                    2 => packet(false, 17, 40000, *seq, 64),
+                    _ => vec![0x45; (*seq as usize) * 7],
+                };
+                for &(at, byte) in flips {
+                    if !p.is_empty() {
+                        let at = at % p.len();
+                        p[at] = byte;
+                    }
+                }
+                p
+            })
+            .collect();
+        let mut planned = packets.clone();
+        let mut c = Coalescer::default();
+        let plan = c.plan(&mut planned, udp);
+        let mut seen = vec![0; packets.len()];
+        for w in plan.writes() {
+            let members: Vec<usize> = plan.members(w).collect();
+            for i in std::iter::once(w.first).chain(members.iter().copied()) {
+                seen[i] += 1;
+            }
+            if members.is_empty() {
+                proptest::prop_assert_eq!(w.hdr, [0; HDR_LEN]);
+                proptest::prop_assert_eq!(&planned[w.first], &packets[w.first]);
+            }
+        }
+        proptest::prop_assert!(seen.iter().all(|&n| n == 1));
+    }
+}
