@@ -65,6 +65,15 @@ pub struct PeerPath {
     pub last_answer: Option<SystemTime>,
 }
 
+/// Held while a LAN's peer is chosen: the agent gives LANs to mesh peers
+/// and says so in [`Agent::owned`]; the site gives the rest to the hub's
+/// peer. An allowed IP belongs to one peer and moves to whichever peer was
+/// set last, so each side reads `owned` and sets its peers under this
+/// lock. Without it the hub's peer, set from an `owned` read a moment
+/// earlier, takes a LAN just given to a mesh peer and then, told, lets it
+/// go: the LAN is on no peer and nothing reaches it.
+pub type AllowedLock = Arc<tokio::sync::Mutex<()>>;
+
 /// Everything the agent needs, handed in by the site.
 pub struct Agent {
     pub device: Arc<dyn WgDevice>,
@@ -85,6 +94,8 @@ pub struct Agent {
     pub pokes: watch::Receiver<u64>,
     /// The LANs now carried by mesh peers: not the hub's to carry.
     pub owned: watch::Sender<Vec<IpNetwork>>,
+    /// Held from setting peers' allowed IPs to telling `owned`.
+    pub allowed: AllowedLock,
     pub view: watch::Sender<MeshView>,
     /// Told once the first peer map is in the device (cached or the hub's).
     pub first_map: Option<tokio::sync::oneshot::Sender<()>>,
@@ -376,6 +387,8 @@ impl Walker {
             self.claim_at = Instant::now();
         }
         let dev = self.a.device.clone();
+        let allowed = self.a.allowed.clone();
+        let _held = allowed.lock().await;
         for gone in self
             .installed
             .keys()
@@ -650,10 +663,11 @@ impl Walker {
             let mut have = p.allowed_ips.clone();
             want.sort();
             have.sort();
-            if want != have
-                && let Err(e) = self.a.device.set_allowed_ips(&p.public_key, &want).await
-            {
-                tracing::warn!("mesh peer {}: {e}", p.public_key);
+            if want != have {
+                let _held = self.a.allowed.lock().await;
+                if let Err(e) = self.a.device.set_allowed_ips(&p.public_key, &want).await {
+                    tracing::warn!("mesh peer {}: {e}", p.public_key);
+                }
             }
             self.keep_direct(&p.public_key, p.endpoint).await;
             let bytes = (p.rx_bytes, p.tx_bytes);

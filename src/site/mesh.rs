@@ -2,7 +2,7 @@
 //! device splits probes off its socket, so a kernel-backend site has none
 //! and reaches other sites through the hub.
 
-use crate::node::mesh::{Agent, MeshView};
+use crate::node::mesh::{Agent, AllowedLock, MeshView};
 use crate::state::JoinedState;
 use crate::store::StateDir;
 use crate::wg::mesh::{Inbound, MeshSocket};
@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 pub(super) type Links = (
     watch::Receiver<u64>,
     watch::Sender<Vec<IpNetwork>>,
+    AllowedLock,
     watch::Sender<MeshView>,
 );
 
@@ -25,7 +26,7 @@ pub(super) fn agent(
     joined: &JoinedState,
     store: &StateDir,
     iface: &str,
-    (pokes, owned, view): Links,
+    (pokes, owned, allowed, view): Links,
 ) -> Option<Agent> {
     let (socket, disco) = mesh?;
     if device.backend() != BackendKind::Userspace {
@@ -47,6 +48,7 @@ pub(super) fn agent(
         tunnel: joined.subnets().all(),
         pokes,
         owned,
+        allowed,
         view,
         first_map: None,
     })

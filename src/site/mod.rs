@@ -302,6 +302,7 @@ fn followers(
 ) {
     let pokes = tokio::sync::watch::channel(0u64);
     let owned = tokio::sync::watch::channel(vec![]);
+    let allowed = crate::node::mesh::AllowedLock::default();
     let view = tokio::sync::watch::channel(crate::node::mesh::MeshView::default());
     let routing = RouteSync {
         device: device.clone(),
@@ -311,6 +312,7 @@ fn followers(
         current: vec![],
         extra: transparent.into_iter().collect(),
         owned: Some(owned.1.clone()),
+        allowed: allowed.clone(),
         pokes: pokes.0,
         applied_owned: vec![],
     };
@@ -320,7 +322,7 @@ fn followers(
         joined,
         store,
         iface,
-        (pokes.1, owned.0, view.0),
+        (pokes.1, owned.0, allowed, view.0),
     );
     (routing, agent, view.1)
 }

@@ -5,6 +5,7 @@ use super::{SiteError, api};
 use crate::control::tunnel::Advertised;
 use crate::control::{CONTROL_PORT, tunnel};
 use crate::net::NetOps;
+use crate::node::mesh::AllowedLock;
 use crate::state::JoinedState;
 use crate::wg::{WgDevice, WgError};
 use ipnetwork::IpNetwork;
@@ -32,6 +33,9 @@ pub(super) struct RouteSync {
     /// The LANs that mesh peers carry themselves: not allowed through the
     /// hub (a prefix belongs to one peer only).
     pub(super) owned: Option<tokio::sync::watch::Receiver<Vec<IpNetwork>>>,
+    /// Held from reading `owned` to setting the hub's peer, as the mesh
+    /// holds it from setting its peers to telling `owned`.
+    pub(super) allowed: AllowedLock,
     /// Told of every poke from the hub (the mesh follows them too).
     pub(super) pokes: tokio::sync::watch::Sender<u64>,
     pub(super) applied_owned: Vec<IpNetwork>,
@@ -132,6 +136,8 @@ impl RouteSync {
     }
 
     async fn apply(&mut self, remote: &[IpNetwork]) -> Result<(), SiteError> {
+        let allowed_lock = self.allowed.clone();
+        let _held = allowed_lock.lock().await;
         let owned = match &mut self.owned {
             Some(o) => o.borrow_and_update().clone(),
             None => vec![],
@@ -214,6 +220,7 @@ mod tests {
             current: vec![],
             extra,
             owned: None,
+            allowed: AllowedLock::default(),
             pokes: tokio::sync::watch::channel(0).0,
             applied_owned: vec![],
         };
@@ -238,6 +245,46 @@ mod tests {
         assert_eq!(routed(&host), [b]);
         let hub = device.peer(&sync.joined.server_public_key).unwrap();
         assert_eq!(hub.allowed_ips, [net("10.77.0.0/24"), server, b]);
+    }
+
+    /// While the mesh gives a LAN to one of its peers (holding the lock
+    /// from setting the peer to telling `owned`), the hub's peer is not set
+    /// from what `owned` said before: that would take the LAN from the mesh
+    /// peer, and the next apply would leave it on no peer at all.
+    #[tokio::test]
+    async fn the_hub_peer_waits_while_the_mesh_gives_a_lan_to_its_peer() {
+        let (device, _host, mut sync) = site(vec![]).await;
+        let lan = net("192.168.70.0/24");
+        let (owned, told) = tokio::sync::watch::channel(vec![]);
+        sync.owned = Some(told);
+        let peer = PrivateKey::generate().public_key();
+        let own = net("10.77.0.4/32");
+        device
+            .upsert_peer(&PeerSpec {
+                public_key: peer,
+                endpoint: None,
+                allowed_ips: vec![own],
+                keepalive: None,
+            })
+            .await
+            .unwrap();
+        // The mesh, mid-apply: its peer has the LAN, `owned` does not say so.
+        let held = sync.allowed.clone().lock_owned().await;
+        device.set_allowed_ips(&peer, &[own, lan]).await.unwrap();
+        let hub = sync.joined.server_public_key;
+        let routing = tokio::spawn(async move { sync.apply(&[lan]).await });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            !routing.is_finished(),
+            "the hub's peer was set while the mesh held the lock"
+        );
+        owned.send(vec![lan]).unwrap();
+        drop(held);
+        routing.await.unwrap().unwrap();
+        assert_eq!(device.peer(&peer).unwrap().allowed_ips, [own, lan]);
+        assert!(!device.peer(&hub).unwrap().allowed_ips.contains(&lan));
     }
 
     #[tokio::test]
