@@ -25,6 +25,7 @@ fn restart_engine(live_restore: bool) {
         assert!(Instant::now() < gone, "dockerd does not die");
         std::thread::sleep(Duration::from_millis(50));
     }
+    containerd_gone();
     let flag = if live_restore { "--live-restore" } else { "" };
     common::sh(&[
         "sh",
@@ -35,6 +36,23 @@ fn restart_engine(live_restore: bool) {
     while !docker(&["info"]).status.success() {
         assert!(Instant::now() < up, "dockerd did not come back");
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// dockerd's containerd dies with it, but not at once: a dockerd started
+/// while it is still exiting takes it for running, waits for its socket
+/// and gives up after a minute ("failed to start containerd"). Waits for
+/// it to be gone, 10 s at most (a containerd that stays is used as is).
+fn containerd_gone() {
+    let Ok(pid) = std::fs::read_to_string("/var/run/docker/containerd/containerd.pid") else {
+        return;
+    };
+    let comm = format!("/proc/{}/comm", pid.trim());
+    let limit = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&comm).is_ok_and(|c| c.trim() == "containerd")
+        && Instant::now() < limit
+    {
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
