@@ -69,11 +69,13 @@ impl Drop for PlainEngine {
 #[ignore = "needs root and Docker: sudo make test"]
 fn the_engine_restarting_is_survived_with_and_without_live_restore() {
     needs_docker("docker_engine_restart");
+    // Dropped in reverse: on a failure the engine is back before the
+    // containers are removed (a failed restart left them behind).
+    let mut cs = Containers::default();
     let _engine = PlainEngine;
     let mut lab = common::lab(2);
     let (a, b) = (lab.host(0), lab.host(1));
     let (web, cli) = (format!("tr{}web", lab.id), format!("tr{}cli", lab.id));
-    let mut cs = Containers::default();
     let httpd =
         format!("mkdir -p /www && echo {PAGE} > /www/index.html && exec httpd -f -p 80 -h /www");
     cs.run_with(&web, &["--restart", "always"], &["sh", "-c", &httpd]);
