@@ -387,8 +387,7 @@ impl Walker {
             self.claim_at = Instant::now();
         }
         let dev = self.a.device.clone();
-        let allowed = self.a.allowed.clone();
-        let _held = allowed.lock().await;
+        let _held = self.a.allowed.clone().lock_owned().await;
         for gone in self
             .installed
             .keys()

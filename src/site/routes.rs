@@ -136,8 +136,7 @@ impl RouteSync {
     }
 
     async fn apply(&mut self, remote: &[IpNetwork]) -> Result<(), SiteError> {
-        let allowed_lock = self.allowed.clone();
-        let _held = allowed_lock.lock().await;
+        let _held = self.allowed.clone().lock_owned().await;
         let owned = match &mut self.owned {
             Some(o) => o.borrow_and_update().clone(),
             None => vec![],
