@@ -20,31 +20,42 @@ pub enum KeyError {
 /// A private key. Zeroized on drop (`x25519-dalek`'s `zeroize` feature);
 /// `Debug` prints only the matching public key.
 #[derive(Clone)]
-pub struct PrivateKey(StaticSecret);
+pub struct PrivateKey {
+    secret: StaticSecret,
+    /// Computed once: deriving it is a scalar multiplication (about as
+    /// costly as a Diffie-Hellman), and the mesh names itself by it in
+    /// every probe it answers.
+    public: PublicKey,
+}
 
 impl PrivateKey {
+    fn new(secret: StaticSecret) -> Self {
+        let public = PublicKey(x25519_dalek::PublicKey::from(&secret).to_bytes());
+        Self { secret, public }
+    }
+
     /// A new random key from the OS RNG.
     pub fn generate() -> Self {
-        Self(StaticSecret::random_from_rng(OsRng))
+        Self::new(StaticSecret::random_from_rng(OsRng))
     }
 
     /// A new key from `rng`: pure code is handed its random source (a
     /// seeded one in tests) instead of reaching for the OS's.
     pub fn from_rng(rng: &mut (impl CryptoRngCore + ?Sized)) -> Self {
-        Self(StaticSecret::random_from_rng(rng))
+        Self::new(StaticSecret::random_from_rng(rng))
     }
 
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(StaticSecret::from(bytes))
+        Self::new(StaticSecret::from(bytes))
     }
 
     pub fn public_key(&self) -> PublicKey {
-        PublicKey(x25519_dalek::PublicKey::from(&self.0).to_bytes())
+        self.public
     }
 
     /// The raw secret, for the WireGuard backends and the token encoder only.
     pub fn to_bytes(&self) -> zeroize::Zeroizing<[u8; 32]> {
-        zeroize::Zeroizing::new(self.0.to_bytes())
+        zeroize::Zeroizing::new(self.secret.to_bytes())
     }
 
     /// The static-static X25519 secret with `peer`, as WireGuard's
@@ -52,7 +63,7 @@ impl PrivateKey {
     /// "secret" anyone could compute.
     pub fn shared_secret(&self, peer: &PublicKey) -> Option<zeroize::Zeroizing<[u8; 32]>> {
         let shared = self
-            .0
+            .secret
             .diffie_hellman(&x25519_dalek::PublicKey::from(peer.0));
         shared
             .was_contributory()
@@ -60,7 +71,7 @@ impl PrivateKey {
     }
 
     pub fn as_secret(&self) -> &StaticSecret {
-        &self.0
+        &self.secret
     }
 
     /// The base64 text form, for state files and `tunnel export` only.
@@ -168,6 +179,30 @@ mod tests {
         let mut order8 = [0u8; 32];
         order8[0] = 1;
         assert!(a.shared_secret(&PublicKey(order8)).is_none());
+    }
+
+    #[test]
+    fn public_key_is_rfc_7748s() {
+        // RFC 7748, 6.1: Alice's key pair. The public half is computed
+        // once, when the key is made; every way of making one must agree.
+        let hex = |s: &str| -> [u8; 32] {
+            let v: Vec<u8> = (0..64)
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect();
+            v.try_into().unwrap()
+        };
+        let secret = hex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+        let public = PublicKey(hex(
+            "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a",
+        ));
+        let k = PrivateKey::from_bytes(secret);
+        assert_eq!(k.public_key(), public);
+        assert_eq!(k.clone().public_key(), public);
+        assert_eq!(PrivateKey::from_base64(&k.to_base64()).unwrap().public_key(), public);
+        let json = serde_json::to_string(&k).unwrap();
+        let back: PrivateKey = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.public_key(), public);
     }
 
     #[test]
