@@ -199,7 +199,12 @@ mod tests {
         let k = PrivateKey::from_bytes(secret);
         assert_eq!(k.public_key(), public);
         assert_eq!(k.clone().public_key(), public);
-        assert_eq!(PrivateKey::from_base64(&k.to_base64()).unwrap().public_key(), public);
+        assert_eq!(
+            PrivateKey::from_base64(&k.to_base64())
+                .unwrap()
+                .public_key(),
+            public
+        );
         let json = serde_json::to_string(&k).unwrap();
         let back: PrivateKey = serde_json::from_str(&json).unwrap();
         assert_eq!(back.public_key(), public);
