@@ -44,6 +44,21 @@ const ACTIVITY_EVERY: Duration = Duration::from_millis(100);
 const STRANGER_EVERY: Duration = Duration::from_secs(1);
 /// Pongs per peer and second; pings beyond are not answered.
 const PONGS_PER_SECOND: u32 = 20;
+/// Probes handled between two polls of the paths, at most: enough that
+/// a busy site polls rarely, few enough that its answers are not late.
+const DISCO_BATCH: usize = 256;
+
+/// `first` and whatever else `rx` holds now, `max` in all at most.
+fn drain<T>(first: T, rx: &mut mpsc::Receiver<T>, max: usize) -> Vec<T> {
+    let mut out = vec![first];
+    while out.len() < max {
+        match rx.try_recv() {
+            Ok(next) => out.push(next),
+            Err(_) => break,
+        }
+    }
+    out
+}
 
 /// What `status` shows of the mesh.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -372,7 +387,15 @@ impl Walker {
                         let _ = t.send(());
                     }
                 }
-                Some((d, from)) = self.a.disco.recv() => self.probe_in(&d, from),
+                Some(first) = self.a.disco.recv() => {
+                    // Every probe already queued, then one poll: a poll
+                    // walks every peer (and so does publishing the view),
+                    // so one per datagram made a site with a hundred busy
+                    // peers spend its CPU walking them.
+                    for (d, from) in drain(first, &mut self.a.disco, DISCO_BATCH) {
+                        self.probe_in(&d, from);
+                    }
+                }
             }
         }
         // The peers go with the device; nothing else to undo.
@@ -777,5 +800,21 @@ impl Walker {
             *v = view;
             changed
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn probes_waiting_are_taken_together_up_to_the_batch() {
+        let (tx, mut rx) = mpsc::channel(16);
+        for i in 1..=5 {
+            tx.send(i).await.unwrap();
+        }
+        assert_eq!(drain(0, &mut rx, 4), vec![0, 1, 2, 3]);
+        assert_eq!(drain(9, &mut rx, 4), vec![9, 4, 5]);
+        assert_eq!(drain(7, &mut rx, 4), vec![7]);
     }
 }
