@@ -435,6 +435,11 @@ fn hundred(cfg: &Config, lines: &mut Vec<String>, missed: &mut Vec<String>) {
         }
         info(&format!("{} of {} pair ends direct", direct, 2 * pairs));
     }
+    if all_direct.is_none() {
+        missed.push(format!(
+            "mesh: {n} sites: not every pair direct within 180 s"
+        ));
+    }
     std::thread::sleep(Duration::from_secs(5));
     let mut rss: Vec<u64> = sites
         .iter()
