@@ -166,3 +166,77 @@ async fn a_devices_work_runs_on_its_own_thread_which_ends_with_it() {
     }
     panic!("the device's thread outlived it");
 }
+
+/// A prefix that one peer takes from another leaves the other's list, so
+/// that `wg show` tells the truth and a later change to the other peer
+/// (the mesh sets endpoints on every path change) does not take it back.
+/// gotatun's in-memory transports: no TUN, no root.
+#[tokio::test]
+async fn a_prefix_taken_by_another_peer_leaves_the_first_peers_list() {
+    use gotatun::device::{DeviceBuilder, Peer};
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let (tun_tx, tun_rx, udp) = gotatun::udp::channel::new_udp_tun_channel(
+        16,
+        Ipv4Addr::new(192, 0, 2, 1),
+        Ipv6Addr::UNSPECIFIED,
+        MtuWatcher::new(1420),
+    );
+    let net = |s: &str| -> IpNetwork { s.parse().unwrap() };
+    let (x, y) = (
+        x25519::PublicKey::from(*PrivateKey::generate().public_key().as_bytes()),
+        x25519::PublicKey::from(*PrivateKey::generate().public_key().as_bytes()),
+    );
+    let lan = net("192.168.7.0/24");
+    let peer = |key, ips: Vec<IpNetwork>| {
+        let mut p = Peer::new(key);
+        p.allowed_ips = ips;
+        p
+    };
+    let device = DeviceBuilder::new()
+        .with_udp(udp)
+        .with_ip_pair(tun_tx, tun_rx)
+        .with_private_key(PrivateKey::generate().as_secret().clone())
+        .with_peer(peer(x, vec![net("10.77.0.2/32"), lan]))
+        .with_peer(peer(y, vec![net("10.77.0.3/32")]))
+        .build()
+        .await
+        .unwrap();
+    let lists = || async {
+        let mut out = std::collections::HashMap::new();
+        for p in device.peers().await {
+            let mut ips = p.peer.allowed_ips.clone();
+            ips.sort();
+            out.insert(p.peer.public_key, ips);
+        }
+        out
+    };
+    device
+        .write(async |w| {
+            w.modify_peer(&y, |p| {
+                p.clear_allowed_ips();
+                p.add_allowed_ips([net("10.77.0.3/32"), lan]);
+            })
+            .await
+        })
+        .await
+        .unwrap();
+    let after_take = lists().await;
+    assert_eq!(after_take[&x], vec![net("10.77.0.2/32")]);
+    assert_eq!(after_take[&y], vec![net("10.77.0.3/32"), lan]);
+    let endpoint: SocketAddr = "192.0.2.9:51820".parse().unwrap();
+    device
+        .write(async |w| w.modify_peer(&x, |p| p.set_endpoint(Some(endpoint))).await)
+        .await
+        .unwrap();
+    assert_eq!(lists().await, after_take);
+    // A new peer given the prefix takes it the same way.
+    let z = x25519::PublicKey::from(*PrivateKey::generate().public_key().as_bytes());
+    device
+        .write(async |w| w.add_peer(peer(z, vec![lan])))
+        .await
+        .unwrap();
+    let after_add = lists().await;
+    assert_eq!(after_add[&y], vec![net("10.77.0.3/32")]);
+    assert_eq!(after_add[&z], vec![lan]);
+    device.stop().await;
+}

@@ -372,12 +372,13 @@ impl<T: DeviceTransports> DeviceWrite<'_, T> {
         for network in remove_list {
             self.device.peers_by_ip.remove_network(network);
         }
-        for (_, allowed_ip) in existing_peer.allowed_ips.iter() {
-            self.device.peers_by_ip.insert(
-                allowed_ip.network(),
-                allowed_ip.prefix(),
-                Arc::clone(&existing_peer_arc),
-            );
+        let own: Vec<IpNetwork> = existing_peer
+            .allowed_ips
+            .iter()
+            .map(|(_, allowed_ip)| allowed_ip)
+            .collect();
+        for allowed_ip in own {
+            self.device.route_to(allowed_ip, &existing_peer_arc);
         }
 
         true

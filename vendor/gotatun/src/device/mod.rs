@@ -55,6 +55,7 @@ use crate::udp::buffer::BufferedUdpSend;
 use crate::udp::{UdpRecv, UdpSend, UdpTransportFactory, UdpTransportFactoryParams};
 use crate::x25519;
 use allowed_ips::AllowedIps;
+use ipnetwork::IpNetwork;
 use peer_state::{PeerState, PendingHandshake};
 
 #[cfg(feature = "tun")]
@@ -449,12 +450,31 @@ impl<T: DeviceTransports> DeviceState<T> {
         self.peers.insert(pub_key, Arc::clone(&peer));
 
         for allowed_ip in allowed_ips {
-            let addr = allowed_ip.network();
-            let cidr = allowed_ip.prefix();
-            self.peers_by_ip.insert(addr, cidr, Arc::clone(&peer));
+            self.route_to(allowed_ip, &peer);
         }
 
         tracing::info!("Peer added");
+    }
+
+    /// Patched (tunnel): routes `network` to `peer`. As in WireGuard, a
+    /// prefix moves to the peer that set it last; the peer it moved from
+    /// no longer lists it. Before, that peer's own list kept it, so what
+    /// `wg show` reported was false, and any later change to that peer
+    /// (a new endpoint, which re-inserts its whole list) took the prefix
+    /// back. Called with the device locked for writing (or before it is
+    /// shared), when no task holds another peer's lock: the data path
+    /// locks peers only under the device's read lock.
+    pub(crate) fn route_to(&mut self, network: IpNetwork, peer: &Arc<Mutex<PeerState>>) {
+        let previous = self
+            .peers_by_ip
+            .insert(network.network(), network.prefix(), Arc::clone(peer));
+        let Some(previous) = previous.filter(|p| !Arc::ptr_eq(p, peer)) else {
+            return;
+        };
+        match previous.try_lock() {
+            Ok(mut previous) => previous.allowed_ips.remove_network(network),
+            Err(_) => tracing::warn!("{network} moved to another peer; its previous peer was busy and still lists it"),
+        }
     }
 
     fn create_peer(&mut self, peer_builder: Peer) -> PeerState {
