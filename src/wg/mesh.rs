@@ -89,6 +89,9 @@ pub enum Verdict {
     /// A relayed WireGuard datagram: strip `RELAY_HEADER` bytes and hand it
     /// to WireGuard as coming from `from`.
     Unwrap { from: SocketAddr },
+    /// A hub: send the datagram as it is to `to` over UDP. The transport
+    /// sends a batch of them as GSO datagrams, as it sends WireGuard's.
+    Forward { to: SocketAddr },
 }
 
 impl MeshSocket {
@@ -219,13 +222,39 @@ impl MeshSocket {
         }
     }
 
+    /// `data` for `to` (a peer's relay address) as it goes to the hub over
+    /// UDP, behind the relay header, and the hub's address: the transport
+    /// sends these in GSO batches like any other datagram. `None` where
+    /// [`MeshSocket::send`] must take it (the hub behind a WebSocket link,
+    /// or not known yet) or `to` is no relay address.
+    pub fn wrap(&self, to: SocketAddr, data: &[u8]) -> Option<(Vec<u8>, SocketAddr)> {
+        let dst = relay_id(&to)?;
+        let hub = self
+            .hub_at
+            .read()
+            .expect("not poisoned")
+            .first()
+            .copied()
+            .filter(|h| !is_virtual(h))?;
+        if !crate::mesh::wire::is_ours(data) {
+            self.mark_active(dst);
+        }
+        let mut out = Vec::with_capacity(RELAY_HEADER + data.len());
+        RelayHeader {
+            src: self.own.load(Ordering::Relaxed),
+            dst,
+        }
+        .write(&mut out);
+        out.extend_from_slice(data);
+        Some((out, hub))
+    }
+
     /// What to do with a received datagram that starts with our magic.
     pub fn inbound(&self, data: &[u8], from: SocketAddr) -> Verdict {
         debug_assert_eq!(data.first(), Some(&MAGIC));
         if let Some(h) = RelayHeader::parse(data) {
             return if self.hub {
-                self.forward(h, data, from);
-                Verdict::Taken
+                self.forward(h, data, from)
             } else {
                 self.unwrap(h, data, from)
             };
@@ -272,7 +301,7 @@ impl MeshSocket {
         Verdict::Unwrap { from }
     }
 
-    fn forward(&self, h: RelayHeader, data: &[u8], from: SocketAddr) {
+    fn forward(&self, h: RelayHeader, data: &[u8], from: SocketAddr) -> Verdict {
         let (src, dst) = {
             let t = self.table.read().expect("not poisoned");
             (t.get(&h.src).copied(), t.get(&h.dst).copied())
@@ -285,10 +314,16 @@ impl MeshSocket {
                 self.counters
                     .relayed_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
-                self.send_raw(dst, data);
+                if is_virtual(&dst) {
+                    self.send_raw(dst, data);
+                    Verdict::Taken
+                } else {
+                    Verdict::Forward { to: dst }
+                }
             }
             _ => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                Verdict::Taken
             }
         }
     }
@@ -306,28 +341,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_node_wraps_a_relayed_datagram_for_its_hub_over_udp_only() {
+        let (node, _rx) = MeshSocket::new(false, None);
+        let to = crate::mesh::relay_addr(2);
+        // No hub known yet: the caller's send() decides (and drops it).
+        assert!(node.wrap(to, b"\x04ciphertext").is_none());
+        let hub_at: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        node.set_node(1, vec![hub_at]);
+        let (d, at) = node.wrap(to, b"\x04ciphertext").unwrap();
+        assert_eq!(at, hub_at);
+        assert_eq!(d, relayed(1, 2, b"\x04ciphertext"));
+        assert!(
+            node.wrap(hub_at, b"\x04ciphertext").is_none(),
+            "not a relay address"
+        );
+        // A hub behind a WebSocket link: not for the UDP socket.
+        let link = crate::transport::virtual_addr(7);
+        node.set_node(1, vec![link]);
+        assert!(node.wrap(to, b"\x04ciphertext").is_none());
+    }
+
+    #[tokio::test]
     async fn a_hub_forwards_only_what_comes_from_where_the_sender_is() {
         let (hub, _rx) = MeshSocket::new(true, None);
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        hub.bound(Arc::new(move |d: &[u8], to| {
-            let _ = sock.send_to(d, to);
-        }));
-        let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let a_at: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        hub.set_table(HashMap::from([(1, a_at), (2, b.local_addr().unwrap())]));
-        // From where node 1 really is: forwarded as it is.
+        let b_at: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        hub.set_table(HashMap::from([(1, a_at), (2, b_at)]));
+        // From where node 1 really is: forwarded as it is, to where node 2
+        // is (the transport sends it, in a batch with the others).
         let d = relayed(1, 2, b"\x04ciphertext");
-        assert!(matches!(hub.inbound(&d, a_at), Verdict::Taken));
-        let mut buf = [0u8; 64];
-        let (n, _) = tokio::time::timeout(std::time::Duration::from_secs(2), b.recv_from(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(&buf[..n], &d[..]);
+        assert!(matches!(hub.inbound(&d, a_at), Verdict::Forward { to } if to == b_at));
         assert_eq!(hub.relayed(), (1, d.len() as u64));
         // Claiming to be node 1 from elsewhere, or for an unknown node: refused.
-        hub.inbound(&d, "127.0.0.1:9".parse().unwrap());
-        hub.inbound(&relayed(1, 3, b"x"), a_at);
+        assert!(matches!(
+            hub.inbound(&d, "127.0.0.1:9".parse().unwrap()),
+            Verdict::Taken
+        ));
+        assert!(matches!(
+            hub.inbound(&relayed(1, 3, b"x"), a_at),
+            Verdict::Taken
+        ));
         assert_eq!(hub.refused(), 2);
         assert_eq!(hub.relayed().0, 1);
     }
@@ -340,7 +393,9 @@ mod tests {
         let wg = relayed(3, 7, b"\x04ciphertext");
         match node.inbound(&wg, hub) {
             Verdict::Unwrap { from } => assert_eq!(relay_id(&from), Some(3)),
-            Verdict::Taken => panic!("a relayed datagram from the hub is WireGuard's"),
+            Verdict::Taken | Verdict::Forward { .. } => {
+                panic!("a relayed datagram from the hub is WireGuard's")
+            }
         }
         assert!(matches!(
             node.inbound(&wg, "192.0.2.9:51820".parse().unwrap()),
@@ -389,12 +444,12 @@ mod tests {
         node.set_direct(3, Some(direct));
         match node.inbound(&relayed(3, 7, b"\x04late"), hub) {
             Verdict::Unwrap { from } => assert_eq!(from, direct),
-            Verdict::Taken => panic!("WireGuard's datagram"),
+            Verdict::Taken | Verdict::Forward { .. } => panic!("WireGuard's datagram"),
         }
         node.set_direct(3, None);
         match node.inbound(&relayed(3, 7, b"\x04late"), hub) {
             Verdict::Unwrap { from } => assert_eq!(relay_id(&from), Some(3)),
-            Verdict::Taken => panic!("WireGuard's datagram"),
+            Verdict::Taken | Verdict::Forward { .. } => panic!("WireGuard's datagram"),
         }
     }
 

@@ -274,17 +274,19 @@ impl UdpTransportFactory for Mux {
                 let _ = sendto(fd, d, &SockaddrStorage::from(to), MsgFlags::MSG_DONTWAIT);
             }));
         }
+        let send = MuxSend {
+            udp: send,
+            relay: self.relay.clone(),
+            mesh: self.mesh.clone(),
+            gso: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+        };
         Ok((
-            MuxSend {
-                udp: send,
-                relay: self.relay.clone(),
-                mesh: self.mesh.clone(),
-                gso: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            },
+            send.clone(),
             MuxRecv {
                 udp: recv,
                 inbound,
                 mesh: self.mesh.clone(),
+                forward: send,
             },
         ))
     }
@@ -442,14 +444,20 @@ impl UdpSend for MuxSend {
         if let Some(m) = &self.mesh
             && packets.iter().any(|(_, d)| relay_id(d).is_some())
         {
+            // Wrapped for the hub and sent with the rest: a relayed flow
+            // goes as GSO datagrams too, not one system call a packet.
+            let mut wrapped = vec![];
             packets.retain(|(p, d)| {
-                if relay_id(d).is_some() {
-                    m.send(*d, p);
-                    false
-                } else {
-                    true
+                if relay_id(d).is_none() {
+                    return true;
                 }
+                match m.wrap(*d, p) {
+                    Some((w, hub)) => wrapped.push((packet(Bytes::from(w)), hub)),
+                    None => m.send(*d, p),
+                }
+                false
             });
+            packets.append(&mut wrapped);
         }
         if let Some(r) = &self.relay
             && packets.iter().any(|(_, d)| is_virtual(d))
@@ -501,27 +509,48 @@ pub struct MuxRecv {
     udp: Option<UdpSocket>,
     inbound: Option<mpsc::Receiver<(Bytes, SocketAddr)>>,
     mesh: Option<Arc<MeshSocket>>,
+    /// A hub's relay sends what it forwards from the receiving task, in
+    /// the same batches as they came.
+    forward: MuxSend,
 }
 
 /// Splits our datagrams off `packets` before WireGuard sees them: probes
-/// and forwarded ones are taken, relayed ones unwrapped in place.
-fn sift(mesh: &MeshSocket, packets: &mut Vec<(Packet, SocketAddr)>) {
+/// are taken, relayed ones unwrapped in place, and (at a hub) those to
+/// forward returned, each with where it goes.
+fn sift(mesh: &MeshSocket, packets: &mut Vec<(Packet, SocketAddr)>) -> Vec<(Packet, SocketAddr)> {
+    let mut forward = vec![];
     if !packets.iter().any(|(p, _)| is_ours(p)) {
-        return;
+        return forward;
     }
-    packets.retain_mut(|(p, from)| {
-        if !is_ours(p) {
-            return true;
+    for (mut p, from) in std::mem::take(packets) {
+        if !is_ours(&p) {
+            packets.push((p, from));
+            continue;
         }
-        match mesh.inbound(p, *from) {
-            Verdict::Taken => false,
+        match mesh.inbound(&p, from) {
+            Verdict::Taken => {}
             Verdict::Unwrap { from: relayed } => {
                 bytes::Buf::advance(p.buf_mut(), RELAY_HEADER);
-                *from = relayed;
-                true
+                packets.push((p, relayed));
             }
+            Verdict::Forward { to } => forward.push((p, to)),
         }
-    });
+    }
+    forward
+}
+
+impl MuxRecv {
+    /// Sends what a hub forwards; a failure loses only those datagrams,
+    /// as a full socket buffer would.
+    async fn forward(&self, mut batch: Vec<(Packet, SocketAddr)>) {
+        if batch.is_empty() {
+            return;
+        }
+        let mut buf = Default::default();
+        if let Err(e) = self.forward.send_many_to(&mut buf, &mut batch).await {
+            tracing::debug!("relay: forwarding {} datagrams: {e}", batch.len());
+        }
+    }
 }
 
 fn packet(b: Bytes) -> Packet {
@@ -536,7 +565,9 @@ impl UdpRecv for MuxRecv {
         pool: &mut PacketBufPool,
     ) -> std::io::Result<(Packet, SocketAddr)> {
         loop {
-            let MuxRecv { udp, inbound, mesh } = self;
+            let MuxRecv {
+                udp, inbound, mesh, ..
+            } = self;
             let got = match (inbound, udp) {
                 (None, Some(udp)) => udp.recv_from(pool).await,
                 (Some(rx), Some(udp)) => tokio::select! {
@@ -549,9 +580,12 @@ impl UdpRecv for MuxRecv {
                 },
                 (None, None) => std::future::pending().await,
             }?;
-            let Some(m) = mesh else { return Ok(got) };
+            let Some(m) = mesh.clone() else {
+                return Ok(got);
+            };
             let mut one = vec![got];
-            sift(m, &mut one);
+            let forward = sift(&m, &mut one);
+            self.forward(forward).await;
             if let Some(got) = one.pop() {
                 return Ok(got);
             }
@@ -564,7 +598,9 @@ impl UdpRecv for MuxRecv {
         pool: &mut PacketBufPool,
         packets: &mut Vec<(Packet, SocketAddr)>,
     ) -> std::io::Result<()> {
-        let MuxRecv { udp, inbound, mesh } = self;
+        let MuxRecv {
+            udp, inbound, mesh, ..
+        } = self;
         // Whatever else the links have queued, in the same batch.
         let rest = |rx: &mut mpsc::Receiver<(Bytes, SocketAddr)>,
                     packets: &mut Vec<(Packet, SocketAddr)>| {
@@ -595,8 +631,9 @@ impl UdpRecv for MuxRecv {
             },
             (None, None) => std::future::pending().await,
         };
-        if let Some(m) = mesh {
-            sift(m, packets);
+        if let Some(m) = mesh.clone() {
+            let forward = sift(&m, packets);
+            self.forward(forward).await;
         }
         r
     }
