@@ -209,14 +209,7 @@ impl MeshSocket {
                 let Some(hub) = self.hub_at.read().expect("not poisoned").first().copied() else {
                     return;
                 };
-                let mut out = Vec::with_capacity(RELAY_HEADER + data.len());
-                RelayHeader {
-                    src: self.own.load(Ordering::Relaxed),
-                    dst,
-                }
-                .write(&mut out);
-                out.extend_from_slice(data);
-                self.send_raw(hub, &out);
+                self.send_raw(hub, &self.behind_header(dst, data));
             }
             None => self.send_raw(to, data),
         }
@@ -239,6 +232,11 @@ impl MeshSocket {
         if !crate::mesh::wire::is_ours(data) {
             self.mark_active(dst);
         }
+        Some((self.behind_header(dst, data), hub))
+    }
+
+    /// `data` from this node to node `dst`, as the relay carries it.
+    fn behind_header(&self, dst: NodeId, data: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(RELAY_HEADER + data.len());
         RelayHeader {
             src: self.own.load(Ordering::Relaxed),
@@ -246,7 +244,7 @@ impl MeshSocket {
         }
         .write(&mut out);
         out.extend_from_slice(data);
-        Some((out, hub))
+        out
     }
 
     /// What to do with a received datagram that starts with our magic.
