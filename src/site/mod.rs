@@ -64,7 +64,7 @@ pub enum SiteError {
     #[error("the server refused this token: {0}")]
     Refused(String),
     #[error(
-        "the token was already used: the server at {0} recognised it but no longer admits it; ask for a new token"
+        "the token was already used: the server at {0} recognised it but did not admit it; ask for a new token (or, if the server is busy admitting many sites at once, it may only have been too slow to answer: try again)"
     )]
     AlreadyUsed(SocketAddr),
     #[error(
