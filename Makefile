@@ -49,8 +49,9 @@ fmt:
 	$(CARGO) fmt
 
 # The benchmark and the demo are Rust programs of the lab crate (lab/), the
-# same namespace lab the tests use.
-bench: deps build
+# same namespace lab the tests use. Its container figures need the Docker
+# engine and the test image, as the soak does.
+bench: deps build docker-env
 	./target/release/bench
 
 scale: deps build
