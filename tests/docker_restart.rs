@@ -7,7 +7,7 @@
 mod common;
 
 use common::{Containers, container_address, docker, fetch, needs_docker, until};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const PAGE: &str = "engine-restart-page";
@@ -17,8 +17,10 @@ const PAGE: &str = "engine-restart-page";
 fn restart_engine(live_restore: bool) {
     let _ = Command::new("pkill").args(["-9", "-x", "dockerd"]).status();
     let gone = Instant::now() + Duration::from_secs(20);
+    // pgrep prints the PIDs it finds; only its status is wanted here.
     while Command::new("pgrep")
         .args(["-x", "dockerd"])
+        .stdout(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
     {
